@@ -1,0 +1,5 @@
+//! envgate control plane: authentication, placement, container lifecycle, the proxy fleet
+//! registry and the admin API. State lives in etcd; `main.rs` only parses config and calls `run`.
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
