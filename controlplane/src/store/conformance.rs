@@ -1,0 +1,323 @@
+//! One suite of behaviours every `Store` must show, run against the memory store and a real
+//! etcd (started by `testkit::Etcd`). Placement correctness rests on exactly these.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::*;
+use crate::testkit::Etcd;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn cas_semantics(store: Arc<dyn Store>) {
+    let rev = store.put("cas/k", b"one".to_vec(), None).await.unwrap();
+    assert!(rev > 0);
+    assert_eq!(store.get("cas/k").await.unwrap().unwrap().mod_revision, rev);
+
+    let stale = Compare::revision("cas/k", rev - 1);
+    assert!(
+        !store
+            .txn(vec![stale], vec![TxnOp::delete("cas/k")])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .txn(vec![Compare::absent("cas/k")], vec![TxnOp::delete("cas/k")])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.get("cas/k").await.unwrap().is_some(),
+        "a failed txn must not write"
+    );
+
+    let swap = TxnOp::Put {
+        key: "cas/k".into(),
+        value: b"two".to_vec(),
+        lease: None,
+    };
+    assert!(
+        store
+            .txn(vec![Compare::revision("cas/k", rev)], vec![swap.clone()])
+            .await
+            .unwrap()
+    );
+    let now = store.get("cas/k").await.unwrap().unwrap();
+    assert_eq!(now.value, b"two");
+    assert!(now.mod_revision > rev);
+    assert!(
+        !store
+            .txn(vec![Compare::revision("cas/k", rev)], vec![swap])
+            .await
+            .unwrap()
+    );
+
+    assert!(
+        store
+            .txn(
+                vec![Compare::absent("cas/new")],
+                vec![TxnOp::put_json("cas/new", &1, None)]
+            )
+            .await
+            .unwrap()
+    );
+    assert!(store.delete("cas/new").await.unwrap());
+    assert!(!store.delete("cas/new").await.unwrap());
+    assert!(store.get("cas/new").await.unwrap().is_none());
+}
+
+async fn create_if_absent_has_one_winner(store: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                (
+                    i,
+                    create_if_absent(store.as_ref(), "race/k", &i)
+                        .await
+                        .unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, won) = task.await.unwrap();
+        if won {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let stored: Versioned<i32> = get_json(store.as_ref(), "race/k").await.unwrap().unwrap();
+    assert_eq!(stored.value, winners[0]);
+}
+
+async fn multi_op_txn_is_atomic(store: Arc<dyn Store>) {
+    let a = store.put("multi/a", b"a".to_vec(), None).await.unwrap();
+    store.put("multi/b", b"b".to_vec(), None).await.unwrap();
+    let ops = vec![
+        TxnOp::Put {
+            key: "multi/a".into(),
+            value: b"a2".to_vec(),
+            lease: None,
+        },
+        TxnOp::Put {
+            key: "multi/c".into(),
+            value: b"c".to_vec(),
+            lease: None,
+        },
+        TxnOp::delete("multi/b"),
+    ];
+    // One false compare among true ones: nothing applies.
+    let compares = vec![Compare::revision("multi/a", a), Compare::absent("multi/b")];
+    assert!(!store.txn(compares, ops.clone()).await.unwrap());
+    assert_eq!(store.get("multi/a").await.unwrap().unwrap().value, b"a");
+    assert!(store.get("multi/b").await.unwrap().is_some());
+    assert!(store.get("multi/c").await.unwrap().is_none());
+
+    let compares = vec![Compare::revision("multi/a", a), Compare::absent("multi/c")];
+    assert!(store.txn(compares, ops).await.unwrap());
+    let a2 = store.get("multi/a").await.unwrap().unwrap();
+    let c = store.get("multi/c").await.unwrap().unwrap();
+    assert_eq!(a2.value, b"a2");
+    assert_eq!(a2.mod_revision, c.mod_revision, "one txn, one revision");
+    assert!(store.get("multi/b").await.unwrap().is_none());
+}
+
+async fn leases_take_their_keys_with_them(store: Arc<dyn Store>) {
+    let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap();
+    store
+        .put("lease/a", b"x".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    let in_txn = TxnOp::Put {
+        key: "lease/b".into(),
+        value: b"y".to_vec(),
+        lease: Some(lease),
+    };
+    assert!(store.txn(vec![], vec![in_txn]).await.unwrap());
+    assert_eq!(store.get("lease/a").await.unwrap().unwrap().lease, lease);
+    assert!(store.lease_keep_alive(lease).await.unwrap());
+
+    store.lease_revoke(lease).await.unwrap();
+    assert!(store.get("lease/a").await.unwrap().is_none());
+    assert!(store.get("lease/b").await.unwrap().is_none());
+    assert!(!store.lease_keep_alive(lease).await.unwrap());
+    let err = store
+        .put("lease/c", b"z".to_vec(), Some(lease))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::LeaseNotFound(id) if id == lease),
+        "{err:?}"
+    );
+    store
+        .lease_revoke(lease)
+        .await
+        .expect("revoking twice is fine");
+
+    // Expiry: etcd rounds very short TTLs up to about two seconds.
+    let short = store.lease_grant(Duration::from_secs(1)).await.unwrap();
+    store
+        .put("lease/short", b"x".to_vec(), Some(short))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.get("lease/short").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "key outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn range_returns_prefix_in_order(store: Arc<dyn Store>) {
+    for key in ["rng/b/2", "rng/a/1", "rng/b/1", "rng/bb/1", "rngx/1"] {
+        store.put(key, key.as_bytes().to_vec(), None).await.unwrap();
+    }
+    let keys: Vec<String> = store
+        .range("rng/b/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, ["rng/b/1", "rng/b/2"]);
+    assert_eq!(store.range("rng/").await.unwrap().len(), 4);
+    assert!(store.range("nothing/").await.unwrap().is_empty());
+}
+
+async fn watch_replays_from_revision_and_follows(store: Arc<dyn Store>) {
+    let rev = store.put("w/k", b"1".to_vec(), None).await.unwrap();
+    store.put("w/k", b"2".to_vec(), None).await.unwrap();
+    store.put("w/other", b"x".to_vec(), None).await.unwrap();
+    let mut exact = store.watch("w/k", false, rev + 1).await.unwrap();
+    let first = tokio::time::timeout(WAIT, exact.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.kind, first.value.as_slice()),
+        (WatchEventKind::Put, b"2".as_slice())
+    );
+
+    let mut prefix = store.watch("w/", true, 0).await.unwrap();
+    store.delete("w/k").await.unwrap();
+    let deleted = tokio::time::timeout(WAIT, exact.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (deleted.kind, deleted.key.as_str()),
+        (WatchEventKind::Delete, "w/k")
+    );
+    let seen = tokio::time::timeout(WAIT, prefix.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (seen.kind, seen.key.as_str()),
+        (WatchEventKind::Delete, "w/k")
+    );
+    store.put("w/new", b"n".to_vec(), None).await.unwrap();
+    let seen = tokio::time::timeout(WAIT, prefix.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (seen.kind, seen.key.as_str()),
+        (WatchEventKind::Put, "w/new")
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), exact.next())
+            .await
+            .is_err(),
+        "an exact watch must not see other keys"
+    );
+}
+
+async fn election_has_one_leader_at_a_time(store: Arc<dyn Store>) {
+    let lease_a = store.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let lease_b = store.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let a = tokio::time::timeout(WAIT, store.campaign("test", "a", lease_a))
+        .await
+        .unwrap()
+        .unwrap();
+    let contender = {
+        let store = store.clone();
+        tokio::spawn(async move { store.campaign("test", "b", lease_b).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!contender.is_finished(), "two leaders at once");
+    store.resign(a).await.unwrap();
+    let b = tokio::time::timeout(WAIT, contender)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.lease, lease_b);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(Arc::new(MemoryStore::new())).await;
+                }
+            )*
+        }
+        mod etcd {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let etcd = Etcd::start().await.expect("etcd starts");
+                    let store = EtcdStore::connect(&[etcd.endpoint()], "/conformance/", Duration::from_secs(5))
+                        .await
+                        .expect("connects");
+                    super::$name(Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    cas_semantics,
+    create_if_absent_has_one_winner,
+    multi_op_txn_is_atomic,
+    leases_take_their_keys_with_them,
+    range_returns_prefix_in_order,
+    watch_replays_from_revision_and_follows,
+    election_has_one_leader_at_a_time,
+);
+
+#[tokio::test]
+async fn connecting_to_a_dead_etcd_says_which() {
+    let mut etcd = Etcd::start().await.expect("etcd starts");
+    let endpoint = etcd.endpoint();
+    etcd.kill();
+    let err = EtcdStore::connect(
+        std::slice::from_ref(&endpoint),
+        "/x/",
+        Duration::from_secs(2),
+    )
+    .await
+    .err()
+    .expect("a dead etcd is refused");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains(&endpoint)),
+        "{err}"
+    );
+}

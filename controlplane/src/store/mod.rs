@@ -1,0 +1,212 @@
+//! The state-store seam. Modelled on GreptimeDB's `KvBackend`: a small required core that
+//! etcd and an in-memory map both implement, typed JSON helpers built on top, and one
+//! conformance suite (`conformance.rs`) that every implementation must pass.
+//!
+//! Keys handed to a `Store` are relative (`users/alice`); the etcd implementation adds the
+//! configured prefix. Revisions follow etcd: every write bumps a store-wide revision and a
+//! key's `mod_revision` is the revision of its last write; `0` means "absent".
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub mod etcd;
+pub mod memory;
+
+#[cfg(test)]
+mod conformance;
+
+pub use etcd::EtcdStore;
+pub use memory::MemoryStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer in time.
+    #[error("etcd is unavailable: {0}")]
+    Unavailable(String),
+    /// A lease used in a write does not exist (expired or revoked).
+    #[error("lease {0:x} does not exist")]
+    LeaseNotFound(i64),
+    #[error("record {key} is not valid JSON: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One key and its value as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    /// The lease the key is attached to, 0 for none.
+    pub lease: i64,
+}
+
+/// A condition of a transaction: the key's `mod_revision` equals this (0 = the key is absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    pub key: String,
+    pub mod_revision: i64,
+}
+
+impl Compare {
+    pub fn revision(key: impl Into<String>, mod_revision: i64) -> Self {
+        Self {
+            key: key.into(),
+            mod_revision,
+        }
+    }
+
+    pub fn absent(key: impl Into<String>) -> Self {
+        Self::revision(key, 0)
+    }
+}
+
+/// One write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+impl TxnOp {
+    pub fn put_json<T: Serialize>(key: impl Into<String>, value: &T, lease: Option<i64>) -> Self {
+        TxnOp::Put {
+            key: key.into(),
+            value: serde_json::to_vec(value).expect("records serialize to JSON"),
+            lease,
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> Self {
+        TxnOp::Delete { key: key.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEventKind {
+    Put,
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub kind: WatchEventKind,
+    pub key: String,
+    /// Empty for deletes.
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = StoreResult<WatchEvent>> + Send>>;
+
+/// What a store must provide. Everything else is built on these.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>>;
+    /// Every key starting with `prefix`, in key order.
+    async fn range(&self, prefix: &str) -> StoreResult<Vec<KeyValue>>;
+    /// Returns the new `mod_revision`.
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> StoreResult<i64>;
+    /// Returns whether the key existed.
+    async fn delete(&self, key: &str) -> StoreResult<bool>;
+    /// Applies all `ops` atomically if every compare holds; returns whether it did.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<bool>;
+    /// Returns the new lease id.
+    async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64>;
+    /// Refreshes the lease once; returns `false` when it no longer exists.
+    async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool>;
+    /// Revokes the lease, deleting every key attached to it. Unknown leases are fine.
+    async fn lease_revoke(&self, lease: i64) -> StoreResult<()>;
+    /// Events on `key` (or every key under it when `prefix`) from `start_revision` on
+    /// (0 = from now). Starting from the revision after a `get` misses nothing in between.
+    async fn watch(&self, key: &str, prefix: bool, start_revision: i64)
+    -> StoreResult<WatchStream>;
+    /// Blocks until this caller leads election `name`, holding leadership under `lease`.
+    /// Returns a key identifying the leadership for `resign`.
+    async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership>;
+    async fn resign(&self, leadership: Leadership) -> StoreResult<()>;
+}
+
+/// Proof of leadership returned by `campaign`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    pub name: String,
+    pub key: Vec<u8>,
+    pub revision: i64,
+    pub lease: i64,
+}
+
+/// A decoded JSON record and the revision it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+pub fn decode<T: DeserializeOwned>(kv: &KeyValue) -> StoreResult<Versioned<T>> {
+    let value = serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Versioned {
+        value,
+        mod_revision: kv.mod_revision,
+    })
+}
+
+/// Reads a JSON record.
+pub async fn get_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+) -> StoreResult<Option<Versioned<T>>> {
+    store.get(key).await?.as_ref().map(decode).transpose()
+}
+
+/// Reads every JSON record under a prefix, with its key.
+pub async fn range_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &str,
+) -> StoreResult<Vec<(String, Versioned<T>)>> {
+    store
+        .range(prefix)
+        .await?
+        .iter()
+        .map(|kv| decode(kv).map(|v| (kv.key.clone(), v)))
+        .collect()
+}
+
+pub async fn put_json<T: Serialize>(
+    store: &dyn Store,
+    key: &str,
+    value: &T,
+    lease: Option<i64>,
+) -> StoreResult<i64> {
+    let bytes = serde_json::to_vec(value).expect("records serialize to JSON");
+    store.put(key, bytes, lease).await
+}
+
+/// Creates `key` only if it does not exist; returns whether this call created it.
+pub async fn create_if_absent<T: Serialize>(
+    store: &dyn Store,
+    key: &str,
+    value: &T,
+) -> StoreResult<bool> {
+    store
+        .txn(
+            vec![Compare::absent(key)],
+            vec![TxnOp::put_json(key, value, None)],
+        )
+        .await
+}
