@@ -1,0 +1,157 @@
+//! The control plane's error kinds, and the one place they become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::runtime::RuntimeError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Deliberately the same for unknown users, wrong credentials and disabled users, so a
+    /// caller cannot probe which users exist.
+    #[error("authentication failed")]
+    Failed,
+    #[error("too many failed attempts; retry in {retry_after_secs} s")]
+    Throttled { retry_after_secs: u64 },
+    #[error("the token is not valid: {0}")]
+    BadToken(#[from] envgate_proto::token::TokenError),
+    #[error("the token was revoked")]
+    Revoked,
+    #[error("the password hash could not be computed")]
+    Hashing,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("unknown environment \"{requested}\"; available: {}", list(available))]
+    UnknownEnvironment {
+        requested: String,
+        available: Vec<String>,
+    },
+    #[error("no environment is available to you")]
+    NoEnvironment,
+    #[error("environment \"{0}\" is not available to you")]
+    Forbidden(String),
+    #[error("proxy not registered: {0}")]
+    ProxyNotRegistered(String),
+    #[error("image {image} for environment \"{environment}\" is not available on this host")]
+    ImageMissing { image: String, environment: String },
+    /// The message names the runtime, e.g. "docker is unavailable: ...".
+    #[error("{0}")]
+    RuntimeUnavailable(String),
+    #[error("creating the container failed: {0}")]
+    RuntimeFailed(String),
+    #[error("timed out placing the session after {0} s")]
+    Timeout(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PlacementError {
+    pub fn from_runtime(e: RuntimeError, environment: &str) -> Self {
+        match e {
+            RuntimeError::Unavailable(m) => PlacementError::RuntimeUnavailable(m),
+            RuntimeError::ImageMissing(image) => PlacementError::ImageMissing {
+                image,
+                environment: environment.to_owned(),
+            },
+            RuntimeError::Failed(m) => PlacementError::RuntimeFailed(m),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// `field` names the offending request field, e.g. `user.authorized_keys[1]`.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AdminError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        AdminError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(_) | StoreError::LeaseNotFound(_) => {
+            Status::unavailable(e.to_string())
+        }
+        StoreError::Corrupt { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn auth_status(e: &AuthError) -> Status {
+    match e {
+        AuthError::Failed | AuthError::BadToken(_) | AuthError::Revoked => {
+            Status::unauthenticated(e.to_string())
+        }
+        AuthError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
+        AuthError::Hashing => Status::internal(e.to_string()),
+        AuthError::Store(s) => store_status(s),
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        auth_status(&e)
+    }
+}
+
+impl From<PlacementError> for Status {
+    fn from(e: PlacementError) -> Self {
+        let code = match &e {
+            PlacementError::Auth(a) => return auth_status(a),
+            PlacementError::Store(s) => return store_status(s),
+            PlacementError::UnknownEnvironment { .. } | PlacementError::NoEnvironment => {
+                Code::NotFound
+            }
+            PlacementError::Forbidden(_) => Code::PermissionDenied,
+            PlacementError::ImageMissing { .. } => Code::FailedPrecondition,
+            PlacementError::ProxyNotRegistered(_)
+            | PlacementError::RuntimeUnavailable(_)
+            | PlacementError::Timeout(_) => Code::Unavailable,
+            PlacementError::RuntimeFailed(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Self {
+        match &e {
+            AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            AdminError::NotFound(_) => Status::not_found(e.to_string()),
+            AdminError::Auth(a) => auth_status(a),
+            AdminError::Store(s) => store_status(s),
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        store_status(&e)
+    }
+}

@@ -1,0 +1,196 @@
+//! The JSON records kept in etcd, and the keys they live under (relative to the prefix).
+
+use serde::{Deserialize, Serialize};
+
+pub fn user_key(user: &str) -> String {
+    format!("users/{user}")
+}
+pub fn environment_key(env: &str) -> String {
+    format!("environments/{env}")
+}
+/// The placement record of a persistent container.
+pub fn container_key(user: &str, env: &str) -> String {
+    format!("containers/{user}/{env}")
+}
+/// The placement record of an ephemeral container, owned by one session.
+pub fn ephemeral_container_key(user: &str, env: &str, session: &str) -> String {
+    format!("containers/{user}/{env}/{session}")
+}
+pub fn session_key(id: &str) -> String {
+    format!("sessions/{id}")
+}
+pub fn proxy_key(id: &str) -> String {
+    format!("proxies/{id}")
+}
+pub fn revocation_key(user: &str) -> String {
+    format!("revocations/{user}")
+}
+pub const USERS: &str = "users/";
+pub const ENVIRONMENTS: &str = "environments/";
+pub const CONTAINERS: &str = "containers/";
+pub const SESSIONS: &str = "sessions/";
+pub const PROXIES: &str = "proxies/";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UserRecord {
+    pub name: String,
+    /// argon2id PHC string; `None` means key-only login.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// OpenSSH authorized_keys lines.
+    #[serde(default)]
+    pub authorized_keys: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub default_environment: String,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One container per user+environment, kept for `idle_timeout_seconds` after the last
+    /// session.
+    #[default]
+    Persistent,
+    /// One container per session, removed when the session closes.
+    Ephemeral,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Persistent => "persistent",
+            Mode::Ephemeral => "ephemeral",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct EnvironmentRecord {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub image: String,
+    pub shell: String,
+    #[serde(default)]
+    pub working_dir: String,
+    #[serde(default)]
+    pub run_as: String,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    pub idle_timeout_seconds: u32,
+    /// Empty: everyone may use it.
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+    /// 0 = the control plane's default.
+    #[serde(default)]
+    pub cpus: f64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub pids_limit: i64,
+    #[serde(default)]
+    pub is_default: bool,
+}
+
+impl EnvironmentRecord {
+    pub fn allows(&self, groups: &[String]) -> bool {
+        self.allowed_groups.is_empty() || self.allowed_groups.iter().any(|g| groups.contains(g))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerState {
+    /// A replica claimed the record and is creating the container.
+    Creating,
+    Running,
+    /// The reaper claimed the record and is removing the container.
+    Removing,
+}
+
+impl ContainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerState::Creating => "creating",
+            ContainerState::Running => "running",
+            ContainerState::Removing => "removing",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub user: String,
+    pub environment: String,
+    pub runtime: String,
+    /// Empty while `creating`.
+    #[serde(default)]
+    pub container_id: String,
+    #[serde(default)]
+    pub container_name: String,
+    pub state: ContainerState,
+    /// Unix seconds when the state last changed; a `creating` or `removing` record older than
+    /// the placement timeout is stale (its replica died) and may be taken over.
+    pub state_since: i64,
+    pub created_at: i64,
+    pub last_active_at: i64,
+    /// Ephemeral containers: the owning session.
+    #[serde(default)]
+    pub session_id: String,
+    /// The replica that set the current state, for logs.
+    #[serde(default)]
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user: String,
+    pub environment: String,
+    /// The key of the placement record this session keeps alive.
+    pub container_key: String,
+    pub container_id: String,
+    pub proxy_id: String,
+    #[serde(default)]
+    pub client_address: String,
+    #[serde(default)]
+    pub connection_id: String,
+    #[serde(default)]
+    pub kind: String,
+    pub started_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub capacity: u32,
+    pub draining: bool,
+    pub sessions: u32,
+    pub connections: u32,
+    pub registered_at: i64,
+    pub last_heartbeat_at: i64,
+    /// The lease this record and the proxy's sessions are attached to.
+    pub lease_id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    /// Tokens issued before this Unix second are refused.
+    pub not_before: i64,
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

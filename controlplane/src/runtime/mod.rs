@@ -1,0 +1,99 @@
+//! The container-runtime seam. Placement and the reconciler only see this trait; Docker
+//! (`docker.rs`) is the first implementation, a scripted in-memory one serves unit tests.
+
+use async_trait::async_trait;
+
+pub mod docker;
+#[cfg(any(test, feature = "testkit"))]
+pub mod scripted;
+
+pub use docker::DockerRuntime;
+
+/// Docker label keys shared with the proxy and operators.
+pub mod labels {
+    pub const MANAGED_BY: &str = "envgate.managed-by";
+    pub const MANAGED_BY_VALUE: &str = "envgate";
+    pub const INSTANCE: &str = "envgate.instance";
+    pub const USER: &str = "envgate.user";
+    pub const ENVIRONMENT: &str = "envgate.environment";
+    pub const SESSION: &str = "envgate.session";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime cannot be reached; the message names it ("docker is unavailable: ...").
+    #[error("{0}")]
+    Unavailable(String),
+    /// The image is not present and cannot be pulled.
+    #[error("image {0} is not available on this host")]
+    ImageMissing(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What to run for one user+environment (or one session, for ephemeral environments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub instance: String,
+    pub user: String,
+    pub environment: String,
+    /// Set for ephemeral containers.
+    pub session: Option<String>,
+    pub image: String,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    /// 0 = no limit.
+    pub cpus: f64,
+    /// 0 = no limit.
+    pub memory_bytes: u64,
+    pub pids_limit: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedContainer {
+    pub id: String,
+    pub name: String,
+}
+
+/// A container carrying this instance's labels, as found in the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub environment: String,
+    pub session: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub running: bool,
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// "docker" or "kubernetes", as reported in placements.
+    fn name(&self) -> &'static str;
+    /// Creates the user's home volume if missing; returns its name. Never removed by envgate.
+    async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
+    /// Creates and starts a container; on failure nothing is left behind.
+    async fn create_and_start(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<CreatedContainer, RuntimeError>;
+    /// `false` when stopped or gone.
+    async fn is_running(&self, id: &str) -> Result<bool, RuntimeError>;
+    /// Removes the container (stopping it first); a container already gone is fine.
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Every container labelled with `instance`, running or not.
+    async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError>;
+}
+
+/// `envgate-<instance>-<user>-<env>-<8 random hex>`.
+pub fn container_name(instance: &str, user: &str, environment: &str) -> String {
+    let suffix: u32 = rand::random();
+    format!("envgate-{instance}-{user}-{environment}-{suffix:08x}")
+}
+
+/// `envgate-<instance>-home-<user>`.
+pub fn volume_name(instance: &str, user: &str) -> String {
+    format!("envgate-{instance}-home-{user}")
+}

@@ -1,0 +1,189 @@
+//! An in-memory runtime for tests: records what was asked, and can be told to fail,
+//! to be slow, or to lose containers, so placement and reaping can be tested without Docker.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError, container_name,
+    volume_name,
+};
+
+#[derive(Debug, Clone)]
+pub struct ScriptedContainer {
+    pub spec: ContainerSpec,
+    pub name: String,
+    pub running: bool,
+    pub created_at: i64,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    containers: BTreeMap<String, ScriptedContainer>,
+    volumes: BTreeSet<String>,
+    missing_images: HashSet<String>,
+    fail_creates: usize,
+    unavailable: bool,
+    creates: usize,
+    removes: usize,
+}
+
+#[derive(Default)]
+pub struct ScriptedRuntime {
+    state: Mutex<State>,
+    create_delay: Mutex<Duration>,
+}
+
+impl ScriptedRuntime {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every create waits this long first, to widen race windows.
+    pub fn set_create_delay(&self, delay: Duration) {
+        *self.create_delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
+    }
+    pub fn set_image_missing(&self, image: &str) {
+        self.lock().missing_images.insert(image.to_owned());
+    }
+    /// The next `n` creates fail after the delay.
+    pub fn fail_next_creates(&self, n: usize) {
+        self.lock().fail_creates = n;
+    }
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.lock().unavailable = unavailable;
+    }
+    /// Simulates a container that died or was removed behind envgate's back.
+    pub fn lose(&self, id: &str) {
+        self.lock().containers.remove(id);
+    }
+    /// Simulates a container left over from a crashed replica.
+    pub fn insert_unknown(&self, spec: ContainerSpec, created_at: i64) -> String {
+        let mut state = self.lock();
+        state.next_id += 1;
+        let id = format!("c{}", state.next_id);
+        let name = container_name(&spec.instance, &spec.user, &spec.environment);
+        state.containers.insert(
+            id.clone(),
+            ScriptedContainer {
+                spec,
+                name,
+                running: true,
+                created_at,
+            },
+        );
+        id
+    }
+    pub fn containers(&self) -> Vec<(String, ScriptedContainer)> {
+        self.lock()
+            .containers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+    pub fn volumes(&self) -> Vec<String> {
+        self.lock().volumes.iter().cloned().collect()
+    }
+    pub fn creates(&self) -> usize {
+        self.lock().creates
+    }
+    pub fn removes(&self) -> usize {
+        self.lock().removes
+    }
+
+    fn check_available(&self) -> Result<(), RuntimeError> {
+        if self.lock().unavailable {
+            Err(RuntimeError::Unavailable(
+                "scripted runtime is unavailable".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for ScriptedRuntime {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
+        self.check_available()?;
+        let name = volume_name(instance, user);
+        self.lock().volumes.insert(name.clone());
+        Ok(name)
+    }
+
+    async fn create_and_start(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<CreatedContainer, RuntimeError> {
+        self.check_available()?;
+        if self.lock().missing_images.contains(&spec.image) {
+            return Err(RuntimeError::ImageMissing(spec.image.clone()));
+        }
+        let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::time::sleep(delay).await;
+        let mut state = self.lock();
+        if state.fail_creates > 0 {
+            state.fail_creates -= 1;
+            return Err(RuntimeError::Failed("scripted create failure".into()));
+        }
+        state.creates += 1;
+        state.next_id += 1;
+        let id = format!("c{}", state.next_id);
+        let name = container_name(&spec.instance, &spec.user, &spec.environment);
+        state.containers.insert(
+            id.clone(),
+            ScriptedContainer {
+                spec: spec.clone(),
+                name: name.clone(),
+                running: true,
+                created_at: crate::model::now(),
+            },
+        );
+        Ok(CreatedContainer { id, name })
+    }
+
+    async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
+        self.check_available()?;
+        Ok(self.lock().containers.get(id).is_some_and(|c| c.running))
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        if state.containers.remove(id).is_some() {
+            state.removes += 1;
+        }
+        Ok(())
+    }
+
+    async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        self.check_available()?;
+        Ok(self
+            .lock()
+            .containers
+            .iter()
+            .filter(|(_, c)| c.spec.instance == instance)
+            .map(|(id, c)| ManagedContainer {
+                id: id.clone(),
+                name: c.name.clone(),
+                user: c.spec.user.clone(),
+                environment: c.spec.environment.clone(),
+                session: c.spec.session.clone(),
+                created_at: c.created_at,
+                running: c.running,
+            })
+            .collect())
+    }
+}
