@@ -1,0 +1,66 @@
+//! End to end: choosing an environment with `user+env`, the user's default, unknown names.
+
+mod support;
+
+use support::Fleet;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plus_debian_runs_debian() {
+    let fleet = Fleet::start().await;
+    let out = fleet.ssh("demo+debian", "cat /etc/os-release", None).await;
+    out.assert_success();
+    assert!(
+        out.stdout.contains("ID=debian") && out.stdout.contains("bookworm"),
+        "not Debian bookworm: {}",
+        out.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plus_busybox_runs_busybox() {
+    let fleet = Fleet::start().await;
+    let out = fleet
+        .ssh(
+            "demo+busybox",
+            "readlink /bin/sh; test ! -e /etc/os-release && echo no-os-release",
+            None,
+        )
+        .await;
+    out.assert_success();
+    assert_eq!(out.stdout, "/bin/busybox\nno-os-release\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_suffix_uses_the_users_default_environment() {
+    let fleet = Fleet::start().await;
+    // demo's default is busybox; a user whose default is debian lands in Debian.
+    fleet.add_user("debby", "debian", None).await;
+    let demo = fleet.ssh("demo", "readlink /bin/sh", None).await;
+    demo.assert_success();
+    assert_eq!(demo.stdout, "/bin/busybox\n");
+    let debby = fleet
+        .ssh("debby", "grep -c bookworm /etc/os-release", None)
+        .await;
+    debby.assert_success();
+    assert_ne!(debby.stdout.trim(), "0");
+    let containers = fleet.containers(Some("debby"));
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].environment, "debian");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_environment_gets_one_line_listing_the_environments() {
+    let fleet = Fleet::start().await;
+    let out = fleet.ssh("demo+nope", "true", None).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "expected one stderr line: {out:#?}");
+    let line = lines[0];
+    assert!(line.starts_with("envgate: "), "{line}");
+    assert!(line.contains("nope"), "{line}");
+    assert!(
+        line.contains("busybox") && line.contains("debian"),
+        "{line}"
+    );
+    assert!(fleet.containers(Some("demo")).is_empty());
+}

@@ -1,0 +1,100 @@
+//! End to end: failures a user meets — a proxy crashing, Docker or etcd down, an image that is
+//! not there — end with one clear `envgate:` line and never leave records or a crashed process.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Fleet, FleetOptions, environment, eventually};
+
+fn assert_one_envgate_line<'a>(out: &'a support::SshOutput) -> &'a str {
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert_ne!(out.code, None, "ssh was killed: {out:#?}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "expected one stderr line: {out:#?}");
+    assert!(lines[0].starts_with("envgate: "), "{out:#?}");
+    lines[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_proxy_is_killed_the_next_ssh_still_works() {
+    let mut fleet = Fleet::start().await;
+    fleet.ssh("demo", "true", None).await.assert_success();
+    fleet.kill_proxy(0);
+    for attempt in 0..3 {
+        let out = fleet.ssh("demo", "echo alive", None).await;
+        assert_eq!(out.code, Some(0), "attempt {attempt}: {out:#?}");
+        assert_eq!(out.stdout, "alive\n");
+    }
+    assert!(fleet.proxy_alive(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_unreachable_is_one_clear_line_and_leaves_no_record() {
+    let mut fleet = Fleet::start_with(FleetOptions {
+        docker_host: Some("unix:///nonexistent/envgate-e2e/docker.sock".to_string()),
+        ..FleetOptions::default()
+    })
+    .await;
+    let out = fleet.ssh("demo", "true", None).await;
+    let line = assert_one_envgate_line(&out);
+    assert!(line.to_lowercase().contains("docker"), "{line}");
+    eventually(
+        Duration::from_secs(15),
+        "no container or session record",
+        || async {
+            let containers = fleet.etcd_records("containers/").await?;
+            let sessions = fleet.etcd_records("sessions/").await?;
+            if containers.is_empty() && sessions.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{containers:?} {sessions:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(fleet.controlplane_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_one_clear_line() {
+    let fleet = Fleet::start().await;
+    let image = format!("envgate/missing-{:08x}:latest", rand::random::<u32>());
+    fleet
+        .put_environment(environment("ghost", &image, "/bin/sh", false))
+        .await;
+    let out = fleet.ssh("demo+ghost", "true", None).await;
+    let line = assert_one_envgate_line(&out);
+    assert!(line.contains(&image), "{line}");
+    assert!(line.contains("not available"), "{line}");
+    assert!(
+        fleet.containers(None).is_empty(),
+        "{:?}",
+        fleet.containers(None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_is_one_clear_line_and_nothing_crashes() {
+    // One proxy, so the token cached by the first login is there for the second one and the
+    // second login reaches placement, which needs etcd.
+    let mut fleet = Fleet::start_with(FleetOptions {
+        proxies: 1,
+        ..FleetOptions::default()
+    })
+    .await;
+    fleet.ssh("demo", "true", None).await.assert_success();
+    fleet.kill_etcd();
+    let out = fleet.ssh("demo", "true", None).await;
+    let line = assert_one_envgate_line(&out);
+    assert!(line.to_lowercase().contains("etcd"), "{line}");
+    assert!(
+        fleet.controlplane_alive(),
+        "control plane died\n{}",
+        fleet.logs()
+    );
+    assert!(fleet.proxy_alive(0), "the proxy died\n{}", fleet.logs());
+    // Still serving: the same answer again, not a hang or a crash.
+    let again = fleet.ssh("demo", "true", None).await;
+    assert_one_envgate_line(&again);
+}

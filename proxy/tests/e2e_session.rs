@@ -1,0 +1,94 @@
+//! End to end: what a user sees in a session — output, exit status, stdin, stderr, terminal.
+//! Real etcd, control plane, proxies, HAProxy, Docker and OpenSSH; see `support/mod.rs`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Fleet, Tmux, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn date_prints_a_date_and_exits_zero() {
+    let fleet = Fleet::start().await;
+    let out = fleet.ssh("demo", "date -u +%Y-%m-%dT%H:%M:%S", None).await;
+    out.assert_success();
+    let printed = out.stdout.trim();
+    assert_eq!(printed.len(), 19, "not a date: {printed:?}");
+    let year: u32 = printed[..4].parse().expect("year");
+    assert!((2024..3000).contains(&year), "odd year in {printed:?}");
+    assert_eq!(&printed[4..5], "-");
+    assert_eq!(&printed[10..11], "T");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_of_the_command_is_the_exit_status_of_ssh() {
+    let fleet = Fleet::start().await;
+    let out = fleet.ssh("demo", "exit 7", None).await;
+    assert_eq!(out.code, Some(7), "{out:#?}");
+    assert_eq!(out.stdout, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_reaches_the_command_and_eof_ends_it() {
+    let fleet = Fleet::start().await;
+    let out = fleet.ssh("demo", "cat", Some(b"hi\n")).await;
+    out.assert_success();
+    assert_eq!(out.stdout, "hi\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_stays_apart_from_stdout() {
+    let fleet = Fleet::start().await;
+    let out = fleet
+        .ssh("demo", "echo to-out; echo to-err >&2; echo more-out", None)
+        .await;
+    out.assert_success();
+    assert_eq!(out.stdout, "to-out\nmore-out\n");
+    assert_eq!(out.stderr, "to-err\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_session_sees_its_size_and_resizes() {
+    let fleet = Fleet::start().await;
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    argv.insert(1, "-tt".to_string());
+    let tmux = Tmux::start(fleet.dir(), &argv, 100, 30);
+
+    // `stty size` prints "rows columns" of the terminal the remote shell is attached to.
+    tmux.type_line("stty size; echo size-done");
+    let screen = eventually(
+        Duration::from_secs(30),
+        "stty size shows 30 100",
+        || async {
+            let screen = tmux.screen();
+            if screen.lines().any(|l| l.trim() == "30 100") {
+                Ok(screen)
+            } else {
+                Err(screen)
+            }
+        },
+    )
+    .await;
+    assert!(screen.contains("size-done"), "{screen}");
+
+    tmux.resize(90, 25);
+    tmux.type_line("stty size; tty");
+    eventually(
+        Duration::from_secs(30),
+        "stty size shows 25 90 after resize",
+        || async {
+            let screen = tmux.screen();
+            if screen.lines().any(|l| l.trim() == "25 90") {
+                Ok(())
+            } else {
+                Err(screen)
+            }
+        },
+    )
+    .await;
+    let screen = tmux.screen();
+    assert!(
+        screen.lines().any(|l| l.trim().starts_with("/dev/pts/")),
+        "the shell has no terminal: {screen}"
+    );
+}

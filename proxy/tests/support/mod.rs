@@ -1,0 +1,1102 @@
+//! The end-to-end harness: a whole envgate fleet per test, made of the real binaries.
+//!
+//! `Fleet::start` runs a private etcd (`envgate_controlplane::testkit::Etcd`), the real
+//! `envgate-controlplane` and `envgate-proxy` binaries from the target directory, and a real
+//! HAProxy (mode tcp, send-proxy-v2, `/readyz` health checks) on free 127.0.0.1 ports in a
+//! temporary directory. Each fleet has its own `--instance`, so tests run in parallel on the
+//! one Docker engine without seeing each other's containers; on drop every process is killed
+//! and the instance's containers and home volumes are removed.
+//!
+//! Tests talk to the fleet the way users and operators do: the OpenSSH client through
+//! HAProxy, the admin gRPC API, `docker ps`, and reads of the etcd records.
+
+// Each e2e test binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use envgate_controlplane::testkit::Etcd;
+use envgate_proto::admin::v1 as admin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// Longest any single `ssh` invocation may take before the test fails.
+pub const SSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the fleet's processes get to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(45);
+/// Bound on one admin RPC.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one etcd read.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The etcd prefix the control plane is started with.
+pub const ETCD_PREFIX: &str = "/envgate/";
+
+pub const BUSYBOX_IMAGE: &str = "envgate/busybox:latest";
+pub const DEBIAN_IMAGE: &str = "envgate/debian:latest";
+
+/// How a test wants its fleet.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub proxies: usize,
+    /// `--reconcile-interval-seconds` of the control plane.
+    pub reconcile_interval_seconds: u64,
+    /// `--docker-host` of the control plane; `None` = the local engine.
+    pub docker_host: Option<String>,
+    /// Create the standard catalogue (busybox default, debian) and the user `demo`.
+    pub seed: bool,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            proxies: 2,
+            reconcile_interval_seconds: 1,
+            docker_host: None,
+            seed: true,
+        }
+    }
+}
+
+/// What one `ssh` run showed its user.
+#[derive(Debug, Clone)]
+pub struct SshOutput {
+    pub stdout: String,
+    pub stderr: String,
+    /// The exit status of the `ssh` client (`None`: killed by a signal).
+    pub code: Option<i32>,
+}
+
+impl SshOutput {
+    /// Panics with everything the user saw unless the command exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert_eq!(self.code, Some(0), "ssh failed: {self:#?}");
+        self
+    }
+
+    /// Non-empty stderr lines.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+/// A container of this fleet's instance, as `docker ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub environment: String,
+    pub state: String,
+}
+
+/// One process the harness started; killed (SIGKILL) and reaped on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Result<Proc, String> {
+        let file = std::fs::File::create(&log).map_err(|e| format!("create {log:?}: {e}"))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("spawn {name}: {e}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running fleet. See the module documentation.
+pub struct Fleet {
+    pub instance: String,
+    pub options: FleetOptions,
+    /// The SSH port of HAProxy, the only way in for users.
+    pub ssh_port: u16,
+    /// `127.0.0.1:port` of the control plane's gRPC server.
+    pub grpc_addr: String,
+    /// `127.0.0.1:port` of the control plane's ops endpoint.
+    pub controlplane_ops: String,
+    /// `127.0.0.1:port` of each proxy's SSH listener (behind HAProxy).
+    pub proxy_listen: Vec<String>,
+    /// `127.0.0.1:port` of each proxy's ops endpoint.
+    pub proxy_ops: Vec<String>,
+    admin_token: String,
+    keys: Mutex<HashMap<String, PathBuf>>,
+    // Field order is drop order: HAProxy and proxies first, then the control plane, then
+    // etcd, and the directory holding their logs last.
+    haproxy: Option<Proc>,
+    proxies: Vec<Proc>,
+    controlplane: Option<Proc>,
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// A fleet with two proxies, the standard catalogue and the user `demo`.
+    pub async fn start() -> Fleet {
+        Self::start_with(FleetOptions::default()).await
+    }
+
+    pub async fn start_with(options: FleetOptions) -> Fleet {
+        match Self::try_start(options).await {
+            Ok(fleet) => fleet,
+            Err(e) => panic!("the e2e fleet did not start: {e}"),
+        }
+    }
+
+    async fn try_start(options: FleetOptions) -> Result<Fleet, String> {
+        ensure_images()?;
+        let controlplane_bin = controlplane_bin();
+        if !controlplane_bin.exists() {
+            return Err(format!(
+                "{} is missing: build it first (`cargo build --workspace --bins`; \
+                 `deploy/local/fleet test` does this)",
+                controlplane_bin.display()
+            ));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("envgate-e2e-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let instance = format!("e2e{:08x}", rand::random::<u32>());
+
+        let host_key = dir.path().join("host_ed25519");
+        keygen(&host_key)?;
+        let token_key = dir.path().join("token.key");
+        std::fs::write(&token_key, hex::encode(rand::random::<[u8; 32]>()))
+            .map_err(|e| e.to_string())?;
+        let admin_token = hex::encode(rand::random::<[u8; 16]>());
+        let admin_token_file = dir.path().join("admin.token");
+        std::fs::write(&admin_token_file, format!("{admin_token}\n")).map_err(|e| e.to_string())?;
+
+        let etcd = Etcd::start()
+            .await
+            .map_err(|e| format!("etcd did not start: {e}"))?;
+        let mut fleet = Fleet {
+            instance,
+            options: options.clone(),
+            ssh_port: 0,
+            grpc_addr: format!("127.0.0.1:{}", free_port()?),
+            controlplane_ops: format!("127.0.0.1:{}", free_port()?),
+            proxy_listen: Vec::new(),
+            proxy_ops: Vec::new(),
+            admin_token,
+            keys: Mutex::new(HashMap::new()),
+            haproxy: None,
+            proxies: Vec::new(),
+            controlplane: None,
+            etcd,
+            dir,
+        };
+
+        let mut command = Command::new(&controlplane_bin);
+        command
+            .arg("--listen")
+            .arg(&fleet.grpc_addr)
+            .arg("--ops-listen")
+            .arg(&fleet.controlplane_ops)
+            .arg("--etcd")
+            .arg(fleet.etcd.endpoint())
+            .arg("--etcd-prefix")
+            .arg(ETCD_PREFIX)
+            .arg("--token-key")
+            .arg(&token_key)
+            .arg("--admin-token-file")
+            .arg(&admin_token_file)
+            .arg("--instance")
+            .arg(&fleet.instance)
+            .arg("--reconcile-interval-seconds")
+            .arg(options.reconcile_interval_seconds.to_string())
+            .env("RUST_LOG", "info");
+        if let Some(docker_host) = &options.docker_host {
+            command.arg("--docker-host").arg(docker_host);
+        }
+        let log = fleet.dir.path().join("controlplane.log");
+        fleet.controlplane = Some(Proc::spawn("controlplane", &mut command, log)?);
+        fleet.wait_controlplane().await?;
+        if options.seed {
+            fleet.seed().await?;
+        }
+
+        for i in 0..options.proxies {
+            let listen = format!("127.0.0.1:{}", free_port()?);
+            let ops = format!("127.0.0.1:{}", free_port()?);
+            let mut command = Command::new(proxy_bin());
+            command
+                .arg("--listen")
+                .arg(&listen)
+                .arg("--ops-listen")
+                .arg(&ops)
+                .arg("--controlplane")
+                .arg(format!("http://{}", fleet.grpc_addr))
+                .arg("--host-key")
+                .arg(&host_key)
+                .arg("--proxy-id")
+                .arg(format!("{}-p{i}", fleet.instance))
+                .arg("--trusted-proxies")
+                .arg("127.0.0.1/32")
+                .arg("--shutdown-grace-seconds")
+                .arg("2")
+                .env("RUST_LOG", "info");
+            let log = fleet.dir.path().join(format!("proxy-{i}.log"));
+            let name = format!("proxy-{i}");
+            fleet.proxies.push(Proc::spawn(&name, &mut command, log)?);
+            fleet.proxy_listen.push(listen);
+            fleet.proxy_ops.push(ops);
+        }
+        for i in 0..options.proxies {
+            let ops = fleet.proxy_ops[i].clone();
+            fleet
+                .wait_ready(&format!("proxy-{i}"), || async {
+                    match http_get(&ops, "/readyz").await {
+                        Some((200, _)) => Ok(()),
+                        other => Err(format!("/readyz on {ops}: {other:?}")),
+                    }
+                })
+                .await?;
+        }
+        fleet.start_haproxy().await?;
+        Ok(fleet)
+    }
+
+    /// Waits until the control plane serves gRPC and its store answers: an admin call succeeds.
+    async fn wait_controlplane(&mut self) -> Result<(), String> {
+        let ops = self.controlplane_ops.clone();
+        self.wait_ready("control plane", || async {
+            match http_get(&ops, "/healthz").await {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("/healthz on {ops}: {other:?}")),
+            }
+        })
+        .await?;
+        let this = &*self;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match this.list_environments().await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("admin API not answering: {e}\n{}", this.logs()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Polls `probe` until it succeeds, failing early if one of our processes died.
+    async fn wait_ready<F, Fut>(&mut self, what: &str, mut probe: F) -> Result<(), String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let last = match probe().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if let Some(dead) = self.first_dead_process() {
+                return Err(format!(
+                    "{dead} exited while waiting for {what}\n{}",
+                    self.logs()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{what} not ready after {}s: {last}\n{}",
+                    START_TIMEOUT.as_secs(),
+                    self.logs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn first_dead_process(&mut self) -> Option<String> {
+        let procs = self
+            .controlplane
+            .iter_mut()
+            .chain(self.proxies.iter_mut())
+            .chain(self.haproxy.iter_mut());
+        for proc in procs {
+            if !proc.alive() {
+                return Some(proc.name.clone());
+            }
+        }
+        None
+    }
+
+    async fn start_haproxy(&mut self) -> Result<(), String> {
+        self.ssh_port = free_port()?;
+        let mut cfg = format!(
+            "global\n    maxconn 1024\n    nbthread 1\n\n\
+             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    \
+             timeout server 5m\n    timeout check 1s\n    retries 3\n    option redispatch 1\n\n\
+             frontend ssh\n    bind 127.0.0.1:{}\n    default_backend proxies\n\n\
+             backend proxies\n    balance leastconn\n    option httpchk GET /readyz\n    \
+             http-check expect status 200\n    \
+             default-server inter 500ms fall 2 rise 1 send-proxy-v2\n",
+            self.ssh_port
+        );
+        for (i, listen) in self.proxy_listen.iter().enumerate() {
+            let ops_port = self.proxy_ops[i]
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
+        }
+        let cfg_path = self.dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&cfg_path);
+        let log = self.dir.path().join("haproxy.log");
+        self.haproxy = Some(Proc::spawn("haproxy", &mut command, log)?);
+        let addr = format!("127.0.0.1:{}", self.ssh_port);
+        self.wait_ready("HAProxy", || async {
+            match tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                other => Err(format!("connect {addr}: {other:?}")),
+            }
+        })
+        .await
+    }
+
+    /// The standard catalogue: `busybox` (catalogue default) and `debian`, and the user `demo`
+    /// whose default is busybox.
+    async fn seed(&self) -> Result<(), String> {
+        self.try_put_environment(environment("busybox", BUSYBOX_IMAGE, "/bin/sh", true))
+            .await?;
+        self.try_put_environment(environment("debian", DEBIAN_IMAGE, "/bin/bash", false))
+            .await?;
+        self.try_add_user("demo", "busybox", None).await?;
+        Ok(())
+    }
+
+    // ---- admin API -------------------------------------------------------------------
+
+    /// An admin client over a fresh channel.
+    pub async fn admin_client(&self) -> Result<admin::admin_client::AdminClient<Channel>, String> {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(ADMIN_TIMEOUT)
+                .timeout(ADMIN_TIMEOUT);
+        let channel = tokio::time::timeout(ADMIN_TIMEOUT, endpoint.connect())
+            .await
+            .map_err(|_| "connect to the admin API timed out".to_string())?
+            .map_err(|e| format!("connect to the admin API: {e}"))?;
+        Ok(admin::admin_client::AdminClient::new(channel))
+    }
+
+    /// Wraps `message` in a request that carries the admin bearer token.
+    pub fn authorized<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {}", self.admin_token)
+            .parse()
+            .expect("ASCII bearer token");
+        request
+            .metadata_mut()
+            .insert(envgate_proto::metadata::AUTHORIZATION, value);
+        request
+    }
+
+    pub async fn list_environments(&self) -> Result<Vec<admin::Environment>, String> {
+        let mut client = self.admin_client().await?;
+        let response = client
+            .list_environments(self.authorized(admin::ListEnvironmentsRequest {}))
+            .await
+            .map_err(|s| format!("ListEnvironments: {s}"))?;
+        Ok(response.into_inner().environments)
+    }
+
+    pub async fn try_put_environment(&self, env: admin::Environment) -> Result<(), String> {
+        let mut client = self.admin_client().await?;
+        client
+            .put_environment(self.authorized(admin::PutEnvironmentRequest {
+                environment: Some(env),
+            }))
+            .await
+            .map_err(|s| format!("PutEnvironment: {s}"))?;
+        Ok(())
+    }
+
+    pub async fn put_environment(&self, env: admin::Environment) {
+        if let Err(e) = self.try_put_environment(env).await {
+            panic!("{e}");
+        }
+    }
+
+    async fn try_add_user(
+        &self,
+        name: &str,
+        default_environment: &str,
+        password: Option<&str>,
+    ) -> Result<PathBuf, String> {
+        let key = self.dir.path().join(format!("{name}_ed25519"));
+        if !key.exists() {
+            keygen(&key)?;
+        }
+        let public = std::fs::read_to_string(key.with_extension("pub"))
+            .map_err(|e| e.to_string())?
+            .trim()
+            .to_string();
+        let mut client = self.admin_client().await?;
+        client
+            .put_user(self.authorized(admin::PutUserRequest {
+                user: Some(admin::User {
+                    name: name.to_string(),
+                    authorized_keys: vec![public],
+                    groups: vec!["users".to_string()],
+                    default_environment: default_environment.to_string(),
+                    ..Default::default()
+                }),
+                password: password.unwrap_or_default().to_string(),
+                clear_password: false,
+            }))
+            .await
+            .map_err(|s| format!("PutUser {name}: {s}"))?;
+        self.keys
+            .lock()
+            .expect("keys lock")
+            .insert(name.to_string(), key.clone());
+        Ok(key)
+    }
+
+    /// Creates (or replaces) a user with a fresh key pair; returns the private key's path.
+    pub async fn add_user(
+        &self,
+        name: &str,
+        default_environment: &str,
+        password: Option<&str>,
+    ) -> PathBuf {
+        match self.try_add_user(name, default_environment, password).await {
+            Ok(key) => key,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A fresh key pair no user has; returns the private key's path.
+    pub fn stranger_key(&self) -> PathBuf {
+        let key = self
+            .dir
+            .path()
+            .join(format!("stranger-{:08x}_ed25519", rand::random::<u32>()));
+        keygen(&key).expect("ssh-keygen");
+        key
+    }
+
+    /// The private key of a user made by this harness (`demo` is always there).
+    pub fn key_of(&self, user: &str) -> PathBuf {
+        self.keys
+            .lock()
+            .expect("keys lock")
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| panic!("no key for user {user:?}; add_user it first"))
+    }
+
+    // ---- ssh ---------------------------------------------------------------------------
+
+    /// The OpenSSH options every run uses: no user config, no agent, no host key prompts.
+    fn ssh_base_args(&self) -> Vec<String> {
+        [
+            "-F",
+            "/dev/null",
+            "-p",
+            &self.ssh_port.to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "ServerAliveInterval=5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The argv of an `ssh` that logs in as `login` (user or user+env) with `key`.
+    pub fn ssh_key_argv(&self, login: &str, key: &Path) -> Vec<String> {
+        let mut argv = vec!["ssh".to_string()];
+        argv.extend(self.ssh_base_args());
+        argv.extend(
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "KbdInteractiveAuthentication=no",
+                "-i",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        argv.push(key.display().to_string());
+        argv.push("-l".to_string());
+        argv.push(login.to_string());
+        argv.push("127.0.0.1".to_string());
+        argv
+    }
+
+    /// `ssh login command` with the key of the user before any `+`, stdin from `stdin`.
+    pub async fn ssh(&self, login: &str, command: &str, stdin: Option<&[u8]>) -> SshOutput {
+        let user = login.split('+').next().unwrap_or(login);
+        let key = self.key_of(user);
+        self.ssh_with_key(login, &key, command, stdin).await
+    }
+
+    pub async fn ssh_with_key(
+        &self,
+        login: &str,
+        key: &Path,
+        command: &str,
+        stdin: Option<&[u8]>,
+    ) -> SshOutput {
+        let mut argv = self.ssh_key_argv(login, key);
+        if !command.is_empty() {
+            argv.push("--".to_string());
+            argv.push(command.to_string());
+        }
+        run(&argv, stdin, &[]).await
+    }
+
+    /// `ssh login command` with password authentication only (through SSH_ASKPASS).
+    pub async fn ssh_password(&self, login: &str, password: &str, command: &str) -> SshOutput {
+        let askpass = self
+            .dir
+            .path()
+            .join(format!("askpass-{:08x}.sh", rand::random::<u32>()));
+        std::fs::write(
+            &askpass,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' '{}'\n",
+                password.replace('\'', "'\\''")
+            ),
+        )
+        .expect("write askpass");
+        set_mode(&askpass, 0o700);
+        let mut argv = vec!["ssh".to_string()];
+        argv.extend(self.ssh_base_args());
+        argv.extend(
+            [
+                "-o",
+                "BatchMode=no",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+                "-l",
+                login,
+                "127.0.0.1",
+                "--",
+                command,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let askpass = askpass.display().to_string();
+        run(
+            &argv,
+            None,
+            &[
+                ("SSH_ASKPASS", askpass.as_str()),
+                ("SSH_ASKPASS_REQUIRE", "force"),
+                ("DISPLAY", ":0"),
+            ],
+        )
+        .await
+    }
+
+    // ---- faults ------------------------------------------------------------------------
+
+    /// SIGKILLs proxy `index` (no drain, no goodbye), as a crash would.
+    pub fn kill_proxy(&mut self, index: usize) {
+        self.proxies[index].kill();
+    }
+
+    /// SIGKILLs etcd.
+    pub fn kill_etcd(&mut self) {
+        self.etcd.kill();
+    }
+
+    pub fn controlplane_alive(&mut self) -> bool {
+        self.controlplane.as_mut().is_some_and(Proc::alive)
+    }
+
+    pub fn proxy_alive(&mut self, index: usize) -> bool {
+        self.proxies[index].alive()
+    }
+
+    /// The last lines of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let procs = self
+            .controlplane
+            .iter()
+            .chain(self.proxies.iter())
+            .chain(self.haproxy.iter());
+        let mut out = String::new();
+        for proc in procs {
+            out.push_str(&format!(
+                "----- {} ({}) -----\n{}\n",
+                proc.name,
+                proc.log.display(),
+                proc.log_tail(40)
+            ));
+        }
+        out
+    }
+
+    // ---- observation -------------------------------------------------------------------
+
+    /// This instance's containers (all states), optionally only those of `user`.
+    pub fn containers(&self, user: Option<&str>) -> Vec<ContainerInfo> {
+        let mut args = vec![
+            "ps".to_string(),
+            "-a".to_string(),
+            "--no-trunc".to_string(),
+            "--filter".to_string(),
+            format!("label=envgate.instance={}", self.instance),
+            "--format".to_string(),
+            "{{.ID}}\t{{.Names}}\t{{.Label \"envgate.user\"}}\t{{.Label \"envgate.environment\"}}\t{{.State}}"
+                .to_string(),
+        ];
+        if let Some(user) = user {
+            args.push("--filter".to_string());
+            args.push(format!("label=envgate.user={user}"));
+        }
+        docker(&args)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let mut f = line.split('\t').map(str::to_string);
+                ContainerInfo {
+                    id: f.next().unwrap_or_default(),
+                    name: f.next().unwrap_or_default(),
+                    user: f.next().unwrap_or_default(),
+                    environment: f.next().unwrap_or_default(),
+                    state: f.next().unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The name of `user`'s home volume in this instance.
+    pub fn home_volume(&self, user: &str) -> String {
+        format!("envgate-{}-home-{user}", self.instance)
+    }
+
+    pub fn volume_exists(&self, name: &str) -> bool {
+        Command::new("docker")
+            .args(["volume", "inspect", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Every etcd key under `ETCD_PREFIX` + `prefix`, without `ETCD_PREFIX`, with its value.
+    pub async fn etcd_records(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
+        let endpoint = self.etcd.endpoint();
+        let full = format!("{ETCD_PREFIX}{prefix}");
+        let read = async {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            client
+                .get(full, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+        };
+        let response = tokio::time::timeout(ETCD_TIMEOUT, read)
+            .await
+            .map_err(|_| "etcd read timed out".to_string())?
+            .map_err(|e| format!("etcd read: {e}"))?;
+        Ok(response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let key = key.strip_prefix(ETCD_PREFIX).unwrap_or(&key).to_string();
+                (key, String::from_utf8_lossy(kv.value()).into_owned())
+            })
+            .collect())
+    }
+
+    /// Reads a proxy's or the control plane's Prometheus text.
+    pub async fn metrics(ops_addr: &str) -> Option<String> {
+        match http_get(ops_addr, "/metrics").await {
+            Some((200, body)) => Some(body),
+            _ => None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "e2e fleet {} (dir {}):\n{}",
+                self.instance,
+                self.dir.path().display(),
+                self.logs()
+            );
+        }
+        // Stop the writers before removing what they manage, so nothing is recreated.
+        self.haproxy.take();
+        self.proxies.clear();
+        self.controlplane.take();
+        let ids = docker(&[
+            "ps".to_string(),
+            "-aq".to_string(),
+            "--filter".to_string(),
+            format!("label=envgate.instance={}", self.instance),
+        ]);
+        let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm".to_string(), "-f".to_string(), "-v".to_string()];
+            args.extend(ids);
+            docker(&args);
+        }
+        let volumes = docker(&[
+            "volume".to_string(),
+            "ls".to_string(),
+            "-q".to_string(),
+            "--filter".to_string(),
+            format!("name=envgate-{}-", self.instance),
+        ]);
+        let volumes: Vec<String> = volumes.split_whitespace().map(str::to_string).collect();
+        if !volumes.is_empty() {
+            let mut args = vec!["volume".to_string(), "rm".to_string(), "-f".to_string()];
+            args.extend(volumes);
+            docker(&args);
+        }
+    }
+}
+
+/// An environment with the defaults the control plane fills in for the rest.
+pub fn environment(name: &str, image: &str, shell: &str, is_default: bool) -> admin::Environment {
+    admin::Environment {
+        name: name.to_string(),
+        description: format!("e2e {name}"),
+        image: image.to_string(),
+        shell: shell.to_string(),
+        is_default,
+        ..Default::default()
+    }
+}
+
+/// Polls `probe` every 200 ms until it returns `Ok`, for at most `timeout`; panics with what
+/// was being waited for and the last thing seen.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: still not true after {timeout:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Runs `argv` with `stdin` (or none) under `SSH_TIMEOUT`.
+pub async fn run(argv: &[String], stdin: Option<&[u8]>, env: &[(&str, &str)]) -> SshOutput {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        tokio::spawn(async move {
+            // The remote side may exit before reading everything; that is not our failure.
+            let _ = pipe.write_all(&input).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
+    let output = match tokio::time::timeout(SSH_TIMEOUT, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => panic!("waiting for {argv:?}: {e}"),
+        Err(_) => panic!("{argv:?} did not finish within {SSH_TIMEOUT:?}"),
+    };
+    SshOutput {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code(),
+    }
+}
+
+/// `GET path` over HTTP/1.0 with a 2 s bound; the status and body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+pub fn proxy_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_envgate-proxy"))
+}
+
+/// The control plane binary sits beside the proxy's in the same target directory.
+pub fn controlplane_bin() -> PathBuf {
+    proxy_bin().with_file_name("envgate-controlplane")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("proxy/ has a parent")
+        .to_path_buf()
+}
+
+/// Builds the local images with `deploy/local/images` if one is missing (idempotent).
+fn ensure_images() -> Result<(), String> {
+    let present = |image: &str| {
+        Command::new("docker")
+            .args(["image", "inspect", image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if present(BUSYBOX_IMAGE) && present(DEBIAN_IMAGE) {
+        return Ok(());
+    }
+    let script = repo_root().join("deploy/local/images");
+    let status = Command::new(&script)
+        .arg("all")
+        .status()
+        .map_err(|e| format!("run {}: {e}", script.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} all failed: {status}", script.display()))
+    }
+}
+
+fn keygen(path: &Path) -> Result<(), String> {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "envgate-e2e", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("ssh-keygen: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("ssh-keygen failed: {status}"))
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Runs the docker CLI and returns its stdout ("" if it failed).
+fn docker(args: &[String]) -> String {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// A tmux server of its own, for tests that need a real terminal around `ssh -tt`.
+pub struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// Starts `argv` in a detached tmux session `width` x `height`.
+    pub fn start(dir: &Path, argv: &[String], width: u16, height: u16) -> Tmux {
+        let tmux = Tmux {
+            socket: dir.join(format!("tmux-{:08x}.sock", rand::random::<u32>())),
+        };
+        let mut args = vec![
+            "new-session".to_string(),
+            "-d".to_string(),
+            "-s".to_string(),
+            "e2e".to_string(),
+            "-x".to_string(),
+            width.to_string(),
+            "-y".to_string(),
+            height.to_string(),
+            "--".to_string(),
+        ];
+        args.extend(argv.iter().cloned());
+        tmux.command(&args);
+        tmux
+    }
+
+    fn command(&self, args: &[String]) -> String {
+        let output = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env("TERM", "xterm-256color")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("tmux {args:?}: {e}"));
+        assert!(
+            output.status.success(),
+            "tmux {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Types `text` followed by Enter.
+    pub fn type_line(&self, text: &str) {
+        self.command(&[
+            "send-keys".to_string(),
+            "-t".to_string(),
+            "e2e".to_string(),
+            "-l".to_string(),
+            text.to_string(),
+        ]);
+        self.command(&[
+            "send-keys".to_string(),
+            "-t".to_string(),
+            "e2e".to_string(),
+            "Enter".to_string(),
+        ]);
+    }
+
+    /// The visible screen plus scrollback.
+    pub fn screen(&self) -> String {
+        self.command(&[
+            "capture-pane".to_string(),
+            "-p".to_string(),
+            "-J".to_string(),
+            "-S".to_string(),
+            "-200".to_string(),
+            "-t".to_string(),
+            "e2e".to_string(),
+        ])
+    }
+
+    pub fn resize(&self, width: u16, height: u16) {
+        self.command(&[
+            "resize-window".to_string(),
+            "-t".to_string(),
+            "e2e".to_string(),
+            "-x".to_string(),
+            width.to_string(),
+            "-y".to_string(),
+            height.to_string(),
+        ]);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
