@@ -98,6 +98,20 @@ pub struct ContainerInfo {
     pub state: String,
 }
 
+/// The test client trusts whatever host key the fleet presents (it made that key itself).
+struct AcceptAnyHostKey;
+
+impl russh::client::Handler for AcceptAnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
 /// One process the harness started; killed (SIGKILL) and reaped on drop.
 struct Proc {
     name: String,
@@ -661,6 +675,31 @@ impl Fleet {
             ],
         )
         .await
+    }
+
+    /// A public-key login with russh's client, which (unlike OpenSSH) sends any user name
+    /// byte for byte, control characters included. `Ok(true)` if the server accepted it.
+    pub async fn raw_publickey_login(&self, login: &str, key: &Path) -> Result<bool, String> {
+        let key = russh::keys::load_secret_key(key, None).map_err(|e| e.to_string())?;
+        let key = russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(key), None);
+        let config = std::sync::Arc::new(russh::client::Config::default());
+        let addr = ("127.0.0.1", self.ssh_port);
+        let attempt = async {
+            let mut session = russh::client::connect(config, addr, AcceptAnyHostKey)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let result = session
+                .authenticate_publickey(login, key)
+                .await
+                .map_err(|e| format!("authenticate: {e}"))?;
+            let _ = session
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+            Ok(result.success())
+        };
+        tokio::time::timeout(SSH_TIMEOUT, attempt)
+            .await
+            .map_err(|_| format!("login {login:?} did not finish within {SSH_TIMEOUT:?}"))?
     }
 
     // ---- faults ------------------------------------------------------------------------
