@@ -1,6 +1,7 @@
 //! envgate control plane: authentication, placement, container lifecycle, the proxy fleet
 //! registry and the admin API. State lives in etcd; `main.rs` only parses config and calls `run`.
 
+pub mod auth;
 pub mod error;
 pub mod model;
 pub mod runtime;
