@@ -5,7 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("envgate_descriptor.bin"))
         .compile_protos(
-            &["proto/envgate/v1/envgate.proto", "proto/envgate/admin/v1/admin.proto"],
+            &[
+                "proto/envgate/v1/envgate.proto",
+                "proto/envgate/admin/v1/admin.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

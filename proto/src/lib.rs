@@ -4,6 +4,7 @@
 
 pub mod names;
 pub mod ops;
+pub mod telemetry;
 pub mod token;
 
 pub mod v1 {

@@ -97,11 +97,17 @@ mod tests {
     fn plain_and_suffixed_logins() {
         assert_eq!(
             parse_login("alice").unwrap(),
-            Login { user: "alice".into(), environment: None }
+            Login {
+                user: "alice".into(),
+                environment: None
+            }
         );
         assert_eq!(
             parse_login("alice+pytorch").unwrap(),
-            Login { user: "alice".into(), environment: Some("pytorch".into()) }
+            Login {
+                user: "alice".into(),
+                environment: Some("pytorch".into())
+            }
         );
     }
 

@@ -27,9 +27,15 @@ const PHASE_BUCKETS: &[f64] = &[
 /// Starts logging to stderr: `RUST_LOG`-style filter, JSON lines when `json`.
 pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(true).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
     } else {
         builder.init();
     }
@@ -48,7 +54,10 @@ pub fn init_metrics() -> PrometheusHandle {
 pub fn record_phase(phase: &'static str, elapsed: Duration, labels: &[(&'static str, String)]) {
     let mut all = vec![("phase", phase.to_owned())];
     all.extend(labels.iter().cloned());
-    let labels: Vec<metrics::Label> = all.into_iter().map(|(k, v)| metrics::Label::new(k, v)).collect();
+    let labels: Vec<metrics::Label> = all
+        .into_iter()
+        .map(|(k, v)| metrics::Label::new(k, v))
+        .collect();
     metrics::histogram!(PHASE_METRIC, labels).record(elapsed.as_secs_f64());
 }
 
@@ -83,9 +92,14 @@ pub async fn serve_ops(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(s): State<OpsState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<OpsState>| async move { s.metrics.render() }),
+        )
         .with_state(OpsState { metrics, readiness });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn readyz(State(s): State<OpsState>) -> (StatusCode, &'static str) {

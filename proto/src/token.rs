@@ -87,7 +87,13 @@ mod tests {
     const SEED: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
     fn claims(exp: i64) -> Claims {
-        Claims { sub: "alice".into(), groups: vec!["students".into()], iat: 100, exp, jti: "j1".into() }
+        Claims {
+            sub: "alice".into(),
+            groups: vec!["students".into()],
+            iat: 100,
+            exp,
+            jti: "j1".into(),
+        }
     }
 
     #[test]
@@ -103,9 +109,18 @@ mod tests {
         let token = key.sign(&claims(200));
         assert_eq!(key.verify(&token, 200), Err(TokenError::Expired));
 
-        let forged_body = B64.encode(serde_json::to_vec(&Claims { sub: "root".into(), ..claims(200) }).unwrap());
+        let forged_body = B64.encode(
+            serde_json::to_vec(&Claims {
+                sub: "root".into(),
+                ..claims(200)
+            })
+            .unwrap(),
+        );
         let sig = token.split_once('.').unwrap().1;
-        assert_eq!(key.verify(&format!("{forged_body}.{sig}"), 150), Err(TokenError::BadSignature));
+        assert_eq!(
+            key.verify(&format!("{forged_body}.{sig}"), 150),
+            Err(TokenError::BadSignature)
+        );
 
         let other = TokenKey::from_hex_seed(&SEED.replace("00", "ff")).unwrap();
         assert_eq!(other.verify(&token, 150), Err(TokenError::BadSignature));
