@@ -602,6 +602,7 @@ impl Fleet {
         argv.push(key.display().to_string());
         argv.push("-l".to_string());
         argv.push(login.to_string());
+        argv.push("--".to_string());
         argv.push("127.0.0.1".to_string());
         argv
     }
@@ -622,7 +623,6 @@ impl Fleet {
     ) -> SshOutput {
         let mut argv = self.ssh_key_argv(login, key);
         if !command.is_empty() {
-            argv.push("--".to_string());
             argv.push(command.to_string());
         }
         run(&argv, stdin, &[]).await
@@ -657,8 +657,8 @@ impl Fleet {
                 "NumberOfPasswordPrompts=1",
                 "-l",
                 login,
-                "127.0.0.1",
                 "--",
+                "127.0.0.1",
                 command,
             ]
             .iter()
