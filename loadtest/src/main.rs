@@ -1,1 +1,240 @@
-fn main() {}
+//! envgate-loadtest: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use envgate_loadtest::sweep::{COMPARE, Endpoint, SweepConfig, TARGET, run_sweep};
+use envgate_loadtest::{ClientKind, plot, report, users};
+
+#[derive(Parser)]
+#[command(
+    name = "envgate-loadtest",
+    version,
+    about = "Concurrent-ssh load test for envgate, with an OpenSSH baseline"
+)]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true, env = "ENVGATE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run N simultaneous clients per level and report where the time goes.
+    Sweep(Box<SweepArgs>),
+    /// Generate ed25519 keys for N users and create the users through the admin API.
+    Users(UsersArgs),
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// SSH endpoint under test, HOST:PORT.
+    #[arg(long, env = "ENVGATE_LOADTEST_TARGET")]
+    target: String,
+    /// Concurrency levels, comma-separated; each level's clients start together.
+    #[arg(
+        long,
+        env = "ENVGATE_LOADTEST_LEVELS",
+        value_delimiter = ',',
+        default_value = "1,10,20,30,40,50,60,70,80,90,100"
+    )]
+    levels: Vec<u32>,
+    /// Command every client runs.
+    #[arg(long, env = "ENVGATE_LOADTEST_COMMAND", default_value = "date")]
+    command: String,
+    /// SSH client: russh (in-process, every step timed) or openssh (the `ssh` binary, turnaround only).
+    #[arg(
+        long,
+        env = "ENVGATE_LOADTEST_CLIENT",
+        value_enum,
+        default_value = "russh"
+    )]
+    client: ClientKind,
+    /// Single user to log in as (with --key).
+    #[arg(
+        long,
+        env = "ENVGATE_LOADTEST_USER",
+        conflicts_with = "users",
+        requires = "key"
+    )]
+    user: Option<String>,
+    /// Private key (OpenSSH format, unencrypted) of --user.
+    #[arg(long, env = "ENVGATE_LOADTEST_KEY")]
+    key: Option<PathBuf>,
+    /// Spread clients over the first N users of --key-dir (DIR/users.txt lists them, DIR/<user> is each key).
+    #[arg(long, env = "ENVGATE_LOADTEST_USERS", requires = "key_dir")]
+    users: Option<usize>,
+    /// Directory written by `envgate-loadtest users`.
+    #[arg(long, env = "ENVGATE_LOADTEST_KEY_DIR")]
+    key_dir: Option<PathBuf>,
+    /// Every client is a different user that was never used before in this sweep
+    /// (needs as many users as clients over all levels; the caller provisions them).
+    #[arg(long, env = "ENVGATE_LOADTEST_FRESH_USERS")]
+    fresh_users: bool,
+    /// Second SSH endpoint measured in the same run, level by level (e.g. deploy/local/floor-sshd).
+    #[arg(long, env = "ENVGATE_LOADTEST_COMPARE")]
+    compare: Option<String>,
+    /// User to log in as at --compare, with the same keys (default: the same users as the target).
+    #[arg(long, env = "ENVGATE_LOADTEST_COMPARE_USER", requires = "compare")]
+    compare_user: Option<String>,
+    /// Prometheus /metrics URLs of the proxies and control planes, comma-separated; scraped around each level.
+    #[arg(long, env = "ENVGATE_LOADTEST_METRICS", value_delimiter = ',')]
+    metrics: Vec<String>,
+    /// Limit on each connection, from its start until it closed (seconds).
+    #[arg(long, env = "ENVGATE_LOADTEST_TIMEOUT", default_value_t = 60)]
+    timeout: u64,
+    /// Quiet time between runs (milliseconds).
+    #[arg(long, env = "ENVGATE_LOADTEST_PAUSE_MS", default_value_t = 1000)]
+    pause_ms: u64,
+    /// Output directory for connections.csv/.json, summary.json and the plots.
+    #[arg(long, env = "ENVGATE_LOADTEST_OUT", default_value = "loadtest-out")]
+    out: PathBuf,
+    /// TrueType font for the plots (default: DejaVu Sans from fonts-dejavu-core).
+    #[arg(long, env = "ENVGATE_LOADTEST_FONT")]
+    font: Option<PathBuf>,
+    /// The `ssh` binary for --client openssh.
+    #[arg(long, env = "ENVGATE_LOADTEST_SSH", default_value = "ssh")]
+    ssh: PathBuf,
+    /// No progress bar (it is also off when stderr is not a terminal).
+    #[arg(long, env = "ENVGATE_LOADTEST_NO_PROGRESS")]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct UsersArgs {
+    /// Admin gRPC endpoint of the control plane.
+    #[arg(
+        long,
+        env = "ENVGATE_LOADTEST_ADMIN",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    admin: String,
+    /// File holding the admin bearer token.
+    #[arg(long, env = "ENVGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: PathBuf,
+    /// How many users to create.
+    #[arg(long, env = "ENVGATE_LOADTEST_COUNT")]
+    count: usize,
+    /// Name prefix; users are <prefix>0001, <prefix>0002, …
+    #[arg(long, env = "ENVGATE_LOADTEST_PREFIX", default_value = "lt")]
+    prefix: String,
+    /// Where keys and users.txt are written (existing keys are kept).
+    #[arg(long, env = "ENVGATE_LOADTEST_KEY_DIR")]
+    key_dir: PathBuf,
+    /// Default environment of the created users (default: the catalogue's).
+    #[arg(long, env = "ENVGATE_LOADTEST_ENVIRONMENT")]
+    environment: Option<String>,
+    /// Limit on each admin call (seconds).
+    #[arg(long, env = "ENVGATE_LOADTEST_TIMEOUT", default_value_t = 10)]
+    timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    envgate_proto::ops::init_tracing(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envgate-loadtest: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sweep(args) => sweep(*args).await,
+            Command::Users(args) => create_users(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("envgate-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sweep(args: SweepArgs) -> anyhow::Result<ExitCode> {
+    let credentials = match (&args.user, &args.key, args.users, &args.key_dir) {
+        (Some(user), Some(key), _, _) => vec![users::credential(user, key)?],
+        (None, _, Some(n), Some(dir)) => users::credentials_from_dir(dir, n)?,
+        _ => bail!("give either --user NAME --key FILE, or --users N --key-dir DIR"),
+    };
+    let compare = args.compare.as_ref().map(|addr| Endpoint {
+        label: COMPARE.to_owned(),
+        addr: addr.clone(),
+        credentials: match &args.compare_user {
+            Some(user) => users::as_user(&credentials, user),
+            None => credentials.clone(),
+        },
+    });
+    let mut config = SweepConfig::new(
+        Endpoint {
+            label: TARGET.to_owned(),
+            addr: args.target.clone(),
+            credentials,
+        },
+        args.levels.clone(),
+        args.command.clone(),
+    );
+    config.compare = compare;
+    config.client = args.client;
+    config.timeout = Duration::from_secs(args.timeout);
+    config.fresh_users = args.fresh_users;
+    config.metrics = args.metrics.clone();
+    config.ssh_binary = args.ssh.clone();
+    config.pause = Duration::from_millis(args.pause_ms);
+    config.progress = !args.no_progress;
+    config.validate()?;
+    // Fail on a missing font before the sweep, not after an hour of it.
+    plot::register_font(args.font.as_deref())?;
+
+    let result = run_sweep(&config).await?;
+    let mut files = report::write_results(&args.out, &result)?;
+    files.extend(plot::write_plots(&args.out, &result, args.font.as_deref())?);
+    print!("{}", report::summary_table(&result));
+    println!(
+        "\nwrote {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let failures = result.failures();
+    if failures > 0 {
+        println!("{failures} of {} connections failed", result.records.len());
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn create_users(args: UsersArgs) -> anyhow::Result<ExitCode> {
+    let token = users::read_admin_token(&args.admin_token_file)?;
+    let created = users::generate(&args.key_dir, &args.prefix, args.count)
+        .with_context(|| format!("writing keys to {}", args.key_dir.display()))?;
+    users::create_users(
+        &args.admin,
+        &token,
+        &created,
+        args.environment.as_deref(),
+        Duration::from_secs(args.timeout),
+    )
+    .await?;
+    println!(
+        "created {} users ({} … {}); keys and users.txt in {}",
+        created.len(),
+        created.first().map(|u| u.0.as_str()).unwrap_or("-"),
+        created.last().map(|u| u.0.as_str()).unwrap_or("-"),
+        args.key_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
