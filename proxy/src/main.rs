@@ -1,1 +1,127 @@
-fn main() {}
+//! envgate-proxy: parses its configuration, builds the proxy and runs it
+//! until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use envgate_proxy::config::{Cidr, parse_cidrs};
+use envgate_proxy::{Config, Proxy};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// The envgate SSH proxy: users ssh here (usually through HAProxy) and land
+/// in their own container.
+#[derive(Parser, Debug)]
+#[command(name = "envgate-proxy", version)]
+struct Args {
+    /// SSH listen address.
+    #[arg(long, env = "ENVGATE_LISTEN", default_value = "127.0.0.1:2200")]
+    listen: SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "ENVGATE_OPS_LISTEN", default_value = "127.0.0.1:9100")]
+    ops_listen: SocketAddr,
+    /// Control plane URLs, comma-separated (http://host:port).
+    #[arg(
+        long,
+        env = "ENVGATE_CONTROLPLANE",
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ','
+    )]
+    controlplane: Vec<String>,
+    /// OpenSSH private key (ed25519) used as the host key; every replica shares it.
+    #[arg(long, env = "ENVGATE_HOST_KEY")]
+    host_key: PathBuf,
+    /// This proxy's id in the fleet (default: hostname-pid).
+    #[arg(long, env = "ENVGATE_PROXY_ID")]
+    proxy_id: Option<String>,
+    /// Balancer addresses (comma-separated IPs or CIDRs) whose connections must
+    /// start with a PROXY v2 header; from any other source a PROXY header is refused.
+    #[arg(long, env = "ENVGATE_TRUSTED_PROXIES", default_value = "", value_parser = parse_cidr_list)]
+    trusted_proxies: CidrList,
+    /// Most connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "ENVGATE_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds a client has to authenticate (like sshd's LoginGraceTime).
+    #[arg(long, env = "ENVGATE_LOGIN_GRACE_SECONDS", default_value_t = 30)]
+    login_grace_seconds: u64,
+    /// Seconds open sessions may continue after SIGTERM before they are closed.
+    #[arg(long, env = "ENVGATE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
+    /// Most cached authentication tokens.
+    #[arg(long, env = "ENVGATE_AUTH_CACHE_SIZE", default_value_t = 65536)]
+    auth_cache_size: usize,
+    /// Docker API URL (unix:///path or http://host:port); default: the local engine.
+    #[arg(long, env = "ENVGATE_DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// Address reported to the control plane (default: the listen address).
+    #[arg(long, env = "ENVGATE_ADVERTISE")]
+    advertise: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "ENVGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Debug, Clone)]
+struct CidrList(Vec<Cidr>);
+
+fn parse_cidr_list(text: &str) -> Result<CidrList, String> {
+    parse_cidrs(text).map(CidrList)
+}
+
+fn default_proxy_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "proxy".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    envgate_proto::ops::init_tracing(args.log_json);
+    let host_key = Config::load_host_key(&args.host_key)?;
+    let config = Config {
+        listen: args.listen,
+        ops_listen: Some(args.ops_listen),
+        controlplane: args
+            .controlplane
+            .into_iter()
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect(),
+        host_key,
+        proxy_id: args.proxy_id.unwrap_or_else(default_proxy_id),
+        trusted_proxies: args.trusted_proxies.0,
+        max_connections: args.max_connections,
+        login_grace: Duration::from_secs(args.login_grace_seconds),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+        auth_cache_size: args.auth_cache_size,
+        docker_host: args.docker_host,
+        advertise: args.advertise,
+    };
+    let metrics = envgate_proto::ops::init_metrics();
+    let proxy = Proxy::bind(config, Some(metrics))
+        .await
+        .context("starting envgate-proxy")?;
+    tracing::info!(ssh = %proxy.ssh_addr(), ops = ?proxy.ops_addr(), "bound");
+
+    let shutdown = CancellationToken::new();
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM"),
+            _ = interrupt.recv() => tracing::info!("SIGINT"),
+        }
+        on_signal.cancel();
+    });
+    proxy.run(shutdown).await.context("running envgate-proxy")?;
+    Ok(())
+}

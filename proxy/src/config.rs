@@ -1,0 +1,128 @@
+//! The proxy's configuration, checked once at start (main.rs parses the
+//! flags into this before anything is bound).
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+
+use crate::error::ProxyError;
+
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: no ops endpoint (in-process tests).
+    pub ops_listen: Option<SocketAddr>,
+    pub controlplane: Vec<String>,
+    pub host_key: PrivateKey,
+    pub proxy_id: String,
+    pub trusted_proxies: Vec<Cidr>,
+    pub max_connections: usize,
+    pub login_grace: Duration,
+    pub shutdown_grace: Duration,
+    pub auth_cache_size: usize,
+    /// `None`: bollard's local defaults (`DOCKER_HOST` or the local socket).
+    pub docker_host: Option<String>,
+    /// The address reported to the control plane; defaults to `listen`.
+    pub advertise: Option<String>,
+}
+
+impl Config {
+    /// Reads the host key (an OpenSSH private key file).
+    pub fn load_host_key(path: &std::path::Path) -> Result<PrivateKey, ProxyError> {
+        russh::keys::load_secret_key(path, None).map_err(|e| {
+            ProxyError::Config(format!("cannot load host key {}: {e}", path.display()))
+        })
+    }
+}
+
+/// An address range, `10.0.0.0/8` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Self { network, prefix })
+    }
+}
+
+/// Parses a comma-separated list; empty entries are ignored.
+pub fn parse_cidrs(text: &str) -> Result<Vec<Cidr>, String> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
+    trusted.iter().any(|c| c.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_their_ranges() {
+        let list = parse_cidrs("127.0.0.1, 10.0.0.0/8,fd00::/8").unwrap();
+        assert!(is_trusted(&list, "127.0.0.1".parse().unwrap()));
+        assert!(!is_trusted(&list, "127.0.0.2".parse().unwrap()));
+        assert!(is_trusted(&list, "10.200.3.4".parse().unwrap()));
+        assert!(is_trusted(&list, "::ffff:10.1.1.1".parse().unwrap()));
+        assert!(is_trusted(&list, "fd12::1".parse().unwrap()));
+        assert!(!is_trusted(&list, "::1".parse().unwrap()));
+        assert!(is_trusted(
+            &parse_cidrs("0.0.0.0/0").unwrap(),
+            "192.0.2.1".parse().unwrap()
+        ));
+        assert!(parse_cidrs("").unwrap().is_empty());
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert!(parse_cidrs("nonsense").is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The gRPC client for the control plane: one load-balanced channel over
+//! every `--controlplane` URL, a deadline on every call, and retries with
+//! jittered backoff where a retry is safe (Authenticate, CloseSession).
+
+use std::future::Future;
+use std::time::Duration;
+
+use envgate_proto::metadata::CONNECTION_ID;
+use envgate_proto::v1::auth_client::AuthClient;
+use envgate_proto::v1::fleet_client::FleetClient;
+use envgate_proto::v1::sessions_client::SessionsClient;
+use envgate_proto::v1::{
+    AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, OpenSessionEvent,
+    OpenSessionRequest, authenticate_request,
+};
+use rand::Rng;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status, Streaming};
+
+use crate::error::ProxyError;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const AUTHENTICATE_DEADLINE: Duration = Duration::from_secs(10);
+/// Placement may create a container (and, on a real deployment, pull an image).
+pub const OPEN_SESSION_DEADLINE: Duration = Duration::from_secs(150);
+pub const CLOSE_SESSION_DEADLINE: Duration = Duration::from_secs(10);
+const RETRY_ATTEMPTS: u32 = 4;
+const RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// What the user offered.
+#[derive(Debug, Clone)]
+pub enum Offered {
+    PublicKey(Vec<u8>),
+    Password(String),
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    channel: Channel,
+    proxy_id: String,
+}
+
+impl ControlPlane {
+    /// Builds a lazily connecting, balanced channel; nothing is dialled yet.
+    pub fn new(urls: &[String], proxy_id: String) -> Result<Self, ProxyError> {
+        if urls.is_empty() {
+            return Err(ProxyError::ControlPlaneAddress(
+                "no control plane URL given".into(),
+            ));
+        }
+        let mut endpoints = Vec::with_capacity(urls.len());
+        for url in urls {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| ProxyError::ControlPlaneAddress(format!("{url}: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10));
+            endpoints.push(endpoint);
+        }
+        Ok(Self {
+            channel: Channel::balance_list(endpoints.into_iter()),
+            proxy_id,
+        })
+    }
+
+    pub fn proxy_id(&self) -> &str {
+        &self.proxy_id
+    }
+
+    pub fn fleet_client(&self) -> FleetClient<Channel> {
+        FleetClient::new(self.channel.clone())
+    }
+
+    pub async fn authenticate(
+        &self,
+        username: &str,
+        offered: &Offered,
+        client_address: &str,
+        connection_id: &str,
+    ) -> Result<AuthenticateResponse, Status> {
+        let credential = match offered {
+            Offered::PublicKey(key) => authenticate_request::Credential::PublicKey(key.clone()),
+            Offered::Password(password) => {
+                authenticate_request::Credential::Password(password.clone())
+            }
+        };
+        let message = AuthenticateRequest {
+            username: username.to_owned(),
+            credential: Some(credential),
+            client_address: client_address.to_owned(),
+            proxy_id: self.proxy_id.clone(),
+        };
+        with_retries("Authenticate", || {
+            let mut client = AuthClient::new(self.channel.clone());
+            let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
+            async move { deadline(AUTHENTICATE_DEADLINE, client.authenticate(request)).await }
+        })
+        .await
+    }
+
+    /// Starts placement; the stream yields progress and ends with the placement.
+    pub async fn open_session(
+        &self,
+        message: OpenSessionRequest,
+        connection_id: &str,
+    ) -> Result<Streaming<OpenSessionEvent>, Status> {
+        let mut client = SessionsClient::new(self.channel.clone());
+        let request = request(message, OPEN_SESSION_DEADLINE, connection_id);
+        deadline(OPEN_SESSION_DEADLINE, client.open_session(request)).await
+    }
+
+    pub async fn close_session(
+        &self,
+        session_id: &str,
+        exit_status: i32,
+        connection_id: &str,
+    ) -> Result<(), Status> {
+        let message = CloseSessionRequest {
+            session_id: session_id.to_owned(),
+            proxy_id: self.proxy_id.clone(),
+            exit_status,
+        };
+        with_retries("CloseSession", || {
+            let mut client = SessionsClient::new(self.channel.clone());
+            let request = request(message.clone(), CLOSE_SESSION_DEADLINE, connection_id);
+            async move {
+                deadline(CLOSE_SESSION_DEADLINE, client.close_session(request))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    }
+}
+
+fn request<T>(message: T, timeout: Duration, connection_id: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    if let Ok(value) = connection_id.parse() {
+        request.metadata_mut().insert(CONNECTION_ID, value);
+    }
+    request
+}
+
+/// Bounds a call locally too: `grpc-timeout` only helps once the request is
+/// on the wire, not while the channel is still connecting.
+async fn deadline<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer from the control plane within {limit:?}"
+        ))),
+    }
+}
+
+/// Retries UNAVAILABLE (the replica is down or unreachable) with full-jitter
+/// exponential backoff; every other status is final.
+async fn with_retries<T, F, Fut>(what: &'static str, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(status) if status.code() == Code::Unavailable && attempt + 1 < RETRY_ATTEMPTS => {
+                let delay = jittered_backoff(attempt, RETRY_BASE, Duration::from_secs(2));
+                tracing::warn!(call = what, attempt, ?delay, error = %status.message(), "control plane unavailable, retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A random delay between half and all of min(cap, base * 2^attempt), so
+/// many proxies that lost the control plane at once do not retry in lockstep.
+pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let millis = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        for _ in 0..50 {
+            assert!(jittered_backoff(0, base, cap) <= base);
+            assert!(jittered_backoff(3, base, cap) <= Duration::from_millis(800));
+            assert!(jittered_backoff(30, base, cap) <= cap);
+        }
+    }
+
+    #[tokio::test]
+    async fn only_unavailable_is_retried() {
+        let mut calls = 0;
+        let result: Result<(), Status> = with_retries("test", || {
+            calls += 1;
+            async { Err(Status::unauthenticated("no")) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(calls, 1);
+
+        let mut calls = 0;
+        let result: Result<u32, Status> = with_retries("test", || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(Status::unavailable("down"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 3);
+    }
+}

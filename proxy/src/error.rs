@@ -1,0 +1,133 @@
+//! The proxy's errors, and the one place that decides what a user is shown
+//! and which metric label a failure counts under.
+
+use thiserror::Error;
+use tonic::Code;
+
+use crate::proxy_protocol::ProxyHeaderError;
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("could not bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] tonic::Status),
+    #[error("control plane address: {0}")]
+    ControlPlaneAddress(String),
+    #[error("PROXY header: {0}")]
+    ProxyHeader(#[from] ProxyHeaderError),
+    #[error("ssh: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("the session's input was not consumed for {0} s")]
+    InputStalled(u64),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The line a user sees on stderr when placement fails: the control plane's
+/// message is written for users (e.g. `unknown environment "nope";
+/// available: busybox, debian`).
+pub fn placement_failure_line(status: &tonic::Status) -> String {
+    let message = status.message().trim();
+    match status.code() {
+        Code::DeadlineExceeded => {
+            "envgate: starting the environment took too long; try again".to_owned()
+        }
+        Code::Unavailable if message.is_empty() => {
+            "envgate: the envgate control plane is unavailable; try again shortly".to_owned()
+        }
+        _ if message.is_empty() => format!(
+            "envgate: the session could not be opened ({})",
+            status.code()
+        ),
+        _ => format!("envgate: {message}"),
+    }
+}
+
+/// The line a user sees when the process could not be started in their
+/// container after placement.
+pub fn exec_failure_line(error: &crate::exec::ExecError) -> String {
+    format!("envgate: could not start your process: {error}")
+}
+
+/// Label for `envgate_connections_total{result=...}` after a failed placement.
+pub fn placement_result_label(status: &tonic::Status) -> &'static str {
+    match status.code() {
+        Code::Unauthenticated => "placement_unauthenticated",
+        Code::NotFound => "placement_unknown_environment",
+        Code::PermissionDenied => "placement_denied",
+        Code::FailedPrecondition => "placement_image_missing",
+        Code::Unavailable => "placement_unavailable",
+        Code::DeadlineExceeded => "placement_timeout",
+        _ => "placement_error",
+    }
+}
+
+/// How a connection ended, for `envgate_connections_total{result=...}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionResult {
+    /// The session ran (whatever the user's process returned).
+    Ok,
+    /// Never authenticated (wrong credential, gave up, or login grace).
+    NotAuthenticated,
+    LoginTimeout,
+    /// A PROXY header from an untrusted source, or a bad/missing one from a
+    /// trusted balancer.
+    ProxyHeaderRefused,
+    PlacementFailed(&'static str),
+    ExecFailed,
+    /// Closed by a drain, shutdown or an admin kill.
+    Closed,
+    Error,
+}
+
+impl ConnectionResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NotAuthenticated => "not_authenticated",
+            Self::LoginTimeout => "login_timeout",
+            Self::ProxyHeaderRefused => "proxy_header_refused",
+            Self::PlacementFailed(label) => label,
+            Self::ExecFailed => "exec_failed",
+            Self::Closed => "closed",
+            Self::Error => "error",
+        }
+    }
+
+    pub fn count(self) {
+        metrics::counter!("envgate_connections_total", "result" => self.label()).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_see_the_control_planes_message() {
+        let status =
+            tonic::Status::not_found("unknown environment \"nope\"; available: busybox, debian");
+        assert_eq!(
+            placement_failure_line(&status),
+            "envgate: unknown environment \"nope\"; available: busybox, debian"
+        );
+        assert_eq!(
+            placement_result_label(&status),
+            "placement_unknown_environment"
+        );
+        let status = tonic::Status::unavailable("");
+        assert!(
+            placement_failure_line(&status)
+                .starts_with("envgate: the envgate control plane is unavailable")
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! The data path: start the user's process in their container and pump
+//! bytes between it and one SSH channel. The runtime that starts processes
+//! sits behind [`ProcessRuntime`] (Docker exec today; an in-container agent
+//! later), the pumping is the same for every runtime.
+
+pub mod docker;
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use futures::StreamExt;
+use russh::ChannelWriteHalf;
+use russh::server::Msg;
+use thiserror::Error;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::ProxyError;
+
+/// Bytes of client input held for a channel while its process is slow to
+/// read them and its output flows: past this, the SSH connection stops being
+/// read (TCP back-pressure on the client).
+pub const INPUT_SOFT_LIMIT: usize = 512 * 1024;
+/// Hard bound on held input. It is only approached while the process's
+/// output is itself waiting for the client (see [`Inbound::push`]).
+pub const INPUT_HARD_LIMIT: usize = 8 * 1024 * 1024;
+/// How long input may wait for room before the connection is given up (the
+/// process neither reads its input nor exits, and the client keeps sending).
+pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(600);
+/// How long to wait for the runtime to report an exit code after the
+/// process's output ended.
+const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error("the container runtime failed: {0}")]
+    Runtime(String),
+    #[error("the process's exit code is not known")]
+    NoExitCode,
+}
+
+impl From<bollard::errors::Error> for ExecError {
+    fn from(e: bollard::errors::Error) -> Self {
+        ExecError::Runtime(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// What to run and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    pub container_id: String,
+    pub command: Vec<String>,
+    /// A terminal was requested: run on a tty of this size.
+    pub tty: Option<TerminalSize>,
+    /// `KEY=value`.
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+pub enum Output {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, ExecError>> + Send>>;
+
+/// A started process: its input, its output, and a way to steer it.
+pub struct StartedProcess {
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    pub output: OutputStream,
+    pub control: Box<dyn ProcessControl>,
+}
+
+#[async_trait]
+pub trait ProcessControl: Send + Sync {
+    async fn resize(&self, size: TerminalSize) -> Result<(), ExecError>;
+    /// The exit code once the process has ended; `None` while it runs.
+    async fn exit_code(&self) -> Result<Option<i64>, ExecError>;
+}
+
+#[async_trait]
+pub trait ProcessRuntime: Send + Sync {
+    /// Starts the process attached, with the initial terminal size applied.
+    async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError>;
+}
+
+/// Client input of one channel, from the russh handler to the process.
+///
+/// russh grants the client more window as soon as data arrives, so the only
+/// brake on a fast client is to stop reading the connection, which the
+/// handler does by awaiting [`Inbound::push`]. But output to the client is
+/// sent by that same reading loop: if input waited while output waits for
+/// the loop, a process like `cat` whose output is not drained stops reading
+/// its input, and the connection deadlocks. So input waits only while no
+/// output is waiting to be sent; while output is, input is taken up to a hard
+/// bound, and the loop keeps turning so the output (and the client's window
+/// adjustments) get through.
+#[derive(Default)]
+pub struct Inbound {
+    state: Mutex<InboundState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct InboundState {
+    chunks: VecDeque<Bytes>,
+    held: usize,
+    /// The client sent EOF.
+    eof: bool,
+    /// Nobody will read any more (process ended, channel closed).
+    closed: bool,
+    output_waiting: bool,
+}
+
+impl Inbound {
+    /// Queues client bytes, waiting for room as described on [`Inbound`].
+    pub async fn push(&self, data: &[u8]) -> Result<(), ProxyError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.state.lock().expect("inbound lock");
+                if state.closed {
+                    return Ok(());
+                }
+                let limit = if state.output_waiting {
+                    INPUT_HARD_LIMIT
+                } else {
+                    INPUT_SOFT_LIMIT
+                };
+                if state.held < limit {
+                    state.held += data.len();
+                    state.chunks.push_back(Bytes::copy_from_slice(data));
+                    drop(state);
+                    self.changed.notify_waiters();
+                    return Ok(());
+                }
+            }
+            let left = INPUT_STALL_LIMIT.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, notified).await.is_err() {
+                return Err(ProxyError::InputStalled(INPUT_STALL_LIMIT.as_secs()));
+            }
+        }
+    }
+
+    /// The client will send no more.
+    pub fn finish(&self) {
+        self.state.lock().expect("inbound lock").eof = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Nobody reads any more; held and future input is dropped.
+    pub fn close(&self) {
+        let mut state = self.state.lock().expect("inbound lock");
+        state.closed = true;
+        state.chunks.clear();
+        state.held = 0;
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// The next chunk of input; `None` at EOF or after close.
+    pub async fn next(&self) -> Option<Bytes> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.state.lock().expect("inbound lock");
+                if let Some(chunk) = state.chunks.pop_front() {
+                    state.held -= chunk.len();
+                    drop(state);
+                    self.changed.notify_waiters();
+                    return Some(chunk);
+                }
+                if state.eof || state.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn set_output_waiting(&self, waiting: bool) {
+        self.state.lock().expect("inbound lock").output_waiting = waiting;
+        self.changed.notify_waiters();
+    }
+
+    pub fn held(&self) -> usize {
+        self.state.lock().expect("inbound lock").held
+    }
+}
+
+/// The sending side of one SSH channel. Writes wait for the client's window
+/// (russh's channel writer), so output is never buffered past it.
+pub struct ChannelOutput {
+    writer: ChannelWriteHalf<Msg>,
+    inbound: Arc<Inbound>,
+}
+
+/// SSH extended-data type for stderr (RFC 4254 section 5.2).
+const STDERR: u32 = 1;
+
+impl ChannelOutput {
+    pub fn new(writer: ChannelWriteHalf<Msg>, inbound: Arc<Inbound>) -> Self {
+        Self { writer, inbound }
+    }
+
+    pub fn inbound(&self) -> &Arc<Inbound> {
+        &self.inbound
+    }
+
+    pub async fn stdout(&self, data: Bytes) -> Result<(), russh::Error> {
+        self.inbound.set_output_waiting(true);
+        let result = self.writer.data_bytes(data).await;
+        self.inbound.set_output_waiting(false);
+        result
+    }
+
+    pub async fn stderr(&self, data: Bytes) -> Result<(), russh::Error> {
+        self.inbound.set_output_waiting(true);
+        let result = self.writer.extended_data_bytes(STDERR, data).await;
+        self.inbound.set_output_waiting(false);
+        result
+    }
+
+    /// One line on stderr, ended as the terminal needs it.
+    pub async fn stderr_line(&self, line: &str, pty: bool) -> Result<(), russh::Error> {
+        let end = if pty { "\r\n" } else { "\n" };
+        self.stderr(Bytes::from(format!("{line}{end}"))).await
+    }
+
+    /// Exit status, EOF and close, in the order OpenSSH sends them.
+    pub async fn finish(&self, exit_status: u32) -> Result<(), russh::Error> {
+        self.inbound.close();
+        self.writer.exit_status(exit_status).await?;
+        self.writer.eof().await?;
+        self.writer.close().await
+    }
+}
+
+/// Steering a running process from the session task.
+#[derive(Debug, Clone, Copy)]
+pub enum ProcessCommand {
+    Resize(TerminalSize),
+}
+
+/// Pumps a started process to and from the channel until its output ends,
+/// then returns its exit code. Input is passed on with its EOF; output keeps
+/// stdout and stderr apart (on a tty they are one stream anyway).
+pub async fn pump(
+    process: StartedProcess,
+    output: &ChannelOutput,
+    mut commands: mpsc::Receiver<ProcessCommand>,
+) -> Result<i64, ExecError> {
+    let StartedProcess {
+        mut stdin,
+        output: mut process_output,
+        control,
+    } = process;
+    let inbound = output.inbound().clone();
+    let stdin_task = async move {
+        while let Some(chunk) = inbound.next().await {
+            if let Err(e) = write_chunk(&mut stdin, &chunk).await {
+                tracing::debug!(error = %e, "process input closed");
+                inbound.close();
+                return;
+            }
+        }
+        if let Err(e) = stdin.shutdown().await {
+            tracing::debug!(error = %e, "closing process input failed");
+        }
+        // Keep the write half alive (but shut) until the output ends: dropping
+        // it would tear down the whole attach connection.
+        std::future::pending::<()>().await;
+    };
+
+    let output_task = async {
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                command = commands.recv(), if commands_open => match command {
+                    Some(ProcessCommand::Resize(size)) => {
+                        if let Err(e) = control.resize(size).await {
+                            tracing::debug!(error = %e, "resize failed");
+                        }
+                    }
+                    None => commands_open = false,
+                },
+                item = process_output.next() => {
+                    let sent = match item {
+                        Some(Ok(Output::Stdout(data))) => output.stdout(data).await,
+                        Some(Ok(Output::Stderr(data))) => output.stderr(data).await,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "reading process output failed");
+                            return;
+                        }
+                        None => return,
+                    };
+                    if sent.is_err() {
+                        tracing::debug!("the channel closed before the process's output ended");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    // Input and output run side by side; the input task never ends by itself.
+    tokio::select! {
+        () = stdin_task => {}
+        () = output_task => {}
+    }
+    output.inbound().close();
+    wait_exit_code(control.as_ref()).await
+}
+
+async fn write_chunk(
+    stdin: &mut Pin<Box<dyn AsyncWrite + Send>>,
+    chunk: &[u8],
+) -> std::io::Result<()> {
+    stdin.write_all(chunk).await?;
+    stdin.flush().await
+}
+
+/// The runtime may report the exit a moment after the output ended; ask a
+/// few times, briefly.
+async fn wait_exit_code(control: &dyn ProcessControl) -> Result<i64, ExecError> {
+    let deadline = Instant::now() + EXIT_CODE_WAIT;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(code) = control.exit_code().await? {
+            return Ok(code);
+        }
+        if Instant::now() + delay > deadline {
+            return Err(ExecError::NoExitCode);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// The SSH exit status for a process exit code (Docker reports signals as
+/// 128+n, like a shell).
+pub fn exit_status(code: i64) -> u32 {
+    u32::try_from(code).unwrap_or(255)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn input_waits_for_room_unless_output_is_waiting() {
+        let inbound = Arc::new(Inbound::default());
+        let chunk = vec![0u8; 64 * 1024];
+        while inbound.held() < INPUT_SOFT_LIMIT {
+            inbound.push(&chunk).await.unwrap();
+        }
+        // Full: the next push waits...
+        let blocked = tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk)).await;
+        assert!(blocked.is_err(), "push past the soft limit must wait");
+        // ...until output is waiting to be sent, when it goes up to the hard bound.
+        inbound.set_output_waiting(true);
+        tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        while inbound.held() < INPUT_HARD_LIMIT {
+            inbound.push(&chunk).await.unwrap();
+        }
+        let blocked = tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk)).await;
+        assert!(blocked.is_err(), "the hard bound holds");
+        // Reading makes room, and bytes come out in order.
+        let reader = inbound.clone();
+        let first = reader.next().await.unwrap();
+        assert_eq!(first.len(), chunk.len());
+        inbound.set_output_waiting(false);
+    }
+
+    #[tokio::test]
+    async fn eof_comes_after_the_data_and_close_releases_writers() {
+        let inbound = Inbound::default();
+        inbound.push(b"hello").await.unwrap();
+        inbound.finish();
+        assert_eq!(inbound.next().await.unwrap(), Bytes::from_static(b"hello"));
+        assert!(inbound.next().await.is_none());
+
+        let inbound = Arc::new(Inbound::default());
+        let big = vec![1u8; INPUT_SOFT_LIMIT];
+        inbound.push(&big).await.unwrap();
+        let writer = {
+            let inbound = inbound.clone();
+            tokio::spawn(async move { inbound.push(b"more").await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!writer.is_finished());
+        inbound.close();
+        writer.await.unwrap().unwrap();
+        assert!(inbound.next().await.is_none());
+    }
+
+    #[test]
+    fn exit_codes_map_to_ssh_statuses() {
+        assert_eq!(exit_status(0), 0);
+        assert_eq!(exit_status(7), 7);
+        assert_eq!(exit_status(137), 137);
+        assert_eq!(exit_status(-1), 255);
+    }
+}

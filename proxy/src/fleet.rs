@@ -1,0 +1,132 @@
+//! The proxy's standing `Fleet.Attach` stream: register, heartbeat every few
+//! seconds with live counts, obey commands (drain, kill a session, revoke a
+//! user's cached tokens), and reconnect with jittered backoff when the
+//! stream breaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envgate_proto::ops::Readiness;
+use envgate_proto::v1::{
+    FleetCommand, Heartbeat, ProxyMessage, Register, fleet_command, proxy_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth_cache::AuthCache;
+use crate::connections::Registry;
+use crate::controlplane::{ControlPlane, jittered_backoff};
+use crate::drain::Drain;
+
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Shown to a user whose session an admin killed without a message.
+const DEFAULT_KILL_MESSAGE: &str = "your session was closed by an administrator";
+
+pub struct FleetMember {
+    pub control_plane: ControlPlane,
+    pub register: Register,
+    pub registry: Registry,
+    pub auth_cache: Arc<AuthCache>,
+    pub drain: Drain,
+    pub readiness: Readiness,
+}
+
+impl FleetMember {
+    /// Keeps the stream up until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let registered = match self.attach_once(&shutdown).await {
+                Ok(registered) => registered,
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), error = %status.message(), "fleet stream failed");
+                    false
+                }
+            };
+            self.readiness.set(false);
+            if shutdown.is_cancelled() {
+                return;
+            }
+            failures = if registered {
+                0
+            } else {
+                failures.saturating_add(1)
+            };
+            let delay = jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One stream's life. `Ok(true)`: it was registered and then ended.
+    async fn attach_once(&self, shutdown: &CancellationToken) -> Result<bool, tonic::Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let register = ProxyMessage {
+            message: Some(proxy_message::Message::Register(self.register.clone())),
+        };
+        tx.send(register)
+            .await
+            .map_err(|_| tonic::Status::internal("fleet sender closed"))?;
+        let mut client = self.control_plane.fleet_client();
+        let attached = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("Fleet.Attach did not answer"))??;
+        let mut commands = attached.into_inner();
+        tracing::info!(proxy_id = %self.register.proxy_id, "registered with the control plane");
+        self.readiness.set(!self.drain.is_draining());
+        let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let (connections, sessions) = self.registry.counts();
+                    let heartbeat = Heartbeat {
+                        sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
+                        connections: u32::try_from(connections).unwrap_or(u32::MAX),
+                        draining: self.drain.is_draining(),
+                    };
+                    let message = ProxyMessage { message: Some(proxy_message::Message::Heartbeat(heartbeat)) };
+                    if tx.send(message).await.is_err() {
+                        return Ok(true);
+                    }
+                    self.readiness.set(!self.drain.is_draining());
+                }
+                command = commands.message() => match command? {
+                    Some(command) => self.obey(command),
+                    None => return Ok(true),
+                },
+                () = shutdown.cancelled() => return Ok(true),
+            }
+        }
+    }
+
+    fn obey(&self, command: FleetCommand) {
+        match command.command {
+            Some(fleet_command::Command::Drain(drain)) => {
+                tracing::info!(grace_seconds = drain.grace_seconds, "drain requested");
+                self.drain
+                    .begin(Duration::from_secs(u64::from(drain.grace_seconds)));
+            }
+            Some(fleet_command::Command::KillSession(kill)) => {
+                let message = if kill.message.trim().is_empty() {
+                    DEFAULT_KILL_MESSAGE
+                } else {
+                    kill.message.trim()
+                };
+                let found = self.registry.kill_session(&kill.session_id, message);
+                tracing::info!(session_id = %kill.session_id, found, "kill session requested");
+            }
+            Some(fleet_command::Command::RevokeUser(revoke)) => {
+                let dropped = self.auth_cache.revoke_user(&revoke.user);
+                tracing::info!(user = %revoke.user, dropped, "revoked cached tokens");
+            }
+            None => tracing::debug!("empty fleet command"),
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! The russh [`Handler`]: kept thin. It authenticates through [`Authenticator`],
+//! answers channel requests at once (russh remembers only the latest
+//! request's want-reply flag, so a reply must be sent before the next request
+//! is read), passes channel input to the channel's [`Inbound`] queue, and
+//! turns everything else into [`Event`]s for the connection's session task,
+//! which owns the session state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envgate_proto::names::{Login, parse_login};
+use russh::keys::PublicKey;
+use russh::server::{
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthOutcome, Authenticated, Authenticator};
+use crate::error::ProxyError;
+use crate::exec::{Inbound, TerminalSize};
+use crate::session::{ChannelRequest, Event};
+
+/// Environment variables a client may set, as sshd's usual `AcceptEnv`.
+/// `ENVGATE_ENV` chooses the environment.
+pub fn accepted_env(name: &str) -> bool {
+    matches!(name, "LANG" | "TERM" | "TZ" | "ENVGATE_ENV" | "COLORTERM") || name.starts_with("LC_")
+}
+
+pub fn methods() -> MethodSet {
+    MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
+}
+
+const UNSUPPORTED_CHANNEL: &str = "envgate supports only session channels; port forwarding, X11 and agent forwarding are not supported yet";
+
+pub struct ConnectionHandler {
+    connection_id: String,
+    client_address: String,
+    authenticator: Arc<Authenticator>,
+    events: mpsc::Sender<Event>,
+    /// Cancelled once the user is authenticated (stops the login-grace timer).
+    authenticated: CancellationToken,
+    /// A key the control plane accepted at the offer, awaiting its signature.
+    offered: Option<(String, Vec<u8>, Authenticated)>,
+    channels: HashMap<ChannelId, HandlerChannel>,
+}
+
+struct HandlerChannel {
+    inbound: Arc<Inbound>,
+    started: bool,
+}
+
+impl ConnectionHandler {
+    pub fn new(
+        connection_id: String,
+        client_address: String,
+        authenticator: Arc<Authenticator>,
+        events: mpsc::Sender<Event>,
+        authenticated: CancellationToken,
+    ) -> Self {
+        Self {
+            connection_id,
+            client_address,
+            authenticator,
+            events,
+            authenticated,
+            offered: None,
+            channels: HashMap::new(),
+        }
+    }
+
+    fn login(&self, login: &str) -> Option<Login> {
+        match parse_login(login) {
+            Ok(login) => Some(login),
+            Err(e) => {
+                tracing::info!(login = %login.escape_debug(), reason = %e, "rejected login name");
+                None
+            }
+        }
+    }
+
+    async fn send(&self, event: Event) {
+        // The session task outlives the handler; if it is gone the
+        // connection is being torn down anyway.
+        let _ = self.events.send(event).await;
+    }
+
+    async fn accept(&mut self, login: Login, who: Authenticated) -> Auth {
+        tracing::info!(user = %who.user, cache_hit = who.cache_hit, "authenticated");
+        self.authenticated.cancel();
+        self.send(Event::Authenticated {
+            login,
+            identity: who,
+        })
+        .await;
+        Auth::Accept
+    }
+
+    fn outcome(&self, user: &str, outcome: AuthOutcome) -> Option<Authenticated> {
+        match outcome {
+            AuthOutcome::Accepted(who) => Some(who),
+            AuthOutcome::Rejected => {
+                tracing::info!(%user, "credential rejected");
+                None
+            }
+            AuthOutcome::Failed(why) => {
+                tracing::warn!(%user, error = %why, "authentication failed");
+                None
+            }
+        }
+    }
+
+    fn request_reply(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+        ok: bool,
+    ) -> Result<(), ProxyError> {
+        if ok {
+            session.channel_success(channel)?
+        } else {
+            session.channel_failure(channel)?
+        }
+        Ok(())
+    }
+
+    /// Marks the channel's process as requested; a second shell/exec on the
+    /// same channel is refused, as sshd does.
+    fn start(&mut self, channel: ChannelId) -> bool {
+        match self.channels.get_mut(&channel) {
+            Some(c) if !c.started => {
+                c.started = true;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn key_bytes(key: &PublicKey) -> Option<Vec<u8>> {
+    key.to_bytes().ok()
+}
+
+impl Handler for ConnectionHandler {
+    type Error = ProxyError;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::Reject {
+            proceed_with_methods: Some(methods()),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.offered = None;
+        let (Some(login), Some(key)) = (self.login(user), key_bytes(offer.public_key)) else {
+            return Ok(Auth::reject());
+        };
+        let outcome = self
+            .authenticator
+            .public_key(&login.user, &key, &self.client_address, &self.connection_id)
+            .await;
+        match self.outcome(&login.user, outcome) {
+            Some(who) => {
+                self.offered = Some((user.to_owned(), key, who));
+                Ok(Auth::Accept)
+            }
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // russh has verified the signature; the offer step checked the key.
+        let (Some(login), Some(bytes)) = (self.login(user), key_bytes(key.public_key)) else {
+            return Ok(Auth::reject());
+        };
+        match self.offered.take() {
+            Some((offered_user, offered_key, who))
+                if offered_user == user && offered_key == bytes =>
+            {
+                Ok(self.accept(login, who).await)
+            }
+            _ => Ok(Auth::reject()),
+        }
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        let Some(login) = self.login(user) else {
+            return Ok(Auth::reject());
+        };
+        let outcome = self
+            .authenticator
+            .password(
+                &login.user,
+                password,
+                &self.client_address,
+                &self.connection_id,
+            )
+            .await;
+        match self.outcome(&login.user, outcome) {
+            Some(who) => Ok(self.accept(login, who).await),
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let id = channel.id();
+        // Input is read through `data` below; the channel's own read half
+        // would only hold a second copy of every message.
+        let (_read_half, writer) = channel.split();
+        let inbound = Arc::new(Inbound::default());
+        self.channels.insert(
+            id,
+            HandlerChannel {
+                inbound: inbound.clone(),
+                started: false,
+            },
+        );
+        reply.accept().await;
+        self.send(Event::ChannelOpened {
+            channel: id,
+            writer,
+            inbound,
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::info!(%host, port, "refused direct-tcpip channel");
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: UNSUPPORTED_CHANNEL.into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: UNSUPPORTED_CHANNEL.into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1,
+                reason: UNSUPPORTED_CHANNEL.into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get(&channel) {
+            let inbound = c.inbound.clone();
+            inbound.push(data).await?;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get(&channel) {
+            c.inbound.finish();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.remove(&channel) {
+            c.inbound.close();
+        }
+        self.send(Event::ChannelClosed { channel }).await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        self.request_reply(channel, session, ok)?;
+        if ok {
+            let size = TerminalSize {
+                cols: col_width,
+                rows: row_height,
+            };
+            self.send(Event::Request {
+                channel,
+                request: ChannelRequest::Pty {
+                    term: term.to_owned(),
+                    size,
+                },
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = accepted_env(name) && self.channels.get(&channel).is_some_and(|c| !c.started);
+        self.request_reply(channel, session, ok)?;
+        if ok {
+            let request = ChannelRequest::Env {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            };
+            self.send(Event::Request { channel, request }).await;
+        } else {
+            tracing::debug!(name = %name.escape_debug(), "ignored env request");
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.start(channel);
+        self.request_reply(channel, session, ok)?;
+        if ok {
+            self.send(Event::Request {
+                channel,
+                request: ChannelRequest::Shell,
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.start(channel);
+        self.request_reply(channel, session, ok)?;
+        if ok {
+            let command = String::from_utf8_lossy(data).into_owned();
+            self.send(Event::Request {
+                channel,
+                request: ChannelRequest::Exec { command },
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::info!(subsystem = %name.escape_debug(), "refused subsystem request");
+        self.request_reply(channel, session, false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.request_reply(channel, session, false)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let size = TerminalSize {
+            cols: col_width,
+            rows: row_height,
+        };
+        self.send(Event::Request {
+            channel,
+            request: ChannelRequest::WindowChange(size),
+        })
+        .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_env_matches_sshd_defaults() {
+        for name in ["LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "ENVGATE_ENV"] {
+            assert!(accepted_env(name), "{name}");
+        }
+        for name in ["LD_PRELOAD", "PATH", "HOME", "lang", ""] {
+            assert!(!accepted_env(name), "{name}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! envgate-proxy: terminates SSH (russh), authenticates users through the
+//! control plane with a token cache, asks the control plane where to place
+//! each session, and streams the session straight into the user's container.
+
+pub mod auth;
+pub mod auth_cache;
+pub mod config;
+pub mod connections;
+pub mod controlplane;
+pub mod drain;
+pub mod error;
+pub mod exec;
+pub mod fleet;
+pub mod handler;
+pub mod proxy_protocol;
+pub mod server;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use envgate_proto::ops::{Readiness, serve_ops};
+use envgate_proto::v1::Register;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::auth_cache::AuthCache;
+pub use crate::config::Config;
+use crate::connections::Registry;
+use crate::controlplane::ControlPlane;
+use crate::drain::Drain;
+use crate::error::ProxyError;
+use crate::exec::docker::DockerRuntime;
+use crate::fleet::FleetMember;
+use crate::server::ServerContext;
+use crate::session::SessionServices;
+
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the shutdown grace, connections get this long to say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A proxy whose ports are bound; [`Proxy::run`] serves them.
+pub struct Proxy {
+    ssh_listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+    context: Arc<ServerContext>,
+    fleet: FleetMember,
+    drain: Drain,
+    readiness: Readiness,
+    metrics: Option<PrometheusHandle>,
+    shutdown_grace: Duration,
+    auth_cache: Arc<AuthCache>,
+}
+
+/// Connects to Docker at `host` (or the local defaults) and agrees on an
+/// API version the engine speaks.
+pub async fn connect_docker(host: Option<&str>) -> Result<Docker, ProxyError> {
+    let docker = match host {
+        None => Docker::connect_with_local_defaults()?,
+        Some(host) if host.starts_with("unix://") || host.starts_with('/') => {
+            Docker::connect_with_unix(host, DOCKER_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?
+        }
+        Some(host) => {
+            Docker::connect_with_http(host, DOCKER_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?
+        }
+    };
+    match tokio::time::timeout(DOCKER_TIMEOUT, docker.negotiate_version()).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ProxyError::Config(format!(
+            "docker did not answer within {DOCKER_TIMEOUT:?}"
+        ))),
+    }
+}
+
+impl Proxy {
+    /// Binds the SSH and ops ports and builds every part; nothing is served
+    /// until [`Proxy::run`]. `metrics` is the installed recorder's handle
+    /// (`None` in tests, which serve no ops endpoint).
+    pub async fn bind(
+        config: Config,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, ProxyError> {
+        let docker = connect_docker(config.docker_host.as_deref()).await?;
+        let control_plane = ControlPlane::new(&config.controlplane, config.proxy_id.clone())?;
+        let ssh_listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    what: "SSH",
+                    addr: config.listen,
+                    source,
+                })?;
+        let ops_listener = match config.ops_listen {
+            Some(addr) => Some(envgate_proto::ops::bind_ops(addr).await.map_err(|source| {
+                ProxyError::Bind {
+                    what: "ops",
+                    addr,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let ssh_addr = ssh_listener.local_addr()?;
+        let auth_cache = Arc::new(AuthCache::new(config.auth_cache_size));
+        let registry = Registry::default();
+        let readiness = Readiness::default();
+        let drain = Drain::new(registry.clone(), readiness.clone());
+        let ssh = russh::server::Config {
+            methods: handler::methods(),
+            auth_rejection_time: Duration::from_secs(1),
+            // The "none" probe every client starts with is not a failure.
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: vec![config.host_key],
+            max_auth_attempts: 6,
+            // Idle shells are legitimate; dead peers are found by keepalives.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 4,
+            nodelay: true,
+            ..Default::default()
+        };
+        let services = SessionServices {
+            control_plane: control_plane.clone(),
+            runtime: Arc::new(DockerRuntime::new(docker)),
+            registry: registry.clone(),
+        };
+        let context = Arc::new(ServerContext {
+            ssh: Arc::new(ssh),
+            trusted_proxies: config.trusted_proxies,
+            login_grace: config.login_grace,
+            max_connections: config.max_connections.max(1),
+            authenticator: Arc::new(Authenticator::new(
+                auth_cache.clone(),
+                control_plane.clone(),
+            )),
+            services,
+        });
+        let fleet = FleetMember {
+            control_plane,
+            register: Register {
+                proxy_id: config.proxy_id,
+                address: config.advertise.unwrap_or_else(|| ssh_addr.to_string()),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                capacity: u32::try_from(config.max_connections).unwrap_or(u32::MAX),
+            },
+            registry,
+            auth_cache: auth_cache.clone(),
+            drain: drain.clone(),
+            readiness: readiness.clone(),
+        };
+        Ok(Self {
+            ssh_listener,
+            ops_listener,
+            context,
+            fleet,
+            drain,
+            readiness,
+            metrics,
+            shutdown_grace: config.shutdown_grace,
+            auth_cache,
+        })
+    }
+
+    pub fn ssh_addr(&self) -> SocketAddr {
+        self.ssh_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn auth_cache(&self) -> Arc<AuthCache> {
+        self.auth_cache.clone()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Serves until `shutdown`, then drains: no new connections, open ones
+    /// get the shutdown grace, then are told to reconnect and closed.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProxyError> {
+        let address = self.fleet.register.address.clone();
+        let background = CancellationToken::new();
+        let ops = match (self.ops_listener, self.metrics) {
+            (Some(listener), Some(metrics)) => Some(tokio::spawn(serve_ops(
+                listener,
+                metrics,
+                self.readiness.clone(),
+                background.clone(),
+            ))),
+            _ => None,
+        };
+        let fleet = tokio::spawn(self.fleet.run(background.clone()));
+        let tracker = TaskTracker::new();
+        let accept = tokio::spawn(server::serve(
+            self.ssh_listener,
+            self.context.clone(),
+            tracker.clone(),
+            self.drain.stop_accepting(),
+        ));
+        tracing::info!(%address, "proxy serving");
+
+        shutdown.cancelled().await;
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down");
+        self.drain.begin(self.shutdown_grace);
+        let _ = accept.await;
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_grace + CLOSE_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = tracker.len(),
+                "connections still open after the shutdown grace"
+            );
+        }
+        background.cancel();
+        let _ = fleet.await;
+        if let Some(ops) = ops {
+            let _ = ops.await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The SSH accept loop and one connection's life: PROXY header (or the
+//! refusal of one), the SSH session with its login-grace timer, the session
+//! task, and the result metric.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envgate_proto::ops::record_phase;
+use rand::Rng;
+use russh::Disconnect;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::config::{Cidr, is_trusted};
+use crate::error::ConnectionResult;
+use crate::handler::ConnectionHandler;
+use crate::proxy_protocol::{self, Command};
+use crate::session::{self, ConnectionInfo, SessionServices};
+
+/// How long a trusted balancer has to send its PROXY header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to look at the first bytes of an untrusted connection for a
+/// PROXY signature. SSH clients send their banner at once; one that waits
+/// for ours is served after this.
+const PEEK_WINDOW: Duration = Duration::from_secs(2);
+/// How long the session task may take to release the placement after the
+/// connection ended.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ServerContext {
+    pub ssh: Arc<russh::server::Config>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub login_grace: Duration,
+    pub max_connections: usize,
+    pub authenticator: Arc<Authenticator>,
+    pub services: SessionServices,
+}
+
+/// Accepts connections until `stop` is cancelled. Each connection runs as a
+/// task on `tracker`, holding one of `max_connections` permits; the loop
+/// waits for a permit before accepting, so excess clients queue in the
+/// kernel's backlog instead of costing memory here.
+pub async fn serve(
+    listener: TcpListener,
+    context: Arc<ServerContext>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(context.max_connections));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(10);
+                accepted
+            }
+            Err(e) => {
+                // Typically EMFILE: wait for connections to end, then retry.
+                tracing::warn!(error = %e, ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let context = context.clone();
+        let connection_id = format!("{:08x}", rand::thread_rng().r#gen::<u32>());
+        let span = tracing::info_span!("connection", id = %connection_id, peer = %peer);
+        tracker.spawn(
+            async move {
+                let result = serve_connection(socket, peer, connection_id, context).await;
+                result.count();
+                tracing::info!(result = result.label(), "connection closed");
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Works out the real client address: from the PROXY header for trusted
+/// balancers (which must send one), the socket otherwise (which must not).
+async fn client_address(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    trusted: &[Cidr],
+) -> Result<SocketAddr, ConnectionResult> {
+    if is_trusted(trusted, peer.ip()) {
+        let header =
+            tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy_protocol::read_header(socket)).await;
+        return match header {
+            Ok(Ok(header)) => match (header.command, header.source) {
+                (Command::Proxy, Some(source)) => Ok(source),
+                _ => Ok(peer),
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "bad PROXY header from a trusted balancer");
+                Err(ConnectionResult::ProxyHeaderRefused)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no PROXY header from a trusted balancer within {PROXY_HEADER_TIMEOUT:?}"
+                );
+                Err(ConnectionResult::ProxyHeaderRefused)
+            }
+        };
+    }
+    let deadline = tokio::time::Instant::now() + PEEK_WINDOW;
+    let mut prefix = [0u8; proxy_protocol::SIGNATURE.len()];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, socket.peek(&mut prefix)).await;
+        let n = match peeked {
+            Err(_) => return Ok(peer),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection failed before the SSH banner");
+                return Err(ConnectionResult::Error);
+            }
+            Ok(Ok(0)) => return Err(ConnectionResult::Error),
+            Ok(Ok(n)) => n,
+        };
+        match proxy_protocol::looks_like_proxy_header(&prefix[..n]) {
+            Some(true) => {
+                tracing::warn!(
+                    "refused a PROXY header from an untrusted source (not in --trusted-proxies)"
+                );
+                return Err(ConnectionResult::ProxyHeaderRefused);
+            }
+            Some(false) => return Ok(peer),
+            // A prefix of a signature: wait for the rest.
+            None if n == prefix.len() => return Ok(peer),
+            None => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(peer);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    connection_id: String,
+    context: Arc<ServerContext>,
+) -> ConnectionResult {
+    let accepted = Instant::now();
+    let client = match client_address(&mut socket, peer, &context.trusted_proxies).await {
+        Ok(client) => client,
+        Err(result) => return result,
+    };
+    if client != peer {
+        tracing::info!(%client, "client address from PROXY header");
+    }
+    let _ = socket.set_nodelay(true);
+    record_phase("accept", accepted.elapsed(), &[]);
+
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let (kill_tx, kill_rx) = mpsc::channel(1);
+    let _registration = context.services.registry.register(&connection_id, kill_tx);
+    let authenticated = CancellationToken::new();
+    let handler = ConnectionHandler::new(
+        connection_id.clone(),
+        client.to_string(),
+        context.authenticator.clone(),
+        events_tx,
+        authenticated.clone(),
+    );
+    // The client's banner must also arrive within the login grace.
+    let running = tokio::time::timeout(
+        context.login_grace,
+        russh::server::run_stream(context.ssh.clone(), socket, handler),
+    );
+    let mut running = match running.await {
+        Ok(Ok(running)) => running,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "SSH handshake failed");
+            return ConnectionResult::Error;
+        }
+        Err(_) => return ConnectionResult::LoginTimeout,
+    };
+    let handle = running.handle();
+    let info = ConnectionInfo {
+        connection_id,
+        client_address: client.to_string(),
+    };
+    let session_task = tokio::spawn(
+        session::run(
+            info,
+            context.services.clone(),
+            handle.clone(),
+            events_rx,
+            kill_rx,
+        )
+        .in_current_span(),
+    );
+
+    let grace = tokio::time::sleep(context.login_grace);
+    tokio::pin!(grace);
+    let mut waiting_for_login = true;
+    let mut timed_out = false;
+    let ended = loop {
+        tokio::select! {
+            ended = &mut running => break ended,
+            () = authenticated.cancelled(), if waiting_for_login => waiting_for_login = false,
+            () = &mut grace, if waiting_for_login => {
+                waiting_for_login = false;
+                timed_out = true;
+                tracing::info!("not authenticated within the login grace time");
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
+                    .await;
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "SSH session ended with an error");
+    }
+    drop(handle);
+    let result = match tokio::time::timeout(RELEASE_TIMEOUT, session_task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "session task failed");
+            ConnectionResult::Error
+        }
+        Err(_) => {
+            tracing::warn!("releasing the session took longer than {RELEASE_TIMEOUT:?}");
+            ConnectionResult::Error
+        }
+    };
+    if timed_out {
+        ConnectionResult::LoginTimeout
+    } else {
+        result
+    }
+}

@@ -1,0 +1,490 @@
+//! One task per SSH connection owns its state: who is logged in, where the
+//! session is placed, and each channel's setup and process. The russh
+//! handler feeds it [`Event`]s; it answers through channel writers and the
+//! session [`Handle`].
+//!
+//! Placement happens once per connection, on the first shell or exec; every
+//! channel of the connection then runs in that container. CloseSession is
+//! sent when the connection ends, however it ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envgate_proto::names::Login;
+use envgate_proto::ops::record_phase;
+use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
+use russh::server::{Handle, Msg};
+use russh::{ChannelId, ChannelWriteHalf, Disconnect};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::auth::Authenticated;
+use crate::connections::Registry;
+use crate::controlplane::ControlPlane;
+use crate::error::{
+    ConnectionResult, exec_failure_line, placement_failure_line, placement_result_label,
+};
+use crate::exec::{
+    self, ChannelOutput, Inbound, ProcessCommand, ProcessRuntime, ProcessSpec, TerminalSize,
+};
+
+/// What the handler tells the session task.
+pub enum Event {
+    Authenticated {
+        login: Login,
+        identity: Authenticated,
+    },
+    ChannelOpened {
+        channel: ChannelId,
+        writer: ChannelWriteHalf<Msg>,
+        inbound: Arc<Inbound>,
+    },
+    Request {
+        channel: ChannelId,
+        request: ChannelRequest,
+    },
+    ChannelClosed {
+        channel: ChannelId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelRequest {
+    Pty { term: String, size: TerminalSize },
+    Env { name: String, value: String },
+    Shell,
+    Exec { command: String },
+    WindowChange(TerminalSize),
+}
+
+/// Everything a session task needs from the proxy.
+#[derive(Clone)]
+pub struct SessionServices {
+    pub control_plane: ControlPlane,
+    pub runtime: Arc<dyn ProcessRuntime>,
+    pub registry: Registry,
+}
+
+pub struct ConnectionInfo {
+    pub connection_id: String,
+    pub client_address: String,
+}
+
+enum PlacementState {
+    NotRequested,
+    Placed(Box<Placement>),
+    Failed(tonic::Status),
+}
+
+struct ChannelState {
+    output: Arc<ChannelOutput>,
+    pty: Option<(String, TerminalSize)>,
+    env: Vec<(String, String)>,
+    process: Option<mpsc::Sender<ProcessCommand>>,
+}
+
+/// How one channel's process ended.
+struct ChannelEnd {
+    exit_code: Option<i64>,
+    result: ConnectionResult,
+}
+
+struct Connection {
+    info: ConnectionInfo,
+    services: SessionServices,
+    handle: Handle,
+    identity: Option<(Login, Authenticated)>,
+    placement: PlacementState,
+    channels: HashMap<ChannelId, ChannelState>,
+    running: JoinSet<ChannelEnd>,
+    first_exit: Option<i64>,
+    result: ConnectionResult,
+}
+
+/// Runs until the SSH connection is gone (the handler dropped its event
+/// sender), then releases the placement. `kill` delivers a message to show
+/// the user before the connection is closed (admin kill, drain, shutdown).
+pub async fn run(
+    info: ConnectionInfo,
+    services: SessionServices,
+    handle: Handle,
+    mut events: mpsc::Receiver<Event>,
+    mut kill: mpsc::Receiver<String>,
+) -> ConnectionResult {
+    let mut connection = Connection {
+        info,
+        services,
+        handle,
+        identity: None,
+        placement: PlacementState::NotRequested,
+        channels: HashMap::new(),
+        running: JoinSet::new(),
+        first_exit: None,
+        result: ConnectionResult::NotAuthenticated,
+    };
+    let session_started = Instant::now();
+    let mut killed = false;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => connection.on_event(event).await,
+                None => break,
+            },
+            Some(end) = connection.running.join_next() => connection.on_channel_end(end),
+            message = kill.recv(), if !killed => {
+                killed = true;
+                if let Some(message) = message {
+                    connection.kill(&message).await;
+                }
+            }
+        }
+    }
+    // The connection is gone: stop what still runs.
+    connection.running.shutdown().await;
+    connection.release(session_started).await;
+    connection.result
+}
+
+impl Connection {
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Authenticated { login, identity } => {
+                self.result = ConnectionResult::Ok;
+                self.identity = Some((login, identity));
+            }
+            Event::ChannelOpened {
+                channel,
+                writer,
+                inbound,
+            } => {
+                let output = Arc::new(ChannelOutput::new(writer, inbound));
+                self.channels.insert(
+                    channel,
+                    ChannelState {
+                        output,
+                        pty: None,
+                        env: Vec::new(),
+                        process: None,
+                    },
+                );
+            }
+            Event::ChannelClosed { channel } => {
+                self.channels.remove(&channel);
+            }
+            Event::Request { channel, request } => self.on_request(channel, request).await,
+        }
+    }
+
+    async fn on_request(&mut self, channel: ChannelId, request: ChannelRequest) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match request {
+            ChannelRequest::Pty { term, size } => state.pty = Some((term, size)),
+            ChannelRequest::Env { name, value } => state.env.push((name, value)),
+            ChannelRequest::WindowChange(size) => {
+                if let Some((_, current)) = state.pty.as_mut() {
+                    *current = size;
+                }
+                if let Some(process) = &state.process {
+                    // A resize that cannot be queued is dropped: the next one
+                    // carries the final size anyway.
+                    let _ = process.try_send(ProcessCommand::Resize(size));
+                }
+            }
+            ChannelRequest::Shell => self.start(channel, None).await,
+            ChannelRequest::Exec { command } => self.start(channel, Some(command)).await,
+        }
+    }
+
+    fn on_channel_end(&mut self, end: Result<ChannelEnd, tokio::task::JoinError>) {
+        let Ok(end) = end else { return };
+        if self.first_exit.is_none() {
+            self.first_exit = end.exit_code;
+        }
+        if self.result == ConnectionResult::Ok {
+            self.result = end.result;
+        }
+    }
+
+    /// The environment asked for: the `user+env` suffix, else `ENVGATE_ENV`,
+    /// else the user's default (empty).
+    fn environment(&self, channel: &ChannelState) -> String {
+        let from_login = self
+            .identity
+            .as_ref()
+            .and_then(|(login, _)| login.environment.clone());
+        let from_env = channel
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "ENVGATE_ENV")
+            .map(|(_, v)| v.clone());
+        from_login.or(from_env).unwrap_or_default()
+    }
+
+    async fn start(&mut self, channel: ChannelId, command: Option<String>) {
+        let Some(state) = self.channels.get(&channel) else {
+            return;
+        };
+        let output = state.output.clone();
+        let pty = state.pty.is_some();
+        if matches!(self.placement, PlacementState::NotRequested) {
+            let kind = if command.is_some() { "exec" } else { "shell" };
+            let environment = self.environment(state);
+            self.placement = self.place(environment, kind, &output, pty).await;
+        }
+        let placement = match &self.placement {
+            PlacementState::Placed(placement) => placement.as_ref().clone(),
+            PlacementState::Failed(status) => {
+                let line = placement_failure_line(status);
+                self.result = ConnectionResult::PlacementFailed(placement_result_label(status));
+                self.running.spawn(async move {
+                    let _ = output.stderr_line(&line, pty).await;
+                    let _ = output.finish(1).await;
+                    ChannelEnd {
+                        exit_code: None,
+                        result: ConnectionResult::Ok,
+                    }
+                });
+                return;
+            }
+            PlacementState::NotRequested => return,
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
+        let (commands, commands_rx) = mpsc::channel(8);
+        state.process = Some(commands);
+        let runtime = self.services.runtime.clone();
+        self.running
+            .spawn(async move { run_process(runtime, spec, output, commands_rx, pty).await });
+    }
+
+    /// Asks the control plane for a container, showing its progress on a
+    /// terminal.
+    async fn place(
+        &mut self,
+        environment: String,
+        kind: &str,
+        output: &ChannelOutput,
+        pty: bool,
+    ) -> PlacementState {
+        let Some((_, identity)) = &self.identity else {
+            return PlacementState::Failed(tonic::Status::unauthenticated("not authenticated"));
+        };
+        let started = Instant::now();
+        let request = OpenSessionRequest {
+            token: identity.token.clone(),
+            environment,
+            proxy_id: self.services.control_plane.proxy_id().to_owned(),
+            client_address: self.info.client_address.clone(),
+            connection_id: self.info.connection_id.clone(),
+            kind: kind.to_owned(),
+        };
+        let result = open_session(
+            &self.services.control_plane,
+            request,
+            &self.info.connection_id,
+            output,
+            pty,
+        )
+        .await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        record_phase(
+            "placement",
+            started.elapsed(),
+            &[("result", outcome.to_owned())],
+        );
+        match result {
+            Ok(placement) => {
+                tracing::info!(
+                    session_id = %placement.session_id,
+                    environment = %placement.environment,
+                    container = %placement.container_name,
+                    created = placement.created,
+                    "placed"
+                );
+                self.services
+                    .registry
+                    .set_session(&self.info.connection_id, &placement.session_id);
+                PlacementState::Placed(Box::new(placement))
+            }
+            Err(status) => {
+                tracing::info!(code = ?status.code(), message = %status.message(), "placement failed");
+                PlacementState::Failed(status)
+            }
+        }
+    }
+
+    async fn kill(&mut self, message: &str) {
+        tracing::info!(%message, "closing the connection");
+        self.result = ConnectionResult::Closed;
+        let line = format!("envgate: {message}");
+        for state in self.channels.values() {
+            let _ = state.output.stderr_line(&line, state.pty.is_some()).await;
+        }
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, line, "en".into())
+            .await;
+    }
+
+    async fn release(&mut self, session_started: Instant) {
+        if let PlacementState::Placed(placement) = &self.placement {
+            record_phase("session", session_started.elapsed(), &[]);
+            let started = Instant::now();
+            let exit_status = self
+                .first_exit
+                .and_then(|c| i32::try_from(c).ok())
+                .unwrap_or(-1);
+            let result = self
+                .services
+                .control_plane
+                .close_session(&placement.session_id, exit_status, &self.info.connection_id)
+                .await;
+            record_phase("teardown", started.elapsed(), &[]);
+            if let Err(status) = result {
+                tracing::warn!(session_id = %placement.session_id, error = %status, "CloseSession failed");
+            }
+        }
+    }
+}
+
+async fn open_session(
+    control_plane: &ControlPlane,
+    request: OpenSessionRequest,
+    connection_id: &str,
+    output: &ChannelOutput,
+    pty: bool,
+) -> Result<Placement, tonic::Status> {
+    let mut stream = control_plane.open_session(request, connection_id).await?;
+    loop {
+        let event = stream.message().await?;
+        match event.and_then(|e| e.event) {
+            Some(open_session_event::Event::Progress(progress)) => {
+                if pty {
+                    let _ = output.stderr_line(&progress.message, true).await;
+                }
+            }
+            Some(open_session_event::Event::Placement(placement)) => return Ok(placement),
+            None => {
+                return Err(tonic::Status::internal(
+                    "the control plane ended placement without a container",
+                ));
+            }
+        }
+    }
+}
+
+fn process_spec(
+    placement: &Placement,
+    command: Option<String>,
+    pty: Option<&(String, TerminalSize)>,
+    client_env: &[(String, String)],
+) -> ProcessSpec {
+    let shell = if placement.shell.is_empty() {
+        "/bin/sh".to_owned()
+    } else {
+        placement.shell.clone()
+    };
+    let command = match command {
+        Some(command) => vec![shell, "-c".to_owned(), command],
+        None => vec![shell, "-l".to_owned()],
+    };
+    let mut env = placement.env.clone();
+    for (name, value) in client_env {
+        if name != "ENVGATE_ENV" {
+            env.push(format!("{name}={value}"));
+        }
+    }
+    if let Some((term, _)) = pty {
+        env.retain(|e| !e.starts_with("TERM="));
+        env.push(format!("TERM={term}"));
+    }
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    ProcessSpec {
+        container_id: placement.container_id.clone(),
+        command,
+        tty: pty.map(|(_, size)| *size),
+        env,
+        working_dir: non_empty(&placement.working_dir),
+        user: non_empty(&placement.run_as),
+    }
+}
+
+async fn run_process(
+    runtime: Arc<dyn ProcessRuntime>,
+    spec: ProcessSpec,
+    output: Arc<ChannelOutput>,
+    commands: mpsc::Receiver<ProcessCommand>,
+    pty: bool,
+) -> ChannelEnd {
+    let process = match runtime.start(&spec).await {
+        Ok(process) => process,
+        Err(e) => {
+            tracing::warn!(error = %e, "starting the process failed");
+            let _ = output.stderr_line(&exec_failure_line(&e), pty).await;
+            let _ = output.finish(1).await;
+            return ChannelEnd {
+                exit_code: None,
+                result: ConnectionResult::ExecFailed,
+            };
+        }
+    };
+    match exec::pump(process, &output, commands).await {
+        Ok(code) => {
+            let _ = output.finish(exec::exit_status(code)).await;
+            ChannelEnd {
+                exit_code: Some(code),
+                result: ConnectionResult::Ok,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the process's end could not be observed");
+            let _ = output.finish(255).await;
+            ChannelEnd {
+                exit_code: None,
+                result: ConnectionResult::ExecFailed,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement() -> Placement {
+        Placement {
+            container_id: "c1".into(),
+            shell: "/bin/bash".into(),
+            working_dir: "/home/alice".into(),
+            env: vec!["HOME=/home/alice".into(), "TERM=dumb".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exec_and_shell_commands_use_the_environments_shell() {
+        let env = vec![
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("ENVGATE_ENV".to_owned(), "x".to_owned()),
+        ];
+        let spec = process_spec(&placement(), Some("echo hi".into()), None, &env);
+        assert_eq!(spec.command, ["/bin/bash", "-c", "echo hi"]);
+        assert_eq!(spec.tty, None);
+        assert_eq!(spec.env, ["HOME=/home/alice", "TERM=dumb", "LANG=C.UTF-8"]);
+        assert_eq!(spec.working_dir.as_deref(), Some("/home/alice"));
+        assert_eq!(spec.user, None);
+
+        let size = TerminalSize { cols: 80, rows: 24 };
+        let pty = ("xterm".to_owned(), size);
+        let spec = process_spec(&placement(), None, Some(&pty), &[]);
+        assert_eq!(spec.command, ["/bin/bash", "-l"]);
+        assert_eq!(spec.tty, Some(size));
+        assert_eq!(spec.env, ["HOME=/home/alice", "TERM=xterm"]);
+    }
+}
