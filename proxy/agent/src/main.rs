@@ -1,1 +1,105 @@
-fn main() {}
+//! `envgate-agent`: the container's init and the proxy's process spawner.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use envgate_agent::AccountFiles;
+use envgate_agent::server::{self, AgentConfig};
+
+/// Runs as PID 1 in a user container: reaps zombies, forwards SIGTERM/SIGINT to the
+/// container's processes, and starts session processes for authenticated envgate proxies.
+#[derive(Debug, Parser)]
+#[command(name = "envgate-agent", version)]
+struct Args {
+    /// Unix socket to serve the proxy on (inside a directory bind-mounted from the host).
+    #[arg(long, env = "ENVGATE_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
+
+    /// Also (or only) serve on this TCP address, e.g. 0.0.0.0:7022 in a Kubernetes pod.
+    #[arg(long, env = "ENVGATE_AGENT_LISTEN_TCP")]
+    listen_tcp: Option<SocketAddr>,
+
+    /// File holding the per-container secret (at least 16 bytes; surrounding whitespace is
+    /// ignored). Keep it readable by root only. Without it the secret is taken from the
+    /// ENVGATE_AGENT_SECRET environment variable.
+    #[arg(long, env = "ENVGATE_AGENT_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// Account database used for user switching (parsed directly, no NSS).
+    #[arg(long, env = "ENVGATE_AGENT_PASSWD_FILE", default_value = "/etc/passwd")]
+    passwd_file: PathBuf,
+
+    /// Group database used for supplementary groups.
+    #[arg(long, env = "ENVGATE_AGENT_GROUP_FILE", default_value = "/etc/group")]
+    group_file: PathBuf,
+
+    /// Authenticated proxy connections served at once.
+    #[arg(long, env = "ENVGATE_AGENT_MAX_CONNECTIONS", default_value_t = 64)]
+    max_connections: usize,
+
+    /// Processes one proxy connection may have running at once.
+    #[arg(long, env = "ENVGATE_AGENT_MAX_PROCESSES", default_value_t = 1024)]
+    max_processes: usize,
+
+    /// A connection that has not authenticated within this time is closed.
+    #[arg(long, env = "ENVGATE_AGENT_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10)]
+    handshake_timeout_seconds: u64,
+
+    /// After SIGTERM/SIGINT, how long the container's processes get before SIGKILL
+    /// (keep it under `docker stop`'s timeout, 10 s by default).
+    #[arg(long, env = "ENVGATE_AGENT_STOP_TIMEOUT_SECONDS", default_value_t = 8)]
+    stop_timeout_seconds: u64,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "ENVGATE_AGENT_LOG_JSON")]
+    log_json: bool,
+}
+
+const SECRET_ENV: &str = "ENVGATE_AGENT_SECRET";
+
+fn read_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
+    let raw = match file {
+        Some(path) => std::fs::read(path).with_context(|| format!("cannot read the secret file {}", path.display()))?,
+        None => match std::env::var_os(SECRET_ENV) {
+            Some(v) => v.into_encoded_bytes(),
+            None => bail!("no secret: give --secret-file (or ENVGATE_AGENT_SECRET_FILE) or set {SECRET_ENV}"),
+        },
+    };
+    let secret = raw.trim_ascii().to_vec();
+    if secret.len() < envgate_agent::auth::MIN_SECRET_LEN {
+        bail!("the secret must be at least {} bytes", envgate_agent::auth::MIN_SECRET_LEN);
+    }
+    Ok(secret)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENVGATE_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+
+    let secret = read_secret(args.secret_file.as_ref())?;
+    let config = AgentConfig {
+        socket: args.socket,
+        listen_tcp: args.listen_tcp,
+        secret,
+        accounts: AccountFiles { passwd: args.passwd_file, group: args.group_file },
+        max_connections: args.max_connections.max(1),
+        max_processes_per_connection: args.max_processes.max(1),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_seconds.max(1)),
+        stop_timeout: Duration::from_secs(args.stop_timeout_seconds),
+    };
+    // Single-threaded on purpose: see the reaper's note on fork/registration ordering, and
+    // one thread keeps PID 1 small in every container.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let code = runtime.block_on(server::run(config))?;
+    std::process::exit(code)
+}
