@@ -32,8 +32,11 @@ pub enum PlacementError {
         requested: String,
         available: Vec<String>,
     },
-    #[error("no environment is available to you")]
-    NoEnvironment,
+    #[error(
+        "no environment was chosen and there is no default; available: {}",
+        list(available)
+    )]
+    NoEnvironment { available: Vec<String> },
     #[error("environment \"{0}\" is not available to you")]
     Forbidden(String),
     #[error("proxy not registered: {0}")]
@@ -125,7 +128,7 @@ impl From<PlacementError> for Status {
         let code = match &e {
             PlacementError::Auth(a) => return auth_status(a),
             PlacementError::Store(s) => return store_status(s),
-            PlacementError::UnknownEnvironment { .. } | PlacementError::NoEnvironment => {
+            PlacementError::UnknownEnvironment { .. } | PlacementError::NoEnvironment { .. } => {
                 Code::NotFound
             }
             PlacementError::Forbidden(_) => Code::PermissionDenied,

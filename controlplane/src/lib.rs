@@ -3,7 +3,10 @@
 
 pub mod auth;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod model;
+pub mod placement;
 pub mod runtime;
 pub mod store;
 

@@ -16,54 +16,44 @@ async fn cas_semantics(store: Arc<dyn Store>) {
     assert!(rev > 0);
     assert_eq!(store.get("cas/k").await.unwrap().unwrap().mod_revision, rev);
 
+    let delete = || vec![TxnOp::delete("cas/k")];
     let stale = Compare::revision("cas/k", rev - 1);
-    assert!(
-        !store
-            .txn(vec![stale], vec![TxnOp::delete("cas/k")])
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .txn(vec![Compare::absent("cas/k")], vec![TxnOp::delete("cas/k")])
-            .await
-            .unwrap()
-    );
-    assert!(
-        store.get("cas/k").await.unwrap().is_some(),
-        "a failed txn must not write"
-    );
+    assert_eq!(store.txn(vec![stale], delete()).await.unwrap(), None);
+    let absent = Compare::absent("cas/k");
+    assert_eq!(store.txn(vec![absent], delete()).await.unwrap(), None);
+    let after = store.get("cas/k").await.unwrap();
+    assert!(after.is_some(), "a failed txn must not write");
 
-    let swap = TxnOp::Put {
+    let swap = vec![TxnOp::Put {
         key: "cas/k".into(),
         value: b"two".to_vec(),
         lease: None,
-    };
-    assert!(
-        store
-            .txn(vec![Compare::revision("cas/k", rev)], vec![swap.clone()])
-            .await
-            .unwrap()
-    );
+    }];
+    let current = Compare::revision("cas/k", rev);
+    let swapped = store
+        .txn(vec![current.clone()], swap.clone())
+        .await
+        .unwrap();
     let now = store.get("cas/k").await.unwrap().unwrap();
     assert_eq!(now.value, b"two");
     assert!(now.mod_revision > rev);
-    assert!(
-        !store
-            .txn(vec![Compare::revision("cas/k", rev)], vec![swap])
-            .await
-            .unwrap()
+    assert_eq!(
+        swapped,
+        Some(now.mod_revision),
+        "txn reports the revision it wrote"
+    );
+    assert_eq!(
+        store.txn(vec![current], swap).await.unwrap(),
+        None,
+        "stale after the swap"
     );
 
-    assert!(
-        store
-            .txn(
-                vec![Compare::absent("cas/new")],
-                vec![TxnOp::put_json("cas/new", &1, None)]
-            )
-            .await
-            .unwrap()
-    );
+    let create = vec![TxnOp::put_json("cas/new", &1, None)];
+    let created = store
+        .txn(vec![Compare::absent("cas/new")], create)
+        .await
+        .unwrap();
+    assert!(created.is_some());
     assert!(store.delete("cas/new").await.unwrap());
     assert!(!store.delete("cas/new").await.unwrap());
     assert!(store.get("cas/new").await.unwrap().is_none());
@@ -78,7 +68,8 @@ async fn create_if_absent_has_one_winner(store: Arc<dyn Store>) {
                     i,
                     create_if_absent(store.as_ref(), "race/k", &i)
                         .await
-                        .unwrap(),
+                        .unwrap()
+                        .is_some(),
                 )
             })
         })
@@ -113,13 +104,13 @@ async fn multi_op_txn_is_atomic(store: Arc<dyn Store>) {
     ];
     // One false compare among true ones: nothing applies.
     let compares = vec![Compare::revision("multi/a", a), Compare::absent("multi/b")];
-    assert!(!store.txn(compares, ops.clone()).await.unwrap());
+    assert_eq!(store.txn(compares, ops.clone()).await.unwrap(), None);
     assert_eq!(store.get("multi/a").await.unwrap().unwrap().value, b"a");
     assert!(store.get("multi/b").await.unwrap().is_some());
     assert!(store.get("multi/c").await.unwrap().is_none());
 
     let compares = vec![Compare::revision("multi/a", a), Compare::absent("multi/c")];
-    assert!(store.txn(compares, ops).await.unwrap());
+    assert!(store.txn(compares, ops).await.unwrap().is_some());
     let a2 = store.get("multi/a").await.unwrap().unwrap();
     let c = store.get("multi/c").await.unwrap().unwrap();
     assert_eq!(a2.value, b"a2");
@@ -138,7 +129,7 @@ async fn leases_take_their_keys_with_them(store: Arc<dyn Store>) {
         value: b"y".to_vec(),
         lease: Some(lease),
     };
-    assert!(store.txn(vec![], vec![in_txn]).await.unwrap());
+    assert!(store.txn(vec![], vec![in_txn]).await.unwrap().is_some());
     assert_eq!(store.get("lease/a").await.unwrap().unwrap().lease, lease);
     assert!(store.lease_keep_alive(lease).await.unwrap());
 

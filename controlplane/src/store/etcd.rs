@@ -138,7 +138,7 @@ impl Store for EtcdStore {
         Ok(resp.deleted() > 0)
     }
 
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<bool> {
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
         let mut lease_used = None;
         let compares: Vec<etcd_client::Compare> = compares
             .into_iter()
@@ -168,7 +168,9 @@ impl Store for EtcdStore {
             .bounded("txn", kv.txn(Txn::new().when(compares).and_then(ops)))
             .await
             .map_err(|e| with_lease_id(e, lease_used))?;
-        Ok(resp.succeeded())
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {

@@ -228,14 +228,14 @@ impl Store for MemoryStore {
         Ok(self.delete_locked(&mut state, key, revision))
     }
 
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<bool> {
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
         let mut state = self.lock();
         self.expire_leases(&mut state);
         let holds = compares
             .iter()
             .all(|c| state.data.get(&c.key).map(|e| e.mod_revision).unwrap_or(0) == c.mod_revision);
         if !holds {
-            return Ok(false);
+            return Ok(None);
         }
         for op in &ops {
             if let TxnOp::Put { lease, .. } = op {
@@ -255,7 +255,7 @@ impl Store for MemoryStore {
                 }
             }
         }
-        Ok(true)
+        Ok(Some(revision))
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
@@ -346,8 +346,7 @@ impl Store for MemoryStore {
                     }],
                 )
                 .await?;
-            if created {
-                let revision = self.get(&key).await?.map(|kv| kv.mod_revision).unwrap_or(0);
+            if let Some(revision) = created {
                 return Ok(Leadership {
                     name: name.to_owned(),
                     key: key.into_bytes(),

@@ -121,8 +121,9 @@ pub trait Store: Send + Sync + 'static {
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> StoreResult<i64>;
     /// Returns whether the key existed.
     async fn delete(&self, key: &str) -> StoreResult<bool>;
-    /// Applies all `ops` atomically if every compare holds; returns whether it did.
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<bool>;
+    /// Applies all `ops` atomically if every compare holds. Returns the revision the writes
+    /// carry (every key written gets it as its `mod_revision`), or `None` when a compare failed.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>>;
     /// Returns the new lease id.
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64>;
     /// Refreshes the lease once; returns `false` when it no longer exists.
@@ -197,12 +198,13 @@ pub async fn put_json<T: Serialize>(
     store.put(key, bytes, lease).await
 }
 
-/// Creates `key` only if it does not exist; returns whether this call created it.
+/// Creates `key` only if it does not exist; returns its `mod_revision` when this call
+/// created it, `None` when it already existed.
 pub async fn create_if_absent<T: Serialize>(
     store: &dyn Store,
     key: &str,
     value: &T,
-) -> StoreResult<bool> {
+) -> StoreResult<Option<i64>> {
     store
         .txn(
             vec![Compare::absent(key)],

@@ -1,0 +1,146 @@
+//! A small world for unit tests: memory store, scripted runtime, a catalogue, users and a
+//! registered proxy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envgate_proto::token::Claims;
+
+use crate::auth::Authenticator;
+use crate::auth::tests::{TEST_COST, test_key};
+use crate::model::{self, EnvironmentRecord, Mode, ProxyRecord, UserRecord};
+use crate::placement::{OpenRequest, PlacementConfig, Placer};
+use crate::runtime::scripted::ScriptedRuntime;
+use crate::store::{self, MemoryStore, Store};
+
+pub const PROXY: &str = "proxy-1";
+
+pub struct World {
+    pub store: Arc<MemoryStore>,
+    pub runtime: Arc<ScriptedRuntime>,
+    pub auth: Arc<Authenticator>,
+    pub lease: i64,
+}
+
+pub fn environment(name: &str, mode: Mode) -> EnvironmentRecord {
+    EnvironmentRecord {
+        name: name.into(),
+        image: format!("envgate/{name}:latest"),
+        shell: "/bin/sh".into(),
+        mode,
+        idle_timeout_seconds: 900,
+        ..Default::default()
+    }
+}
+
+impl World {
+    pub async fn new() -> World {
+        let store = Arc::new(MemoryStore::new());
+        let mut busybox = environment("busybox", Mode::Persistent);
+        busybox.is_default = true;
+        let mut debian = environment("debian", Mode::Persistent);
+        debian.allowed_groups = vec!["staff".into()];
+        let scratch = environment("scratch", Mode::Ephemeral);
+        for env in [busybox, debian, scratch] {
+            store::put_json(
+                store.as_ref(),
+                &model::environment_key(&env.name),
+                &env,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        for (name, groups) in [("alice", vec!["students"]), ("carol", vec!["staff"])] {
+            let user = UserRecord {
+                name: name.into(),
+                groups: groups.into_iter().map(String::from).collect(),
+                ..Default::default()
+            };
+            store::put_json(store.as_ref(), &model::user_key(name), &user, None)
+                .await
+                .unwrap();
+        }
+        let lease = store.lease_grant(Duration::from_secs(600)).await.unwrap();
+        let proxy = ProxyRecord {
+            id: PROXY.into(),
+            address: "127.0.0.1:2200".into(),
+            version: "test".into(),
+            capacity: 100,
+            draining: false,
+            sessions: 0,
+            connections: 0,
+            registered_at: model::now(),
+            last_heartbeat_at: model::now(),
+            lease_id: lease,
+        };
+        store::put_json(
+            store.as_ref(),
+            &model::proxy_key(PROXY),
+            &proxy,
+            Some(lease),
+        )
+        .await
+        .unwrap();
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            test_key(),
+            Duration::from_secs(300),
+            TEST_COST,
+        ));
+        World {
+            store,
+            runtime: Arc::new(ScriptedRuntime::new()),
+            auth,
+            lease,
+        }
+    }
+
+    pub fn placer(&self, config: PlacementConfig) -> Arc<Placer> {
+        Arc::new(Placer::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            self.auth.clone(),
+            config,
+        ))
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let groups = if user == "carol" {
+            vec!["staff".into()]
+        } else {
+            vec!["students".into()]
+        };
+        let now = model::now();
+        test_key().sign(&Claims {
+            sub: user.into(),
+            groups,
+            iat: now,
+            exp: now + 300,
+            jti: "t".into(),
+        })
+    }
+
+    pub fn request(&self, user: &str, environment: &str) -> OpenRequest {
+        OpenRequest {
+            token: self.token(user),
+            environment: environment.into(),
+            proxy_id: PROXY.into(),
+            client_address: "192.0.2.1:40000".into(),
+            connection_id: "conn".into(),
+            kind: "shell".into(),
+        }
+    }
+
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.store
+            .range(prefix)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect()
+    }
+}
+
+pub fn no_progress(_: &str) {}

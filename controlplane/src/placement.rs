@@ -1,0 +1,981 @@
+//! Placement: which container serves a session (the Sessions service).
+//!
+//! The placement record `containers/{user}/{env}` is the single source of truth. It moves
+//! `creating → running → removing → (deleted)` only through compare-and-swap on its
+//! `mod_revision`, so concurrent opens on any number of replicas agree on one container, and an
+//! open racing the idle reaper either refreshes the record first (the reaper's CAS then fails)
+//! or sees it `removing` and waits for it to go.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use envgate_proto::ops::record_phase;
+use envgate_proto::token::Claims;
+use envgate_proto::v1::sessions_server::Sessions;
+use envgate_proto::v1::{
+    CloseSessionRequest, CloseSessionResponse, OpenSessionEvent, OpenSessionRequest, Placement,
+    Progress, open_session_event,
+};
+use futures::{Stream, StreamExt};
+use tokio::sync::OwnedMutexGuard;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::error::PlacementError;
+use crate::model::{
+    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
+    UserRecord,
+};
+use crate::runtime::{ContainerSpec, CreatedContainer, Runtime};
+use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
+
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    /// Written as a label on every container, so fleets sharing an engine stay apart.
+    pub instance: String,
+    /// Identifies this replica in records it claims, for logs.
+    pub replica_id: String,
+    /// Upper bound on one OpenSession, waiting included.
+    pub deadline: Duration,
+    /// A `creating` or `removing` record older than this is left over from a replica that
+    /// died mid-way, and may be taken over.
+    pub stale_after: Duration,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            instance: "default".into(),
+            replica_id: "controlplane".into(),
+            deadline: Duration::from_secs(120),
+            stale_after: Duration::from_secs(90),
+        }
+    }
+}
+
+pub struct OpenRequest {
+    pub token: String,
+    pub environment: String,
+    pub proxy_id: String,
+    pub client_address: String,
+    pub connection_id: String,
+    pub kind: String,
+}
+
+/// Serialises opens of one user+environment inside this replica, so its own concurrent opens
+/// queue behind the first instead of all racing the store. Across replicas the CAS on the
+/// record decides. The async mutex is held across awaits on purpose: that is its job.
+#[derive(Default)]
+struct KeyedLocks {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> OwnedMutexGuard<()> {
+        let mutex = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if locks.len() > 1024 {
+                locks.retain(|_, weak| weak.strong_count() > 0);
+            }
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(mutex) => mutex,
+                None => {
+                    let mutex = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.to_owned(), Arc::downgrade(&mutex));
+                    mutex
+                }
+            }
+        };
+        mutex.lock_owned().await
+    }
+}
+
+pub struct Placer {
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    auth: Arc<Authenticator>,
+    config: PlacementConfig,
+    locks: KeyedLocks,
+}
+
+/// Facts fixed at the start of one open.
+struct Context<'a> {
+    claims: &'a Claims,
+    env: &'a EnvironmentRecord,
+    session: SessionRecord,
+    lease: i64,
+    deadline: Instant,
+    progress: &'a (dyn Fn(&str) + Send + Sync),
+}
+
+enum Step {
+    Placed(Placement),
+    Retry,
+}
+
+impl Placer {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        auth: Arc<Authenticator>,
+        config: PlacementConfig,
+    ) -> Self {
+        Self {
+            store,
+            runtime,
+            auth,
+            config,
+            locks: KeyedLocks::default(),
+        }
+    }
+
+    /// Places a session, calling `progress` with lines for the user while it waits.
+    pub async fn open(
+        &self,
+        req: OpenRequest,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Placement, PlacementError> {
+        let started = Instant::now();
+        let claims = self.auth.verify_token(&req.token).await?;
+        let env = self.resolve_environment(&claims, &req.environment).await?;
+        let proxy: Versioned<ProxyRecord> =
+            store::get_json(self.store.as_ref(), &model::proxy_key(&req.proxy_id))
+                .await?
+                .ok_or_else(|| PlacementError::ProxyNotRegistered(req.proxy_id.clone()))?;
+        let session = SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            user: claims.sub.clone(),
+            environment: env.name.clone(),
+            container_key: String::new(),
+            container_id: String::new(),
+            proxy_id: req.proxy_id,
+            client_address: req.client_address,
+            connection_id: req.connection_id,
+            kind: req.kind,
+            started_at: model::now(),
+        };
+        let cx = Context {
+            claims: &claims,
+            env: &env,
+            session,
+            lease: proxy.value.lease_id,
+            deadline: started + self.config.deadline,
+            progress,
+        };
+        let result = match env.mode {
+            Mode::Persistent => self.place_persistent(&cx).await,
+            Mode::Ephemeral => self.place_ephemeral(&cx).await,
+        };
+        let outcome = match &result {
+            Ok(p) if p.created => "created",
+            Ok(_) => "reused",
+            Err(_) => "error",
+        };
+        record_phase(
+            "placement",
+            started.elapsed(),
+            &[("outcome", outcome.to_owned())],
+        );
+        result
+    }
+
+    /// requested → the user's default → the catalogue default; then the group check.
+    async fn resolve_environment(
+        &self,
+        claims: &Claims,
+        requested: &str,
+    ) -> Result<EnvironmentRecord, PlacementError> {
+        let catalogue: Vec<EnvironmentRecord> =
+            store::range_json(self.store.as_ref(), model::ENVIRONMENTS)
+                .await?
+                .into_iter()
+                .map(|(_, v)| v.value)
+                .collect();
+        let available: Vec<String> = catalogue
+            .iter()
+            .filter(|e| e.allows(&claims.groups))
+            .map(|e| e.name.clone())
+            .collect();
+        let name = if !requested.is_empty() {
+            requested.to_owned()
+        } else {
+            let user: Option<Versioned<UserRecord>> =
+                store::get_json(self.store.as_ref(), &model::user_key(&claims.sub)).await?;
+            match user
+                .map(|u| u.value.default_environment)
+                .filter(|d| !d.is_empty())
+            {
+                Some(default) => default,
+                None => match catalogue.iter().find(|e| e.is_default) {
+                    Some(e) => e.name.clone(),
+                    None => return Err(PlacementError::NoEnvironment { available }),
+                },
+            }
+        };
+        match catalogue.into_iter().find(|e| e.name == name) {
+            None => Err(PlacementError::UnknownEnvironment {
+                requested: name,
+                available,
+            }),
+            Some(env) if !env.allows(&claims.groups) => Err(PlacementError::Forbidden(name)),
+            Some(env) => Ok(env),
+        }
+    }
+
+    fn check_deadline(&self, cx: &Context<'_>) -> Result<(), PlacementError> {
+        if Instant::now() >= cx.deadline {
+            Err(PlacementError::Timeout(self.config.deadline.as_secs()))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn place_persistent(&self, cx: &Context<'_>) -> Result<Placement, PlacementError> {
+        let key = model::container_key(&cx.claims.sub, &cx.env.name);
+        let _local = self.locks.lock(&key).await;
+        let mut told_waiting = false;
+        loop {
+            self.check_deadline(cx)?;
+            let record: Option<Versioned<ContainerRecord>> =
+                store::get_json(self.store.as_ref(), &key).await?;
+            let step = match record {
+                None => {
+                    let claim = self.creating_record(cx, "");
+                    match store::create_if_absent(self.store.as_ref(), &key, &claim).await? {
+                        Some(revision) => self.create(cx, &key, claim, revision).await?,
+                        None => Step::Retry,
+                    }
+                }
+                Some(v) if v.value.state == ContainerState::Running => {
+                    self.attach_running(cx, &key, v).await?
+                }
+                Some(v) if self.is_stale(&v.value) => self.take_over(cx, &key, v).await?,
+                Some(v) => {
+                    if !told_waiting {
+                        (cx.progress)(&format!("waiting for environment \"{}\" …", cx.env.name));
+                        told_waiting = true;
+                    }
+                    self.wait_for_change(cx, &key, &v).await?;
+                    Step::Retry
+                }
+            };
+            if let Step::Placed(placement) = step {
+                return Ok(placement);
+            }
+        }
+    }
+
+    async fn place_ephemeral(&self, cx: &Context<'_>) -> Result<Placement, PlacementError> {
+        let key = model::ephemeral_container_key(&cx.claims.sub, &cx.env.name, &cx.session.id);
+        let claim = self.creating_record(cx, &cx.session.id);
+        let revision = store::create_if_absent(self.store.as_ref(), &key, &claim)
+            .await?
+            .ok_or_else(|| StoreError::Unavailable(format!("session id collision on {key}")))?;
+        match self.create(cx, &key, claim, revision).await? {
+            Step::Placed(placement) => Ok(placement),
+            // Only a takeover of a stale claim can beat us, and a fresh session id is never stale.
+            Step::Retry => Err(PlacementError::RuntimeFailed(format!(
+                "lost the claim on {key}"
+            ))),
+        }
+    }
+
+    fn creating_record(&self, cx: &Context<'_>, session_id: &str) -> ContainerRecord {
+        let now = model::now();
+        ContainerRecord {
+            user: cx.claims.sub.clone(),
+            environment: cx.env.name.clone(),
+            runtime: self.runtime.name().to_owned(),
+            container_id: String::new(),
+            container_name: String::new(),
+            state: ContainerState::Creating,
+            state_since: now,
+            created_at: now,
+            last_active_at: now,
+            session_id: session_id.to_owned(),
+            owner: self.config.replica_id.clone(),
+        }
+    }
+
+    fn is_stale(&self, record: &ContainerRecord) -> bool {
+        let age = model::now() - record.state_since;
+        age >= i64::try_from(self.config.stale_after.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// We hold the `creating` claim at `revision`: make the container, then in ONE txn mark
+    /// the record running and attach the session to the proxy's lease. Any failure removes
+    /// what was made and releases the claim.
+    async fn create(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        claim: ContainerRecord,
+        revision: i64,
+    ) -> Result<Step, PlacementError> {
+        (cx.progress)(&format!("starting environment \"{}\" …", cx.env.name));
+        let spec = ContainerSpec {
+            instance: self.config.instance.clone(),
+            user: cx.claims.sub.clone(),
+            environment: cx.env.name.clone(),
+            session: (!claim.session_id.is_empty()).then(|| claim.session_id.clone()),
+            image: cx.env.image.clone(),
+            env: cx.env.env.clone(),
+            working_dir: working_dir(cx.env, &cx.claims.sub),
+            cpus: cx.env.cpus,
+            memory_bytes: cx.env.memory_bytes,
+            pids_limit: cx.env.pids_limit,
+        };
+        let started = Instant::now();
+        let created = self.runtime.create_and_start(&spec).await;
+        let outcome = if created.is_ok() { "ok" } else { "error" };
+        record_phase(
+            "container_create",
+            started.elapsed(),
+            &[("outcome", outcome.to_owned())],
+        );
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::warn!(user = %spec.user, environment = %spec.environment, error = %e, "container creation failed");
+                self.release_claim(key, revision).await;
+                return Err(PlacementError::from_runtime(e, &cx.env.name));
+            }
+        };
+        tracing::info!(container = %created.id, name = %created.name, user = %spec.user, environment = %spec.environment, "container created");
+        let now = model::now();
+        let running = ContainerRecord {
+            container_id: created.id.clone(),
+            container_name: created.name.clone(),
+            state: ContainerState::Running,
+            state_since: now,
+            last_active_at: now,
+            ..claim
+        };
+        match self.commit(cx, key, revision, &running).await {
+            Ok(Some(placement)) => Ok(Step::Placed(Placement {
+                created: true,
+                ..placement
+            })),
+            Ok(None) => {
+                // Someone took the claim over as stale while we were slow: theirs wins.
+                self.remove_quietly(&created).await;
+                Ok(Step::Retry)
+            }
+            Err(e) => {
+                self.remove_quietly(&created).await;
+                self.release_claim(key, revision).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach_running(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        current: Versioned<ContainerRecord>,
+    ) -> Result<Step, PlacementError> {
+        let alive = self
+            .runtime
+            .is_running(&current.value.container_id)
+            .await
+            .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
+        if !alive {
+            tracing::info!(container = %current.value.container_id, key, "recorded container is gone; replacing it");
+            self.release_claim(key, current.mod_revision).await;
+            return Ok(Step::Retry);
+        }
+        let touched = ContainerRecord {
+            last_active_at: model::now(),
+            ..current.value
+        };
+        Ok(
+            match self.commit(cx, key, current.mod_revision, &touched).await? {
+                Some(placement) => Step::Placed(placement),
+                None => Step::Retry,
+            },
+        )
+    }
+
+    /// A `creating`/`removing` record whose replica died: claim it by CAS and start over.
+    async fn take_over(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        stale: Versioned<ContainerRecord>,
+    ) -> Result<Step, PlacementError> {
+        tracing::warn!(key, state = stale.value.state.as_str(), owner = %stale.value.owner, "taking over a stale placement record");
+        if !stale.value.container_id.is_empty()
+            && let Err(e) = self.runtime.remove(&stale.value.container_id).await
+        {
+            return Err(PlacementError::from_runtime(e, &cx.env.name));
+        }
+        let claim = self.creating_record(cx, &stale.value.session_id);
+        let taken = self
+            .store
+            .txn(
+                vec![Compare::revision(key, stale.mod_revision)],
+                vec![TxnOp::put_json(key, &claim, None)],
+            )
+            .await?;
+        match taken {
+            Some(revision) => self.create(cx, key, claim, revision).await,
+            None => Ok(Step::Retry),
+        }
+    }
+
+    /// The ONE txn that makes a placement real: record at `revision` → `record`, plus the
+    /// session under the proxy's lease. `Ok(None)` when the record changed meanwhile.
+    async fn commit(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        revision: i64,
+        record: &ContainerRecord,
+    ) -> Result<Option<Placement>, PlacementError> {
+        let session = SessionRecord {
+            container_key: key.to_owned(),
+            container_id: record.container_id.clone(),
+            ..cx.session.clone()
+        };
+        let ops = vec![
+            TxnOp::put_json(key, record, None),
+            TxnOp::put_json(model::session_key(&session.id), &session, Some(cx.lease)),
+        ];
+        match self
+            .store
+            .txn(vec![Compare::revision(key, revision)], ops)
+            .await
+        {
+            Ok(Some(_)) => Ok(Some(self.placement(cx, record, &session))),
+            Ok(None) => Ok(None),
+            Err(StoreError::LeaseNotFound(_)) => {
+                Err(PlacementError::ProxyNotRegistered(session.proxy_id.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn placement(
+        &self,
+        cx: &Context<'_>,
+        record: &ContainerRecord,
+        session: &SessionRecord,
+    ) -> Placement {
+        Placement {
+            session_id: session.id.clone(),
+            user: session.user.clone(),
+            environment: session.environment.clone(),
+            runtime: record.runtime.clone(),
+            container_id: record.container_id.clone(),
+            container_name: record.container_name.clone(),
+            shell: cx.env.shell.clone(),
+            working_dir: working_dir(cx.env, &session.user),
+            run_as: cx.env.run_as.clone(),
+            env: cx.env.env.clone(),
+            created: false,
+        }
+    }
+
+    /// Waits (bounded) until the record at `current` changes or could have gone stale.
+    async fn wait_for_change(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        current: &Versioned<ContainerRecord>,
+    ) -> Result<(), PlacementError> {
+        let mut changes = self
+            .store
+            .watch(key, false, current.mod_revision + 1)
+            .await?;
+        let until_stale = Duration::from_secs(
+            u64::try_from(
+                current.value.state_since + self.config.stale_after.as_secs() as i64 - model::now(),
+            )
+            .unwrap_or(0),
+        );
+        let until_deadline = cx.deadline.saturating_duration_since(Instant::now());
+        let wait = until_stale
+            .min(until_deadline)
+            .max(Duration::from_millis(100));
+        // A timeout or a watch error both mean: look again.
+        let _ = tokio::time::timeout(wait, changes.next()).await;
+        Ok(())
+    }
+
+    /// Deletes the record if it is still at `revision`; best effort, the reaper is the backstop.
+    async fn release_claim(&self, key: &str, revision: i64) {
+        let released = self
+            .store
+            .txn(
+                vec![Compare::revision(key, revision)],
+                vec![TxnOp::delete(key)],
+            )
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(key, error = %e, "releasing a placement claim failed; the reconciler will clean up");
+        }
+    }
+
+    async fn remove_quietly(&self, created: &CreatedContainer) {
+        if let Err(e) = self.runtime.remove(&created.id).await {
+            tracing::warn!(container = %created.id, error = %e, "removing a container after a failed placement");
+        }
+    }
+
+    /// Ends a session. Idempotent: an unknown session id is fine. Persistent containers
+    /// get `last_active_at = now` (their idle clock starts); ephemeral ones are removed.
+    pub async fn close(&self, session_id: &str) -> Result<(), PlacementError> {
+        let skey = model::session_key(session_id);
+        let Some(session) = store::get_json::<SessionRecord>(self.store.as_ref(), &skey).await?
+        else {
+            return Ok(());
+        };
+        let ckey = session.value.container_key.clone();
+        for _ in 0..16 {
+            let record: Option<Versioned<ContainerRecord>> =
+                store::get_json(self.store.as_ref(), &ckey).await?;
+            let Some(record) = record else {
+                self.store.delete(&skey).await?;
+                return Ok(());
+            };
+            let owned = record.value.session_id == session_id;
+            let next = if owned {
+                ContainerRecord {
+                    state: ContainerState::Removing,
+                    state_since: model::now(),
+                    owner: self.config.replica_id.clone(),
+                    ..record.value.clone()
+                }
+            } else if record.value.state == ContainerState::Running
+                && record.value.container_id == session.value.container_id
+            {
+                ContainerRecord {
+                    last_active_at: model::now(),
+                    ..record.value.clone()
+                }
+            } else {
+                // The record moved on to another container: nothing to refresh.
+                self.store.delete(&skey).await?;
+                return Ok(());
+            };
+            let ops = vec![TxnOp::put_json(&ckey, &next, None), TxnOp::delete(&skey)];
+            let Some(revision) = self
+                .store
+                .txn(vec![Compare::revision(&ckey, record.mod_revision)], ops)
+                .await?
+            else {
+                continue;
+            };
+            if owned {
+                self.runtime
+                    .remove(&next.container_id)
+                    .await
+                    .map_err(|e| PlacementError::from_runtime(e, &next.environment))?;
+                self.store
+                    .txn(
+                        vec![Compare::revision(&ckey, revision)],
+                        vec![TxnOp::delete(&ckey)],
+                    )
+                    .await?;
+                tracing::info!(container = %next.container_id, user = %next.user, reason = "ephemeral session closed", "container removed");
+            }
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(format!(
+            "{ckey} kept changing; could not close {session_id}"
+        ))
+        .into())
+    }
+}
+
+fn working_dir(env: &EnvironmentRecord, user: &str) -> String {
+    if env.working_dir.is_empty() {
+        format!("/home/{user}")
+    } else {
+        env.working_dir.clone()
+    }
+}
+
+pub struct SessionsService {
+    placer: Arc<Placer>,
+}
+
+impl SessionsService {
+    pub fn new(placer: Arc<Placer>) -> Self {
+        Self { placer }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<OpenSessionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Sessions for SessionsService {
+    type OpenSessionStream = EventStream;
+
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "open_session",
+            connection = %req.connection_id,
+            proxy = %req.proxy_id,
+            environment = %req.environment,
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let placer = self.placer.clone();
+        let task = async move {
+            let progress_tx = tx.clone();
+            let progress = move |line: &str| {
+                let event = open_session_event::Event::Progress(Progress {
+                    message: line.to_owned(),
+                });
+                // Progress is advisory: a full or closed channel just drops the line.
+                let _ = progress_tx.try_send(Ok(OpenSessionEvent { event: Some(event) }));
+            };
+            let open = OpenRequest {
+                token: req.token,
+                environment: req.environment,
+                proxy_id: req.proxy_id,
+                client_address: req.client_address,
+                connection_id: req.connection_id,
+                kind: req.kind,
+            };
+            match placer.open(open, &progress).await {
+                Ok(placement) => {
+                    let session_id = placement.session_id.clone();
+                    tracing::info!(session = %session_id, user = %placement.user, container = %placement.container_id, created = placement.created, "session placed");
+                    let event = open_session_event::Event::Placement(placement);
+                    if tx
+                        .send(Ok(OpenSessionEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        // The proxy went away before hearing the answer: undo the session.
+                        if let Err(e) = placer.close(&session_id).await {
+                            tracing::warn!(session = %session_id, error = %e, "closing an unclaimed session");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "placement refused");
+                    let _ = tx.send(Err(Status::from(e))).await;
+                }
+            }
+        };
+        // Its own task, so a placement finishes (or is undone) even if the caller goes away.
+        tokio::spawn(task.instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<CloseSessionRequest>,
+    ) -> Result<Response<CloseSessionResponse>, Status> {
+        let req = request.into_inner();
+        self.placer.close(&req.session_id).await?;
+        Ok(Response::new(CloseSessionResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::fixtures::{World, no_progress};
+
+    fn fast() -> PlacementConfig {
+        PlacementConfig {
+            deadline: Duration::from_secs(20),
+            ..PlacementConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_opens_share_one_container() {
+        let world = World::new().await;
+        world.runtime.set_create_delay(Duration::from_millis(200));
+        // Two "replicas" sharing one store: the local lock and the store CAS both matter.
+        let replicas = [world.placer(fast()), world.placer(fast())];
+        let opens: Vec<_> = (0..20)
+            .map(|i| {
+                let placer = replicas[i % 2].clone();
+                let request = world.request("alice", "busybox");
+                tokio::spawn(async move { placer.open(request, &no_progress).await })
+            })
+            .collect();
+        let mut containers = HashSet::new();
+        let mut created = 0;
+        for open in opens {
+            let placement = open.await.unwrap().expect("placed");
+            containers.insert(placement.container_id.clone());
+            created += usize::from(placement.created);
+            assert_eq!(placement.shell, "/bin/sh");
+            assert_eq!(placement.working_dir, "/home/alice");
+        }
+        assert_eq!(containers.len(), 1, "{containers:?}");
+        assert_eq!((created, world.runtime.creates()), (1, 1));
+        assert_eq!(world.keys("sessions/").await.len(), 20);
+        assert_eq!(
+            world.keys("containers/").await,
+            ["containers/alice/busybox"]
+        );
+    }
+
+    #[tokio::test]
+    async fn environment_resolution_and_refusals() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let default = placer
+            .open(world.request("alice", ""), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(default.environment, "busybox");
+
+        let err = placer
+            .open(world.request("alice", "nope"), &no_progress)
+            .await
+            .unwrap_err();
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(
+            status.message(),
+            r#"unknown environment "nope"; available: busybox, scratch"#
+        );
+
+        let err = placer
+            .open(world.request("alice", "debian"), &no_progress)
+            .await
+            .unwrap_err();
+        assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
+        let staff = placer
+            .open(world.request("carol", "debian"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(staff.environment, "debian");
+
+        let mut request = world.request("alice", "busybox");
+        request.token = "forged.token".into();
+        let err = placer.open(request, &no_progress).await.unwrap_err();
+        assert_eq!(Status::from(err).code(), tonic::Code::Unauthenticated);
+
+        let mut request = world.request("alice", "busybox");
+        request.proxy_id = "ghost".into();
+        let status = Status::from(placer.open(request, &no_progress).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("proxy not registered"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_creation_leaves_nothing_behind() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        world.runtime.fail_next_creates(1);
+        let err = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap_err();
+        assert_eq!(Status::from(err).code(), tonic::Code::Internal);
+        assert!(world.keys("containers/").await.is_empty());
+        assert!(world.keys("sessions/").await.is_empty());
+        assert!(world.runtime.containers().is_empty());
+
+        world.runtime.set_image_missing("envgate/busybox:latest");
+        let status = Status::from(
+            placer
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            r#"image envgate/busybox:latest for environment "busybox" is not available on this host"#
+        );
+        assert!(world.keys("containers/").await.is_empty());
+
+        world.runtime.set_unavailable(true);
+        let status = Status::from(
+            placer
+                .open(world.request("alice", "scratch"), &no_progress)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(world.keys("containers/").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ephemeral_containers_live_for_one_session() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let a = placer
+            .open(world.request("alice", "scratch"), &no_progress)
+            .await
+            .unwrap();
+        let b = placer
+            .open(world.request("alice", "scratch"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(a.container_id, b.container_id);
+        assert!(a.created && b.created);
+        placer.close(&a.session_id).await.unwrap();
+        let left: Vec<String> = world
+            .runtime
+            .containers()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(left, [b.container_id.clone()]);
+        assert_eq!(
+            world.keys("containers/").await,
+            [format!("containers/alice/scratch/{}", b.session_id)]
+        );
+        assert_eq!(
+            world.keys("sessions/").await,
+            [format!("sessions/{}", b.session_id)]
+        );
+        placer
+            .close(&a.session_id)
+            .await
+            .expect("closing twice is fine");
+        placer
+            .close("never-existed")
+            .await
+            .expect("unknown sessions are fine");
+    }
+
+    #[tokio::test]
+    async fn closing_a_persistent_session_starts_the_idle_clock() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let placement = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let key = model::container_key("alice", "busybox");
+        let mut record: ContainerRecord = store::get_json(world.store.as_ref(), &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        record.last_active_at = 1;
+        store::put_json(world.store.as_ref(), &key, &record, None)
+            .await
+            .unwrap();
+        placer.close(&placement.session_id).await.unwrap();
+        let after: ContainerRecord = store::get_json(world.store.as_ref(), &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert!(after.last_active_at >= model::now() - 1);
+        assert_eq!(after.state, ContainerState::Running);
+        assert!(world.keys("sessions/").await.is_empty());
+        assert_eq!(
+            world.runtime.containers().len(),
+            1,
+            "persistent containers outlive sessions"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vanished_container_is_replaced() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let first = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        world.runtime.lose(&first.container_id);
+        let second = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(first.container_id, second.container_id);
+        assert!(second.created);
+    }
+
+    #[tokio::test]
+    async fn a_stale_claim_is_taken_over_and_a_fresh_one_waited_for() {
+        let world = World::new().await;
+        let key = model::container_key("alice", "busybox");
+        let mut stuck = ContainerRecord {
+            user: "alice".into(),
+            environment: "busybox".into(),
+            runtime: "scripted".into(),
+            container_id: String::new(),
+            container_name: String::new(),
+            state: ContainerState::Creating,
+            state_since: model::now() - 3600,
+            created_at: model::now() - 3600,
+            last_active_at: model::now() - 3600,
+            session_id: String::new(),
+            owner: "dead-replica".into(),
+        };
+        store::put_json(world.store.as_ref(), &key, &stuck, None)
+            .await
+            .unwrap();
+        let placer = world.placer(fast());
+        let placement = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert!(placement.created);
+
+        // A fresh claim by another replica: the open waits, then attaches once it is running.
+        store::put_json(
+            world.store.as_ref(),
+            &key,
+            &{
+                stuck.state_since = model::now();
+                stuck.clone()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let waiter = {
+            let placer = placer.clone();
+            let request = world.request("alice", "busybox");
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let progress = move |l: &str| lines.lock().unwrap().push(l.to_owned());
+                placer.open(request, &progress).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiter.is_finished());
+        let running = ContainerRecord {
+            state: ContainerState::Running,
+            container_id: placement.container_id.clone(),
+            ..stuck
+        };
+        store::put_json(world.store.as_ref(), &key, &running, None)
+            .await
+            .unwrap();
+        let attached = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(attached.container_id, placement.container_id);
+        assert!(!attached.created);
+        assert_eq!(
+            lines.lock().unwrap().as_slice(),
+            [r#"waiting for environment "busybox" …"#]
+        );
+    }
+}
