@@ -7,6 +7,7 @@ pub mod error;
 mod fixtures;
 pub mod model;
 pub mod placement;
+pub mod reconcile;
 pub mod runtime;
 pub mod store;
 

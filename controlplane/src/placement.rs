@@ -330,7 +330,10 @@ impl Placer {
             pids_limit: cx.env.pids_limit,
         };
         let started = Instant::now();
-        let created = self.runtime.create_and_start(&spec).await;
+        let created = match self.runtime.ensure_volume(&spec.instance, &spec.user).await {
+            Ok(_) => self.runtime.create_and_start(&spec).await,
+            Err(e) => Err(e),
+        };
         let outcome = if created.is_ok() { "ok" } else { "error" };
         record_phase(
             "container_create",

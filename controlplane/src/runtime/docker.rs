@@ -178,7 +178,8 @@ impl Runtime for DockerRuntime {
                 ));
             }
         }
-        let volume = self.ensure_volume(&spec.instance, &spec.user).await?;
+        // The caller ensured the volume (see `Runtime::ensure_volume`).
+        let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),

@@ -74,7 +74,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Creates the user's home volume if missing; returns its name. Never removed by envgate.
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
-    /// Creates and starts a container; on failure nothing is left behind.
+    /// Creates and starts a container; on failure nothing is left behind. The user's home
+    /// volume must exist (`ensure_volume`).
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,

@@ -28,6 +28,7 @@ struct State {
     missing_images: HashSet<String>,
     fail_creates: usize,
     unavailable: bool,
+    inspect_delay: Duration,
     creates: usize,
     removes: usize,
 }
@@ -60,6 +61,10 @@ impl ScriptedRuntime {
     }
     pub fn set_unavailable(&self, unavailable: bool) {
         self.lock().unavailable = unavailable;
+    }
+    /// Every `is_running` waits this long first, to widen race windows.
+    pub fn set_inspect_delay(&self, delay: Duration) {
+        self.lock().inspect_delay = delay;
     }
     /// Simulates a container that died or was removed behind envgate's back.
     pub fn lose(&self, id: &str) {
@@ -156,6 +161,8 @@ impl Runtime for ScriptedRuntime {
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
         self.check_available()?;
+        let delay = self.lock().inspect_delay;
+        tokio::time::sleep(delay).await;
         Ok(self.lock().containers.get(id).is_some_and(|c| c.running))
     }
 
