@@ -1,0 +1,558 @@
+//! The proxy library in-process against a fake control plane (an in-process
+//! tonic server that signs real tokens and counts calls), a real container
+//! made from `envgate/busybox:latest`, and the real OpenSSH client.
+//!
+//! Needs Docker and the image (`deploy/local/images busybox`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envgate_proto::token::{Claims, TokenKey};
+use envgate_proto::v1::auth_server::{Auth, AuthServer};
+use envgate_proto::v1::fleet_server::{Fleet, FleetServer};
+use envgate_proto::v1::sessions_server::{Sessions, SessionsServer};
+use envgate_proto::v1::{
+    AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, CloseSessionResponse,
+    FleetCommand, OpenSessionEvent, OpenSessionRequest, Placement, Progress, ProxyMessage,
+    authenticate_request, open_session_event,
+};
+use envgate_proxy::config::parse_cidrs;
+use envgate_proxy::{Config, Proxy};
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+const IMAGE: &str = "envgate/busybox:latest";
+const SEED: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const SSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// The balancer's address in the trusted-source test (a second loopback address).
+const BALANCER_IP: &str = "127.0.0.2";
+/// The client address the fake balancer claims in its PROXY header.
+const HEADER_CLIENT: &str = "203.0.113.9:4242";
+
+/// What the fake control plane saw.
+#[derive(Default)]
+struct Seen {
+    authenticate: AtomicUsize,
+    open_session: AtomicUsize,
+    close_session: AtomicUsize,
+    registered: AtomicUsize,
+    client_addresses: Mutex<Vec<String>>,
+    closed_statuses: Mutex<Vec<i32>>,
+}
+
+#[derive(Clone)]
+struct FakeControlPlane {
+    key: Arc<TokenKey>,
+    /// user -> authorized public keys (SSH wire format)
+    keys: Arc<HashMap<String, Vec<Vec<u8>>>>,
+    container_id: String,
+    seen: Arc<Seen>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tonic::async_trait]
+impl Auth for FakeControlPlane {
+    async fn authenticate(
+        &self,
+        request: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        self.seen.authenticate.fetch_add(1, Ordering::SeqCst);
+        let request = request.into_inner();
+        self.seen
+            .client_addresses
+            .lock()
+            .unwrap()
+            .push(request.client_address.clone());
+        let ok = match &request.credential {
+            Some(authenticate_request::Credential::PublicKey(key)) => self
+                .keys
+                .get(&request.username)
+                .is_some_and(|keys| keys.contains(key)),
+            _ => false,
+        };
+        if !ok {
+            return Err(Status::unauthenticated("wrong credential"));
+        }
+        let claims = Claims {
+            sub: request.username.clone(),
+            groups: vec!["students".into()],
+            iat: now(),
+            exp: now() + 300,
+            jti: format!("t{}", self.seen.authenticate.load(Ordering::SeqCst)),
+        };
+        Ok(Response::new(AuthenticateResponse {
+            token: self.key.sign(&claims),
+            user: request.username,
+            expires_at: claims.exp,
+        }))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<OpenSessionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Sessions for FakeControlPlane {
+    type OpenSessionStream = EventStream;
+
+    async fn open_session(
+        &self,
+        request: Request<OpenSessionRequest>,
+    ) -> Result<Response<Self::OpenSessionStream>, Status> {
+        self.seen.open_session.fetch_add(1, Ordering::SeqCst);
+        let request = request.into_inner();
+        let claims = self
+            .key
+            .verify(&request.token, now())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        self.seen
+            .client_addresses
+            .lock()
+            .unwrap()
+            .push(request.client_address.clone());
+        let environment = match request.environment.as_str() {
+            "" | "busybox" => "busybox",
+            other => {
+                return Err(Status::not_found(format!(
+                    "unknown environment \"{other}\"; available: busybox, debian"
+                )));
+            }
+        };
+        let events = vec![
+            Ok(OpenSessionEvent {
+                event: Some(open_session_event::Event::Progress(Progress {
+                    message: "starting environment busybox".into(),
+                })),
+            }),
+            Ok(OpenSessionEvent {
+                event: Some(open_session_event::Event::Placement(Placement {
+                    session_id: format!("s{}", self.seen.open_session.load(Ordering::SeqCst)),
+                    user: claims.sub,
+                    environment: environment.into(),
+                    runtime: "docker".into(),
+                    container_id: self.container_id.clone(),
+                    container_name: "test".into(),
+                    shell: "/bin/sh".into(),
+                    working_dir: "/".into(),
+                    run_as: String::new(),
+                    env: vec!["HOME=/root".into()],
+                    created: false,
+                })),
+            }),
+        ];
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<CloseSessionRequest>,
+    ) -> Result<Response<CloseSessionResponse>, Status> {
+        self.seen.close_session.fetch_add(1, Ordering::SeqCst);
+        self.seen
+            .closed_statuses
+            .lock()
+            .unwrap()
+            .push(request.into_inner().exit_status);
+        Ok(Response::new(CloseSessionResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FakeControlPlane {
+    type AttachStream = ReceiverStream<Result<FleetCommand, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            // Keep the command stream open while the proxy is attached.
+            let _commands = tx;
+            while let Ok(Some(message)) = incoming.message().await {
+                if let Some(envgate_proto::v1::proxy_message::Message::Register(_)) =
+                    message.message
+                {
+                    seen.registered.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A container for the test, removed on drop.
+struct TestContainer {
+    id: String,
+}
+
+impl TestContainer {
+    fn start() -> Self {
+        let name = format!("envgate-proxytest-{}-{}", std::process::id(), now());
+        let output = Command::new("docker")
+            .args(["run", "-d", "--rm", "--init", "--name", &name])
+            .args(["--label", "envgate.managed-by=envgate-proxy-test"])
+            .args([IMAGE, "/bin/sh", "-c", "while :; do sleep 3600; done"])
+            .output()
+            .expect("docker runs");
+        assert!(
+            output.status.success(),
+            "docker run failed (build the image with deploy/local/images busybox): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self {
+            id: String::from_utf8(output.stdout).unwrap().trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for TestContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(status.success());
+    path
+}
+
+fn public_key_wire(private: &Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(private.with_extension("pub")).unwrap();
+    russh::keys::PublicKey::from_openssh(text.trim())
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+}
+
+struct SshRun {
+    stdout: Vec<u8>,
+    stderr: String,
+    code: Option<i32>,
+}
+
+impl SshRun {
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+async fn ssh(port: u16, key: &Path, login: &str, command: &str, stdin: Option<Vec<u8>>) -> SshRun {
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args([
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+    ])
+    .arg("-i")
+    .arg(key)
+    .args([
+        "-p",
+        &port.to_string(),
+        "-l",
+        login,
+        "127.0.0.1",
+        "--",
+        command,
+    ])
+    .stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("ssh runs");
+    let writer = stdin.map(|data| {
+        let mut pipe = child.stdin.take().unwrap();
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&data).await;
+        })
+    });
+    let output = tokio::time::timeout(SSH_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("ssh finished in time")
+        .unwrap();
+    if let Some(writer) = writer {
+        writer.await.unwrap();
+    }
+    SshRun {
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code(),
+    }
+}
+
+/// A fake balancer: accepts on 127.0.0.1 and connects to the proxy from
+/// BALANCER_IP, sending a PROXY v2 header that names HEADER_CLIENT.
+async fn fake_balancer(proxy: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket
+                    .bind(format!("{BALANCER_IP}:0").parse().unwrap())
+                    .unwrap();
+                let mut upstream = socket.connect(proxy).await.unwrap();
+                upstream
+                    .write_all(&proxy_v2_header(HEADER_CLIENT.parse().unwrap(), proxy))
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (source, destination) else {
+        panic!("IPv4 only")
+    };
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&src.ip().octets());
+    header.extend_from_slice(&dst.ip().octets());
+    header.extend_from_slice(&src.port().to_be_bytes());
+    header.extend_from_slice(&dst.port().to_be_bytes());
+    header
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_serves_sessions_into_a_real_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let host_key = keygen(dir.path(), "host_ed25519");
+    let demo_key = keygen(dir.path(), "demo_ed25519");
+    let stranger_key = keygen(dir.path(), "stranger_ed25519");
+    let container = TestContainer::start();
+
+    // The fake control plane.
+    let seen = Arc::new(Seen::default());
+    let fake = FakeControlPlane {
+        key: Arc::new(TokenKey::from_hex_seed(SEED).unwrap()),
+        keys: Arc::new(HashMap::from([(
+            "demo".to_owned(),
+            vec![public_key_wire(&demo_key)],
+        )])),
+        container_id: container.id.clone(),
+        seen: seen.clone(),
+    };
+    let cp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_addr = cp_listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let cp = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthServer::new(fake.clone()))
+            .add_service(SessionsServer::new(fake.clone()))
+            .add_service(FleetServer::new(fake))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(cp_listener),
+                stop.clone().cancelled_owned(),
+            ),
+    );
+
+    // The proxy, in-process.
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: None,
+        controlplane: vec![format!("http://{cp_addr}")],
+        host_key: Config::load_host_key(&host_key).unwrap(),
+        proxy_id: "test-proxy".into(),
+        trusted_proxies: parse_cidrs(BALANCER_IP).unwrap(),
+        max_connections: 64,
+        login_grace: Duration::from_secs(20),
+        shutdown_grace: Duration::from_secs(2),
+        auth_cache_size: 128,
+        docker_host: None,
+        advertise: None,
+    };
+    let proxy = Proxy::bind(config, None).await.unwrap();
+    let port = proxy.ssh_addr().port();
+    let proxy_addr = proxy.ssh_addr();
+    let readiness = proxy.readiness();
+    let proxy_task = tokio::spawn(proxy.run(stop.clone()));
+
+    // Registration with the fleet makes the proxy ready.
+    let registered = async {
+        while seen.registered.load(Ordering::SeqCst) == 0 || !readiness.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), registered)
+        .await
+        .expect("the proxy registers");
+
+    // `date` prints, and the first connection authenticates against the control plane.
+    let run = ssh(port, &demo_key, "demo", "date", None).await;
+    assert_eq!(run.code, Some(0), "date failed: {}", run.stderr);
+    assert!(!run.stdout.is_empty());
+    assert_eq!(seen.authenticate.load(Ordering::SeqCst), 1);
+
+    // A second connection hits the auth cache.
+    let run = ssh(port, &demo_key, "demo", "exit 7", None).await;
+    assert_eq!(
+        run.code,
+        Some(7),
+        "exit status must propagate: {}",
+        run.stderr
+    );
+    assert_eq!(
+        seen.authenticate.load(Ordering::SeqCst),
+        1,
+        "the second login must come from the cache"
+    );
+
+    // Input reaches the process and its EOF too.
+    let run = ssh(port, &demo_key, "demo", "cat", Some(b"hi\n".to_vec())).await;
+    assert_eq!(
+        (run.code, run.stdout_text().as_str()),
+        (Some(0), "hi\n"),
+        "{}",
+        run.stderr
+    );
+
+    // stdout and stderr stay apart without a terminal.
+    let run = ssh(port, &demo_key, "demo", "echo out; echo err >&2", None).await;
+    assert_eq!(run.stdout_text(), "out\n");
+    assert_eq!(run.stderr, "err\n");
+
+    // A 20 MB round trip is byte-exact.
+    let data: Vec<u8> = {
+        let mut state = 0x9e3779b97f4a7c15u64;
+        (0..20_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    };
+    let run = ssh(port, &demo_key, "demo", "cat", Some(data.clone())).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout.len(), data.len());
+    assert!(run.stdout == data, "the round trip changed the bytes");
+
+    // An unknown environment: one clear line and exit 1.
+    let run = ssh(port, &demo_key, "demo+nope", "date", None).await;
+    assert_eq!(run.code, Some(1));
+    assert_eq!(
+        run.stderr,
+        "envgate: unknown environment \"nope\"; available: busybox, debian\n"
+    );
+
+    // A bad user name is refused before any RPC.
+    let before = seen.authenticate.load(Ordering::SeqCst);
+    let run = ssh(port, &demo_key, "Bad..User", "date", None).await;
+    assert_eq!(run.code, Some(255));
+    assert!(run.stderr.contains("Permission denied"), "{}", run.stderr);
+    assert_eq!(seen.authenticate.load(Ordering::SeqCst), before);
+
+    // A wrong key is rejected and never reaches OpenSession.
+    let opens = seen.open_session.load(Ordering::SeqCst);
+    let run = ssh(port, &stranger_key, "demo", "date", None).await;
+    assert_eq!(run.code, Some(255));
+    assert!(run.stderr.contains("Permission denied"), "{}", run.stderr);
+    assert_eq!(seen.open_session.load(Ordering::SeqCst), opens);
+
+    // A PROXY header from an untrusted source is refused...
+    let mut stream = TcpStream::connect(proxy_addr).await.unwrap();
+    stream
+        .write_all(&proxy_v2_header(HEADER_CLIENT.parse().unwrap(), proxy_addr))
+        .await
+        .unwrap();
+    // The proxy may already have closed (and reset) the connection.
+    let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the proxy must close without speaking SSH: {read:?}"
+    );
+    // ...while a normal connection still works.
+    let run = ssh(port, &demo_key, "demo", "echo still", None).await;
+    assert_eq!(run.stdout_text(), "still\n", "{}", run.stderr);
+
+    // From the trusted balancer, the client address comes from the header.
+    let balancer = fake_balancer(proxy_addr).await;
+    seen.client_addresses.lock().unwrap().clear();
+    let run = ssh(
+        balancer.port(),
+        &demo_key,
+        "demo",
+        "echo via-balancer",
+        None,
+    )
+    .await;
+    assert_eq!(run.stdout_text(), "via-balancer\n", "{}", run.stderr);
+    let addresses = seen.client_addresses.lock().unwrap().clone();
+    assert!(!addresses.is_empty());
+    assert!(
+        addresses.iter().all(|a| a == HEADER_CLIENT),
+        "{addresses:?}"
+    );
+
+    // Every placed session was released, with its exit status.
+    let released = async {
+        while seen.close_session.load(Ordering::SeqCst)
+            < seen.open_session.load(Ordering::SeqCst) - 1
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), released)
+        .await
+        .expect("CloseSession for each placement");
+    assert!(seen.closed_statuses.lock().unwrap().contains(&7));
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), proxy_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = cp.await;
+}
