@@ -516,7 +516,7 @@ mod tests {
     }
 
     /// Whoever wins, the user must never be handed a container the reaper removed.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_open_racing_the_reaper_always_gets_a_live_container() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
@@ -533,10 +533,20 @@ mod tests {
             world
                 .runtime
                 .set_inspect_delay(Duration::from_millis(round % 4));
+            // Alternate head starts so both orders happen, besides close interleavings.
+            let (open_delay, reap_delay) = match round % 3 {
+                0 => (0, 0),
+                1 => (0, 20),
+                _ => (20, 0),
+            };
             let reaping = {
                 let reaper = reaper.clone();
-                tokio::spawn(async move { reaper.reconcile().await })
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(reap_delay)).await;
+                    reaper.reconcile().await
+                })
             };
+            tokio::time::sleep(Duration::from_millis(open_delay)).await;
             let placement = placer
                 .open(world.request("alice", "busybox"), &no_progress)
                 .await
@@ -569,6 +579,10 @@ mod tests {
             placer.close(&placement.session_id).await.unwrap();
         }
         println!("open won {open_won} rounds, reaper won {reaper_won}");
+        assert!(
+            open_won > 0 && reaper_won > 0,
+            "both orders must be exercised"
+        );
     }
 
     #[tokio::test]
