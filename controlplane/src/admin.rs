@@ -1,0 +1,406 @@
+//! `envgate.admin.v1.Admin`: users, the environment catalogue, and read-only views of
+//! sessions, containers and proxies. Every call passes `AdminGuard` first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envgate_proto::admin::v1 as pb;
+use envgate_proto::admin::v1::admin_server::Admin;
+use envgate_proto::names;
+use envgate_proto::v1::{FleetCommand, RevokeUser, fleet_command};
+use russh::keys::ssh_key::PublicKey;
+use tonic::service::Interceptor;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{HashCost, hash_password};
+use crate::error::AdminError;
+use crate::fleet::FleetRegistry;
+use crate::model::{
+    self, ContainerRecord, EnvironmentRecord, Mode, ProxyRecord, RevocationRecord, SessionRecord,
+    UserRecord,
+};
+use crate::store::{self, Store};
+
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
+
+/// Checks `authorization: Bearer <admin token>` before any admin handler runs.
+#[derive(Clone)]
+pub struct AdminGuard {
+    expected: Arc<Vec<u8>>,
+}
+
+impl AdminGuard {
+    pub fn new(token: &str) -> Self {
+        Self { expected: Arc::new(format!("Bearer {}", token.trim()).into_bytes()) }
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Interceptor for AdminGuard {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get(envgate_proto::metadata::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(presented, &self.expected) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("admin calls need authorization: Bearer <admin token>"))
+        }
+    }
+}
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    fleet: Arc<FleetRegistry>,
+    hash_cost: HashCost,
+}
+
+impl AdminService {
+    pub fn new(store: Arc<dyn Store>, fleet: Arc<FleetRegistry>, hash_cost: HashCost) -> Self {
+        Self { store, fleet, hash_cost }
+    }
+
+    /// Refuses the user's existing tokens from now on, here and in every proxy's cache.
+    async fn revoke(&self, user: &str) -> Result<(), AdminError> {
+        // +1: tokens issued earlier in this same second are refused too.
+        let record = RevocationRecord { not_before: model::now() + 1 };
+        store::put_json(self.store.as_ref(), &model::revocation_key(user), &record, None).await?;
+        let command = FleetCommand {
+            command: Some(fleet_command::Command::RevokeUser(RevokeUser { user: user.to_owned() })),
+        };
+        let told = self.fleet.broadcast(&command);
+        tracing::info!(user, proxies = told, "tokens revoked");
+        Ok(())
+    }
+
+    async fn put_user(&self, req: pb::PutUserRequest) -> Result<pb::User, AdminError> {
+        let user = req.user.ok_or_else(|| AdminError::invalid("user", "required"))?;
+        validate_user(&user)?;
+        if !req.password.is_empty() && req.clear_password {
+            return Err(AdminError::invalid("password", "cannot be set and cleared at once"));
+        }
+        let key = model::user_key(&user.name);
+        let existing = store::get_json::<UserRecord>(self.store.as_ref(), &key).await?.map(|v| v.value);
+        let password_hash = if req.clear_password {
+            None
+        } else if !req.password.is_empty() {
+            Some(hash_password(req.password, self.hash_cost).await?)
+        } else {
+            existing.as_ref().and_then(|e| e.password_hash.clone())
+        };
+        let record = UserRecord {
+            name: user.name,
+            password_hash,
+            authorized_keys: user.authorized_keys,
+            groups: user.groups,
+            default_environment: user.default_environment,
+            disabled: user.disabled,
+        };
+        store::put_json(self.store.as_ref(), &key, &record, None).await?;
+        if record.disabled {
+            self.revoke(&record.name).await?;
+        }
+        Ok(user_to_pb(&record))
+    }
+
+    async fn put_environment(&self, env: Option<pb::Environment>) -> Result<pb::Environment, AdminError> {
+        let env = env.ok_or_else(|| AdminError::invalid("environment", "required"))?;
+        let record = environment_from_pb(env)?;
+        if record.is_default {
+            // One catalogue default: clear the flag elsewhere.
+            let others: Vec<(String, store::Versioned<EnvironmentRecord>)> =
+                store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
+            for (key, other) in others {
+                if other.value.is_default && other.value.name != record.name {
+                    let cleared = EnvironmentRecord { is_default: false, ..other.value };
+                    store::put_json(self.store.as_ref(), &key, &cleared, None).await?;
+                }
+            }
+        }
+        store::put_json(self.store.as_ref(), &model::environment_key(&record.name), &record, None).await?;
+        tracing::info!(environment = %record.name, image = %record.image, "environment saved");
+        Ok(environment_to_pb(&record))
+    }
+
+    async fn list_containers(&self, req: pb::ListContainersRequest) -> Result<Vec<pb::Container>, AdminError> {
+        let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
+            store::range_json(self.store.as_ref(), model::SESSIONS).await?;
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        for (_, s) in sessions {
+            *counts.entry(s.value.container_key).or_default() += 1;
+        }
+        let records: Vec<(String, store::Versioned<ContainerRecord>)> =
+            store::range_json(self.store.as_ref(), model::CONTAINERS).await?;
+        Ok(records
+            .into_iter()
+            .filter(|(_, r)| req.user.is_empty() || r.value.user == req.user)
+            .filter(|(_, r)| req.environment.is_empty() || r.value.environment == req.environment)
+            .map(|(key, r)| {
+                let r = r.value;
+                pb::Container {
+                    sessions: counts.get(&key).copied().unwrap_or(0),
+                    user: r.user,
+                    environment: r.environment,
+                    runtime: r.runtime,
+                    container_id: r.container_id,
+                    container_name: r.container_name,
+                    state: r.state.as_str().to_owned(),
+                    created_at: r.created_at,
+                    last_active_at: r.last_active_at,
+                    session_id: r.session_id,
+                }
+            })
+            .collect())
+    }
+}
+
+fn validate_user(user: &pb::User) -> Result<(), AdminError> {
+    names::validate_user(&user.name).map_err(|e| AdminError::invalid("user.name", e.to_string()))?;
+    for (i, line) in user.authorized_keys.iter().enumerate() {
+        if PublicKey::from_openssh(line.trim()).is_err() {
+            return Err(AdminError::invalid(
+                format!("user.authorized_keys[{i}]"),
+                "not an OpenSSH public key",
+            ));
+        }
+    }
+    for (i, group) in user.groups.iter().enumerate() {
+        if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(AdminError::invalid(
+                format!("user.groups[{i}]"),
+                "must be a non-empty word without spaces",
+            ));
+        }
+    }
+    if !user.default_environment.is_empty() {
+        names::validate_environment(&user.default_environment)
+            .map_err(|e| AdminError::invalid("user.default_environment", e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn environment_from_pb(env: pb::Environment) -> Result<EnvironmentRecord, AdminError> {
+    names::validate_environment(&env.name)
+        .map_err(|e| AdminError::invalid("environment.name", e.to_string()))?;
+    if env.name == names::SELF_SERVICE_ENV {
+        return Err(AdminError::invalid("environment.name", "\"envgate\" is reserved"));
+    }
+    if env.image.trim().is_empty() {
+        return Err(AdminError::invalid("environment.image", "must not be empty"));
+    }
+    let shell = if env.shell.is_empty() { DEFAULT_SHELL.to_owned() } else { env.shell };
+    if !shell.starts_with('/') {
+        return Err(AdminError::invalid("environment.shell", "must be an absolute path"));
+    }
+    if !env.working_dir.is_empty() && !env.working_dir.starts_with('/') {
+        return Err(AdminError::invalid("environment.working_dir", "must be an absolute path"));
+    }
+    let mode = match env.mode.as_str() {
+        "" | "persistent" => Mode::Persistent,
+        "ephemeral" => Mode::Ephemeral,
+        _ => return Err(AdminError::invalid("environment.mode", "must be \"persistent\" or \"ephemeral\"")),
+    };
+    for (i, var) in env.env.iter().enumerate() {
+        let valid = var.split_once('=').is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if !valid {
+            return Err(AdminError::invalid(format!("environment.env[{i}]"), "must be KEY=value"));
+        }
+    }
+    for (i, group) in env.allowed_groups.iter().enumerate() {
+        if group.is_empty() || group.chars().any(char::is_whitespace) {
+            return Err(AdminError::invalid(
+                format!("environment.allowed_groups[{i}]"),
+                "must be a non-empty word without spaces",
+            ));
+        }
+    }
+    if !env.cpus.is_finite() || env.cpus < 0.0 {
+        return Err(AdminError::invalid("environment.cpus", "must be a non-negative number"));
+    }
+    if env.pids_limit < 0 {
+        return Err(AdminError::invalid("environment.pids_limit", "must not be negative"));
+    }
+    Ok(EnvironmentRecord {
+        name: env.name,
+        description: env.description,
+        image: env.image.trim().to_owned(),
+        shell,
+        working_dir: env.working_dir,
+        run_as: env.run_as,
+        env: env.env,
+        mode,
+        idle_timeout_seconds: if env.idle_timeout_seconds == 0 {
+            DEFAULT_IDLE_TIMEOUT_SECONDS
+        } else {
+            env.idle_timeout_seconds
+        },
+        allowed_groups: env.allowed_groups,
+        cpus: env.cpus,
+        memory_bytes: env.memory_bytes,
+        pids_limit: env.pids_limit,
+        is_default: env.is_default,
+    })
+}
+
+fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
+    pb::Environment {
+        name: e.name.clone(),
+        description: e.description.clone(),
+        image: e.image.clone(),
+        shell: e.shell.clone(),
+        working_dir: e.working_dir.clone(),
+        run_as: e.run_as.clone(),
+        env: e.env.clone(),
+        mode: e.mode.as_str().to_owned(),
+        idle_timeout_seconds: e.idle_timeout_seconds,
+        allowed_groups: e.allowed_groups.clone(),
+        cpus: e.cpus,
+        memory_bytes: e.memory_bytes,
+        pids_limit: e.pids_limit,
+        is_default: e.is_default,
+    }
+}
+
+/// Never carries the password hash, only whether one is set.
+fn user_to_pb(u: &UserRecord) -> pb::User {
+    pb::User {
+        name: u.name.clone(),
+        authorized_keys: u.authorized_keys.clone(),
+        groups: u.groups.clone(),
+        default_environment: u.default_environment.clone(),
+        disabled: u.disabled,
+        has_password: u.password_hash.is_some(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_users(
+        &self,
+        _: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let users: Vec<(String, store::Versioned<UserRecord>)> =
+            store::range_json(self.store.as_ref(), model::USERS).await?;
+        let users = users.iter().map(|(_, u)| user_to_pb(&u.value)).collect();
+        Ok(Response::new(pb::ListUsersResponse { users }))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
+        let name = request.into_inner().name;
+        let user = store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&name))
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("user {name:?}")))?;
+        Ok(Response::new(user_to_pb(&user.value)))
+    }
+
+    async fn put_user(&self, request: Request<pb::PutUserRequest>) -> Result<Response<pb::User>, Status> {
+        Ok(Response::new(self.put_user(request.into_inner()).await?))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let name = request.into_inner().name;
+        names::validate_user(&name).map_err(|e| AdminError::invalid("name", e.to_string()))?;
+        if self.store.delete(&model::user_key(&name)).await? {
+            self.revoke(&name).await?;
+            tracing::info!(user = %name, "user deleted");
+        }
+        Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    async fn list_environments(
+        &self,
+        _: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        let envs: Vec<(String, store::Versioned<EnvironmentRecord>)> =
+            store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
+        let environments = envs.iter().map(|(_, e)| environment_to_pb(&e.value)).collect();
+        Ok(Response::new(pb::ListEnvironmentsResponse { environments }))
+    }
+
+    async fn put_environment(
+        &self,
+        request: Request<pb::PutEnvironmentRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        Ok(Response::new(self.put_environment(request.into_inner().environment).await?))
+    }
+
+    async fn delete_environment(
+        &self,
+        request: Request<pb::DeleteEnvironmentRequest>,
+    ) -> Result<Response<pb::DeleteEnvironmentResponse>, Status> {
+        let name = request.into_inner().name;
+        names::validate_environment(&name).map_err(|e| AdminError::invalid("name", e.to_string()))?;
+        self.store.delete(&model::environment_key(&name)).await?;
+        Ok(Response::new(pb::DeleteEnvironmentResponse {}))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let filter = request.into_inner();
+        let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
+            store::range_json(self.store.as_ref(), model::SESSIONS).await?;
+        let sessions = sessions
+            .into_iter()
+            .map(|(_, s)| s.value)
+            .filter(|s| filter.user.is_empty() || s.user == filter.user)
+            .filter(|s| filter.environment.is_empty() || s.environment == filter.environment)
+            .filter(|s| filter.proxy_id.is_empty() || s.proxy_id == filter.proxy_id)
+            .map(|s| pb::Session {
+                id: s.id,
+                user: s.user,
+                environment: s.environment,
+                container_id: s.container_id,
+                proxy_id: s.proxy_id,
+                client_address: s.client_address,
+                kind: s.kind,
+                started_at: s.started_at,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<pb::ListContainersRequest>,
+    ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let containers = self.list_containers(request.into_inner()).await?;
+        Ok(Response::new(pb::ListContainersResponse { containers }))
+    }
+
+    async fn list_proxies(
+        &self,
+        _: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        let proxies: Vec<(String, store::Versioned<ProxyRecord>)> =
+            store::range_json(self.store.as_ref(), model::PROXIES).await?;
+        let proxies = proxies
+            .into_iter()
+            .map(|(_, p)| p.value)
+            .map(|p| pb::Proxy {
+                id: p.id,
+                address: p.address,
+                version: p.version,
+                draining: p.draining,
+                sessions: p.sessions,
+                connections: p.connections,
+                registered_at: p.registered_at,
+                last_heartbeat_at: p.last_heartbeat_at,
+            })
+            .collect();
+        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+    }
+}

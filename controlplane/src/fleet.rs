@@ -1,0 +1,211 @@
+//! The Fleet service: each proxy's standing stream. While the stream lives, the proxy's
+//! record `proxies/{id}` — and every session placed through it — is kept alive under one
+//! etcd lease; when the stream ends the lease simply stops being refreshed and expires, taking
+//! the proxy's sessions with it. A proxy that reconnects (to any replica) before that reuses
+//! the lease, so its sessions survive a control-plane restart.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envgate_proto::v1::fleet_server::Fleet;
+use envgate_proto::v1::{FleetCommand, Heartbeat, ProxyMessage, Register, proxy_message};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::model::{self, ProxyRecord};
+use crate::store::{self, Store, StoreError};
+
+/// A proxy silent for this long (no stream, no keep-alive) loses its record and sessions.
+pub const PROXY_LEASE_TTL: Duration = Duration::from_secs(10);
+/// How long a new stream may take to send Register.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+type CommandSender = mpsc::Sender<Result<FleetCommand, Status>>;
+
+/// The proxies attached to this replica, so other parts can send them commands.
+#[derive(Default)]
+pub struct FleetRegistry {
+    attached: Mutex<HashMap<String, CommandSender>>,
+}
+
+impl FleetRegistry {
+    fn insert(&self, proxy_id: &str, sender: CommandSender) {
+        self.lock().insert(proxy_id.to_owned(), sender);
+    }
+
+    /// Removes the entry only if it is still this stream's (a newer stream may have replaced it).
+    fn remove_if_same(&self, proxy_id: &str, sender: &CommandSender) {
+        let mut attached = self.lock();
+        if attached.get(proxy_id).is_some_and(|s| s.same_channel(sender)) {
+            attached.remove(proxy_id);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CommandSender>> {
+        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn attached(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Queues a command for one proxy; false if it is not attached here or its queue is full.
+    pub fn send(&self, proxy_id: &str, command: FleetCommand) -> bool {
+        let sender = self.lock().get(proxy_id).cloned();
+        sender.is_some_and(|s| s.try_send(Ok(command)).is_ok())
+    }
+
+    /// Queues a command for every proxy attached here; returns how many took it.
+    pub fn broadcast(&self, command: &FleetCommand) -> usize {
+        let senders: Vec<CommandSender> = self.lock().values().cloned().collect();
+        senders.iter().filter(|s| s.try_send(Ok(command.clone())).is_ok()).count()
+    }
+}
+
+pub struct FleetService {
+    store: Arc<dyn Store>,
+    registry: Arc<FleetRegistry>,
+    shutdown: CancellationToken,
+}
+
+impl FleetService {
+    pub fn new(store: Arc<dyn Store>, registry: Arc<FleetRegistry>, shutdown: CancellationToken) -> Self {
+        Self { store, registry, shutdown }
+    }
+}
+
+/// Reuses the lease of an existing record if etcd still has it, else grants a new one.
+async fn lease_for(store: &dyn Store, existing: Option<&ProxyRecord>) -> Result<(i64, bool), StoreError> {
+    if let Some(record) = existing
+        && store.lease_keep_alive(record.lease_id).await?
+    {
+        return Ok((record.lease_id, true));
+    }
+    Ok((store.lease_grant(PROXY_LEASE_TTL).await?, false))
+}
+
+async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord, Status> {
+    if register.proxy_id.is_empty() {
+        return Err(Status::invalid_argument("register.proxy_id: must not be empty"));
+    }
+    let key = model::proxy_key(&register.proxy_id);
+    let existing = store::get_json::<ProxyRecord>(store, &key).await?.map(|v| v.value);
+    let (lease_id, reused) = lease_for(store, existing.as_ref()).await?;
+    let now = model::now();
+    let record = ProxyRecord {
+        id: register.proxy_id.clone(),
+        address: register.address.clone(),
+        version: register.version.clone(),
+        capacity: register.capacity,
+        draining: false,
+        sessions: existing.as_ref().filter(|_| reused).map_or(0, |e| e.sessions),
+        connections: existing.as_ref().filter(|_| reused).map_or(0, |e| e.connections),
+        registered_at: existing.as_ref().filter(|_| reused).map_or(now, |e| e.registered_at),
+        last_heartbeat_at: now,
+        lease_id,
+    };
+    store::put_json(store, &key, &record, Some(lease_id)).await?;
+    tracing::info!(proxy = %record.id, address = %record.address, lease = lease_id, reused, "proxy attached");
+    Ok(record)
+}
+
+/// Lives as long as the proxy's stream: applies heartbeats and keeps the lease alive.
+async fn serve_stream(
+    store: Arc<dyn Store>,
+    mut record: ProxyRecord,
+    mut inbound: Streaming<ProxyMessage>,
+    shutdown: CancellationToken,
+) {
+    let key = model::proxy_key(&record.id);
+    let mut keep_alive = tokio::time::interval(PROXY_LEASE_TTL / 3);
+    keep_alive.tick().await;
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(ProxyMessage { message: Some(proxy_message::Message::Heartbeat(beat)) })) => {
+                    apply_heartbeat(&mut record, &beat);
+                    if let Err(e) = store::put_json(store.as_ref(), &key, &record, Some(record.lease_id)).await {
+                        tracing::warn!(proxy = %record.id, error = %e, "recording a heartbeat failed");
+                    }
+                }
+                Ok(Some(_)) => tracing::debug!(proxy = %record.id, "ignoring a repeated register"),
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(proxy = %record.id, error = %status, "proxy stream broke");
+                    break;
+                }
+            },
+            _ = keep_alive.tick() => match store.lease_keep_alive(record.lease_id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // The lease expired (etcd was unreachable too long): the sessions it held
+                    // are gone; register afresh so the proxy can place new ones.
+                    tracing::warn!(proxy = %record.id, "proxy lease expired; granting a new one");
+                    match store.lease_grant(PROXY_LEASE_TTL).await {
+                        Ok(lease) => {
+                            record.lease_id = lease;
+                            if let Err(e) = store::put_json(store.as_ref(), &key, &record, Some(lease)).await {
+                                tracing::warn!(proxy = %record.id, error = %e, "re-registering failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(proxy = %record.id, error = %e, "granting a lease failed"),
+                    }
+                }
+                Err(e) => tracing::warn!(proxy = %record.id, error = %e, "proxy lease keep-alive failed"),
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    tracing::info!(proxy = %record.id, "proxy detached; its lease now runs out unless it reattaches");
+}
+
+fn apply_heartbeat(record: &mut ProxyRecord, beat: &Heartbeat) {
+    record.sessions = beat.sessions;
+    record.connections = beat.connections;
+    record.draining = beat.draining;
+    record.last_heartbeat_at = model::now();
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<FleetCommand, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    type AttachStream = CommandStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<CommandStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??;
+        let Some(ProxyMessage { message: Some(proxy_message::Message::Register(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be Register"));
+        };
+        let record = register(self.store.as_ref(), &hello).await?;
+        let (tx, rx) = mpsc::channel(64);
+        self.registry.insert(&record.id, tx.clone());
+        let span = tracing::info_span!("fleet_stream", proxy = %record.id);
+        let store = self.store.clone();
+        let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
+        let proxy_id = record.id.clone();
+        tokio::spawn(
+            async move {
+                serve_stream(store, record, inbound, shutdown).await;
+                registry.remove_if_same(&proxy_id, &tx);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
