@@ -29,6 +29,18 @@ enum Command {
     Sweep(Box<SweepArgs>),
     /// Generate ed25519 keys for N users and create the users through the admin API.
     Users(UsersArgs),
+    /// Print the table and redraw the plots of an earlier sweep's output directory.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The --out directory of the sweep (summary.json and connections.json are read).
+    #[arg(long, env = "ENVGATE_LOADTEST_OUT", default_value = "loadtest-out")]
+    out: PathBuf,
+    /// TrueType font for the plots (default: DejaVu Sans from fonts-dejavu-core).
+    #[arg(long, env = "ENVGATE_LOADTEST_FONT")]
+    font: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -151,6 +163,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Sweep(args) => sweep(*args).await,
             Command::Users(args) => create_users(args).await,
+            Command::Report(args) => redraw(args),
         }
     });
     match result {
@@ -214,6 +227,21 @@ async fn sweep(args: SweepArgs) -> anyhow::Result<ExitCode> {
         println!("{failures} of {} connections failed", result.records.len());
         return Ok(ExitCode::from(2));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn redraw(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let result = report::read_results(&args.out)?;
+    let files = plot::write_plots(&args.out, &result, args.font.as_deref())?;
+    print!("{}", report::summary_table(&result));
+    println!(
+        "\nwrote {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 

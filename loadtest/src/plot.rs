@@ -101,7 +101,7 @@ const COLORS: &[RGBColor] = &[
 ];
 
 fn lighter(c: RGBColor) -> RGBColor {
-    let mix = |v: u8| ((v as u16 + 255 * 2) / 3) as u8;
+    let mix = |v: u8| ((v as u16 + 255) / 2) as u8;
     RGBColor(mix(c.0), mix(c.1), mix(c.2))
 }
 
@@ -272,6 +272,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Resu
     ctx.configure_mesh()
         .x_desc("concurrent clients")
         .y_desc(chart.y_label.as_str())
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
         .draw()
@@ -299,7 +300,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Resu
             .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .label_font(("sans-serif", 13))
+            .label_font(("sans-serif", 14))
             .draw()
             .map_err(e)?;
     }

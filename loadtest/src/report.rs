@@ -94,6 +94,24 @@ pub fn read_json(path: &Path) -> Result<Vec<ConnectionRecord>, ReportError> {
     })
 }
 
+/// Reads a sweep back from the files [`write_results`] wrote.
+pub fn read_results(dir: &Path) -> Result<SweepResult, ReportError> {
+    let path = dir.join(SUMMARY_JSON);
+    let file = std::fs::File::open(&path).map_err(|source| ReportError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let mut result: SweepResult =
+        serde_json::from_reader(std::io::BufReader::new(file)).map_err(|source| {
+            ReportError::Json {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    result.records = read_json(&dir.join(RECORDS_JSON))?;
+    Ok(result)
+}
+
 fn cell(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
@@ -412,6 +430,9 @@ pub(crate) mod tests {
             1
         );
         assert!(summary["records"].as_array().unwrap().is_empty());
+        let back = read_results(dir.path()).unwrap();
+        assert_eq!(back.records, result.records);
+        assert_eq!(summary_table(&back), summary_table(&result));
     }
 
     #[test]
