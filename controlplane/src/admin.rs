@@ -32,7 +32,9 @@ pub struct AdminGuard {
 
 impl AdminGuard {
     pub fn new(token: &str) -> Self {
-        Self { expected: Arc::new(format!("Bearer {}", token.trim()).into_bytes()) }
+        Self {
+            expected: Arc::new(format!("Bearer {}", token.trim()).into_bytes()),
+        }
     }
 }
 
@@ -51,7 +53,9 @@ impl Interceptor for AdminGuard {
         if constant_time_eq(presented, &self.expected) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("admin calls need authorization: Bearer <admin token>"))
+            Err(Status::unauthenticated(
+                "admin calls need authorization: Bearer <admin token>",
+            ))
         }
     }
 }
@@ -64,16 +68,30 @@ pub struct AdminService {
 
 impl AdminService {
     pub fn new(store: Arc<dyn Store>, fleet: Arc<FleetRegistry>, hash_cost: HashCost) -> Self {
-        Self { store, fleet, hash_cost }
+        Self {
+            store,
+            fleet,
+            hash_cost,
+        }
     }
 
     /// Refuses the user's existing tokens from now on, here and in every proxy's cache.
     async fn revoke(&self, user: &str) -> Result<(), AdminError> {
         // +1: tokens issued earlier in this same second are refused too.
-        let record = RevocationRecord { not_before: model::now() + 1 };
-        store::put_json(self.store.as_ref(), &model::revocation_key(user), &record, None).await?;
+        let record = RevocationRecord {
+            not_before: model::now() + 1,
+        };
+        store::put_json(
+            self.store.as_ref(),
+            &model::revocation_key(user),
+            &record,
+            None,
+        )
+        .await?;
         let command = FleetCommand {
-            command: Some(fleet_command::Command::RevokeUser(RevokeUser { user: user.to_owned() })),
+            command: Some(fleet_command::Command::RevokeUser(RevokeUser {
+                user: user.to_owned(),
+            })),
         };
         let told = self.fleet.broadcast(&command);
         tracing::info!(user, proxies = told, "tokens revoked");
@@ -81,13 +99,20 @@ impl AdminService {
     }
 
     async fn put_user(&self, req: pb::PutUserRequest) -> Result<pb::User, AdminError> {
-        let user = req.user.ok_or_else(|| AdminError::invalid("user", "required"))?;
+        let user = req
+            .user
+            .ok_or_else(|| AdminError::invalid("user", "required"))?;
         validate_user(&user)?;
         if !req.password.is_empty() && req.clear_password {
-            return Err(AdminError::invalid("password", "cannot be set and cleared at once"));
+            return Err(AdminError::invalid(
+                "password",
+                "cannot be set and cleared at once",
+            ));
         }
         let key = model::user_key(&user.name);
-        let existing = store::get_json::<UserRecord>(self.store.as_ref(), &key).await?.map(|v| v.value);
+        let existing = store::get_json::<UserRecord>(self.store.as_ref(), &key)
+            .await?
+            .map(|v| v.value);
         let password_hash = if req.clear_password {
             None
         } else if !req.password.is_empty() {
@@ -110,7 +135,10 @@ impl AdminService {
         Ok(user_to_pb(&record))
     }
 
-    async fn put_environment(&self, env: Option<pb::Environment>) -> Result<pb::Environment, AdminError> {
+    async fn put_environment(
+        &self,
+        env: Option<pb::Environment>,
+    ) -> Result<pb::Environment, AdminError> {
         let env = env.ok_or_else(|| AdminError::invalid("environment", "required"))?;
         let record = environment_from_pb(env)?;
         if record.is_default {
@@ -119,17 +147,29 @@ impl AdminService {
                 store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
             for (key, other) in others {
                 if other.value.is_default && other.value.name != record.name {
-                    let cleared = EnvironmentRecord { is_default: false, ..other.value };
+                    let cleared = EnvironmentRecord {
+                        is_default: false,
+                        ..other.value
+                    };
                     store::put_json(self.store.as_ref(), &key, &cleared, None).await?;
                 }
             }
         }
-        store::put_json(self.store.as_ref(), &model::environment_key(&record.name), &record, None).await?;
+        store::put_json(
+            self.store.as_ref(),
+            &model::environment_key(&record.name),
+            &record,
+            None,
+        )
+        .await?;
         tracing::info!(environment = %record.name, image = %record.image, "environment saved");
         Ok(environment_to_pb(&record))
     }
 
-    async fn list_containers(&self, req: pb::ListContainersRequest) -> Result<Vec<pb::Container>, AdminError> {
+    async fn list_containers(
+        &self,
+        req: pb::ListContainersRequest,
+    ) -> Result<Vec<pb::Container>, AdminError> {
         let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
             store::range_json(self.store.as_ref(), model::SESSIONS).await?;
         let mut counts: HashMap<String, u32> = HashMap::new();
@@ -162,7 +202,8 @@ impl AdminService {
 }
 
 fn validate_user(user: &pb::User) -> Result<(), AdminError> {
-    names::validate_user(&user.name).map_err(|e| AdminError::invalid("user.name", e.to_string()))?;
+    names::validate_user(&user.name)
+        .map_err(|e| AdminError::invalid("user.name", e.to_string()))?;
     for (i, line) in user.authorized_keys.iter().enumerate() {
         if PublicKey::from_openssh(line.trim()).is_err() {
             return Err(AdminError::invalid(
@@ -190,29 +231,53 @@ fn environment_from_pb(env: pb::Environment) -> Result<EnvironmentRecord, AdminE
     names::validate_environment(&env.name)
         .map_err(|e| AdminError::invalid("environment.name", e.to_string()))?;
     if env.name == names::SELF_SERVICE_ENV {
-        return Err(AdminError::invalid("environment.name", "\"envgate\" is reserved"));
+        return Err(AdminError::invalid(
+            "environment.name",
+            "\"envgate\" is reserved",
+        ));
     }
     if env.image.trim().is_empty() {
-        return Err(AdminError::invalid("environment.image", "must not be empty"));
+        return Err(AdminError::invalid(
+            "environment.image",
+            "must not be empty",
+        ));
     }
-    let shell = if env.shell.is_empty() { DEFAULT_SHELL.to_owned() } else { env.shell };
+    let shell = if env.shell.is_empty() {
+        DEFAULT_SHELL.to_owned()
+    } else {
+        env.shell
+    };
     if !shell.starts_with('/') {
-        return Err(AdminError::invalid("environment.shell", "must be an absolute path"));
+        return Err(AdminError::invalid(
+            "environment.shell",
+            "must be an absolute path",
+        ));
     }
     if !env.working_dir.is_empty() && !env.working_dir.starts_with('/') {
-        return Err(AdminError::invalid("environment.working_dir", "must be an absolute path"));
+        return Err(AdminError::invalid(
+            "environment.working_dir",
+            "must be an absolute path",
+        ));
     }
     let mode = match env.mode.as_str() {
         "" | "persistent" => Mode::Persistent,
         "ephemeral" => Mode::Ephemeral,
-        _ => return Err(AdminError::invalid("environment.mode", "must be \"persistent\" or \"ephemeral\"")),
+        _ => {
+            return Err(AdminError::invalid(
+                "environment.mode",
+                "must be \"persistent\" or \"ephemeral\"",
+            ));
+        }
     };
     for (i, var) in env.env.iter().enumerate() {
         let valid = var.split_once('=').is_some_and(|(k, _)| {
             !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         });
         if !valid {
-            return Err(AdminError::invalid(format!("environment.env[{i}]"), "must be KEY=value"));
+            return Err(AdminError::invalid(
+                format!("environment.env[{i}]"),
+                "must be KEY=value",
+            ));
         }
     }
     for (i, group) in env.allowed_groups.iter().enumerate() {
@@ -224,10 +289,16 @@ fn environment_from_pb(env: pb::Environment) -> Result<EnvironmentRecord, AdminE
         }
     }
     if !env.cpus.is_finite() || env.cpus < 0.0 {
-        return Err(AdminError::invalid("environment.cpus", "must be a non-negative number"));
+        return Err(AdminError::invalid(
+            "environment.cpus",
+            "must be a non-negative number",
+        ));
     }
     if env.pids_limit < 0 {
-        return Err(AdminError::invalid("environment.pids_limit", "must not be negative"));
+        return Err(AdminError::invalid(
+            "environment.pids_limit",
+            "must not be negative",
+        ));
     }
     Ok(EnvironmentRecord {
         name: env.name,
@@ -294,7 +365,10 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListUsersResponse { users }))
     }
 
-    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
         let name = request.into_inner().name;
         let user = store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&name))
             .await?
@@ -302,7 +376,10 @@ impl Admin for AdminService {
         Ok(Response::new(user_to_pb(&user.value)))
     }
 
-    async fn put_user(&self, request: Request<pb::PutUserRequest>) -> Result<Response<pb::User>, Status> {
+    async fn put_user(
+        &self,
+        request: Request<pb::PutUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
         Ok(Response::new(self.put_user(request.into_inner()).await?))
     }
 
@@ -325,7 +402,10 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
         let envs: Vec<(String, store::Versioned<EnvironmentRecord>)> =
             store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
-        let environments = envs.iter().map(|(_, e)| environment_to_pb(&e.value)).collect();
+        let environments = envs
+            .iter()
+            .map(|(_, e)| environment_to_pb(&e.value))
+            .collect();
         Ok(Response::new(pb::ListEnvironmentsResponse { environments }))
     }
 
@@ -333,7 +413,10 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PutEnvironmentRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
-        Ok(Response::new(self.put_environment(request.into_inner().environment).await?))
+        Ok(Response::new(
+            self.put_environment(request.into_inner().environment)
+                .await?,
+        ))
     }
 
     async fn delete_environment(
@@ -341,7 +424,8 @@ impl Admin for AdminService {
         request: Request<pb::DeleteEnvironmentRequest>,
     ) -> Result<Response<pb::DeleteEnvironmentResponse>, Status> {
         let name = request.into_inner().name;
-        names::validate_environment(&name).map_err(|e| AdminError::invalid("name", e.to_string()))?;
+        names::validate_environment(&name)
+            .map_err(|e| AdminError::invalid("name", e.to_string()))?;
         self.store.delete(&model::environment_key(&name)).await?;
         Ok(Response::new(pb::DeleteEnvironmentResponse {}))
     }

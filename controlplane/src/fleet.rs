@@ -42,7 +42,10 @@ impl FleetRegistry {
     /// Removes the entry only if it is still this stream's (a newer stream may have replaced it).
     fn remove_if_same(&self, proxy_id: &str, sender: &CommandSender) {
         let mut attached = self.lock();
-        if attached.get(proxy_id).is_some_and(|s| s.same_channel(sender)) {
+        if attached
+            .get(proxy_id)
+            .is_some_and(|s| s.same_channel(sender))
+        {
             attached.remove(proxy_id);
         }
     }
@@ -66,7 +69,10 @@ impl FleetRegistry {
     /// Queues a command for every proxy attached here; returns how many took it.
     pub fn broadcast(&self, command: &FleetCommand) -> usize {
         let senders: Vec<CommandSender> = self.lock().values().cloned().collect();
-        senders.iter().filter(|s| s.try_send(Ok(command.clone())).is_ok()).count()
+        senders
+            .iter()
+            .filter(|s| s.try_send(Ok(command.clone())).is_ok())
+            .count()
     }
 }
 
@@ -77,13 +83,24 @@ pub struct FleetService {
 }
 
 impl FleetService {
-    pub fn new(store: Arc<dyn Store>, registry: Arc<FleetRegistry>, shutdown: CancellationToken) -> Self {
-        Self { store, registry, shutdown }
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<FleetRegistry>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            shutdown,
+        }
     }
 }
 
 /// Reuses the lease of an existing record if etcd still has it, else grants a new one.
-async fn lease_for(store: &dyn Store, existing: Option<&ProxyRecord>) -> Result<(i64, bool), StoreError> {
+async fn lease_for(
+    store: &dyn Store,
+    existing: Option<&ProxyRecord>,
+) -> Result<(i64, bool), StoreError> {
     if let Some(record) = existing
         && store.lease_keep_alive(record.lease_id).await?
     {
@@ -94,10 +111,14 @@ async fn lease_for(store: &dyn Store, existing: Option<&ProxyRecord>) -> Result<
 
 async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord, Status> {
     if register.proxy_id.is_empty() {
-        return Err(Status::invalid_argument("register.proxy_id: must not be empty"));
+        return Err(Status::invalid_argument(
+            "register.proxy_id: must not be empty",
+        ));
     }
     let key = model::proxy_key(&register.proxy_id);
-    let existing = store::get_json::<ProxyRecord>(store, &key).await?.map(|v| v.value);
+    let existing = store::get_json::<ProxyRecord>(store, &key)
+        .await?
+        .map(|v| v.value);
     let (lease_id, reused) = lease_for(store, existing.as_ref()).await?;
     let now = model::now();
     let record = ProxyRecord {
@@ -106,9 +127,18 @@ async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord,
         version: register.version.clone(),
         capacity: register.capacity,
         draining: false,
-        sessions: existing.as_ref().filter(|_| reused).map_or(0, |e| e.sessions),
-        connections: existing.as_ref().filter(|_| reused).map_or(0, |e| e.connections),
-        registered_at: existing.as_ref().filter(|_| reused).map_or(now, |e| e.registered_at),
+        sessions: existing
+            .as_ref()
+            .filter(|_| reused)
+            .map_or(0, |e| e.sessions),
+        connections: existing
+            .as_ref()
+            .filter(|_| reused)
+            .map_or(0, |e| e.connections),
+        registered_at: existing
+            .as_ref()
+            .filter(|_| reused)
+            .map_or(now, |e| e.registered_at),
         last_heartbeat_at: now,
         lease_id,
     };
@@ -188,8 +218,13 @@ impl Fleet for FleetService {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??;
-        let Some(ProxyMessage { message: Some(proxy_message::Message::Register(hello)) }) = first else {
-            return Err(Status::invalid_argument("the first message must be Register"));
+        let Some(ProxyMessage {
+            message: Some(proxy_message::Message::Register(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
         };
         let record = register(self.store.as_ref(), &hello).await?;
         let (tx, rx) = mpsc::channel(64);

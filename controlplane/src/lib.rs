@@ -1,6 +1,21 @@
 //! envgate control plane: authentication, placement, container lifecycle, the proxy fleet
 //! registry and the admin API. State lives in etcd; `main.rs` only parses config and calls `run`.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envgate_proto::admin::v1::admin_server::AdminServer;
+use envgate_proto::ops::{Readiness, serve_ops};
+use envgate_proto::token::TokenKey;
+use envgate_proto::v1::auth_server::AuthServer;
+use envgate_proto::v1::fleet_server::FleetServer;
+use envgate_proto::v1::sessions_server::SessionsServer;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
 pub mod admin;
 pub mod auth;
 pub mod error;
@@ -15,3 +30,205 @@ pub mod store;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+
+use crate::admin::{AdminGuard, AdminService};
+use crate::auth::{AuthService, Authenticator, HashCost};
+use crate::fleet::{FleetRegistry, FleetService};
+use crate::placement::{PlacementConfig, Placer, SessionsService};
+use crate::reconcile::{ReconcileConfig, Reconciler};
+use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
+use crate::store::{EtcdStore, Store, StoreError};
+
+/// Everything the control plane needs, parsed and checked once at start.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+    /// Bound on each etcd call.
+    pub etcd_timeout: Duration,
+    pub token_key: Arc<TokenKey>,
+    pub token_ttl: Duration,
+    pub admin_token: String,
+    pub instance: String,
+    pub docker_host: Option<String>,
+    pub reconcile_interval: Duration,
+    /// Names this replica in election values and record owners.
+    pub replica_id: String,
+    pub hash_cost: HashCost,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("ops endpoint failed: {0}")]
+    Ops(std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The assembled services over one store and one runtime.
+pub struct ControlPlane {
+    store: Arc<dyn Store>,
+    auth: Arc<Authenticator>,
+    placer: Arc<Placer>,
+    fleet: Arc<FleetRegistry>,
+    reconciler: Arc<Reconciler>,
+    admin_guard: AdminGuard,
+    hash_cost: HashCost,
+}
+
+impl ControlPlane {
+    pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: &Config) -> Self {
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            config.token_key.clone(),
+            config.token_ttl,
+            config.hash_cost,
+        ));
+        let placement = PlacementConfig {
+            instance: config.instance.clone(),
+            replica_id: config.replica_id.clone(),
+            ..PlacementConfig::default()
+        };
+        let placer = Arc::new(Placer::new(
+            store.clone(),
+            runtime.clone(),
+            auth.clone(),
+            placement.clone(),
+        ));
+        let reconciler = Arc::new(Reconciler::new(
+            store.clone(),
+            runtime,
+            ReconcileConfig {
+                instance: config.instance.clone(),
+                replica_id: config.replica_id.clone(),
+                interval: config.reconcile_interval,
+                stale_after: placement.stale_after,
+                orphan_grace: Duration::from_secs(60),
+            },
+        ));
+        Self {
+            store,
+            auth,
+            placer,
+            fleet: Arc::new(FleetRegistry::default()),
+            reconciler,
+            admin_guard: AdminGuard::new(&config.admin_token),
+            hash_cost: config.hash_cost,
+        }
+    }
+
+    pub fn reconciler(&self) -> Arc<Reconciler> {
+        self.reconciler.clone()
+    }
+
+    pub fn fleet(&self) -> Arc<FleetRegistry> {
+        self.fleet.clone()
+    }
+
+    /// Serves every gRPC service on `listener` until `shutdown`.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AuthServer<AuthService>>().await;
+        health
+            .set_serving::<SessionsServer<SessionsService>>()
+            .await;
+        health.set_serving::<FleetServer<FleetService>>().await;
+        health.set_serving::<AdminServer<AdminService>>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(envgate_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let admin = AdminService::new(self.store.clone(), self.fleet.clone(), self.hash_cost);
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(AuthServer::new(AuthService::new(self.auth.clone())))
+            .add_service(SessionsServer::new(SessionsService::new(
+                self.placer.clone(),
+            )))
+            .add_service(FleetServer::new(FleetService::new(
+                self.store.clone(),
+                self.fleet.clone(),
+                shutdown.clone(),
+            )))
+            .add_service(AdminServer::with_interceptor(
+                admin,
+                self.admin_guard.clone(),
+            ))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Connects etcd and Docker, then serves gRPC, the ops endpoint and the elected reconciler
+/// until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let readiness = Readiness::default();
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(
+            &config.etcd_endpoints,
+            &config.etcd_prefix,
+            config.etcd_timeout,
+        )
+        .await?,
+    );
+    let runtime: Arc<dyn Runtime> =
+        Arc::new(DockerRuntime::connect(config.docker_host.as_deref()).await?);
+    let plane = ControlPlane::new(store, runtime, &config);
+
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let ops = envgate_proto::ops::bind_ops(config.ops_listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.ops_listen,
+            source,
+        })?;
+    tracing::info!(grpc = %config.listen, ops = %config.ops_listen, instance = %config.instance, replica = %config.replica_id, "control plane listening");
+
+    let ops_task = tokio::spawn(serve_ops(ops, metrics, readiness.clone(), shutdown.clone()));
+    let reconciler = tokio::spawn(plane.reconciler().run(shutdown.clone()));
+    readiness.set(true);
+    let served = plane.serve(grpc, shutdown.clone()).await;
+    readiness.set(false);
+    shutdown.cancel();
+    if let Err(e) = reconciler.await {
+        tracing::warn!(error = %e, "reconciler task ended abnormally");
+    }
+    match ops_task.await {
+        Ok(Err(e)) => return Err(RunError::Ops(e)),
+        Err(e) => tracing::warn!(error = %e, "ops task ended abnormally"),
+        Ok(Ok(())) => {}
+    }
+    served
+}

@@ -1,1 +1,171 @@
-fn main() {}
+//! `envgate-controlplane`: parses and checks its configuration once, before binding anything,
+//! then runs the control plane until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use envgate_controlplane::Config;
+use envgate_controlplane::auth::HashCost;
+use envgate_proto::token::TokenKey;
+use tokio_util::sync::CancellationToken;
+
+/// envgate control plane: authentication, placement, container lifecycle and the admin API.
+#[derive(Debug, Parser)]
+#[command(name = "envgate-controlplane", version)]
+struct Args {
+    /// gRPC address (Auth, Sessions, Fleet, Admin, health, reflection).
+    #[arg(long, env = "ENVGATE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "ENVGATE_OPS_LISTEN", default_value = "127.0.0.1:9090")]
+    ops_listen: SocketAddr,
+    /// etcd client URLs, comma-separated.
+    #[arg(
+        long,
+        env = "ENVGATE_ETCD",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// Prefix of every etcd key this fleet uses; must end with '/'.
+    #[arg(long, env = "ENVGATE_ETCD_PREFIX", default_value = "/envgate/")]
+    etcd_prefix: String,
+    /// File holding the 32-byte Ed25519 token signing seed as 64 hex digits (shared by all replicas).
+    #[arg(long, env = "ENVGATE_TOKEN_KEY")]
+    token_key: PathBuf,
+    /// Lifetime of issued session tokens.
+    #[arg(long, env = "ENVGATE_TOKEN_TTL_SECONDS", default_value_t = 300)]
+    token_ttl_seconds: u64,
+    /// File holding the admin bearer token; admin calls need `authorization: Bearer <token>`.
+    #[arg(long, env = "ENVGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: PathBuf,
+    /// Label value on every container this fleet creates, so fleets sharing a Docker engine
+    /// never touch each other's containers.
+    #[arg(long, env = "ENVGATE_INSTANCE", default_value = "default")]
+    instance: String,
+    /// Docker endpoint, e.g. unix:///var/run/docker.sock (default: the local defaults).
+    #[arg(long, env = "ENVGATE_DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// Seconds between reconciler passes on the elected replica.
+    #[arg(long, env = "ENVGATE_RECONCILE_INTERVAL_SECONDS", default_value_t = 5)]
+    reconcile_interval_seconds: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "ENVGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "controlplane".to_owned())
+}
+
+fn config(args: Args) -> anyhow::Result<Config> {
+    if args.etcd.iter().all(|e| e.trim().is_empty()) {
+        bail!("--etcd: at least one endpoint is required");
+    }
+    if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
+        bail!(
+            "--etcd-prefix: must start and end with '/' (got {:?})",
+            args.etcd_prefix
+        );
+    }
+    envgate_proto::names::validate_environment(&args.instance).map_err(|e| {
+        anyhow::anyhow!(
+            "--instance: {}",
+            e.to_string().replace("environment name", "instance name")
+        )
+    })?;
+    let key_text = std::fs::read_to_string(&args.token_key)
+        .with_context(|| format!("--token-key: cannot read {}", args.token_key.display()))?;
+    let token_key = TokenKey::from_hex_seed(&key_text)
+        .with_context(|| format!("--token-key: {}", args.token_key.display()))?;
+    let admin_token = std::fs::read_to_string(&args.admin_token_file)
+        .with_context(|| {
+            format!(
+                "--admin-token-file: cannot read {}",
+                args.admin_token_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    if admin_token.is_empty() {
+        bail!(
+            "--admin-token-file: {} is empty",
+            args.admin_token_file.display()
+        );
+    }
+    if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
+        bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
+    }
+    Ok(Config {
+        listen: args.listen,
+        ops_listen: args.ops_listen,
+        etcd_endpoints: args
+            .etcd
+            .into_iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        etcd_prefix: args.etcd_prefix,
+        etcd_timeout: Duration::from_secs(5),
+        token_key: Arc::new(token_key),
+        token_ttl: Duration::from_secs(args.token_ttl_seconds),
+        admin_token,
+        instance: args.instance,
+        docker_host: args.docker_host,
+        reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
+        replica_id: format!("{}-{}", hostname(), std::process::id()),
+        hash_cost: HashCost::default(),
+    })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let log_json = args.log_json;
+    let config = match config(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("envgate-controlplane: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    envgate_proto::ops::init_tracing(log_json);
+    let metrics = envgate_proto::ops::init_metrics();
+    let shutdown = CancellationToken::new();
+    if let Err(e) = cancel_on_signal(shutdown.clone()) {
+        eprintln!("envgate-controlplane: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match envgate_controlplane::run(config, metrics, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane stopped");
+            eprintln!("envgate-controlplane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
