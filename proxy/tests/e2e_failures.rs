@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use support::{Fleet, FleetOptions, environment, eventually};
 
-fn assert_one_envgate_line<'a>(out: &'a support::SshOutput) -> &'a str {
+fn assert_one_envgate_line(out: &support::SshOutput) -> &str {
     assert_ne!(out.code, Some(0), "{out:#?}");
     assert_ne!(out.code, None, "ssh was killed: {out:#?}");
     let lines = out.stderr_lines();
