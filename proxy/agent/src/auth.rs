@@ -16,11 +16,19 @@ const AGENT_LABEL: &[u8] = b"envgate-agent v1 agent proof";
 
 pub fn fresh_nonce() -> [u8; NONCE_LEN] {
     let mut nonce = [0u8; NONCE_LEN];
-    SystemRandom::new().fill(&mut nonce).expect("the kernel random source failed");
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .expect("the kernel random source failed");
     nonce
 }
 
-fn tag(secret: &[u8], label: &[u8], version: u16, agent_nonce: &[u8], client_nonce: &[u8]) -> hmac::Tag {
+fn tag(
+    secret: &[u8],
+    label: &[u8],
+    version: u16,
+    agent_nonce: &[u8],
+    client_nonce: &[u8],
+) -> hmac::Tag {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let mut ctx = hmac::Context::with_key(&key);
     ctx.update(label);
@@ -35,12 +43,28 @@ fn to_array(tag: hmac::Tag) -> [u8; MAC_LEN] {
 }
 
 /// What the proxy sends to prove it holds the secret.
-pub fn client_proof(secret: &[u8], version: u16, agent_nonce: &[u8], client_nonce: &[u8]) -> [u8; MAC_LEN] {
-    to_array(tag(secret, CLIENT_LABEL, version, agent_nonce, client_nonce))
+pub fn client_proof(
+    secret: &[u8],
+    version: u16,
+    agent_nonce: &[u8],
+    client_nonce: &[u8],
+) -> [u8; MAC_LEN] {
+    to_array(tag(
+        secret,
+        CLIENT_LABEL,
+        version,
+        agent_nonce,
+        client_nonce,
+    ))
 }
 
 /// What the agent answers to prove it holds the secret too.
-pub fn agent_proof(secret: &[u8], version: u16, agent_nonce: &[u8], client_nonce: &[u8]) -> [u8; MAC_LEN] {
+pub fn agent_proof(
+    secret: &[u8],
+    version: u16,
+    agent_nonce: &[u8],
+    client_nonce: &[u8],
+) -> [u8; MAC_LEN] {
     to_array(tag(secret, AGENT_LABEL, version, agent_nonce, client_nonce))
 }
 
@@ -50,7 +74,12 @@ pub fn proofs_match(expected: &[u8; MAC_LEN], got: &[u8; MAC_LEN]) -> bool {
     // crypto dependency.
     let key = hmac::Key::new(hmac::HMAC_SHA256, expected);
     let t = hmac::sign(&key, b"compare");
-    hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, got), b"compare", t.as_ref()).is_ok()
+    hmac::verify(
+        &hmac::Key::new(hmac::HMAC_SHA256, got),
+        b"compare",
+        t.as_ref(),
+    )
+    .is_ok()
 }
 
 #[cfg(test)]
@@ -63,10 +92,25 @@ mod tests {
         let c = fresh_nonce();
         assert_ne!(a, c);
         let p = client_proof(b"0123456789abcdef", 1, &a, &c);
-        assert!(proofs_match(&p, &client_proof(b"0123456789abcdef", 1, &a, &c)));
-        assert!(!proofs_match(&p, &client_proof(b"0123456789abcdeX", 1, &a, &c)));
-        assert!(!proofs_match(&p, &client_proof(b"0123456789abcdef", 2, &a, &c)));
-        assert!(!proofs_match(&p, &client_proof(b"0123456789abcdef", 1, &c, &a)));
-        assert!(!proofs_match(&p, &agent_proof(b"0123456789abcdef", 1, &a, &c)));
+        assert!(proofs_match(
+            &p,
+            &client_proof(b"0123456789abcdef", 1, &a, &c)
+        ));
+        assert!(!proofs_match(
+            &p,
+            &client_proof(b"0123456789abcdeX", 1, &a, &c)
+        ));
+        assert!(!proofs_match(
+            &p,
+            &client_proof(b"0123456789abcdef", 2, &a, &c)
+        ));
+        assert!(!proofs_match(
+            &p,
+            &client_proof(b"0123456789abcdef", 1, &c, &a)
+        ));
+        assert!(!proofs_match(
+            &p,
+            &agent_proof(b"0123456789abcdef", 1, &a, &c)
+        ));
     }
 }

@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
-    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message, OpenProcess,
-    PROTOCOL_VERSION, ProtocolError, SpawnRequest, Stream, WindowSize,
+    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message,
+    OpenProcess, PROTOCOL_VERSION, ProtocolError, SpawnRequest, Stream, WindowSize,
 };
 use crate::signals::signal_number;
 
@@ -53,10 +53,14 @@ impl FromStr for AgentAddress {
             return Ok(AgentAddress::Unix(s.into()));
         }
         let t = s.strip_prefix("tcp:").unwrap_or(s);
-        if t.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+        if t.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
             Ok(AgentAddress::Tcp(t.to_owned()))
         } else {
-            Err(format!("not an agent address (unix:/path or host:port): {s:?}"))
+            Err(format!(
+                "not an agent address (unix:/path or host:port): {s:?}"
+            ))
         }
     }
 }
@@ -100,7 +104,9 @@ pub enum AgentError {
     Refused(String),
     #[error("the peer at the agent address could not prove it holds the container secret")]
     NotAuthentic,
-    #[error("the agent speaks protocol versions {min}..={max}; this proxy speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}")]
+    #[error(
+        "the agent speaks protocol versions {min}..={max}; this proxy speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+    )]
     Version { min: u16, max: u16 },
     #[error("agent protocol error: {0}")]
     Protocol(String),
@@ -164,18 +170,23 @@ impl AgentClient {
         Self::connect_with(address, secret, ConnectOptions::default()).await
     }
 
-    pub async fn connect_with(address: &AgentAddress, secret: &[u8], options: ConnectOptions) -> Result<Self, AgentError> {
+    pub async fn connect_with(
+        address: &AgentAddress,
+        secret: &[u8],
+        options: ConnectOptions,
+    ) -> Result<Self, AgentError> {
         if secret.len() < auth::MIN_SECRET_LEN {
             return Err(AgentError::WeakSecret);
         }
         let deadline = options.connect_timeout;
-        let (rd, mut wr) = tokio::time::timeout(deadline, open_stream(address))
+        let (rd, mut wr) = tokio::time::timeout(deadline, open_stream_when_ready(address))
             .await
             .map_err(|_| AgentError::Timeout("connecting to the agent"))??;
         let mut reader = FrameReader::new(rd);
-        let version = tokio::time::timeout(deadline, client_handshake(&mut reader, &mut wr, secret))
-            .await
-            .map_err(|_| AgentError::Timeout("waiting for the agent handshake"))??;
+        let version =
+            tokio::time::timeout(deadline, client_handshake(&mut reader, &mut wr, secret))
+                .await
+                .map_err(|_| AgentError::Timeout("waiting for the agent handshake"))??;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -196,7 +207,12 @@ impl AgentClient {
 
     /// True once the connection failed or the agent closed it; the caller should reconnect.
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().expect("client lock").closed.is_some()
+        self.shared
+            .state
+            .lock()
+            .expect("client lock")
+            .closed
+            .is_some()
     }
 
     /// Round trip through the agent; a liveness check for pooled connections.
@@ -213,11 +229,18 @@ impl AgentClient {
             st.pings.insert(id, tx);
             id
         };
-        self.shared.send(0, Message::Ping { payload: id.to_be_bytes().to_vec() })?;
+        self.shared.send(
+            0,
+            Message::Ping {
+                payload: id.to_be_bytes().to_vec(),
+            },
+        )?;
         match tokio::time::timeout(self.shared.options.spawn_timeout, rx).await {
             Ok(Ok(())) => Ok(started.elapsed()),
             Ok(Err(_)) => Err(self.shared.closed_error()),
-            Err(_) => Err(AgentError::Timeout("waiting for the agent to answer a ping")),
+            Err(_) => Err(AgentError::Timeout(
+                "waiting for the agent to answer a ping",
+            )),
         }
     }
 
@@ -227,7 +250,9 @@ impl AgentClient {
         let shared = &self.shared;
         let id = shared.next_channel.fetch_add(1, Ordering::Relaxed);
         if id >= AGENT_CHANNEL_BIT {
-            return Err(AgentError::Closed("channel ids exhausted; reconnect".into()));
+            return Err(AgentError::Closed(
+                "channel ids exhausted; reconnect".into(),
+            ));
         }
         let window = shared.options.output_window;
         let (open_tx, open_rx) = oneshot::channel();
@@ -254,13 +279,27 @@ impl AgentClient {
             );
         }
         // From here on, dropping the handle tells the agent to give up on the channel.
-        let handle = Arc::new(ChannelHandle { shared: shared.clone(), id });
-        shared.send(id, Message::Open(OpenProcess { request, stdout_window: window, stderr_window: window }))?;
+        let handle = Arc::new(ChannelHandle {
+            shared: shared.clone(),
+            id,
+        });
+        shared.send(
+            id,
+            Message::Open(OpenProcess {
+                request,
+                stdout_window: window,
+                stderr_window: window,
+            }),
+        )?;
         let pid = match tokio::time::timeout(shared.options.spawn_timeout, open_rx).await {
             Ok(Ok(Ok(pid))) => pid,
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err(shared.closed_error()),
-            Err(_) => return Err(AgentError::Timeout("waiting for the agent to start the process")),
+            Err(_) => {
+                return Err(AgentError::Timeout(
+                    "waiting for the agent to start the process",
+                ));
+            }
         };
         let threshold = (window / 4).max(1);
         let output = |stream, rx| ProcessOutput {
@@ -274,11 +313,21 @@ impl AgentClient {
         };
         Ok(Process {
             pid,
-            stdin: ProcessStdin { handle: handle.clone(), credit: stdin_credit, eof_sent: false },
+            stdin: ProcessStdin {
+                handle: handle.clone(),
+                credit: stdin_credit,
+                eof_sent: false,
+            },
             stdout: output(Stream::Stdout, stdout_rx),
             stderr: output(Stream::Stderr, stderr_rx),
-            control: ProcessControl { handle: handle.clone() },
-            exit: ProcessExit { handle, rx: Some(exit_rx), status: None },
+            control: ProcessControl {
+                handle: handle.clone(),
+            },
+            exit: ProcessExit {
+                handle,
+                rx: Some(exit_rx),
+                status: None,
+            },
         })
     }
 }
@@ -290,7 +339,11 @@ impl Shared {
 
     fn closed_error(&self) -> AgentError {
         let st = self.state.lock().expect("client lock");
-        AgentError::Closed(st.closed.clone().unwrap_or_else(|| "the connection ended".into()))
+        AgentError::Closed(
+            st.closed
+                .clone()
+                .unwrap_or_else(|| "the connection ended".into()),
+        )
     }
 
     /// Gives output credit back to the agent.
@@ -305,7 +358,13 @@ impl Shared {
                 Stream::Stderr => ch.stderr_allowance += n,
                 Stream::Stdin => return,
             }
-            let _ = self.tx.send((id, Message::Window { stream, increment: n.min(u32::MAX.into()) as u32 }));
+            let _ = self.tx.send((
+                id,
+                Message::Window {
+                    stream,
+                    increment: n.min(u32::MAX.into()) as u32,
+                },
+            ));
         }
     }
 
@@ -314,10 +373,10 @@ impl Shared {
         let mut st = self.state.lock().expect("client lock");
         match msg {
             Message::Pong { payload } => {
-                if let Ok(bytes) = <[u8; 8]>::try_from(payload.as_slice()) {
-                    if let Some(tx) = st.pings.remove(&u64::from_be_bytes(bytes)) {
-                        let _ = tx.send(());
-                    }
+                if let Ok(bytes) = <[u8; 8]>::try_from(payload.as_slice())
+                    && let Some(tx) = st.pings.remove(&u64::from_be_bytes(bytes))
+                {
+                    let _ = tx.send(());
                 }
             }
             Message::Error { message } => return Err(format!("the agent reported: {message}")),
@@ -330,14 +389,16 @@ impl Shared {
                 }
             }
             Message::OpenFailed { code, message } => {
-                if let Some(mut ch) = st.channels.remove(&id) {
-                    if let Some(tx) = ch.opened.take() {
-                        let _ = tx.send(Err(AgentError::SpawnFailed { code, message }));
-                    }
+                if let Some(mut ch) = st.channels.remove(&id)
+                    && let Some(tx) = ch.opened.take()
+                {
+                    let _ = tx.send(Err(AgentError::SpawnFailed { code, message }));
                 }
             }
             Message::Data { stream, data } => {
-                let Some(ch) = st.channels.get_mut(&id) else { return Ok(()) };
+                let Some(ch) = st.channels.get_mut(&id) else {
+                    return Ok(());
+                };
                 let len = data.len() as u64;
                 let (allowance, sink) = match stream {
                     Stream::Stdout => (&mut ch.stdout_allowance, &ch.stdout),
@@ -348,11 +409,19 @@ impl Shared {
                     return Err("the agent sent more output than its window allows".into());
                 }
                 *allowance -= len;
-                let Some(sink) = sink else { return Err("the agent sent output after end of stream".into()) };
+                let Some(sink) = sink else {
+                    return Err("the agent sent output after end of stream".into());
+                };
                 if sink.send(data).is_err() {
                     // Nobody reads this stream any more: discard and keep the process flowing.
                     *allowance += len;
-                    let _ = self.tx.send((id, Message::Window { stream, increment: len as u32 }));
+                    let _ = self.tx.send((
+                        id,
+                        Message::Window {
+                            stream,
+                            increment: len as u32,
+                        },
+                    ));
                 }
             }
             Message::Eof { stream } => {
@@ -364,7 +433,10 @@ impl Shared {
                     }
                 }
             }
-            Message::Window { stream: Stream::Stdin, increment } => {
+            Message::Window {
+                stream: Stream::Stdin,
+                increment,
+            } => {
                 if let Some(ch) = st.channels.get(&id) {
                     ch.stdin_credit.add(increment.into());
                 }
@@ -397,15 +469,51 @@ impl Shared {
     }
 }
 
-async fn open_stream(address: &AgentAddress) -> Result<(BoxRead, BoxWrite), AgentError> {
-    let err = |e: io::Error| AgentError::Connect { address: address.to_string(), message: e.to_string() };
+/// A container that was just started may not be listening yet: retry "not there yet"
+/// errors (the caller bounds the whole wait).
+async fn open_stream_when_ready(address: &AgentAddress) -> Result<(BoxRead, BoxWrite), AgentError> {
+    loop {
+        match open_stream(address).await {
+            Err(ConnectError { error, retry: true }) => {
+                tracing::debug!(%address, %error, "agent not listening yet; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(ConnectError { error, .. }) => {
+                return Err(AgentError::Connect {
+                    address: address.to_string(),
+                    message: error.to_string(),
+                });
+            }
+            Ok(halves) => return Ok(halves),
+        }
+    }
+}
+
+struct ConnectError {
+    error: io::Error,
+    retry: bool,
+}
+
+async fn open_stream(address: &AgentAddress) -> Result<(BoxRead, BoxWrite), ConnectError> {
+    let err = |error: io::Error| {
+        let retry = matches!(
+            error.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        );
+        ConnectError { error, retry }
+    };
     match address {
         AgentAddress::Unix(path) => {
-            let (r, w) = tokio::net::UnixStream::connect(path).await.map_err(err)?.into_split();
+            let (r, w) = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(err)?
+                .into_split();
             Ok((Box::new(r), Box::new(w)))
         }
         AgentAddress::Tcp(addr) => {
-            let s = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(err)?;
+            let s = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map_err(err)?;
             let _ = s.set_nodelay(true);
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
@@ -413,11 +521,26 @@ async fn open_stream(address: &AgentAddress) -> Result<(BoxRead, BoxWrite), Agen
     }
 }
 
-async fn client_handshake(reader: &mut FrameReader<BoxRead>, wr: &mut BoxWrite, secret: &[u8]) -> Result<u16, AgentError> {
+async fn client_handshake(
+    reader: &mut FrameReader<BoxRead>,
+    wr: &mut BoxWrite,
+    secret: &[u8],
+) -> Result<u16, AgentError> {
     let (min, max, agent_nonce) = match reader.next().await? {
-        Some((0, Message::Hello { min_version, max_version, nonce })) => (min_version, max_version, nonce),
+        Some((
+            0,
+            Message::Hello {
+                min_version,
+                max_version,
+                nonce,
+            },
+        )) => (min_version, max_version, nonce),
         Some(_) => return Err(AgentError::Protocol("expected the agent's hello".into())),
-        None => return Err(AgentError::Closed("the agent closed the connection before its hello".into())),
+        None => {
+            return Err(AgentError::Closed(
+                "the agent closed the connection before its hello".into(),
+            ));
+        }
     };
     let version = max.min(PROTOCOL_VERSION);
     if version < min || version < MIN_PROTOCOL_VERSION {
@@ -426,19 +549,33 @@ async fn client_handshake(reader: &mut FrameReader<BoxRead>, wr: &mut BoxWrite, 
     let client_nonce = auth::fresh_nonce();
     let mac = auth::client_proof(secret, version, &agent_nonce, &client_nonce);
     let mut buf = Vec::new();
-    Message::Auth { version, nonce: client_nonce, mac }.encode(0, &mut buf);
-    wr.write_all(&buf).await.map_err(|e| AgentError::Closed(e.to_string()))?;
+    Message::Auth {
+        version,
+        nonce: client_nonce,
+        mac,
+    }
+    .encode(0, &mut buf);
+    wr.write_all(&buf)
+        .await
+        .map_err(|e| AgentError::Closed(e.to_string()))?;
     match reader.next().await? {
         Some((0, Message::AuthOk { mac })) => {
-            if auth::proofs_match(&auth::agent_proof(secret, version, &agent_nonce, &client_nonce), &mac) {
+            if auth::proofs_match(
+                &auth::agent_proof(secret, version, &agent_nonce, &client_nonce),
+                &mac,
+            ) {
                 Ok(version)
             } else {
                 Err(AgentError::NotAuthentic)
             }
         }
         Some((0, Message::Error { message })) => Err(AgentError::Refused(message)),
-        Some(_) => Err(AgentError::Protocol("expected the agent's auth answer".into())),
-        None => Err(AgentError::Refused("the agent closed the connection".into())),
+        Some(_) => Err(AgentError::Protocol(
+            "expected the agent's auth answer".into(),
+        )),
+        None => Err(AgentError::Refused(
+            "the agent closed the connection".into(),
+        )),
     }
 }
 
@@ -465,7 +602,9 @@ async fn demux(mut reader: FrameReader<BoxRead>, shared: Weak<Shared>) {
     let reason = loop {
         match reader.next().await {
             Ok(Some((id, msg))) => {
-                let Some(shared) = shared.upgrade() else { return };
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
                 if let Err(reason) = shared.dispatch(id, msg) {
                     break reason;
                 }
@@ -489,7 +628,13 @@ struct ChannelHandle {
 
 impl Drop for ChannelHandle {
     fn drop(&mut self) {
-        let removed = self.shared.state.lock().expect("client lock").channels.remove(&self.id);
+        let removed = self
+            .shared
+            .state
+            .lock()
+            .expect("client lock")
+            .channels
+            .remove(&self.id);
         if removed.is_some() {
             let _ = self.shared.tx.send((self.id, Message::Close));
         }
@@ -529,9 +674,17 @@ impl ProcessStdin {
         }
         while !data.is_empty() {
             let Some(n) = self.credit.acquire(data.len().min(MAX_DATA_CHUNK)).await else {
-                return Err(AgentError::Closed("the process has exited or the connection is gone".into()));
+                return Err(AgentError::Closed(
+                    "the process has exited or the connection is gone".into(),
+                ));
             };
-            self.handle.shared.send(self.handle.id, Message::Data { stream: Stream::Stdin, data: data[..n].to_vec() })?;
+            self.handle.shared.send(
+                self.handle.id,
+                Message::Data {
+                    stream: Stream::Stdin,
+                    data: data[..n].to_vec(),
+                },
+            )?;
             data = &data[n..];
         }
         Ok(())
@@ -541,7 +694,12 @@ impl ProcessStdin {
     pub fn close(&mut self) -> Result<(), AgentError> {
         if !self.eof_sent {
             self.eof_sent = true;
-            self.handle.shared.send(self.handle.id, Message::Eof { stream: Stream::Stdin })?;
+            self.handle.shared.send(
+                self.handle.id,
+                Message::Eof {
+                    stream: Stream::Stdin,
+                },
+            )?;
         }
         Ok(())
     }
@@ -580,7 +738,7 @@ impl ProcessOutput {
     }
 
     /// Everything up to end of stream.
-    pub async fn read_to_end(&mut self) -> Vec<u8> {
+    pub async fn read_to_vec(&mut self) -> Vec<u8> {
         let mut all = Vec::new();
         while let Some(chunk) = self.recv().await {
             all.extend_from_slice(&chunk);
@@ -591,14 +749,20 @@ impl ProcessOutput {
     fn consumed(&mut self, n: usize) {
         self.ungranted += n as u64;
         if self.ungranted >= u64::from(self.threshold) {
-            self.handle.shared.grant(self.handle.id, self.stream, self.ungranted);
+            self.handle
+                .shared
+                .grant(self.handle.id, self.stream, self.ungranted);
             self.ungranted = 0;
         }
     }
 }
 
 impl AsyncRead for ProcessOutput {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos >= this.chunk.len() {
             match ready!(this.rx.poll_recv(cx)) {
@@ -626,7 +790,9 @@ impl Drop for ProcessOutput {
         while let Ok(chunk) = self.rx.try_recv() {
             unread += chunk.len() as u64;
         }
-        self.handle.shared.grant(self.handle.id, self.stream, unread);
+        self.handle
+            .shared
+            .grant(self.handle.id, self.stream, unread);
     }
 }
 
@@ -639,7 +805,9 @@ pub struct ProcessControl {
 impl ProcessControl {
     /// TIOCSWINSZ on the pty (ignored by the agent for a process without one).
     pub fn resize(&self, size: WindowSize) -> Result<(), AgentError> {
-        self.handle.shared.send(self.handle.id, Message::Resize(size))
+        self.handle
+            .shared
+            .send(self.handle.id, Message::Resize(size))
     }
 
     /// An SSH signal name (`INT`, `TERM`, `KILL`, … with or without `SIG`).
@@ -647,7 +815,12 @@ impl ProcessControl {
         if signal_number(name).is_none() {
             return Err(AgentError::UnknownSignal(name.to_owned()));
         }
-        self.handle.shared.send(self.handle.id, Message::Signal { name: name.to_owned() })
+        self.handle.shared.send(
+            self.handle.id,
+            Message::Signal {
+                name: name.to_owned(),
+            },
+        )
     }
 }
 
@@ -663,7 +836,10 @@ impl ProcessExit {
         if let Some(status) = &self.status {
             return Ok(status.clone());
         }
-        let rx = self.rx.as_mut().ok_or_else(|| self.handle.shared.closed_error())?;
+        let rx = self
+            .rx
+            .as_mut()
+            .ok_or_else(|| self.handle.shared.closed_error())?;
         match rx.await {
             Ok(status) => {
                 self.rx = None;
@@ -684,10 +860,22 @@ mod tests {
 
     #[test]
     fn addresses_parse() {
-        assert_eq!("/run/a.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("/run/a.sock".into()));
-        assert_eq!("unix:rel.sock".parse::<AgentAddress>().unwrap(), AgentAddress::Unix("rel.sock".into()));
-        assert_eq!("10.0.0.5:7000".parse::<AgentAddress>().unwrap(), AgentAddress::Tcp("10.0.0.5:7000".into()));
-        assert_eq!("tcp:[::1]:7000".parse::<AgentAddress>().unwrap(), AgentAddress::Tcp("[::1]:7000".into()));
+        assert_eq!(
+            "/run/a.sock".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "unix:rel.sock".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Unix("rel.sock".into())
+        );
+        assert_eq!(
+            "10.0.0.5:7000".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Tcp("10.0.0.5:7000".into())
+        );
+        assert_eq!(
+            "tcp:[::1]:7000".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Tcp("[::1]:7000".into())
+        );
         assert!("nonsense".parse::<AgentAddress>().is_err());
     }
 }

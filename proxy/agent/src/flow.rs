@@ -19,7 +19,13 @@ struct CreditState {
 
 impl Credit {
     pub(crate) fn new(initial: u64) -> Self {
-        Credit { state: Mutex::new(CreditState { available: initial, closed: false }), notify: Notify::new() }
+        Credit {
+            state: Mutex::new(CreditState {
+                available: initial,
+                closed: false,
+            }),
+            notify: Notify::new(),
+        }
     }
 
     pub(crate) fn add(&self, n: u64) {

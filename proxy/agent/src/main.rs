@@ -45,7 +45,11 @@ struct Args {
     max_processes: usize,
 
     /// A connection that has not authenticated within this time is closed.
-    #[arg(long, env = "ENVGATE_AGENT_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "ENVGATE_AGENT_HANDSHAKE_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
     handshake_timeout_seconds: u64,
 
     /// After SIGTERM/SIGINT, how long the container's processes get before SIGKILL
@@ -62,15 +66,21 @@ const SECRET_ENV: &str = "ENVGATE_AGENT_SECRET";
 
 fn read_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     let raw = match file {
-        Some(path) => std::fs::read(path).with_context(|| format!("cannot read the secret file {}", path.display()))?,
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read the secret file {}", path.display()))?,
         None => match std::env::var_os(SECRET_ENV) {
             Some(v) => v.into_encoded_bytes(),
-            None => bail!("no secret: give --secret-file (or ENVGATE_AGENT_SECRET_FILE) or set {SECRET_ENV}"),
+            None => bail!(
+                "no secret: give --secret-file (or ENVGATE_AGENT_SECRET_FILE) or set {SECRET_ENV}"
+            ),
         },
     };
     let secret = raw.trim_ascii().to_vec();
     if secret.len() < envgate_agent::auth::MIN_SECRET_LEN {
-        bail!("the secret must be at least {} bytes", envgate_agent::auth::MIN_SECRET_LEN);
+        bail!(
+            "the secret must be at least {} bytes",
+            envgate_agent::auth::MIN_SECRET_LEN
+        );
     }
     Ok(secret)
 }
@@ -79,7 +89,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENVGATE_AGENT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if args.log_json {
         logs.json().init();
     } else {
@@ -91,7 +103,10 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         listen_tcp: args.listen_tcp,
         secret,
-        accounts: AccountFiles { passwd: args.passwd_file, group: args.group_file },
+        accounts: AccountFiles {
+            passwd: args.passwd_file,
+            group: args.group_file,
+        },
         max_connections: args.max_connections.max(1),
         max_processes_per_connection: args.max_processes.max(1),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_seconds.max(1)),
@@ -99,7 +114,9 @@ fn main() -> anyhow::Result<()> {
     };
     // Single-threaded on purpose: see the reaper's note on fork/registration ordering, and
     // one thread keeps PID 1 small in every container.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let code = runtime.block_on(server::run(config))?;
     std::process::exit(code)
 }

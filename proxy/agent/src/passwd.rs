@@ -29,7 +29,11 @@ fn parse_passwd_line(line: &str) -> Option<Account> {
         name: f[0].to_owned(),
         uid: f[2].parse().ok()?,
         gid: f[3].parse().ok()?,
-        home: if f[5].is_empty() { "/".to_owned() } else { f[5].to_owned() },
+        home: if f[5].is_empty() {
+            "/".to_owned()
+        } else {
+            f[5].to_owned()
+        },
         shell: shell.to_owned(),
     })
 }
@@ -50,26 +54,45 @@ pub(crate) fn find_account(passwd: &Path, spec: &str) -> io::Result<Option<Accou
     if let Some(a) = accounts.iter().find(|a| a.name == spec) {
         return Ok(Some(a.clone()));
     }
-    let Ok(uid) = spec.parse::<u32>() else { return Ok(None) };
-    Ok(Some(accounts.into_iter().find(|a| a.uid == uid).unwrap_or_else(|| Account {
-        name: uid.to_string(),
-        uid,
-        gid: uid,
-        home: "/".to_owned(),
-        shell: DEFAULT_SHELL.to_owned(),
-    })))
+    let Ok(uid) = spec.parse::<u32>() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        accounts
+            .into_iter()
+            .find(|a| a.uid == uid)
+            .unwrap_or_else(|| Account {
+                name: uid.to_string(),
+                uid,
+                gid: uid,
+                home: "/".to_owned(),
+                shell: DEFAULT_SHELL.to_owned(),
+            }),
+    ))
 }
 
 /// The account for a uid, synthesised when the passwd file does not list it.
 pub(crate) fn account_for_uid(passwd: &Path, uid: u32, gid: u32) -> io::Result<Account> {
     let text = read_optional(passwd)?;
-    Ok(text.lines().filter_map(parse_passwd_line).find(|a| a.uid == uid).unwrap_or_else(|| Account {
-        name: if uid == 0 { "root".to_owned() } else { uid.to_string() },
-        uid,
-        gid,
-        home: if uid == 0 { "/root".to_owned() } else { "/".to_owned() },
-        shell: DEFAULT_SHELL.to_owned(),
-    }))
+    Ok(text
+        .lines()
+        .filter_map(parse_passwd_line)
+        .find(|a| a.uid == uid)
+        .unwrap_or_else(|| Account {
+            name: if uid == 0 {
+                "root".to_owned()
+            } else {
+                uid.to_string()
+            },
+            uid,
+            gid,
+            home: if uid == 0 {
+                "/root".to_owned()
+            } else {
+                "/".to_owned()
+            },
+            shell: DEFAULT_SHELL.to_owned(),
+        }))
 }
 
 /// The primary gid followed by every group that lists `user` as a member.
@@ -84,7 +107,9 @@ pub(crate) fn group_list(group: &Path, user: &str, primary: u32) -> io::Result<V
         if f.len() < 4 {
             continue;
         }
-        let Ok(gid) = f[2].parse::<u32>() else { continue };
+        let Ok(gid) = f[2].parse::<u32>() else {
+            continue;
+        };
         if f[3].split(',').any(|m| m.trim() == user) && !gids.contains(&gid) {
             gids.push(gid);
         }
@@ -106,16 +131,34 @@ mod tests {
             "root:x:0:0:root:/root:/bin/bash\n# comment\nbroken line\nalice:x:1000:1001::/home/alice:\n",
         )
         .unwrap();
-        std::fs::write(&group, "root:x:0:\nalice:x:1001:\nwheel:x:10:bob,alice\nother:x:11:bob\n").unwrap();
+        std::fs::write(
+            &group,
+            "root:x:0:\nalice:x:1001:\nwheel:x:10:bob,alice\nother:x:11:bob\n",
+        )
+        .unwrap();
 
         let alice = find_account(&passwd, "alice").unwrap().unwrap();
-        assert_eq!((alice.uid, alice.gid, alice.home.as_str(), alice.shell.as_str()), (1000, 1001, "/home/alice", "/bin/sh"));
-        assert_eq!(find_account(&passwd, "1000").unwrap().unwrap().name, "alice");
+        assert_eq!(
+            (
+                alice.uid,
+                alice.gid,
+                alice.home.as_str(),
+                alice.shell.as_str()
+            ),
+            (1000, 1001, "/home/alice", "/bin/sh")
+        );
+        assert_eq!(
+            find_account(&passwd, "1000").unwrap().unwrap().name,
+            "alice"
+        );
         let anon = find_account(&passwd, "4242").unwrap().unwrap();
         assert_eq!((anon.uid, anon.gid, anon.home.as_str()), (4242, 4242, "/"));
         assert_eq!(find_account(&passwd, "nobody-here").unwrap(), None);
         assert_eq!(account_for_uid(&passwd, 0, 0).unwrap().shell, "/bin/bash");
         assert_eq!(group_list(&group, "alice", 1001).unwrap(), vec![1001, 10]);
-        assert_eq!(find_account(&dir.path().join("missing"), "x").unwrap(), None);
+        assert_eq!(
+            find_account(&dir.path().join("missing"), "x").unwrap(),
+            None
+        );
     }
 }

@@ -152,7 +152,13 @@ pub struct SpawnRequest {
 
 impl SpawnRequest {
     pub fn new(program: Program) -> Self {
-        SpawnRequest { program, user: None, env: Vec::new(), cwd: None, pty: None }
+        SpawnRequest {
+            program,
+            user: None,
+            env: Vec::new(),
+            cwd: None,
+            pty: None,
+        }
     }
 }
 
@@ -161,7 +167,11 @@ impl SpawnRequest {
 pub enum ExitStatus {
     Code(i32),
     /// `name` is the SSH signal name (no `SIG` prefix), e.g. `TERM`.
-    Signal { number: i32, name: String, core_dumped: bool },
+    Signal {
+        number: i32,
+        name: String,
+        core_dumped: bool,
+    },
 }
 
 impl ExitStatus {
@@ -182,22 +192,54 @@ pub struct OpenProcess {
 /// A decoded frame body. The channel id travels beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { min_version: u16, max_version: u16, nonce: [u8; NONCE_LEN] },
-    Auth { version: u16, nonce: [u8; NONCE_LEN], mac: [u8; MAC_LEN] },
-    AuthOk { mac: [u8; MAC_LEN] },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        nonce: [u8; NONCE_LEN],
+    },
+    Auth {
+        version: u16,
+        nonce: [u8; NONCE_LEN],
+        mac: [u8; MAC_LEN],
+    },
+    AuthOk {
+        mac: [u8; MAC_LEN],
+    },
     /// On channel 0: fatal for the connection; the sender closes right after.
-    Error { message: String },
-    Ping { payload: Vec<u8> },
-    Pong { payload: Vec<u8> },
+    Error {
+        message: String,
+    },
+    Ping {
+        payload: Vec<u8>,
+    },
+    Pong {
+        payload: Vec<u8>,
+    },
     Open(OpenProcess),
     /// `stdin_window`: bytes of stdin the proxy may send before waiting for `Window`.
-    OpenOk { pid: u32, stdin_window: u32 },
-    OpenFailed { code: u8, message: String },
-    Data { stream: Stream, data: Vec<u8> },
-    Eof { stream: Stream },
-    Window { stream: Stream, increment: u32 },
+    OpenOk {
+        pid: u32,
+        stdin_window: u32,
+    },
+    OpenFailed {
+        code: u8,
+        message: String,
+    },
+    Data {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    Eof {
+        stream: Stream,
+    },
+    Window {
+        stream: Stream,
+        increment: u32,
+    },
     Resize(WindowSize),
-    Signal { name: String },
+    Signal {
+        name: String,
+    },
     /// The last frame the agent sends on a process channel.
     Exit(ExitStatus),
     /// Proxy → agent: the proxy gives up on the channel (the agent hangs the process up).
@@ -211,14 +253,22 @@ impl Message {
         out.extend_from_slice(&[0; HEADER_LEN]);
         let mut e = Enc(out);
         let k = match self {
-            Message::Hello { min_version, max_version, nonce } => {
+            Message::Hello {
+                min_version,
+                max_version,
+                nonce,
+            } => {
                 e.raw(&MAGIC);
                 e.u16(*min_version);
                 e.u16(*max_version);
                 e.raw(nonce);
                 kind::HELLO
             }
-            Message::Auth { version, nonce, mac } => {
+            Message::Auth {
+                version,
+                nonce,
+                mac,
+            } => {
                 e.u16(*version);
                 e.raw(nonce);
                 e.raw(mac);
@@ -284,7 +334,11 @@ impl Message {
                         e.u8(0);
                         e.u32(*code as u32);
                     }
-                    ExitStatus::Signal { number, name, core_dumped } => {
+                    ExitStatus::Signal {
+                        number,
+                        name,
+                        core_dumped,
+                    } => {
                         e.u8(1);
                         e.u32(*number as u32);
                         e.u8(u8::from(*core_dumped));
@@ -306,15 +360,29 @@ impl Message {
         let msg = match kind {
             kind::HELLO => {
                 if d.array::<8>()? != MAGIC {
-                    return Err(ProtocolError::Malformed("bad magic: the peer is not an envgate agent"));
+                    return Err(ProtocolError::Malformed(
+                        "bad magic: the peer is not an envgate agent",
+                    ));
                 }
-                Message::Hello { min_version: d.u16()?, max_version: d.u16()?, nonce: d.array()? }
+                Message::Hello {
+                    min_version: d.u16()?,
+                    max_version: d.u16()?,
+                    nonce: d.array()?,
+                }
             }
-            kind::AUTH => Message::Auth { version: d.u16()?, nonce: d.array()?, mac: d.array()? },
+            kind::AUTH => Message::Auth {
+                version: d.u16()?,
+                nonce: d.array()?,
+                mac: d.array()?,
+            },
             kind::AUTH_OK => Message::AuthOk { mac: d.array()? },
             kind::ERROR => Message::Error { message: d.str()? },
-            kind::PING => Message::Ping { payload: d.bytes()?.to_vec() },
-            kind::PONG => Message::Pong { payload: d.bytes()?.to_vec() },
+            kind::PING => Message::Ping {
+                payload: d.bytes()?.to_vec(),
+            },
+            kind::PONG => Message::Pong {
+                payload: d.bytes()?.to_vec(),
+            },
             kind::OPEN => {
                 if d.u8()? != channel_type::PROCESS {
                     return Err(ProtocolError::Malformed("unsupported channel type"));
@@ -325,19 +393,32 @@ impl Message {
                 if d.u8()? != channel_type::PROCESS {
                     return Err(ProtocolError::Malformed("unsupported channel type"));
                 }
-                Message::OpenOk { pid: d.u32()?, stdin_window: d.u32()? }
+                Message::OpenOk {
+                    pid: d.u32()?,
+                    stdin_window: d.u32()?,
+                }
             }
-            kind::OPEN_FAILED => Message::OpenFailed { code: d.u8()?, message: d.str()? },
+            kind::OPEN_FAILED => Message::OpenFailed {
+                code: d.u8()?,
+                message: d.str()?,
+            },
             kind::DATA => {
                 let stream = Stream::from_wire(d.u8()?)?;
                 let data = d.rest().to_vec();
                 if data.len() > MAX_DATA_CHUNK {
-                    return Err(ProtocolError::Malformed("data frame larger than the chunk limit"));
+                    return Err(ProtocolError::Malformed(
+                        "data frame larger than the chunk limit",
+                    ));
                 }
                 Message::Data { stream, data }
             }
-            kind::EOF => Message::Eof { stream: Stream::from_wire(d.u8()?)? },
-            kind::WINDOW => Message::Window { stream: Stream::from_wire(d.u8()?)?, increment: d.u32()? },
+            kind::EOF => Message::Eof {
+                stream: Stream::from_wire(d.u8()?)?,
+            },
+            kind::WINDOW => Message::Window {
+                stream: Stream::from_wire(d.u8()?)?,
+                increment: d.u32()?,
+            },
             kind::RESIZE => Message::Resize(decode_size(&mut d)?),
             kind::SIGNAL => Message::Signal { name: d.str()? },
             kind::EXIT => match d.u8()? {
@@ -345,7 +426,11 @@ impl Message {
                 1 => {
                     let number = d.u32()? as i32;
                     let core_dumped = d.u8()? != 0;
-                    Message::Exit(ExitStatus::Signal { number, core_dumped, name: d.str()? })
+                    Message::Exit(ExitStatus::Signal {
+                        number,
+                        core_dumped,
+                        name: d.str()?,
+                    })
                 }
                 _ => return Err(ProtocolError::Malformed("unknown exit kind")),
             },
@@ -365,7 +450,12 @@ fn encode_size(e: &mut Enc<'_>, s: &WindowSize) {
 }
 
 fn decode_size(d: &mut Dec<'_>) -> Result<WindowSize, ProtocolError> {
-    Ok(WindowSize { cols: d.u32()?, rows: d.u32()?, pixel_width: d.u32()?, pixel_height: d.u32()? })
+    Ok(WindowSize {
+        cols: d.u32()?,
+        rows: d.u32()?,
+        pixel_width: d.u32()?,
+        pixel_height: d.u32()?,
+    })
 }
 
 fn encode_spawn(e: &mut Enc<'_>, open: &OpenProcess) {
@@ -443,7 +533,13 @@ fn decode_spawn(d: &mut Dec<'_>) -> Result<OpenProcess, ProtocolError> {
         }
     };
     Ok(OpenProcess {
-        request: SpawnRequest { program, user, env, cwd, pty },
+        request: SpawnRequest {
+            program,
+            user,
+            env,
+            cwd,
+            pty,
+        },
         stdout_window: d.u32()?,
         stderr_window: d.u32()?,
     })
@@ -501,7 +597,8 @@ impl<'a> Dec<'a> {
         self.take(n)
     }
     fn str(&mut self) -> Result<String, ProtocolError> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
     }
     /// A list length, checked against the bytes left so a forged count cannot make us
     /// reserve gigabytes.
@@ -516,7 +613,11 @@ impl<'a> Dec<'a> {
         std::mem::take(&mut self.0)
     }
     fn finish(&self) -> Result<(), ProtocolError> {
-        if self.0.is_empty() { Ok(()) } else { Err(ProtocolError::Malformed("trailing bytes after the body")) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Malformed("trailing bytes after the body"))
+        }
     }
 }
 
@@ -526,11 +627,17 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
+    scratch: Box<[u8]>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: Vec::with_capacity(64 * 1024), start: 0 }
+        FrameReader {
+            inner,
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            scratch: vec![0; 64 * 1024].into(),
+        }
     }
 
     /// The next `(channel, message)`, or `None` when the peer closed cleanly between frames.
@@ -545,18 +652,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let len = self.buf.len();
-            self.buf.resize(len + 64 * 1024, 0);
-            let n = match self.inner.read(&mut self.buf[len..]).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(e.into());
-                }
-            };
-            self.buf.truncate(len + n);
+            // Read into scratch space: if this future is dropped mid-read, `buf` is untouched.
+            let n = self.inner.read(&mut self.scratch).await?;
+            self.buf.extend_from_slice(&self.scratch[..n]);
             if n == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(ProtocolError::Truncated) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ProtocolError::Truncated)
+                };
             }
         }
     }
@@ -590,7 +694,9 @@ mod tests {
     fn roundtrip(channel: u32, msg: Message) {
         let mut buf = Vec::new();
         msg.encode(channel, &mut buf);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let got = rt.block_on(async {
             let mut r = FrameReader::new(&buf[..]);
             let first = r.next().await.unwrap().unwrap();
@@ -602,11 +708,35 @@ mod tests {
 
     #[test]
     fn every_message_roundtrips() {
-        roundtrip(0, Message::Hello { min_version: 1, max_version: 3, nonce: [7; 32] });
-        roundtrip(0, Message::Auth { version: 1, nonce: [1; 32], mac: [2; 32] });
+        roundtrip(
+            0,
+            Message::Hello {
+                min_version: 1,
+                max_version: 3,
+                nonce: [7; 32],
+            },
+        );
+        roundtrip(
+            0,
+            Message::Auth {
+                version: 1,
+                nonce: [1; 32],
+                mac: [2; 32],
+            },
+        );
         roundtrip(0, Message::AuthOk { mac: [9; 32] });
-        roundtrip(0, Message::Error { message: "nope".into() });
-        roundtrip(0, Message::Ping { payload: vec![1, 2] });
+        roundtrip(
+            0,
+            Message::Error {
+                message: "nope".into(),
+            },
+        );
+        roundtrip(
+            0,
+            Message::Ping {
+                payload: vec![1, 2],
+            },
+        );
         roundtrip(0, Message::Pong { payload: vec![] });
         roundtrip(
             5,
@@ -618,7 +748,12 @@ mod tests {
                     cwd: Some("/tmp".into()),
                     pty: Some(PtyRequest {
                         term: "xterm".into(),
-                        size: WindowSize { cols: 80, rows: 24, pixel_width: 0, pixel_height: 0 },
+                        size: WindowSize {
+                            cols: 80,
+                            rows: 24,
+                            pixel_width: 0,
+                            pixel_height: 0,
+                        },
                         modes: vec![(53, 0), (128, 38400)],
                     }),
                 },
@@ -626,38 +761,90 @@ mod tests {
                 stderr_window: 2000,
             }),
         );
-        roundtrip(6, Message::Open(OpenProcess {
-            request: SpawnRequest::new(Program::ShellCommand("echo hi".into())),
-            stdout_window: 1,
-            stderr_window: 2,
-        }));
-        roundtrip(6, Message::Open(OpenProcess {
-            request: SpawnRequest::new(Program::LoginShell),
-            stdout_window: 1,
-            stderr_window: 2,
-        }));
-        roundtrip(5, Message::OpenOk { pid: 42, stdin_window: 65536 });
-        roundtrip(5, Message::OpenFailed { code: open_error::NO_SUCH_USER, message: "x".into() });
-        roundtrip(5, Message::Data { stream: Stream::Stderr, data: b"abc".to_vec() });
-        roundtrip(5, Message::Eof { stream: Stream::Stdin });
-        roundtrip(5, Message::Window { stream: Stream::Stdout, increment: 77 });
-        roundtrip(5, Message::Resize(WindowSize { cols: 1, rows: 2, pixel_width: 3, pixel_height: 4 }));
+        roundtrip(
+            6,
+            Message::Open(OpenProcess {
+                request: SpawnRequest::new(Program::ShellCommand("echo hi".into())),
+                stdout_window: 1,
+                stderr_window: 2,
+            }),
+        );
+        roundtrip(
+            6,
+            Message::Open(OpenProcess {
+                request: SpawnRequest::new(Program::LoginShell),
+                stdout_window: 1,
+                stderr_window: 2,
+            }),
+        );
+        roundtrip(
+            5,
+            Message::OpenOk {
+                pid: 42,
+                stdin_window: 65536,
+            },
+        );
+        roundtrip(
+            5,
+            Message::OpenFailed {
+                code: open_error::NO_SUCH_USER,
+                message: "x".into(),
+            },
+        );
+        roundtrip(
+            5,
+            Message::Data {
+                stream: Stream::Stderr,
+                data: b"abc".to_vec(),
+            },
+        );
+        roundtrip(
+            5,
+            Message::Eof {
+                stream: Stream::Stdin,
+            },
+        );
+        roundtrip(
+            5,
+            Message::Window {
+                stream: Stream::Stdout,
+                increment: 77,
+            },
+        );
+        roundtrip(
+            5,
+            Message::Resize(WindowSize {
+                cols: 1,
+                rows: 2,
+                pixel_width: 3,
+                pixel_height: 4,
+            }),
+        );
         roundtrip(5, Message::Signal { name: "INT".into() });
         roundtrip(5, Message::Exit(ExitStatus::Code(-1)));
         roundtrip(
             5,
-            Message::Exit(ExitStatus::Signal { number: 9, name: "KILL".into(), core_dumped: true }),
+            Message::Exit(ExitStatus::Signal {
+                number: 9,
+                name: "KILL".into(),
+                core_dumped: true,
+            }),
         );
         roundtrip(5, Message::Close);
     }
 
     #[test]
     fn oversized_and_malformed_frames_are_errors() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let big = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
             let mut r = FrameReader::new(&big[..]);
-            assert!(matches!(r.next().await, Err(ProtocolError::FrameTooLarge(_))));
+            assert!(matches!(
+                r.next().await,
+                Err(ProtocolError::FrameTooLarge(_))
+            ));
 
             // A list count that claims more items than the body holds.
             let mut buf = Vec::new();
@@ -675,7 +862,10 @@ mod tests {
             Message::Close.encode(1, &mut buf);
             buf[4] = 0x7f;
             let mut r = FrameReader::new(&buf[..]);
-            assert!(matches!(r.next().await, Err(ProtocolError::UnknownKind(0x7f))));
+            assert!(matches!(
+                r.next().await,
+                Err(ProtocolError::UnknownKind(0x7f))
+            ));
 
             let mut buf = Vec::new();
             Message::Close.encode(1, &mut buf);

@@ -41,7 +41,11 @@ impl Reaper {
             return Err(io::Error::last_os_error());
         }
         let mut sigchld = signal(SignalKind::child())?;
-        let reaper = Arc::new(Reaper { waiting: Mutex::new(HashMap::new()), reaped: Notify::new(), is_init });
+        let reaper = Arc::new(Reaper {
+            waiting: Mutex::new(HashMap::new()),
+            reaped: Notify::new(),
+            is_init,
+        });
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
@@ -126,7 +130,13 @@ impl Reaper {
             unsafe { libc::kill(-1, sig) };
             return;
         }
-        let pids: Vec<i32> = self.waiting.lock().expect("reaper lock").keys().copied().collect();
+        let pids: Vec<i32> = self
+            .waiting
+            .lock()
+            .expect("reaper lock")
+            .keys()
+            .copied()
+            .collect();
         for pid in pids {
             // SAFETY: as above.
             unsafe { libc::kill(-pid, sig) };
@@ -137,7 +147,11 @@ impl Reaper {
 pub(crate) fn decode_status(status: i32) -> ExitStatus {
     if libc::WIFSIGNALED(status) {
         let number = libc::WTERMSIG(status);
-        ExitStatus::Signal { number, name: signal_name(number), core_dumped: libc::WCOREDUMP(status) }
+        ExitStatus::Signal {
+            number,
+            name: signal_name(number),
+            core_dumped: libc::WCOREDUMP(status),
+        }
     } else {
         ExitStatus::Code(libc::WEXITSTATUS(status))
     }

@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
-    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message, OpenProcess,
-    PROTOCOL_VERSION, ProtocolError, Stream, open_error,
+    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message,
+    OpenProcess, PROTOCOL_VERSION, ProtocolError, Stream, open_error,
 };
 use crate::reaper::{Children, Reaper};
 use crate::signals::signal_number;
@@ -62,7 +62,10 @@ pub async fn run(config: AgentConfig) -> io::Result<i32> {
         ));
     }
     if config.socket.is_none() && config.listen_tcp.is_none() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to listen on: give --socket and/or --listen-tcp"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nothing to listen on: give --socket and/or --listen-tcp",
+        ));
     }
     let reaper = Reaper::start()?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -87,7 +90,11 @@ pub async fn run(config: AgentConfig) -> io::Result<i32> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(Ctx { config: config.clone(), reaper: reaper.clone(), stopping: stop_rx });
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        reaper: reaper.clone(),
+        stopping: stop_rx,
+    });
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let mut connections = JoinSet::new();
 
@@ -116,11 +123,17 @@ pub async fn run(config: AgentConfig) -> io::Result<i32> {
     if let Some(path) = &config.socket {
         let _ = std::fs::remove_file(path);
     }
-    info!(signal = received, "stopping: forwarding the signal to the container's processes");
+    info!(
+        signal = received,
+        "stopping: forwarding the signal to the container's processes"
+    );
     let _ = stop_tx.send(true);
     let code = stop_children(&reaper, received, config.stop_timeout).await;
     // Let the connections send the last exit statuses.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while connections.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     Ok(code)
 }
 
@@ -141,7 +154,9 @@ async fn stop_children(reaper: &Reaper, sig: i32, grace: Duration) -> i32 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let reaped = reaper.reaped();
-        if reaper.reap() == Children::None || tokio::time::timeout_at(deadline, reaped).await.is_err() {
+        if reaper.reap() == Children::None
+            || tokio::time::timeout_at(deadline, reaped).await.is_err()
+        {
             return 128 + libc::SIGKILL;
         }
     }
@@ -159,8 +174,15 @@ fn bind_unix(path: &PathBuf) -> io::Result<UnixListener> {
             ));
         }
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Bind under a temporary name and rename into place: whoever sees the path can connect,
+    // and never to a socket that still has loose permissions.
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
     Ok(listener)
 }
 
@@ -223,7 +245,11 @@ struct Conn {
 
 impl Conn {
     fn channel(&self, id: u32) -> Option<Arc<Channel>> {
-        self.channels.lock().expect("channels lock").get(&id).cloned()
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .get(&id)
+            .cloned()
     }
     fn is_idle(&self) -> bool {
         self.channels.lock().expect("channels lock").is_empty()
@@ -233,25 +259,34 @@ impl Conn {
 async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, ctx: Arc<Ctx>) {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
-    let version =
-        match tokio::time::timeout(ctx.config.handshake_timeout, handshake(&mut reader, &mut wr, &ctx.config.secret))
-            .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                warn!(error = %e, "connection refused");
-                return;
-            }
-            Err(_) => {
-                warn!("connection refused: no handshake within {:?}", ctx.config.handshake_timeout);
-                return;
-            }
-        };
+    let version = match tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        handshake(&mut reader, &mut wr, &ctx.config.secret),
+    )
+    .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            warn!(error = %e, "connection refused");
+            return;
+        }
+        Err(_) => {
+            warn!(
+                "connection refused: no handshake within {:?}",
+                ctx.config.handshake_timeout
+            );
+            return;
+        }
+    };
     debug!(version, "proxy authenticated");
 
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let writer = tokio::spawn(write_frames(wr, rx));
-    let conn = Arc::new(Conn { tx, channels: Mutex::new(HashMap::new()), channel_ended: Notify::new() });
+    let conn = Arc::new(Conn {
+        tx,
+        channels: Mutex::new(HashMap::new()),
+        channel_ended: Notify::new(),
+    });
     let mut stopping_rx = ctx.stopping.clone();
     let mut stopping = *stopping_rx.borrow();
 
@@ -282,7 +317,13 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S,
     }
 
     // The proxy is gone (or we stop): hang up whatever it still had running.
-    let remaining: Vec<Arc<Channel>> = conn.channels.lock().expect("channels lock").drain().map(|(_, c)| c).collect();
+    let remaining: Vec<Arc<Channel>> = conn
+        .channels
+        .lock()
+        .expect("channels lock")
+        .drain()
+        .map(|(_, c)| c)
+        .collect();
     for ch in remaining {
         hang_up(&ctx.reaper, &ch);
     }
@@ -310,31 +351,63 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, msg: Message) -> io::Result
     wr.write_all(&buf).await
 }
 
-async fn handshake<R, W>(reader: &mut FrameReader<R>, wr: &mut W, secret: &[u8]) -> Result<u16, HandshakeError>
+async fn handshake<R, W>(
+    reader: &mut FrameReader<R>,
+    wr: &mut W,
+    secret: &[u8],
+) -> Result<u16, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let agent_nonce = auth::fresh_nonce();
-    send_now(wr, Message::Hello { min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, nonce: agent_nonce })
-        .await
-        .map_err(ProtocolError::from)?;
+    send_now(
+        wr,
+        Message::Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            nonce: agent_nonce,
+        },
+    )
+    .await
+    .map_err(ProtocolError::from)?;
     let (version, client_nonce, mac) = match reader.next().await? {
-        Some((0, Message::Auth { version, nonce, mac })) => (version, nonce, mac),
+        Some((
+            0,
+            Message::Auth {
+                version,
+                nonce,
+                mac,
+            },
+        )) => (version, nonce, mac),
         Some(_) => return Err(HandshakeError::Unexpected("another message")),
         None => return Err(HandshakeError::Closed),
     };
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
-        let _ = send_now(wr, Message::Error { message: format!("unsupported protocol version {version}") }).await;
+        let _ = send_now(
+            wr,
+            Message::Error {
+                message: format!("unsupported protocol version {version}"),
+            },
+        )
+        .await;
         return Err(HandshakeError::Version(version));
     }
     let expected = auth::client_proof(secret, version, &agent_nonce, &client_nonce);
     if !auth::proofs_match(&expected, &mac) {
-        let _ = send_now(wr, Message::Error { message: "authentication failed".into() }).await;
+        let _ = send_now(
+            wr,
+            Message::Error {
+                message: "authentication failed".into(),
+            },
+        )
+        .await;
         return Err(HandshakeError::BadProof);
     }
     let proof = auth::agent_proof(secret, version, &agent_nonce, &client_nonce);
-    send_now(wr, Message::AuthOk { mac: proof }).await.map_err(ProtocolError::from)?;
+    send_now(wr, Message::AuthOk { mac: proof })
+        .await
+        .map_err(ProtocolError::from)?;
     Ok(version)
 }
 
@@ -357,45 +430,73 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<(
     let _ = wr.shutdown().await;
 }
 
-async fn handle_message(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, msg: Message, stopping: bool) -> Result<(), ProtocolError> {
+async fn handle_message(
+    conn: &Arc<Conn>,
+    ctx: &Arc<Ctx>,
+    id: u32,
+    msg: Message,
+    stopping: bool,
+) -> Result<(), ProtocolError> {
     match msg {
         Message::Ping { payload } => {
             let _ = conn.tx.send((0, Message::Pong { payload })).await;
         }
         Message::Open(open) => {
             if id == 0 || id & AGENT_CHANNEL_BIT != 0 {
-                return Err(ProtocolError::Malformed("channel id not allowed for the proxy"));
+                return Err(ProtocolError::Malformed(
+                    "channel id not allowed for the proxy",
+                ));
             }
             if conn.channel(id).is_some() {
                 return Err(ProtocolError::Malformed("channel id already in use"));
             }
             let refuse = if stopping {
-                Some((open_error::SHUTTING_DOWN, "the environment is stopping".to_owned()))
-            } else if conn.channels.lock().expect("channels lock").len() >= ctx.config.max_processes_per_connection {
-                Some((open_error::LIMIT, "too many processes on this connection".to_owned()))
+                Some((
+                    open_error::SHUTTING_DOWN,
+                    "the environment is stopping".to_owned(),
+                ))
+            } else if conn.channels.lock().expect("channels lock").len()
+                >= ctx.config.max_processes_per_connection
+            {
+                Some((
+                    open_error::LIMIT,
+                    "too many processes on this connection".to_owned(),
+                ))
             } else {
                 None
             };
             match refuse {
                 Some((code, message)) => {
-                    let _ = conn.tx.send((id, Message::OpenFailed { code, message })).await;
+                    let _ = conn
+                        .tx
+                        .send((id, Message::OpenFailed { code, message }))
+                        .await;
                 }
                 None => open_process(conn, ctx, id, open).await,
             }
         }
-        Message::Data { stream: Stream::Stdin, data } => {
-            let Some(ch) = conn.channel(id) else { return Ok(()) };
+        Message::Data {
+            stream: Stream::Stdin,
+            data,
+        } => {
+            let Some(ch) = conn.channel(id) else {
+                return Ok(());
+            };
             {
                 let mut allowance = ch.stdin_allowance.lock().expect("allowance lock");
                 let len = data.len() as u64;
                 if len > *allowance {
-                    return Err(ProtocolError::Malformed("stdin data beyond the granted window"));
+                    return Err(ProtocolError::Malformed(
+                        "stdin data beyond the granted window",
+                    ));
                 }
                 *allowance -= len;
             }
             let _ = ch.stdin.send(StdinChunk::Data(data));
         }
-        Message::Eof { stream: Stream::Stdin } => {
+        Message::Eof {
+            stream: Stream::Stdin,
+        } => {
             if let Some(ch) = conn.channel(id) {
                 let _ = ch.stdin.send(StdinChunk::Eof);
             }
@@ -405,7 +506,9 @@ async fn handle_message(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, msg: Message,
                 match stream {
                     Stream::Stdout => ch.stdout_credit.add(increment.into()),
                     Stream::Stderr => ch.stderr_credit.add(increment.into()),
-                    Stream::Stdin => return Err(ProtocolError::Malformed("window for stdin from the proxy")),
+                    Stream::Stdin => {
+                        return Err(ProtocolError::Malformed("window for stdin from the proxy"));
+                    }
                 }
             }
         }
@@ -437,6 +540,7 @@ async fn handle_message(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, msg: Message,
 /// The proxy gave up on the process: SIGHUP its process group (what closing a terminal
 /// does) and stop pumping; the reaper still collects it.
 fn hang_up(reaper: &Reaper, ch: &Channel) {
+    debug!(pid = ch.pid, "hanging up");
     reaper.signal_group(ch.pid, libc::SIGHUP);
     reaper.signal_group(ch.pid, libc::SIGCONT);
     if let Some(task) = ch.task.lock().expect("task lock").take() {
@@ -450,7 +554,16 @@ async fn open_process(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, open: OpenProce
         Ok(s) => s,
         Err(e) => {
             debug!(channel = id, error = %e.message, "spawn failed");
-            let _ = conn.tx.send((id, Message::OpenFailed { code: e.code, message: e.message })).await;
+            let _ = conn
+                .tx
+                .send((
+                    id,
+                    Message::OpenFailed {
+                        code: e.code,
+                        message: e.message,
+                    },
+                ))
+                .await;
             return;
         }
     };
@@ -468,10 +581,29 @@ async fn open_process(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, open: OpenProce
         pty: spawned.pty.clone(),
         task: Mutex::new(None),
     });
-    conn.channels.lock().expect("channels lock").insert(id, channel.clone());
-    let _ = conn.tx.send((id, Message::OpenOk { pid: spawned.pid as u32, stdin_window: STDIN_WINDOW })).await;
+    conn.channels
+        .lock()
+        .expect("channels lock")
+        .insert(id, channel.clone());
+    let _ = conn
+        .tx
+        .send((
+            id,
+            Message::OpenOk {
+                pid: spawned.pid as u32,
+                stdin_window: STDIN_WINDOW,
+            },
+        ))
+        .await;
 
-    let task = tokio::spawn(run_channel(conn.clone(), id, channel.clone(), spawned, stdin_rx, exit));
+    let task = tokio::spawn(run_channel(
+        conn.clone(),
+        id,
+        channel.clone(),
+        spawned,
+        stdin_rx,
+        exit,
+    ));
     *channel.task.lock().expect("task lock") = Some(task.abort_handle());
 }
 
@@ -485,7 +617,14 @@ async fn run_channel(
 ) {
     let is_pty = spawned.pty.is_some();
     let (exited_tx, exited_rx) = watch::channel(false);
-    let stdin = pump_stdin(spawned.stdin, is_pty, stdin_rx, channel.stdin_allowance.clone(), conn.tx.clone(), id);
+    let stdin = pump_stdin(
+        spawned.stdin,
+        is_pty,
+        stdin_rx,
+        channel.stdin_allowance.clone(),
+        conn.tx.clone(),
+        id,
+    );
     let stdout = pump_output(
         spawned.stdout,
         Stream::Stdout,
@@ -496,9 +635,27 @@ async fn run_channel(
     );
     let stderr = async {
         match spawned.stderr {
-            Some(fd) => pump_output(fd, Stream::Stderr, channel.stderr_credit.clone(), conn.tx.clone(), id, None).await,
+            Some(fd) => {
+                pump_output(
+                    fd,
+                    Stream::Stderr,
+                    channel.stderr_credit.clone(),
+                    conn.tx.clone(),
+                    id,
+                    None,
+                )
+                .await
+            }
             None => {
-                let _ = conn.tx.send((id, Message::Eof { stream: Stream::Stderr })).await;
+                let _ = conn
+                    .tx
+                    .send((
+                        id,
+                        Message::Eof {
+                            stream: Stream::Stderr,
+                        },
+                    ))
+                    .await;
             }
         }
     };
@@ -536,14 +693,24 @@ async fn pump_stdin(
             StdinChunk::Data(data) => {
                 // Once the process stops reading (EPIPE), further input is dropped but still
                 // acknowledged so the proxy never stalls on it.
-                if let Some(f) = &fd {
-                    if spawn::write_all(f, &data).await.is_err() {
-                        fd = None;
-                    }
+                if let Some(f) = &fd
+                    && spawn::write_all(f, &data).await.is_err()
+                {
+                    fd = None;
                 }
                 *allowance.lock().expect("allowance lock") += data.len() as u64;
                 let increment = data.len() as u32;
-                if tx.send((id, Message::Window { stream: Stream::Stdin, increment })).await.is_err() {
+                if tx
+                    .send((
+                        id,
+                        Message::Window {
+                            stream: Stream::Stdin,
+                            increment,
+                        },
+                    ))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -567,7 +734,9 @@ async fn pump_output(
 ) {
     let mut buf = vec![0u8; MAX_DATA_CHUNK];
     loop {
-        let Some(allowed) = credit.acquire(MAX_DATA_CHUNK).await else { return };
+        let Some(allowed) = credit.acquire(MAX_DATA_CHUNK).await else {
+            return;
+        };
         let read = match &mut exited {
             Some(flag) if *flag.borrow() => match spawn::try_read(&fd, &mut buf[..allowed]) {
                 Ok(Some(n)) => Ok(n),
@@ -588,7 +757,17 @@ async fn pump_output(
         match read {
             Ok(n) if n > 0 => {
                 credit.refund(allowed - n);
-                if tx.send((id, Message::Data { stream, data: buf[..n].to_vec() })).await.is_err() {
+                if tx
+                    .send((
+                        id,
+                        Message::Data {
+                            stream,
+                            data: buf[..n].to_vec(),
+                        },
+                    ))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

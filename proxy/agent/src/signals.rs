@@ -44,7 +44,11 @@ pub fn signal_number(name: &str) -> Option<i32> {
 /// The SSH name for a signal number; signals without a name (real-time ones) are given as
 /// their decimal number.
 pub fn signal_name(number: i32) -> String {
-    TABLE.iter().find(|(_, v)| *v == number).map(|(n, _)| (*n).to_owned()).unwrap_or_else(|| number.to_string())
+    TABLE
+        .iter()
+        .find(|(_, v)| *v == number)
+        .map(|(n, _)| (*n).to_owned())
+        .unwrap_or_else(|| number.to_string())
 }
 
 #[cfg(test)]

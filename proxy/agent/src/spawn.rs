@@ -27,7 +27,10 @@ pub struct AccountFiles {
 
 impl Default for AccountFiles {
     fn default() -> Self {
-        AccountFiles { passwd: PathBuf::from("/etc/passwd"), group: PathBuf::from("/etc/group") }
+        AccountFiles {
+            passwd: PathBuf::from("/etc/passwd"),
+            group: PathBuf::from("/etc/group"),
+        }
     }
 }
 
@@ -49,7 +52,10 @@ pub(crate) struct SpawnError {
 
 impl SpawnError {
     fn new(code: u8, message: impl Into<String>) -> Self {
-        SpawnError { code, message: message.into() }
+        SpawnError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,26 +63,44 @@ const ROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 const USER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 fn cstring(what: &str, s: &str) -> Result<CString, SpawnError> {
-    CString::new(s).map_err(|_| SpawnError::new(open_error::BAD_REQUEST, format!("{what} contains a NUL byte")))
+    CString::new(s).map_err(|_| {
+        SpawnError::new(
+            open_error::BAD_REQUEST,
+            format!("{what} contains a NUL byte"),
+        )
+    })
 }
 
 fn resolve_account(req: &SpawnRequest, files: &AccountFiles) -> Result<Account, SpawnError> {
-    let io_err = |e: io::Error| SpawnError::new(open_error::RESOURCES, format!("cannot read account files: {e}"));
+    let io_err = |e: io::Error| {
+        SpawnError::new(
+            open_error::RESOURCES,
+            format!("cannot read account files: {e}"),
+        )
+    };
     // SAFETY: geteuid/getegid cannot fail and touch no memory.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let account = match &req.user {
         None => passwd::account_for_uid(&files.passwd, euid, egid).map_err(io_err)?,
-        Some(user) => passwd::find_account(&files.passwd, user).map_err(io_err)?.ok_or_else(|| {
-            SpawnError::new(
-                open_error::NO_SUCH_USER,
-                format!("no user {user:?} in this environment's {}", files.passwd.display()),
-            )
-        })?,
+        Some(user) => passwd::find_account(&files.passwd, user)
+            .map_err(io_err)?
+            .ok_or_else(|| {
+                SpawnError::new(
+                    open_error::NO_SUCH_USER,
+                    format!(
+                        "no user {user:?} in this environment's {}",
+                        files.passwd.display()
+                    ),
+                )
+            })?,
     };
     if euid != 0 && account.uid != euid {
         return Err(SpawnError::new(
             open_error::BAD_REQUEST,
-            format!("the agent runs as uid {euid} and cannot start processes as uid {}", account.uid),
+            format!(
+                "the agent runs as uid {euid} and cannot start processes as uid {}",
+                account.uid
+            ),
         ));
     }
     Ok(account)
@@ -88,14 +112,24 @@ fn basename(path: &str) -> &str {
 
 pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned, SpawnError> {
     let account = resolve_account(req, files)?;
-    let groups = passwd::group_list(&files.group, &account.name, account.gid)
-        .map_err(|e| SpawnError::new(open_error::RESOURCES, format!("cannot read {}: {e}", files.group.display())))?;
+    let groups = passwd::group_list(&files.group, &account.name, account.gid).map_err(|e| {
+        SpawnError::new(
+            open_error::RESOURCES,
+            format!("cannot read {}: {e}", files.group.display()),
+        )
+    })?;
 
     let (program, args, arg0): (String, Vec<String>, String) = match &req.program {
-        Program::LoginShell => (account.shell.clone(), Vec::new(), format!("-{}", basename(&account.shell))),
-        Program::ShellCommand(cmd) => {
-            (account.shell.clone(), vec!["-c".to_owned(), cmd.clone()], basename(&account.shell).to_owned())
-        }
+        Program::LoginShell => (
+            account.shell.clone(),
+            Vec::new(),
+            format!("-{}", basename(&account.shell)),
+        ),
+        Program::ShellCommand(cmd) => (
+            account.shell.clone(),
+            vec!["-c".to_owned(), cmd.clone()],
+            basename(&account.shell).to_owned(),
+        ),
         Program::Argv(argv) => {
             let Some(first) = argv.first() else {
                 return Err(SpawnError::new(open_error::BAD_REQUEST, "empty argv"));
@@ -113,14 +147,25 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
         ("USER".into(), account.name.clone()),
         ("LOGNAME".into(), account.name.clone()),
         ("SHELL".into(), account.shell.clone()),
-        ("PATH".into(), if account.uid == 0 { ROOT_PATH } else { USER_PATH }.into()),
+        (
+            "PATH".into(),
+            if account.uid == 0 {
+                ROOT_PATH
+            } else {
+                USER_PATH
+            }
+            .into(),
+        ),
     ];
     if let Some(pty) = &req.pty {
         env.push(("TERM".into(), pty.term.clone()));
     }
     for (k, v) in &req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(SpawnError::new(open_error::BAD_REQUEST, format!("invalid environment variable {k:?}")));
+            return Err(SpawnError::new(
+                open_error::BAD_REQUEST,
+                format!("invalid environment variable {k:?}"),
+            ));
         }
         env.push((k.clone(), v.clone()));
     }
@@ -141,10 +186,15 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
     };
 
     let mut cmd = Command::new(&program);
-    cmd.arg0(&arg0).args(&args).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.arg0(&arg0)
+        .args(&args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)));
 
     let pty = match &req.pty {
-        Some(p) => Some(open_pty(p).map_err(|e| SpawnError::new(open_error::RESOURCES, format!("cannot open a pty: {e}")))?),
+        Some(p) => Some(open_pty(p).map_err(|e| {
+            SpawnError::new(open_error::RESOURCES, format!("cannot open a pty: {e}"))
+        })?),
         None => None,
     };
     let resources = |e: io::Error| SpawnError::new(open_error::RESOURCES, e.to_string());
@@ -155,7 +205,9 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
                 .stderr(Stdio::from(slave.try_clone().map_err(resources)?));
         }
         None => {
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
     }
 
@@ -168,6 +220,14 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
     // async-signal-safe system calls on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // Start from default dispositions: whoever started the agent may have left
+            // signals ignored (a shell's background job ignores SIGINT and SIGQUIT), and
+            // ignored signals survive exec.
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -192,9 +252,12 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
         });
     }
 
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| SpawnError::new(open_error::EXEC_FAILED, format!("cannot run {program:?}: {}", strip_os_error(&e))))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        SpawnError::new(
+            open_error::EXEC_FAILED,
+            format!("cannot run {program:?}: {}", strip_os_error(&e)),
+        )
+    })?;
     // The Command holds our copies of the pty slave: drop it so that the master reads EOF
     // (EIO) once the session's processes are gone.
     drop(cmd);
@@ -203,7 +266,13 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
     let spawned = match pty {
         Some((master, _slave)) => {
             let master = Arc::new(async_fd(master).map_err(resources)?);
-            Spawned { pid, stdin: master.clone(), stdout: master.clone(), stderr: None, pty: Some(master) }
+            Spawned {
+                pid,
+                stdin: master.clone(),
+                stdout: master.clone(),
+                stderr: None,
+                pty: Some(master),
+            }
         }
         None => {
             let stdin = child.stdin.take().expect("piped stdin");
@@ -213,7 +282,9 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
                 pid,
                 stdin: Arc::new(async_fd(OwnedFd::from(stdin)).map_err(resources)?),
                 stdout: Arc::new(async_fd(OwnedFd::from(stdout)).map_err(resources)?),
-                stderr: Some(Arc::new(async_fd(OwnedFd::from(stderr)).map_err(resources)?)),
+                stderr: Some(Arc::new(
+                    async_fd(OwnedFd::from(stderr)).map_err(resources)?,
+                )),
                 pty: None,
             }
         }
@@ -269,7 +340,16 @@ fn open_pty(req: &PtyRequest) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut slave: libc::c_int = -1;
     let ws = winsize(&req.size);
     // SAFETY: valid out pointers; NULL name and termios are allowed.
-    if unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &ws) } < 0 {
+    if unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: openpty returned two fresh descriptors that nothing else owns.
@@ -338,8 +418,13 @@ pub(crate) async fn write_all(fd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> io::Resu
         let mut guard = fd.writable().await?;
         let result = guard.try_io(|inner| {
             // SAFETY: buf is valid for buf.len() bytes.
-            let n = unsafe { libc::write(inner.get_ref().as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            let n =
+                unsafe { libc::write(inner.get_ref().as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
         });
         match result {
             Ok(Ok(n)) => buf = &buf[n..],

@@ -1,0 +1,105 @@
+//! Starts the real `envgate-agent` binary in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envgate_agent::{AgentAddress, AgentClient};
+
+pub const SECRET: &[u8] = b"test-secret-0123456789abcdef0123";
+
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub child: Child,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Self::start_with(&[])
+    }
+
+    /// `extra` are more flags for the agent.
+    pub fn start_with(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("agent.sock");
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, [SECRET, b"\n"].concat()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_envgate-agent"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--secret-file")
+            .arg(&secret_file)
+            .args(extra)
+            .env("ENVGATE_AGENT_LOG", "debug")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start envgate-agent");
+        let agent = Agent { dir, socket, child };
+        agent.wait_for_socket();
+        agent
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not create its socket within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn address(&self) -> AgentAddress {
+        AgentAddress::Unix(self.socket.clone())
+    }
+
+    pub async fn client(&self) -> AgentClient {
+        AgentClient::connect(&self.address(), SECRET)
+            .await
+            .expect("connect to the agent")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// SIGTERM, then waits for the exit (bounded).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within 15 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+/// Bounds every await in the tests.
+pub async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
