@@ -113,7 +113,7 @@ struct Context<'a> {
 }
 
 enum Step {
-    Placed(Placement),
+    Placed(Box<Placement>),
     Retry,
 }
 
@@ -264,7 +264,7 @@ impl Placer {
                 }
             };
             if let Step::Placed(placement) = step {
-                return Ok(placement);
+                return Ok(*placement);
             }
         }
     }
@@ -276,7 +276,7 @@ impl Placer {
             .await?
             .ok_or_else(|| StoreError::Unavailable(format!("session id collision on {key}")))?;
         match self.create(cx, &key, claim, revision).await? {
-            Step::Placed(placement) => Ok(placement),
+            Step::Placed(placement) => Ok(*placement),
             // Only a takeover of a stale claim can beat us, and a fresh session id is never stale.
             Step::Retry => Err(PlacementError::RuntimeFailed(format!(
                 "lost the claim on {key}"
@@ -359,10 +359,10 @@ impl Placer {
             ..claim
         };
         match self.commit(cx, key, revision, &running).await {
-            Ok(Some(placement)) => Ok(Step::Placed(Placement {
+            Ok(Some(placement)) => Ok(Step::Placed(Box::new(Placement {
                 created: true,
                 ..placement
-            })),
+            }))),
             Ok(None) => {
                 // Someone took the claim over as stale while we were slow: theirs wins.
                 self.remove_quietly(&created).await;
@@ -398,7 +398,7 @@ impl Placer {
         };
         Ok(
             match self.commit(cx, key, current.mod_revision, &touched).await? {
-                Some(placement) => Step::Placed(placement),
+                Some(placement) => Step::Placed(Box::new(placement)),
                 None => Step::Retry,
             },
         )
@@ -840,7 +840,7 @@ mod tests {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        assert_eq!(left, [b.container_id.clone()]);
+        assert_eq!(left.as_slice(), std::slice::from_ref(&b.container_id));
         assert_eq!(
             world.keys("containers/").await,
             [format!("containers/alice/scratch/{}", b.session_id)]

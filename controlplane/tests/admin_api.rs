@@ -11,6 +11,7 @@ use envgate_controlplane::testkit::Etcd;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_client::AdminClient;
 use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -18,18 +19,22 @@ use tonic::{Code, Request, Status};
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEjr5Ecjrw4EXw0e5dG4N3tdT9Y24D1Ou7E+o2xmhV/Q alice@lab";
 
-type Authed = AdminClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+#[derive(Clone)]
+struct Bearer(MetadataValue<tonic::metadata::Ascii>);
 
-fn with_token(channel: Channel, token: &'static str) -> Authed {
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let add: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-        Box::new(move |mut req| {
-            req.metadata_mut().insert("authorization", value.clone());
-            Ok(req)
-        });
-    AdminClient::with_interceptor(channel, add)
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Authed = AdminClient<InterceptedService<Channel, Bearer>>;
+
+fn with_token(channel: Channel, token: &str) -> Authed {
+    AdminClient::with_interceptor(channel, Bearer(format!("Bearer {token}").parse().unwrap()))
 }
 
 async fn running() -> (Etcd, common::Running) {

@@ -131,7 +131,7 @@ fn host_config(spec: &ContainerSpec, volume: &str) -> HostConfig {
         }),
         memory: (spec.memory_bytes > 0)
             .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
-        nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9) as i64),
+        nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
         binds: Some(vec![format!("{volume}:/home/{}", spec.user)]),
         ..HostConfig::default()
     }
