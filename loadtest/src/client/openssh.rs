@@ -75,7 +75,14 @@ pub async fn run(job: &Job, ssh: &Path) -> Outcome {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let outcome = match command.spawn() {
+    // fork+exec blocks for milliseconds on a loaded machine; done on the
+    // async workers it would hold up every other client's reads (inflating
+    // their turnaround), so it runs on the blocking pool.
+    let spawned = match tokio::task::spawn_blocking(move || command.spawn()).await {
+        Ok(spawned) => spawned,
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    };
+    let outcome = match spawned {
         Err(e) => Err(Failure::new(
             FailureKind::ClientError,
             Step::Process,
