@@ -1,0 +1,197 @@
+//! The Fleet stream over gRPC with a real etcd: registration, heartbeats, commands, and the
+//! proxy lease that keeps sessions alive across a reconnect to another replica.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envgate_controlplane::model::{self, ProxyRecord};
+use envgate_controlplane::runtime::scripted::ScriptedRuntime;
+use envgate_controlplane::store::{self, EtcdStore, Store};
+use envgate_controlplane::testkit::Etcd;
+use envgate_proto::v1::fleet_client::FleetClient;
+use envgate_proto::v1::{
+    FleetCommand, Heartbeat, KillSession, ProxyMessage, Register, fleet_command, proxy_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn register(id: &str) -> ProxyMessage {
+    ProxyMessage {
+        message: Some(proxy_message::Message::Register(Register {
+            proxy_id: id.into(),
+            address: "127.0.0.1:2200".into(),
+            version: "1.0".into(),
+            capacity: 100,
+        })),
+    }
+}
+
+fn heartbeat(sessions: u32) -> ProxyMessage {
+    ProxyMessage {
+        message: Some(proxy_message::Message::Heartbeat(Heartbeat {
+            sessions,
+            connections: sessions + 1,
+            draining: true,
+        })),
+    }
+}
+
+/// Opens a Fleet stream; dropping the sender ends it.
+async fn attach(
+    plane: &common::Running,
+    first: ProxyMessage,
+) -> Result<(mpsc::Sender<ProxyMessage>, Streaming<FleetCommand>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(first).await.unwrap();
+    let commands = FleetClient::new(plane.channel().await)
+        .attach(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, commands))
+}
+
+async fn proxy_record(store: &dyn Store, id: &str) -> Option<ProxyRecord> {
+    store::get_json::<ProxyRecord>(store, &model::proxy_key(id))
+        .await
+        .unwrap()
+        .map(|v| v.value)
+}
+
+async fn until<F: AsyncFn() -> bool>(what: &str, limit: Duration, check: F) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn etcd_store(etcd: &Etcd) -> Arc<dyn Store> {
+    Arc::new(
+        EtcdStore::connect(&[etcd.endpoint()], "/fleet-test/", Duration::from_secs(5))
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_first_message_must_be_register() {
+    let etcd = Etcd::start().await.unwrap();
+    let plane = common::start(
+        etcd_store(&etcd).await,
+        Arc::new(ScriptedRuntime::new()),
+        "fleet",
+    )
+    .await;
+    let err = attach(&plane, heartbeat(1)).await.err().expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "the first message must be Register");
+    let err = attach(&plane, register("")).await.err().expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    plane.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_are_recorded_and_commands_delivered() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = etcd_store(&etcd).await;
+    let plane = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
+    let (tx, mut commands) = attach(&plane, register("p1")).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1").await.is_some()
+    })
+    .await;
+    tx.send(heartbeat(7)).await.unwrap();
+    until("heartbeat", WAIT, async || {
+        proxy_record(store.as_ref(), "p1")
+            .await
+            .is_some_and(|p| p.sessions == 7 && p.connections == 8 && p.draining)
+    })
+    .await;
+
+    assert_eq!(plane.plane.fleet().attached(), ["p1"]);
+    let kill = FleetCommand {
+        command: Some(fleet_command::Command::KillSession(KillSession {
+            session_id: "s1".into(),
+            message: "bye".into(),
+        })),
+    };
+    assert!(plane.plane.fleet().send("p1", kill.clone()));
+    assert!(!plane.plane.fleet().send("nobody", kill.clone()));
+    let got = tokio::time::timeout(WAIT, commands.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, kill);
+
+    drop(tx);
+    until("detach", WAIT, async || {
+        plane.plane.fleet().attached().is_empty()
+    })
+    .await;
+    plane.stop().await;
+}
+
+/// A proxy that reconnects to another replica within the lease TTL keeps its lease and with
+/// it the sessions placed through it; one that stays away loses them.
+#[tokio::test]
+async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = etcd_store(&etcd).await;
+    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
+    let replica_b = common::start(
+        etcd_store(&etcd).await,
+        Arc::new(ScriptedRuntime::new()),
+        "fleet",
+    )
+    .await;
+
+    let (tx, _commands) = attach(&replica_a, register("p1")).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1").await.is_some()
+    })
+    .await;
+    let first = proxy_record(store.as_ref(), "p1").await.unwrap();
+    // Stands in for a session placed through this proxy.
+    store
+        .put("sessions/s1", b"{}".to_vec(), Some(first.lease_id))
+        .await
+        .unwrap();
+
+    drop(tx);
+    replica_a.stop().await;
+    let (tx, _commands) = attach(&replica_b, register("p1")).await.unwrap();
+    until("re-registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1")
+            .await
+            .is_some_and(|p| p.last_heartbeat_at >= first.last_heartbeat_at)
+    })
+    .await;
+    let second = proxy_record(store.as_ref(), "p1").await.unwrap();
+    assert_eq!(second.lease_id, first.lease_id, "the lease is reused");
+    assert_eq!(second.registered_at, first.registered_at);
+
+    // Kept alive by replica B well past the 10 s TTL.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        store.get("sessions/s1").await.unwrap().is_some(),
+        "session survived the reconnect"
+    );
+
+    // The proxy goes away for good: its record and sessions expire with the lease.
+    drop(tx);
+    until("lease expiry", Duration::from_secs(25), async || {
+        store.get("sessions/s1").await.unwrap().is_none()
+            && proxy_record(store.as_ref(), "p1").await.is_none()
+    })
+    .await;
+    replica_b.stop().await;
+}
