@@ -90,10 +90,10 @@ async fn the_first_message_must_be_register() {
         "fleet",
     )
     .await;
-    let err = attach(&plane, heartbeat(1)).await.err().expect("refused");
+    let err = attach(&plane, heartbeat(1)).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "the first message must be Register");
-    let err = attach(&plane, register("")).await.err().expect("refused");
+    let err = attach(&plane, register("")).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     plane.stop().await;
 }
