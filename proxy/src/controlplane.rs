@@ -137,6 +137,7 @@ impl ControlPlane {
 fn request<T>(message: T, timeout: Duration, connection_id: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
+    envgate_proto::telemetry::inject_context(request.metadata_mut());
     if let Ok(value) = connection_id.parse() {
         request.metadata_mut().insert(CONNECTION_ID, value);
     }

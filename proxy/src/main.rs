@@ -59,6 +59,9 @@ struct Args {
     /// Address reported to the control plane (default: the listen address).
     #[arg(long, env = "ENVGATE_ADVERTISE")]
     advertise: Option<String>,
+    /// OTLP/gRPC endpoint traces are exported to (unset: none are exported).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
@@ -83,7 +86,12 @@ fn default_proxy_id() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    envgate_proto::ops::init_tracing(args.log_json);
+    let _telemetry = envgate_proto::telemetry::init(
+        "envgate-proxy",
+        args.log_json,
+        args.otlp_endpoint.as_deref(),
+    )
+    .context("setting up tracing")?;
     let host_key = Config::load_host_key(&args.host_key)?;
     let config = Config {
         listen: args.listen,

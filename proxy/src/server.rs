@@ -2,16 +2,20 @@
 //! refusal of one), the SSH session with its login-grace timer, the session
 //! task, and the result metric.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use envgate_proto::ops::record_phase;
 use rand::Rng;
 use russh::Disconnect;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -28,6 +32,8 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// PROXY signature. SSH clients send their banner at once; one that waits
 /// for ours is served after this.
 const PEEK_WINDOW: Duration = Duration::from_secs(2);
+/// How long a connection told to go away may take before it is cut.
+const ABORT_DELAY: Duration = Duration::from_secs(1);
 /// How long the session task may take to release the placement after the
 /// connection ended.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -178,6 +184,8 @@ async fn serve_connection(
         events_tx,
         authenticated.clone(),
     );
+    let abort = CancellationToken::new();
+    let socket = AbortableStream::new(socket, abort.clone());
     // The client's banner must also arrive within the login grace.
     let running = tokio::time::timeout(
         context.login_grace,
@@ -195,6 +203,7 @@ async fn serve_connection(
     let info = ConnectionInfo {
         connection_id,
         client_address: client.to_string(),
+        abort: abort.clone(),
     };
     let session_task = tokio::spawn(
         session::run(
@@ -222,6 +231,13 @@ async fn serve_connection(
                 let _ = handle
                     .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
                     .await;
+                // Mid key exchange russh cannot send the disconnect; cut the
+                // connection if it has not ended shortly after.
+                let abort = abort.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ABORT_DELAY).await;
+                    abort.cancel();
+                });
             }
         }
     };
@@ -244,5 +260,63 @@ async fn serve_connection(
         ConnectionResult::LoginTimeout
     } else {
         result
+    }
+}
+
+/// A socket that fails every read and write once `abort` is cancelled, so a
+/// connection can be cut even when russh's loop cannot act on a disconnect
+/// (during key exchange, or while it waits to hand over input).
+pub struct AbortableStream {
+    inner: TcpStream,
+    aborted: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl AbortableStream {
+    pub fn new(inner: TcpStream, abort: CancellationToken) -> Self {
+        Self {
+            inner,
+            aborted: Box::pin(abort.cancelled_owned()),
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), std::io::Error> {
+        match self.aborted.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection closed by envgate",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for AbortableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AbortableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

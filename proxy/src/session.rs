@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use envgate_proto::names::Login;
 use envgate_proto::ops::record_phase;
@@ -18,6 +18,7 @@ use russh::server::{Handle, Msg};
 use russh::{ChannelId, ChannelWriteHalf, Disconnect};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticated;
 use crate::connections::Registry;
@@ -69,7 +70,13 @@ pub struct SessionServices {
 pub struct ConnectionInfo {
     pub connection_id: String,
     pub client_address: String,
+    /// Cuts the connection's socket when a polite close does not work.
+    pub abort: CancellationToken,
 }
+
+/// How long a killed connection may take to see its message and close
+/// before its socket is cut.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 enum PlacementState {
     NotRequested,
@@ -324,12 +331,19 @@ impl Connection {
         self.result = ConnectionResult::Closed;
         let line = format!("envgate: {message}");
         for state in self.channels.values() {
-            let _ = state.output.stderr_line(&line, state.pty.is_some()).await;
+            let write = state.output.stderr_line(&line, state.pty.is_some());
+            // A client that reads nothing gets no message, but still goes.
+            let _ = tokio::time::timeout(KILL_GRACE, write).await;
         }
         let _ = self
             .handle
             .disconnect(Disconnect::ByApplication, line, "en".into())
             .await;
+        let abort = self.info.abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(KILL_GRACE).await;
+            abort.cancel();
+        });
     }
 
     async fn release(&mut self, session_started: Instant) {
@@ -434,7 +448,7 @@ async fn run_process(
             };
         }
     };
-    match exec::pump(process, &output, commands).await {
+    match exec::pump(process, &output, commands, pty).await {
         Ok(code) => {
             let _ = output.finish(exec::exit_status(code)).await;
             ChannelEnd {

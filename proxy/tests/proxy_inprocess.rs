@@ -19,8 +19,8 @@ use envgate_proto::v1::fleet_server::{Fleet, FleetServer};
 use envgate_proto::v1::sessions_server::{Sessions, SessionsServer};
 use envgate_proto::v1::{
     AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, CloseSessionResponse,
-    FleetCommand, OpenSessionEvent, OpenSessionRequest, Placement, Progress, ProxyMessage,
-    authenticate_request, open_session_event,
+    FleetCommand, KillSession, OpenSessionEvent, OpenSessionRequest, Placement, Progress,
+    ProxyMessage, RevokeUser, authenticate_request, fleet_command, open_session_event,
 };
 use envgate_proxy::config::parse_cidrs;
 use envgate_proxy::{Config, Proxy};
@@ -38,6 +38,19 @@ const SSH_TIMEOUT: Duration = Duration::from_secs(60);
 const BALANCER_IP: &str = "127.0.0.2";
 /// The client address the fake balancer claims in its PROXY header.
 const HEADER_CLIENT: &str = "203.0.113.9:4242";
+const LOGIN_GRACE: Duration = Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .expect("condition met in time");
+}
 
 /// What the fake control plane saw.
 #[derive(Default)]
@@ -57,6 +70,8 @@ struct FakeControlPlane {
     keys: Arc<HashMap<String, Vec<Vec<u8>>>>,
     container_id: String,
     seen: Arc<Seen>,
+    /// Sends commands down the proxy's Fleet stream.
+    commands: Arc<Mutex<Option<tokio::sync::mpsc::Sender<Result<FleetCommand, Status>>>>>,
 }
 
 fn now() -> i64 {
@@ -183,9 +198,8 @@ impl Fleet for FakeControlPlane {
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let seen = self.seen.clone();
+        *self.commands.lock().unwrap() = Some(tx);
         tokio::spawn(async move {
-            // Keep the command stream open while the proxy is attached.
-            let _commands = tx;
             while let Ok(Some(message)) = incoming.message().await {
                 if let Some(envgate_proto::v1::proxy_message::Message::Register(_)) =
                     message.message
@@ -265,6 +279,17 @@ impl SshRun {
 }
 
 async fn ssh(port: u16, key: &Path, login: &str, command: &str, stdin: Option<Vec<u8>>) -> SshRun {
+    ssh_with(port, key, login, command, stdin, &[]).await
+}
+
+async fn ssh_with(
+    port: u16,
+    key: &Path,
+    login: &str,
+    command: &str,
+    stdin: Option<Vec<u8>>,
+    extra: &[&str],
+) -> SshRun {
     let mut cmd = tokio::process::Command::new("ssh");
     cmd.args([
         "-o",
@@ -282,6 +307,8 @@ async fn ssh(port: u16, key: &Path, login: &str, command: &str, stdin: Option<Ve
         "-o",
         "ConnectTimeout=10",
     ])
+    .args(extra)
+    .env("TERM", "xterm-256color")
     .arg("-i")
     .arg(key)
     .args([
@@ -310,7 +337,7 @@ async fn ssh(port: u16, key: &Path, login: &str, command: &str, stdin: Option<Ve
     });
     let output = tokio::time::timeout(SSH_TIMEOUT, child.wait_with_output())
         .await
-        .expect("ssh finished in time")
+        .unwrap_or_else(|_| panic!("ssh {login} {command:?} did not finish within {SSH_TIMEOUT:?}"))
         .unwrap();
     if let Some(writer) = writer {
         writer.await.unwrap();
@@ -377,6 +404,23 @@ async fn proxy_serves_sessions_into_a_real_container() {
         )])),
         container_id: container.id.clone(),
         seen: seen.clone(),
+        commands: Arc::default(),
+    };
+    let commands = fake.commands.clone();
+    let send_command = |command: fleet_command::Command| {
+        let sender = commands
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the proxy is attached");
+        async move {
+            sender
+                .send(Ok(FleetCommand {
+                    command: Some(command),
+                }))
+                .await
+                .unwrap()
+        }
     };
     let cp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = cp_listener.local_addr().unwrap();
@@ -401,8 +445,8 @@ async fn proxy_serves_sessions_into_a_real_container() {
         proxy_id: "test-proxy".into(),
         trusted_proxies: parse_cidrs(BALANCER_IP).unwrap(),
         max_connections: 64,
-        login_grace: Duration::from_secs(20),
-        shutdown_grace: Duration::from_secs(2),
+        login_grace: LOGIN_GRACE,
+        shutdown_grace: SHUTDOWN_GRACE,
         auth_cache_size: 128,
         docker_host: None,
         advertise: None,
@@ -535,6 +579,78 @@ async fn proxy_serves_sessions_into_a_real_container() {
         "{addresses:?}"
     );
 
+    // With a terminal: TERM is passed, progress is shown on stderr, the exit status propagates.
+    let run = ssh_with(
+        port,
+        &demo_key,
+        "demo",
+        "echo term=$TERM; exit 3",
+        None,
+        &["-tt"],
+    )
+    .await;
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert!(
+        run.stdout_text().contains("term=xterm-256color"),
+        "stdout {:?} stderr {:?}",
+        run.stdout_text(),
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("starting environment busybox"),
+        "{}",
+        run.stderr
+    );
+
+    // RevokeUser from the fleet stream empties the user's cached tokens.
+    let before = seen.authenticate.load(Ordering::SeqCst);
+    send_command(fleet_command::Command::RevokeUser(RevokeUser {
+        user: "demo".into(),
+    }))
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = ssh(port, &demo_key, "demo", "true", None).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        seen.authenticate.load(Ordering::SeqCst),
+        before + 1,
+        "revoked: authenticate again"
+    );
+
+    // KillSession shows its message and closes that connection.
+    let opens = seen.open_session.load(Ordering::SeqCst);
+    let long = tokio::spawn({
+        let key = demo_key.clone();
+        async move { ssh(port, &key, "demo", "sleep 30", None).await }
+    });
+    wait_for(|| seen.open_session.load(Ordering::SeqCst) > opens).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let session_id = format!("s{}", opens + 1);
+    let kill = KillSession {
+        session_id,
+        message: "maintenance, back soon".into(),
+    };
+    send_command(fleet_command::Command::KillSession(kill)).await;
+    let run = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("killed in time")
+        .unwrap();
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("envgate: maintenance, back soon"),
+        "{}",
+        run.stderr
+    );
+
+    // A client that never authenticates is cut off after the login grace.
+    let started = std::time::Instant::now();
+    let mut idle = TcpStream::connect(proxy_addr).await.unwrap();
+    idle.write_all(b"SSH-2.0-idle\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(LOGIN_GRACE * 3, idle.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the idle connection must be closed");
+    assert!(started.elapsed() >= LOGIN_GRACE - Duration::from_millis(500));
+
     // Every placed session was released, with its exit status.
     let released = async {
         while seen.close_session.load(Ordering::SeqCst)
@@ -548,7 +664,27 @@ async fn proxy_serves_sessions_into_a_real_container() {
         .expect("CloseSession for each placement");
     assert!(seen.closed_statuses.lock().unwrap().contains(&7));
 
+    // Shutdown lets sessions run for the grace period, then tells them why they close.
+    let opens = seen.open_session.load(Ordering::SeqCst);
+    let long = tokio::spawn({
+        let key = demo_key.clone();
+        async move { ssh(port, &key, "demo", "sleep 30", None).await }
+    });
+    wait_for(|| seen.open_session.load(Ordering::SeqCst) > opens).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
     stop.cancel();
+    let run = tokio::time::timeout(Duration::from_secs(15), long)
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert!(started.elapsed() >= SHUTDOWN_GRACE - Duration::from_millis(200));
+    assert!(
+        run.stderr
+            .contains("envgate: this proxy is shutting down, reconnect to continue"),
+        "{}",
+        run.stderr
+    );
     tokio::time::timeout(Duration::from_secs(20), proxy_task)
         .await
         .unwrap()

@@ -59,7 +59,8 @@ impl ProcessRuntime for DockerRuntime {
             docker: self.docker.clone(),
             exec_id: exec.id,
         };
-        if let Some(size) = spec.tty {
+        // A client without a terminal of its own reports 0x0; keep Docker's default then.
+        if let Some(size) = spec.tty.filter(|s| s.cols > 0 && s.rows > 0) {
             control.resize(size).await?;
         }
         record_phase(

@@ -269,6 +269,7 @@ pub async fn pump(
     process: StartedProcess,
     output: &ChannelOutput,
     mut commands: mpsc::Receiver<ProcessCommand>,
+    tty: bool,
 ) -> Result<i64, ExecError> {
     let StartedProcess {
         mut stdin,
@@ -284,11 +285,15 @@ pub async fn pump(
                 return;
             }
         }
-        if let Err(e) = stdin.shutdown().await {
+        // Without a terminal, EOF is passed on by shutting the input down. On
+        // a terminal there is no such thing (the runtime would end the whole
+        // attachment, losing output still on its way), so, as sshd does, the
+        // process just keeps its terminal until it exits.
+        if !tty && let Err(e) = stdin.shutdown().await {
             tracing::debug!(error = %e, "closing process input failed");
         }
-        // Keep the write half alive (but shut) until the output ends: dropping
-        // it would tear down the whole attach connection.
+        // Keep the write half alive until the output ends: dropping it would
+        // tear down the whole attach connection.
         std::future::pending::<()>().await;
     };
 
