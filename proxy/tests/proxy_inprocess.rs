@@ -63,6 +63,8 @@ struct Seen {
     closed_statuses: Mutex<Vec<i32>>,
 }
 
+type CommandSender = tokio::sync::mpsc::Sender<Result<FleetCommand, Status>>;
+
 #[derive(Clone)]
 struct FakeControlPlane {
     key: Arc<TokenKey>,
@@ -71,7 +73,7 @@ struct FakeControlPlane {
     container_id: String,
     seen: Arc<Seen>,
     /// Sends commands down the proxy's Fleet stream.
-    commands: Arc<Mutex<Option<tokio::sync::mpsc::Sender<Result<FleetCommand, Status>>>>>,
+    commands: Arc<Mutex<Option<CommandSender>>>,
 }
 
 fn now() -> i64 {
