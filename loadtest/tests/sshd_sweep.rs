@@ -242,3 +242,27 @@ async fn failures_are_classified_against_sshd() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_keys_log_in_with_a_sha2_signature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let rsa = keys.join("rsa");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f"])
+        .arg(&rsa)
+        .status()
+        .expect("run ssh-keygen");
+    assert!(keygen.success());
+    let sshd = FloorSshd::start(tmp.path(), &keys);
+    let target = Endpoint {
+        label: TARGET.into(),
+        addr: sshd.addr.clone(),
+        credentials: vec![users::credential(&sshd.user, &rsa).unwrap()],
+    };
+    let result = run_sweep(&config(target, ClientKind::Russh, "date"))
+        .await
+        .unwrap();
+    assert_all_succeeded(&result, 1);
+}

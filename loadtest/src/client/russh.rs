@@ -93,7 +93,18 @@ async fn drive(
     .map_err(|e| Failure::new(FailureKind::HandshakeFailed, Step::Handshake, e.to_string()))?;
     timeline.mark(Step::Handshake);
 
-    let key = PrivateKeyWithHashAlg::new(job.credential.key.clone(), None);
+    // RSA keys need the server's preferred signature hash (plain ssh-rsa is
+    // SHA-1, which current servers refuse); other key types carry their own.
+    let hash = if job.credential.key.algorithm().is_rsa() {
+        timeout_at(deadline, handle.best_supported_rsa_hash())
+            .await
+            .map_err(|_| Failure::timeout(Step::Auth))?
+            .map_err(|e| Failure::new(FailureKind::HandshakeFailed, Step::Auth, e.to_string()))?
+            .flatten()
+    } else {
+        None
+    };
+    let key = PrivateKeyWithHashAlg::new(job.credential.key.clone(), hash);
     let auth = timeout_at(
         deadline,
         handle.authenticate_publickey(job.credential.user.clone(), key),
