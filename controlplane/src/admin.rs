@@ -13,7 +13,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{HashCost, hash_password};
-use crate::error::AdminError;
+use crate::error::{AdminError, AuthError};
 use crate::fleet::FleetRegistry;
 use crate::model::{
     self, ContainerRecord, EnvironmentRecord, Mode, ProxyRecord, RevocationRecord, SessionRecord,
@@ -53,9 +53,7 @@ impl Interceptor for AdminGuard {
         if constant_time_eq(presented, &self.expected) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(
-                "admin calls need authorization: Bearer <admin token>",
-            ))
+            Err(AuthError::AdminTokenRequired.into())
         }
     }
 }

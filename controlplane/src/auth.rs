@@ -309,9 +309,7 @@ impl Auth for AuthService {
             Some(authenticate_request::Credential::Password(p)) => Credential::Password(p),
             Some(authenticate_request::Credential::PublicKey(k)) => Credential::PublicKey(k),
             None => {
-                return Err(Status::invalid_argument(
-                    "credential: a password or public key is required",
-                ));
+                return Err(AuthError::MissingCredential.into());
             }
         };
         let result = self

@@ -19,6 +19,10 @@ pub enum AuthError {
     Revoked,
     #[error("the password hash could not be computed")]
     Hashing,
+    #[error("credential: a password or public key is required")]
+    MissingCredential,
+    #[error("admin calls need authorization: Bearer <admin token>")]
+    AdminTokenRequired,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -89,6 +93,20 @@ impl AdminError {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("the first message must be Register")]
+    NotRegistered,
+    #[error("register.proxy_id: must not be empty")]
+    EmptyProxyId,
+    #[error("no Register within {0} s")]
+    RegisterTimeout(u64),
+    #[error(transparent)]
+    Stream(#[from] Status),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 fn list(items: &[String]) -> String {
     if items.is_empty() {
         "none".to_owned()
@@ -108,9 +126,11 @@ fn store_status(e: &StoreError) -> Status {
 
 fn auth_status(e: &AuthError) -> Status {
     match e {
-        AuthError::Failed | AuthError::BadToken(_) | AuthError::Revoked => {
-            Status::unauthenticated(e.to_string())
-        }
+        AuthError::Failed
+        | AuthError::BadToken(_)
+        | AuthError::Revoked
+        | AuthError::AdminTokenRequired => Status::unauthenticated(e.to_string()),
+        AuthError::MissingCredential => Status::invalid_argument(e.to_string()),
         AuthError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
         AuthError::Hashing => Status::internal(e.to_string()),
         AuthError::Store(s) => store_status(s),
@@ -156,5 +176,18 @@ impl From<AdminError> for Status {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         store_status(&e)
+    }
+}
+
+impl From<FleetError> for Status {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::NotRegistered | FleetError::EmptyProxyId => {
+                Status::invalid_argument(e.to_string())
+            }
+            FleetError::RegisterTimeout(_) => Status::deadline_exceeded(e.to_string()),
+            FleetError::Stream(status) => status,
+            FleetError::Store(s) => store_status(&s),
+        }
     }
 }

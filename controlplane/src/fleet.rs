@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::error::FleetError;
 use crate::model::{self, ProxyRecord};
 use crate::store::{self, Store, StoreError};
 
@@ -109,11 +110,9 @@ async fn lease_for(
     Ok((store.lease_grant(PROXY_LEASE_TTL).await?, false))
 }
 
-async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord, Status> {
+async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord, FleetError> {
     if register.proxy_id.is_empty() {
-        return Err(Status::invalid_argument(
-            "register.proxy_id: must not be empty",
-        ));
+        return Err(FleetError::EmptyProxyId);
     }
     let key = model::proxy_key(&register.proxy_id);
     let existing = store::get_json::<ProxyRecord>(store, &key)
@@ -217,14 +216,13 @@ impl Fleet for FleetService {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no Register within 10 s"))??;
+            .map_err(|_| FleetError::RegisterTimeout(REGISTER_TIMEOUT.as_secs()))?
+            .map_err(FleetError::from)?;
         let Some(ProxyMessage {
             message: Some(proxy_message::Message::Register(hello)),
         }) = first
         else {
-            return Err(Status::invalid_argument(
-                "the first message must be Register",
-            ));
+            return Err(FleetError::NotRegistered.into());
         };
         let record = register(self.store.as_ref(), &hello).await?;
         let (tx, rx) = mpsc::channel(64);
