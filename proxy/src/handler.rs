@@ -473,4 +473,52 @@ mod tests {
             assert!(!accepted_env(name), "{name}");
         }
     }
+
+    fn handler(control_plane_url: String) -> ConnectionHandler {
+        let control_plane =
+            crate::controlplane::ControlPlane::new(&[control_plane_url], "p".into()).unwrap();
+        let cache = Arc::new(crate::auth_cache::AuthCache::new(4));
+        let (events, _) = mpsc::channel(1);
+        ConnectionHandler::new(
+            "c".into(),
+            "127.0.0.1:1".into(),
+            Arc::new(Authenticator::new(cache, control_plane)),
+            events,
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn bad_user_names_are_rejected_without_a_call() {
+        // A "control plane" that only notices being dialled.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut handler = handler(format!("http://{}", listener.local_addr().unwrap()));
+        for login in [
+            "",
+            "Bad..User",
+            "a+b+c",
+            "root\0",
+            "alice+",
+            "al ice",
+            &"a".repeat(40),
+        ] {
+            assert!(handler.login(login).is_none(), "{login:?}");
+            let auth = handler.auth_password(login, "pw").await.unwrap();
+            assert_eq!(auth, Auth::reject(), "{login:?}");
+        }
+        let dialled =
+            tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept()).await;
+        assert!(
+            dialled.is_err(),
+            "the control plane must not be called for a bad name"
+        );
+        assert_eq!(
+            handler.login("alice+busybox"),
+            Some(Login {
+                user: "alice".into(),
+                environment: Some("busybox".into())
+            })
+        );
+        assert!(!handler.authenticated.is_cancelled());
+    }
 }

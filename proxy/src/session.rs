@@ -17,8 +17,9 @@ use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use russh::server::{Handle, Msg};
 use russh::{ChannelId, ChannelWriteHalf, Disconnect};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::Authenticated;
 use crate::connections::Registry;
@@ -88,7 +89,13 @@ struct ChannelState {
     output: Arc<ChannelOutput>,
     pty: Option<(String, TerminalSize)>,
     env: Vec<(String, String)>,
-    process: Option<mpsc::Sender<ProcessCommand>>,
+    process: Option<RunningProcess>,
+}
+
+struct RunningProcess {
+    commands: mpsc::Sender<ProcessCommand>,
+    /// Stops the pump when the client closes the channel first.
+    task: AbortHandle,
 }
 
 /// How one channel's process ended.
@@ -177,7 +184,9 @@ impl Connection {
                 );
             }
             Event::ChannelClosed { channel } => {
-                self.channels.remove(&channel);
+                if let Some(process) = self.channels.remove(&channel).and_then(|c| c.process) {
+                    process.task.abort();
+                }
             }
             Event::Request { channel, request } => self.on_request(channel, request).await,
         }
@@ -197,7 +206,7 @@ impl Connection {
                 if let Some(process) = &state.process {
                     // A resize that cannot be queued is dropped: the next one
                     // carries the final size anyway.
-                    let _ = process.try_send(ProcessCommand::Resize(size));
+                    let _ = process.commands.try_send(ProcessCommand::Resize(size));
                 }
             }
             ChannelRequest::Shell => self.start(channel, None).await,
@@ -247,14 +256,15 @@ impl Connection {
             PlacementState::Failed(status) => {
                 let line = placement_failure_line(status);
                 self.result = ConnectionResult::PlacementFailed(placement_result_label(status));
-                self.running.spawn(async move {
+                let report = async move {
                     let _ = output.stderr_line(&line, pty).await;
                     let _ = output.finish(1).await;
                     ChannelEnd {
                         exit_code: None,
                         result: ConnectionResult::Ok,
                     }
-                });
+                };
+                self.running.spawn(report.in_current_span());
                 return;
             }
             PlacementState::NotRequested => return,
@@ -264,10 +274,10 @@ impl Connection {
         };
         let spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         let (commands, commands_rx) = mpsc::channel(8);
-        state.process = Some(commands);
         let runtime = self.services.runtime.clone();
-        self.running
-            .spawn(async move { run_process(runtime, spec, output, commands_rx, pty).await });
+        let process = run_process(runtime, spec, output, commands_rx, pty);
+        let task = self.running.spawn(process.in_current_span());
+        state.process = Some(RunningProcess { commands, task });
     }
 
     /// Asks the control plane for a container, showing its progress on a
