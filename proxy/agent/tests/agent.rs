@@ -651,3 +651,52 @@ async fn dropping_a_process_hangs_it_up() {
     assert!(!client.is_closed());
     assert!(client.ping().await.is_ok());
 }
+
+#[tokio::test]
+async fn tcp_listener_serves_the_same_protocol() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start_with(&["--listen-tcp", &addr]);
+    let client = within(
+        10,
+        "tcp connect",
+        AgentClient::connect(&addr.parse().unwrap(), SECRET),
+    )
+    .await
+    .expect("connect over tcp");
+    let (out, _, status) = run(&client, sh("echo over-tcp")).await;
+    assert_eq!((out.as_str(), status), ("over-tcp\n", ExitStatus::Code(0)));
+    assert!(matches!(
+        AgentClient::connect(&addr.parse().unwrap(), b"another-secret-0123456789abcdef").await,
+        Err(AgentError::Refused(_))
+    ));
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
+    let agent = Agent::start_with(&["--handshake-timeout-seconds", "1"]);
+    let mut raw = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    within(
+        5,
+        "the agent to drop a silent peer",
+        raw.read_to_end(&mut all),
+    )
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // It sent its hello and nothing else.
+    assert_eq!(&all[9..17], &MAGIC);
+    assert_eq!(all.len(), 4 + 1 + 4 + 8 + 2 + 2 + 32);
+}

@@ -1,0 +1,317 @@
+//! The static agent as PID 1 of a real `envgate/busybox:latest` container, the way the
+//! control plane runs it: binary bind-mounted read-only, socket directory bind-mounted,
+//! secret in a root-only read-only directory, envgate's capability set.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{SECRET, within};
+use envgate_agent::{
+    AgentAddress, AgentClient, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize,
+};
+
+const IMAGE: &str = "envgate/busybox:latest";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The static binary, built once per test process by `build-static` (or given by
+/// ENVGATE_AGENT_STATIC_BIN).
+fn static_agent() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("ENVGATE_AGENT_STATIC_BIN") {
+            return PathBuf::from(bin);
+        }
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static"))
+            .output()
+            .expect("run proxy/agent/build-static");
+        assert!(
+            out.status.success(),
+            "build-static failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run the docker CLI")
+}
+
+fn ensure_image() {
+    if docker(&["image", "inspect", IMAGE]).status.success() {
+        return;
+    }
+    let status = Command::new(repo_root().join("deploy/local/images"))
+        .arg("busybox")
+        .status()
+        .expect("run deploy/local/images");
+    assert!(status.success(), "deploy/local/images busybox failed");
+}
+
+struct Container {
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Container {
+    fn start() -> Container {
+        ensure_image();
+        let agent = static_agent();
+        let dir = tempfile::tempdir().unwrap();
+        let sock_dir = dir.path().join("sock");
+        let secret_dir = dir.path().join("secret");
+        std::fs::create_dir(&sock_dir).unwrap();
+        std::fs::create_dir(&secret_dir).unwrap();
+        let secret_file = secret_dir.join("secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o400)).unwrap();
+        std::fs::set_permissions(&secret_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        let name = format!("envgate-agent-test-{}-{}", std::process::id(), unique());
+        let mounts = [
+            format!("{}:/.envgate/agent:ro", agent.display()),
+            format!("{}:/run/envgate", sock_dir.display()),
+            format!("{}:/run/envgate-secret:ro", secret_dir.display()),
+        ];
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            "envgate.test=envgate-agent",
+            "--entrypoint",
+            "/.envgate/agent",
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "CHOWN",
+            "--cap-add",
+            "DAC_OVERRIDE",
+            "--cap-add",
+            "FOWNER",
+            "--cap-add",
+            "SETUID",
+            "--cap-add",
+            "SETGID",
+            "--cap-add",
+            "KILL",
+            "--security-opt",
+            "no-new-privileges",
+            "--pids-limit",
+            "512",
+            "--hostname",
+            "busybox",
+        ];
+        for m in &mounts {
+            args.push("-v");
+            args.push(m);
+        }
+        args.extend([
+            IMAGE,
+            "--socket",
+            "/run/envgate/agent.sock",
+            "--secret-file",
+            "/run/envgate-secret/secret",
+            "--stop-timeout-seconds",
+            "5",
+        ]);
+        let out = docker(&args);
+        assert!(
+            out.status.success(),
+            "docker run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Container { name, dir }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("sock/agent.sock")
+    }
+
+    async fn client(&self) -> AgentClient {
+        // connect() waits for the socket of a container that is still starting.
+        AgentClient::connect(&AgentAddress::Unix(self.socket()), SECRET)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}; logs: {}", self.logs()))
+    }
+
+    fn logs(&self) -> String {
+        let out = docker(&["logs", &self.name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn inspect(&self, format: &str) -> String {
+        let out = docker(&["inspect", "--format", format, &self.name]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.name]);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn run(client: &AgentClient, req: SpawnRequest) -> (String, String, ExitStatus) {
+    within(20, "process in the container", async {
+        let mut p = client.spawn(req).await.expect("spawn in the container");
+        p.stdin.close().unwrap();
+        let (out, err) = tokio::join!(p.stdout.read_to_vec(), p.stderr.read_to_vec());
+        let status = p.wait().await.expect("exit status");
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+            status,
+        )
+    })
+    .await
+}
+
+fn sh(cmd: &str) -> SpawnRequest {
+    SpawnRequest::new(Program::ShellCommand(cmd.into()))
+}
+
+#[tokio::test]
+async fn runs_as_pid_1_and_spawns_sessions() {
+    let c = Container::start();
+    let client = c.client().await;
+    let (out, err, status) = run(
+        &client,
+        sh("tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$ $HOME $SHELL; id -u"),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("/.envgate/agent --socket"),
+        "PID 1 is {:?}",
+        lines[0]
+    );
+    let fields: Vec<&str> = lines[1].split(' ').collect();
+    assert_ne!(fields[0], "1");
+    assert_eq!(&fields[1..], ["/root", "/bin/sh"]);
+    assert_eq!(lines[2], "0");
+
+    // The user switch uses the image's own /etc/passwd (busybox has `nobody`).
+    let mut req = sh("id -u; id -g; pwd");
+    req.user = Some("nobody".into());
+    req.program = Program::Argv(vec!["sh".into(), "-c".into(), "id -u; id -g; pwd".into()]);
+    let (out, err, _) = run(&client, req).await;
+    assert_eq!(out, "65534\n65534\n/\n", "{err}");
+
+    // A pty works inside the container too.
+    let mut req = sh("tty; stty size");
+    req.pty = Some(PtyRequest {
+        term: "xterm".into(),
+        size: WindowSize {
+            cols: 100,
+            rows: 30,
+            pixel_width: 0,
+            pixel_height: 0,
+        },
+        modes: vec![],
+    });
+    let (out, _, status) = run(&client, req).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(
+        out.starts_with("/dev/pts/") && out.contains("30 100"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn orphans_are_reaped_by_pid_1() {
+    let c = Container::start();
+    let client = c.client().await;
+    // Each `( … &)` leaves a sleep whose parent exits at once: the kernel re-parents it to
+    // PID 1, and when it ends only PID 1 can reap it.
+    let (_, err, status) = run(
+        &client,
+        sh("for i in 1 2 3 4 5 6 7 8; do (sleep 0.3 >/dev/null 2>&1 &); done; sh -c 'sleep 0.2 & exit 0'; exit 0"),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (out, _, _) = run(&client, sh("ps -o pid,stat,comm")).await;
+    assert!(
+        !out.lines().skip(1).any(|l| l
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|s| s.starts_with('Z'))),
+        "zombies in the container:\n{out}"
+    );
+    let (out, _, _) = run(
+        &client,
+        sh("grep -l '^State:.*Z' /proc/[0-9]*/status; true"),
+    )
+    .await;
+    assert_eq!(out, "", "zombie processes: {out}");
+}
+
+#[tokio::test]
+async fn docker_stop_forwards_sigterm_and_ends_promptly() {
+    let c = Container::start();
+    let client = c.client().await;
+    let mut p = client
+        .spawn(SpawnRequest::new(Program::Argv(vec![
+            "sleep".into(),
+            "1000".into(),
+        ])))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let name = c.name.clone();
+    let stop = tokio::task::spawn_blocking(move || docker(&["stop", "-t", "10", &name]));
+    let status = within(15, "the session to end on docker stop", p.wait())
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        ExitStatus::Signal {
+            number: libc::SIGTERM,
+            name: "TERM".into(),
+            core_dumped: false
+        }
+    );
+    let out = stop.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elapsed = started.elapsed();
+    // Without forwarding, PID 1 ignores SIGTERM and docker waits the full 10 s.
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "docker stop took {elapsed:?}; logs: {}",
+        c.logs()
+    );
+    assert_eq!(
+        c.inspect("{{.State.Running}} {{.State.ExitCode}}"),
+        "false 0",
+        "{}",
+        c.logs()
+    );
+}
