@@ -38,6 +38,7 @@ const SSH_TIMEOUT: Duration = Duration::from_secs(60);
 const BALANCER_IP: &str = "127.0.0.2";
 /// The client address the fake balancer claims in its PROXY header.
 const HEADER_CLIENT: &str = "203.0.113.9:4242";
+const DEMO_PASSWORD: &str = "correct horse battery staple";
 const LOGIN_GRACE: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -97,6 +98,9 @@ impl Auth for FakeControlPlane {
             .unwrap()
             .push(request.client_address.clone());
         let ok = match &request.credential {
+            Some(authenticate_request::Credential::Password(password)) => {
+                request.username == "demo" && password == DEMO_PASSWORD
+            }
             Some(authenticate_request::Credential::PublicKey(key)) => self
                 .keys
                 .get(&request.username)
@@ -351,6 +355,54 @@ async fn ssh_with(
     }
 }
 
+struct AcceptAnyHostKey;
+
+impl russh::client::Handler for AcceptAnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Logs in as demo with a password (the OpenSSH client cannot in batch
+/// mode) and runs `command`: its stdout and exit status, `None` if the
+/// login was refused.
+async fn password_exec(proxy: SocketAddr, password: &str, command: &str) -> Option<(Vec<u8>, u32)> {
+    let run = async {
+        let config = Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect(config, proxy, AcceptAnyHostKey)
+            .await
+            .unwrap();
+        if !session
+            .authenticate_password("demo", password)
+            .await
+            .unwrap()
+            .success()
+        {
+            return None;
+        }
+        let mut channel = session.channel_open_session().await.unwrap();
+        channel.exec(true, command).await.unwrap();
+        let (mut stdout, mut status) = (Vec::new(), None);
+        while let Some(message) = channel.wait().await {
+            match message {
+                russh::ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
+                russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                russh::ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        Some((stdout, status.expect("an exit status")))
+    };
+    tokio::time::timeout(SSH_TIMEOUT, run)
+        .await
+        .expect("password session in time")
+}
+
 /// A fake balancer: accepts on 127.0.0.1 and connects to the proxy from
 /// BALANCER_IP, sending a PROXY v2 header that names HEADER_CLIENT.
 async fn fake_balancer(proxy: SocketAddr) -> SocketAddr {
@@ -580,6 +632,25 @@ async fn proxy_serves_sessions_into_a_real_container() {
         addresses.iter().all(|a| a == HEADER_CLIENT),
         "{addresses:?}"
     );
+
+    // Passwords: checked by the control plane once, then served from the cache.
+    let before = seen.authenticate.load(Ordering::SeqCst);
+    assert_eq!(
+        password_exec(proxy_addr, DEMO_PASSWORD, "echo pw-ok").await,
+        Some((b"pw-ok\n".to_vec(), 0))
+    );
+    assert_eq!(seen.authenticate.load(Ordering::SeqCst), before + 1);
+    assert_eq!(
+        password_exec(proxy_addr, DEMO_PASSWORD, "exit 4").await,
+        Some((Vec::new(), 4))
+    );
+    assert_eq!(
+        seen.authenticate.load(Ordering::SeqCst),
+        before + 1,
+        "the second password login is a cache hit"
+    );
+    assert_eq!(password_exec(proxy_addr, "wrong", "true").await, None);
+    assert_eq!(seen.authenticate.load(Ordering::SeqCst), before + 2);
 
     // With a terminal: TERM is passed, progress is shown on stderr, the exit status propagates.
     let run = ssh_with(
