@@ -121,7 +121,11 @@ impl AdminService {
         let record = UserRecord {
             name: user.name,
             password_hash,
-            authorized_keys: user.authorized_keys,
+            authorized_keys: user
+                .authorized_keys
+                .iter()
+                .map(|k| k.trim().to_owned())
+                .collect(),
             groups: user.groups,
             default_environment: user.default_environment,
             disabled: user.disabled,

@@ -98,7 +98,7 @@ pub fn key_is_authorized(key: &[u8], authorized: &[String]) -> bool {
     };
     authorized
         .iter()
-        .filter_map(|line| PublicKey::from_openssh(line).ok())
+        .filter_map(|line| PublicKey::from_openssh(line.trim()).ok())
         .any(|k| k.key_data() == offered.key_data())
 }
 

@@ -30,7 +30,7 @@ use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
 };
-use crate::runtime::{ContainerSpec, CreatedContainer, Runtime};
+use crate::runtime::{ContainerSpec, Runtime};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
 
 #[derive(Debug, Clone)]
@@ -365,11 +365,11 @@ impl Placer {
             }))),
             Ok(None) => {
                 // Someone took the claim over as stale while we were slow: theirs wins.
-                self.remove_quietly(&created).await;
+                self.remove_quietly(&created.id).await;
                 Ok(Step::Retry)
             }
             Err(e) => {
-                self.remove_quietly(&created).await;
+                self.remove_quietly(&created.id).await;
                 self.release_claim(key, revision).await;
                 Err(e)
             }
@@ -388,7 +388,9 @@ impl Placer {
             .await
             .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
         if !alive {
-            tracing::info!(container = %current.value.container_id, key, "recorded container is gone; replacing it");
+            tracing::info!(container = %current.value.container_id, key, "recorded container is not running; replacing it");
+            // A stopped container would otherwise linger until the orphan sweep.
+            self.remove_quietly(&current.value.container_id).await;
             self.release_claim(key, current.mod_revision).await;
             return Ok(Step::Retry);
         }
@@ -524,9 +526,9 @@ impl Placer {
         }
     }
 
-    async fn remove_quietly(&self, created: &CreatedContainer) {
-        if let Err(e) = self.runtime.remove(&created.id).await {
-            tracing::warn!(container = %created.id, error = %e, "removing a container after a failed placement");
+    async fn remove_quietly(&self, id: &str) {
+        if let Err(e) = self.runtime.remove(id).await {
+            tracing::warn!(container = %id, error = %e, "removing a container failed; the reconciler will retry");
         }
     }
 
@@ -894,7 +896,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_vanished_container_is_replaced() {
+    async fn a_vanished_or_stopped_container_is_replaced() {
         let world = World::new().await;
         let placer = world.placer(fast());
         let first = placer
@@ -908,6 +910,24 @@ mod tests {
             .unwrap();
         assert_ne!(first.container_id, second.container_id);
         assert!(second.created);
+
+        world.runtime.stop(&second.container_id);
+        let third = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert!(third.created);
+        let left: Vec<String> = world
+            .runtime
+            .containers()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            left.as_slice(),
+            std::slice::from_ref(&third.container_id),
+            "the stopped one is removed"
+        );
     }
 
     #[tokio::test]

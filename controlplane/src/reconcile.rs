@@ -49,7 +49,7 @@ pub enum ReconcileError {
 pub struct Actions {
     pub reaped_idle: usize,
     pub reaped_ephemeral: usize,
-    pub forgot_missing: usize,
+    pub forgot_stopped: usize,
     pub cleared_stale: usize,
     pub removed_orphans: usize,
 }
@@ -112,8 +112,8 @@ impl Reconciler {
                     // Double-check: the container may have been created after the listing.
                     match self.runtime.is_running(&r.container_id).await {
                         Ok(true) => Ok(()),
-                        Ok(false) => self.forget(key, record).await.map(|done| {
-                            actions.forgot_missing += usize::from(done);
+                        Ok(false) => self.forget_stopped(key, record).await.map(|done| {
+                            actions.forgot_stopped += usize::from(done);
                         }),
                         Err(e) => Err(e.into()),
                     }
@@ -213,11 +213,14 @@ impl Reconciler {
         Ok(true)
     }
 
-    async fn forget(
+    /// The recorded container stopped or vanished: remove what is left of it and delete the
+    /// record (if unchanged), so the next OpenSession creates a fresh one.
+    async fn forget_stopped(
         &self,
         key: &str,
         record: &Versioned<ContainerRecord>,
     ) -> Result<bool, ReconcileError> {
+        self.runtime.remove(&record.value.container_id).await?;
         let done = self
             .store
             .txn(
@@ -227,8 +230,8 @@ impl Reconciler {
             .await?
             .is_some();
         if done {
-            count("forget_missing");
-            tracing::info!(container = %record.value.container_name, user = %record.value.user, reason = "container no longer exists", "placement record deleted");
+            count("forget_stopped");
+            tracing::info!(container = %record.value.container_name, user = %record.value.user, reason = "container stopped or gone", "placement record deleted");
         }
         Ok(done)
     }
@@ -426,7 +429,19 @@ mod tests {
             .await
             .unwrap();
         world.runtime.lose(&placement.container_id);
-        assert_eq!(reaper.reconcile().await.unwrap().forgot_missing, 1);
+        assert_eq!(reaper.reconcile().await.unwrap().forgot_stopped, 1);
+        assert!(world.keys("containers/").await.is_empty());
+
+        let placement = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        world.runtime.stop(&placement.container_id);
+        assert_eq!(reaper.reconcile().await.unwrap().forgot_stopped, 1);
+        assert!(
+            world.runtime.containers().is_empty(),
+            "the stopped container is removed"
+        );
         assert!(world.keys("containers/").await.is_empty());
 
         let stale = ContainerRecord {

@@ -70,6 +70,12 @@ impl ScriptedRuntime {
     pub fn lose(&self, id: &str) {
         self.lock().containers.remove(id);
     }
+    /// Simulates a container whose process exited: it still exists but is not running.
+    pub fn stop(&self, id: &str) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.running = false;
+        }
+    }
     /// Simulates a container left over from a crashed replica.
     pub fn insert_unknown(&self, spec: ContainerSpec, created_at: i64) -> String {
         let mut state = self.lock();
