@@ -4,8 +4,6 @@
 use thiserror::Error;
 use tonic::Code;
 
-use crate::proxy_protocol::ProxyHeaderError;
-
 #[derive(Debug, Error)]
 pub enum ProxyError {
     #[error("invalid configuration: {0}")]
@@ -18,12 +16,8 @@ pub enum ProxyError {
     },
     #[error("docker: {0}")]
     Docker(#[from] bollard::errors::Error),
-    #[error("control plane: {0}")]
-    ControlPlane(#[from] tonic::Status),
     #[error("control plane address: {0}")]
     ControlPlaneAddress(String),
-    #[error("PROXY header: {0}")]
-    ProxyHeader(#[from] ProxyHeaderError),
     #[error("ssh: {0}")]
     Ssh(#[from] russh::Error),
     #[error("the session's input was not consumed for {0} s")]
