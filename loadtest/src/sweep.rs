@@ -460,7 +460,10 @@ mod tests {
             assert_eq!(*released, release, "every client sees one release instant");
             assert_eq!(*arrived_seen, n, "nobody passes before all arrived");
             assert!(*passed >= release);
-            assert!(passed.duration_since(release) < Duration::from_millis(500));
+            assert!(
+                passed.duration_since(release) < Duration::from_secs(2),
+                "released together, not one by one"
+            );
         }
     }
 
