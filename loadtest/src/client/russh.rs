@@ -93,6 +93,23 @@ async fn drive(
     .map_err(|e| Failure::new(FailureKind::HandshakeFailed, Step::Handshake, e.to_string()))?;
     timeline.mark(Step::Handshake);
 
+    // Whatever happens after the handshake, the connection is closed before
+    // the client moves on, so no half-open session outlives its record.
+    let result = authenticate(job, &mut handle, deadline, timeline).await;
+    let result = match result {
+        Ok(()) => exec(job, &handle, deadline, timeline, exit_status, output_bytes).await,
+        Err(failure) => Err(failure),
+    };
+    close(&mut handle, deadline, timeline, result.is_ok()).await?;
+    result
+}
+
+async fn authenticate(
+    job: &Job,
+    handle: &mut Handle<AcceptAnyHostKey>,
+    deadline: TokioInstant,
+    timeline: &mut Timeline,
+) -> Result<(), Failure> {
     // RSA keys need the server's preferred signature hash (plain ssh-rsa is
     // SHA-1, which current servers refuse); other key types carry their own.
     let hash = if job.credential.key.algorithm().is_rsa() {
@@ -126,10 +143,7 @@ async fn drive(
         ));
     }
     timeline.mark(Step::Auth);
-
-    let result = exec(job, &handle, deadline, timeline, exit_status, output_bytes).await;
-    close(&mut handle, deadline, timeline, result.is_ok()).await?;
-    result
+    Ok(())
 }
 
 async fn exec(
