@@ -157,6 +157,12 @@ impl ControlPlane {
         };
         let admin = AdminService::new(self.store.clone(), self.fleet.clone(), self.hash_cost);
         tonic::transport::Server::builder()
+            // A proxy host that dies without closing its connection must not keep its Fleet
+            // stream, and so its lease and sessions, alive forever.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .concurrency_limit_per_connection(1024)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
