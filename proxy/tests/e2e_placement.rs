@@ -44,7 +44,7 @@ async fn another_user_never_reaches_demos_container() {
     fleet
         .ssh(
             "demo",
-            "echo secret > /tmp/demo-secret; echo secret > ~/demo-home-file",
+            "echo secret > /tmp/demo-secret; echo secret > /home/demo/demo-home-file",
             None,
         )
         .await
@@ -138,7 +138,7 @@ async fn an_idle_persistent_container_is_reaped_and_the_home_volume_stays() {
     short.idle_timeout_seconds = 3;
     fleet.put_environment(short).await;
     fleet
-        .ssh("demo+short", "echo still-here > ~/notes", None)
+        .ssh("demo+short", "echo still-here > /home/demo/notes", None)
         .await
         .assert_success();
     let created = fleet.containers(Some("demo"));
@@ -158,7 +158,7 @@ async fn an_idle_persistent_container_is_reaped_and_the_home_volume_stays() {
         fleet.home_volume("demo")
     );
     // The next login gets a new container with the same home.
-    let again = fleet.ssh("demo+short", "cat ~/notes", None).await;
+    let again = fleet.ssh("demo+short", "cat /home/demo/notes", None).await;
     again.assert_success();
     assert_eq!(again.stdout, "still-here\n");
 }
