@@ -244,6 +244,11 @@ pub enum Message {
     Exit(ExitStatus),
     /// Proxy → agent: the proxy gives up on the channel (the agent hangs the process up).
     Close,
+    /// Decoded from an `Open` of a channel type this build does not know; never encoded.
+    /// The receiver answers `OpenFailed { code: UNSUPPORTED }`.
+    OpenUnknown {
+        channel_type: u8,
+    },
 }
 
 impl Message {
@@ -348,6 +353,12 @@ impl Message {
                 kind::EXIT
             }
             Message::Close => kind::CLOSE,
+            Message::OpenUnknown { channel_type } => {
+                // Only produced by the decoder; encoded as an empty open of that type so the
+                // peer refuses it rather than misreading it.
+                e.u8(*channel_type);
+                kind::OPEN
+            }
         };
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -383,12 +394,17 @@ impl Message {
             kind::PONG => Message::Pong {
                 payload: d.bytes()?.to_vec(),
             },
-            kind::OPEN => {
-                if d.u8()? != channel_type::PROCESS {
-                    return Err(ProtocolError::Malformed("unsupported channel type"));
+            kind::OPEN => match d.u8()? {
+                channel_type::PROCESS => Message::Open(decode_spawn(&mut d)?),
+                // A newer peer's channel type: the body is skipped and the channel refused,
+                // the connection stays up.
+                other => {
+                    d.rest();
+                    Message::OpenUnknown {
+                        channel_type: other,
+                    }
                 }
-                Message::Open(decode_spawn(&mut d)?)
-            }
+            },
             kind::OPEN_OK => {
                 if d.u8()? != channel_type::PROCESS {
                     return Err(ProtocolError::Malformed("unsupported channel type"));
@@ -857,6 +873,16 @@ mod tests {
             buf[HEADER_LEN + 2..HEADER_LEN + 6].copy_from_slice(&u32::MAX.to_be_bytes());
             let mut r = FrameReader::new(&buf[..]);
             assert!(matches!(r.next().await, Err(ProtocolError::Malformed(_))));
+
+            let mut buf = Vec::new();
+            Message::OpenUnknown { channel_type: 9 }.encode(3, &mut buf);
+            buf.extend_from_slice(&[1, 2, 3]);
+            buf[..4].copy_from_slice(&(1u32 + 4 + 1 + 3).to_be_bytes());
+            let mut r = FrameReader::new(&buf[..]);
+            assert_eq!(
+                r.next().await.unwrap(),
+                Some((3, Message::OpenUnknown { channel_type: 9 }))
+            );
 
             let mut buf = Vec::new();
             Message::Close.encode(1, &mut buf);

@@ -475,6 +475,14 @@ async fn handle_message(
                 None => open_process(conn, ctx, id, open).await,
             }
         }
+        Message::OpenUnknown { channel_type } => {
+            let message = format!("channel type {channel_type} is not supported by this agent");
+            let code = open_error::UNSUPPORTED;
+            let _ = conn
+                .tx
+                .send((id, Message::OpenFailed { code, message }))
+                .await;
+        }
         Message::Data {
             stream: Stream::Stdin,
             data,

@@ -700,3 +700,59 @@ async fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
     assert_eq!(&all[9..17], &MAGIC);
     assert_eq!(all.len(), 4 + 1 + 4 + 8 + 2 + 2 + 32);
 }
+
+#[tokio::test]
+async fn an_unknown_channel_type_is_refused_and_the_connection_survives() {
+    use envgate_agent::auth;
+    use envgate_agent::protocol::{FrameReader, Message, open_error};
+    let agent = Agent::start();
+    let stream = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let Some((0, Message::Hello { nonce, .. })) = within(5, "hello", reader.next()).await.unwrap()
+    else {
+        panic!("no hello")
+    };
+    let client_nonce = auth::fresh_nonce();
+    let mac = auth::client_proof(SECRET, 1, &nonce, &client_nonce);
+    let mut buf = Vec::new();
+    Message::Auth {
+        version: 1,
+        nonce: client_nonce,
+        mac,
+    }
+    .encode(0, &mut buf);
+    // A channel type from the future, then a ping on the same connection.
+    Message::OpenUnknown { channel_type: 42 }.encode(7, &mut buf);
+    Message::Ping {
+        payload: b"still-there".to_vec(),
+    }
+    .encode(0, &mut buf);
+    wr.write_all(&buf).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            within(5, "agent answers", reader.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert!(matches!(got[0], (0, Message::AuthOk { .. })));
+    assert!(
+        matches!(&got[1], (7, Message::OpenFailed { code, .. }) if *code == open_error::UNSUPPORTED),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(
+        got[2],
+        (
+            0,
+            Message::Pong {
+                payload: b"still-there".to_vec()
+            }
+        )
+    );
+}

@@ -20,8 +20,8 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The static binary, built once per test process by `build-static` (or given by
-/// ENVGATE_AGENT_STATIC_BIN).
+/// The static binary: ENVGATE_AGENT_STATIC_BIN if set (CI can build it once, in release),
+/// else built by `build-static --dev` (quick incremental builds; behaviour is the same).
 fn static_agent() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -29,6 +29,7 @@ fn static_agent() -> &'static Path {
             return PathBuf::from(bin);
         }
         let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static"))
+            .arg("--dev")
             .output()
             .expect("run proxy/agent/build-static");
         assert!(
