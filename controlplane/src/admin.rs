@@ -7,14 +7,12 @@ use std::sync::Arc;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
 use envgate_proto::names;
-use envgate_proto::v1::{FleetCommand, RevokeUser, fleet_command};
 use russh::keys::ssh_key::PublicKey;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{HashCost, hash_password};
 use crate::error::{AdminError, AuthError};
-use crate::fleet::FleetRegistry;
 use crate::model::{
     self, ContainerRecord, EnvironmentRecord, Mode, ProxyRecord, RevocationRecord, SessionRecord,
     UserRecord,
@@ -60,20 +58,17 @@ impl Interceptor for AdminGuard {
 
 pub struct AdminService {
     store: Arc<dyn Store>,
-    fleet: Arc<FleetRegistry>,
     hash_cost: HashCost,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<dyn Store>, fleet: Arc<FleetRegistry>, hash_cost: HashCost) -> Self {
-        Self {
-            store,
-            fleet,
-            hash_cost,
-        }
+    pub fn new(store: Arc<dyn Store>, hash_cost: HashCost) -> Self {
+        Self { store, hash_cost }
     }
 
-    /// Refuses the user's existing tokens from now on, here and in every proxy's cache.
+    /// Refuses the user's existing tokens from now on. Every replica watches `revocations/`
+    /// and tells its attached proxies to drop the user from their caches
+    /// (`fleet::forward_revocations`).
     async fn revoke(&self, user: &str) -> Result<(), AdminError> {
         // +1: tokens issued earlier in this same second are refused too.
         let record = RevocationRecord {
@@ -86,13 +81,7 @@ impl AdminService {
             None,
         )
         .await?;
-        let command = FleetCommand {
-            command: Some(fleet_command::Command::RevokeUser(RevokeUser {
-                user: user.to_owned(),
-            })),
-        };
-        let told = self.fleet.broadcast(&command);
-        tracing::info!(user, proxies = told, "tokens revoked");
+        tracing::info!(user, "tokens revoked");
         Ok(())
     }
 

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envgate_proto::v1::fleet_server::Fleet;
-use envgate_proto::v1::{FleetCommand, Heartbeat, ProxyMessage, Register, proxy_message};
-use futures::Stream;
+use envgate_proto::v1::{
+    FleetCommand, Heartbeat, ProxyMessage, Register, RevokeUser, fleet_command, proxy_message,
+};
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +22,7 @@ use tracing::Instrument;
 
 use crate::error::FleetError;
 use crate::model::{self, ProxyRecord};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Store, StoreError, WatchEventKind};
 
 /// A proxy silent for this long (no stream, no keep-alive) loses its record and sessions.
 pub const PROXY_LEASE_TTL: Duration = Duration::from_secs(10);
@@ -240,5 +242,58 @@ impl Fleet for FleetService {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Tells the proxies attached to this replica about every revocation written by any replica,
+/// so they drop the user's cached tokens. Runs until `shutdown`, re-watching after errors.
+pub async fn forward_revocations(
+    store: Arc<dyn Store>,
+    registry: Arc<FleetRegistry>,
+    shutdown: CancellationToken,
+) {
+    let mut next_revision = 0;
+    while !shutdown.is_cancelled() {
+        let mut events = match store.watch(model::REVOCATIONS, true, next_revision).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching revocations failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        };
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = shutdown.cancelled() => return,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    next_revision = event.mod_revision + 1;
+                    if event.kind != WatchEventKind::Put {
+                        continue;
+                    }
+                    let user = event.key.trim_start_matches(model::REVOCATIONS).to_owned();
+                    let command = FleetCommand {
+                        command: Some(fleet_command::Command::RevokeUser(RevokeUser {
+                            user: user.clone(),
+                        })),
+                    };
+                    let told = registry.broadcast(&command);
+                    tracing::info!(
+                        user,
+                        proxies = told,
+                        "revocation forwarded to attached proxies"
+                    );
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "revocation watch broke; re-watching");
+                    break;
+                }
+                None => break,
+            }
+        }
     }
 }

@@ -155,7 +155,14 @@ impl ControlPlane {
                 .register_encoded_file_descriptor_set(envgate_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let admin = AdminService::new(self.store.clone(), self.fleet.clone(), self.hash_cost);
+        let admin = AdminService::new(self.store.clone(), self.hash_cost);
+        let forwarding = shutdown.child_token();
+        tokio::spawn(fleet::forward_revocations(
+            self.store.clone(),
+            self.fleet.clone(),
+            forwarding.clone(),
+        ));
+        let _stop_forwarding = forwarding.drop_guard();
         tonic::transport::Server::builder()
             // A proxy host that dies without closing its connection must not keep its Fleet
             // stream, and so its lease and sessions, alive forever.

@@ -30,6 +30,7 @@ pub const ENVIRONMENTS: &str = "environments/";
 pub const CONTAINERS: &str = "containers/";
 pub const SESSIONS: &str = "sessions/";
 pub const PROXIES: &str = "proxies/";
+pub const REVOCATIONS: &str = "revocations/";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct UserRecord {

@@ -195,3 +195,58 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     .await;
     replica_b.stop().await;
 }
+
+/// Disabling a user through one replica tells proxies attached to any replica.
+#[tokio::test]
+async fn revocations_reach_proxies_on_every_replica() {
+    use envgate_proto::admin::v1 as pb;
+    use envgate_proto::admin::v1::admin_client::AdminClient;
+
+    let etcd = Etcd::start().await.unwrap();
+    let store = etcd_store(&etcd).await;
+    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
+    let replica_b = common::start(
+        etcd_store(&etcd).await,
+        Arc::new(ScriptedRuntime::new()),
+        "fleet",
+    )
+    .await;
+    let (_tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1").await.is_some()
+    })
+    .await;
+
+    let token: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap();
+    let mut request = tonic::Request::new(pb::PutUserRequest {
+        user: Some(pb::User {
+            name: "mallory".into(),
+            disabled: true,
+            ..Default::default()
+        }),
+        password: String::new(),
+        clear_password: false,
+    });
+    request.metadata_mut().insert("authorization", token);
+    AdminClient::new(replica_a.channel().await)
+        .put_user(request)
+        .await
+        .unwrap();
+
+    let got = tokio::time::timeout(WAIT, commands.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let expected = FleetCommand {
+        command: Some(fleet_command::Command::RevokeUser(
+            envgate_proto::v1::RevokeUser {
+                user: "mallory".into(),
+            },
+        )),
+    };
+    assert_eq!(got, expected);
+    replica_a.stop().await;
+    replica_b.stop().await;
+}
