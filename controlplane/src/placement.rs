@@ -201,6 +201,14 @@ impl Placer {
             .map(|e| e.name.clone())
             .collect();
         let name = if !requested.is_empty() {
+            if envgate_proto::names::validate_environment(requested).is_err() {
+                // Escaped: the message ends up on the user's terminal.
+                let requested = requested.escape_default().to_string();
+                return Err(PlacementError::UnknownEnvironment {
+                    requested,
+                    available,
+                });
+            }
             requested.to_owned()
         } else {
             let user: Option<Versioned<UserRecord>> =
@@ -753,6 +761,15 @@ mod tests {
         assert_eq!(
             status.message(),
             r#"unknown environment "nope"; available: busybox, scratch"#
+        );
+
+        let err = placer
+            .open(world.request("alice", "x\u{1b}[2J"), &no_progress)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"unknown environment "x\u{1b}[2J"; available: busybox, scratch"#
         );
 
         let err = placer
