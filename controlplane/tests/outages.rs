@@ -1,0 +1,119 @@
+//! What a user sees when a backend is down: UNAVAILABLE naming the backend, promptly.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envgate_controlplane::model::{self, EnvironmentRecord, ProxyRecord};
+use envgate_controlplane::runtime::scripted::ScriptedRuntime;
+use envgate_controlplane::store::{self, EtcdStore, Store};
+use envgate_controlplane::testkit::Etcd;
+use envgate_proto::token::{Claims, TokenKey};
+use envgate_proto::v1::OpenSessionRequest;
+use envgate_proto::v1::sessions_client::SessionsClient;
+use tonic::Code;
+
+async fn open_status(plane: &common::Running) -> tonic::Status {
+    let now = model::now();
+    let claims = Claims {
+        sub: "alice".into(),
+        groups: vec![],
+        iat: now,
+        exp: now + 60,
+        jti: "j".into(),
+    };
+    let token = TokenKey::from_hex_seed(common::SEED).unwrap().sign(&claims);
+    let request = OpenSessionRequest {
+        token,
+        environment: "busybox".into(),
+        proxy_id: "p1".into(),
+        ..Default::default()
+    };
+    let mut client = SessionsClient::new(plane.channel().await);
+    let call = async {
+        let mut events = client.open_session(request).await?.into_inner();
+        while events.message().await?.is_some() {}
+        Err::<(), _>(tonic::Status::internal("the stream ended without an error"))
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("answers in time")
+        .unwrap_err()
+}
+
+async fn seeded() -> (Etcd, Arc<dyn Store>) {
+    let etcd = Etcd::start().await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(&[etcd.endpoint()], "/outage/", Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let env = EnvironmentRecord {
+        name: "busybox".into(),
+        image: "envgate/busybox:latest".into(),
+        shell: "/bin/sh".into(),
+        idle_timeout_seconds: 900,
+        ..Default::default()
+    };
+    store::put_json(
+        store.as_ref(),
+        &model::environment_key("busybox"),
+        &env,
+        None,
+    )
+    .await
+    .unwrap();
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    let proxy = ProxyRecord {
+        id: "p1".into(),
+        address: String::new(),
+        version: String::new(),
+        capacity: 1,
+        draining: false,
+        sessions: 0,
+        connections: 0,
+        registered_at: 0,
+        last_heartbeat_at: 0,
+        lease_id: lease,
+    };
+    store::put_json(store.as_ref(), &model::proxy_key("p1"), &proxy, Some(lease))
+        .await
+        .unwrap();
+    (etcd, store)
+}
+
+#[tokio::test]
+async fn etcd_down_is_unavailable_naming_etcd() {
+    let (mut etcd, store) = seeded().await;
+    let plane = common::start(store, Arc::new(ScriptedRuntime::new()), "outage").await;
+    etcd.kill();
+    let status = open_status(&plane).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("etcd is unavailable"),
+        "{}",
+        status.message()
+    );
+    plane.stop().await;
+}
+
+#[tokio::test]
+async fn runtime_down_is_unavailable_naming_the_runtime() {
+    let (_etcd, store) = seeded().await;
+    let runtime = Arc::new(ScriptedRuntime::new());
+    runtime.set_unavailable(true);
+    let plane = common::start(store.clone(), runtime, "outage").await;
+    let status = open_status(&plane).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("runtime is unavailable"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        store.range(model::CONTAINERS).await.unwrap().is_empty(),
+        "no record left behind"
+    );
+    plane.stop().await;
+}
