@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -162,7 +163,7 @@ struct ChannelState {
     stdout_allowance: u64,
     stderr_allowance: u64,
     stdin_credit: Arc<Credit>,
-    exit: Option<oneshot::Sender<ExitStatus>>,
+    exit: Arc<ExitCell>,
 }
 
 impl AgentClient {
@@ -256,7 +257,7 @@ impl AgentClient {
         }
         let window = shared.options.output_window;
         let (open_tx, open_rx) = oneshot::channel();
-        let (exit_tx, exit_rx) = oneshot::channel();
+        let exit = Arc::new(ExitCell::default());
         let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
         let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
         let stdin_credit = Arc::new(Credit::new(0));
@@ -274,7 +275,7 @@ impl AgentClient {
                     stdout_allowance: window.into(),
                     stderr_allowance: window.into(),
                     stdin_credit: stdin_credit.clone(),
-                    exit: Some(exit_tx),
+                    exit: exit.clone(),
                 },
             );
         }
@@ -317,17 +318,15 @@ impl AgentClient {
                 handle: handle.clone(),
                 credit: stdin_credit,
                 eof_sent: false,
+                acquiring: None,
             },
             stdout: output(Stream::Stdout, stdout_rx),
             stderr: output(Stream::Stderr, stderr_rx),
             control: ProcessControl {
                 handle: handle.clone(),
+                exit: exit.clone(),
             },
-            exit: ProcessExit {
-                handle,
-                rx: Some(exit_rx),
-                status: None,
-            },
+            exit: ProcessExit { handle, cell: exit },
         })
     }
 }
@@ -442,11 +441,9 @@ impl Shared {
                 }
             }
             Message::Exit(status) => {
-                if let Some(mut ch) = st.channels.remove(&id) {
+                if let Some(ch) = st.channels.remove(&id) {
                     ch.stdin_credit.close();
-                    if let Some(tx) = ch.exit.take() {
-                        let _ = tx.send(status);
-                    }
+                    ch.exit.set(Ok(status));
                 }
             }
             other => return Err(format!("unexpected message from the agent: {other:?}")),
@@ -461,6 +458,7 @@ impl Shared {
         }
         for (_, mut ch) in st.channels.drain() {
             ch.stdin_credit.close();
+            ch.exit.set(Err(AgentError::Closed(reason.clone())));
             if let Some(tx) = ch.opened.take() {
                 let _ = tx.send(Err(AgentError::Closed(reason.clone())));
             }
@@ -654,7 +652,7 @@ pub struct Process {
 }
 
 impl Process {
-    pub async fn wait(&mut self) -> Result<ExitStatus, AgentError> {
+    pub async fn wait(&self) -> Result<ExitStatus, AgentError> {
         self.exit.wait().await
     }
 }
@@ -663,6 +661,8 @@ pub struct ProcessStdin {
     handle: Arc<ChannelHandle>,
     credit: Arc<Credit>,
     eof_sent: bool,
+    /// `AsyncWrite` only: the credit wait in progress.
+    acquiring: Option<Pin<Box<dyn Future<Output = Option<usize>> + Send>>>,
 }
 
 impl ProcessStdin {
@@ -702,6 +702,66 @@ impl ProcessStdin {
             )?;
         }
         Ok(())
+    }
+}
+
+/// For `tokio::io::copy` and friends: `poll_write` sends what the agent's window allows,
+/// `poll_shutdown` sends EOF. `poll_flush` is immediate (frames are queued in order).
+impl AsyncWrite for ProcessStdin {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.eof_sent {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stdin was already closed",
+            )));
+        }
+        let acquiring = this.acquiring.get_or_insert_with(|| {
+            let credit = this.credit.clone();
+            Box::pin(async move { credit.acquire(MAX_DATA_CHUNK).await })
+        });
+        let granted = ready!(acquiring.as_mut().poll(cx));
+        this.acquiring = None;
+        let Some(granted) = granted else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the process has exited or the connection is gone",
+            )));
+        };
+        let n = granted.min(buf.len());
+        this.credit.refund(granted - n);
+        let data = buf[..n].to_vec();
+        match this.handle.shared.send(
+            this.handle.id,
+            Message::Data {
+                stream: Stream::Stdin,
+                data,
+            },
+        ) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                e.to_string(),
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(
+            self.close()
+                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string())),
+        )
     }
 }
 
@@ -800,9 +860,15 @@ impl Drop for ProcessOutput {
 #[derive(Clone)]
 pub struct ProcessControl {
     handle: Arc<ChannelHandle>,
+    exit: Arc<ExitCell>,
 }
 
 impl ProcessControl {
+    /// The exit status if the process has ended (and its output with it), without waiting.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit.get().and_then(Result::ok)
+    }
+
     /// TIOCSWINSZ on the pty (ignored by the agent for a process without one).
     pub fn resize(&self, size: WindowSize) -> Result<(), AgentError> {
         self.handle
@@ -824,32 +890,54 @@ impl ProcessControl {
     }
 }
 
+/// Waits for the exit; cheap to clone.
+#[derive(Clone)]
 pub struct ProcessExit {
     handle: Arc<ChannelHandle>,
-    rx: Option<oneshot::Receiver<ExitStatus>>,
-    status: Option<ExitStatus>,
+    cell: Arc<ExitCell>,
 }
 
 impl ProcessExit {
     /// The exit status; the agent sends it after the process's output has ended.
-    pub async fn wait(&mut self) -> Result<ExitStatus, AgentError> {
-        if let Some(status) = &self.status {
-            return Ok(status.clone());
+    pub async fn wait(&self) -> Result<ExitStatus, AgentError> {
+        let _keep_channel = &self.handle;
+        self.cell.wait().await
+    }
+
+    /// `None` while the process runs.
+    pub fn try_status(&self) -> Option<Result<ExitStatus, AgentError>> {
+        self.cell.get()
+    }
+}
+
+/// Set once: the exit status, or why it will never come.
+#[derive(Default)]
+struct ExitCell {
+    value: Mutex<Option<Result<ExitStatus, AgentError>>>,
+    notify: tokio::sync::Notify,
+}
+
+impl ExitCell {
+    fn set(&self, value: Result<ExitStatus, AgentError>) {
+        let mut v = self.value.lock().expect("exit lock");
+        if v.is_none() {
+            *v = Some(value);
         }
-        let rx = self
-            .rx
-            .as_mut()
-            .ok_or_else(|| self.handle.shared.closed_error())?;
-        match rx.await {
-            Ok(status) => {
-                self.rx = None;
-                self.status = Some(status.clone());
-                Ok(status)
+        drop(v);
+        self.notify.notify_waiters();
+    }
+
+    fn get(&self) -> Option<Result<ExitStatus, AgentError>> {
+        self.value.lock().expect("exit lock").clone()
+    }
+
+    async fn wait(&self) -> Result<ExitStatus, AgentError> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.get() {
+                return v;
             }
-            Err(_) => {
-                self.rx = None;
-                Err(self.handle.shared.closed_error())
-            }
+            notified.await;
         }
     }
 }

@@ -178,6 +178,15 @@ impl ExitStatus {
     pub fn success(&self) -> bool {
         matches!(self, ExitStatus::Code(0))
     }
+
+    /// The status as a shell reports it in `$?` (and Docker as an exec's exit code):
+    /// the code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match self {
+            ExitStatus::Code(code) => *code,
+            ExitStatus::Signal { number, .. } => 128 + number,
+        }
+    }
 }
 
 /// Body of `Open` for a process channel. The windows are how many bytes of stdout and

@@ -355,7 +355,7 @@ async fn terminal_modes_are_applied() {
 async fn signals_are_delivered_and_reported() {
     let agent = Agent::start();
     let client = agent.client().await;
-    let mut p = client
+    let p = client
         .spawn(SpawnRequest::new(Program::Argv(vec![
             "sleep".into(),
             "30".into(),
@@ -598,7 +598,7 @@ fn zombie_children(ppid: u32) -> Vec<u32> {
 async fn sigterm_is_forwarded_and_the_agent_exits() {
     let mut agent = Agent::start();
     let client = agent.client().await;
-    let mut p = client
+    let p = client
         .spawn(SpawnRequest::new(Program::Argv(vec![
             "sleep".into(),
             "60".into(),
@@ -755,4 +755,48 @@ async fn an_unknown_channel_type_is_refused_and_the_connection_survives() {
             }
         )
     );
+}
+
+#[tokio::test]
+async fn stdin_and_stdout_work_as_async_write_and_read() {
+    let agent = Agent::start();
+    let client = agent.client().await;
+    let data = pattern(3 * 1024 * 1024 + 17);
+    let p = client
+        .spawn(SpawnRequest::new(Program::Argv(vec!["cat".into()])))
+        .await
+        .unwrap();
+    let envgate_agent::Process {
+        mut stdin,
+        mut stdout,
+        control,
+        exit,
+        ..
+    } = p;
+    assert_eq!(control.exit_status(), None);
+    let send = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            tokio::io::copy(&mut &data[..], &mut stdin).await.unwrap();
+            stdin.shutdown().await.unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    within(
+        60,
+        "cat through AsyncWrite/AsyncRead",
+        stdout.read_to_end(&mut echoed),
+    )
+    .await
+    .unwrap();
+    send.await.unwrap();
+    assert!(
+        echoed == data,
+        "echoed {} bytes, sent {}",
+        echoed.len(),
+        data.len()
+    );
+    assert_eq!(exit.wait().await.unwrap(), ExitStatus::Code(0));
+    assert_eq!(control.exit_status(), Some(ExitStatus::Code(0)));
+    assert_eq!(exit.try_status().unwrap().unwrap().shell_code(), 0);
 }

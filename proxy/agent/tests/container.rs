@@ -275,7 +275,7 @@ async fn orphans_are_reaped_by_pid_1() {
 async fn docker_stop_forwards_sigterm_and_ends_promptly() {
     let c = Container::start();
     let client = c.client().await;
-    let mut p = client
+    let p = client
         .spawn(SpawnRequest::new(Program::Argv(vec![
             "sleep".into(),
             "1000".into(),
