@@ -662,7 +662,7 @@ pub struct ProcessStdin {
     credit: Arc<Credit>,
     eof_sent: bool,
     /// `AsyncWrite` only: the credit wait in progress.
-    acquiring: Option<Pin<Box<dyn Future<Output = Option<usize>> + Send>>>,
+    acquiring: Option<Pin<Box<dyn Future<Output = Option<usize>> + Send + Sync>>>,
 }
 
 impl ProcessStdin {
@@ -945,6 +945,17 @@ impl ExitCell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_can_move_between_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<AgentClient>();
+        send_sync::<Process>();
+        send_sync::<ProcessStdin>();
+        send_sync::<ProcessOutput>();
+        send_sync::<ProcessControl>();
+        send_sync::<ProcessExit>();
+    }
 
     #[test]
     fn addresses_parse() {
