@@ -71,7 +71,7 @@ pub mod open_error {
 pub enum ProtocolError {
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN} byte limit")]
+    #[error("frame of {0} bytes exceeds the size limit")]
     FrameTooLarge(usize),
     #[error("malformed frame: {0}")]
     Malformed(&'static str),
@@ -653,6 +653,7 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     start: usize,
     scratch: Box<[u8]>,
+    max_frame: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -662,7 +663,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: Vec::with_capacity(64 * 1024),
             start: 0,
             scratch: vec![0; 64 * 1024].into(),
+            max_frame: MAX_FRAME_LEN,
         }
+    }
+
+    /// Lowers the frame size limit, e.g. while the peer is not authenticated yet, so an
+    /// anonymous peer cannot make us buffer a megabyte. `MAX_FRAME_LEN` is the ceiling.
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max.min(MAX_FRAME_LEN);
     }
 
     /// The next `(channel, message)`, or `None` when the peer closed cleanly between frames.
@@ -696,7 +704,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(None);
         }
         let len = u32::from_be_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
-        if len > MAX_FRAME_LEN {
+        if len > self.max_frame {
             return Err(ProtocolError::FrameTooLarge(len));
         }
         if len < 5 {

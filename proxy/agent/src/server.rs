@@ -259,6 +259,8 @@ impl Conn {
 async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, ctx: Arc<Ctx>) {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd);
+    // An AUTH frame is 75 bytes; nothing bigger is accepted from an anonymous peer.
+    reader.set_max_frame(256);
     let version = match tokio::time::timeout(
         ctx.config.handshake_timeout,
         handshake(&mut reader, &mut wr, &ctx.config.secret),
@@ -279,6 +281,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S,
         }
     };
     debug!(version, "proxy authenticated");
+    reader.set_max_frame(crate::protocol::MAX_FRAME_LEN);
 
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let writer = tokio::spawn(write_frames(wr, rx));

@@ -436,6 +436,20 @@ async fn wrong_or_missing_secret_is_refused() {
     .unwrap();
     assert!(!std::path::Path::new("/tmp/envgate-agent-must-not-exist").exists());
 
+    // An anonymous peer cannot announce a big frame (the agent would have to buffer it).
+    let mut raw = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    raw.write_all(&(64 * 1024u32).to_be_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    within(
+        5,
+        "the agent to close a peer announcing a big frame",
+        raw.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+
     // Garbage is closed too, and the agent keeps serving.
     let mut raw = tokio::net::UnixStream::connect(&agent.socket)
         .await
