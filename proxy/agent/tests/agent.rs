@@ -838,3 +838,49 @@ async fn hundreds_of_concurrent_spawns_on_one_connection() {
     // A Docker exec alone costs ~70 ms at ~14–22 per second; the agent must do far better.
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
 }
+
+#[tokio::test]
+async fn a_pty_session_ends_when_its_leader_exits_even_if_a_job_holds_the_terminal() {
+    let agent = Agent::start();
+    let client = agent.client().await;
+    // The background sleep ignores SIGHUP and keeps the pty open after the shell exits.
+    let started = Instant::now();
+    let (out, _, status) = run(
+        &client,
+        with_pty(sh("trap '' HUP; sleep 20 & echo bye; exit 5"), 80, 24),
+    )
+    .await;
+    assert!(out.contains("bye"), "{out:?}");
+    assert_eq!(status, ExitStatus::Code(5));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_client_learns_when_the_agent_dies() {
+    let mut agent = Agent::start();
+    let client = agent.client().await;
+    let p = client
+        .spawn(SpawnRequest::new(Program::Argv(vec![
+            "sleep".into(),
+            "30".into(),
+        ])))
+        .await
+        .unwrap();
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    match within(5, "the exit wait to fail", p.wait()).await {
+        Err(AgentError::Closed(_)) => {}
+        other => panic!("expected a closed connection, got {other:?}"),
+    }
+    assert!(client.is_closed());
+    assert!(matches!(
+        within(5, "spawn on a dead connection", client.spawn(sh("true"))).await,
+        Err(AgentError::Closed(_))
+    ));
+    // The orphaned sleep is not ours to keep.
+    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+}

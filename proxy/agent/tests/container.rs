@@ -15,6 +15,7 @@ use envgate_agent::{
 };
 
 const IMAGE: &str = "envgate/busybox:latest";
+const DEBIAN: &str = "envgate/debian:latest";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -48,15 +49,16 @@ fn docker(args: &[&str]) -> std::process::Output {
         .expect("run the docker CLI")
 }
 
-fn ensure_image() {
-    if docker(&["image", "inspect", IMAGE]).status.success() {
+fn ensure_image(image: &str) {
+    if docker(&["image", "inspect", image]).status.success() {
         return;
     }
+    let which = if image == DEBIAN { "debian" } else { "busybox" };
     let status = Command::new(repo_root().join("deploy/local/images"))
-        .arg("busybox")
+        .arg(which)
         .status()
         .expect("run deploy/local/images");
-    assert!(status.success(), "deploy/local/images busybox failed");
+    assert!(status.success(), "deploy/local/images {which} failed");
 }
 
 struct Container {
@@ -66,7 +68,11 @@ struct Container {
 
 impl Container {
     fn start() -> Container {
-        ensure_image();
+        Self::start_image(IMAGE)
+    }
+
+    fn start_image(image: &str) -> Container {
+        ensure_image(image);
         let agent = static_agent();
         let dir = tempfile::tempdir().unwrap();
         let sock_dir = dir.path().join("sock");
@@ -120,7 +126,7 @@ impl Container {
             args.push(m);
         }
         args.extend([
-            IMAGE,
+            image,
             "--socket",
             "/run/envgate/agent.sock",
             "--secret-file",
@@ -315,4 +321,37 @@ async fn docker_stop_forwards_sigterm_and_ends_promptly() {
         "{}",
         c.logs()
     );
+}
+
+#[tokio::test]
+async fn runs_in_debian_with_a_bash_login_shell() {
+    let c = Container::start_image(DEBIAN);
+    let client = c.client().await;
+    let mut p = client
+        .spawn(SpawnRequest {
+            pty: Some(PtyRequest {
+                term: "xterm-256color".into(),
+                size: WindowSize {
+                    cols: 120,
+                    rows: 40,
+                    pixel_width: 0,
+                    pixel_height: 0,
+                },
+                modes: vec![],
+            }),
+            ..SpawnRequest::new(Program::LoginShell)
+        })
+        .await
+        .unwrap();
+    p.stdin
+        .write_all(b"echo shell=$0 size=$(stty size) term=$TERM; exit 3\n")
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&within(20, "bash session", p.stdout.read_to_vec()).await)
+        .into_owned();
+    assert!(
+        out.contains("shell=-bash size=40 120 term=xterm-256color"),
+        "{out:?}"
+    );
+    assert_eq!(p.wait().await.unwrap(), ExitStatus::Code(3));
 }
