@@ -127,9 +127,10 @@ pub fn summary_table(result: &SweepResult) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "envgate-loadtest: {:?} with the {} client against {}{}",
+        "envgate-loadtest: {:?} with the {} client (key exchange: {}) against {}{}",
         result.command,
         result.client.as_str(),
+        result.kex.as_deref().unwrap_or("client default"),
         result.target,
         result
             .compare
@@ -393,6 +394,7 @@ pub(crate) mod tests {
         SweepResult {
             command: "date".into(),
             client: ClientKind::Russh,
+            kex: Some("curve25519-sha256".into()),
             target: "127.0.0.1:2222".into(),
             compare: Some("127.0.0.1:2022".into()),
             levels,

@@ -39,6 +39,8 @@ pub enum SweepError {
     ZeroLevel,
     #[error("endpoint {0} has no user credentials")]
     NoCredentials(String),
+    #[error("{0}")]
+    Kex(String),
     #[error(
         "--fresh-users needs one user per client over the whole sweep: {needed} clients, but endpoint {endpoint} has {available} users"
     )]
@@ -76,6 +78,8 @@ pub struct SweepConfig {
     pub metrics_timeout: Duration,
     /// The `ssh` binary for the OpenSSH client kind.
     pub ssh_binary: PathBuf,
+    /// The one key exchange both client kinds offer (`None`: their defaults).
+    pub kex: Option<String>,
     /// Quiet time between two runs, so one level's teardown does not weigh
     /// on the next level's connects.
     pub pause: Duration,
@@ -97,9 +101,14 @@ impl SweepConfig {
             metrics: Vec::new(),
             metrics_timeout: Duration::from_secs(5),
             ssh_binary: PathBuf::from("ssh"),
+            kex: Some(client::DEFAULT_KEX.to_owned()),
             pause: Duration::from_millis(500),
             progress: false,
         }
+    }
+
+    fn russh_config(&self) -> Result<Arc<::russh::client::Config>, SweepError> {
+        client::russh::config(self.kex.as_deref()).map_err(SweepError::Kex)
     }
 
     pub fn validate(&self) -> Result<(), SweepError> {
@@ -109,6 +118,7 @@ impl SweepConfig {
         if self.levels.contains(&0) {
             return Err(SweepError::ZeroLevel);
         }
+        self.russh_config()?;
         let needed: usize = self.levels.iter().map(|&l| l as usize).sum();
         for ep in std::iter::once(&self.target).chain(self.compare.as_ref()) {
             if ep.credentials.is_empty() {
@@ -155,6 +165,8 @@ pub struct Comparison {
 pub struct SweepResult {
     pub command: String,
     pub client: ClientKind,
+    /// The pinned key exchange, if any.
+    pub kex: Option<String>,
     pub target: String,
     pub compare: Option<String>,
     pub levels: Vec<LevelResult>,
@@ -218,6 +230,7 @@ impl StartGate {
 /// fleet test both call this.
 pub async fn run_sweep(config: &SweepConfig) -> Result<SweepResult, SweepError> {
     config.validate()?;
+    let russh_config = config.russh_config()?;
     let per_level = if config.compare.is_some() { 2 } else { 1 };
     let total: u64 = config
         .levels
@@ -247,8 +260,15 @@ pub async fn run_sweep(config: &SweepConfig) -> Result<SweepResult, SweepError> 
                 None
             };
             let started = Instant::now();
-            let level_records =
-                run_level(config, endpoint, level, first_credential, &progress).await;
+            let level_records = run_level(
+                config,
+                &russh_config,
+                endpoint,
+                level,
+                first_credential,
+                &progress,
+            )
+            .await;
             let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
             let after = if scrape {
                 Some(scrape::scrape_all(&config.metrics, config.metrics_timeout).await)
@@ -284,6 +304,7 @@ pub async fn run_sweep(config: &SweepConfig) -> Result<SweepResult, SweepError> 
     Ok(SweepResult {
         command: config.command.clone(),
         client: config.client,
+        kex: config.kex.clone(),
         target: config.target.addr.clone(),
         compare: config.compare.as_ref().map(|c| c.addr.clone()),
         levels,
@@ -346,15 +367,15 @@ fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
 
 /// Runs one level at one endpoint: `level` clients released together.
 /// Returns exactly `level` records, ordered by client index.
-pub async fn run_level(
+async fn run_level(
     config: &SweepConfig,
+    russh_config: &Arc<::russh::client::Config>,
     endpoint: &Endpoint,
     level: u32,
     first_credential: usize,
     progress: &ProgressBar,
 ) -> Vec<ConnectionRecord> {
     let gate = Arc::new(StartGate::new(level as usize));
-    let russh_config = client::russh::config();
     let mut tasks = JoinSet::new();
     for index in 0..level {
         let slot = if config.fresh_users {
@@ -368,6 +389,7 @@ pub async fn run_level(
             credential,
             command: config.command.clone(),
             timeout: config.timeout,
+            kex: config.kex.clone(),
         };
         let gate = gate.clone();
         let russh_config = russh_config.clone();
@@ -513,6 +535,12 @@ mod tests {
         assert!(matches!(config.validate(), Err(SweepError::NoLevels)));
         config.levels = vec![0];
         assert!(matches!(config.validate(), Err(SweepError::ZeroLevel)));
+        config.levels = vec![1];
+        config.kex = Some("sntrup761x25519-sha512".into());
+        assert!(
+            matches!(config.validate(), Err(SweepError::Kex(_))),
+            "russh has no sntrup"
+        );
     }
 
     #[tokio::test]

@@ -82,12 +82,17 @@ impl server::Handler for Scripted {
 }
 
 async fn scripted_server() -> String {
+    scripted_server_with(russh::Preferred::default()).await
+}
+
+async fn scripted_server_with(preferred: russh::Preferred) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut config = server::Config {
         keys: vec![PrivateKey::from(Ed25519Keypair::from_seed(&[9; 32]))],
         auth_rejection_time: Duration::from_millis(10),
         auth_rejection_time_initial: Some(Duration::ZERO),
+        preferred,
         ..Default::default()
     };
     config.methods = MethodSet::from(&[MethodKind::PublicKey][..]);
@@ -116,11 +121,16 @@ fn job(addr: &str, user: &str, command: &str) -> Job {
         },
         command: command.into(),
         timeout: Duration::from_secs(2),
+        kex: None,
     }
 }
 
 async fn run(addr: &str, user: &str, command: &str) -> client::Outcome {
-    client::russh::run(&job(addr, user, command), client::russh::config()).await
+    client::russh::run(
+        &job(addr, user, command),
+        client::russh::config(None).unwrap(),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -230,4 +240,33 @@ async fn broken_and_silent_servers() {
     );
     assert!(outcome.total >= Duration::from_secs(2) && outcome.total < Duration::from_secs(4));
     held.abort();
+}
+
+#[tokio::test]
+async fn the_key_exchange_can_be_pinned() {
+    // A server that only speaks ML-KEM: a client pinned to curve25519 cannot
+    // agree with it, a client with russh's defaults can.
+    let preferred = russh::Preferred {
+        kex: vec![
+            russh::kex::MLKEM768X25519_SHA256,
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let addr = scripted_server_with(preferred).await;
+    let pinned = client::russh::config(Some(client::DEFAULT_KEX)).unwrap();
+    let failure = client::russh::run(&job(&addr, "demo", "ok"), pinned)
+        .await
+        .failure
+        .unwrap();
+    assert_eq!(
+        (failure.kind, failure.step),
+        (FailureKind::HandshakeFailed, Step::Handshake),
+        "{}",
+        failure.detail
+    );
+    assert!(run(&addr, "demo", "ok").await.failure.is_none());
+    assert!(client::russh::config(Some("no-such-kex")).is_err());
 }

@@ -41,6 +41,9 @@ pub fn args(job: &Job) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(kex) = &job.kex {
+        args.extend(["-o".to_owned(), format!("KexAlgorithms={kex}")]);
+    }
     args.extend([
         "-o".to_owned(),
         format!("ConnectTimeout={connect_timeout}"),
@@ -228,6 +231,37 @@ mod tests {
             envgate.detail,
             "exit status 1: envgate: unknown environment \"nope\"; available: busybox"
         );
+    }
+
+    #[test]
+    fn arguments_pin_kex_and_keep_the_command_last() {
+        let key = russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]),
+        );
+        let mut job = Job {
+            addr: "127.0.0.1:2222".into(),
+            credential: crate::client::Credential {
+                user: "demo+debian".into(),
+                key_path: "/keys/demo".into(),
+                key: std::sync::Arc::new(key),
+            },
+            command: "date -u".into(),
+            timeout: std::time::Duration::from_secs(30),
+            kex: Some("curve25519-sha256".into()),
+        };
+        let a = args(&job);
+        let joined = a.join(" ");
+        assert!(
+            joined.contains("-o KexAlgorithms=curve25519-sha256"),
+            "{joined}"
+        );
+        assert!(joined.contains("-o ConnectTimeout=30"), "{joined}");
+        assert!(
+            joined.ends_with("-i /keys/demo -p 2222 -l demo+debian 127.0.0.1 -- date -u"),
+            "{joined}"
+        );
+        job.kex = None;
+        assert!(!args(&job).join(" ").contains("KexAlgorithms"));
     }
 
     #[test]

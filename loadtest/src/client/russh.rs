@@ -27,13 +27,27 @@ impl client::Handler for AcceptAnyHostKey {
     }
 }
 
-/// The client configuration shared by every connection of a sweep.
-pub fn config() -> Arc<client::Config> {
-    Arc::new(client::Config {
+/// The client configuration shared by every connection of a sweep; `kex`
+/// pins the key exchange to one algorithm. Fails on a name russh does not
+/// implement.
+pub fn config(kex: Option<&str>) -> Result<Arc<client::Config>, String> {
+    let mut preferred = russh::Preferred::default();
+    if let Some(name) = kex {
+        let name = russh::kex::Name::try_from(name)
+            .map_err(|_| format!("the russh client does not implement key exchange {name:?}"))?;
+        preferred.kex = vec![
+            name,
+            russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+        ]
+        .into();
+    }
+    Ok(Arc::new(client::Config {
         inactivity_timeout: None,
         nodelay: true,
+        preferred,
         ..Default::default()
-    })
+    }))
 }
 
 /// Runs one job to its end; never panics and never waits past `job.timeout`.
