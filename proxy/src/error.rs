@@ -22,6 +22,10 @@ pub enum ProxyError {
     Ssh(#[from] russh::Error),
     #[error("the session's input was not consumed for {0} s")]
     InputStalled(u64),
+    #[error(
+        "the client sent {0} MiB more input than its process took, without reading the process's output"
+    )]
+    InputOverflow(usize),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -16,6 +16,7 @@ use russh::server::{
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::{AuthOutcome, Authenticated, Authenticator};
 use crate::error::ProxyError;
@@ -44,6 +45,8 @@ pub struct ConnectionHandler {
     /// A key the control plane accepted at the offer, awaiting its signature.
     offered: Option<(String, Vec<u8>, Authenticated)>,
     channels: HashMap<ChannelId, HandlerChannel>,
+    /// The connection's span: russh runs the handler on a task of its own.
+    span: tracing::Span,
 }
 
 struct HandlerChannel {
@@ -67,6 +70,7 @@ impl ConnectionHandler {
             authenticated,
             offered: None,
             channels: HashMap::new(),
+            span: tracing::Span::current(),
         }
     }
 
@@ -74,7 +78,7 @@ impl ConnectionHandler {
         match parse_login(login) {
             Ok(login) => Some(login),
             Err(e) => {
-                tracing::info!(login = %login.escape_debug(), reason = %e, "rejected login name");
+                tracing::info!(parent: &self.span, login = %login.escape_debug(), reason = %e, "rejected login name");
                 None
             }
         }
@@ -87,7 +91,7 @@ impl ConnectionHandler {
     }
 
     async fn accept(&mut self, login: Login, who: Authenticated) -> Auth {
-        tracing::info!(user = %who.user, cache_hit = who.cache_hit, "authenticated");
+        tracing::info!(parent: &self.span, user = %who.user, cache_hit = who.cache_hit, "authenticated");
         self.authenticated.cancel();
         self.send(Event::Authenticated {
             login,
@@ -101,11 +105,11 @@ impl ConnectionHandler {
         match outcome {
             AuthOutcome::Accepted(who) => Some(who),
             AuthOutcome::Rejected => {
-                tracing::info!(%user, "credential rejected");
+                tracing::info!(parent: &self.span, %user, "credential rejected");
                 None
             }
             AuthOutcome::Failed(why) => {
-                tracing::warn!(%user, error = %why, "authentication failed");
+                tracing::warn!(parent: &self.span, %user, error = %why, "authentication failed");
                 None
             }
         }
@@ -164,6 +168,7 @@ impl Handler for ConnectionHandler {
         let outcome = self
             .authenticator
             .public_key(&login.user, &key, &self.client_address, &self.connection_id)
+            .instrument(self.span.clone())
             .await;
         match self.outcome(&login.user, outcome) {
             Some(who) => {
@@ -205,6 +210,7 @@ impl Handler for ConnectionHandler {
                 &self.client_address,
                 &self.connection_id,
             )
+            .instrument(self.span.clone())
             .await;
         match self.outcome(&login.user, outcome) {
             Some(who) => Ok(self.accept(login, who).await),
@@ -250,7 +256,7 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::info!(%host, port, "refused direct-tcpip channel");
+        tracing::info!(parent: &self.span, %host, port, "refused direct-tcpip channel");
         reply
             .reject(ChannelOpenFailure::Other {
                 code: 1,
@@ -375,7 +381,7 @@ impl Handler for ConnectionHandler {
             };
             self.send(Event::Request { channel, request }).await;
         } else {
-            tracing::debug!(name = %name.escape_debug(), "ignored env request");
+            tracing::debug!(parent: &self.span, name = %name.escape_debug(), "ignored env request");
         }
         Ok(())
     }
@@ -422,7 +428,7 @@ impl Handler for ConnectionHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::info!(subsystem = %name.escape_debug(), "refused subsystem request");
+        tracing::info!(parent: &self.span, subsystem = %name.escape_debug(), "refused subsystem request");
         self.request_reply(channel, session, false)
     }
 

@@ -154,7 +154,10 @@ pub async fn run(
             }
         }
     }
-    // The connection is gone: stop what still runs.
+    // The connection is gone: keep the exits already known, stop the rest.
+    while let Some(end) = connection.running.try_join_next() {
+        connection.on_channel_end(end);
+    }
     connection.running.shutdown().await;
     connection.release(session_started).await;
     connection.result

@@ -442,6 +442,10 @@ fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxy_serves_sessions_into_a_real_container() {
+    // RUST_LOG=envgate_proxy=debug shows the proxy's side when a step fails.
+    if std::env::var_os("RUST_LOG").is_some() {
+        envgate_proto::ops::init_tracing(false);
+    }
     let dir = tempfile::tempdir().unwrap();
     let host_key = keygen(dir.path(), "host_ed25519");
     let demo_key = keygen(dir.path(), "demo_ed25519");

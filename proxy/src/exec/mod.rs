@@ -22,13 +22,17 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::error::ProxyError;
 
-/// Bytes of client input held for a channel while its process is slow to
-/// read them and its output flows: past this, the SSH connection stops being
-/// read (TCP back-pressure on the client).
-pub const INPUT_SOFT_LIMIT: usize = 512 * 1024;
-/// Hard bound on held input. It is only approached while the process's
-/// output is itself waiting for the client (see [`Inbound::push`]).
-pub const INPUT_HARD_LIMIT: usize = 8 * 1024 * 1024;
+/// Client input held for a channel while its process is slow to read it and
+/// produces no output: past this the SSH connection is not read any more
+/// (TCP back-pressure on the client), as sshd would hold back the window.
+pub const INPUT_SOFT_LIMIT: usize = 1024 * 1024;
+/// While the process's output waits for the client, input is taken freely up
+/// to this, then only one packet per [`INPUT_PACE`] (see [`Inbound::push`]).
+pub const INPUT_HARD_LIMIT: usize = 16 * 1024 * 1024;
+pub const INPUT_PACE: Duration = Duration::from_millis(50);
+/// Held input is never more than this: a client that keeps sending while it
+/// does not read its process's output is disconnected.
+pub const INPUT_MAX: usize = 64 * 1024 * 1024;
 /// How long input may wait for room before the connection is given up (the
 /// process neither reads its input nor exits, and the client keeps sending).
 pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(600);
@@ -101,12 +105,16 @@ pub trait ProcessRuntime: Send + Sync {
 /// russh grants the client more window as soon as data arrives, so the only
 /// brake on a fast client is to stop reading the connection, which the
 /// handler does by awaiting [`Inbound::push`]. But output to the client is
-/// sent by that same reading loop: if input waited while output waits for
-/// the loop, a process like `cat` whose output is not drained stops reading
-/// its input, and the connection deadlocks. So input waits only while no
-/// output is waiting to be sent; while output is, input is taken up to a hard
-/// bound, and the loop keeps turning so the output (and the client's window
-/// adjustments) get through.
+/// sent by that same reading loop, and the client's window adjustments for
+/// that output arrive behind its input: if input waited for room while
+/// output waited for the loop, a process like `cat` whose output cannot
+/// leave stops reading its input, and the connection deadlocks. So:
+/// - while no output is waiting, input waits for room above
+///   [`INPUT_SOFT_LIMIT`] (plain back-pressure: uploads, slow readers);
+/// - while output is waiting, input is taken up to [`INPUT_HARD_LIMIT`],
+///   then paced to one packet per [`INPUT_PACE`], so the loop keeps turning
+///   and reaches the window adjustments that let the output go;
+/// - past [`INPUT_MAX`] the connection is given up.
 #[derive(Default)]
 pub struct Inbound {
     state: Mutex<InboundState>,
@@ -131,27 +139,36 @@ impl Inbound {
             return Ok(());
         }
         let started = Instant::now();
+        let mut paced = false;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            let output_waiting = {
                 let mut state = self.state.lock().expect("inbound lock");
                 if state.closed {
                     return Ok(());
                 }
-                let limit = if state.output_waiting {
-                    INPUT_HARD_LIMIT
+                if state.held + data.len() > INPUT_MAX {
+                    return Err(ProxyError::InputOverflow(INPUT_MAX >> 20));
+                }
+                let room = if state.output_waiting {
+                    state.held < INPUT_HARD_LIMIT || paced
                 } else {
-                    INPUT_SOFT_LIMIT
+                    state.held < INPUT_SOFT_LIMIT
                 };
-                if state.held < limit {
+                if room {
                     state.held += data.len();
                     state.chunks.push_back(Bytes::copy_from_slice(data));
                     drop(state);
                     self.changed.notify_waiters();
                     return Ok(());
                 }
+                state.output_waiting
+            };
+            if output_waiting {
+                paced = tokio::time::timeout(INPUT_PACE, notified).await.is_err();
+                continue;
             }
             let left = INPUT_STALL_LIMIT.saturating_sub(started.elapsed());
             if tokio::time::timeout(left, notified).await.is_err() {
@@ -289,6 +306,7 @@ pub async fn pump(
         // a terminal there is no such thing (the runtime would end the whole
         // attachment, losing output still on its way), so, as sshd does, the
         // process just keeps its terminal until it exits.
+        tracing::debug!("client input ended");
         if !tty && let Err(e) = stdin.shutdown().await {
             tracing::debug!(error = %e, "closing process input failed");
         }
@@ -317,7 +335,10 @@ pub async fn pump(
                             tracing::warn!(error = %e, "reading process output failed");
                             return;
                         }
-                        None => return,
+                        None => {
+                            tracing::debug!("process output ended");
+                            return;
+                        }
                     };
                     if sent.is_err() {
                         tracing::debug!("the channel closed before the process's output ended");
@@ -371,32 +392,52 @@ pub fn exit_status(code: i64) -> u32 {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn input_waits_for_room_unless_output_is_waiting() {
         let inbound = Arc::new(Inbound::default());
-        let chunk = vec![0u8; 64 * 1024];
+        let chunk = vec![0u8; 32 * 1024];
         while inbound.held() < INPUT_SOFT_LIMIT {
             inbound.push(&chunk).await.unwrap();
         }
-        // Full: the next push waits...
-        let blocked = tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk)).await;
+        // Full and no output waiting: the next push waits (back-pressure)...
+        let blocked = tokio::time::timeout(Duration::from_secs(60), inbound.push(&chunk)).await;
         assert!(blocked.is_err(), "push past the soft limit must wait");
-        // ...until output is waiting to be sent, when it goes up to the hard bound.
+        // ...until output waits to be sent: then input is taken up to the hard limit...
         inbound.set_output_waiting(true);
-        tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk))
-            .await
-            .unwrap()
-            .unwrap();
+        let started = tokio::time::Instant::now();
         while inbound.held() < INPUT_HARD_LIMIT {
             inbound.push(&chunk).await.unwrap();
         }
-        let blocked = tokio::time::timeout(Duration::from_millis(50), inbound.push(&chunk)).await;
-        assert!(blocked.is_err(), "the hard bound holds");
-        // Reading makes room, and bytes come out in order.
-        let reader = inbound.clone();
-        let first = reader.next().await.unwrap();
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no waiting below the hard limit"
+        );
+        // ...then paced, one packet per INPUT_PACE...
+        let started = tokio::time::Instant::now();
+        inbound.push(&chunk).await.unwrap();
+        inbound.push(&chunk).await.unwrap();
+        assert_eq!(started.elapsed(), INPUT_PACE * 2);
+        // ...and never past the maximum.
+        while inbound.held() + chunk.len() <= INPUT_MAX {
+            inbound.push(&chunk).await.unwrap();
+        }
+        assert!(matches!(
+            inbound.push(&chunk).await,
+            Err(ProxyError::InputOverflow(64))
+        ));
+        // Reading makes room, in order.
+        let first = inbound.next().await.unwrap();
         assert_eq!(first.len(), chunk.len());
         inbound.set_output_waiting(false);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn input_that_is_never_read_gives_up() {
+        let inbound = Inbound::default();
+        inbound.push(&vec![0u8; INPUT_SOFT_LIMIT]).await.unwrap();
+        let result = inbound.push(b"more").await;
+        assert!(matches!(result, Err(ProxyError::InputStalled(600))));
     }
 
     #[tokio::test]
