@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         listen_tcp: args.listen_tcp,
         secret,
+        base_env: server::session_base_env(std::env::vars()),
         accounts: AccountFiles {
             passwd: args.passwd_file,
             group: args.group_file,

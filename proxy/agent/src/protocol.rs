@@ -143,7 +143,9 @@ pub struct SpawnRequest {
     /// A name from the container's `/etc/passwd`, or a numeric uid; `None` runs as the
     /// agent's own user (root).
     pub user: Option<String>,
-    /// Added on top of the login environment (HOME, USER, LOGNAME, SHELL, PATH, TERM).
+    /// Added on top of the session's base environment: the container's own environment
+    /// (image `ENV`, as a Docker exec sees it) plus HOME, USER, LOGNAME, SHELL of the user,
+    /// PATH if the image sets none, and TERM with a pty.
     pub env: Vec<(String, String)>,
     /// Working directory; `None` means the user's home (or `/` if that is missing).
     pub cwd: Option<String>,

@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::reaper::{Children, Reaper};
 use crate::signals::signal_number;
+pub use crate::spawn::session_base_env;
 use crate::spawn::{self, AccountFiles, Fd, Spawned};
 
 /// Bytes of stdin a proxy may send ahead of the process reading them.
@@ -37,6 +38,8 @@ pub struct AgentConfig {
     pub listen_tcp: Option<SocketAddr>,
     pub secret: Vec<u8>,
     pub accounts: AccountFiles,
+    /// The environment every session starts from (see `session_base_env`).
+    pub base_env: Vec<(String, String)>,
     pub max_connections: usize,
     pub max_processes_per_connection: usize,
     pub handshake_timeout: Duration,
@@ -561,7 +564,7 @@ fn hang_up(reaper: &Reaper, ch: &Channel) {
 
 async fn open_process(conn: &Arc<Conn>, ctx: &Arc<Ctx>, id: u32, open: OpenProcess) {
     let started = std::time::Instant::now();
-    let spawned = match spawn::spawn(&open.request, &ctx.config.accounts) {
+    let spawned = match spawn::spawn(&open.request, &ctx.config.accounts, &ctx.config.base_env) {
         Ok(s) => s,
         Err(e) => {
             debug!(channel = id, error = %e.message, "spawn failed");

@@ -110,7 +110,24 @@ fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned, SpawnError> {
+/// The container's own environment as the agent received it (the image's `ENV` and the
+/// container's `-e` settings, as a Docker exec would see them), without the agent's own
+/// settings — the secret may be among them — and without what is set per session.
+pub fn session_base_env(
+    inherited: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    const PER_SESSION: [&str; 5] = ["HOME", "USER", "LOGNAME", "SHELL", "TERM"];
+    inherited
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("ENVGATE_AGENT_") && !PER_SESSION.contains(&k.as_str()))
+        .collect()
+}
+
+pub(crate) fn spawn(
+    req: &SpawnRequest,
+    files: &AccountFiles,
+    base_env: &[(String, String)],
+) -> Result<Spawned, SpawnError> {
     let account = resolve_account(req, files)?;
     let groups = passwd::group_list(&files.group, &account.name, account.gid).map_err(|e| {
         SpawnError::new(
@@ -142,21 +159,21 @@ pub(crate) fn spawn(req: &SpawnRequest, files: &AccountFiles) -> Result<Spawned,
         cstring("argument", a)?;
     }
 
-    let mut env: Vec<(String, String)> = vec![
+    let mut env: Vec<(String, String)> = base_env.to_vec();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        let path = if account.uid == 0 {
+            ROOT_PATH
+        } else {
+            USER_PATH
+        };
+        env.push(("PATH".into(), path.into()));
+    }
+    env.extend([
         ("HOME".into(), account.home.clone()),
         ("USER".into(), account.name.clone()),
         ("LOGNAME".into(), account.name.clone()),
         ("SHELL".into(), account.shell.clone()),
-        (
-            "PATH".into(),
-            if account.uid == 0 {
-                ROOT_PATH
-            } else {
-                USER_PATH
-            }
-            .into(),
-        ),
-    ];
+    ]);
     if let Some(pty) = &req.pty {
         env.push(("TERM".into(), pty.term.clone()));
     }

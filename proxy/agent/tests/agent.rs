@@ -138,11 +138,15 @@ async fn stderr_is_kept_apart_from_stdout() {
 async fn environment_and_working_directory() {
     let agent = Agent::start();
     let client = agent.client().await;
-    let mut req = sh("echo $FOO; pwd; echo ${TERM:-none}");
+    let mut req = sh(
+        "echo $FOO; pwd; echo ${TERM:-none}; echo ${ENVGATE_AGENT_SECRET:-unset}; echo $FROM_IMAGE",
+    );
     req.env = vec![("FOO".into(), "bar baz".into())];
     req.cwd = Some("/tmp".into());
     let (out, _, _) = run(&client, req).await;
-    assert_eq!(out, "bar baz\n/tmp\nnone\n");
+    // The agent's own environment (the image's ENV in a container) reaches the session, its
+    // own ENVGATE_AGENT_* settings do not.
+    assert_eq!(out, "bar baz\n/tmp\nnone\nunset\nimage-value\n");
 
     let mut req = sh("true");
     req.cwd = Some("/does/not/exist".into());

@@ -34,6 +34,9 @@ impl Agent {
             .arg(&secret_file)
             .args(extra)
             .env("ENVGATE_AGENT_LOG", "debug")
+            .env("ENVGATE_AGENT_SECRET", "must-not-leak-into-sessions")
+            .env("FROM_IMAGE", "image-value")
+            .env("TERM", "agent-term")
             .stdin(Stdio::null())
             .spawn()
             .expect("start envgate-agent");
