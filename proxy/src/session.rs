@@ -422,6 +422,20 @@ fn process_spec(
         None => vec![shell, "-l".to_owned()],
     };
     let mut env = placement.env.clone();
+    // What sshd sets for a login, unless the environment says otherwise.
+    // The user's home volume is mounted at /home/<user>.
+    if !placement.user.is_empty() {
+        let user = &placement.user;
+        for (name, value) in [
+            ("USER", user.clone()),
+            ("LOGNAME", user.clone()),
+            ("HOME", format!("/home/{user}")),
+        ] {
+            if !env.iter().any(|e| e.starts_with(&format!("{name}="))) {
+                env.push(format!("{name}={value}"));
+            }
+        }
+    }
     for (name, value) in client_env {
         if name != "ENVGATE_ENV" {
             env.push(format!("{name}={value}"));
@@ -489,6 +503,7 @@ mod tests {
             container_id: "c1".into(),
             shell: "/bin/bash".into(),
             working_dir: "/home/alice".into(),
+            user: "alice".into(),
             env: vec!["HOME=/home/alice".into(), "TERM=dumb".into()],
             ..Default::default()
         }
@@ -503,7 +518,16 @@ mod tests {
         let spec = process_spec(&placement(), Some("echo hi".into()), None, &env);
         assert_eq!(spec.command, ["/bin/bash", "-c", "echo hi"]);
         assert_eq!(spec.tty, None);
-        assert_eq!(spec.env, ["HOME=/home/alice", "TERM=dumb", "LANG=C.UTF-8"]);
+        assert_eq!(
+            spec.env,
+            [
+                "HOME=/home/alice",
+                "TERM=dumb",
+                "USER=alice",
+                "LOGNAME=alice",
+                "LANG=C.UTF-8"
+            ]
+        );
         assert_eq!(spec.working_dir.as_deref(), Some("/home/alice"));
         assert_eq!(spec.user, None);
 
@@ -512,6 +536,24 @@ mod tests {
         let spec = process_spec(&placement(), None, Some(&pty), &[]);
         assert_eq!(spec.command, ["/bin/bash", "-l"]);
         assert_eq!(spec.tty, Some(size));
-        assert_eq!(spec.env, ["HOME=/home/alice", "TERM=xterm"]);
+        assert_eq!(
+            spec.env,
+            [
+                "HOME=/home/alice",
+                "USER=alice",
+                "LOGNAME=alice",
+                "TERM=xterm"
+            ]
+        );
+
+        let bare = Placement {
+            env: vec![],
+            ..placement()
+        };
+        let spec = process_spec(&bare, None, None, &[]);
+        assert_eq!(
+            spec.env,
+            ["USER=alice", "LOGNAME=alice", "HOME=/home/alice"]
+        );
     }
 }
