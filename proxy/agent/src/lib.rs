@@ -10,6 +10,7 @@ pub mod auth;
 pub mod client;
 mod flow;
 mod passwd;
+pub mod pool;
 pub mod protocol;
 mod reaper;
 pub mod server;
@@ -18,5 +19,6 @@ mod spawn;
 mod termios;
 
 pub use client::{AgentAddress, AgentClient, AgentError, ConnectOptions, Process};
+pub use pool::AgentPool;
 pub use protocol::{ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize};
 pub use spawn::AccountFiles;

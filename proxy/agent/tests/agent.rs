@@ -888,3 +888,45 @@ async fn the_client_learns_when_the_agent_dies() {
     // The orphaned sleep is not ours to keep.
     unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
 }
+
+#[tokio::test]
+async fn the_pool_shares_one_connection_per_container_and_reconnects() {
+    let agent = Agent::start();
+    let pool = std::sync::Arc::new(envgate_agent::AgentPool::new(Default::default()));
+    let idle_sockets = agent_sockets(&agent);
+    // Many logins to one container at once: one connection.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let pool = pool.clone();
+        let addr = agent.address();
+        tasks.spawn(async move { pool.get("c1", &addr, SECRET).await.unwrap() });
+    }
+    let clients: Vec<AgentClient> = tasks.join_all().await;
+    let connections = agent_sockets(&agent) - idle_sockets;
+    assert_eq!(connections, 1, "connections to the agent: {connections}");
+    assert_eq!(run(&clients[7], sh("exit 2")).await.2, ExitStatus::Code(2));
+    drop(clients);
+
+    // The container was replaced: a new agent at a new address with a new secret.
+    let other = Agent::start();
+    let c = pool.get("c1", &other.address(), SECRET).await.unwrap();
+    assert_eq!(run(&c, sh("exit 3")).await.2, ExitStatus::Code(3));
+    let wrong = pool
+        .get("c1", &other.address(), b"another-secret-0123456789abcdef")
+        .await;
+    assert!(matches!(wrong, Err(AgentError::Refused(_))));
+    pool.forget("c1");
+    assert!(pool.is_empty());
+}
+
+/// Sockets the agent process holds (listener, runtime internals, connections).
+fn agent_sockets(agent: &Agent) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap();
+    let sockets: Vec<String> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("socket:"))
+        .collect();
+    sockets.len()
+}
