@@ -930,3 +930,45 @@ fn agent_sockets(agent: &Agent) -> usize {
         .collect();
     sockets.len()
 }
+
+#[test]
+fn the_agent_refuses_to_start_without_a_usable_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_envgate-agent"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env_remove("ENVGATE_AGENT_SECRET")
+            .env_remove("ENVGATE_AGENT_SECRET_FILE")
+            .output()
+            .unwrap()
+    };
+    let out = agent(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no secret"),
+        "{out:?}"
+    );
+
+    let short = dir.path().join("short");
+    std::fs::write(&short, "tooshort\n").unwrap();
+    let out = agent(&["--secret-file", short.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"),
+        "{out:?}"
+    );
+
+    let out = agent(&[
+        "--secret-file",
+        dir.path().join("missing").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read the secret file"),
+        "{out:?}"
+    );
+    assert!(!socket.exists(), "nothing may be bound with bad config");
+}
