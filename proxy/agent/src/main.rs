@@ -86,8 +86,16 @@ fn read_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
+    // One clear line for bad config or a failed start, then a non-zero exit.
+    if let Err(e) = run(args) {
+        eprintln!("envgate-agent: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENVGATE_AGENT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()

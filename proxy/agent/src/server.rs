@@ -77,11 +77,20 @@ pub async fn run(config: AgentConfig) -> io::Result<i32> {
     let mut sighup = signal(SignalKind::hangup())?;
 
     let unix = match &config.socket {
-        Some(path) => Some(bind_unix(path)?),
+        Some(path) => Some(bind_unix(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", path.display()),
+            )
+        })?),
         None => None,
     };
     let tcp = match config.listen_tcp {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+        ),
         None => None,
     };
     info!(
