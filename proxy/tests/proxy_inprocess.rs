@@ -403,6 +403,58 @@ async fn password_exec(proxy: SocketAddr, password: &str, command: &str) -> Opti
         .expect("password session in time")
 }
 
+/// Runs `cat` with `data` as input while reading its output slowly, so the
+/// client keeps sending while the proxy's output waits for its window.
+async fn cat_with_slow_reader(port: u16, key: &Path, data: Vec<u8>) -> (Vec<u8>, Option<i32>) {
+    let mut child = tokio::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-o", "LogLevel=ERROR", "-i"])
+        .arg(key)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-l",
+            "demo",
+            "127.0.0.1",
+            "--",
+            "cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let run = async {
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+        });
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stdout.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.await.unwrap();
+        (received, child.wait().await.unwrap().code())
+    };
+    tokio::time::timeout(SSH_TIMEOUT, run)
+        .await
+        .expect("the slow reader got everything in time")
+}
+
 /// A fake balancer: accepts on 127.0.0.1 and connects to the proxy from
 /// BALANCER_IP, sending a PROXY v2 header that names HEADER_CLIENT.
 async fn fake_balancer(proxy: SocketAddr) -> SocketAddr {
@@ -575,6 +627,13 @@ async fn proxy_serves_sessions_into_a_real_container() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert_eq!(run.stdout.len(), data.len());
     assert!(run.stdout == data, "the round trip changed the bytes");
+
+    // A reader slower than the writer still gets every byte: input is paced
+    // while output waits for the client, never deadlocked.
+    let (received, code) = cat_with_slow_reader(port, &demo_key, data.clone()).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(received.len(), data.len());
+    assert!(received == data, "the slow round trip changed the bytes");
 
     // An unknown environment: one clear line and exit 1.
     let run = ssh(port, &demo_key, "demo+nope", "date", None).await;

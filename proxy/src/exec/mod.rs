@@ -168,6 +168,9 @@ impl Inbound {
             };
             if output_waiting {
                 paced = tokio::time::timeout(INPUT_PACE, notified).await.is_err();
+                if paced {
+                    tracing::trace!("input paced while output waits for the client");
+                }
                 continue;
             }
             let left = INPUT_STALL_LIMIT.saturating_sub(started.elapsed());
