@@ -972,3 +972,141 @@ fn the_agent_refuses_to_start_without_a_usable_secret() {
     );
     assert!(!socket.exists(), "nothing may be bound with bad config");
 }
+
+/// Raw, authenticated connection to the agent (what a buggy or hostile proxy could send).
+async fn raw_authenticated(
+    agent: &Agent,
+) -> (
+    envgate_agent::protocol::FrameReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+) {
+    use envgate_agent::auth;
+    use envgate_agent::protocol::{FrameReader, Message};
+    let (rd, mut wr) = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap()
+        .into_split();
+    let mut reader = FrameReader::new(rd);
+    let Some((0, Message::Hello { nonce, .. })) = within(5, "hello", reader.next()).await.unwrap()
+    else {
+        panic!("no hello")
+    };
+    let client_nonce = auth::fresh_nonce();
+    let mac = auth::client_proof(SECRET, 1, &nonce, &client_nonce);
+    let mut buf = Vec::new();
+    Message::Auth {
+        version: 1,
+        nonce: client_nonce,
+        mac,
+    }
+    .encode(0, &mut buf);
+    wr.write_all(&buf).await.unwrap();
+    assert!(matches!(
+        within(5, "auth ok", reader.next()).await.unwrap(),
+        Some((0, Message::AuthOk { .. }))
+    ));
+    (reader, wr)
+}
+
+#[tokio::test]
+async fn a_proxy_overrunning_the_stdin_window_is_disconnected() {
+    use envgate_agent::protocol::{Message, OpenProcess, Stream};
+    let agent = Agent::start();
+    let (mut reader, mut wr) = raw_authenticated(&agent).await;
+    let mut buf = Vec::new();
+    Message::Open(OpenProcess {
+        request: SpawnRequest::new(Program::Argv(vec!["sleep".into(), "30".into()])),
+        stdout_window: 1024,
+        stderr_window: 1024,
+    })
+    .encode(1, &mut buf);
+    wr.write_all(&buf).await.unwrap();
+    let Some((1, Message::OpenOk { stdin_window, .. })) =
+        within(5, "open ok", reader.next()).await.unwrap()
+    else {
+        panic!("no OpenOk")
+    };
+    // `sleep` never reads: send a whole window and then some, without waiting for credit.
+    let chunk = vec![b'x'; 32 * 1024];
+    let mut buf = Vec::new();
+    for _ in 0..(stdin_window as usize / chunk.len() + 2) {
+        Message::Data {
+            stream: Stream::Stdin,
+            data: chunk.clone(),
+        }
+        .encode(1, &mut buf);
+    }
+    let _ = wr.write_all(&buf).await;
+    let mut error = None;
+    within(10, "the agent to close the connection", async {
+        while let Ok(Some((id, msg))) = reader.next().await {
+            if let (0, Message::Error { message }) = (id, msg) {
+                error = Some(message);
+            }
+        }
+    })
+    .await;
+    let error = error.expect("an ERROR frame before the close");
+    assert!(error.contains("window"), "{error}");
+}
+
+#[tokio::test]
+async fn an_agent_overrunning_the_output_window_is_disconnected() {
+    use envgate_agent::auth;
+    use envgate_agent::protocol::{FrameReader, Message, Stream};
+    // An agent taken over by root in its container, holding the right secret, that ignores
+    // flow control: the proxy must not buffer what it did not grant.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rogue.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        let mut reader = FrameReader::new(rd);
+        let nonce = auth::fresh_nonce();
+        let mut buf = Vec::new();
+        Message::Hello {
+            min_version: 1,
+            max_version: 1,
+            nonce,
+        }
+        .encode(0, &mut buf);
+        wr.write_all(&buf).await.unwrap();
+        let Some((0, Message::Auth { nonce: cn, .. })) = reader.next().await.unwrap() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        Message::AuthOk {
+            mac: auth::agent_proof(SECRET, 1, &nonce, &cn),
+        }
+        .encode(0, &mut buf);
+        wr.write_all(&buf).await.unwrap();
+        let Some((id, Message::Open(_))) = reader.next().await.unwrap() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        Message::OpenOk {
+            pid: 1,
+            stdin_window: 0,
+        }
+        .encode(id, &mut buf);
+        for _ in 0..64 {
+            Message::Data {
+                stream: Stream::Stdout,
+                data: vec![0; 32 * 1024],
+            }
+            .encode(id, &mut buf);
+        }
+        let _ = wr.write_all(&buf).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let client = AgentClient::connect(&envgate_agent::AgentAddress::Unix(path), SECRET)
+        .await
+        .unwrap();
+    let p = client.spawn(sh("true")).await.unwrap();
+    match within(5, "the client to drop the rogue agent", p.wait()).await {
+        Err(AgentError::Closed(reason)) => assert!(reason.contains("window"), "{reason}"),
+        other => panic!("expected the connection to be closed, got {other:?}"),
+    }
+    assert!(client.is_closed());
+}
