@@ -10,9 +10,7 @@ use envgate_proto::ops::Readiness;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::Registry;
-
-/// What users see when their connection is closed by a drain.
-pub const DRAIN_MESSAGE: &str = "this proxy is shutting down, reconnect to continue";
+use crate::error::DRAIN_MESSAGE;
 
 #[derive(Clone)]
 pub struct Drain {

@@ -30,6 +30,18 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
+/// Shown to users whose connection a drain or shutdown closes.
+pub const DRAIN_MESSAGE: &str = "this proxy is shutting down, reconnect to continue";
+/// Shown to a user whose session an admin killed without a message.
+pub const DEFAULT_KILL_MESSAGE: &str = "your session was closed by an administrator";
+/// The SSH disconnect reason for a client that did not log in in time.
+pub const LOGIN_GRACE_MESSAGE: &str = "login grace time exceeded";
+
+/// The stderr line for a notice from envgate itself (kill, drain).
+pub fn notice_line(message: &str) -> String {
+    format!("envgate: {message}")
+}
+
 /// The line a user sees on stderr when placement fails: the control plane's
 /// message is written for users (e.g. `unknown environment "nope";
 /// available: busybox, debian`).

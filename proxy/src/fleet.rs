@@ -18,13 +18,12 @@ use crate::auth_cache::AuthCache;
 use crate::connections::Registry;
 use crate::controlplane::{ControlPlane, jittered_backoff};
 use crate::drain::Drain;
+use crate::error::DEFAULT_KILL_MESSAGE;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// Shown to a user whose session an admin killed without a message.
-const DEFAULT_KILL_MESSAGE: &str = "your session was closed by an administrator";
 
 pub struct FleetMember {
     pub control_plane: ControlPlane,

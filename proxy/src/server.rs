@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::{Cidr, is_trusted};
-use crate::error::ConnectionResult;
+use crate::error::{ConnectionResult, LOGIN_GRACE_MESSAGE};
 use crate::handler::ConnectionHandler;
 use crate::proxy_protocol::{self, Command};
 use crate::session::{self, ConnectionInfo, SessionServices};
@@ -229,7 +229,7 @@ async fn serve_connection(
                 timed_out = true;
                 tracing::info!("not authenticated within the login grace time");
                 let _ = handle
-                    .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
+                    .disconnect(Disconnect::ByApplication, LOGIN_GRACE_MESSAGE.into(), "en".into())
                     .await;
                 // Mid key exchange russh cannot send the disconnect; cut the
                 // connection if it has not ended shortly after.

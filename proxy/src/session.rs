@@ -25,7 +25,8 @@ use crate::auth::Authenticated;
 use crate::connections::Registry;
 use crate::controlplane::ControlPlane;
 use crate::error::{
-    ConnectionResult, exec_failure_line, placement_failure_line, placement_result_label,
+    ConnectionResult, exec_failure_line, notice_line, placement_failure_line,
+    placement_result_label,
 };
 use crate::exec::{
     self, ChannelOutput, Inbound, ProcessCommand, ProcessRuntime, ProcessSpec, TerminalSize,
@@ -342,7 +343,7 @@ impl Connection {
     async fn kill(&mut self, message: &str) {
         tracing::info!(%message, "closing the connection");
         self.result = ConnectionResult::Closed;
-        let line = format!("envgate: {message}");
+        let line = notice_line(message);
         for state in self.channels.values() {
             let write = state.output.stderr_line(&line, state.pty.is_some());
             // A client that reads nothing gets no message, but still goes.
