@@ -228,9 +228,6 @@ async fn serve_connection(
                 waiting_for_login = false;
                 timed_out = true;
                 tracing::info!("not authenticated within the login grace time");
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, LOGIN_GRACE_MESSAGE.into(), "en".into())
-                    .await;
                 // Mid key exchange russh cannot send the disconnect; cut the
                 // connection if it has not ended shortly after.
                 let abort = abort.clone();
@@ -238,6 +235,11 @@ async fn serve_connection(
                     tokio::time::sleep(ABORT_DELAY).await;
                     abort.cancel();
                 });
+                let _ = tokio::time::timeout(
+                    ABORT_DELAY,
+                    handle.disconnect(Disconnect::ByApplication, LOGIN_GRACE_MESSAGE.into(), "en".into()),
+                )
+                .await;
             }
         }
     };

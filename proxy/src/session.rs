@@ -349,15 +349,15 @@ impl Connection {
             // A client that reads nothing gets no message, but still goes.
             let _ = tokio::time::timeout(KILL_GRACE, write).await;
         }
-        let _ = self
-            .handle
-            .disconnect(Disconnect::ByApplication, line, "en".into())
-            .await;
         let abort = self.info.abort.clone();
         tokio::spawn(async move {
             tokio::time::sleep(KILL_GRACE).await;
             abort.cancel();
         });
+        let disconnect = self
+            .handle
+            .disconnect(Disconnect::ByApplication, line, "en".into());
+        let _ = tokio::time::timeout(KILL_GRACE, disconnect).await;
     }
 
     async fn release(&mut self, session_started: Instant) {
