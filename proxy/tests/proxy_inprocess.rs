@@ -455,6 +455,21 @@ async fn cat_with_slow_reader(port: u16, key: &Path, data: Vec<u8>) -> (Vec<u8>,
         .expect("the slow reader got everything in time")
 }
 
+/// A bare HTTP/1.1 GET; the whole response as text.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let fetch = async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("ops answered in time")
+}
+
 /// A fake balancer: accepts on 127.0.0.1 and connects to the proxy from
 /// BALANCER_IP, sending a PROXY v2 header that names HEADER_CLIENT.
 async fn fake_balancer(proxy: SocketAddr) -> SocketAddr {
@@ -549,7 +564,7 @@ async fn proxy_serves_sessions_into_a_real_container() {
     // The proxy, in-process.
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        ops_listen: None,
+        ops_listen: Some("127.0.0.1:0".parse().unwrap()),
         controlplane: vec![format!("http://{cp_addr}")],
         host_key: Config::load_host_key(&host_key).unwrap(),
         proxy_id: "test-proxy".into(),
@@ -561,7 +576,10 @@ async fn proxy_serves_sessions_into_a_real_container() {
         docker_host: None,
         advertise: None,
     };
-    let proxy = Proxy::bind(config, None).await.unwrap();
+    // The one test in this binary owns the process's metrics recorder.
+    let metrics = envgate_proto::ops::init_metrics();
+    let proxy = Proxy::bind(config, Some(metrics)).await.unwrap();
+    let ops_addr = proxy.ops_addr();
     let port = proxy.ssh_addr().port();
     let proxy_addr = proxy.ssh_addr();
     let readiness = proxy.readiness();
@@ -787,6 +805,29 @@ async fn proxy_serves_sessions_into_a_real_container() {
     assert!(closed.is_ok(), "the idle connection must be closed");
     assert!(started.elapsed() >= LOGIN_GRACE - Duration::from_millis(500));
 
+    // The ops endpoint: ready, and every phase of the connections above timed.
+    let ops = ops_addr.expect("the ops endpoint is bound");
+    assert!(http_get(ops, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(ops, "/healthz").await.starts_with("HTTP/1.1 200"));
+    let metrics = http_get(ops, "/metrics").await;
+    for series in [
+        r#"phase="accept""#,
+        r#"phase="auth",cache="hit""#,
+        r#"phase="auth",cache="miss""#,
+        r#"phase="placement""#,
+        r#"phase="exec_start",path="runtime_exec""#,
+        r#"phase="session""#,
+        r#"phase="teardown""#,
+        r#"envgate_connections_total{result="ok"}"#,
+        r#"envgate_connections_total{result="placement_unknown_environment"}"#,
+        r#"envgate_connections_total{result="proxy_header_refused"}"#,
+    ] {
+        assert!(
+            metrics.contains(series),
+            "/metrics lacks {series}:\n{metrics}"
+        );
+    }
+
     // Every placed session was released, with its exit status.
     let released = async {
         while seen.close_session.load(Ordering::SeqCst)
@@ -810,6 +851,12 @@ async fn proxy_serves_sessions_into_a_real_container() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = http_get(ops_addr.unwrap(), "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503"),
+        "a draining proxy is not ready: {ready}"
+    );
     let run = tokio::time::timeout(Duration::from_secs(15), long)
         .await
         .expect("closed in time")
