@@ -21,7 +21,7 @@ pub struct Config {
     pub login_grace: Duration,
     pub shutdown_grace: Duration,
     pub auth_cache_size: usize,
-    /// `None`: bollard's local defaults (`DOCKER_HOST` or the local socket).
+    /// `None`: [`crate::DEFAULT_DOCKER_HOST`].
     pub docker_host: Option<String>,
     /// The address reported to the control plane; defaults to `listen`.
     pub advertise: Option<String>,

@@ -35,7 +35,7 @@ use crate::connections::Registry;
 use crate::controlplane::ControlPlane;
 use crate::drain::Drain;
 use crate::error::ProxyError;
-use crate::exec::docker::DockerRuntime;
+use crate::exec::docker::{DockerEndpoint, DockerRuntime};
 use crate::fleet::FleetMember;
 use crate::server::ServerContext;
 use crate::session::SessionServices;
@@ -57,22 +57,29 @@ pub struct Proxy {
     auth_cache: Arc<AuthCache>,
 }
 
-/// Connects to Docker at `host` (or the local defaults) and agrees on an
-/// API version the engine speaks.
-pub async fn connect_docker(host: Option<&str>) -> Result<Docker, ProxyError> {
-    let docker = match host {
-        None => Docker::connect_with_local_defaults()?,
-        Some(host) if host.starts_with("unix://") || host.starts_with('/') => {
-            Docker::connect_with_unix(host, DOCKER_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?
-        }
-        Some(host) => {
-            Docker::connect_with_http(host, DOCKER_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?
-        }
+/// The engine used when no `--docker-host` is given.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Connects to Docker at `host` and agrees on an API version the engine
+/// speaks (the engine here is older than bollard's default version).
+pub async fn connect_docker(host: &str) -> Result<(Docker, DockerEndpoint), ProxyError> {
+    let endpoint = DockerEndpoint::parse(host).map_err(ProxyError::Config)?;
+    let docker = match &endpoint {
+        DockerEndpoint::Unix(path) => Docker::connect_with_unix(
+            &path.to_string_lossy(),
+            DOCKER_TIMEOUT.as_secs(),
+            bollard::API_DEFAULT_VERSION,
+        )?,
+        DockerEndpoint::Tcp(addr) => Docker::connect_with_http(
+            &format!("http://{addr}"),
+            DOCKER_TIMEOUT.as_secs(),
+            bollard::API_DEFAULT_VERSION,
+        )?,
     };
     match tokio::time::timeout(DOCKER_TIMEOUT, docker.negotiate_version()).await {
-        Ok(result) => Ok(result?),
+        Ok(result) => Ok((result?, endpoint)),
         Err(_) => Err(ProxyError::Config(format!(
-            "docker did not answer within {DOCKER_TIMEOUT:?}"
+            "docker at {host} did not answer within {DOCKER_TIMEOUT:?}"
         ))),
     }
 }
@@ -85,7 +92,8 @@ impl Proxy {
         config: Config,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ProxyError> {
-        let docker = connect_docker(config.docker_host.as_deref()).await?;
+        let docker_host = config.docker_host.as_deref().unwrap_or(DEFAULT_DOCKER_HOST);
+        let (docker, docker_endpoint) = connect_docker(docker_host).await?;
         let control_plane = ControlPlane::new(&config.controlplane, config.proxy_id.clone())?;
         let ssh_listener =
             TcpListener::bind(config.listen)
@@ -126,7 +134,7 @@ impl Proxy {
         };
         let services = SessionServices {
             control_plane: control_plane.clone(),
-            runtime: Arc::new(DockerRuntime::new(docker)),
+            runtime: Arc::new(DockerRuntime::new(docker, docker_endpoint)),
             registry: registry.clone(),
         };
         let context = Arc::new(ServerContext {

@@ -53,7 +53,8 @@ struct Args {
     /// Most cached authentication tokens.
     #[arg(long, env = "ENVGATE_AUTH_CACHE_SIZE", default_value_t = 65536)]
     auth_cache_size: usize,
-    /// Docker API URL (unix:///path or http://host:port); default: the local engine.
+    /// Docker API URL (unix:///path, tcp://host:port or http://host:port);
+    /// default: $DOCKER_HOST, else unix:///var/run/docker.sock.
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
     /// Address reported to the control plane (default: the listen address).
@@ -109,7 +110,9 @@ async fn main() -> anyhow::Result<()> {
         login_grace: Duration::from_secs(args.login_grace_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         auth_cache_size: args.auth_cache_size,
-        docker_host: args.docker_host,
+        docker_host: args
+            .docker_host
+            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())),
         advertise: args.advertise,
     };
     let metrics = envgate_proto::ops::init_metrics();

@@ -733,6 +733,19 @@ async fn proxy_serves_sessions_into_a_real_container() {
     assert_eq!(password_exec(proxy_addr, "wrong", "true").await, None);
     assert_eq!(seen.authenticate.load(Ordering::SeqCst), before + 2);
 
+    // Terminal output is raw: bytes that look like stream headers survive.
+    let run = ssh_with(
+        port,
+        &demo_key,
+        "demo",
+        "printf '\\001\\002hello\\n'; echo after",
+        None,
+        &["-tt"],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout_text(), "\u{1}\u{2}hello\r\nafter\r\n");
+
     // With a terminal: TERM is passed, progress is shown on stderr, the exit status propagates.
     let run = ssh_with(
         port,

@@ -48,6 +48,12 @@ pub enum ExecError {
     NoExitCode,
 }
 
+impl From<std::io::Error> for ExecError {
+    fn from(e: std::io::Error) -> Self {
+        ExecError::Runtime(e.to_string())
+    }
+}
+
 impl From<bollard::errors::Error> for ExecError {
     fn from(e: bollard::errors::Error) -> Self {
         ExecError::Runtime(e.to_string())
