@@ -29,7 +29,8 @@ use crate::error::{
     placement_result_label,
 };
 use crate::exec::{
-    self, ChannelOutput, Inbound, ProcessCommand, ProcessRuntime, ProcessSpec, TerminalSize,
+    self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessRuntime, ProcessSpec,
+    TerminalSize,
 };
 
 /// What the handler tells the session task.
@@ -76,6 +77,8 @@ pub struct ConnectionInfo {
     pub abort: CancellationToken,
 }
 
+/// How long the runtime may take to start the user's process.
+const PROCESS_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a killed connection may take to see its message and close
 /// before its socket is cut.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -464,7 +467,8 @@ async fn run_process(
     commands: mpsc::Receiver<ProcessCommand>,
     pty: bool,
 ) -> ChannelEnd {
-    let process = match runtime.start(&spec).await {
+    let started = tokio::time::timeout(PROCESS_START_TIMEOUT, runtime.start(&spec)).await;
+    let process = match started.unwrap_or(Err(ExecError::StartTimeout(PROCESS_START_TIMEOUT))) {
         Ok(process) => process,
         Err(e) => {
             tracing::warn!(error = %e, "starting the process failed");

@@ -148,6 +148,8 @@ impl Sessions for FakeControlPlane {
             .push(request.client_address.clone());
         let environment = match request.environment.as_str() {
             "" | "busybox" => "busybox",
+            // Placed in a container that does not exist (removed meanwhile).
+            "gone" => "gone",
             other => {
                 return Err(Status::not_found(format!(
                     "unknown environment \"{other}\"; available: busybox, debian"
@@ -166,7 +168,11 @@ impl Sessions for FakeControlPlane {
                     user: claims.sub,
                     environment: environment.into(),
                     runtime: "docker".into(),
-                    container_id: self.container_id.clone(),
+                    container_id: if environment == "gone" {
+                        "envgate-proxytest-no-such-container".into()
+                    } else {
+                        self.container_id.clone()
+                    },
                     container_name: "test".into(),
                     shell: "/bin/sh".into(),
                     working_dir: "/".into(),
@@ -660,6 +666,19 @@ async fn proxy_serves_sessions_into_a_real_container() {
         run.stderr,
         "envgate: unknown environment \"nope\"; available: busybox, debian\n"
     );
+
+    // A container that is gone: one clear line and exit 1, the session still released.
+    let closes = seen.close_session.load(Ordering::SeqCst);
+    let run = ssh(port, &demo_key, "demo+gone", "date", None).await;
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr
+            .starts_with("envgate: could not start your process: ")
+            && run.stderr.lines().count() == 1,
+        "{}",
+        run.stderr
+    );
+    wait_for(|| seen.close_session.load(Ordering::SeqCst) > closes).await;
 
     // A bad user name is refused before any RPC.
     let before = seen.authenticate.load(Ordering::SeqCst);

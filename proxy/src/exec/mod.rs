@@ -46,6 +46,8 @@ pub enum ExecError {
     Runtime(String),
     #[error("the process's exit code is not known")]
     NoExitCode,
+    #[error("the container runtime did not start the process within {0:?}")]
+    StartTimeout(Duration),
 }
 
 impl From<std::io::Error> for ExecError {
