@@ -788,6 +788,11 @@ async fn proxy_serves_sessions_into_a_real_container() {
         run.stderr
     );
 
+    // When the fleet stream ends, the proxy attaches and registers again.
+    commands.lock().unwrap().take();
+    wait_for(|| seen.registered.load(Ordering::SeqCst) >= 2).await;
+    wait_for(|| readiness.is_ready()).await;
+
     // RevokeUser from the fleet stream empties the user's cached tokens.
     let before = seen.authenticate.load(Ordering::SeqCst);
     send_command(fleet_command::Command::RevokeUser(RevokeUser {
