@@ -137,7 +137,8 @@ struct InboundState {
     eof: bool,
     /// Nobody will read any more (process ended, channel closed).
     closed: bool,
-    output_waiting: bool,
+    /// Sends of output under way (waiting for the client or the loop).
+    output_waiting: usize,
 }
 
 impl Inbound {
@@ -160,7 +161,7 @@ impl Inbound {
                 if state.held + data.len() > INPUT_MAX {
                     return Err(ProxyError::InputOverflow(INPUT_MAX >> 20));
                 }
-                let room = if state.output_waiting {
+                let room = if state.output_waiting > 0 {
                     state.held < INPUT_HARD_LIMIT || paced
                 } else {
                     state.held < INPUT_SOFT_LIMIT
@@ -172,7 +173,7 @@ impl Inbound {
                     self.changed.notify_waiters();
                     return Ok(());
                 }
-                state.output_waiting
+                state.output_waiting > 0
             };
             if output_waiting {
                 paced = tokio::time::timeout(INPUT_PACE, notified).await.is_err();
@@ -226,13 +227,25 @@ impl Inbound {
         }
     }
 
-    fn set_output_waiting(&self, waiting: bool) {
-        self.state.lock().expect("inbound lock").output_waiting = waiting;
+    /// Marks output as waiting to be sent until the guard is dropped (also
+    /// when the send is abandoned).
+    fn output_waiting(&self) -> OutputWaiting<'_> {
+        self.state.lock().expect("inbound lock").output_waiting += 1;
         self.changed.notify_waiters();
+        OutputWaiting(self)
     }
 
     pub fn held(&self) -> usize {
         self.state.lock().expect("inbound lock").held
+    }
+}
+
+struct OutputWaiting<'a>(&'a Inbound);
+
+impl Drop for OutputWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("inbound lock").output_waiting -= 1;
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -256,17 +269,13 @@ impl ChannelOutput {
     }
 
     pub async fn stdout(&self, data: Bytes) -> Result<(), russh::Error> {
-        self.inbound.set_output_waiting(true);
-        let result = self.writer.data_bytes(data).await;
-        self.inbound.set_output_waiting(false);
-        result
+        let _waiting = self.inbound.output_waiting();
+        self.writer.data_bytes(data).await
     }
 
     pub async fn stderr(&self, data: Bytes) -> Result<(), russh::Error> {
-        self.inbound.set_output_waiting(true);
-        let result = self.writer.extended_data_bytes(STDERR, data).await;
-        self.inbound.set_output_waiting(false);
-        result
+        let _waiting = self.inbound.output_waiting();
+        self.writer.extended_data_bytes(STDERR, data).await
     }
 
     /// One line on stderr, ended as the terminal needs it.
@@ -414,7 +423,7 @@ mod tests {
         let blocked = tokio::time::timeout(Duration::from_secs(60), inbound.push(&chunk)).await;
         assert!(blocked.is_err(), "push past the soft limit must wait");
         // ...until output waits to be sent: then input is taken up to the hard limit...
-        inbound.set_output_waiting(true);
+        let waiting = inbound.output_waiting();
         let started = tokio::time::Instant::now();
         while inbound.held() < INPUT_HARD_LIMIT {
             inbound.push(&chunk).await.unwrap();
@@ -440,7 +449,8 @@ mod tests {
         // Reading makes room, in order.
         let first = inbound.next().await.unwrap();
         assert_eq!(first.len(), chunk.len());
-        inbound.set_output_waiting(false);
+        drop(waiting);
+        assert_eq!(inbound.state.lock().unwrap().output_waiting, 0);
     }
 
     #[tokio::test(start_paused = true)]
