@@ -37,6 +37,9 @@ pub const DEFAULT_KILL_MESSAGE: &str = "your session was closed by an administra
 /// The SSH disconnect reason for a client that did not log in in time.
 pub const LOGIN_GRACE_MESSAGE: &str = "login grace time exceeded";
 
+/// Why a channel other than a session is refused.
+pub const UNSUPPORTED_CHANNEL: &str = "envgate supports only session channels; port forwarding, X11 and agent forwarding are not supported yet";
+
 /// The stderr line for a notice from envgate itself (kill, drain).
 pub fn notice_line(message: &str) -> String {
     format!("envgate: {message}")

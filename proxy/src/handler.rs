@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::{AuthOutcome, Authenticated, Authenticator};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UNSUPPORTED_CHANNEL};
 use crate::exec::{Inbound, TerminalSize};
 use crate::session::{ChannelRequest, Event};
 
@@ -33,7 +33,8 @@ pub fn methods() -> MethodSet {
     MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
 }
 
-const UNSUPPORTED_CHANNEL: &str = "envgate supports only session channels; port forwarding, X11 and agent forwarding are not supported yet";
+/// Session channels one connection may have open, as sshd's MaxSessions.
+pub const MAX_SESSIONS: usize = 10;
 
 pub struct ConnectionHandler {
     connection_id: String,
@@ -224,10 +225,19 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.channels.len() >= MAX_SESSIONS {
+            tracing::info!(parent: &self.span, "refused a session channel: {MAX_SESSIONS} already open");
+            let reason = format!("at most {MAX_SESSIONS} sessions per connection");
+            reply
+                .reject(ChannelOpenFailure::Other { code: 4, reason })
+                .await;
+            return Ok(());
+        }
         let id = channel.id();
         // Input is read through `data` below; the channel's own read half
         // would only hold a second copy of every message.
-        let (_read_half, writer) = channel.split();
+        let (read_half, writer) = channel.split();
+        drop(read_half);
         let inbound = Arc::new(Inbound::default());
         self.channels.insert(
             id,

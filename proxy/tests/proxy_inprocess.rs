@@ -323,15 +323,13 @@ async fn ssh_with(
     .env("TERM", "xterm-256color")
     .arg("-i")
     .arg(key)
-    .args([
-        "-p",
-        &port.to_string(),
-        "-l",
-        login,
-        "127.0.0.1",
-        "--",
-        command,
-    ])
+    .args(["-p", &port.to_string(), "-l", login, "127.0.0.1"])
+    // No command: a session without one (e.g. with -W).
+    .args(if command.is_empty() {
+        vec![]
+    } else {
+        vec!["--", command]
+    })
     .stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -679,6 +677,15 @@ async fn proxy_serves_sessions_into_a_real_container() {
         run.stderr
     );
     wait_for(|| seen.close_session.load(Ordering::SeqCst) > closes).await;
+
+    // Port forwarding is refused (the reason shows with ssh -v).
+    let run = ssh_with(port, &demo_key, "demo", "", None, &["-W", "127.0.0.1:22"]).await;
+    assert_eq!(run.code, Some(255));
+    assert!(
+        run.stderr.contains("stdio forwarding failed"),
+        "{}",
+        run.stderr
+    );
 
     // A bad user name is refused before any RPC.
     let before = seen.authenticate.load(Ordering::SeqCst);
