@@ -49,6 +49,25 @@ async fn no_suffix_uses_the_users_default_environment() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setenv_envgate_env_chooses_the_environment() {
+    let fleet = Fleet::start().await;
+    let out = fleet
+        .ssh_with_options(
+            "demo",
+            &fleet.key_of("demo"),
+            &["SetEnv=ENVGATE_ENV=debian"],
+            "grep -c bookworm /etc/os-release",
+            None,
+        )
+        .await;
+    out.assert_success();
+    assert_ne!(out.stdout.trim(), "0");
+    let containers = fleet.containers(Some("demo"));
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].environment, "debian");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_environment_gets_one_line_listing_the_environments() {
     let fleet = Fleet::start().await;
     let out = fleet.ssh("demo+nope", "true", None).await;

@@ -66,6 +66,8 @@ impl Default for FleetOptions {
 /// What one `ssh` run showed its user.
 #[derive(Debug, Clone)]
 pub struct SshOutput {
+    /// stdout exactly as received, for binary comparisons.
+    pub stdout_bytes: Vec<u8>,
     pub stdout: String,
     pub stderr: String,
     /// The exit status of the `ssh` client (`None`: killed by a signal).
@@ -621,7 +623,25 @@ impl Fleet {
         command: &str,
         stdin: Option<&[u8]>,
     ) -> SshOutput {
+        self.ssh_with_options(login, key, &[], command, stdin).await
+    }
+
+    /// Like `ssh_with_key`, with extra `-o` options (e.g. `SetEnv=ENVGATE_ENV=debian`).
+    pub async fn ssh_with_options(
+        &self,
+        login: &str,
+        key: &Path,
+        options: &[&str],
+        command: &str,
+        stdin: Option<&[u8]>,
+    ) -> SshOutput {
         let mut argv = self.ssh_key_argv(login, key);
+        // Options go before the `-- host` at the end of the argv.
+        let at = argv.len() - 2;
+        for (i, option) in options.iter().enumerate() {
+            argv.insert(at + 2 * i, "-o".to_string());
+            argv.insert(at + 2 * i + 1, option.to_string());
+        }
         if !command.is_empty() {
             argv.push(command.to_string());
         }
@@ -935,6 +955,7 @@ pub async fn run(argv: &[String], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
     };
     SshOutput {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stdout_bytes: output.stdout,
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         code: output.status.code(),
     }
