@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{Fleet, FleetOptions, environment, eventually};
 
@@ -27,6 +27,44 @@ async fn after_a_proxy_is_killed_the_next_ssh_still_works() {
         assert_eq!(out.stdout, "alive\n");
     }
     assert!(fleet.proxy_alive(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_proxy_tells_its_sessions_and_exits() {
+    let mut fleet = Fleet::start_with(FleetOptions {
+        proxies: 1,
+        ..FleetOptions::default()
+    })
+    .await;
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    argv.push("echo started; sleep 50".to_string());
+    let session = tokio::spawn(async move { support::run(&argv, None, &[]).await });
+    // Drain only once the session runs, so it is a running session that gets told.
+    eventually(Duration::from_secs(20), "a session record", || async {
+        let sessions = fleet.etcd_records("sessions/").await?;
+        if sessions.is_empty() {
+            Err("none yet".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let drained_at = Instant::now();
+    fleet.terminate_proxy(0);
+    let out = session.await.expect("ssh task");
+    // The harness gives proxies a 2 s shutdown grace; the session must not run its 50 s.
+    assert!(
+        drained_at.elapsed() < Duration::from_secs(20),
+        "the session outlived the drain: {out:#?}"
+    );
+    assert_eq!(out.stdout, "started\n");
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("shutting down"), "{out:#?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.proxy_exit(0).is_none() {
+        assert!(Instant::now() < deadline, "the drained proxy did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -729,6 +729,16 @@ impl Fleet {
         self.proxies[index].kill();
     }
 
+    /// SIGTERMs proxy `index`: it drains (the harness starts proxies with a 2 s grace).
+    pub fn terminate_proxy(&mut self, index: usize) {
+        let pid = self.proxies[index].child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+    }
+
     /// SIGKILLs etcd.
     pub fn kill_etcd(&mut self) {
         self.etcd.kill();
@@ -740,6 +750,11 @@ impl Fleet {
 
     pub fn proxy_alive(&mut self, index: usize) -> bool {
         self.proxies[index].alive()
+    }
+
+    /// The exit status of proxy `index` if it has exited.
+    pub fn proxy_exit(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.proxies[index].child.try_wait().ok().flatten()
     }
 
     /// The last lines of every process's log, for failure messages.
