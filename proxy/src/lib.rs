@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bollard::Docker;
 use envgate_proto::ops::{Readiness, serve_ops};
 use envgate_proto::v1::Register;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -35,12 +34,11 @@ use crate::connections::Registry;
 use crate::controlplane::ControlPlane;
 use crate::drain::Drain;
 use crate::error::ProxyError;
-use crate::exec::docker::{DockerEndpoint, DockerRuntime};
+use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
 use crate::server::ServerContext;
 use crate::session::SessionServices;
 
-const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the shutdown grace, connections get this long to say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,30 +58,6 @@ pub struct Proxy {
 /// The engine used when no `--docker-host` is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
-/// Connects to Docker at `host` and agrees on an API version the engine
-/// speaks (the engine here is older than bollard's default version).
-pub async fn connect_docker(host: &str) -> Result<(Docker, DockerEndpoint), ProxyError> {
-    let endpoint = DockerEndpoint::parse(host).map_err(ProxyError::Config)?;
-    let docker = match &endpoint {
-        DockerEndpoint::Unix(path) => Docker::connect_with_unix(
-            &path.to_string_lossy(),
-            DOCKER_TIMEOUT.as_secs(),
-            bollard::API_DEFAULT_VERSION,
-        )?,
-        DockerEndpoint::Tcp(addr) => Docker::connect_with_http(
-            &format!("http://{addr}"),
-            DOCKER_TIMEOUT.as_secs(),
-            bollard::API_DEFAULT_VERSION,
-        )?,
-    };
-    match tokio::time::timeout(DOCKER_TIMEOUT, docker.negotiate_version()).await {
-        Ok(result) => Ok((result?, endpoint)),
-        Err(_) => Err(ProxyError::Config(format!(
-            "docker at {host} did not answer within {DOCKER_TIMEOUT:?}"
-        ))),
-    }
-}
-
 impl Proxy {
     /// Binds the SSH and ops ports and builds every part; nothing is served
     /// until [`Proxy::run`]. `metrics` is the installed recorder's handle
@@ -93,7 +67,9 @@ impl Proxy {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ProxyError> {
         let docker_host = config.docker_host.as_deref().unwrap_or(DEFAULT_DOCKER_HOST);
-        let (docker, docker_endpoint) = connect_docker(docker_host).await?;
+        let runtime = DockerRuntime::connect(docker_host)
+            .await
+            .map_err(|e| ProxyError::Config(format!("docker at {docker_host}: {e}")))?;
         let control_plane = ControlPlane::new(&config.controlplane, config.proxy_id.clone())?;
         let ssh_listener =
             TcpListener::bind(config.listen)
@@ -134,7 +110,7 @@ impl Proxy {
         };
         let services = SessionServices {
             control_plane: control_plane.clone(),
-            runtime: Arc::new(DockerRuntime::new(docker, docker_endpoint)),
+            runtime: Arc::new(runtime),
             registry: registry.clone(),
         };
         let context = Arc::new(ServerContext {

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -31,6 +31,9 @@ use super::{
     TerminalSize,
 };
 
+/// Bound on each call to the engine (bollard's request timeout) and on
+/// connecting at start.
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output chunks read from the attach stream at once.
 const OUTPUT_CAPACITY: usize = 32 * 1024;
 
@@ -68,9 +71,27 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
-    /// `docker` must have negotiated its API version already.
-    pub fn new(docker: Docker, endpoint: DockerEndpoint) -> Self {
-        Self { docker, endpoint }
+    /// Connects to the engine at `host` and agrees on an API version it
+    /// speaks (an engine may be older than bollard's default version).
+    pub async fn connect(host: &str) -> Result<Self, ExecError> {
+        let endpoint = DockerEndpoint::parse(host).map_err(ExecError::Runtime)?;
+        let timeout = DOCKER_TIMEOUT.as_secs();
+        let docker = match &endpoint {
+            DockerEndpoint::Unix(path) => Docker::connect_with_unix(
+                &path.to_string_lossy(),
+                timeout,
+                bollard::API_DEFAULT_VERSION,
+            )?,
+            DockerEndpoint::Tcp(addr) => Docker::connect_with_http(
+                &format!("http://{addr}"),
+                timeout,
+                bollard::API_DEFAULT_VERSION,
+            )?,
+        };
+        let docker = tokio::time::timeout(DOCKER_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| ExecError::Runtime(format!("no answer within {DOCKER_TIMEOUT:?}")))??;
+        Ok(Self { docker, endpoint })
     }
 
     /// `POST /exec/{id}/start` upgraded to a raw two-way stream.
