@@ -100,14 +100,19 @@ impl ControlPlane {
     }
 
     /// Starts placement; the stream yields progress and ends with the placement.
+    /// Retried only when the control plane could not be reached at all
+    /// (the request never got to it), so placement is not started twice.
     pub async fn open_session(
         &self,
         message: OpenSessionRequest,
         connection_id: &str,
     ) -> Result<Streaming<OpenSessionEvent>, Status> {
-        let mut client = SessionsClient::new(self.channel.clone());
-        let request = request(message, OPEN_SESSION_DEADLINE, connection_id);
-        deadline(OPEN_SESSION_DEADLINE, client.open_session(request)).await
+        with_retries_when("OpenSession", is_unreachable, || {
+            let mut client = SessionsClient::new(self.channel.clone());
+            let request = request(message.clone(), OPEN_SESSION_DEADLINE, connection_id);
+            async move { deadline(OPEN_SESSION_DEADLINE, client.open_session(request)).await }
+        })
+        .await
     }
 
     pub async fn close_session(
@@ -160,7 +165,26 @@ async fn deadline<T>(
 
 /// Retries UNAVAILABLE (the replica is down or unreachable) with full-jitter
 /// exponential backoff; every other status is final.
-async fn with_retries<T, F, Fut>(what: &'static str, mut call: F) -> Result<T, Status>
+async fn with_retries<T, F, Fut>(what: &'static str, call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    with_retries_when(what, |status| status.code() == Code::Unavailable, call).await
+}
+
+/// Whether the call failed before it reached the control plane (connection
+/// refused, no route): such statuses carry the transport error as source,
+/// while the control plane's own UNAVAILABLE (e.g. Docker down) does not.
+pub fn is_unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable && std::error::Error::source(status).is_some()
+}
+
+async fn with_retries_when<T, F, Fut>(
+    what: &'static str,
+    retry: impl Fn(&Status) -> bool,
+    mut call: F,
+) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
@@ -168,7 +192,7 @@ where
     let mut attempt = 0;
     loop {
         match call().await {
-            Err(status) if status.code() == Code::Unavailable && attempt + 1 < RETRY_ATTEMPTS => {
+            Err(status) if retry(&status) && attempt + 1 < RETRY_ATTEMPTS => {
                 let delay = jittered_backoff(attempt, RETRY_BASE, Duration::from_secs(2));
                 tracing::warn!(call = what, attempt, ?delay, error = %status.message(), "control plane unavailable, retrying");
                 tokio::time::sleep(delay).await;
@@ -227,5 +251,26 @@ mod tests {
         })
         .await;
         assert_eq!(result.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_control_plane_is_unavailable_quickly() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let control_plane = ControlPlane::new(&[format!("http://{addr}")], "p".into()).unwrap();
+        let started = std::time::Instant::now();
+        let status = control_plane
+            .authenticate("u", &Offered::Password("x".into()), "", "c")
+            .await
+            .unwrap_err();
+        assert!(is_unreachable(&status), "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "retries are bounded"
+        );
+        assert!(!is_unreachable(&Status::unavailable(
+            "docker is unavailable"
+        )));
     }
 }

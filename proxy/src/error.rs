@@ -54,8 +54,8 @@ pub fn placement_failure_line(status: &tonic::Status) -> String {
         Code::DeadlineExceeded => {
             "envgate: starting the environment took too long; try again".to_owned()
         }
-        Code::Unavailable if message.is_empty() => {
-            "envgate: the envgate control plane is unavailable; try again shortly".to_owned()
+        Code::Unavailable if message.is_empty() || crate::controlplane::is_unreachable(status) => {
+            "envgate: the envgate control plane is unreachable; try again shortly".to_owned()
         }
         _ if message.is_empty() => format!(
             "envgate: the session could not be opened ({})",
@@ -140,7 +140,7 @@ mod tests {
         let status = tonic::Status::unavailable("");
         assert!(
             placement_failure_line(&status)
-                .starts_with("envgate: the envgate control plane is unavailable")
+                .starts_with("envgate: the envgate control plane is unreachable")
         );
     }
 }
