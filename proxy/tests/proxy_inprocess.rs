@@ -678,6 +678,35 @@ async fn proxy_serves_sessions_into_a_real_container() {
     );
     wait_for(|| seen.close_session.load(Ordering::SeqCst) > closes).await;
 
+    // Sessions multiplexed over one connection share one placement.
+    let control_path = dir.path().join("cm").to_string_lossy().into_owned();
+    let mux = [
+        "-o",
+        "ControlMaster=auto",
+        "-o",
+        &format!("ControlPath={control_path}"),
+        "-o",
+        "ControlPersist=30",
+    ];
+    let opens = seen.open_session.load(Ordering::SeqCst);
+    let run = ssh_with(port, &demo_key, "demo", "echo one", None, &mux).await;
+    assert_eq!(run.stdout_text(), "one\n", "{}", run.stderr);
+    let run = ssh_with(port, &demo_key, "demo", "echo two; exit 5", None, &mux).await;
+    assert_eq!(
+        (run.stdout_text().as_str(), run.code),
+        ("two\n", Some(5)),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        seen.open_session.load(Ordering::SeqCst),
+        opens + 1,
+        "one placement per connection"
+    );
+    let mut exit = mux.to_vec();
+    exit.extend(["-O", "exit"]);
+    ssh_with(port, &demo_key, "demo", "", None, &exit).await;
+
     // Port forwarding is refused (the reason shows with ssh -v).
     let run = ssh_with(port, &demo_key, "demo", "", None, &["-W", "127.0.0.1:22"]).await;
     assert_eq!(run.code, Some(255));
