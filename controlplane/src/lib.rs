@@ -211,8 +211,7 @@ pub async fn run(
         )
         .await?,
     );
-    let runtime: Arc<dyn Runtime> =
-        Arc::new(DockerRuntime::connect(config.docker_host.as_deref()).await?);
+    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(config.docker_host.as_deref()));
     let plane = ControlPlane::new(store, runtime, &config);
 
     let grpc = TcpListener::bind(config.listen)

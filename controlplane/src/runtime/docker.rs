@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::OnceCell;
+
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
@@ -42,24 +44,40 @@ const KEEP_ALIVE: &[&str] = &[
 ];
 
 pub struct DockerRuntime {
-    docker: Docker,
+    host: Option<String>,
+    docker: OnceCell<Docker>,
 }
 
 impl DockerRuntime {
-    /// Connects to `host` (or the local defaults) and negotiates the API version, so an older
-    /// engine (this project's CI runs API 1.41) is spoken to in its own version.
-    pub async fn connect(host: Option<&str>) -> Result<Self, RuntimeError> {
-        let docker = match host {
-            Some(host) => Docker::connect_with_host(host),
-            None => Docker::connect_with_local_defaults(),
+    /// Does no I/O: the engine is reached on first use, so a control plane started while Docker
+    /// is down still serves, answers UNAVAILABLE, and recovers once the engine is back.
+    pub fn new(host: Option<&str>) -> Self {
+        Self {
+            host: host.map(str::to_owned),
+            docker: OnceCell::new(),
         }
-        .map_err(unavailable)?;
-        let docker = bounded("negotiate version", docker.negotiate_version()).await?;
-        Ok(Self { docker })
     }
 
-    pub fn client(&self) -> &Docker {
-        &self.docker
+    /// Reaches the engine now; for callers that want to fail early.
+    pub async fn connect(host: Option<&str>) -> Result<Self, RuntimeError> {
+        let runtime = Self::new(host);
+        runtime.docker().await?;
+        Ok(runtime)
+    }
+
+    /// The client, connected on first success. The API version is negotiated so an older
+    /// engine (this project's CI runs API 1.41) is spoken to in its own version.
+    pub async fn docker(&self) -> Result<&Docker, RuntimeError> {
+        self.docker
+            .get_or_try_init(|| async {
+                let docker = match &self.host {
+                    Some(host) => Docker::connect_with_host(host),
+                    None => Docker::connect_with_local_defaults(),
+                }
+                .map_err(unavailable)?;
+                bounded("negotiate version", docker.negotiate_version()).await
+            })
+            .await
     }
 }
 
@@ -89,17 +107,24 @@ fn classify(e: BollardError) -> RuntimeError {
     }
 }
 
+/// Bounds a call in time; the caller classifies the engine's answer.
+async fn within<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, BollardError>>,
+) -> Result<Result<T, BollardError>, RuntimeError> {
+    tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| {
+        RuntimeError::Unavailable(format!(
+            "docker is unavailable: {what} took longer than {} s",
+            CALL_TIMEOUT.as_secs()
+        ))
+    })
+}
+
 async fn bounded<T>(
     what: &str,
     call: impl Future<Output = Result<T, BollardError>>,
 ) -> Result<T, RuntimeError> {
-    match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result.map_err(classify),
-        Err(_) => Err(RuntimeError::Unavailable(format!(
-            "docker is unavailable: {what} took longer than {} s",
-            CALL_TIMEOUT.as_secs()
-        ))),
-    }
+    within(what, call).await?.map_err(classify)
 }
 
 fn container_labels(spec: &ContainerSpec) -> HashMap<String, String> {
@@ -158,7 +183,7 @@ impl Runtime for DockerRuntime {
             ])),
             ..VolumeCreateRequest::default()
         };
-        bounded("create volume", self.docker.create_volume(request)).await?;
+        bounded("create volume", self.docker().await?.create_volume(request)).await?;
         Ok(name)
     }
 
@@ -166,17 +191,13 @@ impl Runtime for DockerRuntime {
         &self,
         spec: &ContainerSpec,
     ) -> Result<CreatedContainer, RuntimeError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.docker.inspect_image(&spec.image)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) if is_not_found(&e) => {
+        let docker = self.docker().await?;
+        match within("inspect image", docker.inspect_image(&spec.image)).await? {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
                 return Err(RuntimeError::ImageMissing(spec.image.clone()));
             }
-            Ok(Err(e)) => return Err(classify(e)),
-            Err(_) => {
-                return Err(RuntimeError::Unavailable(
-                    "docker is unavailable: inspect image timed out".into(),
-                ));
-            }
+            Err(e) => return Err(classify(e)),
         }
         // The caller ensured the volume (see `Runtime::ensure_volume`).
         let volume = volume_name(&spec.instance, &spec.user);
@@ -197,13 +218,12 @@ impl Runtime for DockerRuntime {
         };
         let created = bounded(
             "create container",
-            self.docker.create_container(Some(options), body),
+            docker.create_container(Some(options), body),
         )
         .await?;
         if let Err(e) = bounded(
             "start container",
-            self.docker
-                .start_container(&created.id, None::<StartContainerOptions>),
+            docker.start_container(&created.id, None::<StartContainerOptions>),
         )
         .await
         {
@@ -220,13 +240,11 @@ impl Runtime for DockerRuntime {
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.docker.inspect_container(id, None)).await {
-            Ok(Ok(info)) => Ok(info.state.and_then(|s| s.running).unwrap_or(false)),
-            Ok(Err(e)) if is_not_found(&e) => Ok(false),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(RuntimeError::Unavailable(
-                "docker is unavailable: inspect timed out".into(),
-            )),
+        let docker = self.docker().await?;
+        match within("inspect container", docker.inspect_container(id, None)).await? {
+            Ok(info) => Ok(info.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(classify(e)),
         }
     }
 
@@ -235,22 +253,20 @@ impl Runtime for DockerRuntime {
             force: true,
             ..Default::default()
         };
-        match tokio::time::timeout(
-            CALL_TIMEOUT,
-            self.docker.remove_container(id, Some(options)),
+        let docker = self.docker().await?;
+        match within(
+            "remove container",
+            docker.remove_container(id, Some(options)),
         )
-        .await
+        .await?
         {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if is_not_found(&e) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             // 409: a removal is already in progress, which is what we want.
-            Ok(Err(BollardError::DockerResponseServerError {
+            Err(BollardError::DockerResponseServerError {
                 status_code: 409, ..
-            })) => Ok(()),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(RuntimeError::Unavailable(
-                "docker is unavailable: remove timed out".into(),
-            )),
+            }) => Ok(()),
+            Err(e) => Err(classify(e)),
         }
     }
 
@@ -269,7 +285,7 @@ impl Runtime for DockerRuntime {
         };
         let list = bounded(
             "list containers",
-            self.docker.list_containers(Some(options)),
+            self.docker().await?.list_containers(Some(options)),
         )
         .await?;
         Ok(list
