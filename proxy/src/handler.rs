@@ -116,20 +116,6 @@ impl ConnectionHandler {
         }
     }
 
-    fn request_reply(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-        ok: bool,
-    ) -> Result<(), ProxyError> {
-        if ok {
-            session.channel_success(channel)?
-        } else {
-            session.channel_failure(channel)?
-        }
-        Ok(())
-    }
-
     /// Marks the channel's process as requested; a second shell/exec on the
     /// same channel is refused, as sshd does.
     fn start(&mut self, channel: ChannelId) -> bool {
@@ -141,6 +127,17 @@ impl ConnectionHandler {
             _ => false,
         }
     }
+}
+
+/// Answers a channel request; only when the client asked for an answer
+/// (russh checks its want-reply flag).
+fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), ProxyError> {
+    if ok {
+        session.channel_success(channel)?
+    } else {
+        session.channel_failure(channel)?
+    }
+    Ok(())
 }
 
 fn key_bytes(key: &PublicKey) -> Option<Vec<u8>> {
@@ -357,7 +354,7 @@ impl Handler for ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
-        self.request_reply(channel, session, ok)?;
+        reply(session, channel, ok)?;
         if ok {
             let size = TerminalSize {
                 cols: col_width,
@@ -383,7 +380,7 @@ impl Handler for ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ok = accepted_env(name) && self.channels.get(&channel).is_some_and(|c| !c.started);
-        self.request_reply(channel, session, ok)?;
+        reply(session, channel, ok)?;
         if ok {
             let request = ChannelRequest::Env {
                 name: name.to_owned(),
@@ -402,7 +399,7 @@ impl Handler for ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ok = self.start(channel);
-        self.request_reply(channel, session, ok)?;
+        reply(session, channel, ok)?;
         if ok {
             self.send(Event::Request {
                 channel,
@@ -420,7 +417,7 @@ impl Handler for ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ok = self.start(channel);
-        self.request_reply(channel, session, ok)?;
+        reply(session, channel, ok)?;
         if ok {
             let command = String::from_utf8_lossy(data).into_owned();
             self.send(Event::Request {
@@ -439,7 +436,7 @@ impl Handler for ConnectionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         tracing::info!(parent: &self.span, subsystem = %name.escape_debug(), "refused subsystem request");
-        self.request_reply(channel, session, false)
+        reply(session, channel, false)
     }
 
     async fn x11_request(
@@ -451,7 +448,7 @@ impl Handler for ConnectionHandler {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.request_reply(channel, session, false)
+        reply(session, channel, false)
     }
 
     async fn window_change_request(
