@@ -48,10 +48,6 @@ impl Authenticator {
         }
     }
 
-    pub fn cache(&self) -> &Arc<AuthCache> {
-        &self.cache
-    }
-
     /// Checks a public key (wire bytes) for `user`. The caller has verified
     /// (or will verify, for an offer) that the client holds the private key.
     pub async fn public_key(

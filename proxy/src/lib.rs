@@ -52,7 +52,6 @@ pub struct Proxy {
     readiness: Readiness,
     metrics: Option<PrometheusHandle>,
     shutdown_grace: Duration,
-    auth_cache: Arc<AuthCache>,
 }
 
 /// The engine used when no `--docker-host` is given.
@@ -146,7 +145,6 @@ impl Proxy {
             readiness,
             metrics,
             shutdown_grace: config.shutdown_grace,
-            auth_cache,
         })
     }
 
@@ -158,10 +156,6 @@ impl Proxy {
 
     pub fn ops_addr(&self) -> Option<SocketAddr> {
         self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    pub fn auth_cache(&self) -> Arc<AuthCache> {
-        self.auth_cache.clone()
     }
 
     pub fn readiness(&self) -> Readiness {

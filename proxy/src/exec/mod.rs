@@ -235,7 +235,8 @@ impl Inbound {
         OutputWaiting(self)
     }
 
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.state.lock().expect("inbound lock").held
     }
 }
