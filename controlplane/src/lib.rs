@@ -36,6 +36,7 @@ use crate::auth::{AuthService, Authenticator, HashCost};
 use crate::fleet::{FleetRegistry, FleetService};
 use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
+use crate::runtime::docker::AgentSetup;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::store::{EtcdStore, Store, StoreError};
 
@@ -52,6 +53,8 @@ pub struct Config {
     pub admin_token: String,
     pub instance: String,
     pub docker_host: Option<String>,
+    /// `Some`: containers run `envgate-agent` as their init (the fast data path).
+    pub agent: Option<AgentSetup>,
     pub reconcile_interval: Duration,
     /// Names this replica in election values and record owners.
     pub replica_id: String,
@@ -211,7 +214,9 @@ pub async fn run(
         )
         .await?,
     );
-    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(config.docker_host.as_deref()));
+    let runtime: Arc<dyn Runtime> = Arc::new(
+        DockerRuntime::new(config.docker_host.as_deref()).with_agent(config.agent.clone()),
+    );
     let plane = ControlPlane::new(store, runtime, &config);
 
     let grpc = TcpListener::bind(config.listen)

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use envgate_controlplane::Config;
 use envgate_controlplane::auth::HashCost;
+use envgate_controlplane::runtime::docker::AgentSetup;
 use envgate_proto::token::TokenKey;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,17 @@ struct Args {
     /// Docker endpoint, e.g. unix:///var/run/docker.sock (default: the local defaults).
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
+    /// The STATIC envgate-agent binary (`proxy/agent/build-static`), mounted read-only into
+    /// every new container as its init. Absent or empty: no agent, sessions use Docker exec.
+    #[arg(long, env = "ENVGATE_AGENT_BINARY")]
+    agent_binary: Option<PathBuf>,
+    /// Where per-container agent directories (socket, secret) are made; root-only.
+    #[arg(
+        long,
+        env = "ENVGATE_AGENT_DIR",
+        default_value = "/var/lib/envgate/agents"
+    )]
+    agent_dir: PathBuf,
     /// Seconds between reconciler passes on the elected replica.
     #[arg(long, env = "ENVGATE_RECONCILE_INTERVAL_SECONDS", default_value_t = 5)]
     reconcile_interval_seconds: u64,
@@ -105,6 +117,23 @@ fn config(args: Args) -> anyhow::Result<Config> {
     if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
         bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
     }
+    let agent = match args.agent_binary.filter(|b| !b.as_os_str().is_empty()) {
+        None => None,
+        Some(binary) => {
+            let binary = std::fs::canonicalize(&binary)
+                .with_context(|| format!("--agent-binary: cannot find {}", binary.display()))?;
+            if !binary.is_file() {
+                bail!("--agent-binary: {} is not a file", binary.display());
+            }
+            if !args.agent_dir.is_absolute() {
+                bail!("--agent-dir: must be an absolute path (Docker binds it)");
+            }
+            Some(AgentSetup {
+                binary,
+                dir: args.agent_dir,
+            })
+        }
+    };
     Ok(Config {
         listen: args.listen,
         ops_listen: args.ops_listen,
@@ -121,6 +150,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         admin_token,
         instance: args.instance,
         docker_host: args.docker_host,
+        agent,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),
         hash_cost: HashCost::default(),

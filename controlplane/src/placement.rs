@@ -306,6 +306,8 @@ impl Placer {
             last_active_at: now,
             session_id: session_id.to_owned(),
             owner: self.config.replica_id.clone(),
+            agent_address: String::new(),
+            agent_secret: String::new(),
         }
     }
 
@@ -358,9 +360,16 @@ impl Placer {
         };
         tracing::info!(container = %created.id, name = %created.name, user = %spec.user, environment = %spec.environment, "container created");
         let now = model::now();
+        let (agent_address, agent_secret) = created
+            .agent
+            .clone()
+            .map(|a| (a.address, a.secret))
+            .unwrap_or_default();
         let running = ContainerRecord {
             container_id: created.id.clone(),
             container_name: created.name.clone(),
+            agent_address,
+            agent_secret,
             state: ContainerState::Running,
             state_since: now,
             last_active_at: now,
@@ -491,6 +500,8 @@ impl Placer {
             run_as: cx.env.run_as.clone(),
             env: cx.env.env.clone(),
             created: false,
+            agent_address: record.agent_address.clone(),
+            agent_secret: record.agent_secret.clone(),
         }
     }
 
@@ -963,6 +974,8 @@ mod tests {
             last_active_at: model::now() - 3600,
             session_id: String::new(),
             owner: "dead-replica".into(),
+            agent_address: String::new(),
+            agent_secret: String::new(),
         };
         store::put_json(world.store.as_ref(), &key, &stuck, None)
             .await

@@ -170,6 +170,10 @@ impl Reconciler {
                 }
             }
         }
+        if let Err(e) = self.runtime.sweep(&self.config.instance, &containers).await {
+            metrics::counter!("envgate_reconcile_failures_total").increment(1);
+            tracing::warn!(error = %e, "sweeping per-container host state failed");
+        }
         Ok(actions)
     }
 
@@ -470,6 +474,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reaper.reconcile().await.unwrap().cleared_stale, 1);
+            agent_address: String::new(),
+            agent_secret: String::new(),
         assert_eq!(world.keys("containers/").await, [fresh_key]);
     }
 

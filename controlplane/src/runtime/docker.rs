@@ -2,8 +2,11 @@
 //! volume, and the hardening the security model requires (no-new-privileges, all capabilities
 //! dropped but the few a root shell needs, a pids limit, memory/CPU limits when configured).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
@@ -19,8 +22,8 @@ use bollard::query_parameters::{
 };
 
 use super::{
-    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError, container_name,
-    labels, volume_name,
+    AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
+    container_name, labels, volume_name,
 };
 
 /// Bound on each Docker API call; creation on a loaded engine can take seconds.
@@ -43,9 +46,75 @@ const KEEP_ALIVE: &[&str] = &[
     "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
 ];
 
+/// Where the agent lives inside a container (docs/agent.md, "Running it").
+const AGENT_IN_CONTAINER: &str = "/.envgate/agent";
+const AGENT_SOCKET_DIR: &str = "/run/envgate";
+const AGENT_SECRET_DIR: &str = "/run/envgate-secret";
+/// Per-container agent directories younger than this are never swept: their container may be
+/// being created right now.
+const SWEEP_GRACE: Duration = Duration::from_secs(600);
+
+/// How containers get `envgate-agent` as their init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSetup {
+    /// The static agent binary on the host (`proxy/agent/build-static`), mounted read-only.
+    pub binary: PathBuf,
+    /// Per-container directories live in `<dir>/<instance>/<container name suffix>/`, each
+    /// with `sock/` (the agent's socket) and `secret/secret`; all root-only.
+    pub dir: PathBuf,
+}
+
+impl AgentSetup {
+    /// `<dir>/<instance>/<the container name's random suffix>`: short, because the socket
+    /// path inside it must fit in 107 bytes.
+    fn container_dir(&self, instance: &str, container_name: &str) -> PathBuf {
+        let suffix = container_name.rsplit('-').next().unwrap_or(container_name);
+        self.dir.join(instance).join(suffix)
+    }
+
+    /// Makes the container's directory with a fresh secret; returns the endpoint and binds.
+    fn prepare(&self, dir: &Path) -> std::io::Result<(AgentEndpoint, Vec<String>)> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        builder.create(dir.join("sock"))?;
+        builder.create(dir.join("secret"))?;
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(dir.join("secret/secret"))?
+            .write_all(secret.as_bytes())?;
+        let binds = vec![
+            format!("{}:{AGENT_IN_CONTAINER}:ro", self.binary.display()),
+            format!("{}:{AGENT_SOCKET_DIR}", dir.join("sock").display()),
+            format!("{}:{AGENT_SECRET_DIR}:ro", dir.join("secret").display()),
+        ];
+        let endpoint = AgentEndpoint {
+            address: dir.join("sock/agent.sock").display().to_string(),
+            secret,
+        };
+        Ok((endpoint, binds))
+    }
+}
+
+fn remove_agent_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing an agent directory failed")
+        }
+    }
+}
+
 pub struct DockerRuntime {
     host: Option<String>,
     docker: OnceCell<Docker>,
+    agent: Option<AgentSetup>,
 }
 
 impl DockerRuntime {
@@ -55,7 +124,15 @@ impl DockerRuntime {
         Self {
             host: host.map(str::to_owned),
             docker: OnceCell::new(),
+            agent: None,
         }
+    }
+
+    /// Containers created from now on run `envgate-agent` as their init (`None`: they keep
+    /// a shell loop and sessions start through Docker exec).
+    pub fn with_agent(mut self, agent: Option<AgentSetup>) -> Self {
+        self.agent = agent;
+        self
     }
 
     /// Reaches the engine now; for callers that want to fail early.
@@ -78,6 +155,76 @@ impl DockerRuntime {
                 bounded("negotiate version", docker.negotiate_version()).await
             })
             .await
+    }
+}
+
+impl DockerRuntime {
+    /// Creates and starts `name`; a container that fails to start is removed again.
+    async fn create_named(
+        &self,
+        spec: &ContainerSpec,
+        name: &str,
+        binds: Vec<String>,
+        entrypoint: Option<Vec<String>>,
+        cmd: Vec<String>,
+    ) -> Result<String, RuntimeError> {
+        let docker = self.docker().await?;
+        let agent = entrypoint.is_some();
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint,
+            cmd: Some(cmd),
+            labels: Some(container_labels(spec)),
+            hostname: Some(spec.environment.clone()),
+            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+            working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+            host_config: Some(host_config(spec, binds, agent)),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let created = bounded(
+            "create container",
+            docker.create_container(Some(options), body),
+        )
+        .await?;
+        if let Err(e) = bounded(
+            "start container",
+            docker.start_container(&created.id, None::<StartContainerOptions>),
+        )
+        .await
+        {
+            // Leave nothing half-made behind.
+            if let Err(cleanup) = self.remove_container(&created.id).await {
+                tracing::warn!(container = %created.id, error = %cleanup, "removing a container that failed to start");
+            }
+            return Err(e);
+        }
+        Ok(created.id)
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        let docker = self.docker().await?;
+        match within(
+            "remove container",
+            docker.remove_container(id, Some(options)),
+        )
+        .await?
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 409: a removal is already in progress, which is what we want.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
     }
 }
 
@@ -143,9 +290,10 @@ fn container_labels(spec: &ContainerSpec) -> HashMap<String, String> {
     out
 }
 
-fn host_config(spec: &ContainerSpec, volume: &str) -> HostConfig {
+fn host_config(spec: &ContainerSpec, binds: Vec<String>, agent: bool) -> HostConfig {
     HostConfig {
-        init: Some(true),
+        // The agent is the init when there is one; else Docker's (tini) reaps.
+        init: Some(!agent),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         cap_add: Some(CAP_ADD.iter().map(|c| (*c).to_owned()).collect()),
@@ -157,7 +305,7 @@ fn host_config(spec: &ContainerSpec, volume: &str) -> HostConfig {
         memory: (spec.memory_bytes > 0)
             .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
         nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
-        binds: Some(vec![format!("{volume}:/home/{}", spec.user)]),
+        binds: Some(binds),
         ..HostConfig::default()
     }
 }
@@ -202,41 +350,52 @@ impl Runtime for DockerRuntime {
         // The caller ensured the volume (see `Runtime::ensure_volume`).
         let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            cmd: Some(KEEP_ALIVE.iter().map(|s| (*s).to_owned()).collect()),
-            labels: Some(container_labels(spec)),
-            hostname: Some(spec.environment.clone()),
-            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
-            working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
-            host_config: Some(host_config(spec, &volume)),
-            ..ContainerCreateBody::default()
-        };
-        let options = CreateContainerOptions {
-            name: Some(name.clone()),
-            ..Default::default()
-        };
-        let created = bounded(
-            "create container",
-            docker.create_container(Some(options), body),
-        )
-        .await?;
-        if let Err(e) = bounded(
-            "start container",
-            docker.start_container(&created.id, None::<StartContainerOptions>),
-        )
-        .await
-        {
-            // Leave nothing half-made behind.
-            if let Err(cleanup) = self.remove(&created.id).await {
-                tracing::warn!(container = %created.id, error = %cleanup, "removing a container that failed to start");
+        let mut binds = vec![format!("{volume}:/home/{}", spec.user)];
+        let (agent, entrypoint, cmd) = match &self.agent {
+            Some(setup) => {
+                let dir = setup.container_dir(&spec.instance, &name);
+                let (endpoint, agent_binds) = setup.prepare(&dir).map_err(|e| {
+                    remove_agent_dir(&dir);
+                    RuntimeError::Failed(format!(
+                        "cannot prepare the agent directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                binds.extend(agent_binds);
+                let cmd = [
+                    "--socket",
+                    &format!("{AGENT_SOCKET_DIR}/agent.sock"),
+                    "--secret-file",
+                    &format!("{AGENT_SECRET_DIR}/secret"),
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                (
+                    Some((endpoint, dir)),
+                    Some(vec![AGENT_IN_CONTAINER.to_owned()]),
+                    cmd,
+                )
             }
-            return Err(e);
+            None => (
+                None,
+                None,
+                KEEP_ALIVE.iter().map(|s| (*s).to_owned()).collect(),
+            ),
+        };
+        let created = self.create_named(spec, &name, binds, entrypoint, cmd).await;
+        match (created, agent) {
+            (Ok(id), agent) => Ok(CreatedContainer {
+                id,
+                name,
+                agent: agent.map(|(endpoint, _)| endpoint),
+            }),
+            (Err(e), agent) => {
+                if let Some((_, dir)) = agent {
+                    remove_agent_dir(&dir);
+                }
+                Err(e)
+            }
         }
-        Ok(CreatedContainer {
-            id: created.id,
-            name,
-        })
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
@@ -249,25 +408,30 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let options = RemoveContainerOptions {
-            force: true,
-            ..Default::default()
+        // The agent directory is found from the container's name and instance label.
+        let agent_dir = match &self.agent {
+            Some(setup) => {
+                let docker = self.docker().await?;
+                match within("inspect container", docker.inspect_container(id, None)).await? {
+                    Ok(info) => {
+                        let name = info.name.unwrap_or_default();
+                        let instance = info
+                            .config
+                            .and_then(|c| c.labels)
+                            .and_then(|l| l.get(labels::INSTANCE).cloned());
+                        instance.map(|i| setup.container_dir(&i, name.trim_start_matches('/')))
+                    }
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+            None => None,
         };
-        let docker = self.docker().await?;
-        match within(
-            "remove container",
-            docker.remove_container(id, Some(options)),
-        )
-        .await?
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            // 409: a removal is already in progress, which is what we want.
-            Err(BollardError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(()),
-            Err(e) => Err(classify(e)),
+        self.remove_container(id).await?;
+        if let Some(dir) = agent_dir {
+            remove_agent_dir(&dir);
         }
+        Ok(())
     }
 
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
@@ -310,5 +474,38 @@ impl Runtime for DockerRuntime {
                 })
             })
             .collect())
+    }
+
+    async fn sweep(&self, instance: &str, live: &[ManagedContainer]) -> Result<(), RuntimeError> {
+        let Some(setup) = &self.agent else {
+            return Ok(());
+        };
+        let keep: HashSet<PathBuf> = live
+            .iter()
+            .map(|c| setup.container_dir(instance, &c.name))
+            .collect();
+        let entries = match std::fs::read_dir(setup.dir.join(instance)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(RuntimeError::Failed(format!(
+                    "reading agent directories: {e}"
+                )));
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= SWEEP_GRACE);
+            if old && !keep.contains(&path) {
+                tracing::info!(dir = %path.display(), "removing the agent directory of a container that is gone");
+                remove_agent_dir(&path);
+            }
+        }
+        Ok(())
     }
 }

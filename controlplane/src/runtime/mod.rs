@@ -53,6 +53,17 @@ pub struct ContainerSpec {
 pub struct CreatedContainer {
     pub id: String,
     pub name: String,
+    /// Set when the container runs `envgate-agent` as its init.
+    pub agent: Option<AgentEndpoint>,
+}
+
+/// How a proxy reaches a container's agent (see `docs/agent.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    /// The agent's Unix socket on the host, or `host:port`.
+    pub address: String,
+    /// Hex; the agent reads it from a file only root in that container can read.
+    pub secret: String,
 }
 
 /// A container carrying this instance's labels, as found in the runtime.
@@ -86,6 +97,11 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Every container labelled with `instance`, running or not.
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError>;
+    /// Removes per-container host state (agent directories) left by containers of `instance`
+    /// that are no longer in `live` (removed outside envgate, or by a replica that died).
+    async fn sweep(&self, _instance: &str, _live: &[ManagedContainer]) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// `envgate-<instance>-<user>-<env>-<8 random hex>`.

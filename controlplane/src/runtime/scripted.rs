@@ -162,7 +162,11 @@ impl Runtime for ScriptedRuntime {
                 created_at: crate::model::now(),
             },
         );
-        Ok(CreatedContainer { id, name })
+        Ok(CreatedContainer {
+            id,
+            name,
+            agent: None,
+        })
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {

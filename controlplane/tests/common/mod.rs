@@ -55,6 +55,7 @@ pub fn config(instance: &str) -> Config {
         admin_token: ADMIN_TOKEN.into(),
         instance: instance.into(),
         docker_host: None,
+        agent: None,
         reconcile_interval: Duration::from_secs(1),
         replica_id: "test-replica".into(),
         hash_cost: HashCost {
