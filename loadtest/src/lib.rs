@@ -18,7 +18,9 @@
 //! assert_eq!(result.failures(), 0, "{}", envgate_loadtest::report::summary_table(&result));
 //! ```
 
+pub mod bench_doc;
 pub mod client;
+pub mod hold;
 pub mod plot;
 pub mod report;
 pub mod scrape;

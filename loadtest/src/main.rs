@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use envgate_loadtest::sweep::{COMPARE, Endpoint, SweepConfig, TARGET, run_sweep};
-use envgate_loadtest::{ClientKind, plot, report, users};
+use envgate_loadtest::{ClientKind, bench_doc, hold, plot, report, users};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,66 @@ enum Command {
     Users(UsersArgs),
     /// Print the table and redraw the plots of an earlier sweep's output directory.
     Report(ReportArgs),
+    /// Hold many idle authenticated connections and report the proxies' resident memory per connection.
+    Hold(HoldArgs),
+    /// Write the results of `deploy/local/fleet bench` into the generated region of a Markdown file.
+    BenchDoc(BenchDocArgs),
+}
+
+#[derive(Args)]
+struct BenchDocArgs {
+    /// --out directory of the warm sweep.
+    #[arg(long)]
+    warm: PathBuf,
+    /// --out directory of the cold sweep.
+    #[arg(long)]
+    cold: PathBuf,
+    /// --out file of `hold`.
+    #[arg(long)]
+    hold: PathBuf,
+    /// "name: value" lines (date, machine, versions, command) listed at the top.
+    #[arg(long)]
+    meta: PathBuf,
+    /// The document; only its generated region is replaced.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    doc: PathBuf,
+    /// Path prefix of the plots, relative to the document.
+    #[arg(long, default_value = "img/bench-")]
+    img_prefix: String,
+}
+
+#[derive(Args)]
+struct HoldArgs {
+    /// SSH endpoint, HOST:PORT (HAProxy in front of the proxies).
+    #[arg(long, env = "ENVGATE_LOADTEST_TARGET")]
+    target: String,
+    /// Spread the connections over the first N users of --key-dir.
+    #[arg(long, env = "ENVGATE_LOADTEST_USERS")]
+    users: usize,
+    /// Directory written by `envgate-loadtest users`.
+    #[arg(long, env = "ENVGATE_LOADTEST_KEY_DIR")]
+    key_dir: PathBuf,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 50)]
+    parallel: usize,
+    /// Process ids of the proxies whose resident memory is read, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pids: Vec<u32>,
+    /// Seconds between the last connection opened and the second reading.
+    #[arg(long, default_value_t = 3)]
+    settle_secs: u64,
+    /// Limit on opening each connection (seconds).
+    #[arg(long, env = "ENVGATE_LOADTEST_TIMEOUT", default_value_t = 60)]
+    timeout: u64,
+    /// Key exchange, as for sweep.
+    #[arg(long, env = "ENVGATE_LOADTEST_KEX", default_value = envgate_loadtest::client::DEFAULT_KEX)]
+    kex: String,
+    /// Write the result as JSON here too.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -169,6 +229,8 @@ fn main() -> ExitCode {
             Command::Sweep(args) => sweep(*args).await,
             Command::Users(args) => create_users(args).await,
             Command::Report(args) => redraw(args),
+            Command::Hold(args) => hold(args).await,
+            Command::BenchDoc(args) => bench_doc(args),
         }
     });
     match result {
@@ -248,6 +310,56 @@ fn redraw(args: ReportArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn hold(args: HoldArgs) -> anyhow::Result<ExitCode> {
+    let config = hold::HoldConfig {
+        addr: args.target,
+        credentials: users::credentials_from_dir(&args.key_dir, args.users)?,
+        sessions: args.sessions,
+        parallel: args.parallel,
+        pids: args.pids,
+        timeout: Duration::from_secs(args.timeout),
+        settle: Duration::from_secs(args.settle_secs),
+        kex: (args.kex != "default").then_some(args.kex),
+    };
+    let result = hold::hold(&config).await?;
+    println!(
+        "{} idle authenticated sessions: proxy RSS {} KiB -> {} KiB, {:.1} KiB per session",
+        result.sessions, result.rss_before_kib, result.rss_after_kib, result.kib_per_session
+    );
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_doc(args: BenchDocArgs) -> anyhow::Result<ExitCode> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let warm = report::read_results(&args.warm)?;
+    let cold = report::read_results(&args.cold)?;
+    let memory: hold::HoldResult = serde_json::from_str(&read(&args.hold)?)
+        .with_context(|| format!("parsing {}", args.hold.display()))?;
+    let meta: Vec<(String, String)> = read(&args.meta)?
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let generated = bench_doc::render(&bench_doc::BenchRun {
+        meta: &meta,
+        warm: &warm,
+        cold: &cold,
+        memory: &memory,
+        img_prefix: &args.img_prefix,
+    });
+    let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
+    std::fs::write(&args.doc, bench_doc::splice(&doc, &generated))
+        .with_context(|| format!("writing {}", args.doc.display()))?;
+    println!("{generated}\nwrote {}", args.doc.display());
     Ok(ExitCode::SUCCESS)
 }
 

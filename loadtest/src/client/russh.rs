@@ -83,6 +83,41 @@ async fn drive(
     exit_status: &mut Option<u32>,
     output_bytes: &mut u64,
 ) -> Result<(), Failure> {
+    let mut handle = connect(job, config, deadline, timeline).await?;
+    // Whatever happens after the handshake, the connection is closed before
+    // the client moves on, so no half-open session outlives its record.
+    let result = authenticate(job, &mut handle, deadline, timeline).await;
+    let result = match result {
+        Ok(()) => exec(job, &handle, deadline, timeline, exit_status, output_bytes).await,
+        Err(failure) => Err(failure),
+    };
+    close(&mut handle, deadline, timeline, result.is_ok()).await?;
+    result
+}
+
+/// An authenticated connection that stays open until it is dropped (the
+/// proxy-memory measurement holds many of them idle).
+pub struct Idle {
+    _connection: Handle<AcceptAnyHostKey>,
+}
+
+/// Connects and authenticates, and keeps the connection without opening a channel.
+pub async fn open_idle(job: &Job, config: Arc<client::Config>) -> Result<Idle, Failure> {
+    let mut timeline = Timeline::start();
+    let deadline = TokioInstant::from_std(timeline.started() + job.timeout);
+    let mut handle = connect(job, config, deadline, &mut timeline).await?;
+    authenticate(job, &mut handle, deadline, &mut timeline).await?;
+    Ok(Idle {
+        _connection: handle,
+    })
+}
+
+async fn connect(
+    job: &Job,
+    config: Arc<client::Config>,
+    deadline: TokioInstant,
+    timeline: &mut Timeline,
+) -> Result<Handle<AcceptAnyHostKey>, Failure> {
     let stream = timeout_at(deadline, TcpStream::connect(&job.addr))
         .await
         .map_err(|_| Failure::timeout(Step::Connect))?
@@ -98,7 +133,7 @@ async fn drive(
     let _ = stream.set_nodelay(true);
     timeline.mark(Step::Connect);
 
-    let mut handle = timeout_at(
+    let handle = timeout_at(
         deadline,
         client::connect_stream(config, stream, AcceptAnyHostKey),
     )
@@ -106,16 +141,7 @@ async fn drive(
     .map_err(|_| Failure::timeout(Step::Handshake))?
     .map_err(|e| Failure::new(FailureKind::HandshakeFailed, Step::Handshake, e.to_string()))?;
     timeline.mark(Step::Handshake);
-
-    // Whatever happens after the handshake, the connection is closed before
-    // the client moves on, so no half-open session outlives its record.
-    let result = authenticate(job, &mut handle, deadline, timeline).await;
-    let result = match result {
-        Ok(()) => exec(job, &handle, deadline, timeline, exit_status, output_bytes).await,
-        Err(failure) => Err(failure),
-    };
-    close(&mut handle, deadline, timeline, result.is_ok()).await?;
-    result
+    Ok(handle)
 }
 
 async fn authenticate(
