@@ -1,5 +1,7 @@
-//! `envgate.admin.v1.Admin`: users, the environment catalogue, and read-only views of
-//! sessions, containers and proxies. Every call passes `AdminGuard` first.
+//! `envgate.admin.v1.Admin`: users, the environment catalogue, sessions, containers and
+//! proxies. Every call passes `AdminGuard` first. Commands for a proxy (drain, kill a
+//! session) go through etcd (`fleet::send_command`), so they reach it whichever replica its
+//! Fleet stream is attached to.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,14 +15,21 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{HashCost, hash_password};
 use crate::error::{AdminError, AuthError};
+use crate::fleet;
 use crate::model::{
-    self, ContainerRecord, EnvironmentRecord, Mode, ProxyRecord, RevocationRecord, SessionRecord,
-    UserRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
+    RevocationRecord, SessionRecord, UserRecord,
 };
+use crate::reconcile::Reconciler;
 use crate::store::{self, Store};
 
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
+/// DrainProxy's grace when the request leaves it at 0 (the proxy's own SIGTERM default).
+pub const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 300;
+const MAX_DRAIN_GRACE_SECONDS: u32 = 86_400;
+/// What users see when their container is stopped or deleted and the request gave no message.
+pub const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an administrator";
 
 /// Checks `authorization: Bearer <admin token>` before any admin handler runs.
 #[derive(Clone)]
@@ -58,12 +67,131 @@ impl Interceptor for AdminGuard {
 
 pub struct AdminService {
     store: Arc<dyn Store>,
+    reconciler: Arc<Reconciler>,
     hash_cost: HashCost,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<dyn Store>, hash_cost: HashCost) -> Self {
-        Self { store, hash_cost }
+    pub fn new(store: Arc<dyn Store>, reconciler: Arc<Reconciler>, hash_cost: HashCost) -> Self {
+        Self {
+            store,
+            reconciler,
+            hash_cost,
+        }
+    }
+
+    async fn drain_proxy(&self, req: pb::DrainProxyRequest) -> Result<(), AdminError> {
+        if req.proxy_id.is_empty() {
+            return Err(AdminError::invalid("proxy_id", "required"));
+        }
+        if req.grace_seconds > MAX_DRAIN_GRACE_SECONDS {
+            return Err(AdminError::invalid(
+                "grace_seconds",
+                format!("at most {MAX_DRAIN_GRACE_SECONDS}"),
+            ));
+        }
+        let key = model::proxy_key(&req.proxy_id);
+        if self.store.get(&key).await?.is_none() {
+            return Err(AdminError::NotFound(format!("proxy {:?}", req.proxy_id)));
+        }
+        let grace_seconds = match req.grace_seconds {
+            0 => DEFAULT_DRAIN_GRACE_SECONDS,
+            g => g,
+        };
+        let command = CommandRecord::Drain { grace_seconds };
+        fleet::send_command(self.store.as_ref(), &req.proxy_id, &command).await?;
+        Ok(())
+    }
+
+    async fn kill_session(&self, req: pb::KillSessionRequest) -> Result<(), AdminError> {
+        if req.session_id.is_empty() {
+            return Err(AdminError::invalid("session_id", "required"));
+        }
+        let message = one_line("message", req.message)?;
+        let session = store::get_json::<SessionRecord>(
+            self.store.as_ref(),
+            &model::session_key(&req.session_id),
+        )
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("session {:?}", req.session_id)))?;
+        self.end_session(session.value, message).await
+    }
+
+    async fn end_session(&self, session: SessionRecord, message: String) -> Result<(), AdminError> {
+        let command = CommandRecord::KillSession {
+            session_id: session.id,
+            message,
+        };
+        fleet::send_command(self.store.as_ref(), &session.proxy_id, &command).await?;
+        Ok(())
+    }
+
+    /// Tells the proxies to end every session in the container named by `container`; returns
+    /// the container's key and how many sessions were told.
+    async fn end_container_sessions(
+        &self,
+        container: Option<pb::ContainerRef>,
+        message: String,
+    ) -> Result<(String, u32), AdminError> {
+        let container = container.ok_or_else(|| AdminError::invalid("container", "required"))?;
+        names::validate_user(&container.user)
+            .map_err(|e| AdminError::invalid("container.user", e.to_string()))?;
+        names::validate_environment(&container.environment)
+            .map_err(|e| AdminError::invalid("container.environment", e.to_string()))?;
+        let mut message = one_line("message", message)?;
+        if message.is_empty() {
+            CONTAINER_STOPPED_MESSAGE.clone_into(&mut message);
+        }
+        let key = if container.session_id.is_empty() {
+            model::container_key(&container.user, &container.environment)
+        } else {
+            model::ephemeral_container_key(
+                &container.user,
+                &container.environment,
+                &container.session_id,
+            )
+        };
+        if self.store.get(&key).await?.is_none() {
+            return Err(AdminError::NotFound(format!("container {key:?}")));
+        }
+        let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
+            store::range_json(self.store.as_ref(), model::SESSIONS).await?;
+        let mut ended = 0u32;
+        for (_, session) in sessions {
+            if session.value.container_key == key {
+                self.end_session(session.value, message.clone()).await?;
+                ended += 1;
+            }
+        }
+        Ok((key, ended))
+    }
+
+    async fn status(&self) -> Result<pb::StatusResponse, AdminError> {
+        let store = self.store.as_ref();
+        let proxies: Vec<(String, store::Versioned<ProxyRecord>)> =
+            store::range_json(store, model::PROXIES).await?;
+        let containers: Vec<(String, store::Versioned<ContainerRecord>)> =
+            store::range_json(store, model::CONTAINERS).await?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let in_state = |state: ContainerState| {
+            count(
+                containers
+                    .iter()
+                    .filter(|(_, c)| c.value.state == state)
+                    .count(),
+            )
+        };
+        Ok(pb::StatusResponse {
+            proxies: count(proxies.len()),
+            proxies_draining: count(proxies.iter().filter(|(_, p)| p.value.draining).count()),
+            connections: proxies.iter().map(|(_, p)| p.value.connections).sum(),
+            sessions: count(store.range(model::SESSIONS).await?.len()),
+            containers_running: in_state(ContainerState::Running),
+            containers_creating: in_state(ContainerState::Creating),
+            containers_removing: in_state(ContainerState::Removing),
+            users: count(store.range(model::USERS).await?.len()),
+            environments: count(store.range(model::ENVIRONMENTS).await?.len()),
+        })
     }
 
     /// Refuses the user's existing tokens from now on. Every replica watches `revocations/`
@@ -190,6 +318,17 @@ impl AdminService {
             })
             .collect())
     }
+}
+
+/// A message shown on the user's terminal: one line, no control characters.
+fn one_line(field: &str, message: String) -> Result<String, AdminError> {
+    if message.chars().any(char::is_control) {
+        return Err(AdminError::invalid(
+            field,
+            "must be one line without control characters",
+        ));
+    }
+    Ok(message.trim().to_owned())
 }
 
 fn validate_user(user: &pb::User) -> Result<(), AdminError> {
@@ -477,5 +616,73 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ListProxiesResponse { proxies }))
+    }
+
+    async fn drain_proxy(
+        &self,
+        request: Request<pb::DrainProxyRequest>,
+    ) -> Result<Response<pb::DrainProxyResponse>, Status> {
+        self.drain_proxy(request.into_inner()).await?;
+        Ok(Response::new(pb::DrainProxyResponse {}))
+    }
+
+    async fn kill_session(
+        &self,
+        request: Request<pb::KillSessionRequest>,
+    ) -> Result<Response<pb::KillSessionResponse>, Status> {
+        self.kill_session(request.into_inner()).await?;
+        Ok(Response::new(pb::KillSessionResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<pb::StopContainerRequest>,
+    ) -> Result<Response<pb::StopContainerResponse>, Status> {
+        let req = request.into_inner();
+        let (_, sessions_ended) = self
+            .end_container_sessions(req.container, req.message)
+            .await?;
+        Ok(Response::new(pb::StopContainerResponse { sessions_ended }))
+    }
+
+    async fn delete_container(
+        &self,
+        request: Request<pb::DeleteContainerRequest>,
+    ) -> Result<Response<pb::DeleteContainerResponse>, Status> {
+        let req = request.into_inner();
+        let (key, sessions_ended) = self
+            .end_container_sessions(req.container, req.message)
+            .await?;
+        if !self
+            .reconciler
+            .remove_now(&key, "deleted by an administrator")
+            .await
+            .map_err(AdminError::from)?
+        {
+            return Err(AdminError::Changed(format!("container {key:?}")).into());
+        }
+        Ok(Response::new(pb::DeleteContainerResponse {
+            sessions_ended,
+        }))
+    }
+
+    async fn revoke_user_tokens(
+        &self,
+        request: Request<pb::RevokeUserTokensRequest>,
+    ) -> Result<Response<pb::RevokeUserTokensResponse>, Status> {
+        let user = request.into_inner().user;
+        names::validate_user(&user).map_err(|e| AdminError::invalid("user", e.to_string()))?;
+        if self.store.get(&model::user_key(&user)).await?.is_none() {
+            return Err(AdminError::NotFound(format!("user {user:?}")).into());
+        }
+        self.revoke(&user).await?;
+        Ok(Response::new(pb::RevokeUserTokensResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status().await?))
     }
 }

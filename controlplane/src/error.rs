@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::reconcile::ReconcileError;
 use crate::runtime::RuntimeError;
 use crate::store::StoreError;
 
@@ -78,6 +79,11 @@ pub enum AdminError {
     Invalid { field: String, reason: String },
     #[error("{0} not found")]
     NotFound(String),
+    /// The record changed while the call worked on it; calling again is safe.
+    #[error("{0} changed meanwhile; try again")]
+    Changed(String),
+    #[error(transparent)]
+    Remove(#[from] ReconcileError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -167,6 +173,9 @@ impl From<AdminError> for Status {
         match &e {
             AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             AdminError::NotFound(_) => Status::not_found(e.to_string()),
+            AdminError::Changed(_) => Status::aborted(e.to_string()),
+            AdminError::Remove(ReconcileError::Store(s)) => store_status(s),
+            AdminError::Remove(ReconcileError::Runtime(_)) => Status::unavailable(e.to_string()),
             AdminError::Auth(a) => auth_status(a),
             AdminError::Store(s) => store_status(s),
         }

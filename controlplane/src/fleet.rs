@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use envgate_proto::v1::fleet_server::Fleet;
 use envgate_proto::v1::{
-    FleetCommand, Heartbeat, ProxyMessage, Register, RevokeUser, fleet_command, proxy_message,
+    Drain, FleetCommand, Heartbeat, KillSession, ProxyMessage, Register, RevokeUser, fleet_command,
+    proxy_message,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -21,13 +22,15 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::FleetError;
-use crate::model::{self, ProxyRecord};
-use crate::store::{self, Store, StoreError, WatchEventKind};
+use crate::model::{self, CommandRecord, ProxyRecord};
+use crate::store::{self, Compare, Store, StoreError, TxnOp, WatchEvent, WatchEventKind};
 
 /// A proxy silent for this long (no stream, no keep-alive) loses its record and sessions.
 pub const PROXY_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How long a new stream may take to send Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A command not delivered within this long (its proxy stayed away) is dropped by etcd.
+pub const COMMAND_TTL: Duration = Duration::from_secs(60);
 
 type CommandSender = mpsc::Sender<Result<FleetCommand, Status>>;
 
@@ -55,6 +58,10 @@ impl FleetRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CommandSender>> {
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_attached(&self, proxy_id: &str) -> bool {
+        self.lock().contains_key(proxy_id)
     }
 
     pub fn attached(&self) -> Vec<String> {
@@ -229,6 +236,24 @@ impl Fleet for FleetService {
         let record = register(self.store.as_ref(), &hello).await?;
         let (tx, rx) = mpsc::channel(64);
         self.registry.insert(&record.id, tx.clone());
+        // Commands written while the proxy was between streams.
+        match self.store.range(&model::proxy_commands(&record.id)).await {
+            Ok(pending) => {
+                for kv in pending {
+                    deliver(
+                        self.store.as_ref(),
+                        &self.registry,
+                        &kv.key,
+                        &kv.value,
+                        kv.mod_revision,
+                    )
+                    .await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %record.id, error = %e, "reading pending commands failed")
+            }
+        }
         let span = tracing::info_span!("fleet_stream", proxy = %record.id);
         let store = self.store.clone();
         let registry = self.registry.clone();
@@ -245,6 +270,106 @@ impl Fleet for FleetService {
     }
 }
 
+/// Queues `command` for `proxy_id`, whichever replica its stream is attached to: the command
+/// is written under `commands/{proxy}/` with a short lease, and the replica holding the stream
+/// delivers it (`relay_commands`, or on attach if the proxy is between streams).
+pub async fn send_command(
+    store: &dyn Store,
+    proxy_id: &str,
+    command: &CommandRecord,
+) -> Result<(), StoreError> {
+    let lease = store.lease_grant(COMMAND_TTL).await?;
+    let key = model::command_key(proxy_id, &uuid::Uuid::new_v4().to_string());
+    store::put_json(store, &key, command, Some(lease)).await?;
+    tracing::info!(proxy = proxy_id, ?command, "command queued");
+    Ok(())
+}
+
+fn to_fleet_command(record: CommandRecord) -> FleetCommand {
+    let command = match record {
+        CommandRecord::Drain { grace_seconds } => {
+            fleet_command::Command::Drain(Drain { grace_seconds })
+        }
+        CommandRecord::KillSession {
+            session_id,
+            message,
+        } => fleet_command::Command::KillSession(KillSession {
+            session_id,
+            message,
+        }),
+    };
+    FleetCommand {
+        command: Some(command),
+    }
+}
+
+/// Delivers one stored command if its proxy is attached here. The key is deleted (compared
+/// on its revision) before the command is sent, so exactly one replica delivers it even when
+/// the watch and an attach see it at the same time.
+async fn deliver(
+    store: &dyn Store,
+    registry: &FleetRegistry,
+    key: &str,
+    value: &[u8],
+    mod_revision: i64,
+) {
+    let Some(proxy_id) = key
+        .strip_prefix(model::COMMANDS)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(proxy, _)| proxy)
+    else {
+        return;
+    };
+    if !registry.is_attached(proxy_id) {
+        return;
+    }
+    let record: CommandRecord = match serde_json::from_slice(value) {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "dropping an unreadable command");
+            let _ = store.delete(key).await;
+            return;
+        }
+    };
+    let claimed = store
+        .txn(
+            vec![Compare::revision(key, mod_revision)],
+            vec![TxnOp::delete(key)],
+        )
+        .await;
+    match claimed {
+        Ok(Some(_)) => {
+            let sent = registry.send(proxy_id, to_fleet_command(record.clone()));
+            tracing::info!(proxy = proxy_id, ?record, sent, "command delivered");
+        }
+        Ok(None) => tracing::debug!(key, "command already taken"),
+        Err(e) => tracing::warn!(key, error = %e, "claiming a command failed"),
+    }
+}
+
+/// Delivers the commands any replica writes for the proxies attached to this one.
+pub async fn relay_commands(
+    store: Arc<dyn Store>,
+    registry: Arc<FleetRegistry>,
+    shutdown: CancellationToken,
+) {
+    watch_puts(store.clone(), model::COMMANDS, &shutdown, |event| {
+        let store = store.clone();
+        let registry = registry.clone();
+        async move {
+            deliver(
+                store.as_ref(),
+                &registry,
+                &event.key,
+                &event.value,
+                event.mod_revision,
+            )
+            .await;
+        }
+    })
+    .await;
+}
+
 /// Tells the proxies attached to this replica about every revocation written by any replica,
 /// so they drop the user's cached tokens. Runs until `shutdown`, re-watching after errors.
 pub async fn forward_revocations(
@@ -252,12 +377,41 @@ pub async fn forward_revocations(
     registry: Arc<FleetRegistry>,
     shutdown: CancellationToken,
 ) {
+    watch_puts(store, model::REVOCATIONS, &shutdown, |event| {
+        let user = event.key.trim_start_matches(model::REVOCATIONS).to_owned();
+        let command = FleetCommand {
+            command: Some(fleet_command::Command::RevokeUser(RevokeUser {
+                user: user.clone(),
+            })),
+        };
+        let told = registry.broadcast(&command);
+        tracing::info!(
+            user,
+            proxies = told,
+            "revocation forwarded to attached proxies"
+        );
+        std::future::ready(())
+    })
+    .await;
+}
+
+/// Calls `on_put` for every put under `prefix` from now on, until `shutdown`; re-watches
+/// from the next revision after errors, so no event is skipped or repeated.
+async fn watch_puts<F, Fut>(
+    store: Arc<dyn Store>,
+    prefix: &str,
+    shutdown: &CancellationToken,
+    mut on_put: F,
+) where
+    F: FnMut(WatchEvent) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut next_revision = 0;
     while !shutdown.is_cancelled() {
-        let mut events = match store.watch(model::REVOCATIONS, true, next_revision).await {
+        let mut events = match store.watch(prefix, true, next_revision).await {
             Ok(events) => events,
             Err(e) => {
-                tracing::warn!(error = %e, "watching revocations failed; retrying");
+                tracing::warn!(prefix, error = %e, "watching failed; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     () = shutdown.cancelled() => return,
@@ -272,24 +426,12 @@ pub async fn forward_revocations(
             match event {
                 Some(Ok(event)) => {
                     next_revision = event.mod_revision + 1;
-                    if event.kind != WatchEventKind::Put {
-                        continue;
+                    if event.kind == WatchEventKind::Put {
+                        on_put(event).await;
                     }
-                    let user = event.key.trim_start_matches(model::REVOCATIONS).to_owned();
-                    let command = FleetCommand {
-                        command: Some(fleet_command::Command::RevokeUser(RevokeUser {
-                            user: user.clone(),
-                        })),
-                    };
-                    let told = registry.broadcast(&command);
-                    tracing::info!(
-                        user,
-                        proxies = told,
-                        "revocation forwarded to attached proxies"
-                    );
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "revocation watch broke; re-watching");
+                    tracing::warn!(prefix, error = %e, "watch broke; re-watching");
                     break;
                 }
                 None => break,

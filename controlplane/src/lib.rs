@@ -158,9 +158,14 @@ impl ControlPlane {
                 .register_encoded_file_descriptor_set(envgate_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let admin = AdminService::new(self.store.clone(), self.hash_cost);
+        let admin = AdminService::new(self.store.clone(), self.reconciler.clone(), self.hash_cost);
         let forwarding = shutdown.child_token();
         tokio::spawn(fleet::forward_revocations(
+            self.store.clone(),
+            self.fleet.clone(),
+            forwarding.clone(),
+        ));
+        tokio::spawn(fleet::relay_commands(
             self.store.clone(),
             self.fleet.clone(),
             forwarding.clone(),

@@ -25,12 +25,20 @@ pub fn proxy_key(id: &str) -> String {
 pub fn revocation_key(user: &str) -> String {
     format!("revocations/{user}")
 }
+/// A command on its way to one proxy (see `fleet::relay_commands`).
+pub fn command_key(proxy_id: &str, command_id: &str) -> String {
+    format!("commands/{proxy_id}/{command_id}")
+}
+pub fn proxy_commands(proxy_id: &str) -> String {
+    format!("commands/{proxy_id}/")
+}
 pub const USERS: &str = "users/";
 pub const ENVIRONMENTS: &str = "environments/";
 pub const CONTAINERS: &str = "containers/";
 pub const SESSIONS: &str = "sessions/";
 pub const PROXIES: &str = "proxies/";
 pub const REVOCATIONS: &str = "revocations/";
+pub const COMMANDS: &str = "commands/";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct UserRecord {
@@ -193,6 +201,15 @@ pub struct ProxyRecord {
 pub struct RevocationRecord {
     /// Tokens issued before this Unix second are refused.
     pub not_before: i64,
+}
+
+/// An admin command for one proxy, written by whichever replica took the admin call and
+/// delivered by the replica the proxy's Fleet stream is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandRecord {
+    Drain { grace_seconds: u32 },
+    KillSession { session_id: String, message: String },
 }
 
 /// Unix seconds now.

@@ -177,6 +177,20 @@ impl Reconciler {
         Ok(actions)
     }
 
+    /// Removes the container recorded under `key` now, as the idle reaper would (same claim,
+    /// so an OpenSession racing it still gets a live container). False if there was no record
+    /// or it changed first.
+    pub async fn remove_now(
+        &self,
+        key: &str,
+        reason: &'static str,
+    ) -> Result<bool, ReconcileError> {
+        match store::get_json::<ContainerRecord>(self.store.as_ref(), key).await? {
+            Some(record) => self.remove(key, &record, reason).await,
+            None => Ok(false),
+        }
+    }
+
     /// CAS the record to `removing`, remove the container, delete the record. Returns false
     /// when the record changed first (an OpenSession won the race).
     async fn remove(

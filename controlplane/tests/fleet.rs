@@ -250,3 +250,119 @@ async fn revocations_reach_proxies_on_every_replica() {
     replica_a.stop().await;
     replica_b.stop().await;
 }
+
+fn admin_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let token = format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap();
+    request.metadata_mut().insert("authorization", token);
+    request
+}
+
+async fn next_command(commands: &mut Streaming<FleetCommand>) -> FleetCommand {
+    tokio::time::timeout(WAIT, commands.message())
+        .await
+        .expect("a command in time")
+        .unwrap()
+        .expect("the stream is open")
+}
+
+/// DrainProxy and KillSession called on one replica reach a proxy attached to another, and a
+/// command for a proxy that is between streams waits for it to attach.
+#[tokio::test]
+async fn admin_commands_reach_proxies_on_every_replica() {
+    use envgate_proto::admin::v1 as pb;
+    use envgate_proto::admin::v1::admin_client::AdminClient;
+    use envgate_proto::v1::Drain;
+
+    let etcd = Etcd::start().await.unwrap();
+    let store = etcd_store(&etcd).await;
+    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
+    let replica_b = common::start(
+        etcd_store(&etcd).await,
+        Arc::new(ScriptedRuntime::new()),
+        "fleet",
+    )
+    .await;
+    let (tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1").await.is_some()
+    })
+    .await;
+    let session = model::SessionRecord {
+        id: "s1".into(),
+        user: "alice".into(),
+        environment: "debian".into(),
+        container_key: model::container_key("alice", "debian"),
+        container_id: "c1".into(),
+        proxy_id: "p1".into(),
+        client_address: "192.0.2.1:5000".into(),
+        connection_id: "conn1".into(),
+        kind: "shell".into(),
+        started_at: model::now(),
+    };
+    store::put_json(store.as_ref(), &model::session_key("s1"), &session, None)
+        .await
+        .unwrap();
+
+    let mut admin = AdminClient::new(replica_a.channel().await);
+    admin
+        .kill_session(admin_request(pb::KillSessionRequest {
+            session_id: "s1".into(),
+            message: "maintenance at noon".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_command(&mut commands).await,
+        FleetCommand {
+            command: Some(fleet_command::Command::KillSession(KillSession {
+                session_id: "s1".into(),
+                message: "maintenance at noon".into(),
+            })),
+        }
+    );
+    admin
+        .drain_proxy(admin_request(pb::DrainProxyRequest {
+            proxy_id: "p1".into(),
+            grace_seconds: 30,
+        }))
+        .await
+        .unwrap();
+    let drain = |grace_seconds| FleetCommand {
+        command: Some(fleet_command::Command::Drain(Drain { grace_seconds })),
+    };
+    assert_eq!(next_command(&mut commands).await, drain(30));
+    assert!(
+        store.range(model::COMMANDS).await.unwrap().is_empty(),
+        "delivered commands are removed"
+    );
+
+    // Between streams: the command waits in etcd and is delivered on the next attach.
+    drop(tx);
+    drop(commands);
+    until("detach", WAIT, async || {
+        replica_b.plane.fleet().attached().is_empty()
+    })
+    .await;
+    admin
+        .drain_proxy(admin_request(pb::DrainProxyRequest {
+            proxy_id: "p1".into(),
+            grace_seconds: 0,
+        }))
+        .await
+        .unwrap();
+    let (_tx, mut commands) = attach(&replica_a, register("p1")).await.unwrap();
+    assert_eq!(next_command(&mut commands).await, drain(300));
+
+    let missing = admin
+        .drain_proxy(admin_request(pb::DrainProxyRequest {
+            proxy_id: "p9".into(),
+            grace_seconds: 0,
+        }))
+        .await
+        .expect_err("unknown proxy");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.message(), "proxy \"p9\" not found");
+    replica_a.stop().await;
+    replica_b.stop().await;
+}
