@@ -176,9 +176,8 @@ impl Sessions for FakeControlPlane {
                     container_name: "test".into(),
                     shell: "/bin/sh".into(),
                     working_dir: "/".into(),
-                    run_as: String::new(),
                     env: vec!["HOME=/root".into()],
-                    created: false,
+                    ..Default::default()
                 })),
             }),
         ];
