@@ -68,7 +68,14 @@ pub fn placement_failure_line(status: &tonic::Status) -> String {
 /// The line a user sees when the process could not be started in their
 /// container after placement.
 pub fn exec_failure_line(error: &crate::exec::ExecError) -> String {
-    format!("envgate: could not start your process: {error}")
+    use crate::exec::ExecError;
+    match error {
+        ExecError::Refused(message) => format!("envgate: {message}"),
+        ExecError::AgentUnreachable(why) => format!(
+            "envgate: your environment is not answering ({why}); connect again to get a fresh one (your home directory is kept)"
+        ),
+        other => format!("envgate: could not start your process: {other}"),
+    }
 }
 
 /// Label for `envgate_connections_total{result=...}` after a failed placement.

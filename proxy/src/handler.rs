@@ -451,6 +451,25 @@ impl Handler for ConnectionHandler {
         reply(session, channel, false)
     }
 
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: russh::Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let name = match signal {
+            russh::Sig::Custom(name) => name,
+            // The unit variants print as their SSH names.
+            other => format!("{other:?}"),
+        };
+        self.send(Event::Request {
+            channel,
+            request: ChannelRequest::Signal(name),
+        })
+        .await;
+        Ok(())
+    }
+
     async fn window_change_request(
         &mut self,
         channel: ChannelId,

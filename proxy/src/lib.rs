@@ -34,6 +34,7 @@ use crate::connections::Registry;
 use crate::controlplane::ControlPlane;
 use crate::drain::Drain;
 use crate::error::ProxyError;
+use crate::exec::agent::AgentRuntime;
 use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
 use crate::server::ServerContext;
@@ -109,7 +110,8 @@ impl Proxy {
         };
         let services = SessionServices {
             control_plane: control_plane.clone(),
-            runtime: Arc::new(runtime),
+            // The agent when the placement names one, else Docker exec.
+            runtime: Arc::new(AgentRuntime::new(Arc::new(runtime))),
             registry: registry.clone(),
         };
         let context = Arc::new(ServerContext {

@@ -15,7 +15,7 @@ use envgate_proto::names::Login;
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use russh::server::{Handle, Msg};
-use russh::{ChannelId, ChannelWriteHalf, Disconnect};
+use russh::{ChannelId, ChannelWriteHalf, Disconnect, Sig};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -28,9 +28,10 @@ use crate::error::{
     ConnectionResult, exec_failure_line, notice_line, placement_failure_line,
     placement_result_label,
 };
+use crate::exec::agent::AgentTarget;
 use crate::exec::{
-    self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessRuntime, ProcessSpec,
-    TerminalSize,
+    self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessEnd, ProcessRuntime,
+    ProcessSpec, TerminalSize,
 };
 
 /// What the handler tells the session task.
@@ -60,6 +61,7 @@ pub enum ChannelRequest {
     Shell,
     Exec { command: String },
     WindowChange(TerminalSize),
+    Signal(String),
 }
 
 /// Everything a session task needs from the proxy.
@@ -216,6 +218,11 @@ impl Connection {
                     let _ = process.commands.try_send(ProcessCommand::Resize(size));
                 }
             }
+            ChannelRequest::Signal(name) => {
+                if let Some(process) = &state.process {
+                    let _ = process.commands.try_send(ProcessCommand::Signal(name));
+                }
+            }
             ChannelRequest::Shell => self.start(channel, None).await,
             ChannelRequest::Exec { command } => self.start(channel, Some(command)).await,
         }
@@ -282,7 +289,7 @@ impl Connection {
         let spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         let (commands, commands_rx) = mpsc::channel(8);
         let runtime = self.services.runtime.clone();
-        let process = run_process(runtime, spec, output, commands_rx, pty);
+        let process = run_process(runtime, spec, output, commands_rx, pty, self.handle.clone());
         let task = self.running.spawn(process.in_current_span());
         state.process = Some(RunningProcess { commands, task });
     }
@@ -457,6 +464,26 @@ fn process_spec(
         env,
         working_dir: non_empty(&placement.working_dir),
         user: non_empty(&placement.run_as),
+        agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
+    }
+}
+
+/// russh's name for a signal (its own parser is private).
+fn ssh_signal(name: &str) -> Sig {
+    match name {
+        "ABRT" => Sig::ABRT,
+        "ALRM" => Sig::ALRM,
+        "FPE" => Sig::FPE,
+        "HUP" => Sig::HUP,
+        "ILL" => Sig::ILL,
+        "INT" => Sig::INT,
+        "KILL" => Sig::KILL,
+        "PIPE" => Sig::PIPE,
+        "QUIT" => Sig::QUIT,
+        "SEGV" => Sig::SEGV,
+        "TERM" => Sig::TERM,
+        "USR1" => Sig::USR1,
+        other => Sig::Custom(other.to_owned()),
     }
 }
 
@@ -466,6 +493,7 @@ async fn run_process(
     output: Arc<ChannelOutput>,
     commands: mpsc::Receiver<ProcessCommand>,
     pty: bool,
+    handle: Handle,
 ) -> ChannelEnd {
     let started = tokio::time::timeout(PROCESS_START_TIMEOUT, runtime.start(&spec)).await;
     let process = match started.unwrap_or(Err(ExecError::StartTimeout(PROCESS_START_TIMEOUT))) {
@@ -481,7 +509,29 @@ async fn run_process(
         }
     };
     match exec::pump(process, &output, commands, pty).await {
-        Ok(code) => {
+        Ok(ProcessEnd {
+            code,
+            signal: Some(signal),
+        }) => {
+            // As sshd: exit-signal instead of exit-status.
+            let sent = handle
+                .exit_signal_request(
+                    output.id(),
+                    ssh_signal(&signal.name),
+                    signal.core_dumped,
+                    String::new(),
+                    String::new(),
+                )
+                .await;
+            if sent.is_ok() {
+                let _ = output.close().await;
+            }
+            ChannelEnd {
+                exit_code: Some(code),
+                result: ConnectionResult::Ok,
+            }
+        }
+        Ok(ProcessEnd { code, signal: None }) => {
             let _ = output.finish(exec::exit_status(code)).await;
             ChannelEnd {
                 exit_code: Some(code),
@@ -490,6 +540,9 @@ async fn run_process(
         }
         Err(e) => {
             tracing::warn!(error = %e, "the process's end could not be observed");
+            if matches!(e, ExecError::AgentUnreachable(_)) {
+                let _ = output.stderr_line(&exec_failure_line(&e), pty).await;
+            }
             let _ = output.finish(255).await;
             ChannelEnd {
                 exit_code: None,

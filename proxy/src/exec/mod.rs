@@ -1,8 +1,10 @@
 //! The data path: start the user's process in their container and pump
 //! bytes between it and one SSH channel. The runtime that starts processes
-//! sits behind [`ProcessRuntime`] (Docker exec today; an in-container agent
-//! later), the pumping is the same for every runtime.
+//! sits behind [`ProcessRuntime`]: the container's agent when the placement
+//! names one (`agent.rs`), else Docker exec (`docker.rs`); the pumping is the
+//! same for every runtime.
 
+pub mod agent;
 pub mod docker;
 
 use std::collections::VecDeque;
@@ -48,6 +50,14 @@ pub enum ExecError {
     NoExitCode,
     #[error("the container runtime did not start the process within {0:?}")]
     StartTimeout(Duration),
+    /// The agent answered but could not start the process; meant for the user.
+    #[error("{0}")]
+    Refused(String),
+    /// The container's agent cannot be reached or its connection broke.
+    #[error("{0}")]
+    AgentUnreachable(String),
+    #[error("this runtime cannot deliver signals")]
+    NoSignals,
 }
 
 impl From<std::io::Error> for ExecError {
@@ -79,6 +89,8 @@ pub struct ProcessSpec {
     pub env: Vec<String>,
     pub working_dir: Option<String>,
     pub user: Option<String>,
+    /// The container's agent; `None`: start through the runtime's exec.
+    pub agent: Option<agent::AgentTarget>,
 }
 
 pub enum Output {
@@ -100,6 +112,31 @@ pub trait ProcessControl: Send + Sync {
     async fn resize(&self, size: TerminalSize) -> Result<(), ExecError>;
     /// The exit code once the process has ended; `None` while it runs.
     async fn exit_code(&self) -> Result<Option<i64>, ExecError>;
+    /// Delivers an SSH signal (`INT`, `TERM`, ...) to the process.
+    async fn signal(&self, _name: &str) -> Result<(), ExecError> {
+        Err(ExecError::NoSignals)
+    }
+    /// After `exit_code` returned `Some`: the signal that ended the process,
+    /// when the runtime can tell (Docker exec reports only 128 + n).
+    async fn exit_signal(&self) -> Option<ExitSignal> {
+        None
+    }
+}
+
+/// A process ended by a signal, as SSH's `exit-signal` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitSignal {
+    /// Without `SIG`, e.g. `TERM`.
+    pub name: String,
+    pub core_dumped: bool,
+}
+
+/// How a process ended: the shell's code (128 + n for a signal) and the
+/// signal, when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEnd {
+    pub code: i64,
+    pub signal: Option<ExitSignal>,
 }
 
 #[async_trait]
@@ -289,26 +326,39 @@ impl ChannelOutput {
     pub async fn finish(&self, exit_status: u32) -> Result<(), russh::Error> {
         self.inbound.close();
         self.writer.exit_status(exit_status).await?;
+        self.close().await
+    }
+
+    /// EOF and close after an `exit-signal` (sent through the session
+    /// handle, which the channel writer cannot).
+    pub async fn close(&self) -> Result<(), russh::Error> {
+        self.inbound.close();
         self.writer.eof().await?;
         self.writer.close().await
+    }
+
+    pub fn id(&self) -> russh::ChannelId {
+        self.writer.id()
     }
 }
 
 /// Steering a running process from the session task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ProcessCommand {
     Resize(TerminalSize),
+    /// An SSH signal name.
+    Signal(String),
 }
 
 /// Pumps a started process to and from the channel until its output ends,
-/// then returns its exit code. Input is passed on with its EOF; output keeps
+/// then returns how it ended. Input is passed on with its EOF; output keeps
 /// stdout and stderr apart (on a tty they are one stream anyway).
 pub async fn pump(
     process: StartedProcess,
     output: &ChannelOutput,
     mut commands: mpsc::Receiver<ProcessCommand>,
     tty: bool,
-) -> Result<i64, ExecError> {
+) -> Result<ProcessEnd, ExecError> {
     let StartedProcess {
         mut stdin,
         output: mut process_output,
@@ -346,6 +396,11 @@ pub async fn pump(
                             tracing::debug!(error = %e, "resize failed");
                         }
                     }
+                    Some(ProcessCommand::Signal(name)) => {
+                        if let Err(e) = control.signal(&name).await {
+                            tracing::debug!(error = %e, signal = %name, "signal not delivered");
+                        }
+                    }
                     None => commands_open = false,
                 },
                 item = process_output.next() => {
@@ -375,7 +430,11 @@ pub async fn pump(
         () = output_task => {}
     }
     output.inbound().close();
-    wait_exit_code(control.as_ref()).await
+    let code = wait_exit_code(control.as_ref()).await?;
+    Ok(ProcessEnd {
+        code,
+        signal: control.exit_signal().await,
+    })
 }
 
 async fn write_chunk(
