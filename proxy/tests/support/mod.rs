@@ -50,6 +50,9 @@ pub struct FleetOptions {
     pub docker_host: Option<String>,
     /// Create the standard catalogue (busybox default, debian) and the user `demo`.
     pub seed: bool,
+    /// Containers run `envgate-agent` (`--agent-binary`, the fast data path); `false`: the
+    /// control plane has no agent and sessions use Docker exec.
+    pub agent: bool,
 }
 
 impl Default for FleetOptions {
@@ -59,6 +62,7 @@ impl Default for FleetOptions {
             reconcile_interval_seconds: 1,
             docker_host: None,
             seed: true,
+            agent: true,
         }
     }
 }
@@ -264,6 +268,13 @@ impl Fleet {
             .env("RUST_LOG", "info");
         if let Some(docker_host) = &options.docker_host {
             command.arg("--docker-host").arg(docker_host);
+        }
+        if options.agent {
+            command
+                .arg("--agent-binary")
+                .arg(agent_static_bin()?)
+                .arg("--agent-dir")
+                .arg(fleet.agent_dir());
         }
         let log = fleet.dir.path().join("controlplane.log");
         fleet.controlplane = Some(Proc::spawn("controlplane", &mut command, log)?);
@@ -860,6 +871,11 @@ impl Fleet {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// `--agent-dir` of the control plane: `<instance>/<container suffix>/{sock,secret}`.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.dir.path().join("agents")
+    }
 }
 
 impl Drop for Fleet {
@@ -1009,6 +1025,23 @@ pub fn controlplane_bin() -> PathBuf {
     proxy_bin().with_file_name("envgate-controlplane")
 }
 
+/// The static agent: `ENVGATE_AGENT_STATIC_BIN` (set by `deploy/local/fleet test`), else
+/// what `proxy/agent/build-static` leaves in `target/`.
+pub fn agent_static_bin() -> Result<PathBuf, String> {
+    let path = std::env::var_os("ENVGATE_AGENT_STATIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/envgate-agent-static"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the static envgate-agent {} is missing: run `proxy/agent/build-static` or set \
+             ENVGATE_AGENT_STATIC_BIN (`deploy/local/fleet test` does this)",
+            path.display()
+        ))
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1134,6 +1167,16 @@ impl Tmux {
             "-t".to_string(),
             "e2e".to_string(),
             "Enter".to_string(),
+        ]);
+    }
+
+    /// Presses one key, in tmux's names (`C-c`).
+    pub fn key(&self, key: &str) {
+        self.command(&[
+            "send-keys".to_string(),
+            "-t".to_string(),
+            "e2e".to_string(),
+            key.to_string(),
         ]);
     }
 
