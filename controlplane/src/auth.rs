@@ -252,11 +252,19 @@ impl Authenticator {
                 return Err(AuthError::Failed);
             }
         };
-        Ok(self.issue(&user))
+        let revoked = store::get_json::<RevocationRecord>(
+            self.store.as_ref(),
+            &model::revocation_key(&user.name),
+        )
+        .await?;
+        Ok(self.issue(&user, revoked.map(|r| r.value.not_before)))
     }
 
-    fn issue(&self, user: &UserRecord) -> IssuedToken {
-        let iat = model::now();
+    /// Claims are stamped to the second and a revocation refuses its own second too, so a
+    /// token issued right after one carries `not_before` as its `iat`: otherwise the user's
+    /// next login would get a token the control plane already refuses (and proxies cache).
+    fn issue(&self, user: &UserRecord, not_before: Option<i64>) -> IssuedToken {
+        let iat = model::now().max(not_before.unwrap_or(i64::MIN));
         let exp = iat + i64::try_from(self.token_ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let claims = Claims {
             sub: user.name.clone(),
@@ -527,5 +535,14 @@ pub(crate) mod tests {
         let err = auth.verify_token(&issued.token).await.err().unwrap();
         assert!(matches!(err, AuthError::Revoked));
         assert_eq!(Status::from(err).code(), tonic::Code::Unauthenticated);
+
+        // Logging in again right away (the revocation's own second) yields a usable token.
+        let fresh = auth
+            .authenticate("alice", Credential::Password("s3cret".into()), "")
+            .await
+            .unwrap();
+        auth.verify_token(&fresh.token)
+            .await
+            .expect("a token issued after the revocation is accepted");
     }
 }

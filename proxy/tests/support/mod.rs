@@ -469,6 +469,26 @@ impl Fleet {
         request
     }
 
+    /// Runs the real `grpcurl -plaintext` against the control plane: `header` (e.g. the
+    /// result of `bearer_header`) if given, `-d body` if not empty, then `method`.
+    pub async fn grpcurl(&self, header: Option<&str>, body: &str, method: &str) -> SshOutput {
+        let mut argv = vec!["grpcurl".to_string(), "-plaintext".to_string()];
+        if let Some(header) = header {
+            argv.extend(["-H".to_string(), header.to_string()]);
+        }
+        if !body.is_empty() {
+            argv.extend(["-d".to_string(), body.to_string()]);
+        }
+        argv.push(self.grpc_addr.clone());
+        argv.extend(method.split_whitespace().map(str::to_string));
+        run(&argv, None, &[]).await
+    }
+
+    /// `authorization: Bearer <the fleet's admin token>`, as grpcurl's `-H` takes it.
+    pub fn bearer_header(&self) -> String {
+        format!("authorization: Bearer {}", self.admin_token)
+    }
+
     pub async fn list_environments(&self) -> Result<Vec<admin::Environment>, String> {
         let mut client = self.admin_client().await?;
         let response = client
