@@ -64,41 +64,35 @@ async fn a_terminal_session_sees_its_size_and_resizes() {
     argv.insert(1, "-tt".to_string());
     let tmux = Tmux::start(fleet.dir(), &argv, 100, 30);
 
-    // `stty size` prints "rows columns" of the terminal the remote shell is attached to.
-    tmux.type_line("stty size; echo size-done");
-    let screen = eventually(
+    // `stty size` prints "rows columns" of the terminal the remote shell is attached to; the
+    // marker is computed by the shell, so it appears only once the output is all on screen.
+    tmux.type_line("stty size; tty; echo mark-$((40+2))");
+    let screen = screen_after_marker(&tmux, "mark-42").await;
+    assert!(screen.lines().any(|l| l.trim() == "30 100"), "{screen}");
+    assert!(
+        screen.lines().any(|l| l.trim().starts_with("/dev/pts/")),
+        "the shell has no terminal: {screen}"
+    );
+
+    tmux.resize(90, 25);
+    tmux.type_line("stty size; echo mark-$((50+2))");
+    let screen = screen_after_marker(&tmux, "mark-52").await;
+    assert!(screen.lines().any(|l| l.trim() == "25 90"), "{screen}");
+}
+
+/// The screen once a line reads exactly `marker`.
+async fn screen_after_marker(tmux: &Tmux, marker: &str) -> String {
+    eventually(
         Duration::from_secs(30),
-        "stty size shows 30 100",
+        &format!("the shell prints {marker}"),
         || async {
             let screen = tmux.screen();
-            if screen.lines().any(|l| l.trim() == "30 100") {
+            if screen.lines().any(|l| l.trim() == marker) {
                 Ok(screen)
             } else {
                 Err(screen)
             }
         },
     )
-    .await;
-    assert!(screen.contains("size-done"), "{screen}");
-
-    tmux.resize(90, 25);
-    tmux.type_line("stty size; tty");
-    eventually(
-        Duration::from_secs(30),
-        "stty size shows 25 90 after resize",
-        || async {
-            let screen = tmux.screen();
-            if screen.lines().any(|l| l.trim() == "25 90") {
-                Ok(())
-            } else {
-                Err(screen)
-            }
-        },
-    )
-    .await;
-    let screen = tmux.screen();
-    assert!(
-        screen.lines().any(|l| l.trim().starts_with("/dev/pts/")),
-        "the shell has no terminal: {screen}"
-    );
+    .await
 }
