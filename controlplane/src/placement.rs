@@ -554,6 +554,17 @@ impl Placer {
     /// Ends a session. Idempotent: an unknown session id is fine. Persistent containers
     /// get `last_active_at = now` (their idle clock starts); ephemeral ones are removed.
     pub async fn close(&self, session_id: &str) -> Result<(), PlacementError> {
+        self.close_with(session_id, false).await
+    }
+
+    /// `close`, and with `unreachable` (the proxy could not reach the container's agent)
+    /// the session's container is removed as an ephemeral one would be, so the next open
+    /// creates a new one; the home volume stays.
+    pub async fn close_with(
+        &self,
+        session_id: &str,
+        unreachable: bool,
+    ) -> Result<(), PlacementError> {
         let skey = model::session_key(session_id);
         let Some(session) = store::get_json::<SessionRecord>(self.store.as_ref(), &skey).await?
         else {
@@ -567,7 +578,10 @@ impl Placer {
                 self.store.delete(&skey).await?;
                 return Ok(());
             };
-            let owned = record.value.session_id == session_id;
+            let owned = record.value.session_id == session_id
+                || (unreachable
+                    && record.value.state == ContainerState::Running
+                    && record.value.container_id == session.value.container_id);
             let next = if owned {
                 ContainerRecord {
                     state: ContainerState::Removing,
@@ -606,7 +620,12 @@ impl Placer {
                         vec![TxnOp::delete(&ckey)],
                     )
                     .await?;
-                tracing::info!(container = %next.container_id, user = %next.user, reason = "ephemeral session closed", "container removed");
+                let reason = if unreachable {
+                    "its agent was unreachable"
+                } else {
+                    "ephemeral session closed"
+                };
+                tracing::info!(container = %next.container_id, user = %next.user, reason, "container removed");
             }
             return Ok(());
         }
@@ -703,7 +722,9 @@ impl Sessions for SessionsService {
         request: Request<CloseSessionRequest>,
     ) -> Result<Response<CloseSessionResponse>, Status> {
         let req = request.into_inner();
-        self.placer.close(&req.session_id).await?;
+        self.placer
+            .close_with(&req.session_id, req.container_unreachable)
+            .await?;
         Ok(Response::new(CloseSessionResponse {}))
     }
 }
@@ -887,6 +908,25 @@ mod tests {
             .close("never-existed")
             .await
             .expect("unknown sessions are fine");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_could_not_reach_the_agent_gets_its_container_replaced() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let first = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        placer.close_with(&first.session_id, true).await.unwrap();
+        assert!(world.runtime.containers().is_empty(), "the container stays");
+        assert!(world.keys("containers/").await.is_empty());
+        let next = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert!(next.created);
+        assert_ne!(next.container_id, first.container_id);
     }
 
     #[tokio::test]

@@ -314,6 +314,7 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
                 session_id: p.session_id.clone(),
                 proxy_id: PROXY.into(),
                 exit_status: 0,
+                container_unreachable: false,
             })
             .await
             .unwrap();

@@ -119,12 +119,14 @@ impl ControlPlane {
         &self,
         session_id: &str,
         exit_status: i32,
+        container_unreachable: bool,
         connection_id: &str,
     ) -> Result<(), Status> {
         let message = CloseSessionRequest {
             session_id: session_id.to_owned(),
             proxy_id: self.proxy_id.clone(),
             exit_status,
+            container_unreachable,
         };
         with_retries("CloseSession", || {
             let mut client = SessionsClient::new(self.channel.clone());

@@ -104,6 +104,8 @@ pub enum ConnectionResult {
     ProxyHeaderRefused,
     PlacementFailed(&'static str),
     ExecFailed,
+    /// The container's agent could not be reached (the container is then replaced).
+    AgentUnreachable,
     /// Closed by a drain, shutdown or an admin kill.
     Closed,
     Error,
@@ -118,6 +120,7 @@ impl ConnectionResult {
             Self::ProxyHeaderRefused => "proxy_header_refused",
             Self::PlacementFailed(label) => label,
             Self::ExecFailed => "exec_failed",
+            Self::AgentUnreachable => "agent_unreachable",
             Self::Closed => "closed",
             Self::Error => "error",
         }

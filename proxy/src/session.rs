@@ -120,6 +120,8 @@ struct Connection {
     running: JoinSet<ChannelEnd>,
     first_exit: Option<i64>,
     result: ConnectionResult,
+    /// A channel could not reach the container's agent: CloseSession asks for a new one.
+    container_unreachable: bool,
 }
 
 /// Runs until the SSH connection is gone (the handler dropped its event
@@ -142,6 +144,7 @@ pub async fn run(
         running: JoinSet::new(),
         first_exit: None,
         result: ConnectionResult::NotAuthenticated,
+        container_unreachable: false,
     };
     let session_started = Instant::now();
     let mut killed = false;
@@ -233,6 +236,7 @@ impl Connection {
         if self.first_exit.is_none() {
             self.first_exit = end.exit_code;
         }
+        self.container_unreachable |= end.result == ConnectionResult::AgentUnreachable;
         if self.result == ConnectionResult::Ok {
             self.result = end.result;
         }
@@ -381,7 +385,12 @@ impl Connection {
             let result = self
                 .services
                 .control_plane
-                .close_session(&placement.session_id, exit_status, &self.info.connection_id)
+                .close_session(
+                    &placement.session_id,
+                    exit_status,
+                    self.container_unreachable,
+                    &self.info.connection_id,
+                )
                 .await;
             record_phase("teardown", started.elapsed(), &[]);
             if let Err(status) = result {
@@ -472,6 +481,13 @@ fn process_spec(
 fn ssh_signal(name: &str) -> Sig {
     match name {
         "ABRT" => Sig::ABRT,
+fn exec_failure_result(e: &ExecError) -> ConnectionResult {
+    match e {
+        ExecError::AgentUnreachable(_) => ConnectionResult::AgentUnreachable,
+        _ => ConnectionResult::ExecFailed,
+    }
+}
+
         "ALRM" => Sig::ALRM,
         "FPE" => Sig::FPE,
         "HUP" => Sig::HUP,
@@ -504,7 +520,7 @@ async fn run_process(
             let _ = output.finish(1).await;
             return ChannelEnd {
                 exit_code: None,
-                result: ConnectionResult::ExecFailed,
+                result: exec_failure_result(&e),
             };
         }
     };
@@ -546,7 +562,7 @@ async fn run_process(
             let _ = output.finish(255).await;
             ChannelEnd {
                 exit_code: None,
-                result: ConnectionResult::ExecFailed,
+                result: exec_failure_result(&e),
             }
         }
     }
