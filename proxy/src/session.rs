@@ -233,10 +233,10 @@ impl Connection {
 
     fn on_channel_end(&mut self, end: Result<ChannelEnd, tokio::task::JoinError>) {
         let Ok(end) = end else { return };
+        self.container_unreachable |= end.result == ConnectionResult::AgentUnreachable;
         if self.first_exit.is_none() {
             self.first_exit = end.exit_code;
         }
-        self.container_unreachable |= end.result == ConnectionResult::AgentUnreachable;
         if self.result == ConnectionResult::Ok {
             self.result = end.result;
         }
@@ -477,10 +477,6 @@ fn process_spec(
     }
 }
 
-/// russh's name for a signal (its own parser is private).
-fn ssh_signal(name: &str) -> Sig {
-    match name {
-        "ABRT" => Sig::ABRT,
 fn exec_failure_result(e: &ExecError) -> ConnectionResult {
     match e {
         ExecError::AgentUnreachable(_) => ConnectionResult::AgentUnreachable,
@@ -488,6 +484,10 @@ fn exec_failure_result(e: &ExecError) -> ConnectionResult {
     }
 }
 
+/// russh's name for a signal (its own parser is private).
+fn ssh_signal(name: &str) -> Sig {
+    match name {
+        "ABRT" => Sig::ABRT,
         "ALRM" => Sig::ALRM,
         "FPE" => Sig::FPE,
         "HUP" => Sig::HUP,
