@@ -155,6 +155,13 @@ pub struct ContainerRecord {
     /// The replica that set the current state, for logs.
     #[serde(default)]
     pub owner: String,
+    /// Where the container's agent listens; empty: no agent (runtime exec).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_address: String,
+    /// The agent's per-container secret (hex), handed only to proxies in placements; kept
+    /// here so every replica can answer (see docs/security.md).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_secret: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,13 +170,6 @@ pub struct SessionRecord {
     pub user: String,
     pub environment: String,
     /// The key of the placement record this session keeps alive.
-    /// Where the container's agent listens; empty: no agent (runtime exec).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub agent_address: String,
-    /// The agent's per-container secret (hex), handed only to proxies in placements; kept
-    /// here so every replica can answer (see docs/security.md).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub agent_secret: String,
     pub container_key: String,
     pub container_id: String,
     pub proxy_id: String,

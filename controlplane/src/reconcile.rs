@@ -474,6 +474,8 @@ mod tests {
             last_active_at: model::now() - 3600,
             session_id: String::new(),
             owner: "dead".into(),
+            agent_address: String::new(),
+            agent_secret: String::new(),
         };
         let key = model::container_key("carol", "debian");
         store::put_json(world.store.as_ref(), &key, &stale, None)
@@ -488,8 +490,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reaper.reconcile().await.unwrap().cleared_stale, 1);
-            agent_address: String::new(),
-            agent_secret: String::new(),
         assert_eq!(world.keys("containers/").await, [fresh_key]);
     }
 
