@@ -25,8 +25,9 @@ use crate::store::{self, Store};
 
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
-/// DrainProxy's grace when the request leaves it at 0 (the proxy's own SIGTERM default).
-pub const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 300;
+/// DrainProxy's grace when the request leaves it at 0: the proxy's `--shutdown-grace-seconds`
+/// default, so an admin drain and a SIGTERM give sessions the same time.
+pub const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 30;
 const MAX_DRAIN_GRACE_SECONDS: u32 = 86_400;
 /// What users see when their container is stopped or deleted and the request gave no message.
 pub const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an administrator";

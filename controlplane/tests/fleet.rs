@@ -324,14 +324,14 @@ async fn admin_commands_reach_proxies_on_every_replica() {
     admin
         .drain_proxy(admin_request(pb::DrainProxyRequest {
             proxy_id: "p1".into(),
-            grace_seconds: 30,
+            grace_seconds: 45,
         }))
         .await
         .unwrap();
     let drain = |grace_seconds| FleetCommand {
         command: Some(fleet_command::Command::Drain(Drain { grace_seconds })),
     };
-    assert_eq!(next_command(&mut commands).await, drain(30));
+    assert_eq!(next_command(&mut commands).await, drain(45));
     assert!(
         store.range(model::COMMANDS).await.unwrap().is_empty(),
         "delivered commands are removed"
@@ -352,7 +352,7 @@ async fn admin_commands_reach_proxies_on_every_replica() {
         .await
         .unwrap();
     let (_tx, mut commands) = attach(&replica_a, register("p1")).await.unwrap();
-    assert_eq!(next_command(&mut commands).await, drain(300));
+    assert_eq!(next_command(&mut commands).await, drain(30));
 
     let missing = admin
         .drain_proxy(admin_request(pb::DrainProxyRequest {

@@ -1,0 +1,407 @@
+//! `deploy/kubernetes/`: every manifest parses into the Kubernetes API's own types, and the
+//! references between them agree — selectors and labels, Service target ports and container
+//! ports, probes, secrets and config maps and the kustomize generators that make them,
+//! service accounts, the autoscaler's target — and every `ENVGATE_*` variable is a real
+//! option of the binary it configures.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Container, Namespace, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+
+fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Kustomization {
+    resources: Vec<String>,
+    #[serde(default)]
+    secret_generator: Vec<Generator>,
+    #[serde(default)]
+    config_map_generator: Vec<Generator>,
+    #[serde(default)]
+    images: Vec<Image>,
+}
+
+#[derive(Deserialize)]
+struct Generator {
+    name: String,
+    #[serde(default)]
+    files: Vec<String>,
+    #[serde(default)]
+    literals: Vec<String>,
+}
+
+impl Generator {
+    /// The keys of the generated object: `key=path` / `key=value`, or a file's base name.
+    fn keys(&self) -> BTreeSet<String> {
+        self.files
+            .iter()
+            .chain(&self.literals)
+            .map(|entry| match entry.split_once('=') {
+                Some((key, _)) => key.to_owned(),
+                None => entry.rsplit('/').next().unwrap_or(entry).to_owned(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+struct Image {
+    name: String,
+}
+
+/// A pod-owning workload, reduced to what the references need.
+struct Workload {
+    kind: &'static str,
+    name: String,
+    selector: BTreeMap<String, String>,
+    template: PodTemplateSpec,
+}
+
+impl Workload {
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default()
+    }
+
+    fn containers(&self) -> &[Container] {
+        self.template
+            .spec
+            .as_ref()
+            .map_or(&[], |s| s.containers.as_slice())
+    }
+}
+
+#[derive(Default)]
+struct Manifests {
+    kustomization: Option<Kustomization>,
+    namespaces: Vec<Namespace>,
+    services: Vec<Service>,
+    workloads: Vec<Workload>,
+    service_accounts: Vec<ServiceAccount>,
+    autoscalers: Vec<HorizontalPodAutoscaler>,
+    disruption_budgets: Vec<PodDisruptionBudget>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &str, doc: serde_yaml::Value) -> T {
+    serde_yaml::from_value(doc).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.name.clone().expect("every object has a name")
+}
+
+fn load() -> Manifests {
+    let dir = manifests_dir();
+    let text = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    let kustomization: Kustomization = serde_yaml::from_str(&text).unwrap();
+    let mut manifests = Manifests::default();
+    let listed: BTreeSet<String> = kustomization.resources.iter().cloned().collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, on_disk,
+        "kustomization resources vs the manifests on disk"
+    );
+    for file in &kustomization.resources {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let doc = serde_yaml::Value::deserialize(doc).unwrap();
+            let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "Namespace" => manifests.namespaces.push(parse(file, doc)),
+                "Service" => manifests.services.push(parse(file, doc)),
+                "ServiceAccount" => manifests.service_accounts.push(parse(file, doc)),
+                "HorizontalPodAutoscaler" => manifests.autoscalers.push(parse(file, doc)),
+                "PodDisruptionBudget" => manifests.disruption_budgets.push(parse(file, doc)),
+                "Deployment" => {
+                    let d: Deployment = parse(file, doc);
+                    let spec = d.spec.expect("a Deployment has a spec");
+                    manifests.workloads.push(Workload {
+                        kind: "Deployment",
+                        name: name_of(&d.metadata),
+                        selector: spec.selector.match_labels.unwrap_or_default(),
+                        template: spec.template,
+                    });
+                }
+                "StatefulSet" => {
+                    let s: StatefulSet = parse(file, doc);
+                    let spec = s.spec.expect("a StatefulSet has a spec");
+                    manifests.workloads.push(Workload {
+                        kind: "StatefulSet",
+                        name: name_of(&s.metadata),
+                        selector: spec.selector.match_labels.unwrap_or_default(),
+                        template: spec.template,
+                    });
+                }
+                other => panic!("{file}: no check knows the kind {other:?}; add one"),
+            }
+        }
+    }
+    manifests.kustomization = Some(kustomization);
+    manifests
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[test]
+fn every_manifest_parses_and_the_references_agree() {
+    let m = load();
+    let kustomization = m.kustomization.as_ref().unwrap();
+    assert_eq!(m.namespaces.len(), 1);
+
+    // Workloads select their own pods.
+    for w in &m.workloads {
+        assert!(
+            selects(&w.selector, &w.labels()),
+            "{} {}: selector {:?} vs template labels {:?}",
+            w.kind,
+            w.name,
+            w.selector,
+            w.labels()
+        );
+    }
+
+    // Services select a workload, and their target ports are its container ports.
+    for service in &m.services {
+        let name = name_of(&service.metadata);
+        let spec = service.spec.as_ref().unwrap();
+        let selector = spec.selector.clone().unwrap_or_default();
+        let targets: Vec<&Workload> = m
+            .workloads
+            .iter()
+            .filter(|w| selects(&selector, &w.labels()))
+            .collect();
+        assert!(!targets.is_empty(), "Service {name} selects no workload");
+        for port in spec.ports.as_deref().unwrap_or_default() {
+            for w in &targets {
+                let found = w
+                    .containers()
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .any(|p| match &port.target_port {
+                        Some(IntOrString::String(n)) => p.name.as_deref() == Some(n.as_str()),
+                        Some(IntOrString::Int(n)) => p.container_port == *n,
+                        None => p.container_port == port.port,
+                    });
+                assert!(
+                    found,
+                    "Service {name} port {:?} has no container port in {}",
+                    port.name, w.name
+                );
+            }
+        }
+    }
+
+    let secrets: BTreeMap<&str, BTreeSet<String>> = kustomization
+        .secret_generator
+        .iter()
+        .map(|g| (g.name.as_str(), g.keys()))
+        .collect();
+    let config_maps: BTreeMap<&str, BTreeSet<String>> = kustomization
+        .config_map_generator
+        .iter()
+        .map(|g| (g.name.as_str(), g.keys()))
+        .collect();
+    let accounts: BTreeSet<String> = m
+        .service_accounts
+        .iter()
+        .map(|a| name_of(&a.metadata))
+        .collect();
+    let images: BTreeSet<&str> = kustomization
+        .images
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+
+    for w in &m.workloads {
+        let pod = w.template.spec.as_ref().unwrap();
+        if let Some(account) = &pod.service_account_name {
+            assert!(
+                accounts.contains(account),
+                "{}: no ServiceAccount {account}",
+                w.name
+            );
+        }
+        // Secret volumes come from a generator; remember which files each mount offers.
+        let mut mounted_secret_files: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let volumes = pod.volumes.as_deref().unwrap_or_default();
+        for c in w.containers() {
+            for mount in c.volume_mounts.as_deref().unwrap_or_default() {
+                let volume = volumes.iter().find(|v| v.name == mount.name);
+                let claim_template = w.kind == "StatefulSet";
+                assert!(
+                    volume.is_some() || claim_template,
+                    "{}: mount of unknown volume {}",
+                    w.name,
+                    mount.name
+                );
+                if let Some(secret) = volume.and_then(|v| v.secret.as_ref()) {
+                    let secret_name = secret.secret_name.as_deref().unwrap_or_default();
+                    let keys = secrets.get(secret_name).unwrap_or_else(|| {
+                        panic!("{}: secret {secret_name} is not generated", w.name)
+                    });
+                    mounted_secret_files.insert(mount.mount_path.clone(), keys.clone());
+                }
+            }
+        }
+        for c in w.containers() {
+            let ports: BTreeSet<&str> = c
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.name.as_deref())
+                .collect();
+            for probe in [&c.readiness_probe, &c.liveness_probe]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(get) = &probe.http_get
+                    && let IntOrString::String(port) = &get.port
+                {
+                    assert!(
+                        ports.contains(port.as_str()),
+                        "{}/{}: probe port {port}",
+                        w.name,
+                        c.name
+                    );
+                }
+            }
+            for env in c.env.iter().flatten() {
+                if let Some(from) = env
+                    .value_from
+                    .as_ref()
+                    .and_then(|f| f.config_map_key_ref.as_ref())
+                {
+                    let keys = config_maps.get(from.name.as_str()).unwrap_or_else(|| {
+                        panic!("{}: config map {} is not generated", w.name, from.name)
+                    });
+                    assert!(
+                        keys.contains(&from.key),
+                        "{}: {} has no key {}",
+                        w.name,
+                        from.name,
+                        from.key
+                    );
+                }
+                // A file path under a secret mount names a file that secret has.
+                if let Some(value) = &env.value
+                    && let Some((dir, file)) = value.rsplit_once('/')
+                    && let Some(keys) = mounted_secret_files.get(dir)
+                {
+                    assert!(
+                        keys.contains(file),
+                        "{}: {}={value}: the secret at {dir} has {keys:?}",
+                        w.name,
+                        env.name
+                    );
+                }
+            }
+            if let Some(image) = &c.image
+                && image.starts_with("envgate/")
+            {
+                assert!(
+                    images.contains(image.as_str()),
+                    "{}: image {image} not in kustomization images",
+                    w.name
+                );
+            }
+        }
+    }
+
+    for hpa in &m.autoscalers {
+        let target = &hpa.spec.as_ref().unwrap().scale_target_ref;
+        assert!(
+            m.workloads
+                .iter()
+                .any(|w| w.kind == target.kind && w.name == target.name),
+            "HPA targets a missing {} {}",
+            target.kind,
+            target.name
+        );
+    }
+    for pdb in &m.disruption_budgets {
+        let selector = pdb
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        assert!(
+            m.workloads.iter().any(|w| selects(&selector, &w.labels())),
+            "PDB {} selects nothing",
+            name_of(&pdb.metadata)
+        );
+    }
+}
+
+/// `envgate-controlplane --help` (or the proxy's) lists `[env: NAME=]` for every option.
+fn env_options(binary: &Path) -> BTreeSet<String> {
+    let out = std::process::Command::new(binary)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    String::from_utf8_lossy(&out.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('=').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_envgate_variable_is_an_option_of_its_binary() {
+    let controlplane = PathBuf::from(env!("CARGO_BIN_EXE_envgate-controlplane"));
+    let proxy = controlplane.with_file_name("envgate-proxy");
+    assert!(
+        proxy.is_file(),
+        "{} is missing: build it first (`cargo build -p envgate-proxy`)",
+        proxy.display()
+    );
+    let m = load();
+    for w in &m.workloads {
+        for c in w.containers() {
+            let binary = match c.image.as_deref() {
+                Some("envgate/controlplane") => &controlplane,
+                Some("envgate/proxy") => &proxy,
+                _ => continue,
+            };
+            let known = env_options(binary);
+            assert!(
+                known.contains("ENVGATE_LISTEN"),
+                "{}: no options read from --help",
+                binary.display()
+            );
+            for env in c
+                .env
+                .iter()
+                .flatten()
+                .filter(|e| e.name.starts_with("ENVGATE_"))
+            {
+                assert!(
+                    known.contains(&env.name),
+                    "{}/{}: {} is not an option of {}",
+                    w.name,
+                    c.name,
+                    env.name,
+                    binary.display()
+                );
+            }
+        }
+    }
+}
