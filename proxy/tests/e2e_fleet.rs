@@ -65,10 +65,7 @@ async fn a_killed_proxys_sessions_expire_and_the_user_lands_in_the_same_containe
     })
     .await;
 
-    let out = fleet
-        .ssh("demo", "cat /proc/1/cgroup; hostname", None)
-        .await;
-    out.assert_success();
+    fleet.ssh("demo", "true", None).await.assert_success();
     let containers = fleet.containers(Some("demo"));
     assert_eq!(
         containers.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
