@@ -32,6 +32,20 @@ async fn exec_start_count(ops: &str, path: &str) -> u64 {
         .sum()
 }
 
+/// Waits (bounded) until the terminal shows `text`. The tests type `$((…))` so that the
+/// text appears only in the output, never in the echo of the typed line.
+async fn screen_shows(tmux: &Tmux, text: &str) {
+    eventually(Duration::from_secs(30), text, || async {
+        let screen = tmux.screen();
+        if screen.contains(text) {
+            Ok(())
+        } else {
+            Err(screen)
+        }
+    })
+    .await;
+}
+
 fn one_proxy() -> FleetOptions {
     FleetOptions {
         proxies: 1,
@@ -66,14 +80,10 @@ async fn sessions_start_through_the_agent_with_the_users_home() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_megabytes_round_trip_byte_for_byte() {
-    let fleet = Fleet::start().await;
-    let data: Vec<u8> = (0..20 * 1024 * 1024)
-        .map(|_| rand::random::<u8>())
-        .collect();
-    let out = fleet.ssh("demo", "cat", Some(&data)).await;
-    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
-    assert_eq!(out.stdout_bytes.len(), data.len());
-    assert!(out.stdout_bytes == data, "the bytes that came back differ");
+    Fleet::start()
+        .await
+        .assert_cat_round_trip(20 * 1024 * 1024)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,34 +93,14 @@ async fn ctrl_c_interrupts_a_remote_sleep() {
     argv.insert(1, "-tt".to_string());
     let tmux = Tmux::start(fleet.dir(), &argv, 100, 30);
     tmux.type_line("echo ready-$((6*7))");
-    eventually(Duration::from_secs(30), "the shell answers", || async {
-        let screen = tmux.screen();
-        if screen.contains("ready-42") {
-            Ok(())
-        } else {
-            Err(screen)
-        }
-    })
-    .await;
+    screen_shows(&tmux, "ready-42").await;
     tmux.type_line("sleep 1000; echo after-sleep-$?");
     // Let the shell start the sleep before the interrupt.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tmux.key("C-c");
     // Typed after the interrupt: it only runs if the sleep is gone and the shell lives on.
     tmux.type_line("echo still-$((40+2))");
-    eventually(
-        Duration::from_secs(30),
-        "the sleep is interrupted and the shell goes on",
-        || async {
-            let screen = tmux.screen();
-            if screen.contains("still-42") {
-                Ok(())
-            } else {
-                Err(screen)
-            }
-        },
-    )
-    .await;
+    screen_shows(&tmux, "still-42").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,12 +38,10 @@ async fn stdin_reaches_the_command_and_eof_ends_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_megabytes_round_trip_byte_for_byte() {
-    let fleet = Fleet::start().await;
-    let data: Vec<u8> = (0..8 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
-    let out = fleet.ssh("demo", "cat", Some(&data)).await;
-    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
-    assert_eq!(out.stdout_bytes.len(), data.len());
-    assert!(out.stdout_bytes == data, "the bytes that came back differ");
+    Fleet::start()
+        .await
+        .assert_cat_round_trip(8 * 1024 * 1024)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -679,6 +679,16 @@ impl Fleet {
         run(&argv, stdin, &[]).await
     }
 
+    /// Sends `len` random bytes through `cat` in `demo`'s container and checks that they come
+    /// back byte for byte (flow control end to end).
+    pub async fn assert_cat_round_trip(&self, len: usize) {
+        let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+        let out = self.ssh("demo", "cat", Some(&data)).await;
+        assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+        assert_eq!(out.stdout_bytes.len(), data.len());
+        assert!(out.stdout_bytes == data, "the bytes that came back differ");
+    }
+
     /// `ssh login command` with password authentication only (through SSH_ASKPASS).
     pub async fn ssh_password(&self, login: &str, password: &str, command: &str) -> SshOutput {
         let askpass = self
