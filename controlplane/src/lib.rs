@@ -178,6 +178,7 @@ impl ControlPlane {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(1024)
+            .trace_fn(envgate_proto::telemetry::rpc_span)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)

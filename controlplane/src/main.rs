@@ -52,6 +52,9 @@ struct Args {
     /// Docker endpoint, e.g. unix:///var/run/docker.sock (default: the local defaults).
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
+    /// OTLP/gRPC endpoint traces are exported to (unset: none are exported).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// The STATIC envgate-agent binary (`proxy/agent/build-static`), mounted read-only into
     /// every new container as its init. Absent or empty: no agent, sessions use Docker exec.
     #[arg(long, env = "ENVGATE_AGENT_BINARY")]
@@ -176,6 +179,7 @@ fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let log_json = args.log_json;
+    let otlp_endpoint = args.otlp_endpoint.clone();
     let config = match config(args) {
         Ok(config) => config,
         Err(e) => {
@@ -183,7 +187,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    envgate_proto::ops::init_tracing(log_json);
+    let _telemetry = match envgate_proto::telemetry::init(
+        "envgate-controlplane",
+        log_json,
+        otlp_endpoint.as_deref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("envgate-controlplane: setting up tracing: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let metrics = envgate_proto::ops::init_metrics();
     let shutdown = CancellationToken::new();
     if let Err(e) = cancel_on_signal(shutdown.clone()) {

@@ -213,7 +213,11 @@ struct UsersArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    envgate_proto::ops::init_tracing(cli.log_json);
+    // Logging only: the load generator exports no traces.
+    if let Err(e) = envgate_proto::telemetry::init("envgate-loadtest", cli.log_json, None) {
+        eprintln!("envgate-loadtest: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,4 +1,4 @@
-//! Telemetry set-up and the operations HTTP endpoint (`/healthz`, `/readyz`,
+//! Metrics and the operations HTTP endpoint (`/healthz`, `/readyz`,
 //! `/metrics`) that both binaries serve the same way.
 
 use std::net::SocketAddr;
@@ -12,7 +12,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Histogram of the time spent in each phase of a connection, labelled
 /// `phase` (accept, auth, placement, container_create, exec_start, session,
@@ -23,23 +22,6 @@ const PHASE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0, 3600.0,
 ];
-
-/// Starts logging to stderr: `RUST_LOG`-style filter, JSON lines when `json`.
-pub fn init_tracing(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    } else {
-        builder.init();
-    }
-}
 
 /// Installs the Prometheus recorder for the `metrics` facade.
 pub fn init_metrics() -> PrometheusHandle {

@@ -86,6 +86,21 @@ pub fn adopt_context(span: &tracing::Span, metadata: &MetadataMap) {
     let _ = span.set_parent(cx);
 }
 
+/// The span of one incoming gRPC call, for tonic's `Server::trace_fn`: named
+/// after the method, and a child of the caller's span when the request
+/// carries W3C trace context, so the server's spans join the caller's trace.
+pub fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %request.uri().path(),
+        otel.kind = "server"
+    );
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+    // Fails only when no OpenTelemetry layer is installed: nothing to join.
+    let _ = span.set_parent(cx);
+    span
+}
+
 /// A tonic client interceptor that propagates the caller's trace context.
 pub fn propagate(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     inject_context(request.metadata_mut());
@@ -102,6 +117,18 @@ impl Injector for MetadataInjector<'_> {
         ) {
             self.0.insert(key, value);
         }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 

@@ -166,7 +166,7 @@ impl Handler for ConnectionHandler {
         let outcome = self
             .authenticator
             .public_key(&login.user, &key, &self.client_address, &self.connection_id)
-            .instrument(self.span.clone())
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
             .await;
         match self.outcome(&login.user, outcome) {
             Some(who) => {
@@ -208,7 +208,7 @@ impl Handler for ConnectionHandler {
                 &self.client_address,
                 &self.connection_id,
             )
-            .instrument(self.span.clone())
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
             .await;
         match self.outcome(&login.user, outcome) {
             Some(who) => Ok(self.accept(login, who).await),

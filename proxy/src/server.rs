@@ -163,7 +163,10 @@ async fn serve_connection(
     context: Arc<ServerContext>,
 ) -> ConnectionResult {
     let accepted = Instant::now();
-    let client = match client_address(&mut socket, peer, &context.trusted_proxies).await {
+    let client = match client_address(&mut socket, peer, &context.trusted_proxies)
+        .instrument(tracing::info_span!("accept"))
+        .await
+    {
         Ok(client) => client,
         Err(result) => return result,
     };

@@ -147,6 +147,8 @@ pub async fn run(
         container_unreachable: false,
     };
     let session_started = Instant::now();
+    // Closed (and exported) when dropped, before teardown starts.
+    let session_span = tracing::info_span!("session");
     let mut killed = false;
     loop {
         tokio::select! {
@@ -168,6 +170,7 @@ pub async fn run(
         connection.on_channel_end(end);
     }
     connection.running.shutdown().await;
+    drop(session_span);
     connection.release(session_started).await;
     connection.result
 }
@@ -326,6 +329,7 @@ impl Connection {
             output,
             pty,
         )
+        .instrument(tracing::info_span!("placement"))
         .await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         record_phase(
@@ -391,6 +395,7 @@ impl Connection {
                     self.container_unreachable,
                     &self.info.connection_id,
                 )
+                .instrument(tracing::info_span!("teardown"))
                 .await;
             record_phase("teardown", started.elapsed(), &[]);
             if let Err(status) = result {
@@ -511,7 +516,10 @@ async fn run_process(
     pty: bool,
     handle: Handle,
 ) -> ChannelEnd {
-    let started = tokio::time::timeout(PROCESS_START_TIMEOUT, runtime.start(&spec)).await;
+    let start = runtime
+        .start(&spec)
+        .instrument(tracing::info_span!("exec_start"));
+    let started = tokio::time::timeout(PROCESS_START_TIMEOUT, start).await;
     let process = match started.unwrap_or(Err(ExecError::StartTimeout(PROCESS_START_TIMEOUT))) {
         Ok(process) => process,
         Err(e) => {

@@ -514,7 +514,7 @@ fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
 async fn proxy_serves_sessions_into_a_real_container() {
     // RUST_LOG=envgate_proxy=debug shows the proxy's side when a step fails.
     if std::env::var_os("RUST_LOG").is_some() {
-        envgate_proto::ops::init_tracing(false);
+        let _ = envgate_proto::telemetry::init("envgate-proxy-test", false, None);
     }
     let dir = tempfile::tempdir().unwrap();
     let host_key = keygen(dir.path(), "host_ed25519");

@@ -50,6 +50,8 @@ pub struct FleetOptions {
     pub docker_host: Option<String>,
     /// Create the standard catalogue (busybox default, debian) and the user `demo`.
     pub seed: bool,
+    /// Extra environment of the control plane and every proxy (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
     /// Containers run `envgate-agent` (`--agent-binary`, the fast data path); `false`: the
     /// control plane has no agent and sessions use Docker exec.
     pub agent: bool,
@@ -62,6 +64,7 @@ impl Default for FleetOptions {
             reconcile_interval_seconds: 1,
             docker_host: None,
             seed: true,
+            env: Vec::new(),
             agent: true,
         }
     }
@@ -265,7 +268,8 @@ impl Fleet {
             .arg(&fleet.instance)
             .arg("--reconcile-interval-seconds")
             .arg(options.reconcile_interval_seconds.to_string())
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)));
         if let Some(docker_host) = &options.docker_host {
             command.arg("--docker-host").arg(docker_host);
         }
@@ -302,7 +306,8 @@ impl Fleet {
                 .arg("127.0.0.1/32")
                 .arg("--shutdown-grace-seconds")
                 .arg("2")
-                .env("RUST_LOG", "info");
+                .env("RUST_LOG", "info")
+                .envs(options.env.iter().map(|(k, v)| (k, v)));
             let log = fleet.dir.path().join(format!("proxy-{i}.log"));
             let name = format!("proxy-{i}");
             fleet.proxies.push(Proc::spawn(&name, &mut command, log)?);
