@@ -270,6 +270,9 @@ pub async fn run_sweep(config: &SweepConfig) -> Result<SweepResult, SweepError> 
             )
             .await;
             let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // The servers record teardown and count a connection after its client has
+            // gone, so the quiet time comes before the second scrape, not after it.
+            tokio::time::sleep(config.pause).await;
             let after = if scrape {
                 Some(scrape::scrape_all(&config.metrics, config.metrics_timeout).await)
             } else {
@@ -288,7 +291,6 @@ pub async fn run_sweep(config: &SweepConfig) -> Result<SweepResult, SweepError> 
                 scrape_error,
             });
             records.extend(level_records);
-            tokio::time::sleep(config.pause).await;
         }
         if let (Some(t), Some(c)) = (summaries.get(TARGET), summaries.get(COMPARE)) {
             comparisons.push(compare(level, t, c));
