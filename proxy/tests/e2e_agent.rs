@@ -118,6 +118,70 @@ async fn a_signal_killed_process_reports_the_signal() {
     assert_eq!(out.stdout, "status-143\n", "{out:#?}");
 }
 
+/// The test client trusts the fleet's host key (the harness made it).
+struct AnyHostKey;
+
+impl russh::client::Handler for AnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_signal_request_reaches_the_process() {
+    // OpenSSH's client cannot send `signal` requests; russh's can.
+    let fleet = Fleet::start().await;
+    let key = russh::keys::load_secret_key(fleet.key_of("demo"), None).expect("demo's key");
+    let key = russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(key), None);
+    let config = std::sync::Arc::new(russh::client::Config::default());
+    let run = async {
+        let mut session = russh::client::connect(config, ("127.0.0.1", fleet.ssh_port), AnyHostKey)
+            .await
+            .expect("connect");
+        let auth = session
+            .authenticate_publickey("demo", key)
+            .await
+            .expect("authenticate");
+        assert!(auth.success());
+        let mut channel = session.channel_open_session().await.expect("session");
+        channel
+            .exec(true, "echo ready; exec sleep 1000")
+            .await
+            .expect("exec");
+        let mut seen = Vec::new();
+        let mut signalled = false;
+        while let Some(message) = channel.wait().await {
+            match message {
+                russh::ChannelMsg::Data { data } => {
+                    seen.extend_from_slice(&data);
+                    if !signalled && seen.ends_with(b"ready\n") {
+                        signalled = true;
+                        channel.signal(russh::Sig::USR1).await.expect("signal");
+                    }
+                }
+                russh::ChannelMsg::ExitSignal { signal_name, .. } => return Some(signal_name),
+                russh::ChannelMsg::ExitStatus { exit_status } => {
+                    panic!("exit status {exit_status} instead of a signal")
+                }
+                _ => {}
+            }
+        }
+        None
+    };
+    let signal = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the session ended within a minute");
+    assert!(
+        matches!(signal, Some(russh::Sig::USR1)),
+        "the process did not die of the USR1 sent to it: {signal:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_children_leave_no_zombies() {
     let fleet = Fleet::start().await;
