@@ -156,9 +156,7 @@ impl DockerRuntime {
             })
             .await
     }
-}
 
-impl DockerRuntime {
     /// Creates and starts `name`; a container that fails to start is removed again.
     async fn create_named(
         &self,
