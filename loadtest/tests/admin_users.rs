@@ -96,6 +96,39 @@ impl Admin for RecordingAdmin {
     ) -> Result<Response<ListProxiesResponse>, Status> {
         refused()
     }
+    async fn drain_proxy(
+        &self,
+        _: Request<DrainProxyRequest>,
+    ) -> Result<Response<DrainProxyResponse>, Status> {
+        refused()
+    }
+    async fn kill_session(
+        &self,
+        _: Request<KillSessionRequest>,
+    ) -> Result<Response<KillSessionResponse>, Status> {
+        refused()
+    }
+    async fn stop_container(
+        &self,
+        _: Request<StopContainerRequest>,
+    ) -> Result<Response<StopContainerResponse>, Status> {
+        refused()
+    }
+    async fn delete_container(
+        &self,
+        _: Request<DeleteContainerRequest>,
+    ) -> Result<Response<DeleteContainerResponse>, Status> {
+        refused()
+    }
+    async fn revoke_user_tokens(
+        &self,
+        _: Request<RevokeUserTokensRequest>,
+    ) -> Result<Response<RevokeUserTokensResponse>, Status> {
+        refused()
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        refused()
+    }
 }
 
 #[tokio::test]
