@@ -55,6 +55,8 @@ pub struct FleetOptions {
     /// Containers run `envgate-agent` (`--agent-binary`, the fast data path); `false`: the
     /// control plane has no agent and sessions use Docker exec.
     pub agent: bool,
+    /// Control-plane replicas (same etcd and keys); every proxy is given all of them.
+    pub controlplanes: usize,
 }
 
 impl Default for FleetOptions {
@@ -66,6 +68,7 @@ impl Default for FleetOptions {
             seed: true,
             env: Vec::new(),
             agent: true,
+            controlplanes: 1,
         }
     }
 }
@@ -177,6 +180,9 @@ pub struct Fleet {
     pub grpc_addr: String,
     /// `127.0.0.1:port` of the control plane's ops endpoint.
     pub controlplane_ops: String,
+    /// gRPC and ops addresses of every control-plane replica; `[0]` is the one above.
+    pub replica_grpc: Vec<String>,
+    pub replica_ops: Vec<String>,
     /// `127.0.0.1:port` of each proxy's SSH listener (behind HAProxy).
     pub proxy_listen: Vec<String>,
     /// `127.0.0.1:port` of each proxy's ops endpoint.
@@ -188,6 +194,8 @@ pub struct Fleet {
     haproxy: Option<Proc>,
     proxies: Vec<Proc>,
     controlplane: Option<Proc>,
+    /// Replicas 1.. (`FleetOptions::controlplanes`).
+    replicas: Vec<Proc>,
     etcd: Etcd,
     dir: tempfile::TempDir,
 }
@@ -246,43 +254,75 @@ impl Fleet {
             haproxy: None,
             proxies: Vec::new(),
             controlplane: None,
+            replicas: Vec::new(),
+            replica_grpc: Vec::new(),
+            replica_ops: Vec::new(),
             etcd,
             dir,
         };
+        fleet.replica_grpc.push(fleet.grpc_addr.clone());
+        fleet.replica_ops.push(fleet.controlplane_ops.clone());
+        for _ in 1..options.controlplanes {
+            fleet
+                .replica_grpc
+                .push(format!("127.0.0.1:{}", free_port()?));
+            fleet
+                .replica_ops
+                .push(format!("127.0.0.1:{}", free_port()?));
+        }
 
-        let mut command = Command::new(&controlplane_bin);
-        command
-            .arg("--listen")
-            .arg(&fleet.grpc_addr)
-            .arg("--ops-listen")
-            .arg(&fleet.controlplane_ops)
-            .arg("--etcd")
-            .arg(fleet.etcd.endpoint())
-            .arg("--etcd-prefix")
-            .arg(ETCD_PREFIX)
-            .arg("--token-key")
-            .arg(&token_key)
-            .arg("--admin-token-file")
-            .arg(&admin_token_file)
-            .arg("--instance")
-            .arg(&fleet.instance)
-            .arg("--reconcile-interval-seconds")
-            .arg(options.reconcile_interval_seconds.to_string())
-            .env("RUST_LOG", "info")
-            .envs(options.env.iter().map(|(k, v)| (k, v)));
-        if let Some(docker_host) = &options.docker_host {
-            command.arg("--docker-host").arg(docker_host);
-        }
-        if options.agent {
+        for replica in 0..fleet.replica_grpc.len() {
+            let mut command = Command::new(&controlplane_bin);
             command
-                .arg("--agent-binary")
-                .arg(agent_static_bin()?)
-                .arg("--agent-dir")
-                .arg(fleet.agent_dir());
+                .arg("--listen")
+                .arg(&fleet.replica_grpc[replica])
+                .arg("--ops-listen")
+                .arg(&fleet.replica_ops[replica])
+                .arg("--etcd")
+                .arg(fleet.etcd.endpoint())
+                .arg("--etcd-prefix")
+                .arg(ETCD_PREFIX)
+                .arg("--token-key")
+                .arg(&token_key)
+                .arg("--admin-token-file")
+                .arg(&admin_token_file)
+                .arg("--instance")
+                .arg(&fleet.instance)
+                .arg("--reconcile-interval-seconds")
+                .arg(options.reconcile_interval_seconds.to_string())
+                .env("RUST_LOG", "info")
+                .envs(options.env.iter().map(|(k, v)| (k, v)));
+            if let Some(docker_host) = &options.docker_host {
+                command.arg("--docker-host").arg(docker_host);
+            }
+            if options.agent {
+                command
+                    .arg("--agent-binary")
+                    .arg(agent_static_bin()?)
+                    .arg("--agent-dir")
+                    .arg(fleet.agent_dir());
+            }
+            if replica == 0 {
+                let log = fleet.dir.path().join("controlplane.log");
+                fleet.controlplane = Some(Proc::spawn("controlplane", &mut command, log)?);
+            } else {
+                let name = format!("controlplane-{replica}");
+                let log = fleet.dir.path().join(format!("{name}.log"));
+                fleet.replicas.push(Proc::spawn(&name, &mut command, log)?);
+            }
         }
-        let log = fleet.dir.path().join("controlplane.log");
-        fleet.controlplane = Some(Proc::spawn("controlplane", &mut command, log)?);
         fleet.wait_controlplane().await?;
+        for replica in 1..fleet.replica_ops.len() {
+            let ops = fleet.replica_ops[replica].clone();
+            fleet
+                .wait_ready(&format!("controlplane-{replica}"), || async {
+                    match http_get(&ops, "/readyz").await {
+                        Some((200, _)) => Ok(()),
+                        other => Err(format!("/readyz on {ops}: {other:?}")),
+                    }
+                })
+                .await?;
+        }
         if options.seed {
             fleet.seed().await?;
         }
@@ -297,7 +337,14 @@ impl Fleet {
                 .arg("--ops-listen")
                 .arg(&ops)
                 .arg("--controlplane")
-                .arg(format!("http://{}", fleet.grpc_addr))
+                .arg(
+                    fleet
+                        .replica_grpc
+                        .iter()
+                        .map(|addr| format!("http://{addr}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
                 .arg("--host-key")
                 .arg(&host_key)
                 .arg("--proxy-id")
@@ -385,6 +432,7 @@ impl Fleet {
         let procs = self
             .controlplane
             .iter_mut()
+            .chain(self.replicas.iter_mut())
             .chain(self.proxies.iter_mut())
             .chain(self.haproxy.iter_mut());
         for proc in procs {
@@ -788,6 +836,14 @@ impl Fleet {
     /// SIGKILLs etcd.
     pub fn kill_etcd(&mut self) {
         self.etcd.kill();
+    }
+
+    /// SIGKILLs control-plane replica `index` (0 is `grpc_addr`'s).
+    pub fn kill_controlplane(&mut self, index: usize) {
+        match index {
+            0 => self.controlplane.as_mut().expect("replica 0 runs").kill(),
+            i => self.replicas[i - 1].kill(),
+        }
     }
 
     pub fn controlplane_alive(&mut self) -> bool {
