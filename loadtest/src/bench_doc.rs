@@ -317,6 +317,41 @@ mod tests {
     }
 
     #[test]
+    fn render_states_each_target_and_blames_a_step_and_a_phase() {
+        // Level 2 of the sample: envgate 40 ms (and one auth failure), floor 12 and 14 ms.
+        let result = crate::report::tests::sample_result();
+        let memory = HoldResult {
+            sessions: 1000,
+            pids: vec![1, 2],
+            rss_before_kib: 20_480,
+            rss_after_kib: 59_700,
+            kib_per_session: 39.2,
+        };
+        let meta = [("date".to_owned(), "2026-11-26 15:00 UTC".to_owned())];
+        let text = render(&BenchRun {
+            meta: &meta,
+            warm: &result,
+            cold: &result,
+            memory: &memory,
+            img_prefix: "img/bench-",
+        });
+        for expected in [
+            "- date: 2026-11-26 15:00 UTC",
+            "| 0 failed connections, warm, every level up to 2 | **missed**: 1 failed",
+            "p99 turnaround ≤ 2x the floor's | **missed** by 43 % (2.86x, limit 2x)",
+            "mean turnaround ≤ 1.5x the floor's | **missed** by 105 % (3.08x, limit 1.5x)",
+            "`first_byte` (+27 ms mean)",
+            "longest server-side phase: `placement` (9 ms mean)",
+            "2 of 3 succeeded; at 2 fresh users `placement` dominates (9 ms mean)",
+            "39.2 KiB per session (proxies' RSS 20.0 MiB → 58.3 MiB)",
+            "| 2 | 40 | 13 | 3.08 | 40 | 14 | 2.86 | 40 | 14 | 1 / 0 |",
+            "![cold: turnaround vs concurrency](img/bench-cold-turnaround.svg)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+        }
+    }
+
+    #[test]
     fn verdicts_say_by_how_much_a_target_is_missed() {
         assert_eq!(verdict(Some(1.5), 2.0), "**met** (1.50x, limit 2x)");
         assert_eq!(
