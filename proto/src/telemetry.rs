@@ -8,6 +8,7 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::codegen::http::HeaderMap;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
@@ -79,25 +80,24 @@ pub fn inject_context(metadata: &mut MetadataMap) {
     TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(metadata));
 }
 
-/// Makes the trace context of an incoming gRPC request the parent of `span`.
-pub fn adopt_context(span: &tracing::Span, metadata: &MetadataMap) {
-    let cx = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+/// Makes the W3C trace context in incoming request headers (gRPC metadata)
+/// the parent of `span`.
+pub fn adopt_context(span: &tracing::Span, headers: &HeaderMap) {
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     // Fails only when no OpenTelemetry layer is installed: nothing to join.
     let _ = span.set_parent(cx);
 }
 
 /// The span of one incoming gRPC call, for tonic's `Server::trace_fn`: named
 /// after the method, and a child of the caller's span when the request
-/// carries W3C trace context, so the server's spans join the caller's trace.
+/// carries trace context, so the server's spans join the caller's trace.
 pub fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let span = tracing::info_span!(
         "rpc",
         otel.name = %request.uri().path(),
         otel.kind = "server"
     );
-    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-    // Fails only when no OpenTelemetry layer is installed: nothing to join.
-    let _ = span.set_parent(cx);
+    adopt_context(&span, request.headers());
     span
 }
 
@@ -120,7 +120,7 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -129,23 +129,5 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct MetadataExtractor<'a>(&'a MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
     }
 }
