@@ -4,7 +4,7 @@
 //! stream breaks.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use envgate_proto::ops::Readiness;
 use envgate_proto::v1::{
@@ -21,6 +21,8 @@ use crate::drain::Drain;
 use crate::error::DEFAULT_KILL_MESSAGE;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+/// A stream that lived this long counts as having been up (see `FleetMember::run`).
+const STABLE_STREAM: Duration = HEARTBEAT_INTERVAL;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -39,22 +41,26 @@ impl FleetMember {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
-            let registered = match self.attach_once(&shutdown).await {
-                Ok(registered) => registered,
-                Err(status) => {
-                    tracing::warn!(code = ?status.code(), error = %status.message(), "fleet stream failed");
-                    false
-                }
-            };
-            self.readiness.set(false);
+            let mut attached_at = None;
+            if let Err(status) = self.attach_once(&shutdown, &mut attached_at).await {
+                tracing::warn!(code = ?status.code(), error = %status.message(), "fleet stream failed");
+            }
             if shutdown.is_cancelled() {
+                self.readiness.set(false);
                 return;
             }
-            failures = if registered {
-                0
-            } else {
-                failures.saturating_add(1)
-            };
+            // A stream that was up for a while and then ended (typically its control-plane
+            // replica died) is re-attached at once, to any replica, and the proxy stays ready
+            // meanwhile: its record and lease outlive the stream by the control plane's lease
+            // TTL, so placement goes on working. Turning unready here took every proxy
+            // attached to that replica out of HAProxy at once (e2e_ha). Only a failed attach,
+            // or streams that keep ending at once, make the proxy unready.
+            if attached_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_STREAM) {
+                failures = 0;
+                continue;
+            }
+            self.readiness.set(false);
+            failures = failures.saturating_add(1);
             let delay = jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -63,8 +69,12 @@ impl FleetMember {
         }
     }
 
-    /// One stream's life. `Ok(true)`: it was registered and then ended.
-    async fn attach_once(&self, shutdown: &CancellationToken) -> Result<bool, tonic::Status> {
+    /// One stream's life; `attached_at` is set when it registered. `Ok` when it ended cleanly.
+    async fn attach_once(
+        &self,
+        shutdown: &CancellationToken,
+        attached_at: &mut Option<Instant>,
+    ) -> Result<(), tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let register = ProxyMessage {
             message: Some(proxy_message::Message::Register(self.register.clone())),
@@ -78,6 +88,7 @@ impl FleetMember {
             .map_err(|_| tonic::Status::deadline_exceeded("Fleet.Attach did not answer"))??;
         let mut commands = attached.into_inner();
         tracing::info!(proxy_id = %self.register.proxy_id, "registered with the control plane");
+        *attached_at = Some(Instant::now());
         self.readiness.set(!self.drain.is_draining());
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.tick().await;
@@ -92,15 +103,15 @@ impl FleetMember {
                     };
                     let message = ProxyMessage { message: Some(proxy_message::Message::Heartbeat(heartbeat)) };
                     if tx.send(message).await.is_err() {
-                        return Ok(true);
+                        return Ok(());
                     }
                     self.readiness.set(!self.drain.is_draining());
                 }
                 command = commands.message() => match command? {
                     Some(command) => self.obey(command),
-                    None => return Ok(true),
+                    None => return Ok(()),
                 },
-                () = shutdown.cancelled() => return Ok(true),
+                () = shutdown.cancelled() => return Ok(()),
             }
         }
     }

@@ -167,3 +167,87 @@ async fn proxy_headers_from_untrusted_addresses_or_garbled_are_refused_without_h
     let out = fleet.ssh("demo", "echo after", None).await;
     assert_eq!(out.stdout, "after\n", "{out:#?}");
 }
+
+/// Sequential logins running `argv` until `stop`; returns (logins, failures).
+async fn login_loop(
+    argv: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (usize, Vec<SshOutput>) {
+    const MAX_LOGINS: usize = 2000;
+    let mut logins = 0;
+    let mut failures = Vec::new();
+    while logins < MAX_LOGINS && !stop.is_cancelled() {
+        let out = support::run(&argv, None, &[]).await;
+        if out.code != Some(0) || out.stdout.is_empty() {
+            failures.push(out);
+        }
+        logins += 1;
+    }
+    (logins, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_2_to_4_to_1_under_logins_drops_no_one() {
+    const GRACE_SECONDS: u64 = 15;
+    let mut fleet = Fleet::start_with(FleetOptions {
+        shutdown_grace_seconds: GRACE_SECONDS,
+        ..FleetOptions::default()
+    })
+    .await;
+    // demo logs in over and over; carol holds the long sessions.
+    let carol = fleet.add_user("carol", "busybox", None).await;
+    let mut demo_date = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    demo_date.push("date".to_string());
+    let mut carol_long = fleet.ssh_key_argv("carol", &carol);
+    carol_long.push("echo started; sleep 6; echo finished".to_string());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let logins = tokio::spawn(login_loop(demo_date, stop.clone()));
+
+    fleet.scale(4).await.expect("scale to 4");
+    // One long session per proxy (leastconn spreads them), so most run on proxies that are
+    // about to drain.
+    let long: Vec<_> = (0..4)
+        .map(|_| {
+            let argv = carol_long.clone();
+            tokio::spawn(async move { support::run(&argv, None, &[]).await })
+        })
+        .collect();
+    let drained = eventually(WAIT, "four long sessions placed", || async {
+        let sessions = fleet.etcd_records("sessions/").await?;
+        let long_on: Vec<String> = sessions
+            .iter()
+            .filter(|(_, r)| session_field(r, "user") == "carol")
+            .map(|(_, r)| session_field(r, "proxy_id"))
+            .collect();
+        let on_drained = long_on.iter().filter(|p| !p.ends_with("-p0")).count();
+        if long_on.len() == 4 && on_drained >= 1 {
+            Ok(on_drained)
+        } else {
+            Err(format!("sessions on {long_on:?}"))
+        }
+    })
+    .await;
+
+    let drained_at = std::time::Instant::now();
+    fleet.scale(1).await.expect("scale to 1");
+    for session in long {
+        let out = session.await.expect("ssh task");
+        assert_eq!(out.stdout, "started\nfinished\n", "{out:#?}");
+        assert_eq!(out.code, Some(0), "{out:#?}");
+    }
+    let drain_took = drained_at.elapsed();
+    assert!(
+        drain_took < Duration::from_secs(GRACE_SECONDS),
+        "the drained proxies' sessions finished within the grace period: {drain_took:?}"
+    );
+    // Logins go on against the one proxy left, then the loop stops.
+    fleet.ssh("demo", "true", None).await.assert_success();
+    stop.cancel();
+    let (count, failures) = logins.await.expect("login loop");
+    eprintln!(
+        "scale 2→4→1: {count} logins, {} failed; {drained} long sessions on drained proxies, drained in {drain_took:?}",
+        failures.len()
+    );
+    assert!(count > 10, "the loop ran: {count}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}

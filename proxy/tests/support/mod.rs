@@ -57,6 +57,8 @@ pub struct FleetOptions {
     pub agent: bool,
     /// Control-plane replicas (same etcd and keys); every proxy is given all of them.
     pub controlplanes: usize,
+    /// `--shutdown-grace-seconds` of every proxy.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for FleetOptions {
@@ -69,6 +71,7 @@ impl Default for FleetOptions {
             env: Vec::new(),
             agent: true,
             controlplanes: 1,
+            shutdown_grace_seconds: 2,
         }
     }
 }
@@ -192,6 +195,10 @@ pub struct Fleet {
     // Field order is drop order: HAProxy and proxies first, then the control plane, then
     // etcd, and the directory holding their logs last.
     haproxy: Option<Proc>,
+    /// Processes replaced by a soft reload, finishing their connections.
+    old_haproxies: Vec<Proc>,
+    /// The proxies HAProxy sends connections to (`scale` changes it).
+    serving: Vec<usize>,
     proxies: Vec<Proc>,
     controlplane: Option<Proc>,
     /// Replicas 1.. (`FleetOptions::controlplanes`).
@@ -252,6 +259,8 @@ impl Fleet {
             admin_token,
             keys: Mutex::new(HashMap::new()),
             haproxy: None,
+            old_haproxies: Vec::new(),
+            serving: Vec::new(),
             proxies: Vec::new(),
             controlplane: None,
             replicas: Vec::new(),
@@ -328,52 +337,92 @@ impl Fleet {
         }
 
         for i in 0..options.proxies {
-            let listen = format!("127.0.0.1:{}", free_port()?);
-            let ops = format!("127.0.0.1:{}", free_port()?);
-            let mut command = Command::new(proxy_bin());
-            command
-                .arg("--listen")
-                .arg(&listen)
-                .arg("--ops-listen")
-                .arg(&ops)
-                .arg("--controlplane")
-                .arg(
-                    fleet
-                        .replica_grpc
-                        .iter()
-                        .map(|addr| format!("http://{addr}"))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-                .arg("--host-key")
-                .arg(&host_key)
-                .arg("--proxy-id")
-                .arg(format!("{}-p{i}", fleet.instance))
-                .arg("--trusted-proxies")
-                .arg("127.0.0.1/32")
-                .arg("--shutdown-grace-seconds")
-                .arg("2")
-                .env("RUST_LOG", "info")
-                .envs(options.env.iter().map(|(k, v)| (k, v)));
-            let log = fleet.dir.path().join(format!("proxy-{i}.log"));
-            let name = format!("proxy-{i}");
-            fleet.proxies.push(Proc::spawn(&name, &mut command, log)?);
-            fleet.proxy_listen.push(listen);
-            fleet.proxy_ops.push(ops);
+            fleet.spawn_proxy(i)?;
         }
         for i in 0..options.proxies {
-            let ops = fleet.proxy_ops[i].clone();
-            fleet
-                .wait_ready(&format!("proxy-{i}"), || async {
-                    match http_get(&ops, "/readyz").await {
-                        Some((200, _)) => Ok(()),
-                        other => Err(format!("/readyz on {ops}: {other:?}")),
-                    }
-                })
-                .await?;
+            fleet.wait_proxy_ready(i).await?;
         }
+        fleet.serving = (0..options.proxies).collect();
         fleet.start_haproxy().await?;
         Ok(fleet)
+    }
+
+    /// Starts proxy `i` (its ports are picked now) with every control-plane replica.
+    fn spawn_proxy(&mut self, i: usize) -> Result<(), String> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let ops = format!("127.0.0.1:{}", free_port()?);
+        let mut command = Command::new(proxy_bin());
+        command
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--ops-listen")
+            .arg(&ops)
+            .arg("--controlplane")
+            .arg(
+                self.replica_grpc
+                    .iter()
+                    .map(|addr| format!("http://{addr}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg("--host-key")
+            .arg(self.dir.path().join("host_ed25519"))
+            .arg("--proxy-id")
+            .arg(format!("{}-p{i}", self.instance))
+            .arg("--trusted-proxies")
+            .arg("127.0.0.1/32")
+            .arg("--shutdown-grace-seconds")
+            .arg(self.options.shutdown_grace_seconds.to_string())
+            .env("RUST_LOG", "info")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
+        let log = self.dir.path().join(format!("proxy-{i}.log"));
+        let name = format!("proxy-{i}");
+        self.proxies.push(Proc::spawn(&name, &mut command, log)?);
+        self.proxy_listen.push(listen);
+        self.proxy_ops.push(ops);
+        Ok(())
+    }
+
+    async fn wait_proxy_ready(&mut self, i: usize) -> Result<(), String> {
+        let ops = self.proxy_ops[i].clone();
+        self.wait_ready(&format!("proxy-{i}"), || async {
+            match http_get(&ops, "/readyz").await {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("/readyz on {ops}: {other:?}")),
+            }
+        })
+        .await
+    }
+
+    /// What `deploy/local/fleet scale` does: proxies `0..n` serve. New ones are started and
+    /// ready before HAProxy is soft-reloaded with them; surplus ones leave HAProxy's
+    /// configuration first (the old HAProxy process finishes its connections) and are then
+    /// SIGTERMed, and this returns once they have drained and exited.
+    pub async fn scale(&mut self, n: usize) -> Result<(), String> {
+        let before = self.serving.len();
+        for i in self.proxies.len()..n {
+            self.spawn_proxy(i)?;
+            self.wait_proxy_ready(i).await?;
+        }
+        self.serving = (0..n).collect();
+        self.reload_haproxy().await?;
+        let grace = Duration::from_secs(self.options.shutdown_grace_seconds + 10);
+        for i in n..before {
+            self.terminate_proxy(i);
+        }
+        for i in n..before {
+            let deadline = Instant::now() + grace;
+            while self.proxy_exit(i).is_none() {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "proxy-{i} did not drain within {grace:?}\n{}",
+                        self.logs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Waits until the control plane serves gRPC and its store answers: an admin call succeeds.
@@ -443,27 +492,41 @@ impl Fleet {
         None
     }
 
-    async fn start_haproxy(&mut self) -> Result<(), String> {
-        self.ssh_port = free_port()?;
+    /// Writes haproxy.cfg for the proxies in `serving`, with a stats socket that hands the
+    /// listening socket to the next process on a soft reload.
+    fn write_haproxy_cfg(&self) -> Result<PathBuf, String> {
         let mut cfg = format!(
-            "global\n    maxconn 1024\n    nbthread 1\n\n\
+            "global\n    maxconn 1024\n    nbthread 1\n    \
+             stats socket {} mode 600 level admin expose-fd listeners\n\n\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    \
              timeout server 5m\n    timeout check 1s\n    retries 3\n    option redispatch 1\n\n\
              frontend ssh\n    bind 127.0.0.1:{}\n    default_backend proxies\n\n\
              backend proxies\n    balance leastconn\n    option httpchk GET /readyz\n    \
              http-check expect status 200\n    \
              default-server inter 500ms fall 2 rise 1 send-proxy-v2\n",
+            self.haproxy_socket().display(),
             self.ssh_port
         );
-        for (i, listen) in self.proxy_listen.iter().enumerate() {
+        for &i in &self.serving {
             let ops_port = self.proxy_ops[i]
                 .rsplit_once(':')
                 .map(|(_, p)| p)
                 .unwrap_or_default();
+            let listen = &self.proxy_listen[i];
             cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
         }
         let cfg_path = self.dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
+        Ok(cfg_path)
+    }
+
+    fn haproxy_socket(&self) -> PathBuf {
+        self.dir.path().join("haproxy.sock")
+    }
+
+    async fn start_haproxy(&mut self) -> Result<(), String> {
+        self.ssh_port = free_port()?;
+        let cfg_path = self.write_haproxy_cfg()?;
         let mut command = Command::new("haproxy");
         command.arg("-db").arg("-f").arg(&cfg_path);
         let log = self.dir.path().join("haproxy.log");
@@ -478,6 +541,37 @@ impl Fleet {
             {
                 Ok(Ok(_)) => Ok(()),
                 other => Err(format!("connect {addr}: {other:?}")),
+            }
+        })
+        .await
+    }
+
+    /// A soft reload, as `deploy/local/fleet` does it: the new process takes the listening
+    /// socket over the stats socket (`-x`) and tells the old one to finish its connections and
+    /// exit (`-sf`); established sessions are untouched.
+    async fn reload_haproxy(&mut self) -> Result<(), String> {
+        let cfg_path = self.write_haproxy_cfg()?;
+        let old = self.haproxy.take().ok_or("HAProxy is not running")?;
+        let mut command = Command::new("haproxy");
+        command
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg_path)
+            .arg("-x")
+            .arg(self.haproxy_socket())
+            .arg("-sf")
+            .arg(old.child.id().to_string());
+        let generation = self.old_haproxies.len() + 1;
+        let log = self.dir.path().join(format!("haproxy-{generation}.log"));
+        let new = Proc::spawn("haproxy", &mut command, log)?;
+        let new_pid = new.child.id();
+        self.old_haproxies.push(old);
+        self.haproxy = Some(new);
+        let socket = self.haproxy_socket();
+        self.wait_ready("the reloaded HAProxy", || async {
+            match haproxy_pid(&socket).await {
+                Some(pid) if pid == new_pid => Ok(()),
+                other => Err(format!("stats socket answers for pid {other:?}")),
             }
         })
         .await
@@ -1081,6 +1175,24 @@ pub async fn run(argv: &[String], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         code: output.status.code(),
     }
+}
+
+/// The pid of the HAProxy process answering on its stats socket (`show info`), 2 s bound.
+async fn haproxy_pid(socket: &Path) -> Option<u32> {
+    let ask = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        stream.write_all(b"show info\n").await.ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.ok()?;
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Pid: "))
+            .and_then(|pid| pid.trim().parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// `GET path` over HTTP/1.0 with a 2 s bound; the status and body.
