@@ -81,6 +81,19 @@ async fn etcd_store(etcd: &Etcd) -> Arc<dyn Store> {
     )
 }
 
+/// Two control-plane replicas over one etcd, and a store handle for the test's own reads.
+async fn two_replicas(etcd: &Etcd) -> (Arc<dyn Store>, common::Running, common::Running) {
+    let store = etcd_store(etcd).await;
+    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
+    let replica_b = common::start(
+        etcd_store(etcd).await,
+        Arc::new(ScriptedRuntime::new()),
+        "fleet",
+    )
+    .await;
+    (store, replica_a, replica_b)
+}
+
 #[tokio::test]
 async fn the_first_message_must_be_register() {
     let etcd = Etcd::start().await.unwrap();
@@ -145,14 +158,7 @@ async fn heartbeats_are_recorded_and_commands_delivered() {
 #[tokio::test]
 async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     let etcd = Etcd::start().await.unwrap();
-    let store = etcd_store(&etcd).await;
-    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
-    let replica_b = common::start(
-        etcd_store(&etcd).await,
-        Arc::new(ScriptedRuntime::new()),
-        "fleet",
-    )
-    .await;
+    let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
     let (tx, _commands) = attach(&replica_a, register("p1")).await.unwrap();
     until("registration", WAIT, async || {
@@ -203,14 +209,7 @@ async fn revocations_reach_proxies_on_every_replica() {
     use envgate_proto::admin::v1::admin_client::AdminClient;
 
     let etcd = Etcd::start().await.unwrap();
-    let store = etcd_store(&etcd).await;
-    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
-    let replica_b = common::start(
-        etcd_store(&etcd).await,
-        Arc::new(ScriptedRuntime::new()),
-        "fleet",
-    )
-    .await;
+    let (store, replica_a, replica_b) = two_replicas(&etcd).await;
     let (_tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1").await.is_some()
@@ -275,14 +274,7 @@ async fn admin_commands_reach_proxies_on_every_replica() {
     use envgate_proto::v1::Drain;
 
     let etcd = Etcd::start().await.unwrap();
-    let store = etcd_store(&etcd).await;
-    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
-    let replica_b = common::start(
-        etcd_store(&etcd).await,
-        Arc::new(ScriptedRuntime::new()),
-        "fleet",
-    )
-    .await;
+    let (store, replica_a, replica_b) = two_replicas(&etcd).await;
     let (tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1").await.is_some()
