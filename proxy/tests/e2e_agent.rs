@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use envgate_agent::{AgentClient, AgentError, client::AgentAddress};
-use support::{Fleet, FleetOptions, Tmux, eventually};
+use support::{AcceptAnyHostKey, Fleet, FleetOptions, Tmux, eventually};
 
 /// The agent's address and secret from `user`'s placement record in etcd.
 async fn agent_of(fleet: &Fleet, user: &str) -> (String, String) {
@@ -118,20 +118,6 @@ async fn a_signal_killed_process_reports_the_signal() {
     assert_eq!(out.stdout, "status-143\n", "{out:#?}");
 }
 
-/// The test client trusts the fleet's host key (the harness made it).
-struct AnyHostKey;
-
-impl russh::client::Handler for AnyHostKey {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ssh_signal_request_reaches_the_process() {
     // OpenSSH's client cannot send `signal` requests; russh's can.
@@ -140,9 +126,10 @@ async fn an_ssh_signal_request_reaches_the_process() {
     let key = russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(key), None);
     let config = std::sync::Arc::new(russh::client::Config::default());
     let run = async {
-        let mut session = russh::client::connect(config, ("127.0.0.1", fleet.ssh_port), AnyHostKey)
-            .await
-            .expect("connect");
+        let mut session =
+            russh::client::connect(config, ("127.0.0.1", fleet.ssh_port), AcceptAnyHostKey)
+                .await
+                .expect("connect");
         let auth = session
             .authenticate_publickey("demo", key)
             .await

@@ -114,7 +114,7 @@ pub struct ContainerInfo {
 }
 
 /// The test client trusts whatever host key the fleet presents (it made that key itself).
-struct AcceptAnyHostKey;
+pub struct AcceptAnyHostKey;
 
 impl russh::client::Handler for AcceptAnyHostKey {
     type Error = russh::Error;
