@@ -53,6 +53,8 @@ pub struct Config {
     pub admin_token: String,
     pub instance: String,
     pub docker_host: Option<String>,
+    /// Containers Docker may be creating at once.
+    pub docker_create_concurrency: usize,
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
     pub reconcile_interval: Duration,
@@ -221,7 +223,9 @@ pub async fn run(
         .await?,
     );
     let runtime: Arc<dyn Runtime> = Arc::new(
-        DockerRuntime::new(config.docker_host.as_deref()).with_agent(config.agent.clone()),
+        DockerRuntime::new(config.docker_host.as_deref())
+            .with_agent(config.agent.clone())
+            .with_create_concurrency(config.docker_create_concurrency),
     );
     let plane = ControlPlane::new(store, runtime, &config);
 

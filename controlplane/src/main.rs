@@ -52,6 +52,11 @@ struct Args {
     /// Docker endpoint, e.g. unix:///var/run/docker.sock (default: the local defaults).
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
+    /// Containers Docker may be creating at once; further first logins queue for a slot.
+    /// Hundreds of racing creations (a class arriving at 9:00) slow the engine for everyone.
+    #[arg(long, env = "ENVGATE_DOCKER_CREATE_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    docker_create_concurrency: u16,
     /// OTLP/gRPC endpoint traces are exported to (unset: none are exported).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -153,6 +158,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         admin_token,
         instance: args.instance,
         docker_host: args.docker_host,
+        docker_create_concurrency: args.docker_create_concurrency.into(),
         agent,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),

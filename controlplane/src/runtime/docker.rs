@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore};
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -111,10 +111,17 @@ fn remove_agent_dir(dir: &Path) {
     }
 }
 
+/// Containers created at once unless configured otherwise.
+pub const DEFAULT_CREATE_CONCURRENCY: usize = 8;
+
 pub struct DockerRuntime {
     host: Option<String>,
     docker: OnceCell<Docker>,
     agent: Option<AgentSetup>,
+    /// Bounds concurrent creations: hundreds of racing `create`+`start` calls slow the engine
+    /// down for everyone (and past the call timeout), while a short queue keeps it at its
+    /// best rate and lets each opener finish in arrival order.
+    creations: Semaphore,
 }
 
 impl DockerRuntime {
@@ -125,7 +132,14 @@ impl DockerRuntime {
             host: host.map(str::to_owned),
             docker: OnceCell::new(),
             agent: None,
+            creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
         }
+    }
+
+    /// At most `limit` (at least 1) containers are being created at any moment.
+    pub fn with_create_concurrency(mut self, limit: usize) -> Self {
+        self.creations = Semaphore::new(limit.max(1));
+        self
     }
 
     /// Containers created from now on run `envgate-agent` as their init (`None`: they keep
@@ -166,6 +180,11 @@ impl DockerRuntime {
         entrypoint: Option<Vec<String>>,
         cmd: Vec<String>,
     ) -> Result<String, RuntimeError> {
+        let _slot = self
+            .creations
+            .acquire()
+            .await
+            .expect("the creation semaphore is never closed");
         let docker = self.docker().await?;
         let agent = entrypoint.is_some();
         let body = ContainerCreateBody {

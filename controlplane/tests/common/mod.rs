@@ -55,6 +55,7 @@ pub fn config(instance: &str) -> Config {
         admin_token: ADMIN_TOKEN.into(),
         instance: instance.into(),
         docker_host: None,
+        docker_create_concurrency: 8,
         agent: None,
         reconcile_interval: Duration::from_secs(1),
         replica_id: "test-replica".into(),
