@@ -196,7 +196,7 @@ fn plots(out: &mut String, img_prefix: &str, kind: &str) {
 
 /// The generated section.
 pub fn render(run: &BenchRun) -> String {
-    let mut out = String::from("## Results: `deploy/local/fleet bench`\n\n");
+    let mut out = String::from("#### Latest run of `deploy/local/fleet bench`\n\n");
     for (name, value) in run.meta {
         let _ = writeln!(out, "- {name}: {value}");
     }
@@ -216,7 +216,7 @@ pub fn render(run: &BenchRun) -> String {
         .map(|l| l.summary.connections)
         .sum();
 
-    out.push_str("\n### Targets\n\n| target | result |\n|---|---|\n");
+    out.push_str("\n#### Targets\n\n| target | result |\n|---|---|\n");
     let zero = |n: usize| {
         if n == 0 {
             "**met** (0 failed)".to_owned()
@@ -279,7 +279,7 @@ pub fn render(run: &BenchRun) -> String {
     ] {
         let _ = writeln!(
             out,
-            "\n### {title}\n\nTurnaround in ms, russh client, `{}`, key exchange {}.\n",
+            "\n#### {title}\n\nTurnaround in ms, russh client, `{}`, key exchange {}.\n",
             result.command,
             result.kex.as_deref().unwrap_or("client defaults")
         );
