@@ -23,6 +23,9 @@ use crate::error::DEFAULT_KILL_MESSAGE;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// A stream that lived this long counts as having been up (see `FleetMember::run`).
 const STABLE_STREAM: Duration = HEARTBEAT_INTERVAL;
+/// How long a proxy whose stream ended stays ready while it re-attaches; well inside the
+/// control plane's 10 s proxy lease, so its record never lapses meanwhile.
+const REATTACH_GRACE: Duration = Duration::from_secs(5);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -40,6 +43,8 @@ impl FleetMember {
     /// Keeps the stream up until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        // Set when a stream that was up ended; cleared by the next registration.
+        let mut detached_since: Option<Instant> = None;
         loop {
             let mut attached_at = None;
             if let Err(status) = self.attach_once(&shutdown, &mut attached_at).await {
@@ -49,19 +54,27 @@ impl FleetMember {
                 self.readiness.set(false);
                 return;
             }
+            if attached_at.is_some() {
+                detached_since = None;
+            }
             // A stream that was up for a while and then ended (typically its control-plane
             // replica died) is re-attached at once, to any replica, and the proxy stays ready
-            // meanwhile: its record and lease outlive the stream by the control plane's lease
-            // TTL, so placement goes on working. Turning unready here took every proxy
-            // attached to that replica out of HAProxy at once (e2e_ha). Only a failed attach,
-            // or streams that keep ending at once, make the proxy unready.
+            // for REATTACH_GRACE meanwhile: its record and lease outlive the stream by the
+            // control plane's lease TTL, so placement goes on working. Turning unready at once
+            // took every proxy attached to that replica out of HAProxy together (e2e_ha).
             if attached_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_STREAM) {
                 failures = 0;
+                detached_since = Some(Instant::now());
                 continue;
             }
-            self.readiness.set(false);
             failures = failures.saturating_add(1);
-            let delay = jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP);
+            let delay = if detached_since.is_some_and(|at| at.elapsed() < REATTACH_GRACE) {
+                // The balancer may still pick the dead replica for a moment: retry soon.
+                jittered_backoff(0, BACKOFF_BASE / 4, BACKOFF_CAP)
+            } else {
+                self.readiness.set(false);
+                jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP)
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shutdown.cancelled() => return,
