@@ -73,6 +73,7 @@ impl World {
             registered_at: model::now(),
             last_heartbeat_at: model::now(),
             lease_id: lease,
+            incarnation: String::new(),
         };
         store::put_json(
             store.as_ref(),

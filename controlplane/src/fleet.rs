@@ -106,15 +106,23 @@ impl FleetService {
     }
 }
 
-/// Reuses the lease of an existing record if etcd still has it, else grants a new one.
+/// Reuses the lease of an existing record when the same proxy process re-attaches and etcd
+/// still has the lease, else grants a new one. A restarted proxy's predecessor had sessions
+/// that died with it: revoking its lease releases them now rather than after the TTL, and
+/// keeps a proxy restarted within the TTL from adopting them forever.
 async fn lease_for(
     store: &dyn Store,
     existing: Option<&ProxyRecord>,
+    incarnation: &str,
 ) -> Result<(i64, bool), StoreError> {
-    if let Some(record) = existing
-        && store.lease_keep_alive(record.lease_id).await?
-    {
-        return Ok((record.lease_id, true));
+    if let Some(record) = existing {
+        if record.incarnation == incarnation {
+            if store.lease_keep_alive(record.lease_id).await? {
+                return Ok((record.lease_id, true));
+            }
+        } else {
+            store.lease_revoke(record.lease_id).await?;
+        }
     }
     Ok((store.lease_grant(PROXY_LEASE_TTL).await?, false))
 }
@@ -127,7 +135,7 @@ async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord,
     let existing = store::get_json::<ProxyRecord>(store, &key)
         .await?
         .map(|v| v.value);
-    let (lease_id, reused) = lease_for(store, existing.as_ref()).await?;
+    let (lease_id, reused) = lease_for(store, existing.as_ref(), &register.incarnation).await?;
     let now = model::now();
     let record = ProxyRecord {
         id: register.proxy_id.clone(),
@@ -149,6 +157,7 @@ async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord,
             .map_or(now, |e| e.registered_at),
         last_heartbeat_at: now,
         lease_id,
+        incarnation: register.incarnation.clone(),
     };
     store::put_json(store, &key, &record, Some(lease_id)).await?;
     tracing::info!(proxy = %record.id, address = %record.address, lease = lease_id, reused, "proxy attached");

@@ -195,6 +195,9 @@ pub struct ProxyRecord {
     pub last_heartbeat_at: i64,
     /// The lease this record and the proxy's sessions are attached to.
     pub lease_id: i64,
+    /// The proxy process that holds the lease (see `Register.incarnation`).
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -199,6 +199,7 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
                 address: "127.0.0.1:2200".into(),
                 version: "test".into(),
                 capacity: 10,
+                incarnation: "test".into(),
             })),
         })
         .await

@@ -21,12 +21,18 @@ use tonic::{Code, Streaming};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn register(id: &str) -> ProxyMessage {
+    register_as(id, "first")
+}
+
+/// `incarnation` stands for one proxy process.
+fn register_as(id: &str, incarnation: &str) -> ProxyMessage {
     ProxyMessage {
         message: Some(proxy_message::Message::Register(Register {
             proxy_id: id.into(),
             address: "127.0.0.1:2200".into(),
             version: "1.0".into(),
             capacity: 100,
+            incarnation: incarnation.into(),
         })),
     }
 }
@@ -199,6 +205,40 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
             && proxy_record(store.as_ref(), "p1").await.is_none()
     })
     .await;
+    replica_b.stop().await;
+}
+
+/// A proxy restarted under the same id does not adopt its predecessor's sessions: they died
+/// with the old process, so they are released at once instead of blocking idle reaping.
+#[tokio::test]
+async fn a_restarted_proxy_releases_its_predecessors_sessions_at_once() {
+    let etcd = Etcd::start().await.unwrap();
+    let (store, replica_a, replica_b) = two_replicas(&etcd).await;
+
+    let (tx, _commands) = attach(&replica_a, register_as("p1", "old")).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store.as_ref(), "p1").await.is_some()
+    })
+    .await;
+    let first = proxy_record(store.as_ref(), "p1").await.unwrap();
+    store
+        .put("sessions/s1", b"{}".to_vec(), Some(first.lease_id))
+        .await
+        .unwrap();
+    drop(tx);
+
+    let (_tx, _commands) = attach(&replica_b, register_as("p1", "new")).await.unwrap();
+    until("the predecessor's session is released", WAIT, async || {
+        store.get("sessions/s1").await.unwrap().is_none()
+    })
+    .await;
+    let second = proxy_record(store.as_ref(), "p1").await.unwrap();
+    assert_ne!(
+        second.lease_id, first.lease_id,
+        "a new lease for a new process"
+    );
+    assert_eq!(second.incarnation, "new");
+    replica_a.stop().await;
     replica_b.stop().await;
 }
 

@@ -76,6 +76,7 @@ async fn seeded() -> (Etcd, Arc<dyn Store>) {
         registered_at: 0,
         last_heartbeat_at: 0,
         lease_id: lease,
+        incarnation: String::new(),
     };
     store::put_json(store.as_ref(), &model::proxy_key("p1"), &proxy, Some(lease))
         .await

@@ -132,6 +132,7 @@ impl Proxy {
                 address: config.advertise.unwrap_or_else(|| ssh_addr.to_string()),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 capacity: u32::try_from(config.max_connections).unwrap_or(u32::MAX),
+                incarnation: uuid::Uuid::new_v4().to_string(),
             },
             registry,
             auth_cache: auth_cache.clone(),
