@@ -8,7 +8,9 @@ use envgate_proto::token::Claims;
 
 use crate::auth::Authenticator;
 use crate::auth::tests::{TEST_COST, test_key};
-use crate::model::{self, EnvironmentRecord, Mode, ProxyRecord, UserRecord};
+use crate::model::{
+    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, UserRecord,
+};
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::runtime::scripted::ScriptedRuntime;
 use crate::store::{self, MemoryStore, Store};
@@ -20,6 +22,26 @@ pub struct World {
     pub runtime: Arc<ScriptedRuntime>,
     pub auth: Arc<Authenticator>,
     pub lease: i64,
+}
+
+/// A `creating` claim an hour old, left by replica `owner` that died mid-way.
+pub fn abandoned_claim(user: &str, environment: &str, owner: &str) -> ContainerRecord {
+    let long_ago = model::now() - 3600;
+    ContainerRecord {
+        user: user.into(),
+        environment: environment.into(),
+        runtime: "scripted".into(),
+        container_id: String::new(),
+        container_name: String::new(),
+        state: ContainerState::Creating,
+        state_since: long_ago,
+        created_at: long_ago,
+        last_active_at: long_ago,
+        session_id: String::new(),
+        owner: owner.into(),
+        agent_address: String::new(),
+        agent_secret: String::new(),
+    }
 }
 
 pub fn environment(name: &str, mode: Mode) -> EnvironmentRecord {

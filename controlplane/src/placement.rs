@@ -734,7 +734,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::fixtures::{World, no_progress};
+    use crate::fixtures::{World, abandoned_claim, no_progress};
 
     fn fast() -> PlacementConfig {
         PlacementConfig {
@@ -1002,21 +1002,7 @@ mod tests {
     async fn a_stale_claim_is_taken_over_and_a_fresh_one_waited_for() {
         let world = World::new().await;
         let key = model::container_key("alice", "busybox");
-        let mut stuck = ContainerRecord {
-            user: "alice".into(),
-            environment: "busybox".into(),
-            runtime: "scripted".into(),
-            container_id: String::new(),
-            container_name: String::new(),
-            state: ContainerState::Creating,
-            state_since: model::now() - 3600,
-            created_at: model::now() - 3600,
-            last_active_at: model::now() - 3600,
-            session_id: String::new(),
-            owner: "dead-replica".into(),
-            agent_address: String::new(),
-            agent_secret: String::new(),
-        };
+        let mut stuck = abandoned_claim("alice", "busybox", "dead-replica");
         store::put_json(world.store.as_ref(), &key, &stuck, None)
             .await
             .unwrap();

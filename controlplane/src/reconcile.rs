@@ -362,7 +362,7 @@ fn secs(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{World, no_progress};
+    use crate::fixtures::{World, abandoned_claim, no_progress};
     use crate::placement::PlacementConfig;
     use crate::runtime::ContainerSpec;
 
@@ -463,21 +463,7 @@ mod tests {
         );
         assert!(world.keys("containers/").await.is_empty());
 
-        let stale = ContainerRecord {
-            user: "carol".into(),
-            environment: "debian".into(),
-            runtime: "scripted".into(),
-            container_id: String::new(),
-            container_name: String::new(),
-            state: ContainerState::Creating,
-            state_since: model::now() - 3600,
-            created_at: model::now() - 3600,
-            last_active_at: model::now() - 3600,
-            session_id: String::new(),
-            owner: "dead".into(),
-            agent_address: String::new(),
-            agent_secret: String::new(),
-        };
+        let stale = abandoned_claim("carol", "debian", "dead");
         let key = model::container_key("carol", "debian");
         store::put_json(world.store.as_ref(), &key, &stale, None)
             .await
