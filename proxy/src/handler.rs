@@ -264,12 +264,7 @@ impl Handler for ConnectionHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         tracing::info!(parent: &self.span, %host, port, "refused direct-tcpip channel");
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: 1,
-                reason: UNSUPPORTED_CHANNEL.into(),
-            })
-            .await;
+        reject_unsupported(reply).await;
         Ok(())
     }
 
@@ -281,12 +276,7 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: 1,
-                reason: UNSUPPORTED_CHANNEL.into(),
-            })
-            .await;
+        reject_unsupported(reply).await;
         Ok(())
     }
 
@@ -297,12 +287,7 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: 1,
-                reason: UNSUPPORTED_CHANNEL.into(),
-            })
-            .await;
+        reject_unsupported(reply).await;
         Ok(())
     }
 
@@ -490,6 +475,16 @@ impl Handler for ConnectionHandler {
         .await;
         Ok(())
     }
+}
+
+/// Refuses a channel type envgate does not offer (forwarding, X11), with the reason.
+async fn reject_unsupported(reply: ChannelOpenHandle) {
+    reply
+        .reject(ChannelOpenFailure::Other {
+            code: 1,
+            reason: UNSUPPORTED_CHANNEL.into(),
+        })
+        .await;
 }
 
 #[cfg(test)]
