@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{SECRET, within};
+use common::{SECRET, run, within};
 use envgate_agent::{
     AgentAddress, AgentClient, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize,
 };
@@ -179,21 +179,6 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-async fn run(client: &AgentClient, req: SpawnRequest) -> (String, String, ExitStatus) {
-    within(20, "process in the container", async {
-        let mut p = client.spawn(req).await.expect("spawn in the container");
-        p.stdin.close().unwrap();
-        let (out, err) = tokio::join!(p.stdout.read_to_vec(), p.stderr.read_to_vec());
-        let status = p.wait().await.expect("exit status");
-        (
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-            status,
-        )
-    })
-    .await
 }
 
 fn sh(cmd: &str) -> SpawnRequest {

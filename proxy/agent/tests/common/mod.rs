@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use envgate_agent::{AgentAddress, AgentClient};
+use envgate_agent::{AgentAddress, AgentClient, ExitStatus, SpawnRequest};
 
 pub const SECRET: &[u8] = b"test-secret-0123456789abcdef0123";
 
@@ -105,4 +105,20 @@ pub async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Runs `req` to completion with stdin closed; returns (stdout, stderr, status).
+pub async fn run(client: &AgentClient, req: SpawnRequest) -> (String, String, ExitStatus) {
+    within(20, "process to finish", async {
+        let mut p = client.spawn(req).await.expect("spawn");
+        p.stdin.close().unwrap();
+        let (out, err) = tokio::join!(p.stdout.read_to_vec(), p.stderr.read_to_vec());
+        let status = p.wait().await.expect("exit status");
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+            status,
+        )
+    })
+    .await
 }
