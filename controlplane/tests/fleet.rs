@@ -159,6 +159,30 @@ async fn heartbeats_are_recorded_and_commands_delivered() {
     plane.stop().await;
 }
 
+/// Attaches proxy `p1` and puts `sessions/s1` under its lease, standing in for a session
+/// placed through it. Dropping the returned sender (or the command stream) ends the stream.
+async fn attach_with_session(
+    replica: &common::Running,
+    store: &dyn Store,
+    message: ProxyMessage,
+) -> (
+    mpsc::Sender<ProxyMessage>,
+    Streaming<FleetCommand>,
+    ProxyRecord,
+) {
+    let (tx, commands) = attach(replica, message).await.unwrap();
+    until("registration", WAIT, async || {
+        proxy_record(store, "p1").await.is_some()
+    })
+    .await;
+    let record = proxy_record(store, "p1").await.unwrap();
+    store
+        .put("sessions/s1", b"{}".to_vec(), Some(record.lease_id))
+        .await
+        .unwrap();
+    (tx, commands, record)
+}
+
 /// A proxy that reconnects to another replica within the lease TTL keeps its lease and with
 /// it the sessions placed through it; one that stays away loses them.
 #[tokio::test]
@@ -166,17 +190,8 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     let etcd = Etcd::start().await.unwrap();
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
-    let (tx, _commands) = attach(&replica_a, register("p1")).await.unwrap();
-    until("registration", WAIT, async || {
-        proxy_record(store.as_ref(), "p1").await.is_some()
-    })
-    .await;
-    let first = proxy_record(store.as_ref(), "p1").await.unwrap();
-    // Stands in for a session placed through this proxy.
-    store
-        .put("sessions/s1", b"{}".to_vec(), Some(first.lease_id))
-        .await
-        .unwrap();
+    let (tx, _commands, first) =
+        attach_with_session(&replica_a, store.as_ref(), register("p1")).await;
 
     drop(tx);
     replica_a.stop().await;
@@ -215,16 +230,8 @@ async fn a_restarted_proxy_releases_its_predecessors_sessions_at_once() {
     let etcd = Etcd::start().await.unwrap();
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
-    let (tx, _commands) = attach(&replica_a, register_as("p1", "old")).await.unwrap();
-    until("registration", WAIT, async || {
-        proxy_record(store.as_ref(), "p1").await.is_some()
-    })
-    .await;
-    let first = proxy_record(store.as_ref(), "p1").await.unwrap();
-    store
-        .put("sessions/s1", b"{}".to_vec(), Some(first.lease_id))
-        .await
-        .unwrap();
+    let (tx, _commands, first) =
+        attach_with_session(&replica_a, store.as_ref(), register_as("p1", "old")).await;
     drop(tx);
 
     let (_tx, _commands) = attach(&replica_b, register_as("p1", "new")).await.unwrap();
