@@ -12,6 +12,7 @@ use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
+use crate::runtime::ContainerSpec;
 use crate::runtime::scripted::ScriptedRuntime;
 use crate::store::{self, MemoryStore, Store};
 
@@ -22,6 +23,22 @@ pub struct World {
     pub runtime: Arc<ScriptedRuntime>,
     pub auth: Arc<Authenticator>,
     pub lease: i64,
+}
+
+/// What creating alice's busybox container in `instance` asks of the runtime.
+pub fn alices_busybox(instance: &str) -> ContainerSpec {
+    ContainerSpec {
+        instance: instance.into(),
+        user: "alice".into(),
+        environment: "busybox".into(),
+        session: None,
+        image: "envgate/busybox:latest".into(),
+        env: vec![],
+        working_dir: String::new(),
+        cpus: 0.0,
+        memory_bytes: 0,
+        pids_limit: 0,
+    }
 }
 
 /// A `creating` claim an hour old, left by replica `owner` that died mid-way.

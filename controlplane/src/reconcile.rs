@@ -362,9 +362,8 @@ fn secs(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{World, abandoned_claim, no_progress};
+    use crate::fixtures::{World, abandoned_claim, alices_busybox, no_progress};
     use crate::placement::PlacementConfig;
-    use crate::runtime::ContainerSpec;
 
     fn config() -> ReconcileConfig {
         ReconcileConfig {
@@ -484,25 +483,15 @@ mod tests {
     async fn orphans_of_this_instance_are_removed_after_a_grace_period() {
         let world = World::new().await;
         let reaper = reconciler(&world);
-        let spec = |instance: &str| ContainerSpec {
-            instance: instance.into(),
-            user: "alice".into(),
-            environment: "busybox".into(),
-            session: None,
-            image: "envgate/busybox:latest".into(),
-            env: vec![],
-            working_dir: String::new(),
-            cpus: 0.0,
-            memory_bytes: 0,
-            pids_limit: 0,
-        };
         let old = world
             .runtime
-            .insert_unknown(spec("default"), model::now() - 3600);
-        let young = world.runtime.insert_unknown(spec("default"), model::now());
+            .insert_unknown(alices_busybox("default"), model::now() - 3600);
+        let young = world
+            .runtime
+            .insert_unknown(alices_busybox("default"), model::now());
         let foreign = world
             .runtime
-            .insert_unknown(spec("other-fleet"), model::now() - 3600);
+            .insert_unknown(alices_busybox("other-fleet"), model::now() - 3600);
         assert_eq!(reaper.reconcile().await.unwrap().removed_orphans, 1);
         let left: HashSet<String> = world
             .runtime
@@ -613,18 +602,7 @@ mod tests {
         let reaper = Arc::new(reconciler(&world));
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(reaper.clone().run(shutdown.clone()));
-        let spec = ContainerSpec {
-            instance: "default".into(),
-            user: "alice".into(),
-            environment: "busybox".into(),
-            session: None,
-            image: "envgate/busybox:latest".into(),
-            env: vec![],
-            working_dir: String::new(),
-            cpus: 0.0,
-            memory_bytes: 0,
-            pids_limit: 0,
-        };
+        let spec = alices_busybox("default");
         world.runtime.insert_unknown(spec, model::now() - 3600);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !world.runtime.containers().is_empty() {
