@@ -192,6 +192,7 @@ impl AdminService {
             containers_removing: in_state(ContainerState::Removing),
             users: count(store.range(model::USERS).await?.len()),
             environments: count(store.range(model::ENVIRONMENTS).await?.len()),
+            warm_containers: count(store.range(model::POOL).await?.len()),
         })
     }
 
@@ -450,6 +451,8 @@ fn environment_from_pb(env: pb::Environment) -> Result<EnvironmentRecord, AdminE
         memory_bytes: env.memory_bytes,
         pids_limit: env.pids_limit,
         is_default: env.is_default,
+        max_lifetime_seconds: env.max_lifetime_seconds,
+        warm_pool_size: env.warm_pool_size,
     })
 }
 
@@ -469,6 +472,8 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         memory_bytes: e.memory_bytes,
         pids_limit: e.pids_limit,
         is_default: e.is_default,
+        max_lifetime_seconds: e.max_lifetime_seconds,
+        warm_pool_size: e.warm_pool_size,
     }
 }
 

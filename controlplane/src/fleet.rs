@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use envgate_proto::v1::fleet_server::Fleet;
 use envgate_proto::v1::{
-    Drain, FleetCommand, Heartbeat, KillSession, ProxyMessage, Register, RevokeUser, fleet_command,
-    proxy_message,
+    Drain, FleetCommand, Heartbeat, KillSession, Notice, ProxyMessage, Register, RevokeUser,
+    fleet_command, proxy_message,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -303,6 +303,13 @@ fn to_fleet_command(record: CommandRecord) -> FleetCommand {
             session_id,
             message,
         } => fleet_command::Command::KillSession(KillSession {
+            session_id,
+            message,
+        }),
+        CommandRecord::Notice {
+            session_id,
+            message,
+        } => fleet_command::Command::Notice(Notice {
             session_id,
             message,
         }),

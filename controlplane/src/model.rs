@@ -16,6 +16,16 @@ pub fn container_key(user: &str, env: &str) -> String {
 pub fn ephemeral_container_key(user: &str, env: &str, session: &str) -> String {
     format!("containers/{user}/{env}/{session}")
 }
+/// A warm, unassigned container of `env`, claimed in one transaction (see `placement`).
+pub fn pool_key(env: &str, container_id: &str) -> String {
+    format!("pool/{env}/{container_id}")
+}
+pub fn environment_pool(env: &str) -> String {
+    format!("pool/{env}/")
+}
+pub fn user_containers(user: &str) -> String {
+    format!("containers/{user}/")
+}
 pub fn session_key(id: &str) -> String {
     format!("sessions/{id}")
 }
@@ -35,6 +45,7 @@ pub fn proxy_commands(proxy_id: &str) -> String {
 pub const USERS: &str = "users/";
 pub const ENVIRONMENTS: &str = "environments/";
 pub const CONTAINERS: &str = "containers/";
+pub const POOL: &str = "pool/";
 pub const SESSIONS: &str = "sessions/";
 pub const PROXIES: &str = "proxies/";
 pub const REVOCATIONS: &str = "revocations/";
@@ -105,6 +116,12 @@ pub struct EnvironmentRecord {
     pub pids_limit: i64,
     #[serde(default)]
     pub is_default: bool,
+    /// Seconds a container may live at all; 0 = no maximum.
+    #[serde(default)]
+    pub max_lifetime_seconds: u32,
+    /// Started, unassigned containers the leader keeps ready; 0 = none.
+    #[serde(default)]
+    pub warm_pool_size: u32,
 }
 
 impl EnvironmentRecord {
@@ -164,6 +181,24 @@ pub struct ContainerRecord {
     pub agent_secret: String,
 }
 
+/// A started container waiting in an environment's warm pool, under `pool/{env}/{id}`.
+/// Deleting this key (in the same transaction that writes the user's placement record)
+/// is what claims it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub environment: String,
+    /// The image it was started from; a container of an image the catalogue no longer
+    /// names is drained from the pool.
+    pub image: String,
+    pub container_id: String,
+    pub container_name: String,
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_address: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_secret: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub id: String,
@@ -213,6 +248,7 @@ pub struct RevocationRecord {
 pub enum CommandRecord {
     Drain { grace_seconds: u32 },
     KillSession { session_id: String, message: String },
+    Notice { session_id: String, message: String },
 }
 
 /// Unix seconds now.

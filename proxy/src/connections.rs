@@ -1,5 +1,5 @@
 //! The live connections of this proxy, so the fleet stream can report
-//! counts and reach one connection (KillSession) or all (drain).
+//! counts and reach one connection (KillSession, Notice) or all (drain).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,9 +11,17 @@ pub struct Registry {
     inner: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
+/// What the fleet stream tells one connection's session task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Show the message, then close the connection.
+    Kill(String),
+    /// Show the message; the session goes on.
+    Notice(String),
+}
+
 struct Entry {
-    /// Delivers the message shown to the user before the connection closes.
-    kill: mpsc::Sender<String>,
+    control: mpsc::Sender<Control>,
     session_id: Option<String>,
 }
 
@@ -34,9 +42,9 @@ impl Drop for Registration {
 }
 
 impl Registry {
-    pub fn register(&self, connection_id: &str, kill: mpsc::Sender<String>) -> Registration {
+    pub fn register(&self, connection_id: &str, control: mpsc::Sender<Control>) -> Registration {
         let entry = Entry {
-            kill,
+            control,
             session_id: None,
         };
         self.inner
@@ -62,13 +70,22 @@ impl Registry {
 
     /// Closes the connection that carries `session_id`; false if none does.
     pub fn kill_session(&self, session_id: &str, message: &str) -> bool {
+        self.tell_session(session_id, Control::Kill(message.to_owned()))
+    }
+
+    /// Shows `message` on the connection that carries `session_id`; false if none does.
+    pub fn notify_session(&self, session_id: &str, message: &str) -> bool {
+        self.tell_session(session_id, Control::Notice(message.to_owned()))
+    }
+
+    fn tell_session(&self, session_id: &str, control: Control) -> bool {
         let inner = self.inner.lock().expect("registry lock");
         let mut found = false;
         for entry in inner
             .values()
             .filter(|e| e.session_id.as_deref() == Some(session_id))
         {
-            let _ = entry.kill.try_send(message.to_owned());
+            let _ = entry.control.try_send(control.clone());
             found = true;
         }
         found
@@ -77,7 +94,7 @@ impl Registry {
     pub fn kill_all(&self, message: &str) -> usize {
         let inner = self.inner.lock().expect("registry lock");
         for entry in inner.values() {
-            let _ = entry.kill.try_send(message.to_owned());
+            let _ = entry.control.try_send(Control::Kill(message.to_owned()));
         }
         inner.len()
     }
@@ -97,9 +114,9 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn kill_reaches_the_connection_with_the_session() {
+    async fn kill_and_notice_reach_the_connection_with_the_session() {
         let registry = Registry::default();
-        let (tx_a, mut rx_a) = mpsc::channel(1);
+        let (tx_a, mut rx_a) = mpsc::channel(2);
         let (tx_b, mut rx_b) = mpsc::channel(1);
         let a = registry.register("a", tx_a);
         let _b = registry.register("b", tx_b);
@@ -107,11 +124,14 @@ mod tests {
         assert_eq!(registry.counts(), (2, 1));
         assert!(registry.kill_session("s1", "bye"));
         assert!(!registry.kill_session("s2", "bye"));
-        assert_eq!(rx_a.recv().await.as_deref(), Some("bye"));
+        assert!(registry.notify_session("s1", "soon"));
+        assert!(!registry.notify_session("s2", "soon"));
+        assert_eq!(rx_a.recv().await, Some(Control::Kill("bye".into())));
+        assert_eq!(rx_a.recv().await, Some(Control::Notice("soon".into())));
         assert!(rx_b.try_recv().is_err());
         drop(a);
         assert_eq!(registry.counts(), (1, 0));
         assert_eq!(registry.kill_all("down"), 1);
-        assert_eq!(rx_b.recv().await.as_deref(), Some("down"));
+        assert_eq!(rx_b.recv().await, Some(Control::Kill("down".into())));
     }
 }

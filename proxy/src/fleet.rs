@@ -145,6 +145,12 @@ impl FleetMember {
                 let found = self.registry.kill_session(&kill.session_id, message);
                 tracing::info!(session_id = %kill.session_id, found, "kill session requested");
             }
+            Some(fleet_command::Command::Notice(notice)) => {
+                let found = self
+                    .registry
+                    .notify_session(&notice.session_id, notice.message.trim());
+                tracing::info!(session_id = %notice.session_id, found, "notice requested");
+            }
             Some(fleet_command::Command::RevokeUser(revoke)) => {
                 let dropped = self.auth_cache.revoke_user(&revoke.user);
                 tracing::info!(user = %revoke.user, dropped, "revoked cached tokens");

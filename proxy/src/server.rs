@@ -177,7 +177,7 @@ async fn serve_connection(
     record_phase("accept", accepted.elapsed(), &[]);
 
     let (events_tx, events_rx) = mpsc::channel(64);
-    let (kill_tx, kill_rx) = mpsc::channel(1);
+    let (kill_tx, kill_rx) = mpsc::channel(4);
     let _registration = context.services.registry.register(&connection_id, kill_tx);
     let authenticated = CancellationToken::new();
     let handler = ConnectionHandler::new(

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Authenticated;
-use crate::connections::Registry;
+use crate::connections::{Control, Registry};
 use crate::controlplane::ControlPlane;
 use crate::error::{
     ConnectionResult, exec_failure_line, notice_line, placement_failure_line,
@@ -125,14 +125,15 @@ struct Connection {
 }
 
 /// Runs until the SSH connection is gone (the handler dropped its event
-/// sender), then releases the placement. `kill` delivers a message to show
-/// the user before the connection is closed (admin kill, drain, shutdown).
+/// sender), then releases the placement. `control` delivers a message to
+/// show the user before the connection is closed (admin kill, drain,
+/// shutdown) or while it goes on (a notice).
 pub async fn run(
     info: ConnectionInfo,
     services: SessionServices,
     handle: Handle,
     mut events: mpsc::Receiver<Event>,
-    mut kill: mpsc::Receiver<String>,
+    mut control: mpsc::Receiver<Control>,
 ) -> ConnectionResult {
     let mut connection = Connection {
         info,
@@ -157,12 +158,14 @@ pub async fn run(
                 None => break,
             },
             Some(end) = connection.running.join_next() => connection.on_channel_end(end),
-            message = kill.recv(), if !killed => {
-                killed = true;
-                if let Some(message) = message {
+            message = control.recv(), if !killed => match message {
+                Some(Control::Kill(message)) => {
+                    killed = true;
                     connection.kill(&message).await;
                 }
-            }
+                Some(Control::Notice(message)) => connection.notice(&message).await,
+                None => killed = true,
+            },
         }
     }
     // The connection is gone: keep the exits already known, stop the rest.
@@ -358,15 +361,22 @@ impl Connection {
         }
     }
 
-    async fn kill(&mut self, message: &str) {
-        tracing::info!(%message, "closing the connection");
-        self.result = ConnectionResult::Closed;
+    /// Writes one `envgate:` line to every channel's terminal (stderr).
+    async fn notice(&self, message: &str) {
+        tracing::info!(%message, "notice shown");
         let line = notice_line(message);
         for state in self.channels.values() {
             let write = state.output.stderr_line(&line, state.pty.is_some());
-            // A client that reads nothing gets no message, but still goes.
+            // A client that reads nothing misses the message.
             let _ = tokio::time::timeout(KILL_GRACE, write).await;
         }
+    }
+
+    async fn kill(&mut self, message: &str) {
+        tracing::info!(%message, "closing the connection");
+        self.result = ConnectionResult::Closed;
+        self.notice(message).await;
+        let line = notice_line(message);
         let abort = self.info.abort.clone();
         tokio::spawn(async move {
             tokio::time::sleep(KILL_GRACE).await;
