@@ -155,15 +155,13 @@ impl AdminService {
         if self.store.get(&key).await?.is_none() {
             return Err(AdminError::NotFound(format!("container {key:?}")));
         }
-        let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
-            store::range_json(self.store.as_ref(), model::SESSIONS).await?;
-        let mut ended = 0u32;
-        for (_, session) in sessions {
-            if session.value.container_key == key {
-                self.end_session(session.value, message.clone()).await?;
-                ended += 1;
+        let ended = fleet::command_container_sessions(self.store.as_ref(), &key, |session_id| {
+            CommandRecord::KillSession {
+                session_id,
+                message: message.clone(),
             }
-        }
+        })
+        .await?;
         Ok((key, ended))
     }
 

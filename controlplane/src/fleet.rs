@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::FleetError;
-use crate::model::{self, CommandRecord, ProxyRecord};
+use crate::model::{self, CommandRecord, ProxyRecord, SessionRecord};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, WatchEvent, WatchEventKind};
 
 /// A proxy silent for this long (no stream, no keep-alive) loses its record and sessions.
@@ -292,6 +292,25 @@ pub async fn send_command(
     store::put_json(store, &key, command, Some(lease)).await?;
     tracing::info!(proxy = proxy_id, ?command, "command queued");
     Ok(())
+}
+
+/// Sends `command(session_id)` to the proxy of every session kept alive by the placement
+/// record `container_key` (to end them, or to show them a notice); returns how many.
+pub async fn command_container_sessions(
+    store: &dyn Store,
+    container_key: &str,
+    command: impl Fn(String) -> CommandRecord,
+) -> Result<u32, StoreError> {
+    let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
+        store::range_json(store, model::SESSIONS).await?;
+    let mut sent = 0u32;
+    for (_, session) in sessions {
+        if session.value.container_key == container_key {
+            send_command(store, &session.value.proxy_id, &command(session.value.id)).await?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
 }
 
 fn to_fleet_command(record: CommandRecord) -> FleetCommand {
