@@ -341,7 +341,7 @@ impl Placer {
         };
         let started = Instant::now();
         let created = match self.runtime.ensure_volume(&spec.instance, &spec.user).await {
-            Ok(_) => self.runtime.create_and_start(&spec).await,
+            Ok(_) => self.runtime.create_and_start(&spec, cx.progress).await,
             Err(e) => Err(e),
         };
         let outcome = if created.is_ok() { "ok" } else { "error" };

@@ -355,6 +355,7 @@ impl Runtime for DockerRuntime {
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
+        _progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError> {
         let docker = self.docker().await?;
         match within("inspect image", docker.inspect_image(&spec.image)).await? {

@@ -86,10 +86,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates the user's home volume if missing; returns its name. Never removed by envgate.
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
     /// Creates and starts a container; on failure nothing is left behind. The user's home
-    /// volume must exist (`ensure_volume`).
+    /// volume must exist (`ensure_volume`). `progress` gets lines for the user while it waits
+    /// (an image pull), throttled by the runtime.
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
+        progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError>;
     /// `false` when stopped or gone.
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError>;
