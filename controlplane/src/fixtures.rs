@@ -58,6 +58,7 @@ pub fn abandoned_claim(user: &str, environment: &str, owner: &str) -> ContainerR
         owner: owner.into(),
         agent_address: String::new(),
         agent_secret: String::new(),
+        lifetime_warned_at: 0,
     }
 }
 

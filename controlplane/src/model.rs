@@ -179,6 +179,10 @@ pub struct ContainerRecord {
     /// here so every replica can answer (see docs/security.md).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_secret: String,
+    /// Unix seconds when its sessions were told the maximum lifetime nears; 0: not yet. Set
+    /// by CAS, once, so a repeated pass or a new leader never warns twice.
+    #[serde(default)]
+    pub lifetime_warned_at: i64,
 }
 
 /// A started container waiting in an environment's warm pool, under `pool/{env}/{id}`.

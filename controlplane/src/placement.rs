@@ -308,6 +308,7 @@ impl Placer {
             owner: self.config.replica_id.clone(),
             agent_address: String::new(),
             agent_secret: String::new(),
+            lifetime_warned_at: 0,
         }
     }
 
