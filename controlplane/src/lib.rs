@@ -10,6 +10,7 @@ use envgate_proto::ops::{Readiness, serve_ops};
 use envgate_proto::token::TokenKey;
 use envgate_proto::v1::auth_server::AuthServer;
 use envgate_proto::v1::fleet_server::FleetServer;
+use envgate_proto::v1::self_service_server::SelfServiceServer;
 use envgate_proto::v1::sessions_server::SessionsServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod placement;
 pub mod reconcile;
 pub mod runtime;
+pub mod selfservice;
 pub mod store;
 
 #[cfg(any(test, feature = "testkit"))]
@@ -38,6 +40,7 @@ use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
 use crate::runtime::docker::AgentSetup;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
+use crate::selfservice::{SelfServiceHandler, SelfServiceService};
 use crate::store::{EtcdStore, Store, StoreError};
 
 /// Everything the control plane needs, parsed and checked once at start.
@@ -58,6 +61,8 @@ pub struct Config {
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
     pub reconcile_interval: Duration,
+    /// Age before an unknown labelled container counts as an orphan (`--orphan-grace-seconds`).
+    pub orphan_grace: Duration,
     /// Names this replica in election values and record owners.
     pub replica_id: String,
     pub hash_cost: HashCost,
@@ -120,7 +125,7 @@ impl ControlPlane {
                 replica_id: config.replica_id.clone(),
                 interval: config.reconcile_interval,
                 stale_after: placement.stale_after,
-                orphan_grace: Duration::from_secs(60),
+                orphan_grace: config.orphan_grace,
             },
         ));
         Self {
@@ -155,6 +160,9 @@ impl ControlPlane {
             .await;
         health.set_serving::<FleetServer<FleetService>>().await;
         health.set_serving::<AdminServer<AdminService>>().await;
+        health
+            .set_serving::<SelfServiceServer<SelfServiceService>>()
+            .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(envgate_proto::FILE_DESCRIPTOR_SET)
@@ -188,6 +196,13 @@ impl ControlPlane {
             .add_service(SessionsServer::new(SessionsService::new(
                 self.placer.clone(),
             )))
+            .add_service(SelfServiceServer::new(SelfServiceService::new(Arc::new(
+                SelfServiceHandler::new(
+                    self.store.clone(),
+                    self.auth.clone(),
+                    self.reconciler.clone(),
+                ),
+            ))))
             .add_service(FleetServer::new(FleetService::new(
                 self.store.clone(),
                 self.fleet.clone(),

@@ -74,6 +74,10 @@ struct Args {
     /// Seconds between reconciler passes on the elected replica.
     #[arg(long, env = "ENVGATE_RECONCILE_INTERVAL_SECONDS", default_value_t = 5)]
     reconcile_interval_seconds: u64,
+    /// A labelled container no placement record knows is removed once older than this; the
+    /// grace leaves alone a container whose record is still being written.
+    #[arg(long, env = "ENVGATE_ORPHAN_GRACE_SECONDS", default_value_t = 60)]
+    orphan_grace_seconds: u64,
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
@@ -161,6 +165,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         docker_create_concurrency: args.docker_create_concurrency.into(),
         agent,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
+        orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),
         hash_cost: HashCost::default(),
     })

@@ -58,6 +58,7 @@ pub fn config(instance: &str) -> Config {
         docker_create_concurrency: 8,
         agent: None,
         reconcile_interval: Duration::from_secs(1),
+        orphan_grace: Duration::from_secs(60),
         replica_id: "test-replica".into(),
         hash_cost: HashCost {
             memory_kib: 256,
