@@ -400,13 +400,18 @@ impl Placer {
         key: &str,
         current: Versioned<ContainerRecord>,
     ) -> Result<Step, PlacementError> {
-        let alive = self
-            .runtime
-            .is_running(&current.value.container_id)
-            .await
-            .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
+        // Past its maximum lifetime it is as good as gone: attaching would let a user keep a
+        // container alive forever by reconnecting.
+        let max_lifetime = i64::from(cx.env.max_lifetime_seconds);
+        let over_age = max_lifetime > 0 && model::now() >= current.value.created_at + max_lifetime;
+        let alive = !over_age
+            && self
+                .runtime
+                .is_running(&current.value.container_id)
+                .await
+                .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
         if !alive {
-            tracing::info!(container = %current.value.container_id, key, "recorded container is not running; replacing it");
+            tracing::info!(container = %current.value.container_id, key, over_age, "recorded container is not running or past its maximum lifetime; replacing it");
             // A stopped container would otherwise linger until the orphan sweep.
             self.remove_quietly(&current.value.container_id).await;
             self.release_claim(key, current.mod_revision).await;
