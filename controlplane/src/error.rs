@@ -113,6 +113,30 @@ pub enum FleetError {
     Store(#[from] StoreError),
 }
 
+/// Errors of the SelfService calls a user makes about their own environments.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfServiceError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("unknown environment \"{requested}\"; available: {}", list(available))]
+    UnknownEnvironment {
+        requested: String,
+        available: Vec<String>,
+    },
+    #[error("environment \"{0}\" is not available to you")]
+    Forbidden(String),
+    /// The token is valid but its user was deleted since.
+    #[error("user \"{0}\" no longer exists")]
+    UnknownUser(String),
+    /// The record kept changing under the call; calling again is safe.
+    #[error("{0} kept changing; try again")]
+    Changed(String),
+    #[error(transparent)]
+    Remove(#[from] ReconcileError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 fn list(items: &[String]) -> String {
     if items.is_empty() {
         "none".to_owned()
@@ -178,6 +202,24 @@ impl From<AdminError> for Status {
             AdminError::Remove(ReconcileError::Runtime(_)) => Status::unavailable(e.to_string()),
             AdminError::Auth(a) => auth_status(a),
             AdminError::Store(s) => store_status(s),
+        }
+    }
+}
+
+impl From<SelfServiceError> for Status {
+    fn from(e: SelfServiceError) -> Self {
+        match &e {
+            SelfServiceError::Auth(a) => auth_status(a),
+            SelfServiceError::UnknownEnvironment { .. } => Status::not_found(e.to_string()),
+            SelfServiceError::Forbidden(_) => Status::permission_denied(e.to_string()),
+            SelfServiceError::UnknownUser(_) => Status::unauthenticated(e.to_string()),
+            SelfServiceError::Changed(_) => Status::aborted(e.to_string()),
+            SelfServiceError::Remove(ReconcileError::Store(s)) | SelfServiceError::Store(s) => {
+                store_status(s)
+            }
+            SelfServiceError::Remove(ReconcileError::Runtime(_)) => {
+                Status::unavailable(e.to_string())
+            }
         }
     }
 }

@@ -8,10 +8,12 @@ use std::time::Duration;
 use envgate_proto::metadata::CONNECTION_ID;
 use envgate_proto::v1::auth_client::AuthClient;
 use envgate_proto::v1::fleet_client::FleetClient;
+use envgate_proto::v1::self_service_client::SelfServiceClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
 use envgate_proto::v1::{
     AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, OpenSessionEvent,
-    OpenSessionRequest, authenticate_request,
+    OpenSessionRequest, SelfEnvironmentRequest, SelfRequest, StopEnvironmentResponse,
+    UserEnvironments, UserStatus, authenticate_request,
 };
 use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
@@ -24,6 +26,10 @@ pub const AUTHENTICATE_DEADLINE: Duration = Duration::from_secs(10);
 /// Placement may create a container (and, on a real deployment, pull an image).
 pub const OPEN_SESSION_DEADLINE: Duration = Duration::from_secs(150);
 pub const CLOSE_SESSION_DEADLINE: Duration = Duration::from_secs(10);
+/// SelfService reads and the saved default.
+pub const SELF_SERVICE_DEADLINE: Duration = Duration::from_secs(10);
+/// StopEnvironment waits for the ended sessions to close, then removes the container.
+pub const STOP_ENVIRONMENT_DEADLINE: Duration = Duration::from_secs(60);
 const RETRY_ATTEMPTS: u32 = 4;
 const RETRY_BASE: Duration = Duration::from_millis(100);
 
@@ -133,6 +139,83 @@ impl ControlPlane {
             let request = request(message.clone(), CLOSE_SESSION_DEADLINE, connection_id);
             async move {
                 deadline(CLOSE_SESSION_DEADLINE, client.close_session(request))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await
+    }
+}
+
+impl ControlPlane {
+    /// The environments the token's user may use (the self-service `envs` and the menu).
+    pub async fn list_environments(
+        &self,
+        token: &str,
+        connection_id: &str,
+    ) -> Result<UserEnvironments, Status> {
+        let message = SelfRequest {
+            token: token.to_owned(),
+        };
+        with_retries("ListEnvironments", || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
+            async move { deadline(SELF_SERVICE_DEADLINE, client.list_environments(request)).await }
+        })
+        .await
+    }
+
+    /// The token's user's containers and sessions.
+    pub async fn status(&self, token: &str, connection_id: &str) -> Result<UserStatus, Status> {
+        let message = SelfRequest {
+            token: token.to_owned(),
+        };
+        with_retries("Status", || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
+            async move { deadline(SELF_SERVICE_DEADLINE, client.status(request)).await }
+        })
+        .await
+    }
+
+    /// Removes the user's container for `environment`. Retried only when the request
+    /// never reached the control plane, so the answer describes the one stop that ran.
+    pub async fn stop_environment(
+        &self,
+        token: &str,
+        environment: &str,
+        connection_id: &str,
+    ) -> Result<StopEnvironmentResponse, Status> {
+        let message = SelfEnvironmentRequest {
+            token: token.to_owned(),
+            environment: environment.to_owned(),
+        };
+        with_retries_when("StopEnvironment", is_unreachable, || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), STOP_ENVIRONMENT_DEADLINE, connection_id);
+            async move {
+                deadline(STOP_ENVIRONMENT_DEADLINE, client.stop_environment(request)).await
+            }
+        })
+        .await
+    }
+
+    /// Saves the user's default environment ("" clears it).
+    pub async fn set_default(
+        &self,
+        token: &str,
+        environment: &str,
+        connection_id: &str,
+    ) -> Result<(), Status> {
+        let message = SelfEnvironmentRequest {
+            token: token.to_owned(),
+            environment: environment.to_owned(),
+        };
+        with_retries("SetDefault", || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
+            async move {
+                deadline(SELF_SERVICE_DEADLINE, client.set_default(request))
                     .await
                     .map(|_| ())
             }
