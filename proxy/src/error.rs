@@ -30,6 +30,25 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
+/// Why a self-service command line (`ssh alice+envgate ...`) was not understood.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UsageError {
+    #[error("unknown command \"{0}\"")]
+    UnknownCommand(String),
+    #[error("{0}: an environment name is required")]
+    MissingEnvironment(&'static str),
+    #[error("{command}: unexpected argument \"{argument}\"")]
+    UnexpectedArgument {
+        command: &'static str,
+        argument: String,
+    },
+    #[error("{command}: {reason}")]
+    BadEnvironment {
+        command: &'static str,
+        reason: envgate_proto::names::NameError,
+    },
+}
+
 /// Shown to users whose connection a drain or shutdown closes.
 pub const DRAIN_MESSAGE: &str = "this proxy is shutting down, reconnect to continue";
 /// Shown to a user whose session an admin killed without a message.
@@ -108,6 +127,10 @@ pub enum ConnectionResult {
     AgentUnreachable,
     /// Closed by a drain, shutdown or an admin kill.
     Closed,
+    /// A self-service command (`user+envgate`) was answered, usage errors included.
+    SelfService,
+    /// A self-service command the control plane refused or could not answer.
+    SelfServiceFailed,
     Error,
 }
 
@@ -122,6 +145,8 @@ impl ConnectionResult {
             Self::ExecFailed => "exec_failed",
             Self::AgentUnreachable => "agent_unreachable",
             Self::Closed => "closed",
+            Self::SelfService => "self_service",
+            Self::SelfServiceFailed => "self_service_failed",
             Self::Error => "error",
         }
     }

@@ -13,6 +13,7 @@ pub mod exec;
 pub mod fleet;
 pub mod handler;
 pub mod proxy_protocol;
+pub mod selfservice;
 pub mod server;
 pub mod session;
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envgate_proto::names::Login;
+use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use russh::server::{Handle, Msg};
@@ -33,6 +33,7 @@ use crate::exec::{
     self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessEnd, ProcessRuntime,
     ProcessSpec, TerminalSize,
 };
+use crate::selfservice;
 
 /// What the handler tells the session task.
 pub enum Event {
@@ -77,6 +78,8 @@ pub struct ConnectionInfo {
     pub client_address: String,
     /// Cuts the connection's socket when a polite close does not work.
     pub abort: CancellationToken,
+    /// The environment of the `--pinned-listen` port the client came in on.
+    pub pinned: Option<String>,
 }
 
 /// How long the runtime may take to start the user's process.
@@ -248,9 +251,14 @@ impl Connection {
         }
     }
 
-    /// The environment asked for: the `user+env` suffix, else `ENVGATE_ENV`,
-    /// else the user's default (empty).
+    /// The environment asked for, in the order: the port's pin, the
+    /// `user+env` suffix, `ENVGATE_ENV`; empty when none decided (then the
+    /// user's default, the menu or the catalogue's default do). The
+    /// self-service pseudo-environment is answered before this is asked.
     fn environment(&self, channel: &ChannelState) -> String {
+        if let Some(pinned) = &self.info.pinned {
+            return pinned.clone();
+        }
         let from_login = self
             .identity
             .as_ref()
@@ -271,6 +279,10 @@ impl Connection {
         let output = state.output.clone();
         let pty = state.pty.is_some();
         if matches!(self.placement, PlacementState::NotRequested) {
+            if self.wants_self_service(state) {
+                self.self_service(command, output, pty);
+                return;
+            }
             let kind = if command.is_some() { "exec" } else { "shell" };
             let environment = self.environment(state);
             self.placement = self.place(environment, kind, &output, pty).await;
@@ -302,6 +314,45 @@ impl Connection {
         let process = run_process(runtime, spec, output, commands_rx, pty, self.handle.clone());
         let task = self.running.spawn(process.in_current_span());
         state.process = Some(RunningProcess { commands, task });
+    }
+
+    /// Whether the user asked for the `envgate` pseudo-environment, by login suffix or
+    /// `ENVGATE_ENV`. Checked before anything else chooses an environment, so self-service
+    /// also works on a port pinned to an environment and never shows the menu.
+    fn wants_self_service(&self, channel: &ChannelState) -> bool {
+        let from_login = self
+            .identity
+            .as_ref()
+            .and_then(|(login, _)| login.environment.as_deref());
+        let from_env = channel
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "ENVGATE_ENV")
+            .map(|(_, v)| v.as_str());
+        from_login.or(from_env) == Some(SELF_SERVICE_ENV)
+    }
+
+    /// Answers a self-service command on this channel; no session is placed and no
+    /// container is started.
+    fn self_service(&mut self, command: Option<String>, output: Arc<ChannelOutput>, pty: bool) {
+        let Some((_, identity)) = &self.identity else {
+            return;
+        };
+        let control_plane = self.services.control_plane.clone();
+        let token = identity.token.clone();
+        let connection_id = self.info.connection_id.clone();
+        let answer = async move {
+            let reply =
+                selfservice::run(&control_plane, &token, &connection_id, command.as_deref()).await;
+            selfservice::answer(&output, &reply, pty).await;
+            ChannelEnd {
+                exit_code: Some(i64::from(reply.exit_status)),
+                result: reply.result,
+            }
+        };
+        self.running
+            .spawn(answer.instrument(tracing::info_span!("self_service")));
     }
 
     /// Asks the control plane for a container, showing its progress on a
