@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use envgate_proto::names::{SELF_SERVICE_ENV, validate_environment};
 use russh::keys::PrivateKey;
 
 use crate::error::ProxyError;
@@ -25,6 +26,8 @@ pub struct Config {
     pub docker_host: Option<String>,
     /// The address reported to the control plane; defaults to `listen`.
     pub advertise: Option<String>,
+    /// Extra SSH listeners, each pinned to one environment.
+    pub pinned_listen: Vec<PinnedListen>,
 }
 
 impl Config {
@@ -34,6 +37,66 @@ impl Config {
             ProxyError::Config(format!("cannot load host key {}: {e}", path.display()))
         })
     }
+}
+
+/// `--pinned-listen ADDR=ENV`: every connection accepted on `addr` is
+/// placed in `environment`, whatever the login asks for (except the
+/// self-service pseudo-environment, which stays reachable everywhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedListen {
+    pub addr: SocketAddr,
+    pub environment: String,
+}
+
+impl FromStr for PinnedListen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let Some((addr, environment)) = text.rsplit_once('=') else {
+            return Err(format!(
+                "{text:?}: a pinned listener is ADDR=ENVIRONMENT, e.g. 0.0.0.0:2223=debian"
+            ));
+        };
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?}: {addr:?} is not an address with a port"))?;
+        let environment = environment.trim();
+        validate_environment(environment).map_err(|e| format!("{text:?}: {e}"))?;
+        if environment == SELF_SERVICE_ENV {
+            return Err(format!(
+                "{text:?}: \"{SELF_SERVICE_ENV}\" is the self-service pseudo-environment, not one to pin a port to"
+            ));
+        }
+        Ok(Self {
+            addr,
+            environment: environment.to_owned(),
+        })
+    }
+}
+
+/// Parses a comma-separated list of `ADDR=ENV`; empty entries are ignored.
+pub fn parse_pinned(text: &str) -> Result<Vec<PinnedListen>, String> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// No two listeners on one address (port 0, "any free port", may repeat).
+pub fn check_listeners(listen: SocketAddr, pinned: &[PinnedListen]) -> Result<(), ProxyError> {
+    let mut seen = vec![listen];
+    for p in pinned {
+        if p.addr.port() != 0 && seen.contains(&p.addr) {
+            return Err(ProxyError::Config(format!(
+                "--pinned-listen {}={}: {} is already a listen address",
+                p.addr, p.environment, p.addr
+            )));
+        }
+        seen.push(p.addr);
+    }
+    Ok(())
 }
 
 /// An address range, `10.0.0.0/8` or a single address.
@@ -124,5 +187,47 @@ mod tests {
         assert!(parse_cidrs("").unwrap().is_empty());
         assert!(parse_cidrs("10.0.0.0/33").is_err());
         assert!(parse_cidrs("nonsense").is_err());
+    }
+
+    #[test]
+    fn pinned_listeners_are_checked_at_start() {
+        let pinned = parse_pinned("127.0.0.1:2223=debian, [::1]:2224=py-3").unwrap();
+        assert_eq!(
+            pinned,
+            [
+                PinnedListen {
+                    addr: "127.0.0.1:2223".parse().unwrap(),
+                    environment: "debian".into()
+                },
+                PinnedListen {
+                    addr: "[::1]:2224".parse().unwrap(),
+                    environment: "py-3".into()
+                },
+            ]
+        );
+        assert!(parse_pinned("").unwrap().is_empty());
+        for (bad, says) in [
+            ("127.0.0.1:2223", "ADDR=ENVIRONMENT"),
+            ("localhost:2223=debian", "not an address"),
+            ("127.0.0.1=debian", "not an address"),
+            ("127.0.0.1:2223=Debian", "lowercase"),
+            ("127.0.0.1:2223=", "empty"),
+            ("127.0.0.1:2223=envgate", "self-service"),
+        ] {
+            let e = parse_pinned(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let listen = "127.0.0.1:2200".parse().unwrap();
+        assert!(check_listeners(listen, &pinned).is_ok());
+        let twice = parse_pinned("127.0.0.1:2223=debian,127.0.0.1:2223=busybox").unwrap();
+        let e = check_listeners(listen, &twice).unwrap_err().to_string();
+        assert!(
+            e.contains("127.0.0.1:2223 is already a listen address"),
+            "{e}"
+        );
+        let on_listen = parse_pinned("127.0.0.1:2200=debian").unwrap();
+        assert!(check_listeners(listen, &on_listen).is_err());
+        let any = parse_pinned("127.0.0.1:0=debian,127.0.0.1:0=busybox").unwrap();
+        assert!(check_listeners("127.0.0.1:0".parse().unwrap(), &any).is_ok());
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod fleet;
 pub mod handler;
+pub mod menu;
 pub mod proxy_protocol;
 pub mod selfservice;
 pub mod server;
@@ -25,6 +26,7 @@ use envgate_proto::ops::{Readiness, serve_ops};
 use envgate_proto::v1::Register;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +49,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A proxy whose ports are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
     ssh_listener: TcpListener,
+    /// `--pinned-listen`: each listener with its environment.
+    pinned_listeners: Vec<(TcpListener, Arc<str>)>,
     ops_listener: Option<TcpListener>,
     context: Arc<ServerContext>,
     fleet: FleetMember,
@@ -67,6 +71,7 @@ impl Proxy {
         config: Config,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ProxyError> {
+        crate::config::check_listeners(config.listen, &config.pinned_listen)?;
         let docker_host = config.docker_host.as_deref().unwrap_or(DEFAULT_DOCKER_HOST);
         let runtime = DockerRuntime::connect(docker_host)
             .await
@@ -80,6 +85,18 @@ impl Proxy {
                     addr: config.listen,
                     source,
                 })?;
+        let mut pinned_listeners = Vec::with_capacity(config.pinned_listen.len());
+        for pinned in &config.pinned_listen {
+            let listener =
+                TcpListener::bind(pinned.addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind {
+                        what: "pinned SSH",
+                        addr: pinned.addr,
+                        source,
+                    })?;
+            pinned_listeners.push((listener, Arc::from(pinned.environment.as_str())));
+        }
         let ops_listener = match config.ops_listen {
             Some(addr) => Some(envgate_proto::ops::bind_ops(addr).await.map_err(|source| {
                 ProxyError::Bind {
@@ -119,7 +136,7 @@ impl Proxy {
             ssh: Arc::new(ssh),
             trusted_proxies: config.trusted_proxies,
             login_grace: config.login_grace,
-            max_connections: config.max_connections.max(1),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             authenticator: Arc::new(Authenticator::new(
                 auth_cache.clone(),
                 control_plane.clone(),
@@ -142,6 +159,7 @@ impl Proxy {
         };
         Ok(Self {
             ssh_listener,
+            pinned_listeners,
             ops_listener,
             context,
             fleet,
@@ -156,6 +174,14 @@ impl Proxy {
         self.ssh_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The bound address of each `--pinned-listen` listener, with its environment.
+    pub fn pinned_addrs(&self) -> Vec<(SocketAddr, String)> {
+        self.pinned_listeners
+            .iter()
+            .filter_map(|(l, env)| Some((l.local_addr().ok()?, env.to_string())))
+            .collect()
     }
 
     pub fn ops_addr(&self) -> Option<SocketAddr> {
@@ -182,18 +208,33 @@ impl Proxy {
         };
         let fleet = tokio::spawn(self.fleet.run(background.clone()));
         let tracker = TaskTracker::new();
-        let accept = tokio::spawn(server::serve(
+        let mut accept = vec![tokio::spawn(server::serve(
             self.ssh_listener,
+            None,
             self.context.clone(),
             tracker.clone(),
             self.drain.stop_accepting(),
-        ));
+        ))];
+        for (listener, environment) in self.pinned_listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, %environment, "pinned listener serving");
+            }
+            accept.push(tokio::spawn(server::serve(
+                listener,
+                Some(environment),
+                self.context.clone(),
+                tracker.clone(),
+                self.drain.stop_accepting(),
+            )));
+        }
         tracing::info!(%address, "proxy serving");
 
         shutdown.cancelled().await;
         tracing::info!(grace = ?self.shutdown_grace, "shutting down");
         self.drain.begin(self.shutdown_grace);
-        let _ = accept.await;
+        for accept in accept {
+            let _ = accept.await;
+        }
         tracker.close();
         if tokio::time::timeout(self.shutdown_grace + CLOSE_TIMEOUT, tracker.wait())
             .await

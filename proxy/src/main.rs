@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use envgate_proxy::config::{Cidr, parse_cidrs};
+use envgate_proxy::config::{Cidr, PinnedListen, parse_cidrs, parse_pinned};
 use envgate_proxy::{Config, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,11 @@ struct Args {
     /// Address reported to the control plane (default: the listen address).
     #[arg(long, env = "ENVGATE_ADVERTISE")]
     advertise: Option<String>,
+    /// An extra SSH listener pinned to one environment, ADDR=ENV (repeatable; the
+    /// variable takes a comma-separated list): every login there lands in ENV, whatever
+    /// the user name or ENVGATE_ENV ask for (`user+envgate` self-service excepted).
+    #[arg(long, env = "ENVGATE_PINNED_LISTEN", value_name = "ADDR=ENV", value_parser = parse_pinned_list)]
+    pinned_listen: Vec<PinnedList>,
     /// OTLP/gRPC endpoint traces are exported to (unset: none are exported).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -73,6 +78,13 @@ struct CidrList(Vec<Cidr>);
 
 fn parse_cidr_list(text: &str) -> Result<CidrList, String> {
     parse_cidrs(text).map(CidrList)
+}
+
+#[derive(Debug, Clone)]
+struct PinnedList(Vec<PinnedListen>);
+
+fn parse_pinned_list(text: &str) -> Result<PinnedList, String> {
+    parse_pinned(text).map(PinnedList)
 }
 
 fn default_proxy_id() -> String {
@@ -114,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             .docker_host
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())),
         advertise: args.advertise,
+        pinned_listen: args.pinned_listen.into_iter().flat_map(|p| p.0).collect(),
     };
     let metrics = envgate_proto::ops::init_metrics();
     let proxy = Proxy::bind(config, Some(metrics))

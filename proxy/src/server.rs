@@ -42,22 +42,27 @@ pub struct ServerContext {
     pub ssh: Arc<russh::server::Config>,
     pub trusted_proxies: Vec<Cidr>,
     pub login_grace: Duration,
-    pub max_connections: usize,
+    /// One permit per connection served, shared by every accept loop (the
+    /// main listener and the pinned ones), so `--max-connections` bounds
+    /// them together.
+    pub connections: Arc<Semaphore>,
     pub authenticator: Arc<Authenticator>,
     pub services: SessionServices,
 }
 
 /// Accepts connections until `stop` is cancelled. Each connection runs as a
-/// task on `tracker`, holding one of `max_connections` permits; the loop
-/// waits for a permit before accepting, so excess clients queue in the
-/// kernel's backlog instead of costing memory here.
+/// task on `tracker`, holding one of the context's connection permits; the
+/// loop waits for a permit before accepting, so excess clients queue in the
+/// kernel's backlog instead of costing memory here. On a pinned listener
+/// every connection carries `pinned`, its environment.
 pub async fn serve(
     listener: TcpListener,
+    pinned: Option<Arc<str>>,
     context: Arc<ServerContext>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(context.max_connections));
+    let permits = context.connections.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -83,10 +88,11 @@ pub async fn serve(
         };
         let context = context.clone();
         let connection_id = format!("{:08x}", rand::thread_rng().r#gen::<u32>());
-        let span = tracing::info_span!("connection", id = %connection_id, peer = %peer);
+        let span = tracing::info_span!("connection", id = %connection_id, peer = %peer, pinned = pinned.as_deref());
+        let pinned = pinned.clone();
         tracker.spawn(
             async move {
-                let result = serve_connection(socket, peer, connection_id, context).await;
+                let result = serve_connection(socket, peer, connection_id, pinned, context).await;
                 result.count();
                 tracing::info!(result = result.label(), "connection closed");
                 drop(permit);
@@ -160,6 +166,7 @@ async fn serve_connection(
     mut socket: TcpStream,
     peer: SocketAddr,
     connection_id: String,
+    pinned: Option<Arc<str>>,
     context: Arc<ServerContext>,
 ) -> ConnectionResult {
     let accepted = Instant::now();
@@ -207,6 +214,7 @@ async fn serve_connection(
         connection_id,
         client_address: client.to_string(),
         abort: abort.clone(),
+        pinned: pinned.map(|env| env.to_string()),
     };
     let session_task = tokio::spawn(
         session::run(

@@ -578,6 +578,7 @@ async fn proxy_serves_sessions_into_a_real_container() {
         auth_cache_size: 128,
         docker_host: None,
         advertise: None,
+        pinned_listen: Vec::new(),
     };
     // The one test in this binary owns the process's metrics recorder.
     let metrics = envgate_proto::ops::init_metrics();
