@@ -439,3 +439,281 @@ impl SelfService for SelfServiceService {
         Ok(Response::new(SetDefaultResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{World, no_progress};
+    use crate::placement::PlacementConfig;
+    use crate::reconcile::ReconcileConfig;
+
+    fn handler(world: &World) -> SelfServiceHandler {
+        let reconciler = Arc::new(Reconciler::new(
+            world.store.clone(),
+            world.runtime.clone(),
+            ReconcileConfig {
+                instance: "default".into(),
+                replica_id: "test".into(),
+                interval: Duration::from_secs(1),
+                stale_after: Duration::from_secs(90),
+                orphan_grace: Duration::from_secs(60),
+            },
+        ));
+        SelfServiceHandler::new(world.store.clone(), world.auth.clone(), reconciler)
+    }
+
+    fn code(e: SelfServiceError) -> (tonic::Code, String) {
+        let status = Status::from(e);
+        (status.code(), status.message().to_owned())
+    }
+
+    #[tokio::test]
+    async fn envs_are_the_allowed_ones_with_running_and_defaults() {
+        let world = World::new().await;
+        let selfservice = handler(&world);
+        let envs = selfservice
+            .list_environments(&world.token("alice"))
+            .await
+            .unwrap();
+        let names: Vec<&str> = envs.environments.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["busybox", "scratch"], "debian is staff only");
+        assert!(envs.environments.iter().all(|e| !e.running));
+        assert_eq!(envs.user_default, "");
+        assert_eq!(envs.catalogue_default, "busybox");
+        assert_eq!(envs.environments[1].mode, "ephemeral");
+
+        let placer = world.placer(PlacementConfig::default());
+        placer
+            .open(world.request("alice", "scratch"), &no_progress)
+            .await
+            .unwrap();
+        let envs = selfservice
+            .list_environments(&world.token("alice"))
+            .await
+            .unwrap();
+        let running: Vec<&str> = envs
+            .environments
+            .iter()
+            .filter(|e| e.running)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(running, ["scratch"], "an ephemeral container counts");
+        let carol = selfservice
+            .list_environments(&world.token("carol"))
+            .await
+            .unwrap();
+        assert!(carol.environments.iter().all(|e| !e.running), "not carol's");
+        assert!(carol.environments.iter().any(|e| e.name == "debian"));
+
+        let status = code(
+            selfservice
+                .list_environments("forged.token")
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status.0, tonic::Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn status_counts_sessions_and_the_idle_clock() {
+        let world = World::new().await;
+        let selfservice = handler(&world);
+        let placer = world.placer(PlacementConfig::default());
+        let placement = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let status = selfservice.status(&world.token("alice")).await.unwrap();
+        assert_eq!(status.containers.len(), 1);
+        let busybox = &status.containers[0];
+        assert_eq!(
+            (busybox.environment.as_str(), busybox.state.as_str()),
+            ("busybox", "running")
+        );
+        assert_eq!((busybox.sessions, busybox.idle_seconds_left), (1, -1));
+        assert_eq!(busybox.lifetime_seconds_left, -1);
+        assert_eq!(status.sessions.len(), 1);
+        assert_eq!(status.sessions[0].id, placement.session_id);
+        assert_eq!(status.sessions[0].kind, "shell");
+
+        let carol = selfservice.status(&world.token("carol")).await.unwrap();
+        assert!(carol.containers.is_empty() && carol.sessions.is_empty());
+
+        placer.close(&placement.session_id).await.unwrap();
+        let status = selfservice.status(&world.token("alice")).await.unwrap();
+        let busybox = &status.containers[0];
+        assert_eq!(busybox.sessions, 0);
+        assert!(
+            (890..=900).contains(&busybox.idle_seconds_left),
+            "{busybox:?}"
+        );
+        assert!(status.sessions.is_empty());
+    }
+
+    #[test]
+    fn lifetime_and_idle_left_are_counted_like_the_reaper() {
+        let env = EnvironmentRecord {
+            idle_timeout_seconds: 60,
+            max_lifetime_seconds: 3600,
+            ..Default::default()
+        };
+        let record = ContainerRecord {
+            state: ContainerState::Running,
+            created_at: 1000,
+            last_active_at: 2000,
+            ..crate::fixtures::abandoned_claim("alice", "busybox", "test")
+        };
+        let idle = container_status(&record, Some(&env), 0, 2010);
+        assert_eq!(
+            (idle.idle_seconds_left, idle.lifetime_seconds_left),
+            (50, 2590)
+        );
+        let overdue = container_status(&record, Some(&env), 0, 9000);
+        assert_eq!(
+            (overdue.idle_seconds_left, overdue.lifetime_seconds_left),
+            (0, 0)
+        );
+        let gone = container_status(&record, None, 0, 2010);
+        assert_eq!(
+            (gone.idle_seconds_left, gone.lifetime_seconds_left),
+            (i64::from(DEFAULT_IDLE_TIMEOUT_SECONDS) - 10, -1),
+            "a deleted environment: the reaper's default timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_sessions_then_removes_only_the_callers_container() {
+        let world = World::new().await;
+        let selfservice = Arc::new(handler(&world));
+        let placer = world.placer(PlacementConfig::default());
+        let alice = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let carol = placer
+            .open(world.request("carol", "busybox"), &no_progress)
+            .await
+            .unwrap();
+
+        let untouched = selfservice
+            .stop_environment(&world.token("carol"), "scratch")
+            .await
+            .unwrap();
+        assert!(!untouched.stopped);
+
+        let stop = {
+            let selfservice = selfservice.clone();
+            let token = world.token("alice");
+            tokio::spawn(async move { selfservice.stop_environment(&token, "busybox").await })
+        };
+        // The proxy's part: it is told, shows the message and closes the session.
+        let told = loop {
+            let commands: Vec<(String, Versioned<CommandRecord>)> =
+                store::range_json(world.store.as_ref(), "commands/")
+                    .await
+                    .unwrap();
+            if let Some((_, command)) = commands.into_iter().next() {
+                break command.value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            told,
+            CommandRecord::KillSession {
+                session_id: alice.session_id.clone(),
+                message: stop_message("alice", "busybox"),
+            }
+        );
+        assert!(!stop.is_finished(), "waits for the session to close");
+        assert_eq!(world.runtime.containers().len(), 2);
+        placer.close(&alice.session_id).await.unwrap();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), stop)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((stopped.stopped, stopped.sessions_ended), (true, 1));
+        let left: Vec<String> = world
+            .runtime
+            .containers()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(left, [carol.container_id], "carol's stays");
+        assert_eq!(
+            world.keys("containers/").await,
+            ["containers/carol/busybox"]
+        );
+
+        let again = selfservice
+            .stop_environment(&world.token("alice"), "busybox")
+            .await
+            .unwrap();
+        assert!(!again.stopped);
+        let (status, message) = code(
+            selfservice
+                .stop_environment(&world.token("alice"), "nope")
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status, tonic::Code::NotFound);
+        assert_eq!(
+            message,
+            r#"unknown environment "nope"; available: busybox, scratch"#
+        );
+        let (status, _) = code(
+            selfservice
+                .stop_environment(&world.token("alice"), "../x")
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status, tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn default_is_checked_then_saved_by_compare_and_swap() {
+        let world = World::new().await;
+        let selfservice = handler(&world);
+        let token = world.token("alice");
+        selfservice.set_default(&token, "scratch").await.unwrap();
+        let saved: UserRecord = store::get_json(world.store.as_ref(), "users/alice")
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert_eq!(saved.default_environment, "scratch");
+        assert_eq!(saved.groups, ["students"], "the rest of the record stays");
+        let envs = selfservice.list_environments(&token).await.unwrap();
+        assert_eq!(envs.user_default, "scratch");
+
+        let (status, message) = code(selfservice.set_default(&token, "debian").await.unwrap_err());
+        assert_eq!(status, tonic::Code::PermissionDenied);
+        assert_eq!(message, r#"environment "debian" is not available to you"#);
+        let (status, message) = code(selfservice.set_default(&token, "nope").await.unwrap_err());
+        assert_eq!(status, tonic::Code::NotFound);
+        assert_eq!(
+            message,
+            r#"unknown environment "nope"; available: busybox, scratch"#
+        );
+        let (_, message) = code(
+            selfservice
+                .set_default(&token, "x\u{1b}[2J")
+                .await
+                .unwrap_err(),
+        );
+        assert!(message.contains(r#""x\u{1b}[2J""#), "escaped: {message}");
+
+        selfservice.set_default(&token, "").await.unwrap();
+        let envs = selfservice.list_environments(&token).await.unwrap();
+        assert_eq!(envs.user_default, "");
+
+        world.store.delete("users/alice").await.unwrap();
+        let (status, _) = code(
+            selfservice
+                .set_default(&token, "busybox")
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status, tonic::Code::Unauthenticated);
+    }
+}
