@@ -17,7 +17,7 @@ use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use russh::server::{Handle, Msg};
 use russh::{ChannelId, ChannelWriteHalf, Disconnect, Sig};
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -33,6 +33,7 @@ use crate::exec::{
     self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessEnd, ProcessRuntime,
     ProcessSpec, TerminalSize,
 };
+use crate::menu::{self, Cancel, Preselect};
 use crate::selfservice;
 
 /// What the handler tells the session task.
@@ -125,6 +126,47 @@ struct Connection {
     result: ConnectionResult,
     /// A channel could not reach the container's agent: CloseSession asks for a new one.
     container_unreachable: bool,
+    /// The menu (or the ListEnvironments call before it) is deciding the environment.
+    choosing: Option<Choosing>,
+    /// What the menu decided, taken by the next placement ("" = the control
+    /// plane's default).
+    chosen: Option<String>,
+}
+
+/// The environment is being chosen on one channel's terminal.
+struct Choosing {
+    channel: ChannelId,
+    command: Option<String>,
+    /// Window changes of that channel, to repaint the menu.
+    resizes: mpsc::Sender<TerminalSize>,
+    /// Shells and execs requested on other channels meanwhile, started once
+    /// the choice is made.
+    waiting: Vec<(ChannelId, Option<String>)>,
+    /// Its own task, so the connection's state stays `Sync`; aborted on drop.
+    choice: JoinHandle<Choice>,
+}
+
+impl Drop for Choosing {
+    fn drop(&mut self) {
+        self.choice.abort();
+    }
+}
+
+enum Choice {
+    /// Place the session here ("" = let the control plane decide).
+    Environment(String),
+    /// The user gave up; the menu's channel has been told and closed.
+    Cancelled(Cancel),
+}
+
+/// The menu's decision once there is one; never while there is no menu.
+async fn next_choice(choosing: &mut Option<Choosing>) -> Choice {
+    match choosing {
+        Some(choosing) => (&mut choosing.choice)
+            .await
+            .unwrap_or(Choice::Cancelled(Cancel::EndOfInput)),
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs until the SSH connection is gone (the handler dropped its event
@@ -149,6 +191,8 @@ pub async fn run(
         first_exit: None,
         result: ConnectionResult::NotAuthenticated,
         container_unreachable: false,
+        choosing: None,
+        chosen: None,
     };
     let session_started = Instant::now();
     // Closed (and exported) when dropped, before teardown starts.
@@ -161,6 +205,7 @@ pub async fn run(
                 None => break,
             },
             Some(end) = connection.running.join_next() => connection.on_channel_end(end),
+            choice = next_choice(&mut connection.choosing) => connection.on_choice(choice).await,
             message = control.recv(), if !killed => match message {
                 Some(Control::Kill(message)) => {
                     killed = true;
@@ -208,6 +253,9 @@ impl Connection {
                 if let Some(process) = self.channels.remove(&channel).and_then(|c| c.process) {
                     process.task.abort();
                 }
+                if let Some(choosing) = &mut self.choosing {
+                    choosing.waiting.retain(|(waiting, _)| *waiting != channel);
+                }
             }
             Event::Request { channel, request } => self.on_request(channel, request).await,
         }
@@ -228,6 +276,9 @@ impl Connection {
                     // A resize that cannot be queued is dropped: the next one
                     // carries the final size anyway.
                     let _ = process.commands.try_send(ProcessCommand::Resize(size));
+                }
+                if let Some(choosing) = self.choosing.as_ref().filter(|c| c.channel == channel) {
+                    let _ = choosing.resizes.try_send(size);
                 }
             }
             ChannelRequest::Signal(name) => {
@@ -283,8 +334,25 @@ impl Connection {
                 self.self_service(command, output, pty);
                 return;
             }
+            if let Some(choosing) = &mut self.choosing {
+                choosing.waiting.push((channel, command));
+                return;
+            }
             let kind = if command.is_some() { "exec" } else { "shell" };
-            let environment = self.environment(state);
+            let environment = match self.chosen.take() {
+                Some(chosen) => chosen,
+                None => {
+                    let asked = self.environment(state);
+                    if let (true, Some((_, size)), Some((_, identity))) =
+                        (asked.is_empty(), &state.pty, &self.identity)
+                    {
+                        let (size, token) = (*size, identity.token.clone());
+                        self.open_menu(channel, command, output, size, token);
+                        return;
+                    }
+                    asked
+                }
+            };
             self.placement = self.place(environment, kind, &output, pty).await;
         }
         let placement = match &self.placement {
@@ -353,6 +421,63 @@ impl Connection {
         };
         self.running
             .spawn(answer.instrument(tracing::info_span!("self_service")));
+    }
+
+    /// Nothing chose the environment and the user has a terminal: ask the
+    /// control plane what they may use and, unless that decides it, show
+    /// the menu. Runs beside the connection's events (window changes, a
+    /// kill), whose loop picks the choice up in [`Connection::on_choice`].
+    fn open_menu(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        output: Arc<ChannelOutput>,
+        size: TerminalSize,
+        token: String,
+    ) {
+        let control_plane = self.services.control_plane.clone();
+        let connection_id = self.info.connection_id.clone();
+        let (resizes, resizes_rx) = mpsc::channel(8);
+        let choice = choose(
+            control_plane,
+            token,
+            connection_id,
+            output,
+            size,
+            resizes_rx,
+        )
+        .instrument(tracing::info_span!("menu"));
+        self.choosing = Some(Choosing {
+            channel,
+            command,
+            resizes,
+            waiting: Vec::new(),
+            choice: tokio::spawn(choice),
+        });
+    }
+
+    /// Starts what waited for the choice: the menu's channel (unless the
+    /// user gave up), then the others, in the order they asked.
+    async fn on_choice(&mut self, choice: Choice) {
+        let Some(mut choosing) = self.choosing.take() else {
+            return;
+        };
+        let waiting = std::mem::take(&mut choosing.waiting);
+        match choice {
+            Choice::Environment(environment) => {
+                self.chosen = Some(environment);
+                self.start(choosing.channel, choosing.command.take()).await;
+            }
+            Choice::Cancelled(why) => {
+                self.result = ConnectionResult::PlacementFailed(match why {
+                    Cancel::Timeout => "menu_timeout",
+                    _ => "no_environment_chosen",
+                });
+            }
+        }
+        for (channel, command) in waiting {
+            self.start(channel, command).await;
+        }
     }
 
     /// Asks the control plane for a container, showing its progress on a
@@ -462,6 +587,42 @@ impl Connection {
             if let Err(status) = result {
                 tracing::warn!(session_id = %placement.session_id, error = %status, "CloseSession failed");
             }
+        }
+    }
+}
+
+/// The menu's side of [`Connection::open_menu`]: the list of environments,
+/// the decision it allows, and the menu when it decides nothing. A failed
+/// list leaves the choice to the control plane, whose placement answer then
+/// tells the user what is wrong.
+async fn choose(
+    control_plane: ControlPlane,
+    token: String,
+    connection_id: String,
+    output: Arc<ChannelOutput>,
+    size: TerminalSize,
+    mut resizes: mpsc::Receiver<TerminalSize>,
+) -> Choice {
+    let list = match control_plane
+        .list_environments(&token, &connection_id)
+        .await
+    {
+        Ok(list) => list,
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), message = %status.message(), "listing the environments for the menu failed");
+            return Choice::Environment(String::new());
+        }
+    };
+    let menu = match menu::preselect(&list) {
+        Preselect::Use(environment) => return Choice::Environment(environment),
+        Preselect::Ask(menu) => menu,
+    };
+    match menu::run(menu, output.as_ref(), size, &mut resizes).await {
+        Ok(environment) => Choice::Environment(environment),
+        Err(why) => {
+            let _ = output.stderr_line(&why.line(), true).await;
+            let _ = output.finish(why.exit_status()).await;
+            Choice::Cancelled(why)
         }
     }
 }
