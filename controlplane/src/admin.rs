@@ -14,17 +14,17 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{HashCost, hash_password};
+use crate::catalogue;
 use crate::error::{AdminError, AuthError};
 use crate::fleet;
 use crate::model::{
-    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     RevocationRecord, SessionRecord, UserRecord,
 };
 use crate::reconcile::Reconciler;
 use crate::store::{self, Store};
 
-pub const DEFAULT_SHELL: &str = "/bin/sh";
-pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
+pub use crate::catalogue::{DEFAULT_IDLE_TIMEOUT_SECONDS, DEFAULT_SHELL};
 /// DrainProxy's grace when the request leaves it at 0: the proxy's `--shutdown-grace-seconds`
 /// default, so an admin drain and a SIGTERM give sessions the same time.
 pub const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 30;
@@ -259,28 +259,8 @@ impl AdminService {
         env: Option<pb::Environment>,
     ) -> Result<pb::Environment, AdminError> {
         let env = env.ok_or_else(|| AdminError::invalid("environment", "required"))?;
-        let record = environment_from_pb(env)?;
-        if record.is_default {
-            // One catalogue default: clear the flag elsewhere.
-            let others: Vec<(String, store::Versioned<EnvironmentRecord>)> =
-                store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
-            for (key, other) in others {
-                if other.value.is_default && other.value.name != record.name {
-                    let cleared = EnvironmentRecord {
-                        is_default: false,
-                        ..other.value
-                    };
-                    store::put_json(self.store.as_ref(), &key, &cleared, None).await?;
-                }
-            }
-        }
-        store::put_json(
-            self.store.as_ref(),
-            &model::environment_key(&record.name),
-            &record,
-            None,
-        )
-        .await?;
+        let record = catalogue::validate_environment(env)?;
+        catalogue::save_environment(self.store.as_ref(), &record).await?;
         tracing::info!(environment = %record.name, image = %record.image, "environment saved");
         Ok(environment_to_pb(&record))
     }
@@ -355,103 +335,6 @@ fn validate_user(user: &pb::User) -> Result<(), AdminError> {
             .map_err(|e| AdminError::invalid("user.default_environment", e.to_string()))?;
     }
     Ok(())
-}
-
-fn environment_from_pb(env: pb::Environment) -> Result<EnvironmentRecord, AdminError> {
-    names::validate_environment(&env.name)
-        .map_err(|e| AdminError::invalid("environment.name", e.to_string()))?;
-    if env.name == names::SELF_SERVICE_ENV {
-        return Err(AdminError::invalid(
-            "environment.name",
-            "\"envgate\" is reserved",
-        ));
-    }
-    if env.image.trim().is_empty() {
-        return Err(AdminError::invalid(
-            "environment.image",
-            "must not be empty",
-        ));
-    }
-    let shell = if env.shell.is_empty() {
-        DEFAULT_SHELL.to_owned()
-    } else {
-        env.shell
-    };
-    if !shell.starts_with('/') {
-        return Err(AdminError::invalid(
-            "environment.shell",
-            "must be an absolute path",
-        ));
-    }
-    if !env.working_dir.is_empty() && !env.working_dir.starts_with('/') {
-        return Err(AdminError::invalid(
-            "environment.working_dir",
-            "must be an absolute path",
-        ));
-    }
-    let mode = match env.mode.as_str() {
-        "" | "persistent" => Mode::Persistent,
-        "ephemeral" => Mode::Ephemeral,
-        _ => {
-            return Err(AdminError::invalid(
-                "environment.mode",
-                "must be \"persistent\" or \"ephemeral\"",
-            ));
-        }
-    };
-    for (i, var) in env.env.iter().enumerate() {
-        let valid = var.split_once('=').is_some_and(|(k, _)| {
-            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-        if !valid {
-            return Err(AdminError::invalid(
-                format!("environment.env[{i}]"),
-                "must be KEY=value",
-            ));
-        }
-    }
-    for (i, group) in env.allowed_groups.iter().enumerate() {
-        if group.is_empty() || group.chars().any(char::is_whitespace) {
-            return Err(AdminError::invalid(
-                format!("environment.allowed_groups[{i}]"),
-                "must be a non-empty word without spaces",
-            ));
-        }
-    }
-    if !env.cpus.is_finite() || env.cpus < 0.0 {
-        return Err(AdminError::invalid(
-            "environment.cpus",
-            "must be a non-negative number",
-        ));
-    }
-    if env.pids_limit < 0 {
-        return Err(AdminError::invalid(
-            "environment.pids_limit",
-            "must not be negative",
-        ));
-    }
-    Ok(EnvironmentRecord {
-        name: env.name,
-        description: env.description,
-        image: env.image.trim().to_owned(),
-        shell,
-        working_dir: env.working_dir,
-        run_as: env.run_as,
-        env: env.env,
-        mode,
-        idle_timeout_seconds: if env.idle_timeout_seconds == 0 {
-            DEFAULT_IDLE_TIMEOUT_SECONDS
-        } else {
-            env.idle_timeout_seconds
-        },
-        allowed_groups: env.allowed_groups,
-        cpus: env.cpus,
-        memory_bytes: env.memory_bytes,
-        pids_limit: env.pids_limit,
-        is_default: env.is_default,
-        max_lifetime_seconds: env.max_lifetime_seconds,
-        warm_pool_size: env.warm_pool_size,
-    })
 }
 
 fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {

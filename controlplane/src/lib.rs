@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod admin;
 pub mod auth;
+pub mod catalogue;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
@@ -66,6 +67,8 @@ pub struct Config {
     /// Names this replica in election values and record owners.
     pub replica_id: String,
     pub hash_cost: HashCost,
+    /// The checked catalogue file (`--environments`), written into etcd before serving.
+    pub environments: Vec<model::EnvironmentRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("cannot start: {0}")]
     Runtime(#[from] RuntimeError),
+    #[error("cannot start: {0}")]
+    Seed(#[from] catalogue::SeedError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -237,6 +242,13 @@ pub async fn run(
         )
         .await?,
     );
+    // Before any port is bound: a replica serves only once the file's catalogue is in etcd.
+    catalogue::seed(
+        store.as_ref(),
+        &config.environments,
+        catalogue::SEED_GIVE_UP_AFTER,
+    )
+    .await?;
     let runtime: Arc<dyn Runtime> = Arc::new(
         DockerRuntime::new(config.docker_host.as_deref())
             .with_agent(config.agent.clone())

@@ -78,6 +78,10 @@ struct Args {
     /// grace leaves alone a container whose record is still being written.
     #[arg(long, env = "ENVGATE_ORPHAN_GRACE_SECONDS", default_value_t = 60)]
     orphan_grace_seconds: u64,
+    /// YAML catalogue of environments (docs/environments.md), checked at start and written
+    /// into etcd before serving; environments made through the admin API are kept.
+    #[arg(long, env = "ENVGATE_ENVIRONMENTS")]
+    environments: Option<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
@@ -129,6 +133,11 @@ fn config(args: Args) -> anyhow::Result<Config> {
     if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
         bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
     }
+    let environments = match args.environments.filter(|f| !f.as_os_str().is_empty()) {
+        None => Vec::new(),
+        Some(file) => envgate_controlplane::catalogue::load(&file)
+            .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
+    };
     let agent = match args.agent_binary.filter(|b| !b.as_os_str().is_empty()) {
         None => None,
         Some(binary) => {
@@ -168,6 +177,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),
         hash_cost: HashCost::default(),
+        environments,
     })
 }
 

@@ -64,6 +64,7 @@ pub fn config(instance: &str) -> Config {
             memory_kib: 256,
             iterations: 1,
         },
+        environments: Vec::new(),
     }
 }
 
