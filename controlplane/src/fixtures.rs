@@ -9,7 +9,8 @@ use envgate_proto::token::Claims;
 use crate::auth::Authenticator;
 use crate::auth::tests::{TEST_COST, test_key};
 use crate::model::{
-    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, UserRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
+    UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::runtime::ContainerSpec;
@@ -171,6 +172,50 @@ impl World {
             connection_id: "conn".into(),
             kind: "shell".into(),
         }
+    }
+
+    /// Changes one environment of the catalogue.
+    pub async fn update_environment(&self, name: &str, change: impl FnOnce(&mut EnvironmentRecord)) {
+        let key = model::environment_key(name);
+        let mut env: EnvironmentRecord = store::get_json(self.store.as_ref(), &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        change(&mut env);
+        store::put_json(self.store.as_ref(), &key, &env, None)
+            .await
+            .unwrap();
+    }
+
+    /// Changes one placement record behind everyone's back (to age it, say).
+    pub async fn edit_record(&self, key: &str, change: impl FnOnce(&mut ContainerRecord)) {
+        let mut record: ContainerRecord = store::get_json(self.store.as_ref(), key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        change(&mut record);
+        store::put_json(self.store.as_ref(), key, &record, None)
+            .await
+            .unwrap();
+    }
+
+    pub async fn record(&self, key: &str) -> Option<ContainerRecord> {
+        store::get_json(self.store.as_ref(), key)
+            .await
+            .unwrap()
+            .map(|v| v.value)
+    }
+
+    /// The commands queued for proxies (`fleet::send_command`), by key.
+    pub async fn commands(&self) -> Vec<(String, CommandRecord)> {
+        store::range_json(self.store.as_ref(), model::COMMANDS)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(key, v)| (key, v.value))
+            .collect()
     }
 
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
