@@ -83,3 +83,26 @@ async fn unknown_environment_gets_one_line_listing_the_environments() {
     );
     assert!(fleet.containers(Some("demo")).is_empty());
 }
+
+/// An environment from the control plane's `--environments` file, not the admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_from_the_catalogue_file_is_reachable_with_its_variables() {
+    let fleet = Fleet::start_with(support::FleetOptions {
+        environments_yaml: Some(
+            "environments:\n  \
+             - name: tiny\n    \
+               description: a file-defined BusyBox\n    \
+               image: envgate/busybox:latest\n    \
+               env: { GREETING: hi }\n"
+                .to_owned(),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let out = fleet.ssh("demo+tiny", "echo \"$GREETING\"", None).await;
+    out.assert_success();
+    assert_eq!(out.stdout, "hi\n");
+    let containers = fleet.containers(Some("demo"));
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].environment, "tiny");
+}

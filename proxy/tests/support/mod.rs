@@ -59,6 +59,9 @@ pub struct FleetOptions {
     pub controlplanes: usize,
     /// `--shutdown-grace-seconds` of every proxy.
     pub shutdown_grace_seconds: u64,
+    /// A catalogue file (YAML, docs/environments.md) written to the fleet's directory and
+    /// given to every control-plane replica as `--environments`; seeded before `seed` runs.
+    pub environments_yaml: Option<String>,
 }
 
 impl Default for FleetOptions {
@@ -72,6 +75,7 @@ impl Default for FleetOptions {
             agent: true,
             controlplanes: 1,
             shutdown_grace_seconds: 2,
+            environments_yaml: None,
         }
     }
 }
@@ -303,6 +307,11 @@ impl Fleet {
                 .envs(options.env.iter().map(|(k, v)| (k, v)));
             if let Some(docker_host) = &options.docker_host {
                 command.arg("--docker-host").arg(docker_host);
+            }
+            if let Some(yaml) = &options.environments_yaml {
+                let file = fleet.dir.path().join("environments.yaml");
+                std::fs::write(&file, yaml).map_err(|e| format!("write {file:?}: {e}"))?;
+                command.arg("--environments").arg(file);
             }
             if options.agent {
                 command
