@@ -27,6 +27,7 @@ pub mod fleet;
 pub mod model;
 pub mod placement;
 pub mod reconcile;
+pub mod pool;
 pub mod runtime;
 pub mod selfservice;
 pub mod store;

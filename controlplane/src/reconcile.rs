@@ -23,6 +23,7 @@ use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     SessionRecord,
 };
+use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
 
@@ -113,6 +114,9 @@ pub struct Actions {
     pub cleared_stale: usize,
     pub removed_orphans: usize,
     pub released_sessions: usize,
+    /// Warm containers added to and removed from pools (`pool.rs`).
+    pub refilled_pool: usize,
+    pub drained_pool: usize,
 }
 
 impl Actions {
@@ -167,6 +171,14 @@ impl Reconciler {
         // The runtime is listed before the records are read, so every container in the list
         // that has a record at all has it in the records we read.
         let containers = self.runtime.list_managed(&self.config.instance).await?;
+        // Before the records: a claim moves a container from a pool to a record in one
+        // transaction, so reading in this order sees every warm or claimed id.
+        let pools = WarmPools::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            &self.config.instance,
+        );
+        let pooled = pools.pooled_ids().await?;
         let mut records: Vec<(String, Versioned<ContainerRecord>)> =
             store::range_json(self.store.as_ref(), model::CONTAINERS).await?;
         let sessions: Vec<(String, Versioned<SessionRecord>)> =
@@ -294,6 +306,7 @@ impl Reconciler {
         let known: HashSet<&str> = records
             .iter()
             .map(|(_, r)| r.value.container_id.as_str())
+            .chain(pooled.iter().map(String::as_str))
             .collect();
         let grace = secs(self.config.orphan_grace);
         for container in &containers {
@@ -316,6 +329,9 @@ impl Reconciler {
             metrics::counter!("envgate_reconcile_failures_total").increment(1);
             tracing::warn!(error = %e, "sweeping per-container host state failed");
         }
+        let pool = pools.reconcile(&containers, &environments).await?;
+        actions.refilled_pool += pool.refilled;
+        actions.drained_pool += pool.drained;
         Ok(actions)
     }
 
@@ -628,6 +644,8 @@ impl Reconciler {
     async fn lead(&self, shutdown: &CancellationToken) {
         // What a previous leadership saw may be long out of date.
         *self.seen() = None;
+        // A claim wakes the next pass early, so its pool refills at once.
+        let claims = ClaimWatch::start(self.store.clone());
         loop {
             match self.reconcile().await {
                 Ok(actions) if actions != Actions::default() => {
@@ -639,8 +657,11 @@ impl Reconciler {
                     tracing::warn!(error = %e, "reconcile pass failed; retrying next interval");
                 }
             }
-            if sleep_or_shutdown(self.config.interval, shutdown).await {
-                return;
+            tokio::select! {
+                stop = sleep_or_shutdown(self.config.interval, shutdown) => if stop {
+                    return;
+                },
+                () = claims.claimed() => {}
             }
         }
     }

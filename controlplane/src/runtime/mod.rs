@@ -6,6 +6,7 @@ use async_trait::async_trait;
 pub mod docker;
 #[cfg(any(test, feature = "testkit"))]
 pub mod scripted;
+pub mod slots;
 
 pub use docker::DockerRuntime;
 
@@ -17,6 +18,9 @@ pub mod labels {
     pub const USER: &str = "envgate.user";
     pub const ENVIRONMENT: &str = "envgate.environment";
     pub const SESSION: &str = "envgate.session";
+    /// `true` on a warm-pool container. Labels cannot change, so a claimed one keeps it and
+    /// has no user label: its placement record in etcd says whose it is.
+    pub const POOL: &str = "envgate.pool";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +42,7 @@ pub struct ContainerSpec {
     pub user: String,
     pub environment: String,
     /// Set for ephemeral containers.
+    /// Empty for a warm-pool container, which belongs to nobody until claimed.
     pub session: Option<String>,
     pub image: String,
     pub env: Vec<String>,
@@ -103,6 +108,36 @@ pub trait Runtime: Send + Sync + 'static {
     /// that are no longer in `live` (removed outside envgate, or by a replica that died).
     async fn sweep(&self, _instance: &str, _live: &[ManagedContainer]) -> Result<(), RuntimeError> {
         Ok(())
+    /// `Ok` when this runtime can start containers before their user is known and hand them
+    /// over later (warm pools); `Err` says why not. Decided once, at start.
+    fn warm_pool_support(&self) -> Result<(), String> {
+        Err(format!("the {} runtime has no warm pools", self.name()))
+    }
+    /// Creates and starts a warm-pool container of `spec.environment` that belongs to nobody
+    /// yet (`spec.user` is empty); on failure nothing is left behind.
+    async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime has no warm pools ({})",
+            self.name(),
+            spec.environment
+        )))
+    }
+    /// Hands the running warm container `container` to `spec.user`, making it what
+    /// `create_and_start(spec)` would have made: their home volume (created if missing)
+    /// appears at `/home/<user>` in it, and no one else's does. Returns the name the container
+    /// carries from now on (the rename itself may finish later).
+    async fn assign(
+        &self,
+        container: &CreatedContainer,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError> {
+        let _ = container;
+        Err(RuntimeError::Failed(format!(
+            "the {} runtime has no warm pools ({})",
+            self.name(),
+            spec.environment
+        )))
+    }
     }
 }
 
@@ -116,3 +151,20 @@ pub fn container_name(instance: &str, user: &str, environment: &str) -> String {
 pub fn volume_name(instance: &str, user: &str) -> String {
     format!("envgate-{instance}-home-{user}")
 }
+/// `envgate-<instance>-pool-<env>-<8 random hex>`: a warm container before its claim.
+pub fn pool_container_name(instance: &str, environment: &str) -> String {
+    let suffix: u32 = rand::random();
+    format!("envgate-{instance}-pool-{environment}-{suffix:08x}")
+}
+
+/// The name a claimed warm container is renamed to: the usual one, same random suffix.
+pub fn claimed_container_name(
+    instance: &str,
+    user: &str,
+    environment: &str,
+    pool_name: &str,
+) -> String {
+    let suffix = pool_name.rsplit('-').next().unwrap_or_default();
+    format!("envgate-{instance}-{user}-{environment}-{suffix}")
+}
+

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError, container_name,
-    volume_name,
+    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
+    claimed_container_name, container_name, pool_container_name, volume_name,
 };
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,11 @@ struct State {
     inspect_delay: Duration,
     creates: usize,
     removes: usize,
+    /// Warm pools: off when set (`warm_pool_support` fails), failing assigns, counts.
+    warm_unsupported: bool,
+    fail_assigns: usize,
+    warm_creates: usize,
+    assigns: usize,
 }
 
 #[derive(Default)]
@@ -106,6 +111,22 @@ impl ScriptedRuntime {
     pub fn creates(&self) -> usize {
         self.lock().creates
     }
+    /// Warm-pool containers created (not counted in `creates`).
+    pub fn warm_creates(&self) -> usize {
+        self.lock().warm_creates
+    }
+    /// Warm containers handed to a user.
+    pub fn assigns(&self) -> usize {
+        self.lock().assigns
+    }
+    /// `false`: the runtime says warm pools cannot work (as Docker does when not root).
+    pub fn set_warm_pools_supported(&self, supported: bool) {
+        self.lock().warm_unsupported = !supported;
+    }
+    /// The next `n` assigns of warm containers fail (the home cannot be mounted).
+    pub fn fail_next_assigns(&self, n: usize) {
+        self.lock().fail_assigns = n;
+    }
     pub fn removes(&self) -> usize {
         self.lock().removes
     }
@@ -168,6 +189,81 @@ impl Runtime for ScriptedRuntime {
             name,
             agent: None,
         })
+    }
+
+    fn warm_pool_support(&self) -> Result<(), String> {
+        if self.lock().warm_unsupported {
+            Err("scripted: warm pools are off".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
+        self.check_available()?;
+        if self.lock().missing_images.contains(&spec.image) {
+            return Err(RuntimeError::ImageMissing(spec.image.clone()));
+        }
+        let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::time::sleep(delay).await;
+        let mut state = self.lock();
+        if state.fail_creates > 0 {
+            state.fail_creates -= 1;
+            return Err(RuntimeError::Failed("scripted create failure".into()));
+        }
+        state.warm_creates += 1;
+        state.next_id += 1;
+        let id = format!("c{}", state.next_id);
+        let name = pool_container_name(&spec.instance, &spec.environment);
+        state.containers.insert(
+            id.clone(),
+            ScriptedContainer {
+                spec: spec.clone(),
+                name: name.clone(),
+                running: true,
+                created_at: crate::model::now(),
+            },
+        );
+        Ok(CreatedContainer {
+            id,
+            name,
+            agent: None,
+        })
+    }
+
+    /// The container's spec takes the user (as if their home were mounted) and its name.
+    async fn assign(
+        &self,
+        container: &CreatedContainer,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        if state.fail_assigns > 0 {
+            state.fail_assigns -= 1;
+            return Err(RuntimeError::Failed("scripted assign failure".into()));
+        }
+        let name = claimed_container_name(
+            &spec.instance,
+            &spec.user,
+            &spec.environment,
+            &container.name,
+        );
+        let Some(c) = state.containers.get_mut(&container.id) else {
+            return Err(RuntimeError::Failed(format!("{} is gone", container.id)));
+        };
+        if !c.spec.user.is_empty() {
+            return Err(RuntimeError::Failed(format!(
+                "{} already belongs to {}",
+                container.id, c.spec.user
+            )));
+        }
+        c.spec.user = spec.user.clone();
+        c.spec.session = spec.session.clone();
+        c.name = name.clone();
+        state.volumes.insert(volume_name(&spec.instance, &spec.user));
+        state.assigns += 1;
+        Ok(name)
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
