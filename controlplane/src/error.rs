@@ -48,6 +48,24 @@ pub enum PlacementError {
     ProxyNotRegistered(String),
     #[error("image {image} for environment \"{environment}\" is not available on this host")]
     ImageMissing { image: String, environment: String },
+    #[error("environment \"{environment}\": cannot pull image {image}: {reason}")]
+    PullFailed {
+        environment: String,
+        image: String,
+        reason: String,
+    },
+    /// The user's containers (any state, any mode) reached `--max-containers-per-user`.
+    #[error(
+        "you already have {count} {} running (the limit is {limit}): {}; stop one with: ssh {user}+envgate@<host> stop ENV",
+        if *count == 1 { "environment" } else { "environments" },
+        list(environments)
+    )]
+    TooManyContainers {
+        user: String,
+        count: usize,
+        limit: usize,
+        environments: Vec<String>,
+    },
     /// The message names the runtime, e.g. "docker is unavailable: ...".
     #[error("{0}")]
     RuntimeUnavailable(String),
@@ -66,6 +84,11 @@ impl PlacementError {
             RuntimeError::ImageMissing(image) => PlacementError::ImageMissing {
                 image,
                 environment: environment.to_owned(),
+            },
+            RuntimeError::PullFailed { image, reason } => PlacementError::PullFailed {
+                environment: environment.to_owned(),
+                image,
+                reason,
             },
             RuntimeError::Failed(m) => PlacementError::RuntimeFailed(m),
         }
@@ -182,7 +205,10 @@ impl From<PlacementError> for Status {
                 Code::NotFound
             }
             PlacementError::Forbidden(_) => Code::PermissionDenied,
-            PlacementError::ImageMissing { .. } => Code::FailedPrecondition,
+            PlacementError::ImageMissing { .. } | PlacementError::PullFailed { .. } => {
+                Code::FailedPrecondition
+            }
+            PlacementError::TooManyContainers { .. } => Code::ResourceExhausted,
             PlacementError::ProxyNotRegistered(_)
             | PlacementError::RuntimeUnavailable(_)
             | PlacementError::Timeout(_) => Code::Unavailable,

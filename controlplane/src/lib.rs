@@ -60,6 +60,10 @@ pub struct Config {
     pub docker_host: Option<String>,
     /// Containers Docker may be creating at once.
     pub docker_create_concurrency: usize,
+    /// Bound on one pull of a missing image.
+    pub image_pull_timeout: Duration,
+    /// Containers one user may have at once (0 = unlimited); see `PlacementConfig`.
+    pub max_containers_per_user: usize,
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
     pub reconcile_interval: Duration,
@@ -115,6 +119,7 @@ impl ControlPlane {
         let placement = PlacementConfig {
             instance: config.instance.clone(),
             replica_id: config.replica_id.clone(),
+            max_containers_per_user: config.max_containers_per_user,
             ..PlacementConfig::default()
         };
         let placer = Arc::new(Placer::new(
@@ -253,7 +258,8 @@ pub async fn run(
     let runtime: Arc<dyn Runtime> = Arc::new(
         DockerRuntime::new(config.docker_host.as_deref())
             .with_agent(config.agent.clone())
-            .with_create_concurrency(config.docker_create_concurrency),
+            .with_create_concurrency(config.docker_create_concurrency)
+            .with_pull_timeout(config.image_pull_timeout),
     );
     let plane = ControlPlane::new(store, runtime, &config);
 

@@ -57,6 +57,15 @@ struct Args {
     #[arg(long, env = "ENVGATE_DOCKER_CREATE_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..))]
     docker_create_concurrency: u16,
+    /// Seconds one pull of a missing image may take before the opens waiting for it fail.
+    /// Registry credentials are not supported: pre-pull private images, or log the engine in.
+    #[arg(long, env = "ENVGATE_IMAGE_PULL_TIMEOUT_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    image_pull_timeout_seconds: u64,
+    /// Containers one user may have at once (any environment, persistent or ephemeral);
+    /// an open that needs one more is refused with a message. 0 = unlimited.
+    #[arg(long, env = "ENVGATE_MAX_CONTAINERS_PER_USER", default_value_t = 5)]
+    max_containers_per_user: usize,
     /// OTLP/gRPC endpoint traces are exported to (unset: none are exported).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -172,6 +181,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
         instance: args.instance,
         docker_host: args.docker_host,
         docker_create_concurrency: args.docker_create_concurrency.into(),
+        image_pull_timeout: Duration::from_secs(args.image_pull_timeout_seconds),
+        max_containers_per_user: args.max_containers_per_user,
         agent,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),

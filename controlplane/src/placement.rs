@@ -44,7 +44,13 @@ pub struct PlacementConfig {
     /// A `creating` or `removing` record older than this is left over from a replica that
     /// died mid-way, and may be taken over.
     pub stale_after: Duration,
+    /// Placement records (containers, any state and mode) one user may have before an open
+    /// that needs a new container is refused; 0 = unlimited. Reuse is never refused.
+    pub max_containers_per_user: usize,
 }
+
+/// `--max-containers-per-user` unless configured otherwise.
+pub const DEFAULT_MAX_CONTAINERS_PER_USER: usize = 5;
 
 impl Default for PlacementConfig {
     fn default() -> Self {
@@ -53,6 +59,7 @@ impl Default for PlacementConfig {
             replica_id: "controlplane".into(),
             deadline: Duration::from_secs(120),
             stale_after: Duration::from_secs(90),
+            max_containers_per_user: DEFAULT_MAX_CONTAINERS_PER_USER,
         }
     }
 }
@@ -312,6 +319,58 @@ impl Placer {
         }
     }
 
+    /// Refuses a new container once the user has `max_containers_per_user` others. Called
+    /// with our own `creating` claim already written at `revision` (a cold create or a warm
+    /// claim), which makes it exact across replicas: a claim counts every other record that
+    /// is not `creating`, plus the `creating` claims older than itself, so of two racing
+    /// claims the younger always counts the older, and no more than the limit proceed.
+    async fn check_user_limit(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        revision: i64,
+    ) -> Result<(), PlacementError> {
+        let limit = self.config.max_containers_per_user;
+        if limit == 0 {
+            return Ok(());
+        }
+        let records = self
+            .store
+            .range(&model::user_containers(&cx.claims.sub))
+            .await?;
+        let mut counted: Vec<String> = Vec::new();
+        for kv in records.iter().filter(|kv| kv.key != key) {
+            match store::decode::<ContainerRecord>(kv) {
+                Ok(v) if v.value.state == ContainerState::Creating && v.mod_revision > revision => {
+                }
+                Ok(v) => counted.push(v.value.environment),
+                // Unreadable, but still somebody's container: count it.
+                Err(_) => counted.push(kv.key.clone()),
+            }
+        }
+        if counted.len() < limit {
+            return Ok(());
+        }
+        counted.sort();
+        let mut environments: Vec<(String, usize)> = Vec::new();
+        for name in counted.iter() {
+            match environments.last_mut() {
+                Some((last, n)) if last == name => *n += 1,
+                _ => environments.push((name.clone(), 1)),
+            }
+        }
+        tracing::info!(user = %cx.claims.sub, environment = %cx.env.name, count = counted.len(), limit, "container limit reached");
+        Err(PlacementError::TooManyContainers {
+            user: cx.claims.sub.clone(),
+            count: counted.len(),
+            limit,
+            environments: environments
+                .into_iter()
+                .map(|(name, n)| if n == 1 { name } else { format!("{name} ×{n}") })
+                .collect(),
+        })
+    }
+
     fn is_stale(&self, record: &ContainerRecord) -> bool {
         let age = model::now() - record.state_since;
         age >= i64::try_from(self.config.stale_after.as_secs()).unwrap_or(i64::MAX)
@@ -327,6 +386,10 @@ impl Placer {
         claim: ContainerRecord,
         revision: i64,
     ) -> Result<Step, PlacementError> {
+        if let Err(e) = self.check_user_limit(cx, key, revision).await {
+            self.release_claim(key, revision).await;
+            return Err(e);
+        }
         (cx.progress)(&format!("starting environment \"{}\" …", cx.env.name));
         let spec = ContainerSpec {
             instance: self.config.instance.clone(),
@@ -1062,5 +1125,84 @@ mod tests {
             lines.lock().unwrap().as_slice(),
             [r#"waiting for environment "busybox" …"#]
         );
+    }
+
+    fn limited(max_containers_per_user: usize) -> PlacementConfig {
+        PlacementConfig {
+            max_containers_per_user,
+            ..fast()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_per_user_cap_refuses_a_new_container_but_never_reuse() {
+        let world = World::new().await;
+        let placer = world.placer(limited(1));
+        let first = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let again = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(again.container_id, first.container_id);
+        let status = Status::from(
+            placer
+                .open(world.request("alice", "scratch"), &no_progress)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "you already have 1 environment running (the limit is 1): busybox; \
+             stop one with: ssh alice+envgate@<host> stop ENV"
+        );
+        let records = store::range_json::<ContainerRecord>(
+            world.store.as_ref(),
+            &model::user_containers("alice"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(world.runtime.creates(), 1);
+        // Another user is not affected.
+        placer
+            .open(world.request("carol", "busybox"), &no_progress)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn racing_first_opens_never_exceed_the_cap() {
+        let world = World::new().await;
+        world.runtime.set_create_delay(Duration::from_millis(100));
+        let replicas = [world.placer(limited(2)), world.placer(limited(2))];
+        let opens: Vec<_> = (0..8)
+            .map(|i| {
+                let placer = replicas[i % 2].clone();
+                let request = world.request("alice", "scratch");
+                tokio::spawn(async move { placer.open(request, &no_progress).await })
+            })
+            .collect();
+        let mut placed = 0;
+        let mut refused = 0;
+        for open in opens {
+            match open.await.unwrap() {
+                Ok(_) => placed += 1,
+                Err(PlacementError::TooManyContainers { limit: 2, .. }) => refused += 1,
+                Err(other) => panic!("unexpected: {other}"),
+            }
+        }
+        assert_eq!((placed, refused), (2, 6));
+        assert_eq!(world.runtime.creates(), 2);
+        let records = store::range_json::<ContainerRecord>(
+            world.store.as_ref(),
+            &model::user_containers("alice"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(records.len(), 2, "{records:?}");
     }
 }

@@ -104,6 +104,7 @@ pub fn placement_result_label(status: &tonic::Status) -> &'static str {
         Code::NotFound => "placement_unknown_environment",
         Code::PermissionDenied => "placement_denied",
         Code::FailedPrecondition => "placement_image_missing",
+        Code::ResourceExhausted => "placement_limit",
         Code::Unavailable => "placement_unavailable",
         Code::DeadlineExceeded => "placement_timeout",
         _ => "placement_error",

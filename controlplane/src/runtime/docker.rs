@@ -26,6 +26,8 @@ use super::{
     container_name, labels, volume_name,
 };
 
+mod pull;
+
 /// Bound on each Docker API call; creation on a loaded engine can take seconds.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default pids limit when the environment sets none.
@@ -113,6 +115,8 @@ fn remove_agent_dir(dir: &Path) {
 
 /// Containers created at once unless configured otherwise.
 pub const DEFAULT_CREATE_CONCURRENCY: usize = 8;
+/// Bound on one pull of a missing image unless configured otherwise.
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct DockerRuntime {
     host: Option<String>,
@@ -122,6 +126,8 @@ pub struct DockerRuntime {
     /// down for everyone (and past the call timeout), while a short queue keeps it at its
     /// best rate and lets each opener finish in arrival order.
     creations: Semaphore,
+    /// Missing images are pulled once per replica, however many opens wait for them.
+    puller: pull::ImagePuller,
 }
 
 impl DockerRuntime {
@@ -133,7 +139,14 @@ impl DockerRuntime {
             docker: OnceCell::new(),
             agent: None,
             creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
+            puller: pull::ImagePuller::new(DEFAULT_PULL_TIMEOUT),
         }
+    }
+
+    /// Bounds each pull of a missing image (a pull past it fails the opens waiting for it).
+    pub fn with_pull_timeout(mut self, timeout: Duration) -> Self {
+        self.puller = pull::ImagePuller::new(timeout);
+        self
     }
 
     /// At most `limit` (at least 1) containers are being created at any moment.
@@ -355,16 +368,11 @@ impl Runtime for DockerRuntime {
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
-        _progress: &(dyn Fn(&str) + Send + Sync),
+        progress: &(dyn for<'l> Fn(&'l str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError> {
         let docker = self.docker().await?;
-        match within("inspect image", docker.inspect_image(&spec.image)).await? {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {
-                return Err(RuntimeError::ImageMissing(spec.image.clone()));
-            }
-            Err(e) => return Err(classify(e)),
-        }
+        // Before taking a creation slot: a long pull must not hold up other images' creations.
+        self.puller.ensure(docker, &spec.image, progress).await?;
         // The caller ensured the volume (see `Runtime::ensure_volume`).
         let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);

@@ -31,6 +31,9 @@ pub enum RuntimeError {
     /// The image is not present and cannot be pulled.
     #[error("image {0} is not available on this host")]
     ImageMissing(String),
+    /// The engine could not pull a missing image; `reason` is the engine's own.
+    #[error("cannot pull image {image}: {reason}")]
+    PullFailed { image: String, reason: String },
     #[error("{0}")]
     Failed(String),
 }
@@ -92,11 +95,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
     /// Creates and starts a container; on failure nothing is left behind. The user's home
     /// volume must exist (`ensure_volume`). `progress` gets lines for the user while it waits
-    /// (an image pull), throttled by the runtime.
+    /// (an image pull), throttled by the runtime. (The explicit `for<'l>` keeps `async_trait`
+    /// from tying the line's lifetime to the call's.)
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
-        progress: &(dyn Fn(&str) + Send + Sync),
+        progress: &(dyn for<'l> Fn(&'l str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError>;
     /// `false` when stopped or gone.
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError>;

@@ -158,7 +158,7 @@ impl Runtime for ScriptedRuntime {
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
-        _progress: &(dyn Fn(&str) + Send + Sync),
+        _progress: &(dyn for<'l> Fn(&'l str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError> {
         self.check_available()?;
         if self.lock().missing_images.contains(&spec.image) {

@@ -56,6 +56,8 @@ pub fn config(instance: &str) -> Config {
         instance: instance.into(),
         docker_host: None,
         docker_create_concurrency: 8,
+        image_pull_timeout: Duration::from_secs(600),
+        max_containers_per_user: 0,
         agent: None,
         reconcile_interval: Duration::from_secs(1),
         orphan_grace: Duration::from_secs(60),
