@@ -721,10 +721,11 @@ fn warning_message(environment: &str, left: i64, end_of_life: i64) -> String {
     )
 }
 
-/// Why an over-age container's sessions end.
+/// Why an over-age container's sessions end. ASCII only: OpenSSH prints it again in its
+/// "Received disconnect" line, escaping anything else.
 fn end_message(environment: &str, max_lifetime: i64) -> String {
     format!(
-        "environment \"{environment}\" reached its maximum lifetime ({}); the session ends and its container is removed — your home directory is kept, connect again for a fresh container",
+        "environment \"{environment}\" reached its maximum lifetime ({}); the session ends and its container is removed; your home directory is kept, connect again for a fresh container",
         span(max_lifetime)
     )
 }
