@@ -24,19 +24,21 @@ pub const USAGE: &str = "usage: ssh USER+envgate envs [--json] | status [--json]
 const HELP: &str = "\
 envgate self-service: ask about your environments without starting one.
 
-  ssh USER+envgate envs [--json]        the environments you may use; DEFAULT marks
-                                        yours (or the catalogue's), RUNNING where you
-                                        have a container
-  ssh USER+envgate status [--json]      your containers (sessions, idle and lifetime
-                                        seconds left) and your open sessions
-  ssh USER+envgate stop ENV [--json]    remove your container for ENV, ending its
-                                        sessions; your home directory is kept
-  ssh USER+envgate default ENV          use ENV when you do not choose one
-  ssh USER+envgate default --clear      forget your default (the catalogue's applies)
-  ssh USER+envgate help                 this text
+  envs [--json]       the environments you may use: DEFAULT marks your
+                      default (or the catalogue's), RUNNING where you
+                      have a container
+  status [--json]     your containers (sessions, idle and lifetime seconds
+                      left) and your open sessions
+  stop ENV [--json]   remove your container for ENV, ending its sessions;
+                      your home directory is kept
+  default ENV         use ENV when you do not choose one
+  default --clear     forget your default (the catalogue's then applies)
+  help                this text
 
-Text output is tab-separated with a header line; --json prints one JSON document.
-`ssh -o SetEnv=ENVGATE_ENV=envgate USER@HOST COMMAND` works too.
+Run them as `ssh USER+envgate@HOST COMMAND`, or as
+`ssh -o SetEnv=ENVGATE_ENV=envgate USER@HOST COMMAND`.
+Text output is tab-separated under a header line; --json prints one JSON
+document.
 ";
 
 /// A self-service command line, parsed.
