@@ -32,7 +32,7 @@ use crate::model::{
 use crate::reconcile::Reconciler;
 use crate::store::{self, Compare, Store, TxnOp, Versioned};
 
-/// The reason logged and counted (`envgate_reconcile_actions_total`) for a user's stop.
+/// The reason logged for a user's stop (counted as the reconciler's `remove_requested`).
 const STOP_REASON: &str = "stopped by its user";
 /// How long a stop waits for the proxies to show the stop message and close the sessions it
 /// ended before the container goes. Removing it first would cut the sessions' processes, and

@@ -385,6 +385,22 @@ async fn usage_help_setenv_and_no_container_for_self_service() {
         "fresh has no default of their own: {out:#?}"
     );
 
+    // On a terminal the lines end as the terminal needs them.
+    let out = fleet
+        .ssh_with_options(
+            "fresh+envgate",
+            &fleet.key_of("fresh"),
+            &["RequestTTY=force"],
+            "envs",
+            None,
+        )
+        .await;
+    out.assert_success();
+    assert!(
+        out.stdout.starts_with("NAME\tDEFAULT\t") && out.stdout.contains("\r\nbusybox\t"),
+        "{out:#?}"
+    );
+
     for command in [
         "envs",
         "status --json",
