@@ -175,7 +175,11 @@ impl World {
     }
 
     /// Changes one environment of the catalogue.
-    pub async fn update_environment(&self, name: &str, change: impl FnOnce(&mut EnvironmentRecord)) {
+    pub async fn update_environment(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut EnvironmentRecord),
+    ) {
         let key = model::environment_key(name);
         let mut env: EnvironmentRecord = store::get_json(self.store.as_ref(), &key)
             .await

@@ -246,8 +246,7 @@ impl Reconciler {
                 }
                 ContainerState::Running if attached > 0 => match end_of_life {
                     Some(end)
-                        if r.lifetime_warned_at == 0
-                            && now >= end - warning_lead(max_lifetime) =>
+                        if r.lifetime_warned_at == 0 && now >= end - warning_lead(max_lifetime) =>
                     {
                         self.warn_lifetime(key, record, end)
                             .await
@@ -425,7 +424,13 @@ impl Reconciler {
     ) -> (String, Result<bool, ReconcileError>) {
         let message = end_message(&record.value.environment, max_lifetime);
         let removed = self
-            .remove(&key, &record, Action::ReapLifetime, "max lifetime", Some(&message))
+            .remove(
+                &key,
+                &record,
+                Action::ReapLifetime,
+                "max lifetime",
+                Some(&message),
+            )
             .await;
         (key, removed)
     }
@@ -564,7 +569,11 @@ impl Reconciler {
             open = still;
         }
         if !open.is_empty() {
-            tracing::info!(key, sessions = open.len(), "sessions still open after the grace; removing anyway");
+            tracing::info!(
+                key,
+                sessions = open.len(),
+                "sessions still open after the grace; removing anyway"
+            );
         }
     }
 
@@ -1313,7 +1322,10 @@ mod tests {
             } else {
                 open_won += 1
             }
-            assert!(placement.created, "round {round}: attached to an over-age container");
+            assert!(
+                placement.created,
+                "round {round}: attached to an over-age container"
+            );
             let live: Vec<String> = world
                 .runtime
                 .containers()
@@ -1340,8 +1352,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_the_idle_clock()
-    {
+    async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_the_idle_clock() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
         let reaper = reconciler(&world);
@@ -1355,11 +1366,15 @@ mod tests {
             .await
             .unwrap();
         // Its sessions have run for hours.
-        world.edit_record(&key, |r| r.last_active_at -= 10_000).await;
+        world
+            .edit_record(&key, |r| r.last_active_at -= 10_000)
+            .await;
         assert_eq!(reaper.reconcile().await.unwrap(), Actions::default());
 
         placer.close(&closed.session_id).await.unwrap();
-        world.edit_record(&key, |r| r.last_active_at -= 10_000).await;
+        world
+            .edit_record(&key, |r| r.last_active_at -= 10_000)
+            .await;
         assert_eq!(
             reaper.reconcile().await.unwrap(),
             Actions::default(),
