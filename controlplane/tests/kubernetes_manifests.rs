@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Container, Namespace, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodTemplateSpec, Service, ServiceAccount,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -92,6 +94,7 @@ struct Manifests {
     service_accounts: Vec<ServiceAccount>,
     autoscalers: Vec<HorizontalPodAutoscaler>,
     disruption_budgets: Vec<PodDisruptionBudget>,
+    config_maps: Vec<ConfigMap>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(file: &str, doc: serde_yaml::Value) -> T {
@@ -128,6 +131,7 @@ fn load() -> Manifests {
                 "ServiceAccount" => manifests.service_accounts.push(parse(file, doc)),
                 "HorizontalPodAutoscaler" => manifests.autoscalers.push(parse(file, doc)),
                 "PodDisruptionBudget" => manifests.disruption_budgets.push(parse(file, doc)),
+                "ConfigMap" => manifests.config_maps.push(parse(file, doc)),
                 "Deployment" => {
                     let d: Deployment = parse(file, doc);
                     let spec = d.spec.expect("a Deployment has a spec");
@@ -214,10 +218,18 @@ fn every_manifest_parses_and_the_references_agree() {
         .iter()
         .map(|g| (g.name.as_str(), g.keys()))
         .collect();
+    // Config maps come from a generator or a manifest of their own (catalogue.yaml).
     let config_maps: BTreeMap<&str, BTreeSet<String>> = kustomization
         .config_map_generator
         .iter()
         .map(|g| (g.name.as_str(), g.keys()))
+        .chain(m.config_maps.iter().map(|c| {
+            let name = c.metadata.name.as_deref().expect("every object has a name");
+            (
+                name,
+                c.data.iter().flatten().map(|(k, _)| k.clone()).collect(),
+            )
+        }))
         .collect();
     let accounts: BTreeSet<String> = m
         .service_accounts
@@ -239,8 +251,9 @@ fn every_manifest_parses_and_the_references_agree() {
                 w.name
             );
         }
-        // Secret volumes come from a generator; remember which files each mount offers.
-        let mut mounted_secret_files: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // Secret volumes come from a generator, config map volumes from a generator or a
+        // manifest; remember which files each mount offers.
+        let mut mounted_files: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let volumes = pod.volumes.as_deref().unwrap_or_default();
         for c in w.containers() {
             for mount in c.volume_mounts.as_deref().unwrap_or_default() {
@@ -257,7 +270,15 @@ fn every_manifest_parses_and_the_references_agree() {
                     let keys = secrets.get(secret_name).unwrap_or_else(|| {
                         panic!("{}: secret {secret_name} is not generated", w.name)
                     });
-                    mounted_secret_files.insert(mount.mount_path.clone(), keys.clone());
+                    mounted_files.insert(mount.mount_path.clone(), keys.clone());
+                }
+                if let Some(config_map) = volume.and_then(|v| v.config_map.as_ref()) {
+                    let keys = config_maps
+                        .get(config_map.name.as_str())
+                        .unwrap_or_else(|| {
+                            panic!("{}: config map {} does not exist", w.name, config_map.name)
+                        });
+                    mounted_files.insert(mount.mount_path.clone(), keys.clone());
                 }
             }
         }
@@ -300,14 +321,14 @@ fn every_manifest_parses_and_the_references_agree() {
                         from.key
                     );
                 }
-                // A file path under a secret mount names a file that secret has.
+                // A file path under a secret or config map mount names a file it has.
                 if let Some(value) = &env.value
                     && let Some((dir, file)) = value.rsplit_once('/')
-                    && let Some(keys) = mounted_secret_files.get(dir)
+                    && let Some(keys) = mounted_files.get(dir)
                 {
                     assert!(
                         keys.contains(file),
-                        "{}: {}={value}: the secret at {dir} has {keys:?}",
+                        "{}: {}={value}: the volume at {dir} has {keys:?}",
                         w.name,
                         env.name
                     );
@@ -404,4 +425,60 @@ fn every_envgate_variable_is_an_option_of_its_binary() {
             }
         }
     }
+}
+
+/// The control plane's `ENVGATE_ENVIRONMENTS` names a file of a mounted config map, and that
+/// file is a catalogue the control plane's own parser accepts (a bad one would stop every
+/// replica at start).
+#[test]
+fn the_control_planes_catalogue_is_mounted_and_valid() {
+    let m = load();
+    let controlplane = m
+        .workloads
+        .iter()
+        .flat_map(|w| w.containers().iter().map(move |c| (w, c)))
+        .find(|(_, c)| c.image.as_deref() == Some("envgate/controlplane"))
+        .expect("a control-plane container");
+    let (workload, container) = controlplane;
+    let path = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "ENVGATE_ENVIRONMENTS")
+        .and_then(|e| e.value.clone())
+        .expect("the control plane sets ENVGATE_ENVIRONMENTS");
+    let (dir, file) = path.rsplit_once('/').expect("an absolute path");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|v| v.mount_path == dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at {dir}"));
+    let volume = workload
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|vs| vs.iter().find(|v| v.name == mount.name))
+        .unwrap_or_else(|| panic!("no volume {}", mount.name));
+    let config_map = volume
+        .config_map
+        .as_ref()
+        .unwrap_or_else(|| panic!("volume {} is not a config map", mount.name));
+    let text = m
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(config_map.name.as_str()))
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get(file))
+        .unwrap_or_else(|| panic!("config map {} has no {file}", config_map.name));
+    let origin = format!("config map {} key {file}", config_map.name);
+    let environments =
+        envgate_controlplane::catalogue::parse(&origin, text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!environments.is_empty(), "{origin} defines no environment");
+    assert_eq!(
+        environments.iter().filter(|e| e.is_default).count(),
+        1,
+        "{origin}: users without a choice need a default"
+    );
 }
