@@ -2,6 +2,7 @@
 //! registry and the admin API. State lives in etcd; `main.rs` only parses config and calls `run`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +27,8 @@ mod fixtures;
 pub mod fleet;
 pub mod model;
 pub mod placement;
-pub mod reconcile;
 pub mod pool;
+pub mod reconcile;
 pub mod runtime;
 pub mod selfservice;
 pub mod store;
@@ -66,6 +67,8 @@ pub struct Config {
     pub max_containers_per_user: usize,
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
+    /// Root of the warm containers' home slots (`runtime/slots.rs`); `None`: no warm pools.
+    pub home_slots_dir: Option<PathBuf>,
     pub reconcile_interval: Duration,
     /// Age before an unknown labelled container counts as an orphan (`--orphan-grace-seconds`).
     pub orphan_grace: Duration,
@@ -259,7 +262,8 @@ pub async fn run(
         DockerRuntime::new(config.docker_host.as_deref())
             .with_agent(config.agent.clone())
             .with_create_concurrency(config.docker_create_concurrency)
-            .with_pull_timeout(config.image_pull_timeout),
+            .with_pull_timeout(config.image_pull_timeout)
+            .with_home_slots(config.home_slots_dir.as_deref()),
     );
     let plane = ControlPlane::new(store, runtime, &config);
 

@@ -80,6 +80,15 @@ struct Args {
         default_value = "/var/lib/envgate/agents"
     )]
     agent_dir: PathBuf,
+    /// Root of the warm containers' home slots (docs/environments.md, "Warm pools"): made a
+    /// shared mount at start, so a user's home mounted here on a claim appears inside the
+    /// running container. Needs root and a local Docker engine; empty: no warm pools.
+    #[arg(
+        long,
+        env = "ENVGATE_HOME_SLOTS_DIR",
+        default_value = "/var/lib/envgate/slots"
+    )]
+    home_slots_dir: PathBuf,
     /// Seconds between reconciler passes on the elected replica.
     #[arg(long, env = "ENVGATE_RECONCILE_INTERVAL_SECONDS", default_value_t = 5)]
     reconcile_interval_seconds: u64,
@@ -147,6 +156,20 @@ fn config(args: Args) -> anyhow::Result<Config> {
         Some(file) => envgate_controlplane::catalogue::load(&file)
             .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
     };
+    let home_slots_dir = Some(args.home_slots_dir).filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = &home_slots_dir {
+        if !dir.is_absolute() {
+            bail!("--home-slots-dir: must be an absolute path (Docker binds it)");
+        }
+        // Agent directories are deleted recursively; a slot holds a mounted home volume.
+        if dir.starts_with(&args.agent_dir) || args.agent_dir.starts_with(dir) {
+            bail!(
+                "--home-slots-dir: {} must not be inside --agent-dir {} or contain it",
+                dir.display(),
+                args.agent_dir.display()
+            );
+        }
+    }
     let agent = match args.agent_binary.filter(|b| !b.as_os_str().is_empty()) {
         None => None,
         Some(binary) => {
@@ -184,6 +207,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         image_pull_timeout: Duration::from_secs(args.image_pull_timeout_seconds),
         max_containers_per_user: args.max_containers_per_user,
         agent,
+        home_slots_dir,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
 };
+use crate::pool::{Claim, WarmPools};
 use crate::runtime::{ContainerSpec, Runtime};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
 
@@ -107,6 +109,7 @@ pub struct Placer {
     auth: Arc<Authenticator>,
     config: PlacementConfig,
     locks: KeyedLocks,
+    pools: WarmPools,
 }
 
 /// Facts fixed at the start of one open.
@@ -117,6 +120,8 @@ struct Context<'a> {
     lease: i64,
     deadline: Instant,
     progress: &'a (dyn Fn(&str) + Send + Sync),
+    /// Set when the open was served by a warm container (the "warm" placement outcome).
+    warm: AtomicBool,
 }
 
 enum Step {
@@ -132,6 +137,7 @@ impl Placer {
         config: PlacementConfig,
     ) -> Self {
         Self {
+            pools: WarmPools::new(store.clone(), runtime.clone(), &config.instance),
             store,
             runtime,
             auth,
@@ -172,12 +178,14 @@ impl Placer {
             lease: proxy.value.lease_id,
             deadline: started + self.config.deadline,
             progress,
+            warm: AtomicBool::new(false),
         };
         let result = match env.mode {
             Mode::Persistent => self.place_persistent(&cx).await,
             Mode::Ephemeral => self.place_ephemeral(&cx).await,
         };
         let outcome = match &result {
+            Ok(_) if cx.warm.load(Ordering::Relaxed) => "warm",
             Ok(p) if p.created => "created",
             Ok(_) => "reused",
             Err(_) => "error",
@@ -258,13 +266,16 @@ impl Placer {
             let record: Option<Versioned<ContainerRecord>> =
                 store::get_json(self.store.as_ref(), &key).await?;
             let step = match record {
-                None => {
-                    let claim = self.creating_record(cx, "");
-                    match store::create_if_absent(self.store.as_ref(), &key, &claim).await? {
-                        Some(revision) => self.create(cx, &key, claim, revision).await?,
-                        None => Step::Retry,
+                None => match self.place_warm(cx, &key, "").await? {
+                    Some(step) => step,
+                    None => {
+                        let claim = self.creating_record(cx, "");
+                        match store::create_if_absent(self.store.as_ref(), &key, &claim).await? {
+                            Some(revision) => self.create(cx, &key, claim, revision).await?,
+                            None => Step::Retry,
+                        }
                     }
-                }
+                },
                 Some(v) if v.value.state == ContainerState::Running => {
                     self.attach_running(cx, &key, v).await?
                 }
@@ -286,6 +297,15 @@ impl Placer {
 
     async fn place_ephemeral(&self, cx: &Context<'_>) -> Result<Placement, PlacementError> {
         let key = model::ephemeral_container_key(&cx.claims.sub, &cx.env.name, &cx.session.id);
+        match self.place_warm(cx, &key, &cx.session.id).await? {
+            Some(Step::Placed(placement)) => return Ok(*placement),
+            Some(Step::Retry) => {
+                return Err(PlacementError::RuntimeFailed(format!(
+                    "lost the claim on {key}"
+                )));
+            }
+            None => {}
+        }
         let claim = self.creating_record(cx, &cx.session.id);
         let revision = store::create_if_absent(self.store.as_ref(), &key, &claim)
             .await?
@@ -296,6 +316,51 @@ impl Placer {
             Step::Retry => Err(PlacementError::RuntimeFailed(format!(
                 "lost the claim on {key}"
             ))),
+        }
+    }
+
+    /// Serves the open from the environment's warm pool (see `pool`): claim (one txn), the
+    /// user limit, hand-over (the home mounted), then the usual commit. `None`: no warm
+    /// container could be had (the pool is empty or the hand-over failed, and was undone):
+    /// the caller creates one.
+    async fn place_warm(
+        &self,
+        cx: &Context<'_>,
+        key: &str,
+        session_id: &str,
+    ) -> Result<Option<Step>, PlacementError> {
+        let template = self.creating_record(cx, session_id);
+        let claimed = match self.pools.claim(cx.env, key, &template).await? {
+            Claim::Miss => return Ok(None),
+            Claim::RecordExists => return Ok(Some(Step::Retry)),
+            Claim::Claimed(claimed) => claimed,
+        };
+        if let Err(e) = self.check_user_limit(cx, key, claimed.revision).await {
+            // The container is still unused: it goes back to the pool.
+            self.pools.give_back(key, &claimed).await?;
+            return Err(e);
+        }
+        let Some(running) = self.pools.assign(cx.env, key, &claimed).await else {
+            return Ok(None);
+        };
+        match self.commit(cx, key, claimed.revision, &running).await {
+            Ok(Some(placement)) => {
+                cx.warm.store(true, Ordering::Relaxed);
+                Ok(Some(Step::Placed(Box::new(Placement {
+                    created: true,
+                    ..placement
+                }))))
+            }
+            Ok(None) => {
+                // Taken over as stale while we were slow: theirs wins.
+                self.remove_quietly(&running.container_id).await;
+                Ok(Some(Step::Retry))
+            }
+            Err(e) => {
+                self.remove_quietly(&running.container_id).await;
+                self.release_claim(key, claimed.revision).await;
+                Err(e)
+            }
         }
     }
 
@@ -366,7 +431,13 @@ impl Placer {
             limit,
             environments: environments
                 .into_iter()
-                .map(|(name, n)| if n == 1 { name } else { format!("{name} ×{n}") })
+                .map(|(name, n)| {
+                    if n == 1 {
+                        name
+                    } else {
+                        format!("{name} ×{n}")
+                    }
+                })
                 .collect(),
         })
     }

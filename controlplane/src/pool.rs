@@ -385,13 +385,12 @@ impl WarmPools {
     async fn refill(&self, env: &EnvironmentRecord, missing: usize) -> usize {
         let failed = AtomicBool::new(false);
         let spec = container_spec(&self.instance, env, "", None);
-        let made = futures::stream::iter(0..missing)
+        futures::stream::iter(0..missing)
             .map(|_| self.refill_one(env, &spec, &failed))
             .buffer_unordered(REFILL_CONCURRENCY)
             .filter(|added| futures::future::ready(*added))
             .count()
-            .await;
-        made
+            .await
     }
 
     async fn refill_one(

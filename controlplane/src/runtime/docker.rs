@@ -18,12 +18,14 @@ use bollard::models::{
     ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
+    StartContainerOptions,
 };
 
+use super::slots::{self, HomeSlots};
 use super::{
     AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
-    container_name, labels, volume_name,
+    claimed_container_name, container_name, labels, pool_container_name, volume_name,
 };
 
 mod pull;
@@ -113,6 +115,9 @@ fn remove_agent_dir(dir: &Path) {
     }
 }
 
+/// A new container's agent (endpoint, host directory, binds), if any, and its command.
+type AgentParts = (Option<(AgentEndpoint, PathBuf, Vec<String>)>, Vec<String>);
+
 /// Containers created at once unless configured otherwise.
 pub const DEFAULT_CREATE_CONCURRENCY: usize = 8;
 /// Bound on one pull of a missing image unless configured otherwise.
@@ -128,6 +133,8 @@ pub struct DockerRuntime {
     creations: Semaphore,
     /// Missing images are pulled once per replica, however many opens wait for them.
     puller: pull::ImagePuller,
+    /// Where warm containers' homes are mounted (`slots.rs`), or why warm pools are off.
+    slots: Result<HomeSlots, String>,
 }
 
 impl DockerRuntime {
@@ -140,7 +147,65 @@ impl DockerRuntime {
             agent: None,
             creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
             puller: pull::ImagePuller::new(DEFAULT_PULL_TIMEOUT),
+            slots: Err("no home slots directory is configured".into()),
         }
+    }
+
+    /// Enables warm pools with home slots under `root` (see `slots.rs`) when this host allows
+    /// it: the control plane runs as root, next to a local Docker engine, and can make `root`
+    /// a shared mount. Otherwise warm pools stay off; either way one line says so.
+    pub fn with_home_slots(mut self, root: Option<&Path>) -> Self {
+        let remote = self
+            .host
+            .as_deref()
+            .filter(|h| !h.starts_with("unix://") && !h.starts_with('/'));
+        self.slots = match (root, remote) {
+            (None, _) => Err("--home-slots-dir is empty".into()),
+            (Some(_), Some(host)) => Err(format!(
+                "Docker is reached at {host}, and a remote engine cannot see this host's mounts"
+            )),
+            (Some(root), None) => HomeSlots::prepare(root),
+        };
+        match &self.slots {
+            Ok(slots) => {
+                tracing::info!(slots = %slots.root().display(), "warm pools enabled: homes are mounted into warm containers through home slots")
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "warm pools are disabled: environments' warm_pool_size is ignored and every first login creates its container")
+            }
+        }
+        metrics::gauge!("envgate_warm_pools_enabled").set(if self.slots.is_ok() {
+            1.0
+        } else {
+            0.0
+        });
+        self
+    }
+
+    /// The agent's endpoint, directory and binds for a new container `name`, and the command
+    /// (`None`: no agent, the keep-alive loop). The caller removes the directory if the
+    /// container is not made.
+    fn agent_parts(&self, instance: &str, name: &str) -> Result<AgentParts, RuntimeError> {
+        let Some(setup) = &self.agent else {
+            return Ok((None, KEEP_ALIVE.iter().map(|s| (*s).to_owned()).collect()));
+        };
+        let dir = setup.container_dir(instance, name);
+        let (endpoint, binds) = setup.prepare(&dir).map_err(|e| {
+            remove_agent_dir(&dir);
+            RuntimeError::Failed(format!(
+                "cannot prepare the agent directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let cmd = [
+            "--socket",
+            &format!("{AGENT_SOCKET_DIR}/agent.sock"),
+            "--secret-file",
+            &format!("{AGENT_SECRET_DIR}/secret"),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Ok((Some((endpoint, dir, binds)), cmd))
     }
 
     /// Bounds each pull of a missing image (a pull past it fails the opens waiting for it).
@@ -317,6 +382,10 @@ fn container_labels(spec: &ContainerSpec) -> HashMap<String, String> {
     if let Some(session) = &spec.session {
         out.insert(labels::SESSION.to_owned(), session.clone());
     }
+    if spec.user.is_empty() {
+        out.remove(labels::USER);
+        out.insert(labels::POOL.to_owned(), "true".to_owned());
+    }
     out
 }
 
@@ -377,51 +446,122 @@ impl Runtime for DockerRuntime {
         let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
         let mut binds = vec![format!("{volume}:/home/{}", spec.user)];
-        let (agent, entrypoint, cmd) = match &self.agent {
-            Some(setup) => {
-                let dir = setup.container_dir(&spec.instance, &name);
-                let (endpoint, agent_binds) = setup.prepare(&dir).map_err(|e| {
-                    remove_agent_dir(&dir);
-                    RuntimeError::Failed(format!(
-                        "cannot prepare the agent directory {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-                binds.extend(agent_binds);
-                let cmd = [
-                    "--socket",
-                    &format!("{AGENT_SOCKET_DIR}/agent.sock"),
-                    "--secret-file",
-                    &format!("{AGENT_SECRET_DIR}/secret"),
-                ]
-                .map(str::to_owned)
-                .to_vec();
-                (
-                    Some((endpoint, dir)),
-                    Some(vec![AGENT_IN_CONTAINER.to_owned()]),
-                    cmd,
-                )
-            }
-            None => (
-                None,
-                None,
-                KEEP_ALIVE.iter().map(|s| (*s).to_owned()).collect(),
-            ),
-        };
-        let created = self.create_named(spec, &name, binds, entrypoint, cmd).await;
-        match (created, agent) {
-            (Ok(id), agent) => Ok(CreatedContainer {
+        let (agent, cmd) = self.agent_parts(&spec.instance, &name)?;
+        let entrypoint = agent.as_ref().map(|(_, _, agent_binds)| {
+            binds.extend(agent_binds.iter().cloned());
+            vec![AGENT_IN_CONTAINER.to_owned()]
+        });
+        match self.create_named(spec, &name, binds, entrypoint, cmd).await {
+            Ok(id) => Ok(CreatedContainer {
                 id,
                 name,
-                agent: agent.map(|(endpoint, _)| endpoint),
+                agent: agent.map(|(endpoint, _, _)| endpoint),
             }),
-            (Err(e), agent) => {
-                if let Some((_, dir)) = agent {
+            Err(e) => {
+                if let Some((_, dir, _)) = agent {
                     remove_agent_dir(&dir);
                 }
                 Err(e)
             }
         }
+    }
+
+    fn warm_pool_support(&self) -> Result<(), String> {
+        self.slots.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
+        let slots = self
+            .slots
+            .as_ref()
+            .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))?;
+        let docker = self.docker().await?;
+        self.puller
+            .ensure(docker, &spec.image, &|_: &str| {})
+            .await?;
+        let name = pool_container_name(&spec.instance, &spec.environment);
+        let dir = slots.container_dir(&spec.instance, &name).ok_or_else(|| {
+            RuntimeError::Failed(format!("no home slot for instance {:?}", spec.instance))
+        })?;
+        let home = slots.create(&dir).map_err(|e| {
+            slots::release(&dir);
+            RuntimeError::Failed(format!("cannot make the home slot {}: {e}", dir.display()))
+        })?;
+        let (agent, cmd) = match self.agent_parts(&spec.instance, &name) {
+            Ok(parts) => parts,
+            Err(e) => {
+                slots::release(&dir);
+                return Err(e);
+            }
+        };
+        let mut binds = vec![home];
+        let entrypoint = agent.as_ref().map(|(_, _, agent_binds)| {
+            binds.extend(agent_binds.iter().cloned());
+            vec![AGENT_IN_CONTAINER.to_owned()]
+        });
+        match self.create_named(spec, &name, binds, entrypoint, cmd).await {
+            Ok(id) => Ok(CreatedContainer {
+                id,
+                name,
+                agent: agent.map(|(endpoint, _, _)| endpoint),
+            }),
+            Err(e) => {
+                if let Some((_, agent_dir, _)) = agent {
+                    remove_agent_dir(&agent_dir);
+                }
+                slots::release(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn assign(
+        &self,
+        container: &CreatedContainer,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError> {
+        let slots = self
+            .slots
+            .as_ref()
+            .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))?;
+        let dir = slots
+            .container_dir(&spec.instance, &container.name)
+            .ok_or_else(|| RuntimeError::Failed(format!("{} has no home slot", container.name)))?;
+        let volume = self.ensure_volume(&spec.instance, &spec.user).await?;
+        let docker = self.docker().await?;
+        let mountpoint = bounded("inspect volume", docker.inspect_volume(&volume))
+            .await?
+            .mountpoint;
+        if mountpoint.is_empty() {
+            return Err(RuntimeError::Failed(format!(
+                "volume {volume} has no mount point on this host"
+            )));
+        }
+        slots
+            .mount_home(&dir, &spec.user, Path::new(&mountpoint))
+            .map_err(|e| {
+                RuntimeError::Failed(format!(
+                    "cannot mount {}'s home into {}: {e}",
+                    spec.user, container.name
+                ))
+            })?;
+        // Only for `docker ps`: the etcd record says whose container it is, so the rename
+        // stays off the user's wait.
+        let name = claimed_container_name(
+            &spec.instance,
+            &spec.user,
+            &spec.environment,
+            &container.name,
+        );
+        let (docker, id, new_name) = (docker.clone(), container.id.clone(), name.clone());
+        tokio::spawn(async move {
+            let options = RenameContainerOptions { name: new_name };
+            if let Err(e) = bounded("rename container", docker.rename_container(&id, options)).await
+            {
+                tracing::warn!(container = %id, error = %e, "renaming a claimed warm container failed");
+            }
+        });
+        Ok(name)
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
@@ -434,28 +574,39 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        // The agent directory is found from the container's name and instance label.
-        let agent_dir = match &self.agent {
-            Some(setup) => {
-                let docker = self.docker().await?;
-                match within("inspect container", docker.inspect_container(id, None)).await? {
-                    Ok(info) => {
-                        let name = info.name.unwrap_or_default();
-                        let instance = info
-                            .config
-                            .and_then(|c| c.labels)
-                            .and_then(|l| l.get(labels::INSTANCE).cloned());
-                        instance.map(|i| setup.container_dir(&i, name.trim_start_matches('/')))
-                    }
-                    Err(e) if is_not_found(&e) => None,
-                    Err(e) => return Err(classify(e)),
+        // The agent directory and home slot are found from the container's name and instance
+        // label: (instance, name).
+        let owner = if self.agent.is_some() || self.slots.is_ok() {
+            let docker = self.docker().await?;
+            match within("inspect container", docker.inspect_container(id, None)).await? {
+                Ok(info) => {
+                    let name = info.name.unwrap_or_default();
+                    let instance = info
+                        .config
+                        .and_then(|c| c.labels)
+                        .and_then(|l| l.get(labels::INSTANCE).cloned());
+                    instance.map(|i| (i, name.trim_start_matches('/').to_owned()))
                 }
+                Err(e) if is_not_found(&e) => None,
+                Err(e) => return Err(classify(e)),
             }
-            None => None,
+        } else {
+            None
         };
         self.remove_container(id).await?;
-        if let Some(dir) = agent_dir {
-            remove_agent_dir(&dir);
+        if let Some((instance, name)) = owner {
+            // The home slot first: it unmounts the user's home and never deletes through it.
+            if let Some(dir) = self
+                .slots
+                .as_ref()
+                .ok()
+                .and_then(|s| s.container_dir(&instance, &name))
+            {
+                slots::release(&dir);
+            }
+            if let Some(setup) = &self.agent {
+                remove_agent_dir(&setup.container_dir(&instance, &name));
+            }
         }
         Ok(())
     }
@@ -503,6 +654,13 @@ impl Runtime for DockerRuntime {
     }
 
     async fn sweep(&self, instance: &str, live: &[ManagedContainer]) -> Result<(), RuntimeError> {
+        if let Ok(slots) = &self.slots {
+            let keep: HashSet<PathBuf> = live
+                .iter()
+                .filter_map(|c| slots.container_dir(instance, &c.name))
+                .collect();
+            slots.sweep(instance, &keep, SWEEP_GRACE);
+        }
         let Some(setup) = &self.agent else {
             return Ok(());
         };

@@ -42,10 +42,10 @@ pub enum RuntimeError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
     pub instance: String,
+    /// Empty for a warm-pool container, which belongs to nobody until claimed.
     pub user: String,
     pub environment: String,
     /// Set for ephemeral containers.
-    /// Empty for a warm-pool container, which belongs to nobody until claimed.
     pub session: Option<String>,
     pub image: String,
     pub env: Vec<String>,
@@ -108,10 +108,6 @@ pub trait Runtime: Send + Sync + 'static {
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Every container labelled with `instance`, running or not.
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError>;
-    /// Removes per-container host state (agent directories) left by containers of `instance`
-    /// that are no longer in `live` (removed outside envgate, or by a replica that died).
-    async fn sweep(&self, _instance: &str, _live: &[ManagedContainer]) -> Result<(), RuntimeError> {
-        Ok(())
     /// `Ok` when this runtime can start containers before their user is known and hand them
     /// over later (warm pools); `Err` says why not. Decided once, at start.
     fn warm_pool_support(&self) -> Result<(), String> {
@@ -142,6 +138,10 @@ pub trait Runtime: Send + Sync + 'static {
             spec.environment
         )))
     }
+    /// Removes per-container host state (agent directories) left by containers of `instance`
+    /// that are no longer in `live` (removed outside envgate, or by a replica that died).
+    async fn sweep(&self, _instance: &str, _live: &[ManagedContainer]) -> Result<(), RuntimeError> {
+        Ok(())
     }
 }
 
@@ -151,10 +151,6 @@ pub fn container_name(instance: &str, user: &str, environment: &str) -> String {
     format!("envgate-{instance}-{user}-{environment}-{suffix:08x}")
 }
 
-/// `envgate-<instance>-home-<user>`.
-pub fn volume_name(instance: &str, user: &str) -> String {
-    format!("envgate-{instance}-home-{user}")
-}
 /// `envgate-<instance>-pool-<env>-<8 random hex>`: a warm container before its claim.
 pub fn pool_container_name(instance: &str, environment: &str) -> String {
     let suffix: u32 = rand::random();
@@ -172,3 +168,7 @@ pub fn claimed_container_name(
     format!("envgate-{instance}-{user}-{environment}-{suffix}")
 }
 
+/// `envgate-<instance>-home-<user>`.
+pub fn volume_name(instance: &str, user: &str) -> String {
+    format!("envgate-{instance}-home-{user}")
+}

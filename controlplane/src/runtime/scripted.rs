@@ -261,7 +261,9 @@ impl Runtime for ScriptedRuntime {
         c.spec.user = spec.user.clone();
         c.spec.session = spec.session.clone();
         c.name = name.clone();
-        state.volumes.insert(volume_name(&spec.instance, &spec.user));
+        state
+            .volumes
+            .insert(volume_name(&spec.instance, &spec.user));
         state.assigns += 1;
         Ok(name)
     }

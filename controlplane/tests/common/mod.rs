@@ -59,6 +59,7 @@ pub fn config(instance: &str) -> Config {
         image_pull_timeout: Duration::from_secs(600),
         max_containers_per_user: 0,
         agent: None,
+        home_slots_dir: None,
         reconcile_interval: Duration::from_secs(1),
         orphan_grace: Duration::from_secs(60),
         replica_id: "test-replica".into(),
