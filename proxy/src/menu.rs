@@ -302,7 +302,7 @@ impl Menu {
         self.lines(width).join("\r\n").into_bytes()
     }
 
-    /// Back to the first line, clear to the end of the screen, draw again.
+    /// Erase, then draw again in the same place.
     pub fn redraw(&self, width: u32) -> Vec<u8> {
         let mut bytes = self.erase();
         bytes.extend(self.draw(width));
@@ -317,10 +317,16 @@ impl Menu {
         bytes
     }
 
-    /// Removes the drawing, leaving the cursor where it began.
+    /// Removes the drawing line by line, bottom up, leaving the cursor where
+    /// it began. Not "clear to the end of the screen": from the top line that
+    /// is a whole-screen clear, which tmux and others turn into scrolling the
+    /// menu into the history.
     pub fn erase(&self) -> Vec<u8> {
-        let up = self.items.len() + 1;
-        format!("\r\x1b[{up}A\x1b[J").into_bytes()
+        let mut bytes = b"\r\x1b[2K".to_vec();
+        for _ in 0..=self.items.len() {
+            bytes.extend(b"\x1b[1A\x1b[2K");
+        }
+        bytes
     }
 }
 
@@ -481,10 +487,11 @@ mod tests {
             ]
         );
         assert_eq!(menu.draw(80), lines.join("\r\n").into_bytes());
-        // Back over the four lines above the cursor, then clear below.
-        assert!(menu.redraw(80).starts_with(b"\r\x1b[4A\x1b[J"));
+        // The five lines cleared from the cursor's up.
+        let erase = "\r\x1b[2K\x1b[1A\x1b[2K\x1b[1A\x1b[2K\x1b[1A\x1b[2K\x1b[1A\x1b[2K";
+        assert_eq!(String::from_utf8(menu.erase()).unwrap(), erase);
+        assert!(menu.redraw(80).starts_with(erase.as_bytes()));
         assert!(menu.repaint(80).starts_with(b"\x1b[H\x1b[2J"));
-        assert_eq!(menu.erase(), b"\r\x1b[4A\x1b[J");
     }
 
     #[test]
@@ -705,7 +712,8 @@ mod tests {
         let shown = script.output();
         assert!(shown.starts_with("envgate: choose an environment\r\n"));
         assert!(shown.contains("\x1b[7m> 2. debian"), "{shown:?}");
-        assert!(shown.ends_with("\r\x1b[4A\x1b[J"), "erased: {shown:?}");
+        let erase = String::from_utf8(menu().erase()).unwrap();
+        assert!(shown.ends_with(&erase), "erased: {shown:?}");
 
         let script = Script::new(&[b"j"], false);
         let result = run(menu(), &script, SIZE, &mut resizes).await;
@@ -736,6 +744,10 @@ mod tests {
         let result = run(menu(), &script, SIZE, &mut resizes).await;
         assert_eq!(result, Err(Cancel::Timeout));
         assert_eq!(started.elapsed(), MENU_TIMEOUT);
-        assert!(script.output().ends_with("\r\x1b[4A\x1b[J"));
+        assert!(
+            script
+                .output()
+                .ends_with(&String::from_utf8(menu().erase()).unwrap())
+        );
     }
 }

@@ -62,6 +62,9 @@ pub struct FleetOptions {
     /// A catalogue file (YAML, docs/environments.md) written to the fleet's directory and
     /// given to every control-plane replica as `--environments`; seeded before `seed` runs.
     pub environments_yaml: Option<String>,
+    /// Environments with a pinned port: every proxy gets a `--pinned-listen` for each, and
+    /// HAProxy a frontend of its own (`Fleet::pinned_port`).
+    pub pinned: Vec<String>,
 }
 
 impl Default for FleetOptions {
@@ -76,6 +79,7 @@ impl Default for FleetOptions {
             controlplanes: 1,
             shutdown_grace_seconds: 2,
             environments_yaml: None,
+            pinned: Vec::new(),
         }
     }
 }
@@ -194,6 +198,10 @@ pub struct Fleet {
     pub proxy_listen: Vec<String>,
     /// `127.0.0.1:port` of each proxy's ops endpoint.
     pub proxy_ops: Vec<String>,
+    /// `127.0.0.1:port` of each proxy's pinned listener, in `FleetOptions::pinned` order.
+    proxy_pinned: Vec<Vec<String>>,
+    /// HAProxy's port for each pinned environment.
+    pinned_ports: HashMap<String, u16>,
     admin_token: String,
     keys: Mutex<HashMap<String, PathBuf>>,
     // Field order is drop order: HAProxy and proxies first, then the control plane, then
@@ -260,6 +268,8 @@ impl Fleet {
             controlplane_ops: format!("127.0.0.1:{}", free_port()?),
             proxy_listen: Vec::new(),
             proxy_ops: Vec::new(),
+            proxy_pinned: Vec::new(),
+            pinned_ports: HashMap::new(),
             admin_token,
             keys: Mutex::new(HashMap::new()),
             haproxy: None,
@@ -384,11 +394,20 @@ impl Fleet {
             .arg(self.options.shutdown_grace_seconds.to_string())
             .env("RUST_LOG", "info")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)));
+        let mut pinned = Vec::new();
+        for environment in &self.options.pinned {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            command
+                .arg("--pinned-listen")
+                .arg(format!("{addr}={environment}"));
+            pinned.push(addr);
+        }
         let log = self.dir.path().join(format!("proxy-{i}.log"));
         let name = format!("proxy-{i}");
         self.proxies.push(Proc::spawn(&name, &mut command, log)?);
         self.proxy_listen.push(listen);
         self.proxy_ops.push(ops);
+        self.proxy_pinned.push(pinned);
         Ok(())
     }
 
@@ -524,6 +543,29 @@ impl Fleet {
             let listen = &self.proxy_listen[i];
             cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
         }
+        // One frontend per pinned environment, to the proxies' listeners pinned to it.
+        for (n, environment) in self.options.pinned.iter().enumerate() {
+            let port = self
+                .pinned_ports
+                .get(environment)
+                .copied()
+                .unwrap_or_default();
+            cfg.push_str(&format!(
+                "\nfrontend pinned-{environment}\n    bind 127.0.0.1:{port}\n    \
+                 default_backend pinned-{environment}\n\n\
+                 backend pinned-{environment}\n    balance leastconn\n    \
+                 option httpchk GET /readyz\n    http-check expect status 200\n    \
+                 default-server inter 500ms fall 2 rise 1 send-proxy-v2\n"
+            ));
+            for &i in &self.serving {
+                let ops_port = self.proxy_ops[i]
+                    .rsplit_once(':')
+                    .map(|(_, p)| p)
+                    .unwrap_or_default();
+                let listen = &self.proxy_pinned[i][n];
+                cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
+            }
+        }
         let cfg_path = self.dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
         Ok(cfg_path)
@@ -535,6 +577,9 @@ impl Fleet {
 
     async fn start_haproxy(&mut self) -> Result<(), String> {
         self.ssh_port = free_port()?;
+        for environment in &self.options.pinned {
+            self.pinned_ports.insert(environment.clone(), free_port()?);
+        }
         let cfg_path = self.write_haproxy_cfg()?;
         let mut command = Command::new("haproxy");
         command.arg("-db").arg("-f").arg(&cfg_path);
@@ -593,7 +638,8 @@ impl Fleet {
             .await?;
         self.try_put_environment(environment("debian", DEBIAN_IMAGE, "/bin/bash", false))
             .await?;
-        self.try_add_user("demo", "busybox", None).await?;
+        self.try_add_user("demo", "busybox", None, &["users"])
+            .await?;
         Ok(())
     }
 
@@ -676,6 +722,7 @@ impl Fleet {
         name: &str,
         default_environment: &str,
         password: Option<&str>,
+        groups: &[&str],
     ) -> Result<PathBuf, String> {
         let key = self.dir.path().join(format!("{name}_ed25519"));
         if !key.exists() {
@@ -691,7 +738,7 @@ impl Fleet {
                 user: Some(admin::User {
                     name: name.to_string(),
                     authorized_keys: vec![public],
-                    groups: vec!["users".to_string()],
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
                     default_environment: default_environment.to_string(),
                     ..Default::default()
                 }),
@@ -714,9 +761,37 @@ impl Fleet {
         default_environment: &str,
         password: Option<&str>,
     ) -> PathBuf {
-        match self.try_add_user(name, default_environment, password).await {
+        match self
+            .try_add_user(name, default_environment, password, &["users"])
+            .await
+        {
             Ok(key) => key,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like `add_user` (no password), in `groups` instead of just `users`; an empty
+    /// `default_environment` leaves the user without a saved default.
+    pub async fn add_user_in_groups(
+        &self,
+        name: &str,
+        default_environment: &str,
+        groups: &[&str],
+    ) -> PathBuf {
+        match self
+            .try_add_user(name, default_environment, None, groups)
+            .await
+        {
+            Ok(key) => key,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// HAProxy's port for a pinned environment (`FleetOptions::pinned`).
+    pub fn pinned_port(&self, environment: &str) -> u16 {
+        match self.pinned_ports.get(environment) {
+            Some(port) => *port,
+            None => panic!("{environment:?} is not in FleetOptions::pinned"),
         }
     }
 
@@ -794,6 +869,37 @@ impl Fleet {
         argv.push("--".to_string());
         argv.push("127.0.0.1".to_string());
         argv
+    }
+
+    /// `ssh_key_argv` through another of HAProxy's ports (e.g. a pinned one).
+    pub fn ssh_key_argv_on_port(&self, port: u16, login: &str, key: &Path) -> Vec<String> {
+        let mut argv = self.ssh_key_argv(login, key);
+        if let Some(at) = argv.iter().position(|a| a == "-p") {
+            argv[at + 1] = port.to_string();
+        }
+        argv
+    }
+
+    /// `ssh login command` on `port` with the key of the user before any `+` and extra
+    /// `-o` options.
+    pub async fn ssh_on_port(
+        &self,
+        port: u16,
+        login: &str,
+        options: &[&str],
+        command: &str,
+    ) -> SshOutput {
+        let user = login.split('+').next().unwrap_or(login);
+        let mut argv = self.ssh_key_argv_on_port(port, login, &self.key_of(user));
+        let at = argv.len() - 2;
+        for (i, option) in options.iter().enumerate() {
+            argv.insert(at + 2 * i, "-o".to_string());
+            argv.insert(at + 2 * i + 1, option.to_string());
+        }
+        if !command.is_empty() {
+            argv.push(command.to_string());
+        }
+        run(&argv, None, &[]).await
     }
 
     /// `ssh login command` with the key of the user before any `+`, stdin from `stdin`.
