@@ -1027,15 +1027,12 @@ mod tests {
         );
     }
 
+    /// (session id, message) of each KillSession the test's "proxy" obeyed.
+    type Obeyed = Arc<Mutex<Vec<(String, String)>>>;
+
     /// Plays the proxies' part in KillSession: closes every session it is told to end, as a
     /// proxy does once it has shown the message; returns the commands it obeyed.
-    fn obey_kills(
-        world: &World,
-        placer: Arc<Placer>,
-    ) -> (
-        tokio::task::JoinHandle<()>,
-        Arc<Mutex<Vec<(String, String)>>>,
-    ) {
+    fn obey_kills(world: &World, placer: Arc<Placer>) -> (tokio::task::JoinHandle<()>, Obeyed) {
         let store = world.store.clone();
         let obeyed = Arc::new(Mutex::new(Vec::new()));
         let log = obeyed.clone();
@@ -1275,7 +1272,11 @@ mod tests {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        assert_eq!(live, [fresh.container_id.clone()], "the old one is removed");
+        assert_eq!(
+            live.as_slice(),
+            std::slice::from_ref(&fresh.container_id),
+            "the old one is removed"
+        );
         let record = world.record(&key).await.unwrap();
         assert_eq!(record.container_id, fresh.container_id);
         assert!(record.created_at >= model::now() - 1);
@@ -1333,8 +1334,8 @@ mod tests {
                 .map(|(id, _)| id)
                 .collect();
             assert_eq!(
-                live,
-                [placement.container_id.clone()],
+                live.as_slice(),
+                std::slice::from_ref(&placement.container_id),
                 "round {round}: handed a removed container, or the old one is left"
             );
             let record = world.record(&key).await.unwrap();
