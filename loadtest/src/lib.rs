@@ -22,6 +22,7 @@ pub mod bench_doc;
 pub mod client;
 pub mod hold;
 pub mod plot;
+pub mod pool_doc;
 pub mod report;
 pub mod scrape;
 pub mod stats;

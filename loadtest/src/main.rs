@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use envgate_loadtest::sweep::{COMPARE, Endpoint, SweepConfig, TARGET, run_sweep};
-use envgate_loadtest::{ClientKind, bench_doc, hold, plot, report, users};
+use envgate_loadtest::{ClientKind, bench_doc, hold, plot, pool_doc, report, users};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,28 @@ enum Command {
     Hold(HoldArgs),
     /// Write the results of `deploy/local/fleet bench` into the generated region of a Markdown file.
     BenchDoc(BenchDocArgs),
+    /// Write the warm-pool comparison of `deploy/local/fleet bench` (the same cold sweep with
+    /// the pool off and on) into its generated region of a Markdown file.
+    PoolDoc(PoolDocArgs),
+}
+
+#[derive(Args)]
+struct PoolDocArgs {
+    /// --out directory of the cold sweep with the warm pool off.
+    #[arg(long)]
+    off: PathBuf,
+    /// --out directory of the same sweep with the warm pool on.
+    #[arg(long)]
+    on: PathBuf,
+    /// `warm_pool_size` during the "on" sweep.
+    #[arg(long)]
+    pool_size: u32,
+    /// "name: value" lines (date, machine, versions, command) listed at the top.
+    #[arg(long)]
+    meta: PathBuf,
+    /// The document; only the pool's generated region is replaced.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    doc: PathBuf,
 }
 
 #[derive(Args)]
@@ -235,6 +257,7 @@ fn main() -> ExitCode {
             Command::Report(args) => redraw(args),
             Command::Hold(args) => hold(args).await,
             Command::BenchDoc(args) => bench_doc(args),
+            Command::PoolDoc(args) => pool_doc(args),
         }
     });
     match result {
@@ -362,6 +385,28 @@ fn bench_doc(args: BenchDocArgs) -> anyhow::Result<ExitCode> {
     });
     let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
     std::fs::write(&args.doc, bench_doc::splice(&doc, &generated))
+        .with_context(|| format!("writing {}", args.doc.display()))?;
+    println!("{generated}\nwrote {}", args.doc.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pool_doc(args: PoolDocArgs) -> anyhow::Result<ExitCode> {
+    let off = report::read_results(&args.off)?;
+    let on = report::read_results(&args.on)?;
+    let meta: Vec<(String, String)> = std::fs::read_to_string(&args.meta)
+        .with_context(|| format!("reading {}", args.meta.display()))?
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let generated = pool_doc::render(&pool_doc::PoolRun {
+        meta: &meta,
+        off: &off,
+        on: &on,
+        pool_size: args.pool_size,
+    });
+    let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
+    std::fs::write(&args.doc, pool_doc::splice(&doc, &generated))
         .with_context(|| format!("writing {}", args.doc.display()))?;
     println!("{generated}\nwrote {}", args.doc.display());
     Ok(ExitCode::SUCCESS)
