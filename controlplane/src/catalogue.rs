@@ -485,7 +485,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         fraction.parse().map_err(|_| not_a_size())?
     };
     let scaled = (whole * scale + fraction) * multiplier;
-    if scaled % scale != 0 {
+    if !scaled.is_multiple_of(scale) {
         return Err(format!("{text:?} is not a whole number of bytes"));
     }
     let bytes = scaled / scale;
