@@ -25,7 +25,9 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::model::{self, ContainerRecord, ContainerState, EnvironmentRecord, PoolRecord};
-use crate::runtime::{AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime};
+use crate::runtime::{
+    AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
+};
 use crate::store::{self, Compare, KeyValue, Store, StoreError, TxnOp, Versioned};
 
 /// Claim transactions one open tries before it creates a container instead; each failed one
@@ -207,7 +209,16 @@ impl WarmPools {
                 secret: record.agent_secret.clone(),
             }),
         };
-        let result = match self.runtime.assign(&container, &spec).await {
+        // A warm container that died since the last pass must not be handed out.
+        let handed = match self.runtime.is_running(&container.id).await {
+            Ok(true) => self.runtime.assign(&container, &spec).await,
+            Ok(false) => Err(RuntimeError::Failed(format!(
+                "warm container {} is not running",
+                container.name
+            ))),
+            Err(e) => Err(e),
+        };
+        let result = match handed {
             Ok(name) => {
                 let now = model::now();
                 metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => "hit").increment(1);
@@ -703,6 +714,23 @@ mod tests {
         .unwrap()
         .value;
         assert_eq!(record.container_id, placement.container_id);
+    }
+
+    #[tokio::test]
+    async fn a_warm_container_that_died_since_the_last_pass_is_not_handed_out() {
+        let world = World::new().await;
+        set_pool(&world, "busybox", 1, None).await;
+        pass(&world).await;
+        let dead = pool_entries(&world, "busybox").await[0].container_id.clone();
+        world.runtime.stop(&dead);
+        let placement = world
+            .placer(fast())
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(placement.container_id, dead);
+        assert_eq!((world.runtime.creates(), world.runtime.assigns()), (1, 0));
+        assert!(world.runtime.containers().iter().all(|(id, _)| *id != dead));
     }
 
     #[tokio::test]
