@@ -9,7 +9,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{BUSYBOX_IMAGE, Fleet, FleetOptions, SshOutput, Tmux, environment, eventually};
+use support::{
+    BUSYBOX_IMAGE, Fleet, FleetOptions, SshOutput, Tmux, environment, eventually, proxy_bin, run,
+};
 
 /// Prints `ID=debian` in the Debian image; the BusyBox image has no `/etc/os-release`.
 const WHICH: &str = "grep ^ID= /etc/os-release 2>/dev/null || echo ID=none";
@@ -83,6 +85,76 @@ async fn a_pinned_port_wins_over_the_login_but_self_service_stays_reachable() {
     // The main port is not pinned.
     let out = fleet.ssh("demo", WHICH, None).await;
     assert_eq!(landed_in(&out), "busybox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_pinned_listener_stops_the_proxy_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let host_key = dir.path().join("host_ed25519");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(keygen.success());
+    let proxy = |pinned: &[&str], env: &[(&str, &str)]| {
+        let mut argv = vec![
+            proxy_bin().display().to_string(),
+            "--host-key".to_string(),
+            host_key.display().to_string(),
+            "--listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--ops-listen".to_string(),
+            "127.0.0.1:0".to_string(),
+        ];
+        for p in pinned {
+            argv.extend(["--pinned-listen".to_string(), p.to_string()]);
+        }
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("RUST_BACKTRACE".to_string(), "0".to_string())])
+            .collect();
+        async move {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            run(&argv, None, &env).await
+        }
+    };
+    for (pinned, code, says) in [
+        ("127.0.0.1:2223", 2, "a pinned listener is ADDR=ENVIRONMENT"),
+        (
+            "127.0.0.1:2223=Debian",
+            2,
+            "the environment name may contain only",
+        ),
+        ("no-port=debian", 2, "is not an address with a port"),
+        (
+            "127.0.0.1:2223=envgate",
+            2,
+            "self-service pseudo-environment",
+        ),
+    ] {
+        let out = proxy(&[pinned], &[]).await;
+        assert_eq!(out.code, Some(code), "{pinned}: {out:#?}");
+        assert!(out.stderr.contains(says), "{pinned}: {out:#?}");
+    }
+    let out = proxy(
+        &[],
+        &[("ENVGATE_PINNED_LISTEN", "127.0.0.1:2223=debian,oops")],
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(out.stderr.contains("\"oops\""), "{out:#?}");
+    let twice = ["127.0.0.1:2299=debian", "127.0.0.1:2299=busybox"];
+    let out = proxy(&twice, &[]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains(
+            "--pinned-listen 127.0.0.1:2299=busybox: 127.0.0.1:2299 is already a listen address"
+        ),
+        "{out:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
