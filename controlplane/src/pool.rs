@@ -700,8 +700,8 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(
-            left,
-            [placement.container_id.clone()],
+            left.as_slice(),
+            std::slice::from_ref(&placement.container_id),
             "the warm one is gone"
         );
         assert!(pool_entries(&world, "busybox").await.is_empty());
@@ -721,7 +721,9 @@ mod tests {
         let world = World::new().await;
         set_pool(&world, "busybox", 1, None).await;
         pass(&world).await;
-        let dead = pool_entries(&world, "busybox").await[0].container_id.clone();
+        let dead = pool_entries(&world, "busybox").await[0]
+            .container_id
+            .clone();
         world.runtime.stop(&dead);
         let placement = world
             .placer(fast())

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::stats::LevelSummary;
+use crate::stats::{Distribution, LevelSummary};
 use crate::sweep::{SweepResult, TARGET};
 
 pub const BEGIN: &str = "<!-- fleet bench pool: generated from here -->";
@@ -77,6 +77,9 @@ fn failures(summary: &LevelSummary) -> String {
     format!("{} ({})", summary.failed, kinds.join(", "))
 }
 
+/// Picks one figure of a turnaround distribution.
+type Figure = fn(&Distribution) -> f64;
+
 pub fn render(run: &PoolRun<'_>) -> String {
     let mut out = String::new();
     let (off, on) = (top(run.off), top(run.on));
@@ -107,10 +110,9 @@ pub fn render(run: &PoolRun<'_>) -> String {
         count(off),
         count(on)
     );
-    let figure = |s: Option<&LevelSummary>, pick: fn(&crate::stats::Distribution) -> f64| {
-        s.and_then(|s| s.turnaround.as_ref()).map(pick)
-    };
-    let rows: [(&str, fn(&crate::stats::Distribution) -> f64); 4] = [
+    let figure =
+        |s: Option<&LevelSummary>, pick: Figure| s.and_then(|s| s.turnaround.as_ref()).map(pick);
+    let rows: [(&str, Figure); 4] = [
         ("p50", |d| d.p50),
         ("p99", |d| d.p99),
         ("mean", |d| d.mean),
