@@ -34,8 +34,9 @@ mod pull;
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default pids limit when the environment sets none.
 pub const DEFAULT_PIDS_LIMIT: i64 = 512;
-/// Capabilities kept so a root shell can still manage files and switch users.
-const CAP_ADD: &[&str] = &[
+/// Capabilities kept so a root shell can still manage files and switch users (all others
+/// are dropped; the e2e tests check a session's effective set against this list).
+pub const CAP_ADD: &[&str] = &[
     "CHOWN",
     "DAC_OVERRIDE",
     "FOWNER",

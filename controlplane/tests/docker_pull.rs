@@ -1,0 +1,276 @@
+//! Pulling a missing image on demand, against the real Docker engine and a registry served on
+//! loopback by the test itself (`common/registry.rs`): the progress lines, one pull shared by
+//! concurrent creations, and clear failures (no registry, a pull past its time limit) that
+//! leave no container behind.
+
+#[path = "common/registry.rs"]
+mod registry;
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime, RuntimeError};
+use registry::{Options, Registry};
+
+/// Removes what one test made: its instance's containers and volumes, and the images it
+/// pulled (unique references, so nobody else's).
+struct Cleanup {
+    instance: String,
+    images: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let label = format!("label=envgate.instance={}", self.instance);
+        for (list, remove) in [
+            (vec!["ps", "-aq", "--filter", &label], vec!["rm", "-f"]),
+            (
+                vec!["volume", "ls", "-q", "--filter", &label],
+                vec!["volume", "rm", "-f"],
+            ),
+        ] {
+            let ids = docker(&list);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                docker(&[remove, ids].concat());
+            }
+        }
+        for image in &self.images {
+            registry::remove_image(image);
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::random::<u32>())
+}
+
+fn spec(instance: &str, user: &str, image: &str) -> ContainerSpec {
+    ContainerSpec {
+        instance: instance.into(),
+        user: user.into(),
+        environment: "pulled".into(),
+        session: None,
+        image: image.into(),
+        env: vec![],
+        working_dir: String::new(),
+        cpus: 0.0,
+        memory_bytes: 0,
+        pids_limit: 0,
+    }
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+fn recorder() -> (Lines, impl Fn(&str) + Send + Sync) {
+    let lines = Lines::default();
+    let sink = lines.clone();
+    (lines, move |line: &str| {
+        sink.lock().unwrap().push(line.to_owned())
+    })
+}
+
+async fn registry(layer_delay: Duration) -> Registry {
+    Registry::start(Options {
+        repository: "envgate-test/pulled".into(),
+        tag: unique("cp-"),
+        layer_delay,
+    })
+    .await
+}
+
+fn instance_containers(instance: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=envgate.instance={instance}"),
+    ])
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_pulled_with_progress_then_runs() {
+    let registry = registry(Duration::from_millis(2500)).await;
+    let instance = unique("pull");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        images: vec![registry.image.clone()],
+    };
+    assert!(!registry::image_present(&registry.image));
+    let runtime = DockerRuntime::new(None);
+    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    let (lines, progress) = recorder();
+    let created = tokio::time::timeout(
+        Duration::from_secs(120),
+        runtime.create_and_start(&spec(&instance, "alice", &registry.image), &progress),
+    )
+    .await
+    .expect("the pull and creation finish in time")
+    .expect("the image is pulled and the container started");
+
+    let lines = lines.lock().unwrap().clone();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some(format!("pulling image {} …", registry.image).as_str()),
+        "{lines:?}"
+    );
+    let done = lines.last().expect("a done line");
+    assert!(
+        done.starts_with(&format!("pulled image {} in ", registry.image))
+            && done.contains("layers"),
+        "{lines:?}"
+    );
+    // Everything between is a throttled summary of the same pull.
+    for line in &lines[1..lines.len() - 1] {
+        assert!(
+            line.starts_with(&format!("pulling image {} … ", registry.image))
+                && line.contains("layers"),
+            "{lines:?}"
+        );
+    }
+    assert!(registry.manifest_requests() >= 1);
+    assert!(registry::image_present(&registry.image));
+    assert!(runtime.is_running(&created.id).await.unwrap());
+    let marker = docker(&["exec", &created.id, "cat", "/envgate-pulled"]);
+    assert_eq!(marker, registry.marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_share_one_pull() {
+    // Long enough that all ten creations meet the pull while it is under way.
+    let registry = registry(Duration::from_secs(3)).await;
+    let instance = unique("pull");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        images: vec![registry.image.clone()],
+    };
+    let runtime = Arc::new(DockerRuntime::new(None));
+    let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+    for user in &users {
+        runtime.ensure_volume(&instance, user).await.unwrap();
+    }
+    let creations: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let runtime = runtime.clone();
+            let spec = spec(&instance, user, &registry.image);
+            tokio::spawn(async move {
+                let (lines, progress) = recorder();
+                let created = runtime.create_and_start(&spec, &progress).await;
+                let lines = lines.lock().unwrap().clone();
+                (created, lines)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for creation in creations {
+        let (created, lines) = tokio::time::timeout(Duration::from_secs(180), creation)
+            .await
+            .expect("every creation finishes in time")
+            .unwrap();
+        let created = created.expect("every creation succeeds");
+        assert!(
+            lines
+                .first()
+                .is_some_and(|l| l.starts_with("pulling image"))
+                && lines.last().is_some_and(|l| l.starts_with("pulled image")),
+            "{lines:?}"
+        );
+        ids.push(created.id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10);
+    // One pull: the engine asks for the manifest once (a HEAD before the GET at most).
+    assert!(
+        registry.manifest_requests() <= 2,
+        "{} manifest requests",
+        registry.manifest_requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_is_not_there_fails_clearly_and_leaves_nothing() {
+    let image = format!("{}/nope:1", registry::closed_address());
+    let instance = unique("pull");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        images: vec![image.clone()],
+    };
+    let runtime = DockerRuntime::new(None);
+    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    let (lines, progress) = recorder();
+    let err = runtime
+        .create_and_start(&spec(&instance, "alice", &image), &progress)
+        .await
+        .unwrap_err();
+    match &err {
+        RuntimeError::PullFailed {
+            image: failed,
+            reason,
+        } => {
+            assert_eq!(failed, &image);
+            assert!(reason.contains("connection refused"), "{reason}");
+        }
+        other => panic!("unexpected: {other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot pull image {image}: ")),
+        "{err}"
+    );
+    assert_eq!(
+        lines.lock().unwrap().as_slice(),
+        [format!("pulling image {image} …")]
+    );
+    assert!(instance_containers(&instance).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_past_its_time_limit_fails_and_the_next_open_tries_again() {
+    let registry = registry(Duration::from_secs(6)).await;
+    let instance = unique("pull");
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        images: vec![registry.image.clone()],
+    };
+    let runtime = DockerRuntime::new(None).with_pull_timeout(Duration::from_secs(1));
+    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    let (_, progress) = recorder();
+    let spec = spec(&instance, "alice", &registry.image);
+    let err = runtime
+        .create_and_start(&spec, &progress)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        RuntimeError::PullFailed {
+            image: registry.image.clone(),
+            reason: "no result within 1 s".into(),
+        }
+    );
+    assert!(instance_containers(&instance).is_empty());
+    // The failed pull is forgotten: the next creation starts a pull of its own.
+    let before = registry.manifest_requests();
+    let t = std::time::Instant::now();
+    let second = runtime.create_and_start(&spec, &progress).await;
+    eprintln!(
+        "DEBUG before={before} after={} blobs={} second={second:?} took={:?}",
+        registry.manifest_requests(),
+        registry.blob_requests(),
+        t.elapsed()
+    );
+    assert!(registry.manifest_requests() > before);
+}
