@@ -27,7 +27,7 @@ pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
 /// Most started, unassigned containers one environment may keep. The design's peak is a class
 /// of 200–300 users arriving at once, so 300 covers a whole class; more only holds memory,
 /// and a typo (3000) would ask one Docker engine for thousands of containers, which wedges it
-/// (a single `docker rm` of ~700 ids already did, see `fleet::remove_containers`).
+/// (a single `docker rm` of ~700 ids already did, see `remove_containers` in deploy/local/fleet).
 pub const MAX_WARM_POOL_SIZE: u32 = 300;
 /// Shortest maximum lifetime: the user is warned before the end (issue #5), and a lifetime
 /// shorter than a few reconciler passes could not be enforced or warned about meaningfully.
