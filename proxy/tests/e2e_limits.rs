@@ -37,7 +37,11 @@ async fn the_per_user_cap_refuses_a_new_container_with_what_to_do() {
         ],
         "{refused:#?}"
     );
-    assert_eq!(fleet.containers(Some("demo")), busybox, "no debian container");
+    assert_eq!(
+        fleet.containers(Some("demo")),
+        busybox,
+        "no debian container"
+    );
     assert!(
         fleet
             .etcd_records("containers/demo/debian")
@@ -48,10 +52,9 @@ async fn the_per_user_cap_refuses_a_new_container_with_what_to_do() {
     eventually(WAIT, "the refusal counted by a proxy", || async {
         for ops in &fleet.proxy_ops {
             let body = Fleet::metrics(ops).await.unwrap_or_default();
-            if body
-                .lines()
-                .any(|l| l.starts_with("envgate_connections_total{") && l.contains("placement_limit"))
-            {
+            if body.lines().any(|l| {
+                l.starts_with("envgate_connections_total{") && l.contains("placement_limit")
+            }) {
                 return Ok(());
             }
         }
@@ -76,7 +79,10 @@ async fn the_per_user_cap_refuses_a_new_container_with_what_to_do() {
         }))
         .await
         .expect("DeleteContainer");
-    fleet.ssh("demo+debian", "true", None).await.assert_success();
+    fleet
+        .ssh("demo+debian", "true", None)
+        .await
+        .assert_success();
     let now = fleet.containers(Some("demo"));
     assert_eq!(now.len(), 1, "{now:?}");
     assert_eq!(now[0].environment, "debian");
@@ -155,12 +161,18 @@ async fn the_environments_limits_are_visible_inside_and_hold() {
             "268435456\n64\n50000\n100000\n",
         )
     };
-    let cgroup = fleet.ssh("demo+limited", &format!("cat {files}"), None).await;
+    let cgroup = fleet
+        .ssh("demo+limited", &format!("cat {files}"), None)
+        .await;
     cgroup.assert_success();
     assert_eq!(cgroup.stdout, expected, "{cgroup:#?}");
 
     let status = fleet
-        .ssh("demo+limited", "id -u; grep -E '^(NoNewPrivs|CapEff):' /proc/self/status", None)
+        .ssh(
+            "demo+limited",
+            "id -u; grep -E '^(NoNewPrivs|CapEff):' /proc/self/status",
+            None,
+        )
         .await;
     status.assert_success();
     let mask: u64 = CAP_ADD.iter().map(|c| 1u64 << capability_bit(c)).sum();
@@ -182,7 +194,8 @@ async fn the_environments_limits_are_visible_inside_and_hold() {
         .await;
     assert_ne!(burst.code, Some(0), "{burst:#?}");
     assert!(
-        burst.stderr.contains("can't fork") || burst.stderr.contains("Resource temporarily unavailable"),
+        burst.stderr.contains("can't fork")
+            || burst.stderr.contains("Resource temporarily unavailable"),
         "{burst:#?}"
     );
     let started: Vec<u32> = burst
@@ -194,14 +207,18 @@ async fn the_environments_limits_are_visible_inside_and_hold() {
     assert!((1..64).contains(&last), "started {last} of 100: {burst:#?}");
 
     // The container is unharmed: once the sleeps end, the same container serves again.
-    eventually(WAIT, "a session in the same container after the burst", || async {
-        let out = fleet.ssh("demo+limited", "echo alive", None).await;
-        if out.code == Some(0) && out.stdout == "alive\n" {
-            Ok(())
-        } else {
-            Err(format!("{out:#?}"))
-        }
-    })
+    eventually(
+        WAIT,
+        "a session in the same container after the burst",
+        || async {
+            let out = fleet.ssh("demo+limited", "echo alive", None).await;
+            if out.code == Some(0) && out.stdout == "alive\n" {
+                Ok(())
+            } else {
+                Err(format!("{out:#?}"))
+            }
+        },
+    )
     .await;
     assert_eq!(fleet.containers(Some("demo")), container);
 }

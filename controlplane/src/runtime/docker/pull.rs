@@ -380,12 +380,7 @@ mod tests {
         layers.observe(&message("a", "Download complete", 0, 0));
         layers.observe(&message("a", "Pull complete", 0, 0));
         assert_eq!(layers.summary(), "2/3 layers, 81 MB of 120 MB");
-        assert!(!layers.observe(&message(
-            "",
-            "Status: Downloaded newer image",
-            0,
-            0
-        )));
+        assert!(!layers.observe(&message("", "Status: Downloaded newer image", 0, 0)));
     }
 
     #[test]
