@@ -386,4 +386,16 @@ async fn on_a_terminal_the_menu_chooses_unless_a_default_is_saved() {
         assert!(!screen.contains(MENU_TITLE), "menu erased: {screen}");
         assert!(fleet.containers(Some(user)).is_empty(), "{user}");
     }
+
+    // A window change repaints the menu at the new width (the hint cut to 29 columns).
+    let tmux = terminal(&fleet, "chooser");
+    menu_shown(&tmux).await;
+    tmux.resize(30, 20);
+    screen_when(&tmux, "the menu is repainted 30 columns wide", |s| {
+        s.lines()
+            .any(|l| l.trim_end() == "↑/↓ or number, Enter to start")
+    })
+    .await;
+    tmux.key("q");
+    screen_when(&tmux, "ssh ends", |s| s.contains("ssh-exit=1")).await;
 }
