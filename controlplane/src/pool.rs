@@ -31,7 +31,8 @@ use crate::runtime::{
 use crate::store::{self, Compare, KeyValue, Store, StoreError, TxnOp, Versioned};
 
 /// Claim transactions one open tries before it creates a container instead; each failed one
-/// means another open took that entry, so this bounds the wait behind a crowd.
+/// means another open took that entry (the pool is read again after each), so this bounds the
+/// wait behind a crowd.
 const CLAIM_ATTEMPTS: usize = 16;
 /// Warm containers one environment's refill creates at once (the runtime's creation bound
 /// applies as well, and leaves the other slots to users' own creations).
@@ -116,10 +117,7 @@ impl WarmPools {
         }
         let mut attempts = 0;
         let mut entries = self.entries(env).await?;
-        while attempts < CLAIM_ATTEMPTS {
-            if entries.is_empty() {
-                break;
-            }
+        while attempts < CLAIM_ATTEMPTS && !entries.is_empty() {
             attempts += 1;
             let pick = rand::thread_rng().gen_range(0..entries.len());
             let (pool_key, entry) = entries.swap_remove(pick);
@@ -159,10 +157,9 @@ impl WarmPools {
             if self.store.get(key).await?.is_some() {
                 return Ok(Claim::RecordExists);
             }
-            if entries.is_empty() {
-                // Everything we saw was taken by others; see what the pool holds now.
-                entries = self.entries(env).await?;
-            }
+            // Another open took it. In a crowd the list read before is mostly taken by now:
+            // pick from what the pool holds now.
+            entries = self.entries(env).await?;
         }
         metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => "miss").increment(1);
         tracing::debug!(environment = %env.name, attempts, "no warm container to claim");

@@ -50,13 +50,12 @@ fn placements(result: &SweepResult) -> String {
         .levels_of(TARGET)
         .filter(|l| l.summary.level == level)
         .flat_map(|l| l.server_phases.iter())
-        .filter(|p| p.phase == "placement")
-        .map(
-            |p| match p.labels.strip_prefix("outcome=").unwrap_or(&p.labels) {
-                "" => format!("{:.0} × {:.0} ms", p.count, p.mean_ms),
-                outcome => format!("{outcome}: {:.0} × {:.0} ms", p.count, p.mean_ms),
-            },
-        )
+        // Only the series by outcome (created, warm, reused), not other labellings of it.
+        .filter(|p| p.phase == "placement" && p.labels.starts_with("outcome="))
+        .map(|p| {
+            let outcome = p.labels.trim_start_matches("outcome=");
+            format!("{outcome}: {:.0} × {:.0} ms", p.count, p.mean_ms)
+        })
         .collect();
     if phases.is_empty() {
         "-".into()
@@ -173,7 +172,7 @@ mod tests {
             "| turnaround p50 | 40 | 10 | **0.250x** |",
             "| turnaround p99 | 40 | 10 | **0.250x** |",
             "| turnaround mean | 40 | 40 | **1.000x** |",
-            "| server `placement` (count × mean) | 1 × 9 ms | warm: 1 × 9 ms | |",
+            "| server `placement` (count × mean) | - | warm: 1 × 9 ms | |",
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");
         }
