@@ -18,7 +18,7 @@ use envgate_proto::names;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::error::AdminError;
+use crate::error::{AdminError, ChoiceError};
 use crate::model::{self, EnvironmentRecord, Mode};
 use crate::store::{self, Store, StoreError};
 
@@ -191,6 +191,57 @@ pub async fn save_environment(
     }
     store::put_json(store, &model::environment_key(&record.name), record, None).await?;
     Ok(())
+}
+
+/// Every environment of the catalogue in etcd, in key (so name) order.
+pub async fn environments(store: &dyn Store) -> Result<Vec<EnvironmentRecord>, StoreError> {
+    Ok(store::range_json(store, model::ENVIRONMENTS)
+        .await?
+        .into_iter()
+        .map(|(_, v)| v.value)
+        .collect())
+}
+
+/// The catalogue in etcd by environment name.
+pub async fn environments_by_name(
+    store: &dyn Store,
+) -> Result<HashMap<String, EnvironmentRecord>, StoreError> {
+    Ok(environments(store)
+        .await?
+        .into_iter()
+        .map(|e| (e.name.clone(), e))
+        .collect())
+}
+
+/// The names of the environments members of `groups` may use, in catalogue order.
+pub fn available(catalogue: &[EnvironmentRecord], groups: &[String]) -> Vec<String> {
+    catalogue
+        .iter()
+        .filter(|e| e.allows(groups))
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+/// `requested` is no environment: NOT_FOUND naming the ones `groups` may use instead. The name
+/// is escaped because the message ends up on the user's terminal.
+pub fn unknown(catalogue: &[EnvironmentRecord], groups: &[String], requested: &str) -> ChoiceError {
+    ChoiceError::UnknownEnvironment {
+        requested: requested.escape_default().to_string(),
+        available: available(catalogue, groups),
+    }
+}
+
+/// The environment `name` of `catalogue`, when members of `groups` may use it.
+pub fn choose<'c>(
+    catalogue: &'c [EnvironmentRecord],
+    groups: &[String],
+    name: &str,
+) -> Result<&'c EnvironmentRecord, ChoiceError> {
+    match catalogue.iter().find(|e| e.name == name) {
+        None => Err(unknown(catalogue, groups, name)),
+        Some(env) if !env.allows(groups) => Err(ChoiceError::Forbidden(name.to_owned())),
+        Some(env) => Ok(env),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -28,22 +28,30 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
+/// Why the environment a user named is not theirs to use: the same refusal, word for word,
+/// whether they named it when connecting (OpenSession) or in a SelfService call.
 #[derive(Debug, thiserror::Error)]
-pub enum PlacementError {
-    #[error(transparent)]
-    Auth(#[from] AuthError),
+pub enum ChoiceError {
     #[error("unknown environment \"{requested}\"; available: {}", list(available))]
     UnknownEnvironment {
         requested: String,
         available: Vec<String>,
     },
+    #[error("environment \"{0}\" is not available to you")]
+    Forbidden(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Choice(#[from] ChoiceError),
     #[error(
         "no environment was chosen and there is no default; available: {}",
         list(available)
     )]
     NoEnvironment { available: Vec<String> },
-    #[error("environment \"{0}\" is not available to you")]
-    Forbidden(String),
     #[error("proxy not registered: {0}")]
     ProxyNotRegistered(String),
     #[error("image {image} for environment \"{environment}\" is not available on this host")]
@@ -141,13 +149,8 @@ pub enum FleetError {
 pub enum SelfServiceError {
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("unknown environment \"{requested}\"; available: {}", list(available))]
-    UnknownEnvironment {
-        requested: String,
-        available: Vec<String>,
-    },
-    #[error("environment \"{0}\" is not available to you")]
-    Forbidden(String),
+    #[error(transparent)]
+    Choice(#[from] ChoiceError),
     /// The token is valid but its user was deleted since.
     #[error("user \"{0}\" no longer exists")]
     UnknownUser(String),
@@ -177,6 +180,13 @@ fn store_status(e: &StoreError) -> Status {
     }
 }
 
+fn choice_status(e: &ChoiceError) -> Status {
+    match e {
+        ChoiceError::UnknownEnvironment { .. } => Status::not_found(e.to_string()),
+        ChoiceError::Forbidden(_) => Status::permission_denied(e.to_string()),
+    }
+}
+
 fn auth_status(e: &AuthError) -> Status {
     match e {
         AuthError::Failed
@@ -201,10 +211,8 @@ impl From<PlacementError> for Status {
         let code = match &e {
             PlacementError::Auth(a) => return auth_status(a),
             PlacementError::Store(s) => return store_status(s),
-            PlacementError::UnknownEnvironment { .. } | PlacementError::NoEnvironment { .. } => {
-                Code::NotFound
-            }
-            PlacementError::Forbidden(_) => Code::PermissionDenied,
+            PlacementError::Choice(c) => return choice_status(c),
+            PlacementError::NoEnvironment { .. } => Code::NotFound,
             PlacementError::ImageMissing { .. } | PlacementError::PullFailed { .. } => {
                 Code::FailedPrecondition
             }
@@ -236,8 +244,7 @@ impl From<SelfServiceError> for Status {
     fn from(e: SelfServiceError) -> Self {
         match &e {
             SelfServiceError::Auth(a) => auth_status(a),
-            SelfServiceError::UnknownEnvironment { .. } => Status::not_found(e.to_string()),
-            SelfServiceError::Forbidden(_) => Status::permission_denied(e.to_string()),
+            SelfServiceError::Choice(c) => choice_status(c),
             SelfServiceError::UnknownUser(_) => Status::unauthenticated(e.to_string()),
             SelfServiceError::Changed(_) => Status::aborted(e.to_string()),
             SelfServiceError::Remove(ReconcileError::Store(s)) | SelfServiceError::Store(s) => {

@@ -5,14 +5,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_proto::token::Claims;
+use envgate_proto::v1::Placement;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::auth::tests::{TEST_COST, test_key};
+use crate::error::PlacementError;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
     UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
+use crate::reconcile::{ReconcileConfig, Reconciler};
 use crate::runtime::ContainerSpec;
 use crate::runtime::scripted::ScriptedRuntime;
 use crate::store::{self, MemoryStore, Store};
@@ -60,6 +66,25 @@ pub fn abandoned_claim(user: &str, environment: &str, owner: &str) -> ContainerR
         agent_address: String::new(),
         agent_secret: String::new(),
         lifetime_warned_at: 0,
+    }
+}
+
+/// Placement as configured, but an open gives up after 20 s rather than 120 s.
+pub fn fast() -> PlacementConfig {
+    PlacementConfig {
+        deadline: Duration::from_secs(20),
+        ..PlacementConfig::default()
+    }
+}
+
+/// The reconciler of the tests: instance `default`, a 100 ms interval, the usual grace times.
+pub fn reconcile_config() -> ReconcileConfig {
+    ReconcileConfig {
+        instance: "default".into(),
+        replica_id: "test".into(),
+        interval: Duration::from_millis(100),
+        stale_after: Duration::from_secs(90),
+        orphan_grace: Duration::from_secs(60),
     }
 }
 
@@ -147,6 +172,30 @@ impl World {
         ))
     }
 
+    /// A reconciler over this world, configured as [`reconcile_config`].
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler::new(self.store.clone(), self.runtime.clone(), reconcile_config())
+    }
+
+    /// Starts `requests` at once, alternately on two "replicas" (placers with `config` over
+    /// this one store), so only the store's transactions keep them apart. The handles are in
+    /// the order of `requests`.
+    pub fn open_on_two_replicas(
+        &self,
+        config: PlacementConfig,
+        requests: Vec<OpenRequest>,
+    ) -> Vec<JoinHandle<Result<Placement, PlacementError>>> {
+        let replicas = [self.placer(config.clone()), self.placer(config)];
+        requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, request)| {
+                let placer = replicas[i % 2].clone();
+                tokio::spawn(async move { placer.open(request, &no_progress).await })
+            })
+            .collect()
+    }
+
     pub fn token(&self, user: &str) -> String {
         let groups = if user == "carol" {
             vec!["staff".into()]
@@ -174,35 +223,31 @@ impl World {
         }
     }
 
+    /// Changes the record stored under `key`, which must exist, behind everyone's back.
+    async fn edit<T: Serialize + DeserializeOwned>(&self, key: &str, change: impl FnOnce(&mut T)) {
+        let mut value: T = store::get_json(self.store.as_ref(), key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        change(&mut value);
+        store::put_json(self.store.as_ref(), key, &value, None)
+            .await
+            .unwrap();
+    }
+
     /// Changes one environment of the catalogue.
     pub async fn update_environment(
         &self,
         name: &str,
         change: impl FnOnce(&mut EnvironmentRecord),
     ) {
-        let key = model::environment_key(name);
-        let mut env: EnvironmentRecord = store::get_json(self.store.as_ref(), &key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
-        change(&mut env);
-        store::put_json(self.store.as_ref(), &key, &env, None)
-            .await
-            .unwrap();
+        self.edit(&model::environment_key(name), change).await;
     }
 
     /// Changes one placement record behind everyone's back (to age it, say).
     pub async fn edit_record(&self, key: &str, change: impl FnOnce(&mut ContainerRecord)) {
-        let mut record: ContainerRecord = store::get_json(self.store.as_ref(), key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
-        change(&mut record);
-        store::put_json(self.store.as_ref(), key, &record, None)
-            .await
-            .unwrap();
+        self.edit(key, change).await;
     }
 
     pub async fn record(&self, key: &str) -> Option<ContainerRecord> {
@@ -219,6 +264,15 @@ impl World {
             .unwrap()
             .into_iter()
             .map(|(key, v)| (key, v.value))
+            .collect()
+    }
+
+    /// The ids of the containers the runtime has, in id order.
+    pub fn container_ids(&self) -> Vec<String> {
+        self.runtime
+            .containers()
+            .into_iter()
+            .map(|(id, _)| id)
             .collect()
     }
 

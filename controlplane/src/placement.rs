@@ -26,12 +26,14 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
+use crate::catalogue;
 use crate::error::PlacementError;
 use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
 };
 use crate::pool::{Claim, WarmPools};
+use crate::reconcile;
 use crate::runtime::{ContainerSpec, Runtime};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
 
@@ -204,25 +206,10 @@ impl Placer {
         claims: &Claims,
         requested: &str,
     ) -> Result<EnvironmentRecord, PlacementError> {
-        let catalogue: Vec<EnvironmentRecord> =
-            store::range_json(self.store.as_ref(), model::ENVIRONMENTS)
-                .await?
-                .into_iter()
-                .map(|(_, v)| v.value)
-                .collect();
-        let available: Vec<String> = catalogue
-            .iter()
-            .filter(|e| e.allows(&claims.groups))
-            .map(|e| e.name.clone())
-            .collect();
+        let catalogue = catalogue::environments(self.store.as_ref()).await?;
         let name = if !requested.is_empty() {
             if envgate_proto::names::validate_environment(requested).is_err() {
-                // Escaped: the message ends up on the user's terminal.
-                let requested = requested.escape_default().to_string();
-                return Err(PlacementError::UnknownEnvironment {
-                    requested,
-                    available,
-                });
+                return Err(catalogue::unknown(&catalogue, &claims.groups, requested).into());
             }
             requested.to_owned()
         } else {
@@ -235,18 +222,15 @@ impl Placer {
                 Some(default) => default,
                 None => match catalogue.iter().find(|e| e.is_default) {
                     Some(e) => e.name.clone(),
-                    None => return Err(PlacementError::NoEnvironment { available }),
+                    None => {
+                        return Err(PlacementError::NoEnvironment {
+                            available: catalogue::available(&catalogue, &claims.groups),
+                        });
+                    }
                 },
             }
         };
-        match catalogue.into_iter().find(|e| e.name == name) {
-            None => Err(PlacementError::UnknownEnvironment {
-                requested: name,
-                available,
-            }),
-            Some(env) if !env.allows(&claims.groups) => Err(PlacementError::Forbidden(name)),
-            Some(env) => Ok(env),
-        }
+        Ok(catalogue::choose(&catalogue, &claims.groups, &name)?.clone())
     }
 
     fn check_deadline(&self, cx: &Context<'_>) -> Result<(), PlacementError> {
@@ -536,8 +520,8 @@ impl Placer {
     ) -> Result<Step, PlacementError> {
         // Past its maximum lifetime it is as good as gone: attaching would let a user keep a
         // container alive forever by reconnecting.
-        let max_lifetime = i64::from(cx.env.max_lifetime_seconds);
-        let over_age = max_lifetime > 0 && model::now() >= current.value.created_at + max_lifetime;
+        let over_age = reconcile::end_of_life(&current.value, Some(cx.env))
+            .is_some_and(|end| model::now() >= end);
         let alive = !over_age
             && self
                 .runtime
@@ -874,28 +858,15 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::fixtures::{World, abandoned_claim, no_progress};
-
-    fn fast() -> PlacementConfig {
-        PlacementConfig {
-            deadline: Duration::from_secs(20),
-            ..PlacementConfig::default()
-        }
-    }
+    use crate::fixtures::{World, abandoned_claim, fast, no_progress};
 
     #[tokio::test]
     async fn concurrent_first_opens_share_one_container() {
         let world = World::new().await;
         world.runtime.set_create_delay(Duration::from_millis(200));
         // Two "replicas" sharing one store: the local lock and the store CAS both matter.
-        let replicas = [world.placer(fast()), world.placer(fast())];
-        let opens: Vec<_> = (0..20)
-            .map(|i| {
-                let placer = replicas[i % 2].clone();
-                let request = world.request("alice", "busybox");
-                tokio::spawn(async move { placer.open(request, &no_progress).await })
-            })
-            .collect();
+        let requests = (0..20).map(|_| world.request("alice", "busybox")).collect();
+        let opens = world.open_on_two_replicas(fast(), requests);
         let mut containers = HashSet::new();
         let mut created = 0;
         for open in opens {
@@ -1025,13 +996,10 @@ mod tests {
         assert_ne!(a.container_id, b.container_id);
         assert!(a.created && b.created);
         placer.close(&a.session_id).await.unwrap();
-        let left: Vec<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(left.as_slice(), std::slice::from_ref(&b.container_id));
+        assert_eq!(
+            world.container_ids().as_slice(),
+            std::slice::from_ref(&b.container_id)
+        );
         assert_eq!(
             world.keys("containers/").await,
             [format!("containers/alice/scratch/{}", b.session_id)]
@@ -1078,21 +1046,9 @@ mod tests {
             .await
             .unwrap();
         let key = model::container_key("alice", "busybox");
-        let mut record: ContainerRecord = store::get_json(world.store.as_ref(), &key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
-        record.last_active_at = 1;
-        store::put_json(world.store.as_ref(), &key, &record, None)
-            .await
-            .unwrap();
+        world.edit_record(&key, |r| r.last_active_at = 1).await;
         placer.close(&placement.session_id).await.unwrap();
-        let after: ContainerRecord = store::get_json(world.store.as_ref(), &key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
+        let after = world.record(&key).await.unwrap();
         assert!(after.last_active_at >= model::now() - 1);
         assert_eq!(after.state, ContainerState::Running);
         assert!(world.keys("sessions/").await.is_empty());
@@ -1125,14 +1081,8 @@ mod tests {
             .await
             .unwrap();
         assert!(third.created);
-        let left: Vec<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
         assert_eq!(
-            left.as_slice(),
+            world.container_ids().as_slice(),
             std::slice::from_ref(&third.container_id),
             "the stopped one is removed"
         );
@@ -1249,14 +1199,8 @@ mod tests {
     async fn racing_first_opens_never_exceed_the_cap() {
         let world = World::new().await;
         world.runtime.set_create_delay(Duration::from_millis(100));
-        let replicas = [world.placer(limited(2)), world.placer(limited(2))];
-        let opens: Vec<_> = (0..8)
-            .map(|i| {
-                let placer = replicas[i % 2].clone();
-                let request = world.request("alice", "scratch");
-                tokio::spawn(async move { placer.open(request, &no_progress).await })
-            })
-            .collect();
+        let requests = (0..8).map(|_| world.request("alice", "scratch")).collect();
+        let opens = world.open_on_two_replicas(limited(2), requests);
         let mut placed = 0;
         let mut refused = 0;
         for open in opens {

@@ -25,6 +25,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::model::{self, ContainerRecord, ContainerState, EnvironmentRecord, PoolRecord};
+use crate::reconcile;
 use crate::runtime::{
     AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
 };
@@ -379,10 +380,10 @@ impl WarmPools {
         }
         if let Err(e) = self.runtime.remove(&p.container_id).await {
             // Not in the pool any more and in no record: the orphan sweep removes it.
-            metrics::counter!("envgate_reconcile_failures_total").increment(1);
+            reconcile::count_failure();
             tracing::warn!(container = %p.container_name, error = %e, "removing a drained warm container failed");
         }
-        metrics::counter!("envgate_reconcile_actions_total", "action" => "drain_pool").increment(1);
+        reconcile::count("drain_pool");
         tracing::info!(container = %p.container_name, id = %p.container_id, environment = %p.environment, reason, "warm container drained");
         Ok(true)
     }
@@ -414,7 +415,7 @@ impl WarmPools {
             Ok(created) => created,
             Err(e) => {
                 if !failed.swap(true, Ordering::Relaxed) {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    reconcile::count_failure();
                     tracing::warn!(environment = %env.name, error = %e, "creating a warm container failed; retrying next pass");
                 }
                 return false;
@@ -436,8 +437,7 @@ impl WarmPools {
         let key = model::pool_key(&env.name, &created.id);
         match store::create_if_absent(self.store.as_ref(), &key, &entry).await {
             Ok(Some(_)) => {
-                metrics::counter!("envgate_reconcile_actions_total", "action" => "refill_pool")
-                    .increment(1);
+                reconcile::count("refill_pool");
                 tracing::info!(container = %created.name, id = %created.id, environment = %env.name, reason = "pool below its size", "warm container added");
                 true
             }
@@ -515,47 +515,32 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::fixtures::{World, no_progress};
+    use crate::catalogue;
+    use crate::fixtures::{World, fast, no_progress, reconcile_config};
     use crate::placement::PlacementConfig;
     use crate::reconcile::{ReconcileConfig, Reconciler};
-
-    fn fast() -> PlacementConfig {
-        PlacementConfig {
-            deadline: Duration::from_secs(20),
-            ..PlacementConfig::default()
-        }
-    }
 
     fn pools(world: &World) -> WarmPools {
         WarmPools::new(world.store.clone(), world.runtime.clone(), "default")
     }
 
     async fn set_pool(world: &World, env: &str, size: u32, image: Option<&str>) {
-        let key = model::environment_key(env);
-        let mut record: EnvironmentRecord = store::get_json(world.store.as_ref(), &key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
-        record.warm_pool_size = size;
-        if let Some(image) = image {
-            record.image = image.into();
-        }
-        store::put_json(world.store.as_ref(), &key, &record, None)
-            .await
-            .unwrap();
+        world
+            .update_environment(env, |e| {
+                e.warm_pool_size = size;
+                if let Some(image) = image {
+                    e.image = image.into();
+                }
+            })
+            .await;
     }
 
     /// One refill pass as the leader runs it: the runtime listed first.
     async fn pass(world: &World) -> PoolActions {
         let containers = world.runtime.list_managed("default").await.unwrap();
-        let environments =
-            store::range_json::<EnvironmentRecord>(world.store.as_ref(), model::ENVIRONMENTS)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(_, v)| (v.value.name.clone(), v.value))
-                .collect();
+        let environments = catalogue::environments_by_name(world.store.as_ref())
+            .await
+            .unwrap();
         pools(world)
             .reconcile(&containers, &environments)
             .await
@@ -589,14 +574,10 @@ mod tests {
             .collect();
         assert_eq!(warm.len(), 20);
         // Two "replicas" over one store: only the claim transaction keeps them apart.
-        let replicas = [world.placer(fast()), world.placer(fast())];
-        let opens: Vec<_> = (0..20)
-            .map(|i| {
-                let placer = replicas[i % 2].clone();
-                let request = world.request(&format!("student{i}"), "busybox");
-                tokio::spawn(async move { placer.open(request, &no_progress).await })
-            })
+        let requests = (0..20)
+            .map(|i| world.request(&format!("student{i}"), "busybox"))
             .collect();
+        let opens = world.open_on_two_replicas(fast(), requests);
         let mut got = HashSet::new();
         for (i, open) in opens.into_iter().enumerate() {
             let placement = open.await.unwrap().expect("placed");
@@ -620,14 +601,10 @@ mod tests {
         assert_eq!(world.runtime.creates(), 0, "nobody waited for a creation");
         assert_eq!(world.runtime.assigns(), 20);
         for (id, container) in world.runtime.containers() {
-            let record: ContainerRecord = store::get_json(
-                world.store.as_ref(),
-                &model::container_key(&container.spec.user, "busybox"),
-            )
-            .await
-            .unwrap()
-            .expect("the claimer's record")
-            .value;
+            let record = world
+                .record(&model::container_key(&container.spec.user, "busybox"))
+                .await
+                .expect("the claimer's record");
             assert_eq!(record.container_id, id);
             assert_eq!(record.state, ContainerState::Running);
         }
@@ -664,23 +641,20 @@ mod tests {
         assert_eq!((world.runtime.creates(), world.runtime.assigns()), (2, 1));
         // The claimed ephemeral container goes with its session, like a created one.
         placer.close(&warm.session_id).await.unwrap();
-        assert!(
-            !world
-                .runtime
-                .containers()
-                .iter()
-                .any(|(id, _)| *id == warm.container_id)
-        );
+        assert!(!world.container_ids().contains(&warm.container_id));
+    }
+
+    /// Gives `env` a pool of one and fills it; returns the warm container's id.
+    async fn one_warm_container(world: &World, env: &str) -> String {
+        set_pool(world, env, 1, None).await;
+        pass(world).await;
+        pool_entries(world, env).await[0].container_id.clone()
     }
 
     #[tokio::test]
     async fn a_failed_hand_over_removes_the_container_frees_the_claim_and_creates() {
         let world = World::new().await;
-        set_pool(&world, "busybox", 1, None).await;
-        pass(&world).await;
-        let warm = pool_entries(&world, "busybox").await[0]
-            .container_id
-            .clone();
+        let warm = one_warm_container(&world, "busybox").await;
         world.runtime.fail_next_assigns(1);
         let placement = world
             .placer(fast())
@@ -690,37 +664,23 @@ mod tests {
         assert!(placement.created);
         assert_ne!(placement.container_id, warm);
         assert_eq!(world.runtime.creates(), 1);
-        let left: Vec<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
         assert_eq!(
-            left.as_slice(),
+            world.container_ids().as_slice(),
             std::slice::from_ref(&placement.container_id),
             "the warm one is gone"
         );
         assert!(pool_entries(&world, "busybox").await.is_empty());
-        let record: ContainerRecord = store::get_json(
-            world.store.as_ref(),
-            &model::container_key("alice", "busybox"),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .value;
+        let record = world
+            .record(&model::container_key("alice", "busybox"))
+            .await
+            .unwrap();
         assert_eq!(record.container_id, placement.container_id);
     }
 
     #[tokio::test]
     async fn a_warm_container_that_died_since_the_last_pass_is_not_handed_out() {
         let world = World::new().await;
-        set_pool(&world, "busybox", 1, None).await;
-        pass(&world).await;
-        let dead = pool_entries(&world, "busybox").await[0]
-            .container_id
-            .clone();
+        let dead = one_warm_container(&world, "busybox").await;
         world.runtime.stop(&dead);
         let placement = world
             .placer(fast())
@@ -729,7 +689,7 @@ mod tests {
             .unwrap();
         assert_ne!(placement.container_id, dead);
         assert_eq!((world.runtime.creates(), world.runtime.assigns()), (1, 0));
-        assert!(world.runtime.containers().iter().all(|(id, _)| *id != dead));
+        assert!(!world.container_ids().contains(&dead));
     }
 
     #[tokio::test]
@@ -871,11 +831,8 @@ mod tests {
             world.store.clone(),
             world.runtime.clone(),
             ReconcileConfig {
-                instance: "default".into(),
-                replica_id: "test".into(),
-                interval: Duration::from_millis(100),
-                stale_after: Duration::from_secs(90),
                 orphan_grace: Duration::ZERO,
+                ..reconcile_config()
             },
         );
         let first = reconciler.reconcile().await.unwrap();

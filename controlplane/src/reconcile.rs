@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalogue;
 use crate::fleet;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
@@ -27,8 +28,9 @@ use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
 
-/// Fallback idle timeout when the environment was deleted from the catalogue.
-const DEFAULT_IDLE_TIMEOUT: i64 = 900;
+/// Fallback idle timeout when the environment was deleted from the catalogue: the default an
+/// environment gets when it sets none.
+const DEFAULT_IDLE_TIMEOUT: i64 = catalogue::DEFAULT_IDLE_TIMEOUT_SECONDS as i64;
 /// TTL of the leadership lease; a dead leader is replaced within about this long (the
 /// issue asks for 10 s, and a pass may have to run after the takeover).
 const LEADER_LEASE_TTL: Duration = Duration::from_secs(6);
@@ -189,12 +191,7 @@ impl Reconciler {
                 .into_iter()
                 .map(|(_, v)| (v.value.id, v.value.lease_id))
                 .collect();
-        let environments: HashMap<String, EnvironmentRecord> =
-            store::range_json::<EnvironmentRecord>(self.store.as_ref(), model::ENVIRONMENTS)
-                .await?
-                .into_iter()
-                .map(|(_, v)| (v.value.name.clone(), v.value))
-                .collect();
+        let environments = catalogue::environments_by_name(self.store.as_ref()).await?;
         let mut in_use: HashMap<String, usize> = HashMap::new();
         for (_, s) in &sessions {
             *in_use.entry(s.value.container_key.clone()).or_default() += 1;
@@ -214,10 +211,9 @@ impl Reconciler {
         let mut over_age = Vec::new();
         for (key, record) in &records {
             let r = &record.value;
-            let max_lifetime = environments
-                .get(&r.environment)
-                .map_or(0, |e| i64::from(e.max_lifetime_seconds));
-            let end_of_life = (max_lifetime > 0).then_some(r.created_at + max_lifetime);
+            let env = environments.get(&r.environment);
+            let max_lifetime = max_lifetime(env);
+            let end_of_life = end_of_life(r, env);
             let attached = in_use.get(key).copied().unwrap_or(0);
             let result = match r.state {
                 ContainerState::Creating | ContainerState::Removing
@@ -262,11 +258,7 @@ impl Reconciler {
                         .map(|done| done.then_some(Action::RemoveEphemeral))
                 }
                 ContainerState::Running => {
-                    let idle_timeout = environments
-                        .get(&r.environment)
-                        .map(|e| i64::from(e.idle_timeout_seconds))
-                        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-                    if now >= r.last_active_at + idle_timeout {
+                    if now >= r.last_active_at + idle_timeout(env) {
                         self.remove(key, record, Action::ReapIdle, "idle timeout", None)
                             .await
                             .map(|done| done.then_some(Action::ReapIdle))
@@ -279,7 +271,7 @@ impl Reconciler {
                 Ok(Some(action)) => actions.add(action),
                 Ok(None) => {}
                 Err(e) => {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    count_failure();
                     tracing::warn!(key, error = %e, "reconciling a placement record failed");
                 }
             }
@@ -296,7 +288,7 @@ impl Reconciler {
                 Ok(true) => actions.add(Action::ReapLifetime),
                 Ok(false) => {}
                 Err(e) => {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    count_failure();
                     tracing::warn!(key, error = %e, "removing an over-age container failed");
                 }
             }
@@ -319,13 +311,13 @@ impl Reconciler {
                     tracing::info!(action = Action::RemoveOrphan.label(), container = %container.name, id = %container.id, user = %container.user, environment = %container.environment, reason = "no placement record", "container removed");
                 }
                 Err(e) => {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    count_failure();
                     tracing::warn!(container = %container.name, error = %e, "removing an orphan failed");
                 }
             }
         }
         if let Err(e) = self.runtime.sweep(&self.config.instance, &containers).await {
-            metrics::counter!("envgate_reconcile_failures_total").increment(1);
+            count_failure();
             tracing::warn!(error = %e, "sweeping per-container host state failed");
         }
         let pool = pools.reconcile(&containers, &environments).await?;
@@ -407,7 +399,7 @@ impl Reconciler {
                 // Whoever changed it (an open, the reaper) has its own idea of its activity.
                 Ok(None) => {}
                 Err(e) => {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    count_failure();
                     tracing::warn!(key = %key, error = %e, "starting the idle clock of a released container failed");
                 }
             }
@@ -662,7 +654,7 @@ impl Reconciler {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    metrics::counter!("envgate_reconcile_failures_total").increment(1);
+                    count_failure();
                     tracing::warn!(error = %e, "reconcile pass failed; retrying next interval");
                 }
             }
@@ -705,12 +697,36 @@ async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> 
     }
 }
 
-fn count(action: &'static str) {
+/// Counts one action of the reconciler (its passes and the pools it keeps) under its label.
+pub(crate) fn count(action: &'static str) {
     metrics::counter!("envgate_reconcile_actions_total", "action" => action).increment(1);
+}
+
+/// Counts one thing the reconciler failed to do (it tries again next pass).
+pub(crate) fn count_failure() {
+    metrics::counter!("envgate_reconcile_failures_total").increment(1);
 }
 
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The idle timeout the reaper applies to a container of `env` (`None`: the environment was
+/// deleted from the catalogue).
+pub fn idle_timeout(env: Option<&EnvironmentRecord>) -> i64 {
+    env.map_or(DEFAULT_IDLE_TIMEOUT, |e| i64::from(e.idle_timeout_seconds))
+}
+
+/// `env`'s maximum lifetime in seconds; 0: none (also for a deleted environment).
+fn max_lifetime(env: Option<&EnvironmentRecord>) -> i64 {
+    env.map_or(0, |e| i64::from(e.max_lifetime_seconds))
+}
+
+/// When `record`'s container reaches its environment's maximum lifetime (counted from its
+/// creation, or its claim from a warm pool); `None` when there is no maximum.
+pub fn end_of_life(record: &ContainerRecord, env: Option<&EnvironmentRecord>) -> Option<i64> {
+    let max_lifetime = max_lifetime(env);
+    (max_lifetime > 0).then_some(record.created_at + max_lifetime)
 }
 
 /// How long before the end of its maximum lifetime a container's sessions are warned:
@@ -765,42 +781,66 @@ fn clock(unix: i64, with_seconds: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    use envgate_proto::v1::Placement;
+
     use super::*;
     use crate::fixtures::{World, abandoned_claim, alices_busybox, no_progress};
     use crate::placement::{PlacementConfig, Placer};
 
-    fn config() -> ReconcileConfig {
-        ReconcileConfig {
-            instance: "default".into(),
-            replica_id: "test".into(),
-            interval: Duration::from_millis(100),
-            stale_after: Duration::from_secs(90),
-            orphan_grace: Duration::from_secs(60),
-        }
-    }
-
-    fn reconciler(world: &World) -> Reconciler {
-        Reconciler::new(world.store.clone(), world.runtime.clone(), config())
-    }
-
     async fn age_record(world: &World, key: &str, seconds: i64) {
-        let mut record: ContainerRecord = store::get_json(world.store.as_ref(), key)
-            .await
-            .unwrap()
-            .unwrap()
-            .value;
-        record.last_active_at -= seconds;
-        record.state_since -= seconds;
-        store::put_json(world.store.as_ref(), key, &record, None)
+        world
+            .edit_record(key, |r| {
+                r.last_active_at -= seconds;
+                r.state_since -= seconds;
+            })
+            .await;
+    }
+
+    /// One round of an open of alice's busybox racing a reconcile pass, head starts
+    /// alternating with `round` so both orders happen (besides close interleavings): what
+    /// the open got and what the pass did. Alice's record must then be `running` with the
+    /// container she got.
+    async fn open_racing_a_pass(
+        world: &World,
+        placer: &Placer,
+        reaper: &Arc<Reconciler>,
+        round: u64,
+    ) -> (Placement, Actions) {
+        let (open_delay, reap_delay) = match round % 3 {
+            0 => (0, 0),
+            1 => (0, 20),
+            _ => (20, 0),
+        };
+        let reaping = {
+            let reaper = reaper.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(reap_delay)).await;
+                reaper.reconcile().await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(open_delay)).await;
+        let placement = placer
+            .open(world.request("alice", "busybox"), &no_progress)
             .await
             .unwrap();
+        let actions = reaping.await.unwrap().unwrap();
+        let record = world
+            .record(&model::container_key("alice", "busybox"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (record.state, record.container_id.as_str()),
+            (ContainerState::Running, placement.container_id.as_str()),
+            "round {round}"
+        );
+        (placement, actions)
     }
 
     #[tokio::test]
     async fn idle_containers_are_reaped_after_their_timeout_but_volumes_stay() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let key = model::container_key("alice", "busybox");
         let placement = placer
             .open(world.request("alice", "busybox"), &no_progress)
@@ -845,7 +885,7 @@ mod tests {
     async fn records_without_containers_and_stale_claims_are_cleared() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let placement = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -886,7 +926,7 @@ mod tests {
     #[tokio::test]
     async fn orphans_of_this_instance_are_removed_after_a_grace_period() {
         let world = World::new().await;
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let old = world
             .runtime
             .insert_unknown(alices_busybox("default"), model::now() - 3600);
@@ -897,12 +937,7 @@ mod tests {
             .runtime
             .insert_unknown(alices_busybox("other-fleet"), model::now() - 3600);
         assert_eq!(reaper.reconcile().await.unwrap().removed_orphans, 1);
-        let left: HashSet<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let left: HashSet<String> = world.container_ids().into_iter().collect();
         assert_eq!(left, HashSet::from([young, foreign]));
         assert!(!left.contains(&old));
     }
@@ -919,7 +954,8 @@ mod tests {
         world.store.lease_revoke(world.lease).await.unwrap();
         assert!(world.keys("sessions/").await.is_empty());
         assert_eq!(
-            reconciler(&world)
+            world
+                .reconciler()
                 .reconcile()
                 .await
                 .unwrap()
@@ -935,7 +971,7 @@ mod tests {
     async fn an_open_racing_the_reaper_always_gets_a_live_container() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = Arc::new(reconciler(&world));
+        let reaper = Arc::new(world.reconciler());
         let key = model::container_key("alice", "busybox");
         let (mut open_won, mut reaper_won) = (0, 0);
         for round in 0..30u64 {
@@ -948,48 +984,15 @@ mod tests {
             world
                 .runtime
                 .set_inspect_delay(Duration::from_millis(round % 4));
-            // Alternate head starts so both orders happen, besides close interleavings.
-            let (open_delay, reap_delay) = match round % 3 {
-                0 => (0, 0),
-                1 => (0, 20),
-                _ => (20, 0),
-            };
-            let reaping = {
-                let reaper = reaper.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(reap_delay)).await;
-                    reaper.reconcile().await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(open_delay)).await;
-            let placement = placer
-                .open(world.request("alice", "busybox"), &no_progress)
-                .await
-                .unwrap();
-            let actions = reaping.await.unwrap().unwrap();
+            let (placement, actions) = open_racing_a_pass(&world, &placer, &reaper, round).await;
             if actions.reaped_idle == 1 {
                 reaper_won += 1
             } else {
                 open_won += 1
             }
-            let live: Vec<String> = world
-                .runtime
-                .containers()
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
             assert!(
-                live.contains(&placement.container_id),
+                world.container_ids().contains(&placement.container_id),
                 "round {round}: handed a removed container"
-            );
-            let record: ContainerRecord = store::get_json(world.store.as_ref(), &key)
-                .await
-                .unwrap()
-                .unwrap()
-                .value;
-            assert_eq!(
-                (record.state, record.container_id.as_str()),
-                (ContainerState::Running, placement.container_id.as_str())
             );
             placer.close(&placement.session_id).await.unwrap();
         }
@@ -1003,7 +1006,7 @@ mod tests {
     #[tokio::test]
     async fn the_elected_loop_reconciles_until_shutdown() {
         let world = World::new().await;
-        let reaper = Arc::new(reconciler(&world));
+        let reaper = Arc::new(world.reconciler());
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(reaper.clone().run(shutdown.clone()));
         let spec = alices_busybox("default");
@@ -1089,7 +1092,7 @@ mod tests {
             .update_environment("busybox", |e| e.max_lifetime_seconds = 1000)
             .await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let a = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -1129,7 +1132,7 @@ mod tests {
             "a repeated pass warns no one again"
         );
         assert_eq!(
-            reconciler(&world).reconcile().await.unwrap(),
+            world.reconciler().reconcile().await.unwrap(),
             Actions::default(),
             "nor does a new leader"
         );
@@ -1177,7 +1180,7 @@ mod tests {
                 .await;
         }
         let placer = world.placer(PlacementConfig::default());
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let mut sessions = Vec::new();
         for env in ["busybox", "busybox", "scratch"] {
             let placement = placer
@@ -1266,14 +1269,8 @@ mod tests {
             .unwrap();
         assert!(fresh.created);
         assert_ne!(fresh.container_id, first.container_id);
-        let live: Vec<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
         assert_eq!(
-            live.as_slice(),
+            world.container_ids().as_slice(),
             std::slice::from_ref(&fresh.container_id),
             "the old one is removed"
         );
@@ -1290,7 +1287,7 @@ mod tests {
             .update_environment("busybox", |e| e.max_lifetime_seconds = 1000)
             .await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = Arc::new(reconciler(&world));
+        let reaper = Arc::new(world.reconciler());
         let key = model::container_key("alice", "busybox");
         let (mut open_won, mut reaper_won) = (0, 0);
         for round in 0..30u64 {
@@ -1300,24 +1297,7 @@ mod tests {
                 .unwrap();
             placer.close(&first.session_id).await.unwrap();
             age_created(&world, &key, 10_000).await;
-            let (open_delay, reap_delay) = match round % 3 {
-                0 => (0, 0),
-                1 => (0, 20),
-                _ => (20, 0),
-            };
-            let reaping = {
-                let reaper = reaper.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(reap_delay)).await;
-                    reaper.reconcile().await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(open_delay)).await;
-            let placement = placer
-                .open(world.request("alice", "busybox"), &no_progress)
-                .await
-                .unwrap();
-            let actions = reaping.await.unwrap().unwrap();
+            let (placement, actions) = open_racing_a_pass(&world, &placer, &reaper, round).await;
             if actions.reaped_lifetime == 1 {
                 reaper_won += 1
             } else {
@@ -1327,21 +1307,10 @@ mod tests {
                 placement.created,
                 "round {round}: attached to an over-age container"
             );
-            let live: Vec<String> = world
-                .runtime
-                .containers()
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
             assert_eq!(
-                live.as_slice(),
+                world.container_ids().as_slice(),
                 std::slice::from_ref(&placement.container_id),
                 "round {round}: handed a removed container, or the old one is left"
-            );
-            let record = world.record(&key).await.unwrap();
-            assert_eq!(
-                (record.state, record.container_id.as_str()),
-                (ContainerState::Running, placement.container_id.as_str())
             );
             placer.close(&placement.session_id).await.unwrap();
         }
@@ -1356,7 +1325,7 @@ mod tests {
     async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_the_idle_clock() {
         let world = World::new().await;
         let placer = world.placer(PlacementConfig::default());
-        let reaper = reconciler(&world);
+        let reaper = world.reconciler();
         let key = model::container_key("alice", "busybox");
         placer
             .open(world.request("alice", "busybox"), &no_progress)
@@ -1401,7 +1370,7 @@ mod tests {
             "counted once"
         );
         assert_eq!(
-            reconciler(&world).reconcile().await.unwrap(),
+            world.reconciler().reconcile().await.unwrap(),
             Actions::default(),
             "a new leader neither counts it again nor reaps"
         );

@@ -8,7 +8,7 @@
 //! (`Reconciler::remove_now`), so an OpenSession racing a stop still ends with a live
 //! container. Home volumes are never touched.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,15 +21,15 @@ use envgate_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::admin::DEFAULT_IDLE_TIMEOUT_SECONDS;
 use crate::auth::Authenticator;
+use crate::catalogue;
 use crate::error::SelfServiceError;
 use crate::fleet;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, SessionRecord,
     UserRecord,
 };
-use crate::reconcile::Reconciler;
+use crate::reconcile::{self, Reconciler};
 use crate::store::{self, Compare, Store, TxnOp, Versioned};
 
 /// The reason logged for a user's stop (counted as the reconciler's `remove_requested`).
@@ -63,12 +63,7 @@ impl SelfServiceHandler {
     }
 
     async fn catalogue(&self) -> Result<Vec<EnvironmentRecord>, SelfServiceError> {
-        let mut catalogue: Vec<EnvironmentRecord> =
-            store::range_json(self.store.as_ref(), model::ENVIRONMENTS)
-                .await?
-                .into_iter()
-                .map(|(_, v)| v.value)
-                .collect();
+        let mut catalogue = catalogue::environments(self.store.as_ref()).await?;
         catalogue.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(catalogue)
     }
@@ -134,12 +129,7 @@ impl SelfServiceHandler {
 
     pub async fn status(&self, token: &str) -> Result<UserStatus, SelfServiceError> {
         let claims = self.auth.verify_token(token).await?;
-        let environments: HashMap<String, EnvironmentRecord> = self
-            .catalogue()
-            .await?
-            .into_iter()
-            .map(|e| (e.name.clone(), e))
-            .collect();
+        let environments = catalogue::environments_by_name(self.store.as_ref()).await?;
         let mut sessions = self.sessions(&claims.sub).await?;
         sessions.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
         let now = model::now();
@@ -284,13 +274,7 @@ impl SelfServiceHandler {
         let claims = self.auth.verify_token(token).await?;
         if !environment.is_empty() {
             let catalogue = self.catalogue().await?;
-            match catalogue.iter().find(|e| e.name == environment) {
-                None => return Err(unknown_environment(&claims, &catalogue, environment)),
-                Some(env) if !env.allows(&claims.groups) => {
-                    return Err(SelfServiceError::Forbidden(environment.to_owned()));
-                }
-                Some(_) => {}
-            }
+            catalogue::choose(&catalogue, &claims.groups, environment)?;
         }
         let key = model::user_key(&claims.sub);
         for _ in 0..CAS_ATTEMPTS {
@@ -326,24 +310,7 @@ impl SelfServiceHandler {
         requested: &str,
     ) -> Result<SelfServiceError, SelfServiceError> {
         let catalogue = self.catalogue().await?;
-        Ok(unknown_environment(claims, &catalogue, requested))
-    }
-}
-
-/// NOT_FOUND naming what the user may use instead; the name is escaped because the message
-/// ends up on the user's terminal.
-fn unknown_environment(
-    claims: &Claims,
-    catalogue: &[EnvironmentRecord],
-    requested: &str,
-) -> SelfServiceError {
-    SelfServiceError::UnknownEnvironment {
-        requested: requested.escape_default().to_string(),
-        available: catalogue
-            .iter()
-            .filter(|e| e.allows(&claims.groups))
-            .map(|e| e.name.clone())
-            .collect(),
+        Ok(catalogue::unknown(&catalogue, &claims.groups, requested).into())
     }
 }
 
@@ -362,7 +329,6 @@ fn container_status(
     sessions: usize,
     now: i64,
 ) -> UserContainer {
-    let idle_timeout = env.map_or(DEFAULT_IDLE_TIMEOUT_SECONDS, |e| e.idle_timeout_seconds);
     let ephemeral = !record.session_id.is_empty() || env.is_some_and(|e| e.mode == Mode::Ephemeral);
     let idle_seconds_left = if sessions > 0 {
         -1
@@ -370,12 +336,10 @@ fn container_status(
         // Its session is gone; the reaper removes it on its next pass.
         0
     } else {
-        (record.last_active_at + i64::from(idle_timeout) - now).max(0)
+        (record.last_active_at + reconcile::idle_timeout(env) - now).max(0)
     };
-    let lifetime_seconds_left = match env.map_or(0, |e| e.max_lifetime_seconds) {
-        0 => -1,
-        max => (record.created_at + i64::from(max) - now).max(0),
-    };
+    let lifetime_seconds_left =
+        reconcile::end_of_life(record, env).map_or(-1, |end| (end - now).max(0));
     UserContainer {
         environment: record.environment.clone(),
         state: record.state.as_str().to_owned(),
@@ -443,22 +407,12 @@ impl SelfService for SelfServiceService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::DEFAULT_IDLE_TIMEOUT_SECONDS;
     use crate::fixtures::{World, no_progress};
     use crate::placement::PlacementConfig;
-    use crate::reconcile::ReconcileConfig;
 
     fn handler(world: &World) -> SelfServiceHandler {
-        let reconciler = Arc::new(Reconciler::new(
-            world.store.clone(),
-            world.runtime.clone(),
-            ReconcileConfig {
-                instance: "default".into(),
-                replica_id: "test".into(),
-                interval: Duration::from_secs(1),
-                stale_after: Duration::from_secs(90),
-                orphan_grace: Duration::from_secs(60),
-            },
-        ));
+        let reconciler = Arc::new(world.reconciler());
         SelfServiceHandler::new(world.store.clone(), world.auth.clone(), reconciler)
     }
 
@@ -633,13 +587,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((stopped.stopped, stopped.sessions_ended), (true, 1));
-        let left: Vec<String> = world
-            .runtime
-            .containers()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(left, [carol.container_id], "carol's stays");
+        assert_eq!(world.container_ids(), [carol.container_id], "carol's stays");
         assert_eq!(
             world.keys("containers/").await,
             ["containers/carol/busybox"]
