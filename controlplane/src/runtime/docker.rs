@@ -25,7 +25,8 @@ use bollard::query_parameters::{
 use super::slots::{self, HomeSlots};
 use super::{
     AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
-    claimed_container_name, container_name, labels, pool_container_name, volume_name,
+    claimed_container_name, container_name, labels, name_suffix, pool_container_name, stale_dirs,
+    volume_name,
 };
 
 mod pull;
@@ -73,8 +74,7 @@ impl AgentSetup {
     /// `<dir>/<instance>/<the container name's random suffix>`: short, because the socket
     /// path inside it must fit in 107 bytes.
     fn container_dir(&self, instance: &str, container_name: &str) -> PathBuf {
-        let suffix = container_name.rsplit('-').next().unwrap_or(container_name);
-        self.dir.join(instance).join(suffix)
+        self.dir.join(instance).join(name_suffix(container_name))
     }
 
     /// Makes the container's directory with a fresh secret; returns the endpoint and binds.
@@ -181,6 +181,43 @@ impl DockerRuntime {
             0.0
         });
         self
+    }
+
+    /// Where warm containers' homes are mounted, or why warm pools are off.
+    fn slots(&self) -> Result<&HomeSlots, RuntimeError> {
+        self.slots
+            .as_ref()
+            .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))
+    }
+
+    /// Creates and starts `name` with its home bind `home` and, when configured, the agent as
+    /// its init (its directory, binds and command); a user's container and a warm one alike.
+    /// On failure nothing is left of the agent's directory.
+    async fn create_with_agent(
+        &self,
+        spec: &ContainerSpec,
+        name: String,
+        home: String,
+    ) -> Result<CreatedContainer, RuntimeError> {
+        let mut binds = vec![home];
+        let (agent, cmd) = self.agent_parts(&spec.instance, &name)?;
+        let entrypoint = agent.as_ref().map(|(_, _, agent_binds)| {
+            binds.extend(agent_binds.iter().cloned());
+            vec![AGENT_IN_CONTAINER.to_owned()]
+        });
+        match self.create_named(spec, &name, binds, entrypoint, cmd).await {
+            Ok(id) => Ok(CreatedContainer {
+                id,
+                name,
+                agent: agent.map(|(endpoint, _, _)| endpoint),
+            }),
+            Err(e) => {
+                if let Some((_, dir, _)) = agent {
+                    remove_agent_dir(&dir);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The agent's endpoint, directory and binds for a new container `name`, and the command
@@ -446,25 +483,8 @@ impl Runtime for DockerRuntime {
         // The caller ensured the volume (see `Runtime::ensure_volume`).
         let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
-        let mut binds = vec![format!("{volume}:/home/{}", spec.user)];
-        let (agent, cmd) = self.agent_parts(&spec.instance, &name)?;
-        let entrypoint = agent.as_ref().map(|(_, _, agent_binds)| {
-            binds.extend(agent_binds.iter().cloned());
-            vec![AGENT_IN_CONTAINER.to_owned()]
-        });
-        match self.create_named(spec, &name, binds, entrypoint, cmd).await {
-            Ok(id) => Ok(CreatedContainer {
-                id,
-                name,
-                agent: agent.map(|(endpoint, _, _)| endpoint),
-            }),
-            Err(e) => {
-                if let Some((_, dir, _)) = agent {
-                    remove_agent_dir(&dir);
-                }
-                Err(e)
-            }
-        }
+        let home = format!("{volume}:/home/{}", spec.user);
+        self.create_with_agent(spec, name, home).await
     }
 
     fn warm_pool_support(&self) -> Result<(), String> {
@@ -472,10 +492,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
-        let slots = self
-            .slots
-            .as_ref()
-            .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))?;
+        let slots = self.slots()?;
         let docker = self.docker().await?;
         self.puller
             .ensure(docker, &spec.image, &|_: &str| {})
@@ -488,32 +505,9 @@ impl Runtime for DockerRuntime {
             slots::release(&dir);
             RuntimeError::Failed(format!("cannot make the home slot {}: {e}", dir.display()))
         })?;
-        let (agent, cmd) = match self.agent_parts(&spec.instance, &name) {
-            Ok(parts) => parts,
-            Err(e) => {
-                slots::release(&dir);
-                return Err(e);
-            }
-        };
-        let mut binds = vec![home];
-        let entrypoint = agent.as_ref().map(|(_, _, agent_binds)| {
-            binds.extend(agent_binds.iter().cloned());
-            vec![AGENT_IN_CONTAINER.to_owned()]
-        });
-        match self.create_named(spec, &name, binds, entrypoint, cmd).await {
-            Ok(id) => Ok(CreatedContainer {
-                id,
-                name,
-                agent: agent.map(|(endpoint, _, _)| endpoint),
-            }),
-            Err(e) => {
-                if let Some((_, agent_dir, _)) = agent {
-                    remove_agent_dir(&agent_dir);
-                }
-                slots::release(&dir);
-                Err(e)
-            }
-        }
+        self.create_with_agent(spec, name, home)
+            .await
+            .inspect_err(|_| slots::release(&dir))
     }
 
     async fn assign(
@@ -521,10 +515,7 @@ impl Runtime for DockerRuntime {
         container: &CreatedContainer,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
-        let slots = self
-            .slots
-            .as_ref()
-            .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))?;
+        let slots = self.slots()?;
         let dir = slots
             .container_dir(&spec.instance, &container.name)
             .ok_or_else(|| RuntimeError::Failed(format!("{} has no home slot", container.name)))?;
@@ -669,27 +660,11 @@ impl Runtime for DockerRuntime {
             .iter()
             .map(|c| setup.container_dir(instance, &c.name))
             .collect();
-        let entries = match std::fs::read_dir(setup.dir.join(instance)) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(RuntimeError::Failed(format!(
-                    "reading agent directories: {e}"
-                )));
-            }
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= SWEEP_GRACE);
-            if old && !keep.contains(&path) {
-                tracing::info!(dir = %path.display(), "removing the agent directory of a container that is gone");
-                remove_agent_dir(&path);
-            }
+        let stale = stale_dirs(&setup.dir.join(instance), &keep, SWEEP_GRACE)
+            .map_err(|e| RuntimeError::Failed(format!("reading agent directories: {e}")))?;
+        for path in stale {
+            tracing::info!(dir = %path.display(), "removing the agent directory of a container that is gone");
+            remove_agent_dir(&path);
         }
         Ok(())
     }

@@ -1,6 +1,11 @@
 //! The container-runtime seam. Placement and the reconciler only see this trait; Docker
 //! (`docker.rs`) is the first implementation, a scripted in-memory one serves unit tests.
 
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 pub mod docker;
@@ -148,13 +153,12 @@ pub trait Runtime: Send + Sync + 'static {
 /// `envgate-<instance>-<user>-<env>-<8 random hex>`.
 pub fn container_name(instance: &str, user: &str, environment: &str) -> String {
     let suffix: u32 = rand::random();
-    format!("envgate-{instance}-{user}-{environment}-{suffix:08x}")
+    name_with_suffix(instance, user, environment, &format!("{suffix:08x}"))
 }
 
 /// `envgate-<instance>-pool-<env>-<8 random hex>`: a warm container before its claim.
 pub fn pool_container_name(instance: &str, environment: &str) -> String {
-    let suffix: u32 = rand::random();
-    format!("envgate-{instance}-pool-{environment}-{suffix:08x}")
+    container_name(instance, "pool", environment)
 }
 
 /// The name a claimed warm container is renamed to: the usual one, same random suffix.
@@ -164,7 +168,44 @@ pub fn claimed_container_name(
     environment: &str,
     pool_name: &str,
 ) -> String {
-    let suffix = pool_name.rsplit('-').next().unwrap_or_default();
+    name_with_suffix(instance, user, environment, name_suffix(pool_name))
+}
+
+/// The random suffix of a container name envgate made (a claimed warm container keeps its
+/// pool name's), which names its per-container host directories.
+pub fn name_suffix(container_name: &str) -> &str {
+    container_name.rsplit('-').next().unwrap_or(container_name)
+}
+
+/// The entries of `dir` older than `grace` and not in `keep`: per-container host directories
+/// (agent directories, home slots) whose container is gone. Younger ones are left alone, as
+/// their container may be being created right now. A missing `dir` has none.
+pub(crate) fn stale_dirs(
+    dir: &Path,
+    keep: &HashSet<PathBuf>,
+    grace: Duration,
+) -> io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= grace)
+        })
+        .map(|entry| entry.path())
+        .filter(|path| !keep.contains(path))
+        .collect())
+}
+
+fn name_with_suffix(instance: &str, user: &str, environment: &str, suffix: &str) -> String {
     format!("envgate-{instance}-{user}-{environment}-{suffix}")
 }
 

@@ -83,20 +83,8 @@ impl ScriptedRuntime {
     }
     /// Simulates a container left over from a crashed replica.
     pub fn insert_unknown(&self, spec: ContainerSpec, created_at: i64) -> String {
-        let mut state = self.lock();
-        state.next_id += 1;
-        let id = format!("c{}", state.next_id);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
-        state.containers.insert(
-            id.clone(),
-            ScriptedContainer {
-                spec,
-                name,
-                running: true,
-                created_at,
-            },
-        );
-        id
+        insert(&mut self.lock(), spec, name, created_at)
     }
     pub fn containers(&self) -> Vec<(String, ScriptedContainer)> {
         self.lock()
@@ -140,6 +128,55 @@ impl ScriptedRuntime {
             Ok(())
         }
     }
+
+    /// A user's container (`create_and_start`) or a warm one (`create_warm`): the same
+    /// checks, delay and scripted failures; counted apart, and named as each is.
+    async fn create(
+        &self,
+        spec: &ContainerSpec,
+        warm: bool,
+    ) -> Result<CreatedContainer, RuntimeError> {
+        self.check_available()?;
+        if self.lock().missing_images.contains(&spec.image) {
+            return Err(RuntimeError::ImageMissing(spec.image.clone()));
+        }
+        let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::time::sleep(delay).await;
+        let mut state = self.lock();
+        if state.fail_creates > 0 {
+            state.fail_creates -= 1;
+            return Err(RuntimeError::Failed("scripted create failure".into()));
+        }
+        let name = if warm {
+            state.warm_creates += 1;
+            pool_container_name(&spec.instance, &spec.environment)
+        } else {
+            state.creates += 1;
+            container_name(&spec.instance, &spec.user, &spec.environment)
+        };
+        let id = insert(&mut state, spec.clone(), name.clone(), crate::model::now());
+        Ok(CreatedContainer {
+            id,
+            name,
+            agent: None,
+        })
+    }
+}
+
+/// Adds a running container with the next id; returns the id.
+fn insert(state: &mut State, spec: ContainerSpec, name: String, created_at: i64) -> String {
+    state.next_id += 1;
+    let id = format!("c{}", state.next_id);
+    state.containers.insert(
+        id.clone(),
+        ScriptedContainer {
+            spec,
+            name,
+            running: true,
+            created_at,
+        },
+    );
+    id
 }
 
 #[async_trait]
@@ -160,35 +197,7 @@ impl Runtime for ScriptedRuntime {
         spec: &ContainerSpec,
         _progress: &(dyn for<'l> Fn(&'l str) + Send + Sync),
     ) -> Result<CreatedContainer, RuntimeError> {
-        self.check_available()?;
-        if self.lock().missing_images.contains(&spec.image) {
-            return Err(RuntimeError::ImageMissing(spec.image.clone()));
-        }
-        let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
-        tokio::time::sleep(delay).await;
-        let mut state = self.lock();
-        if state.fail_creates > 0 {
-            state.fail_creates -= 1;
-            return Err(RuntimeError::Failed("scripted create failure".into()));
-        }
-        state.creates += 1;
-        state.next_id += 1;
-        let id = format!("c{}", state.next_id);
-        let name = container_name(&spec.instance, &spec.user, &spec.environment);
-        state.containers.insert(
-            id.clone(),
-            ScriptedContainer {
-                spec: spec.clone(),
-                name: name.clone(),
-                running: true,
-                created_at: crate::model::now(),
-            },
-        );
-        Ok(CreatedContainer {
-            id,
-            name,
-            agent: None,
-        })
+        self.create(spec, false).await
     }
 
     fn warm_pool_support(&self) -> Result<(), String> {
@@ -200,35 +209,7 @@ impl Runtime for ScriptedRuntime {
     }
 
     async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
-        self.check_available()?;
-        if self.lock().missing_images.contains(&spec.image) {
-            return Err(RuntimeError::ImageMissing(spec.image.clone()));
-        }
-        let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
-        tokio::time::sleep(delay).await;
-        let mut state = self.lock();
-        if state.fail_creates > 0 {
-            state.fail_creates -= 1;
-            return Err(RuntimeError::Failed("scripted create failure".into()));
-        }
-        state.warm_creates += 1;
-        state.next_id += 1;
-        let id = format!("c{}", state.next_id);
-        let name = pool_container_name(&spec.instance, &spec.environment);
-        state.containers.insert(
-            id.clone(),
-            ScriptedContainer {
-                spec: spec.clone(),
-                name: name.clone(),
-                running: true,
-                created_at: crate::model::now(),
-            },
-        );
-        Ok(CreatedContainer {
-            id,
-            name,
-            agent: None,
-        })
+        self.create(spec, true).await
     }
 
     /// The container's spec takes the user (as if their home were mounted) and its name.

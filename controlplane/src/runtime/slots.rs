@@ -95,7 +95,7 @@ impl HomeSlots {
     /// renamed but keeps its suffix, so both names find the same slot. `None` for a name that
     /// envgate did not make (the suffix must be hex, so it can never be `..`).
     pub fn container_dir(&self, instance: &str, container_name: &str) -> Option<PathBuf> {
-        let suffix = container_name.rsplit('-').next()?;
+        let suffix = super::name_suffix(container_name);
         let ok = !suffix.is_empty()
             && suffix.bytes().all(|b| b.is_ascii_hexdigit())
             && envgate_proto::names::validate_environment(instance).is_ok();
@@ -150,26 +150,16 @@ impl HomeSlots {
     /// Removes the slots of `instance` whose container is not in `live` (names) and that are
     /// older than `grace` (their container may be being created right now).
     pub fn sweep(&self, instance: &str, live: &HashSet<PathBuf>, grace: Duration) {
-        let entries = match std::fs::read_dir(self.root.join(instance)) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        let stale = match super::stale_dirs(&self.root.join(instance), live, grace) {
+            Ok(stale) => stale,
             Err(e) => {
                 tracing::warn!(root = %self.root.display(), error = %e, "reading home slots failed");
                 return;
             }
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= grace);
-            if old && !live.contains(&path) {
-                tracing::info!(dir = %path.display(), "removing the home slot of a container that is gone");
-                release(&path);
-            }
+        for path in stale {
+            tracing::info!(dir = %path.display(), "removing the home slot of a container that is gone");
+            release(&path);
         }
     }
 }
