@@ -2,11 +2,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use envgate_controlplane::runtime::scripted::ScriptedRuntime;
-use envgate_controlplane::store::EtcdStore;
 use envgate_controlplane::testkit::Etcd;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_client::AdminClient;
@@ -38,17 +35,7 @@ fn with_token(channel: Channel, token: &str) -> Authed {
 }
 
 async fn running() -> (Etcd, common::Running) {
-    let etcd = Etcd::start().await.expect("etcd starts");
-    let store = EtcdStore::connect(&[etcd.endpoint()], "/admin-test/", Duration::from_secs(5))
-        .await
-        .unwrap();
-    let plane = common::start(
-        Arc::new(store),
-        Arc::new(ScriptedRuntime::new()),
-        "admin-test",
-    )
-    .await;
-    (etcd, plane)
+    common::with_etcd("admin-test").await
 }
 
 fn user(name: &str, keys: &[&str]) -> pb::User {

@@ -1,66 +1,19 @@
 //! The real `envgate-controlplane` binary: clear exits on bad config or a dead etcd, and a
 //! clean start (ready, serving) and SIGTERM shutdown against a real etcd and Docker.
 
-use std::net::TcpListener;
-use std::process::{Output, Stdio};
+mod common;
+
 use std::time::Duration;
 
+use common::binary::{Files, finish, free_port, terminate};
 use envgate_controlplane::testkit::Etcd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_envgate-controlplane");
-const SEED: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
-
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token.key"), format!("{SEED}\n")).unwrap();
-        std::fs::write(dir.path().join("admin.token"), "s3cret-admin\n").unwrap();
-        Self { dir }
-    }
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use tokio::process::Command;
 
 fn command(files: &Files, etcd: &str, grpc: u16, ops: u16) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("ENVGATE_TOKEN_KEY", files.path("token.key"))
-        .env("ENVGATE_ADMIN_TOKEN_FILE", files.path("admin.token"))
-        .env("ENVGATE_INSTANCE", "bintest")
-        .args(["--etcd", etcd])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--ops-listen",
-            &format!("127.0.0.1:{ops}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = common::binary::command(files, etcd, grpc, ops);
+    cmd.env("ENVGATE_INSTANCE", "bintest");
     cmd
-}
-
-async fn finish(child: Child, limit: Duration) -> Output {
-    tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .expect("exits in time")
-        .unwrap()
 }
 
 async fn http_get(port: u16, path: &str) -> Option<String> {
@@ -139,17 +92,5 @@ async fn starts_ready_and_stops_cleanly_on_sigterm() {
         "gRPC port open"
     );
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = finish(child, Duration::from_secs(15)).await;
-    assert!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    terminate(child).await;
 }

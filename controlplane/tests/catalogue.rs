@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Output, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use envgate_controlplane::runtime::scripted::ScriptedRuntime;
+use common::binary::{Files, finish, free_port, terminate};
 use envgate_controlplane::store::EtcdStore;
 use envgate_controlplane::testkit::Etcd;
 use envgate_proto::admin::v1 as pb;
@@ -17,9 +14,6 @@ use envgate_proto::admin::v1::admin_client::AdminClient;
 use tokio::process::{Child, Command};
 use tonic::Code;
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_envgate-controlplane");
-const BINARY_ADMIN_TOKEN: &str = "catalogue-admin";
 
 fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -41,16 +35,7 @@ async fn list(admin: &mut AdminClient<Channel>, token: &str) -> Vec<pb::Environm
 
 #[tokio::test]
 async fn put_environment_checks_the_warm_pool_and_the_maximum_lifetime() {
-    let etcd = Etcd::start().await.expect("etcd starts");
-    let store = EtcdStore::connect(&[etcd.endpoint()], "/catalogue/", Duration::from_secs(5))
-        .await
-        .unwrap();
-    let plane = common::start(
-        Arc::new(store),
-        Arc::new(ScriptedRuntime::new()),
-        "catalogue",
-    )
-    .await;
+    let (_etcd, plane) = common::with_etcd("catalogue").await;
     let mut admin = AdminClient::new(plane.channel().await);
     let base = pb::Environment {
         name: "lab".into(),
@@ -123,71 +108,26 @@ async fn put_environment_checks_the_warm_pool_and_the_maximum_lifetime() {
     plane.stop().await;
 }
 
-/// Files the binary reads, in a temporary directory.
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token.key"), format!("{}\n", common::SEED)).unwrap();
-        std::fs::write(
-            dir.path().join("admin.token"),
-            format!("{BINARY_ADMIN_TOKEN}\n"),
-        )
-        .unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        std::fs::write(self.dir.path().join(name), text).unwrap();
-        self.path(name)
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The control plane with `ENVGATE_ENVIRONMENTS=catalogue` (the variable the Kubernetes
 /// manifest sets).
 fn controlplane(files: &Files, etcd: &str, grpc: u16, catalogue: &str) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env_clear()
-        .env("ENVGATE_TOKEN_KEY", files.path("token.key"))
-        .env("ENVGATE_ADMIN_TOKEN_FILE", files.path("admin.token"))
-        .env("ENVGATE_ENVIRONMENTS", catalogue)
-        .args([
-            "--instance",
-            "catbin",
-            "--etcd",
-            etcd,
-            "--etcd-prefix",
-            "/catbin/",
-        ])
-        .args(["--listen", &format!("127.0.0.1:{grpc}")])
-        .args(["--ops-listen", &format!("127.0.0.1:{}", free_port())])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = common::binary::command(files, etcd, grpc, free_port());
+    cmd.env("ENVGATE_ENVIRONMENTS", catalogue).args([
+        "--instance",
+        "catbin",
+        "--etcd-prefix",
+        "/catbin/",
+    ]);
     cmd
 }
 
-async fn finish(child: Child, limit: Duration) -> Output {
-    tokio::time::timeout(limit, child.wait_with_output())
-        .await
-        .expect("exits in time")
-        .unwrap()
+/// Starts the binary on `catalogue`, which it must refuse before serving: exit status 2
+/// within 10 s. Its stderr.
+async fn refused(files: &Files, etcd: &str, grpc: u16, catalogue: &str) -> String {
+    let child = controlplane(files, etcd, grpc, catalogue).spawn().unwrap();
+    let out = finish(child, Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// An admin client once the binary's gRPC port answers.
@@ -210,22 +150,6 @@ async fn admin_of(grpc: u16, child: &mut Child) -> AdminClient<Channel> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn terminate(child: Child) {
-    let pid = child.id().expect("running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = finish(child, Duration::from_secs(15)).await;
-    assert!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 const CATALOGUE: &str = r#"
@@ -255,7 +179,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
         .spawn()
         .unwrap();
     let mut admin = admin_of(grpc, &mut child).await;
-    let seeded = list(&mut admin, BINARY_ADMIN_TOKEN).await;
+    let seeded = list(&mut admin, common::ADMIN_TOKEN).await;
     let tiny = pb::Environment {
         name: "tiny".into(),
         description: "a small one".into(),
@@ -298,7 +222,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
     ] {
         admin
             .put_environment(authorized(
-                BINARY_ADMIN_TOKEN,
+                common::ADMIN_TOKEN,
                 pb::PutEnvironmentRequest {
                     environment: Some(environment),
                 },
@@ -314,7 +238,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
         .spawn()
         .unwrap();
     let mut admin = admin_of(grpc, &mut child).await;
-    let after = list(&mut admin, BINARY_ADMIN_TOKEN).await;
+    let after = list(&mut admin, common::ADMIN_TOKEN).await;
     let names: Vec<(&str, &str, bool)> = after
         .iter()
         .map(|e| (e.name.as_str(), e.description.as_str(), e.is_default))
@@ -340,12 +264,7 @@ async fn a_bad_file_stops_the_binary_before_it_serves() {
          - name: gpu\n    image: lab/cuda\n    resources:\n      memory: 12XB\n",
     );
     let grpc = free_port();
-    let child = controlplane(&files, &etcd.endpoint(), grpc, &bad)
-        .spawn()
-        .unwrap();
-    let out = finish(child, Duration::from_secs(10)).await;
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&files, &etcd.endpoint(), grpc, &bad).await;
     assert_eq!(
         stderr.trim_end(),
         format!(
@@ -360,12 +279,7 @@ async fn a_bad_file_stops_the_binary_before_it_serves() {
     );
 
     let missing = files.path("nowhere.yaml");
-    let child = controlplane(&files, &etcd.endpoint(), grpc, &missing)
-        .spawn()
-        .unwrap();
-    let out = finish(child, Duration::from_secs(10)).await;
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&files, &etcd.endpoint(), grpc, &missing).await;
     assert!(
         stderr.starts_with(&format!(
             "envgate-controlplane: --environments: catalogue {missing}: cannot read it: "

@@ -264,13 +264,7 @@ async fn a_pull_past_its_time_limit_fails_and_the_next_open_tries_again() {
     assert!(instance_containers(&instance).is_empty());
     // The failed pull is forgotten: the next creation starts a pull of its own.
     let before = registry.manifest_requests();
-    let t = std::time::Instant::now();
-    let second = runtime.create_and_start(&spec, &progress).await;
-    eprintln!(
-        "DEBUG before={before} after={} blobs={} second={second:?} took={:?}",
-        registry.manifest_requests(),
-        registry.blob_requests(),
-        t.elapsed()
-    );
+    // It may run into the same time limit; what counts is that it asked the registry again.
+    let _ = runtime.create_and_start(&spec, &progress).await;
     assert!(registry.manifest_requests() > before);
 }

@@ -2,13 +2,17 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_controlplane::auth::HashCost;
 use envgate_controlplane::runtime::Runtime;
-use envgate_controlplane::store::Store;
+use envgate_controlplane::runtime::scripted::ScriptedRuntime;
+use envgate_controlplane::store::{EtcdStore, Store};
+use envgate_controlplane::testkit::Etcd;
 use envgate_controlplane::{Config, ControlPlane};
 use envgate_proto::token::TokenKey;
 use tokio_util::sync::CancellationToken;
@@ -89,4 +93,19 @@ pub async fn start(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, instance: &
         shutdown,
         server,
     }
+}
+
+/// A fresh etcd and a control plane on it (keys under `/{instance}/`) with a scripted
+/// runtime: for tests of the API, not of containers.
+pub async fn with_etcd(instance: &str) -> (Etcd, Running) {
+    let etcd = Etcd::start().await.expect("etcd starts");
+    let store = EtcdStore::connect(
+        &[etcd.endpoint()],
+        &format!("/{instance}/"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let plane = start(Arc::new(store), Arc::new(ScriptedRuntime::new()), instance).await;
+    (etcd, plane)
 }
