@@ -32,10 +32,17 @@ pub struct BenchRun<'a> {
 /// Replaces the generated region of `doc` with `generated`, or appends it
 /// (with its markers) when the document has none yet.
 pub fn splice(doc: &str, generated: &str) -> String {
-    let region = format!("{BEGIN}\n{}\n{END}", generated.trim_end());
-    match (doc.find(BEGIN), doc.find(END)) {
+    splice_region(doc, BEGIN, END, generated)
+}
+
+/// Replaces the text from `begin` to `end` (markers included) with `generated` between
+/// the same markers, or appends that region when the document has none yet. Shared by
+/// every generated part of `docs/benchmarks.md`, each with markers of its own.
+pub fn splice_region(doc: &str, begin: &str, end: &str, generated: &str) -> String {
+    let region = format!("{begin}\n{}\n{end}", generated.trim_end());
+    match (doc.find(begin), doc.find(end)) {
         (Some(b), Some(e)) if e > b => {
-            format!("{}{region}{}", &doc[..b], &doc[e + END.len()..])
+            format!("{}{region}{}", &doc[..b], &doc[e + end.len()..])
         }
         _ => format!("{}\n\n{region}\n", doc.trim_end()),
     }

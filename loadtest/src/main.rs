@@ -1,6 +1,6 @@
 //! envgate-loadtest: parses the command line and hands over to the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -363,19 +363,39 @@ async fn hold(args: HoldArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench_doc(args: BenchDocArgs) -> anyhow::Result<ExitCode> {
-    let read = |path: &PathBuf| {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-    };
-    let warm = report::read_results(&args.warm)?;
-    let cold = report::read_results(&args.cold)?;
-    let memory: hold::HoldResult = serde_json::from_str(&read(&args.hold)?)
-        .with_context(|| format!("parsing {}", args.hold.display()))?;
-    let meta: Vec<(String, String)> = read(&args.meta)?
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The "name: value" lines of a bench run's meta file (date, machine, versions, command).
+fn read_meta(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(read_text(path)?
         .lines()
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
+        .collect())
+}
+
+/// Puts `generated` into its region of the document at `doc` (`splice` knows the markers),
+/// creating the document if it is missing, and prints what was written.
+fn write_doc(
+    doc: &Path,
+    generated: &str,
+    splice: fn(&str, &str) -> String,
+) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(doc).unwrap_or_default();
+    std::fs::write(doc, splice(&text, generated))
+        .with_context(|| format!("writing {}", doc.display()))?;
+    println!("{generated}\nwrote {}", doc.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_doc(args: BenchDocArgs) -> anyhow::Result<ExitCode> {
+    let warm = report::read_results(&args.warm)?;
+    let cold = report::read_results(&args.cold)?;
+    let memory: hold::HoldResult = serde_json::from_str(&read_text(&args.hold)?)
+        .with_context(|| format!("parsing {}", args.hold.display()))?;
+    let meta = read_meta(&args.meta)?;
     let generated = bench_doc::render(&bench_doc::BenchRun {
         meta: &meta,
         warm: &warm,
@@ -383,33 +403,20 @@ fn bench_doc(args: BenchDocArgs) -> anyhow::Result<ExitCode> {
         memory: &memory,
         img_prefix: &args.img_prefix,
     });
-    let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
-    std::fs::write(&args.doc, bench_doc::splice(&doc, &generated))
-        .with_context(|| format!("writing {}", args.doc.display()))?;
-    println!("{generated}\nwrote {}", args.doc.display());
-    Ok(ExitCode::SUCCESS)
+    write_doc(&args.doc, &generated, bench_doc::splice)
 }
 
 fn pool_doc(args: PoolDocArgs) -> anyhow::Result<ExitCode> {
     let off = report::read_results(&args.off)?;
     let on = report::read_results(&args.on)?;
-    let meta: Vec<(String, String)> = std::fs::read_to_string(&args.meta)
-        .with_context(|| format!("reading {}", args.meta.display()))?
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
+    let meta = read_meta(&args.meta)?;
     let generated = pool_doc::render(&pool_doc::PoolRun {
         meta: &meta,
         off: &off,
         on: &on,
         pool_size: args.pool_size,
     });
-    let doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
-    std::fs::write(&args.doc, pool_doc::splice(&doc, &generated))
-        .with_context(|| format!("writing {}", args.doc.display()))?;
-    println!("{generated}\nwrote {}", args.doc.display());
-    Ok(ExitCode::SUCCESS)
+    write_doc(&args.doc, &generated, pool_doc::splice)
 }
 
 async fn create_users(args: UsersArgs) -> anyhow::Result<ExitCode> {

@@ -24,13 +24,7 @@ pub struct PoolRun<'a> {
 /// Replaces the generated region of `doc` with `generated`, or appends it (with its
 /// markers) when the document has none yet.
 pub fn splice(doc: &str, generated: &str) -> String {
-    let region = format!("{BEGIN}\n{}\n{END}", generated.trim_end());
-    match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if e > b => {
-            format!("{}{region}{}", &doc[..b], &doc[e + END.len()..])
-        }
-        _ => format!("{}\n\n{region}\n", doc.trim_end()),
-    }
+    crate::bench_doc::splice_region(doc, BEGIN, END, generated)
 }
 
 /// The target's summary at its highest level.
