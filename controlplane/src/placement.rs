@@ -32,7 +32,7 @@ use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
 };
-use crate::pool::{Claim, WarmPools};
+use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
 use crate::runtime::{ContainerSpec, Runtime};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
@@ -446,17 +446,10 @@ impl Placer {
             return Err(e);
         }
         (cx.progress)(&format!("starting environment \"{}\" …", cx.env.name));
+        let session = (!claim.session_id.is_empty()).then_some(claim.session_id.as_str());
         let spec = ContainerSpec {
-            instance: self.config.instance.clone(),
-            user: cx.claims.sub.clone(),
-            environment: cx.env.name.clone(),
-            session: (!claim.session_id.is_empty()).then(|| claim.session_id.clone()),
-            image: cx.env.image.clone(),
-            env: cx.env.env.clone(),
             working_dir: working_dir(cx.env, &cx.claims.sub),
-            cpus: cx.env.cpus,
-            memory_bytes: cx.env.memory_bytes,
-            pids_limit: cx.env.pids_limit,
+            ..pool::container_spec(&self.config.instance, cx.env, &cx.claims.sub, session)
         };
         let started = Instant::now();
         let created = match self.runtime.ensure_volume(&spec.instance, &spec.user).await {

@@ -74,7 +74,9 @@ pub struct PoolActions {
     pub drained: usize,
 }
 
-/// The container an environment's containers are made from, for `user` (empty: a warm one).
+/// The container an environment's containers are made from, for `user` (empty: a warm one);
+/// placement's cold creation uses it too (with the user's home as the default working
+/// directory), so a warm container gets the same image, variables and limits.
 pub fn container_spec(
     instance: &str,
     env: &EnvironmentRecord,

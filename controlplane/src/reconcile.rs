@@ -796,44 +796,66 @@ mod tests {
             .await;
     }
 
-    /// One round of an open of alice's busybox racing a reconcile pass, head starts
-    /// alternating with `round` so both orders happen (besides close interleavings): what
-    /// the open got and what the pass did. Alice's record must then be `running` with the
-    /// container she got.
-    async fn open_racing_a_pass(
+    /// Thirty rounds of an open of alice's busybox racing a reconcile pass. Each round she
+    /// opens and closes it, `make_due` (given its key and the round) makes it due for
+    /// removal, then the open and the pass race with head starts alternating so both orders
+    /// happen (besides close interleavings). After each, her record must be `running` with
+    /// the container she got, and `check` sees the round and what she got; `removed` reads
+    /// from the pass's actions whether it removed the container. Both must win some rounds.
+    async fn race_the_reaper(
         world: &World,
-        placer: &Placer,
-        reaper: &Arc<Reconciler>,
-        round: u64,
-    ) -> (Placement, Actions) {
-        let (open_delay, reap_delay) = match round % 3 {
-            0 => (0, 0),
-            1 => (0, 20),
-            _ => (20, 0),
-        };
-        let reaping = {
-            let reaper = reaper.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(reap_delay)).await;
-                reaper.reconcile().await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(open_delay)).await;
-        let placement = placer
-            .open(world.request("alice", "busybox"), &no_progress)
-            .await
-            .unwrap();
-        let actions = reaping.await.unwrap().unwrap();
-        let record = world
-            .record(&model::container_key("alice", "busybox"))
-            .await
-            .unwrap();
-        assert_eq!(
-            (record.state, record.container_id.as_str()),
-            (ContainerState::Running, placement.container_id.as_str()),
-            "round {round}"
+        make_due: impl AsyncFn(&str, u64),
+        removed: impl Fn(&Actions) -> usize,
+        check: impl Fn(u64, &Placement),
+    ) {
+        let placer = world.placer(PlacementConfig::default());
+        let reaper = Arc::new(world.reconciler());
+        let key = model::container_key("alice", "busybox");
+        let (mut open_won, mut reaper_won) = (0, 0);
+        for round in 0..30u64 {
+            let first = placer
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap();
+            placer.close(&first.session_id).await.unwrap();
+            make_due(&key, round).await;
+            let (open_delay, reap_delay) = match round % 3 {
+                0 => (0, 0),
+                1 => (0, 20),
+                _ => (20, 0),
+            };
+            let reaping = {
+                let reaper = reaper.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(reap_delay)).await;
+                    reaper.reconcile().await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(open_delay)).await;
+            let placement = placer
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap();
+            let actions = reaping.await.unwrap().unwrap();
+            if removed(&actions) == 1 {
+                reaper_won += 1
+            } else {
+                open_won += 1
+            }
+            check(round, &placement);
+            let record = world.record(&key).await.unwrap();
+            assert_eq!(
+                (record.state, record.container_id.as_str()),
+                (ContainerState::Running, placement.container_id.as_str()),
+                "round {round}"
+            );
+            placer.close(&placement.session_id).await.unwrap();
+        }
+        println!("open won {open_won} rounds, reaper won {reaper_won}");
+        assert!(
+            open_won > 0 && reaper_won > 0,
+            "both orders must be exercised"
         );
-        (placement, actions)
     }
 
     #[tokio::test]
@@ -970,37 +992,23 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_open_racing_the_reaper_always_gets_a_live_container() {
         let world = World::new().await;
-        let placer = world.placer(PlacementConfig::default());
-        let reaper = Arc::new(world.reconciler());
-        let key = model::container_key("alice", "busybox");
-        let (mut open_won, mut reaper_won) = (0, 0);
-        for round in 0..30u64 {
-            let first = placer
-                .open(world.request("alice", "busybox"), &no_progress)
-                .await
-                .unwrap();
-            placer.close(&first.session_id).await.unwrap();
-            age_record(&world, &key, 10_000).await;
-            world
-                .runtime
-                .set_inspect_delay(Duration::from_millis(round % 4));
-            let (placement, actions) = open_racing_a_pass(&world, &placer, &reaper, round).await;
-            if actions.reaped_idle == 1 {
-                reaper_won += 1
-            } else {
-                open_won += 1
-            }
-            assert!(
-                world.container_ids().contains(&placement.container_id),
-                "round {round}: handed a removed container"
-            );
-            placer.close(&placement.session_id).await.unwrap();
-        }
-        println!("open won {open_won} rounds, reaper won {reaper_won}");
-        assert!(
-            open_won > 0 && reaper_won > 0,
-            "both orders must be exercised"
-        );
+        race_the_reaper(
+            &world,
+            async |key, round| {
+                age_record(&world, key, 10_000).await;
+                world
+                    .runtime
+                    .set_inspect_delay(Duration::from_millis(round % 4));
+            },
+            |actions| actions.reaped_idle,
+            |round, placement| {
+                assert!(
+                    world.container_ids().contains(&placement.container_id),
+                    "round {round}: handed a removed container"
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -1286,39 +1294,23 @@ mod tests {
         world
             .update_environment("busybox", |e| e.max_lifetime_seconds = 1000)
             .await;
-        let placer = world.placer(PlacementConfig::default());
-        let reaper = Arc::new(world.reconciler());
-        let key = model::container_key("alice", "busybox");
-        let (mut open_won, mut reaper_won) = (0, 0);
-        for round in 0..30u64 {
-            let first = placer
-                .open(world.request("alice", "busybox"), &no_progress)
-                .await
-                .unwrap();
-            placer.close(&first.session_id).await.unwrap();
-            age_created(&world, &key, 10_000).await;
-            let (placement, actions) = open_racing_a_pass(&world, &placer, &reaper, round).await;
-            if actions.reaped_lifetime == 1 {
-                reaper_won += 1
-            } else {
-                open_won += 1
-            }
-            assert!(
-                placement.created,
-                "round {round}: attached to an over-age container"
-            );
-            assert_eq!(
-                world.container_ids().as_slice(),
-                std::slice::from_ref(&placement.container_id),
-                "round {round}: handed a removed container, or the old one is left"
-            );
-            placer.close(&placement.session_id).await.unwrap();
-        }
-        println!("open won {open_won} rounds, reaper won {reaper_won}");
-        assert!(
-            open_won > 0 && reaper_won > 0,
-            "both orders must be exercised"
-        );
+        race_the_reaper(
+            &world,
+            async |key, _| age_created(&world, key, 10_000).await,
+            |actions| actions.reaped_lifetime,
+            |round, placement| {
+                assert!(
+                    placement.created,
+                    "round {round}: attached to an over-age container"
+                );
+                assert_eq!(
+                    world.container_ids().as_slice(),
+                    std::slice::from_ref(&placement.container_id),
+                    "round {round}: handed a removed container, or the old one is left"
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
