@@ -97,14 +97,19 @@ async fn docker_unreachable_is_one_clear_line_and_leaves_no_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_is_one_clear_line() {
     let fleet = Fleet::start().await;
-    let image = format!("envgate/missing-{:08x}:latest", rand::random::<u32>());
+    // Its registry is a closed loopback port: the pull fails at once, and nothing leaves loopback.
+    let image = format!(
+        "127.0.0.1:1/envgate/missing-{:08x}:latest",
+        rand::random::<u32>()
+    );
     fleet
         .put_environment(environment("ghost", &image, "/bin/sh", false))
         .await;
     let out = fleet.ssh("demo+ghost", "true", None).await;
     let line = assert_one_envgate_line(&out);
     assert!(line.contains(&image), "{line}");
-    assert!(line.contains("not available"), "{line}");
+    // Not here and no registry reachable: the pull's failure, in one line.
+    assert!(line.contains("cannot pull image"), "{line}");
     assert!(
         fleet.containers(None).is_empty(),
         "{:?}",
