@@ -60,6 +60,13 @@ pub struct Proxy {
     shutdown_grace: Duration,
 }
 
+/// Binds an SSH listener on `addr`; a failure names `what` was being bound.
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { what, addr, source })
+}
+
 /// The engine used when no `--docker-host` is given.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -77,24 +84,10 @@ impl Proxy {
             .await
             .map_err(|e| ProxyError::Config(format!("docker at {docker_host}: {e}")))?;
         let control_plane = ControlPlane::new(&config.controlplane, config.proxy_id.clone())?;
-        let ssh_listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ProxyError::Bind {
-                    what: "SSH",
-                    addr: config.listen,
-                    source,
-                })?;
+        let ssh_listener = bind("SSH", config.listen).await?;
         let mut pinned_listeners = Vec::with_capacity(config.pinned_listen.len());
         for pinned in &config.pinned_listen {
-            let listener =
-                TcpListener::bind(pinned.addr)
-                    .await
-                    .map_err(|source| ProxyError::Bind {
-                        what: "pinned SSH",
-                        addr: pinned.addr,
-                        source,
-                    })?;
+            let listener = bind("pinned SSH", pinned.addr).await?;
             pinned_listeners.push((listener, Arc::from(pinned.environment.as_str())));
         }
         let ops_listener = match config.ops_listen {

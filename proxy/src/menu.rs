@@ -354,8 +354,8 @@ fn cut(text: &str, fit: usize) -> String {
 }
 
 /// Descriptions come from the catalogue: no control characters reach the
-/// user's terminal.
-fn printable(text: &str) -> String {
+/// user's terminal (each becomes a space). Self-service fields use it too.
+pub(crate) fn printable(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()

@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::controlplane::ControlPlane;
 use crate::error::{ConnectionResult, UsageError, placement_failure_line};
 use crate::exec::ChannelOutput;
+use crate::menu::printable;
 
 /// The one-line usage shown after a command line that was not understood.
 pub const USAGE: &str = "usage: ssh USER+envgate envs [--json] | status [--json] | stop ENV [--json] | default ENV [--json] | default --clear | help";
@@ -270,10 +271,7 @@ pub async fn answer(output: &ChannelOutput, reply: &Reply, pty: bool) {
 
 /// One field of a text row: never empty, no tab or line break, no terminal control.
 fn field(value: &str) -> String {
-    let cleaned: String = value
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let cleaned = printable(value);
     let cleaned = cleaned.trim();
     if cleaned.is_empty() {
         "-".to_owned()

@@ -310,17 +310,23 @@ impl Connection {
         if let Some(pinned) = &self.info.pinned {
             return pinned.clone();
         }
+        self.named(channel).unwrap_or_default().to_owned()
+    }
+
+    /// The environment the user named: the `user+env` suffix, else the
+    /// channel's last `ENVGATE_ENV`.
+    fn named<'a>(&'a self, channel: &'a ChannelState) -> Option<&'a str> {
         let from_login = self
             .identity
             .as_ref()
-            .and_then(|(login, _)| login.environment.clone());
+            .and_then(|(login, _)| login.environment.as_deref());
         let from_env = channel
             .env
             .iter()
             .rev()
             .find(|(k, _)| k == "ENVGATE_ENV")
-            .map(|(_, v)| v.clone());
-        from_login.or(from_env).unwrap_or_default()
+            .map(|(_, v)| v.as_str());
+        from_login.or(from_env)
     }
 
     async fn start(&mut self, channel: ChannelId, command: Option<String>) {
@@ -388,17 +394,7 @@ impl Connection {
     /// `ENVGATE_ENV`. Checked before anything else chooses an environment, so self-service
     /// also works on a port pinned to an environment and never shows the menu.
     fn wants_self_service(&self, channel: &ChannelState) -> bool {
-        let from_login = self
-            .identity
-            .as_ref()
-            .and_then(|(login, _)| login.environment.as_deref());
-        let from_env = channel
-            .env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "ENVGATE_ENV")
-            .map(|(_, v)| v.as_str());
-        from_login.or(from_env) == Some(SELF_SERVICE_ENV)
+        self.named(channel) == Some(SELF_SERVICE_ENV)
     }
 
     /// Answers a self-service command on this channel; no session is placed and no
