@@ -67,9 +67,7 @@ fn list<'a>(value: &'a Value, field: &str) -> &'a [Value] {
 /// Starts `echo started; sleep 50` as demo and waits until its session is in etcd; returns
 /// the running ssh and the session's id.
 async fn long_session(fleet: &Fleet) -> (tokio::task::JoinHandle<SshOutput>, String) {
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.push("echo started; sleep 50".to_string());
-    let ssh = tokio::spawn(async move { support::run(&argv, None, &[]).await });
+    let ssh = fleet.ssh_in_background("demo", "echo started; sleep 50");
     let id = eventually(WAIT, "demo's session listed", || async {
         let sessions = call(fleet, "ListSessions", json!({"user": "demo"})).await;
         match list(&sessions, "sessions") {
@@ -79,21 +77,6 @@ async fn long_session(fleet: &Fleet) -> (tokio::task::JoinHandle<SshOutput>, Str
     })
     .await;
     (ssh, id)
-}
-
-/// The session ended early with exactly the notice it was given.
-async fn assert_told(ssh: tokio::task::JoinHandle<SshOutput>, notice: &str) {
-    let out = tokio::time::timeout(WAIT, ssh)
-        .await
-        .expect("the session ended well before its 50 s")
-        .expect("ssh task");
-    assert_eq!(out.stdout, "started\n", "{out:#?}");
-    assert_ne!(out.code, Some(0), "{out:#?}");
-    // As a stderr line, or in OpenSSH's "Received disconnect ...: envgate: ..." line.
-    assert!(
-        out.stderr.contains(&format!("envgate: {notice}")),
-        "expected the notice {notice:?}: {out:#?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +217,7 @@ async fn every_admin_call_works_through_grpcurl() {
         json!({"sessionId": session_id, "message": "maintenance at noon"}),
     )
     .await;
-    assert_told(ssh, "maintenance at noon").await;
+    support::assert_told(ssh, WAIT, "maintenance at noon").await;
     fleet.ssh("demo", "true", None).await.assert_success();
     let containers = call(&fleet, "ListContainers", json!({"user": "demo"})).await;
     assert_eq!(
@@ -247,7 +230,7 @@ async fn every_admin_call_works_through_grpcurl() {
     let demo_busybox = json!({"user": "demo", "environment": "busybox"});
     let stopped = call(&fleet, "StopContainer", json!({"container": demo_busybox})).await;
     assert_eq!(count(&stopped, "sessionsEnded"), 1, "{stopped}");
-    assert_told(ssh, "your container was stopped by an administrator").await;
+    support::assert_told(ssh, WAIT, "your container was stopped by an administrator").await;
     assert_eq!(fleet.containers(Some("demo")).len(), 1);
 
     // DeleteContainer: record and container go; the next login gets a fresh one.

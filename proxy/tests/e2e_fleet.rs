@@ -15,19 +15,9 @@ const LEASE_EXPIRY: Duration = Duration::from_secs(30);
 
 /// Starts `echo started; sleep 50` as demo; returns the running ssh once its session is in etcd.
 async fn long_session(fleet: &Fleet) -> tokio::task::JoinHandle<SshOutput> {
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.push("echo started; sleep 50".to_string());
-    let ssh = tokio::spawn(async move { support::run(&argv, None, &[]).await });
-    eventually(WAIT, "a session record", || async {
-        let sessions = fleet.etcd_records("sessions/").await?;
-        if sessions.len() == 1 {
-            Ok(())
-        } else {
-            Err(format!("{sessions:?}"))
-        }
-    })
-    .await;
-    ssh
+    fleet
+        .session_in_background("demo", "echo started; sleep 50", WAIT)
+        .await
 }
 
 fn session_field(record: &str, field: &str) -> String {
@@ -127,9 +117,7 @@ async fn proxy_headers_from_untrusted_addresses_or_garbled_are_refused_without_h
     .await;
     let proxy: SocketAddr = fleet.proxy_listen[0].parse().unwrap();
     // A session through HAProxy that lives across everything below.
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.push("echo started; sleep 4; echo finished".to_string());
-    let bystander = tokio::spawn(async move { support::run(&argv, None, &[]).await });
+    let bystander = fleet.ssh_in_background("demo", "echo started; sleep 4; echo finished");
 
     // The proxies trust 127.0.0.1 (HAProxy) only; 127.0.0.2 is any other host.
     let spoofed = proxy_v2_header("203.0.113.9:4444".parse().unwrap(), proxy);

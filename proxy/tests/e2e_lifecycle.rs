@@ -11,22 +11,11 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{BUSYBOX_IMAGE, Fleet, FleetOptions, SshOutput, environment, eventually};
+use support::{BUSYBOX_IMAGE, Fleet, FleetOptions, environment, eventually};
 
 /// `--orphan-grace-seconds` of the fleet that looks for orphans: short, yet longer than any
 /// container creation takes, so a container whose record is being written is never taken.
 const ORPHAN_GRACE_SECONDS: &str = "8";
-
-/// Starts `ssh login command` in the background, as a user in another terminal would.
-fn ssh_in_background(
-    fleet: &Fleet,
-    login: &str,
-    command: &str,
-) -> tokio::task::JoinHandle<SshOutput> {
-    let mut argv = fleet.ssh_key_argv(login, &fleet.key_of("demo"));
-    argv.push(command.to_string());
-    tokio::spawn(async move { support::run(&argv, None, &[]).await })
-}
 
 /// The id of demo's one container of `env`, once there is one.
 async fn container_of(fleet: &Fleet, env: &str) -> String {
@@ -96,8 +85,7 @@ async fn a_container_at_its_maximum_lifetime_warns_then_ends_the_session_and_kee
     fleet.put_environment(short).await;
 
     let started = Instant::now();
-    let session = ssh_in_background(
-        &fleet,
+    let session = fleet.ssh_in_background(
         "demo+short",
         "echo kept > /home/demo/notes && echo started && sleep 60",
     );
@@ -131,11 +119,7 @@ async fn a_container_at_its_maximum_lifetime_warns_then_ends_the_session_and_kee
     wait_gone_from_docker(&fleet, &first, Duration::from_secs(15)).await;
     let records = fleet.etcd_records("containers/demo/short").await.unwrap();
     assert!(records.is_empty(), "{records:?}");
-    assert!(
-        fleet.volume_exists(&fleet.home_volume("demo")),
-        "home volume {} was removed",
-        fleet.home_volume("demo")
-    );
+    fleet.assert_home_volume_kept("demo");
 
     let again = fleet.ssh("demo+short", "cat /home/demo/notes", None).await;
     again.assert_success();
@@ -158,11 +142,7 @@ async fn the_idle_clock_starts_when_the_last_session_ends() {
     fleet.put_environment(brief).await;
 
     // Two overlapping sessions; the short one ends first.
-    let long = ssh_in_background(
-        &fleet,
-        "demo+brief",
-        "echo started && sleep 12 && echo done",
-    );
+    let long = fleet.ssh_in_background("demo+brief", "echo started && sleep 12 && echo done");
     let container = container_of(&fleet, "brief").await;
     fleet.ssh("demo+brief", "true", None).await.assert_success();
     // Twice the idle timeout after the short session's end, the long one is still served.
@@ -178,7 +158,7 @@ async fn the_idle_clock_starts_when_the_last_session_ends() {
     assert_eq!(container_of(&fleet, "brief").await, container);
 
     wait_gone_from_docker(&fleet, &container, Duration::from_secs(30)).await;
-    assert!(fleet.volume_exists(&fleet.home_volume("demo")));
+    fleet.assert_home_volume_kept("demo");
     assert_counted(&fleet, "reap_idle").await;
 }
 

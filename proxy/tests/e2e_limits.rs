@@ -49,18 +49,10 @@ async fn the_per_user_cap_refuses_a_new_container_with_what_to_do() {
             .expect("etcd read")
             .is_empty()
     );
-    eventually(WAIT, "the refusal counted by a proxy", || async {
-        for ops in &fleet.proxy_ops {
-            let body = Fleet::metrics(ops).await.unwrap_or_default();
-            if body.lines().any(|l| {
-                l.starts_with("envgate_connections_total{") && l.contains("placement_limit")
-            }) {
-                return Ok(());
-            }
-        }
-        Err("no envgate_connections_total{result=\"placement_limit\"}".to_string())
-    })
-    .await;
+    // The refusal is counted by a proxy.
+    fleet
+        .wait_connections_counted("placement_limit", WAIT)
+        .await;
 
     // Reusing the container the user has is never refused.
     fleet.ssh("demo", "true", None).await.assert_success();

@@ -152,11 +152,7 @@ async fn an_idle_persistent_container_is_reaped_and_the_home_volume_stays() {
         }
     })
     .await;
-    assert!(
-        fleet.volume_exists(&fleet.home_volume("demo")),
-        "home volume {} was removed",
-        fleet.home_volume("demo")
-    );
+    fleet.assert_home_volume_kept("demo");
     // The next login gets a new container with the same home.
     let again = fleet.ssh("demo+short", "cat /home/demo/notes", None).await;
     again.assert_success();

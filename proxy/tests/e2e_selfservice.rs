@@ -46,38 +46,6 @@ async fn put_staff_only(fleet: &Fleet) {
     fleet.put_environment(staff).await;
 }
 
-/// Starts `ssh <user> <command>` in the background and waits until its session is in etcd.
-async fn background_session(
-    fleet: &Fleet,
-    user: &str,
-    command: &str,
-) -> tokio::task::JoinHandle<SshOutput> {
-    let mut argv = fleet.ssh_key_argv(user, &fleet.key_of(user));
-    argv.push(command.to_string());
-    let ssh = tokio::spawn(async move { support::run(&argv, None, &[]).await });
-    eventually(WAIT, &format!("{user}'s session recorded"), || async {
-        let sessions = user_sessions(fleet, user).await?;
-        if sessions.len() == 1 {
-            Ok(())
-        } else {
-            Err(format!("{sessions:?}"))
-        }
-    })
-    .await;
-    ssh
-}
-
-/// `user`'s session records in etcd.
-async fn user_sessions(fleet: &Fleet, user: &str) -> Result<Vec<Value>, String> {
-    Ok(fleet
-        .etcd_records("sessions/")
-        .await?
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok())
-        .filter(|s| s["user"] == user)
-        .collect())
-}
-
 /// The keys of `user`'s placement records in etcd.
 async fn container_records(fleet: &Fleet, user: &str) -> Vec<String> {
     fleet
@@ -157,7 +125,7 @@ async fn status_shows_containers_sessions_and_idle_time_left() {
     assert!(table(&out.stdout, "ENVIRONMENT\t").is_empty(), "{out:#?}");
     assert!(table(&out.stdout, "SESSION\t").is_empty(), "{out:#?}");
 
-    let ssh = background_session(&fleet, "demo", "sleep 30").await;
+    let ssh = fleet.session_in_background("demo", "sleep 30", WAIT).await;
     let out = envgate(&fleet, "demo", "status").await;
     out.assert_success();
     let containers = table(&out.stdout, "ENVIRONMENT\t");
@@ -168,7 +136,7 @@ async fn status_shows_containers_sessions_and_idle_time_left() {
     assert_eq!(busybox[6], docker[0].name, "the container's name");
     let sessions = table(&out.stdout, "SESSION\t");
     assert_eq!(sessions.len(), 1, "{out:#?}");
-    let recorded = user_sessions(&fleet, "demo").await.expect("sessions");
+    let recorded = fleet.user_sessions("demo").await.expect("sessions");
     assert_eq!(sessions[0][0], recorded[0]["id"].as_str().expect("id"));
     assert_eq!(&sessions[0][1..3], ["busybox", "exec"]);
 
@@ -218,25 +186,21 @@ async fn stop_ends_the_sessions_removes_the_container_and_keeps_home() {
     let before = fleet.containers(Some("demo"));
     assert_eq!(before.len(), 1, "{before:?}");
 
-    let ssh = background_session(&fleet, "demo", "echo started; sleep 60").await;
+    let ssh = fleet
+        .session_in_background("demo", "echo started; sleep 60", WAIT)
+        .await;
     let out = envgate(&fleet, "demo", "stop busybox").await;
     out.assert_success();
     assert_eq!(
         out.stdout,
         "stopped busybox (1 session ended); your home directory is kept\n"
     );
-    let ended = tokio::time::timeout(WAIT, ssh)
-        .await
-        .expect("the session ended well before its 60 s")
-        .expect("ssh task");
-    assert_eq!(ended.stdout, "started\n", "{ended:#?}");
-    assert_ne!(ended.code, Some(0), "{ended:#?}");
-    assert!(
-        ended.stderr.contains(
-            "envgate: environment \"busybox\" was stopped (ssh demo+envgate stop busybox); your home directory is kept"
-        ),
-        "{ended:#?}"
-    );
+    support::assert_told(
+        ssh,
+        WAIT,
+        "environment \"busybox\" was stopped (ssh demo+envgate stop busybox); your home directory is kept",
+    )
+    .await;
     assert!(
         fleet.containers(Some("demo")).is_empty(),
         "gone from Docker"
@@ -245,7 +209,7 @@ async fn stop_ends_the_sessions_removes_the_container_and_keeps_home() {
         container_records(&fleet, "demo").await.is_empty(),
         "gone from etcd"
     );
-    assert!(fleet.volume_exists(&fleet.home_volume("demo")));
+    fleet.assert_home_volume_kept("demo");
 
     let out = fleet.ssh("demo", "cat keep", None).await;
     out.assert_success();
@@ -418,41 +382,23 @@ async fn usage_help_setenv_and_no_container_for_self_service() {
         container_records(&fleet, "fresh").await.is_empty(),
         "no placement record"
     );
-    assert!(
-        user_sessions(&fleet, "fresh")
-            .await
-            .expect("etcd")
-            .is_empty()
-    );
+    assert!(fleet.user_sessions("fresh").await.expect("etcd").is_empty());
     assert!(
         !fleet.volume_exists(&fleet.home_volume("fresh")),
         "not even a home volume"
     );
 
     // Counted as self-service connections on the proxies.
-    eventually(WAIT, "self-service connections counted", || async {
-        let mut seen = String::new();
-        for ops in &fleet.proxy_ops {
-            let metrics = Fleet::metrics(ops).await.unwrap_or_default();
-            seen.push_str(&metrics);
-        }
-        let counted = seen.lines().any(|l| {
-            l.starts_with("envgate_connections_total{") && l.contains("result=\"self_service\"")
-        });
-        if counted {
-            Ok(())
-        } else {
-            Err("no envgate_connections_total{result=\"self_service\"}".to_string())
-        }
-    })
-    .await;
+    fleet.wait_connections_counted("self_service", WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_see_and_stop_only_their_own_containers() {
     let fleet = Fleet::start().await;
     fleet.add_user("bob", "busybox", None).await;
-    let demo_session = background_session(&fleet, "demo", "echo started; sleep 40").await;
+    let demo_session = fleet
+        .session_in_background("demo", "echo started; sleep 40", WAIT)
+        .await;
     let demo_container = fleet.containers(Some("demo"));
     assert_eq!(demo_container.len(), 1);
 

@@ -527,22 +527,12 @@ impl Fleet {
             "global\n    maxconn 1024\n    nbthread 1\n    \
              stats socket {} mode 600 level admin expose-fd listeners\n\n\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    \
-             timeout server 5m\n    timeout check 1s\n    retries 3\n    option redispatch 1\n\n\
-             frontend ssh\n    bind 127.0.0.1:{}\n    default_backend proxies\n\n\
-             backend proxies\n    balance leastconn\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n    \
-             default-server inter 500ms fall 2 rise 1 send-proxy-v2\n",
+             timeout server 5m\n    timeout check 1s\n    retries 3\n    option redispatch 1\n\n",
             self.haproxy_socket().display(),
-            self.ssh_port
         );
-        for &i in &self.serving {
-            let ops_port = self.proxy_ops[i]
-                .rsplit_once(':')
-                .map(|(_, p)| p)
-                .unwrap_or_default();
-            let listen = &self.proxy_listen[i];
-            cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
-        }
+        cfg.push_str(
+            &self.haproxy_route("ssh", "proxies", self.ssh_port, |i| &self.proxy_listen[i]),
+        );
         // One frontend per pinned environment, to the proxies' listeners pinned to it.
         for (n, environment) in self.options.pinned.iter().enumerate() {
             let port = self
@@ -550,25 +540,39 @@ impl Fleet {
                 .get(environment)
                 .copied()
                 .unwrap_or_default();
-            cfg.push_str(&format!(
-                "\nfrontend pinned-{environment}\n    bind 127.0.0.1:{port}\n    \
-                 default_backend pinned-{environment}\n\n\
-                 backend pinned-{environment}\n    balance leastconn\n    \
-                 option httpchk GET /readyz\n    http-check expect status 200\n    \
-                 default-server inter 500ms fall 2 rise 1 send-proxy-v2\n"
-            ));
-            for &i in &self.serving {
-                let ops_port = self.proxy_ops[i]
-                    .rsplit_once(':')
-                    .map(|(_, p)| p)
-                    .unwrap_or_default();
-                let listen = &self.proxy_pinned[i][n];
-                cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
-            }
+            let name = format!("pinned-{environment}");
+            cfg.push('\n');
+            cfg.push_str(&self.haproxy_route(&name, &name, port, |i| &self.proxy_pinned[i][n]));
         }
         let cfg_path = self.dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
         Ok(cfg_path)
+    }
+
+    /// A frontend on 127.0.0.1:`port` and its backend: each serving proxy `i` at
+    /// `listen(i)`, health-checked on its ops port, sent PROXY v2 headers.
+    fn haproxy_route<'a>(
+        &'a self,
+        frontend: &str,
+        backend: &str,
+        port: u16,
+        listen: impl Fn(usize) -> &'a String,
+    ) -> String {
+        let mut cfg = format!(
+            "frontend {frontend}\n    bind 127.0.0.1:{port}\n    default_backend {backend}\n\n\
+             backend {backend}\n    balance leastconn\n    option httpchk GET /readyz\n    \
+             http-check expect status 200\n    \
+             default-server inter 500ms fall 2 rise 1 send-proxy-v2\n"
+        );
+        for &i in &self.serving {
+            let ops_port = self.proxy_ops[i]
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            let listen = listen(i);
+            cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
+        }
+        cfg
     }
 
     fn haproxy_socket(&self) -> PathBuf {
@@ -890,16 +894,8 @@ impl Fleet {
         command: &str,
     ) -> SshOutput {
         let user = login.split('+').next().unwrap_or(login);
-        let mut argv = self.ssh_key_argv_on_port(port, login, &self.key_of(user));
-        let at = argv.len() - 2;
-        for (i, option) in options.iter().enumerate() {
-            argv.insert(at + 2 * i, "-o".to_string());
-            argv.insert(at + 2 * i + 1, option.to_string());
-        }
-        if !command.is_empty() {
-            argv.push(command.to_string());
-        }
-        run(&argv, None, &[]).await
+        let argv = self.ssh_key_argv_on_port(port, login, &self.key_of(user));
+        run(&with_options_and_command(argv, options, command), None, &[]).await
     }
 
     /// `ssh login command` with the key of the user before any `+`, stdin from `stdin`.
@@ -928,17 +924,59 @@ impl Fleet {
         command: &str,
         stdin: Option<&[u8]>,
     ) -> SshOutput {
-        let mut argv = self.ssh_key_argv(login, key);
-        // Options go before the `-- host` at the end of the argv.
-        let at = argv.len() - 2;
-        for (i, option) in options.iter().enumerate() {
-            argv.insert(at + 2 * i, "-o".to_string());
-            argv.insert(at + 2 * i + 1, option.to_string());
-        }
-        if !command.is_empty() {
-            argv.push(command.to_string());
-        }
-        run(&argv, stdin, &[]).await
+        let argv = self.ssh_key_argv(login, key);
+        run(
+            &with_options_and_command(argv, options, command),
+            stdin,
+            &[],
+        )
+        .await
+    }
+
+    /// Starts `ssh login command` (the key of the user before any `+`) in the background, as
+    /// a user in another terminal would.
+    pub fn ssh_in_background(
+        &self,
+        login: &str,
+        command: &str,
+    ) -> tokio::task::JoinHandle<SshOutput> {
+        let user = login.split('+').next().unwrap_or(login);
+        let mut argv = self.ssh_key_argv(login, &self.key_of(user));
+        argv.push(command.to_string());
+        tokio::spawn(async move { run(&argv, None, &[]).await })
+    }
+
+    /// `ssh_in_background`, returned once the user's one session is recorded in etcd
+    /// (within `timeout`), so the session is running.
+    pub async fn session_in_background(
+        &self,
+        login: &str,
+        command: &str,
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<SshOutput> {
+        let user = login.split('+').next().unwrap_or(login);
+        let ssh = self.ssh_in_background(login, command);
+        eventually(timeout, &format!("{user}'s session recorded"), || async {
+            let sessions = self.user_sessions(user).await?;
+            if sessions.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("{sessions:?}"))
+            }
+        })
+        .await;
+        ssh
+    }
+
+    /// `user`'s session records in etcd.
+    pub async fn user_sessions(&self, user: &str) -> Result<Vec<serde_json::Value>, String> {
+        Ok(self
+            .etcd_records("sessions/")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .filter(|s| s["user"] == user)
+            .collect())
     }
 
     /// Sends `len` random bytes through `cat` in `demo`'s container and checks that they come
@@ -1135,6 +1173,38 @@ impl Fleet {
             .is_ok_and(|s| s.success())
     }
 
+    /// Panics unless `user`'s home volume is still there (after their container went).
+    pub fn assert_home_volume_kept(&self, user: &str) {
+        let volume = self.home_volume(user);
+        assert!(
+            self.volume_exists(&volume),
+            "home volume {volume} was removed"
+        );
+    }
+
+    /// Waits until some proxy's /metrics counts a connection that ended with `result`
+    /// (`envgate_connections_total{result="…"}`).
+    pub async fn wait_connections_counted(&self, result: &str, timeout: Duration) {
+        let label = format!("result=\"{result}\"");
+        eventually(
+            timeout,
+            &format!("a connection counted as {result}"),
+            || async {
+                for ops in &self.proxy_ops {
+                    let body = Fleet::metrics(ops).await.unwrap_or_default();
+                    if body
+                        .lines()
+                        .any(|l| l.starts_with("envgate_connections_total{") && l.contains(&label))
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(format!("no envgate_connections_total{{{label}}}"))
+            },
+        )
+        .await;
+    }
+
     /// Every etcd key under `ETCD_PREFIX` + `prefix`, without `ETCD_PREFIX`, with its value.
     pub async fn etcd_records(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
         let endpoint = self.etcd.endpoint();
@@ -1230,6 +1300,35 @@ pub fn environment(name: &str, image: &str, shell: &str, is_default: bool) -> ad
         is_default,
         ..Default::default()
     }
+}
+
+/// A session started with `echo started; …` ended early (within `timeout`) with exactly the
+/// notice it was given, as a stderr line or in OpenSSH's "Received disconnect" line.
+pub async fn assert_told(ssh: tokio::task::JoinHandle<SshOutput>, timeout: Duration, notice: &str) {
+    let out = tokio::time::timeout(timeout, ssh)
+        .await
+        .expect("the session ended early")
+        .expect("ssh task");
+    assert_eq!(out.stdout, "started\n", "{out:#?}");
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains(&format!("envgate: {notice}")),
+        "expected the notice {notice:?}: {out:#?}"
+    );
+}
+
+/// An `ssh_key_argv` with `-o option` for each of `options` (before the `-- host` at its
+/// end) and `command` (none if empty) after it.
+fn with_options_and_command(mut argv: Vec<String>, options: &[&str], command: &str) -> Vec<String> {
+    let at = argv.len() - 2;
+    for (i, option) in options.iter().enumerate() {
+        argv.insert(at + 2 * i, "-o".to_string());
+        argv.insert(at + 2 * i + 1, option.to_string());
+    }
+    if !command.is_empty() {
+        argv.push(command.to_string());
+    }
+    argv
 }
 
 /// Polls `probe` every 200 ms until it returns `Ok`, for at most `timeout`; panics with what
