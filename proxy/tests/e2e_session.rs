@@ -83,7 +83,7 @@ async fn a_terminal_session_sees_its_size_and_resizes() {
         let marker = format!("mark-{}", 50 + round);
         tmux.type_line(&format!("stty size; echo mark-$((50+{round}))"));
         async move {
-            let screen = screen_after_marker(&tmux, &marker).await;
+            let screen = screen_after_marker(tmux, &marker).await;
             let last = screen
                 .lines()
                 .take_while(|l| l.trim() != marker)
