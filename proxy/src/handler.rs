@@ -447,11 +447,11 @@ impl Handler for ConnectionHandler {
             // The unit variants print as their SSH names.
             other => format!("{other:?}"),
         };
-        self.send(Event::Request {
-            channel,
-            request: ChannelRequest::Signal(name),
-        })
-        .await;
+        // In the channel's input queue, so it reaches the process after the
+        // data sent before it.
+        if let Some(c) = self.channels.get(&channel) {
+            c.inbound.signal(name);
+        }
         Ok(())
     }
 
@@ -468,6 +468,12 @@ impl Handler for ConnectionHandler {
             cols: col_width,
             rows: row_height,
         };
+        // The process gets it through the channel's input queue, before the
+        // keys typed after it; the session task keeps the size for a process
+        // not started yet and repaints the menu.
+        if let Some(c) = self.channels.get(&channel) {
+            c.inbound.resize(size);
+        }
         self.send(Event::Request {
             channel,
             request: ChannelRequest::WindowChange(size),

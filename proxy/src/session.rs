@@ -30,8 +30,7 @@ use crate::error::{
 };
 use crate::exec::agent::AgentTarget;
 use crate::exec::{
-    self, ChannelOutput, ExecError, Inbound, ProcessCommand, ProcessEnd, ProcessRuntime,
-    ProcessSpec, TerminalSize,
+    self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec, TerminalSize,
 };
 use crate::menu::{self, Cancel, Preselect};
 use crate::selfservice;
@@ -58,12 +57,21 @@ pub enum Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelRequest {
-    Pty { term: String, size: TerminalSize },
-    Env { name: String, value: String },
+    Pty {
+        term: String,
+        size: TerminalSize,
+    },
+    Env {
+        name: String,
+        value: String,
+    },
     Shell,
-    Exec { command: String },
+    Exec {
+        command: String,
+    },
+    /// Also queued for the process by the handler, in order with the data;
+    /// here it updates the size a process starting later gets, and the menu.
     WindowChange(TerminalSize),
-    Signal(String),
 }
 
 /// Everything a session task needs from the proxy.
@@ -103,7 +111,6 @@ struct ChannelState {
 }
 
 struct RunningProcess {
-    commands: mpsc::Sender<ProcessCommand>,
     /// Stops the pump when the client closes the channel first.
     task: AbortHandle,
 }
@@ -272,18 +279,8 @@ impl Connection {
                 if let Some((_, current)) = state.pty.as_mut() {
                     *current = size;
                 }
-                if let Some(process) = &state.process {
-                    // A resize that cannot be queued is dropped: the next one
-                    // carries the final size anyway.
-                    let _ = process.commands.try_send(ProcessCommand::Resize(size));
-                }
                 if let Some(choosing) = self.choosing.as_ref().filter(|c| c.channel == channel) {
                     let _ = choosing.resizes.try_send(size);
-                }
-            }
-            ChannelRequest::Signal(name) => {
-                if let Some(process) = &state.process {
-                    let _ = process.commands.try_send(ProcessCommand::Signal(name));
                 }
             }
             ChannelRequest::Shell => self.start(channel, None).await,
@@ -383,11 +380,10 @@ impl Connection {
             return;
         };
         let spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
-        let (commands, commands_rx) = mpsc::channel(8);
         let runtime = self.services.runtime.clone();
-        let process = run_process(runtime, spec, output, commands_rx, pty, self.handle.clone());
+        let process = run_process(runtime, spec, output, pty, self.handle.clone());
         let task = self.running.spawn(process.in_current_span());
-        state.process = Some(RunningProcess { commands, task });
+        state.process = Some(RunningProcess { task });
     }
 
     /// Whether the user asked for the `envgate` pseudo-environment, by login suffix or
@@ -730,7 +726,6 @@ async fn run_process(
     runtime: Arc<dyn ProcessRuntime>,
     spec: ProcessSpec,
     output: Arc<ChannelOutput>,
-    commands: mpsc::Receiver<ProcessCommand>,
     pty: bool,
     handle: Handle,
 ) -> ChannelEnd {
@@ -750,7 +745,7 @@ async fn run_process(
             };
         }
     };
-    match exec::pump(process, &output, commands, pty).await {
+    match exec::pump(process, &output, pty).await {
         Ok(ProcessEnd {
             code,
             signal: Some(signal),

@@ -406,6 +406,83 @@ async fn password_exec(proxy: SocketAddr, password: &str, command: &str) -> Opti
         .expect("password session in time")
 }
 
+/// Window changes sent in a burst before each `stty size`: more than the
+/// proxy ever queued for a process (8), so a size lost or applied late shows.
+const DRAG_STEPS: u32 = 12;
+
+/// Logs in as demo on a terminal of 100x30 and, for each size, sends the
+/// window changes and at once (no wait in between) `stty size` with a marker:
+/// what the shell printed for each, in order. The window change and the
+/// keys leave in this order, so the shell must see each size before the
+/// command typed after it, as with sshd.
+async fn sizes_seen_right_after_resizes(proxy: SocketAddr, sizes: &[(u32, u32)]) -> Vec<String> {
+    let run = async {
+        let config = Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect(config, proxy, AcceptAnyHostKey)
+            .await
+            .unwrap();
+        assert!(
+            session
+                .authenticate_password("demo", DEMO_PASSWORD)
+                .await
+                .unwrap()
+                .success()
+        );
+        let mut channel = session.channel_open_session().await.unwrap();
+        channel
+            .request_pty(true, "xterm", 100, 30, 0, 0, &[])
+            .await
+            .unwrap();
+        channel.request_shell(true).await.unwrap();
+        let mut screen = String::new();
+        let mut seen = Vec::new();
+        for (round, &(cols, rows)) in sizes.iter().enumerate() {
+            // A window being dragged: a burst of changes ending at the size.
+            for step in (0..DRAG_STEPS).rev() {
+                let (cols, rows) = (cols + step, rows + step);
+                channel.window_change(cols, rows, 0, 0).await.unwrap();
+            }
+            // The marker is computed by the shell, so its line is not the echo of the keys.
+            let line = format!("stty size; echo size-mark-$((1000+{round}))\n");
+            channel.data(line.as_bytes()).await.unwrap();
+            let marker = format!("size-mark-{}", 1000 + round);
+            let printed = loop {
+                if let Some(at) = screen.find(&format!("\n{marker}")) {
+                    let printed = screen[..at]
+                        .split(['\r', '\n'])
+                        .map(str::trim)
+                        .rfind(|l| !l.is_empty())
+                        .unwrap_or_default()
+                        .to_owned();
+                    // What follows the marker belongs to the next round.
+                    screen.drain(..at + 1 + marker.len());
+                    break printed;
+                }
+                match channel.wait().await {
+                    Some(russh::ChannelMsg::Data { data }) => {
+                        screen.push_str(&String::from_utf8_lossy(&data))
+                    }
+                    Some(russh::ChannelMsg::Close) | None => {
+                        panic!("the shell ended before {marker}: {screen:?}")
+                    }
+                    Some(_) => {}
+                }
+            };
+            seen.push(printed);
+        }
+        channel.data(&b"exit\n"[..]).await.unwrap();
+        while let Some(message) = channel.wait().await {
+            if let russh::ChannelMsg::Close = message {
+                break;
+            }
+        }
+        seen
+    };
+    tokio::time::timeout(SSH_TIMEOUT, run)
+        .await
+        .expect("the resizing session in time")
+}
+
 /// Runs `cat` with `data` as input while reading its output slowly, so the
 /// client keeps sending while the proxy's output waits for its window.
 async fn cat_with_slow_reader(port: u16, key: &Path, data: Vec<u8>) -> (Vec<u8>, Option<i32>) {
@@ -823,6 +900,23 @@ async fn proxy_serves_sessions_into_a_real_container() {
         "{}",
         run.stderr
     );
+
+    // A window change takes effect before the keys typed after it (as with
+    // sshd): `stty size` sent right after each resize prints the new size.
+    let sizes = [
+        (90, 25),
+        (120, 40),
+        (80, 24),
+        (132, 50),
+        (60, 20),
+        (100, 30),
+    ];
+    let seen_sizes = sizes_seen_right_after_resizes(proxy_addr, &sizes).await;
+    let expected: Vec<String> = sizes
+        .iter()
+        .map(|(cols, rows)| format!("{rows} {cols}"))
+        .collect();
+    assert_eq!(seen_sizes, expected);
 
     // When the fleet stream ends, the proxy attaches and registers again.
     commands.lock().unwrap().take();

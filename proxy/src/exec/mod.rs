@@ -20,7 +20,7 @@ use russh::ChannelWriteHalf;
 use russh::server::Msg;
 use thiserror::Error;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::error::ProxyError;
 
@@ -38,6 +38,10 @@ pub const INPUT_MAX: usize = 64 * 1024 * 1024;
 /// How long input may wait for room before the connection is given up (the
 /// process neither reads its input nor exits, and the client keeps sending).
 pub const INPUT_STALL_LIMIT: Duration = Duration::from_secs(600);
+/// Signals held for a channel whose process is not reading its input: past
+/// this a client's further signals are dropped (window changes need no such
+/// bound: consecutive ones are merged, and only the last size counts).
+const MAX_QUEUED_SIGNALS: usize = 16;
 /// How long to wait for the runtime to report an exit code after the
 /// process's output ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
@@ -145,7 +149,25 @@ pub trait ProcessRuntime: Send + Sync {
     async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError>;
 }
 
-/// Client input of one channel, from the russh handler to the process.
+/// One thing the client sent on a channel, in the order it was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Data(Bytes),
+    /// A window change: applied before any data that came after it, as
+    /// sshd does (`stty size` typed right after a resize sees the new size).
+    Resize(TerminalSize),
+    /// An SSH signal name, delivered after the data before it.
+    Signal(String),
+    /// The client will send no more data (window changes and signals may
+    /// still follow).
+    Eof,
+}
+
+/// Client input of one channel, from the russh handler to the process:
+/// data, window changes and signals in one queue, so each takes effect in
+/// the order the client sent it (a window change travelling beside the data
+/// could reach the terminal after keys typed behind it). Only data counts
+/// for the limits below.
 ///
 /// russh grants the client more window as soon as data arrives, so the only
 /// brake on a fast client is to stop reading the connection, which the
@@ -168,10 +190,18 @@ pub struct Inbound {
 
 #[derive(Default)]
 struct InboundState {
-    chunks: VecDeque<Bytes>,
+    items: VecDeque<Input>,
+    /// Data bytes in `items`.
     held: usize,
+    /// Signals in `items`.
+    signals: usize,
+    /// The last window change a data-only reader (the menu) stepped over;
+    /// the process gets it before the items that follow.
+    passed_resize: Option<TerminalSize>,
     /// The client sent EOF.
     eof: bool,
+    /// The process's reader was told of the EOF.
+    eof_taken: bool,
     /// Nobody will read any more (process ended, channel closed).
     closed: bool,
     /// Sends of output under way (waiting for the client or the loop).
@@ -192,7 +222,8 @@ impl Inbound {
             notified.as_mut().enable();
             let output_waiting = {
                 let mut state = self.state.lock().expect("inbound lock");
-                if state.closed {
+                // Data after EOF is a protocol error of the client's; dropped.
+                if state.closed || state.eof {
                     return Ok(());
                 }
                 if state.held + data.len() > INPUT_MAX {
@@ -205,7 +236,9 @@ impl Inbound {
                 };
                 if room {
                     state.held += data.len();
-                    state.chunks.push_back(Bytes::copy_from_slice(data));
+                    state
+                        .items
+                        .push_back(Input::Data(Bytes::copy_from_slice(data)));
                     drop(state);
                     self.changed.notify_waiters();
                     return Ok(());
@@ -226,6 +259,39 @@ impl Inbound {
         }
     }
 
+    /// Queues a window change behind the data already sent, at once: a size
+    /// is never dropped or held back by a full queue. It replaces a window
+    /// change right before it (only the last of a burst counts).
+    pub fn resize(&self, size: TerminalSize) {
+        let mut state = self.state.lock().expect("inbound lock");
+        if state.closed {
+            return;
+        }
+        match state.items.back_mut() {
+            Some(Input::Resize(last)) => *last = size,
+            _ => state.items.push_back(Input::Resize(size)),
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Queues a signal behind the data already sent; dropped past
+    /// [`MAX_QUEUED_SIGNALS`] (the process is not reading its input).
+    pub fn signal(&self, name: String) {
+        let mut state = self.state.lock().expect("inbound lock");
+        if state.closed {
+            return;
+        }
+        if state.signals >= MAX_QUEUED_SIGNALS {
+            tracing::debug!(signal = %name, "signal dropped: too many waiting");
+            return;
+        }
+        state.signals += 1;
+        state.items.push_back(Input::Signal(name));
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
     /// The client will send no more.
     pub fn finish(&self) {
         self.state.lock().expect("inbound lock").eof = true;
@@ -236,28 +302,64 @@ impl Inbound {
     pub fn close(&self) {
         let mut state = self.state.lock().expect("inbound lock");
         state.closed = true;
-        state.chunks.clear();
+        state.items.clear();
         state.held = 0;
+        state.signals = 0;
         drop(state);
         self.changed.notify_waiters();
     }
 
-    /// The next chunk of input; `None` at EOF or after close.
+    /// The next chunk of data, for a reader before any process exists (the
+    /// menu); `None` at EOF or after close. Signals are dropped (there is
+    /// nothing to signal); the last window change is kept for the process
+    /// (see [`Inbound::next_input`]).
     pub async fn next(&self) -> Option<Bytes> {
+        loop {
+            match self.next_item(false).await? {
+                Input::Data(chunk) => return Some(chunk),
+                Input::Resize(size) => {
+                    self.state.lock().expect("inbound lock").passed_resize = Some(size);
+                }
+                Input::Signal(_) | Input::Eof => {}
+            }
+        }
+    }
+
+    /// The next thing the client sent, for the process: [`Input::Eof`] once,
+    /// then window changes and signals until the channel closes (`None`).
+    pub async fn next_input(&self) -> Option<Input> {
+        self.next_item(true).await
+    }
+
+    async fn next_item(&self, for_process: bool) -> Option<Input> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut state = self.state.lock().expect("inbound lock");
-                if let Some(chunk) = state.chunks.pop_front() {
-                    state.held -= chunk.len();
+                if for_process && let Some(size) = state.passed_resize.take() {
+                    // A later window change at the front supersedes it.
+                    if !matches!(state.items.front(), Some(Input::Resize(_))) {
+                        return Some(Input::Resize(size));
+                    }
+                }
+                if let Some(item) = state.items.pop_front() {
+                    match &item {
+                        Input::Data(chunk) => state.held -= chunk.len(),
+                        Input::Signal(_) => state.signals -= 1,
+                        Input::Resize(_) | Input::Eof => {}
+                    }
                     drop(state);
                     self.changed.notify_waiters();
-                    return Some(chunk);
+                    return Some(item);
                 }
-                if state.eof || state.closed {
+                if state.closed || (state.eof && !for_process) {
                     return None;
+                }
+                if state.eof && !state.eof_taken {
+                    state.eof_taken = true;
+                    return Some(Input::Eof);
                 }
             }
             notified.await;
@@ -342,21 +444,13 @@ impl ChannelOutput {
     }
 }
 
-/// Steering a running process from the session task.
-#[derive(Debug, Clone)]
-pub enum ProcessCommand {
-    Resize(TerminalSize),
-    /// An SSH signal name.
-    Signal(String),
-}
-
 /// Pumps a started process to and from the channel until its output ends,
-/// then returns how it ended. Input is passed on with its EOF; output keeps
-/// stdout and stderr apart (on a tty they are one stream anyway).
+/// then returns how it ended. Input is passed on with its EOF, and window
+/// changes and signals in their place among it; output keeps stdout and
+/// stderr apart (on a tty they are one stream anyway).
 pub async fn pump(
     process: StartedProcess,
     output: &ChannelOutput,
-    mut commands: mpsc::Receiver<ProcessCommand>,
     tty: bool,
 ) -> Result<ProcessEnd, ExecError> {
     let StartedProcess {
@@ -365,21 +459,42 @@ pub async fn pump(
         control,
     } = process;
     let inbound = output.inbound().clone();
+    let steer = control.as_ref();
     let stdin_task = async move {
-        while let Some(chunk) = inbound.next().await {
-            if let Err(e) = write_chunk(&mut stdin, &chunk).await {
-                tracing::debug!(error = %e, "process input closed");
-                inbound.close();
-                return;
+        while let Some(input) = inbound.next_input().await {
+            match input {
+                Input::Data(chunk) => {
+                    if let Err(e) = write_chunk(&mut stdin, &chunk).await {
+                        tracing::debug!(error = %e, "process input closed");
+                        inbound.close();
+                        return;
+                    }
+                }
+                // The runtime's resize returns once the terminal has its new
+                // size, so the data behind it is written after that.
+                Input::Resize(size) if tty => {
+                    if let Err(e) = steer.resize(size).await {
+                        tracing::debug!(error = %e, "resize failed");
+                    }
+                }
+                // Without a terminal there is no window to change (sshd ignores it too).
+                Input::Resize(_) => {}
+                Input::Signal(name) => {
+                    if let Err(e) = steer.signal(&name).await {
+                        tracing::debug!(error = %e, signal = %name, "signal not delivered");
+                    }
+                }
+                // Without a terminal, EOF is passed on by shutting the input
+                // down. On a terminal there is no such thing (the runtime would
+                // end the whole attachment, losing output still on its way), so,
+                // as sshd does, the process just keeps its terminal until it exits.
+                Input::Eof => {
+                    tracing::debug!("client input ended");
+                    if !tty && let Err(e) = stdin.shutdown().await {
+                        tracing::debug!(error = %e, "closing process input failed");
+                    }
+                }
             }
-        }
-        // Without a terminal, EOF is passed on by shutting the input down. On
-        // a terminal there is no such thing (the runtime would end the whole
-        // attachment, losing output still on its way), so, as sshd does, the
-        // process just keeps its terminal until it exits.
-        tracing::debug!("client input ended");
-        if !tty && let Err(e) = stdin.shutdown().await {
-            tracing::debug!(error = %e, "closing process input failed");
         }
         // Keep the write half alive until the output ends: dropping it would
         // tear down the whole attach connection.
@@ -387,40 +502,22 @@ pub async fn pump(
     };
 
     let output_task = async {
-        let mut commands_open = true;
         loop {
-            tokio::select! {
-                command = commands.recv(), if commands_open => match command {
-                    Some(ProcessCommand::Resize(size)) => {
-                        if let Err(e) = control.resize(size).await {
-                            tracing::debug!(error = %e, "resize failed");
-                        }
-                    }
-                    Some(ProcessCommand::Signal(name)) => {
-                        if let Err(e) = control.signal(&name).await {
-                            tracing::debug!(error = %e, signal = %name, "signal not delivered");
-                        }
-                    }
-                    None => commands_open = false,
-                },
-                item = process_output.next() => {
-                    let sent = match item {
-                        Some(Ok(Output::Stdout(data))) => output.stdout(data).await,
-                        Some(Ok(Output::Stderr(data))) => output.stderr(data).await,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "reading process output failed");
-                            return;
-                        }
-                        None => {
-                            tracing::debug!("process output ended");
-                            return;
-                        }
-                    };
-                    if sent.is_err() {
-                        tracing::debug!("the channel closed before the process's output ended");
-                        return;
-                    }
+            let sent = match process_output.next().await {
+                Some(Ok(Output::Stdout(data))) => output.stdout(data).await,
+                Some(Ok(Output::Stderr(data))) => output.stderr(data).await,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading process output failed");
+                    return;
                 }
+                None => {
+                    tracing::debug!("process output ended");
+                    return;
+                }
+            };
+            if sent.is_err() {
+                tracing::debug!("the channel closed before the process's output ended");
+                return;
             }
         }
     };
