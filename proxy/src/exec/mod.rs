@@ -198,10 +198,8 @@ struct InboundState {
     /// The last window change a data-only reader (the menu) stepped over;
     /// the process gets it before the items that follow.
     passed_resize: Option<TerminalSize>,
-    /// The client sent EOF.
+    /// The client sent EOF ([`Input::Eof`] is queued).
     eof: bool,
-    /// The process's reader was told of the EOF.
-    eof_taken: bool,
     /// Nobody will read any more (process ended, channel closed).
     closed: bool,
     /// Sends of output under way (waiting for the client or the loop).
@@ -294,7 +292,13 @@ impl Inbound {
 
     /// The client will send no more.
     pub fn finish(&self) {
-        self.state.lock().expect("inbound lock").eof = true;
+        let mut state = self.state.lock().expect("inbound lock");
+        if state.closed || state.eof {
+            return;
+        }
+        state.eof = true;
+        state.items.push_back(Input::Eof);
+        drop(state);
         self.changed.notify_waiters();
     }
 
@@ -325,8 +329,8 @@ impl Inbound {
         }
     }
 
-    /// The next thing the client sent, for the process: [`Input::Eof`] once,
-    /// then window changes and signals until the channel closes (`None`).
+    /// The next thing the client sent, for the process, until the channel
+    /// closes (`None`); window changes and signals may follow [`Input::Eof`].
     pub async fn next_input(&self) -> Option<Input> {
         self.next_item(true).await
     }
@@ -344,6 +348,10 @@ impl Inbound {
                         return Some(Input::Resize(size));
                     }
                 }
+                // The data-only reader stops at EOF and leaves it for the process.
+                if !for_process && matches!(state.items.front(), Some(Input::Eof)) {
+                    return None;
+                }
                 if let Some(item) = state.items.pop_front() {
                     match &item {
                         Input::Data(chunk) => state.held -= chunk.len(),
@@ -354,12 +362,8 @@ impl Inbound {
                     self.changed.notify_waiters();
                     return Some(item);
                 }
-                if state.closed || (state.eof && !for_process) {
+                if state.closed {
                     return None;
-                }
-                if state.eof && !state.eof_taken {
-                    state.eof_taken = true;
-                    return Some(Input::Eof);
                 }
             }
             notified.await;
@@ -638,6 +642,76 @@ mod tests {
         inbound.close();
         writer.await.unwrap().unwrap();
         assert!(inbound.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn window_changes_and_signals_keep_their_place_among_the_data() {
+        let size = |cols, rows| TerminalSize { cols, rows };
+        let inbound = Inbound::default();
+        inbound.push(b"before").await.unwrap();
+        inbound.resize(size(90, 25));
+        inbound.resize(size(91, 26));
+        inbound.push(b"after").await.unwrap();
+        inbound.signal("INT".into());
+        inbound.finish();
+        inbound.resize(size(80, 24));
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(inbound.next_input().await.unwrap());
+        }
+        assert_eq!(
+            seen,
+            [
+                Input::Data(Bytes::from_static(b"before")),
+                // A burst keeps only its last size.
+                Input::Resize(size(91, 26)),
+                Input::Data(Bytes::from_static(b"after")),
+                Input::Signal("INT".into()),
+                Input::Eof,
+                // Window changes still reach a terminal after EOF.
+                Input::Resize(size(80, 24)),
+            ]
+        );
+        // Window changes do not count against the data limits.
+        assert_eq!(inbound.held(), 0);
+        inbound.close();
+        assert_eq!(inbound.next_input().await, None);
+    }
+
+    #[tokio::test]
+    async fn the_menu_reads_data_and_the_process_still_gets_the_last_size() {
+        let size = |cols, rows| TerminalSize { cols, rows };
+        let inbound = Inbound::default();
+        inbound.resize(size(90, 25));
+        inbound.signal("INT".into());
+        inbound.push(b"\r").await.unwrap();
+        inbound.push(b"ls\n").await.unwrap();
+        // The menu reads the Enter, stepping over the window change and the
+        // signal (no process yet)...
+        assert_eq!(inbound.next().await.unwrap(), Bytes::from_static(b"\r"));
+        // ...and the process started next gets the size, then the keys.
+        assert_eq!(
+            inbound.next_input().await,
+            Some(Input::Resize(size(90, 25)))
+        );
+        assert_eq!(
+            inbound.next_input().await,
+            Some(Input::Data(Bytes::from_static(b"ls\n")))
+        );
+    }
+
+    #[tokio::test]
+    async fn signals_held_for_a_process_not_reading_are_bounded() {
+        let inbound = Inbound::default();
+        for _ in 0..MAX_QUEUED_SIGNALS + 5 {
+            inbound.signal("INT".into());
+        }
+        inbound.finish();
+        let mut signals = 0;
+        while let Some(Input::Signal(_)) = inbound.next_input().await {
+            signals += 1;
+        }
+        assert_eq!(signals, MAX_QUEUED_SIGNALS);
     }
 
     #[test]
