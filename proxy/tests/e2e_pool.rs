@@ -24,13 +24,31 @@ const USERS: usize = 20;
 const FILL_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Declared BEFORE the fleet, so it runs after the fleet's own cleanup (which kills the
-/// control plane and removes the containers): releases the home slots the killed control
-/// plane could not, unmounting the homes without deleting through them.
+/// control plane and removes the containers): removes warm containers whose creation was
+/// still under way in Docker, and releases the home slots the killed control plane could
+/// not, unmounting the homes without deleting through them.
 struct SlotCleanup(Option<String>);
 
 impl Drop for SlotCleanup {
     fn drop(&mut self) {
         let Some(instance) = &self.0 else { return };
+        // A refill the killed control plane had sent to Docker still completes after the
+        // fleet's sweep; give it a moment, then remove what it made.
+        std::thread::sleep(Duration::from_secs(3));
+        let label = format!("label=envgate.instance={instance}");
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &label])
+            .output()
+        {
+            let ids = String::from_utf8_lossy(&out.stdout);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
         let dir = Path::new(SLOTS).join(instance);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
