@@ -102,11 +102,11 @@ async fn a_container_at_its_maximum_lifetime_warns_then_ends_the_session_and_kee
         l.starts_with("envgate: environment \"short\" reaches its maximum lifetime in ")
             && l.ends_with(" UTC); save your work — your home directory is kept")
     });
-    // As a stderr line, or in OpenSSH's "Received disconnect ...: envgate: ..." line.
-    let end = lines.iter().rposition(|l| {
-        l.contains("envgate: environment \"short\" reached its maximum lifetime (12 s)")
-            && l.contains("your home directory is kept")
-    });
+    let end = support::told_at(
+        &lines,
+        "environment \"short\" reached its maximum lifetime (12 s); the session ends and its \
+         container is removed; your home directory is kept, connect again for a fresh container",
+    );
     match (warning, end) {
         (Some(w), Some(e)) => assert!(w < e, "the warning came after the end: {out:#?}"),
         _ => panic!("expected the warning, then the end: {out:#?}"),

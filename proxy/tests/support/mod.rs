@@ -1303,7 +1303,7 @@ pub fn environment(name: &str, image: &str, shell: &str, is_default: bool) -> ad
 }
 
 /// A session started with `echo started; …` ended early (within `timeout`) with exactly the
-/// notice it was given, as a stderr line or in OpenSSH's "Received disconnect" line.
+/// notice it was given (see `told_at`).
 pub async fn assert_told(ssh: tokio::task::JoinHandle<SshOutput>, timeout: Duration, notice: &str) {
     let out = tokio::time::timeout(timeout, ssh)
         .await
@@ -1312,9 +1312,19 @@ pub async fn assert_told(ssh: tokio::task::JoinHandle<SshOutput>, timeout: Durat
     assert_eq!(out.stdout, "started\n", "{out:#?}");
     assert_ne!(out.code, Some(0), "{out:#?}");
     assert!(
-        out.stderr.contains(&format!("envgate: {notice}")),
+        told_at(&out.stderr_lines(), notice).is_some(),
         "expected the notice {notice:?}: {out:#?}"
     );
+}
+
+/// The last of `lines` (stderr) that shows exactly `envgate: {notice}`: the stderr line the
+/// proxy wrote, or OpenSSH's `Received disconnect from HOST port N:11: envgate: {notice}`.
+pub fn told_at(lines: &[&str], notice: &str) -> Option<usize> {
+    let line = format!("envgate: {notice}");
+    let disconnect = format!(":11: {line}");
+    lines.iter().rposition(|l| {
+        *l == line || (l.starts_with("Received disconnect from ") && l.ends_with(&disconnect))
+    })
 }
 
 /// An `ssh_key_argv` with `-o option` for each of `options` (before the `-- host` at its
