@@ -62,10 +62,9 @@ impl SelfServiceHandler {
         }
     }
 
+    /// The catalogue in name order (`catalogue::environments` reads it in key order).
     async fn catalogue(&self) -> Result<Vec<EnvironmentRecord>, SelfServiceError> {
-        let mut catalogue = catalogue::environments(self.store.as_ref()).await?;
-        catalogue.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(catalogue)
+        Ok(catalogue::environments(self.store.as_ref()).await?)
     }
 
     /// The user's placement records, persistent and ephemeral.
@@ -188,13 +187,9 @@ impl SelfServiceHandler {
         if keys.is_empty() {
             // A container of an environment since deleted from the catalogue can still be
             // stopped above; nothing to stop in one that never existed is a typo.
-            if !self
-                .catalogue()
-                .await?
-                .iter()
-                .any(|e| e.name == environment)
-            {
-                return Err(self.unknown(&claims, environment).await?);
+            let catalogue = self.catalogue().await?;
+            if !catalogue.iter().any(|e| e.name == environment) {
+                return Err(catalogue::unknown(&catalogue, &claims.groups, environment).into());
             }
             return Ok(StopEnvironmentResponse {
                 stopped: false,
@@ -609,13 +604,17 @@ mod tests {
             message,
             r#"unknown environment "nope"; available: busybox, scratch"#
         );
-        let (status, _) = code(
+        let (status, message) = code(
             selfservice
                 .stop_environment(&world.token("alice"), "../x")
                 .await
                 .unwrap_err(),
         );
         assert_eq!(status, tonic::Code::NotFound);
+        assert_eq!(
+            message,
+            r#"unknown environment "../x"; available: busybox, scratch"#
+        );
     }
 
     #[tokio::test]
@@ -649,7 +648,10 @@ mod tests {
                 .await
                 .unwrap_err(),
         );
-        assert!(message.contains(r#""x\u{1b}[2J""#), "escaped: {message}");
+        assert_eq!(
+            message, r#"unknown environment "x\u{1b}[2J"; available: busybox, scratch"#,
+            "escaped"
+        );
 
         selfservice.set_default(&token, "").await.unwrap();
         let envs = selfservice.list_environments(&token).await.unwrap();
