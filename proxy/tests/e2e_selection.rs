@@ -10,22 +10,12 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    BUSYBOX_IMAGE, Fleet, FleetOptions, SshOutput, Tmux, environment, eventually, proxy_bin, run,
+    BUSYBOX_IMAGE, Fleet, FleetOptions, SshOutput, Tmux, WHICH, environment, eventually, landed_in,
+    proxy_bin, run,
 };
 
-/// Prints `ID=debian` in the Debian image; the BusyBox image has no `/etc/os-release`.
-const WHICH: &str = "grep ^ID= /etc/os-release 2>/dev/null || echo ID=none";
 const MENU_TITLE: &str = "envgate: choose an environment";
 const SCREEN_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn landed_in(out: &SshOutput) -> &str {
-    assert_eq!(out.code, Some(0), "ssh failed: {out:#?}");
-    match out.stdout.trim() {
-        "ID=debian" => "debian",
-        "ID=none" => "busybox",
-        other => panic!("neither image: {other:?} ({out:#?})"),
-    }
-}
 
 /// The environments of `user`'s containers, sorted.
 fn container_environments(fleet: &Fleet, user: &str) -> Vec<String> {

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Fleet, SshOutput, eventually};
+use support::{Fleet, SshOutput, WHICH, eventually, landed_in};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -242,28 +242,12 @@ async fn stop_ends_the_sessions_removes_the_container_and_keeps_home() {
 async fn default_is_saved_refused_and_cleared() {
     let fleet = Fleet::start().await;
     put_staff_only(&fleet).await;
-    let os = |out: SshOutput| {
-        out.assert_success();
-        if out.stdout.contains("ID=debian") {
-            "debian"
-        } else {
-            "busybox"
-        }
-    };
-    assert_eq!(
-        os(fleet
-            .ssh("demo", "cat /etc/os-release 2>/dev/null; true", None)
-            .await),
-        "busybox"
-    );
+    assert_eq!(landed_in(&fleet.ssh("demo", WHICH, None).await), "busybox");
 
     let out = envgate(&fleet, "demo", "default debian").await;
     out.assert_success();
     assert_eq!(out.stdout, "your default environment is now debian\n");
-    assert_eq!(
-        os(fleet.ssh("demo", "cat /etc/os-release", None).await),
-        "debian"
-    );
+    assert_eq!(landed_in(&fleet.ssh("demo", WHICH, None).await), "debian");
     let users = fleet.etcd_records("users/demo").await.expect("etcd");
     let record: Value = serde_json::from_str(&users[0].1).expect("user record");
     assert_eq!(record["default_environment"], "debian");
@@ -299,9 +283,7 @@ async fn default_is_saved_refused_and_cleared() {
         ""
     );
     assert_eq!(
-        os(fleet
-            .ssh("demo", "cat /etc/os-release 2>/dev/null; true", None)
-            .await),
+        landed_in(&fleet.ssh("demo", WHICH, None).await),
         "busybox",
         "the catalogue's default again"
     );

@@ -1290,6 +1290,19 @@ impl Drop for Fleet {
     }
 }
 
+/// Prints `ID=debian` in the Debian image; the BusyBox image has no `/etc/os-release`.
+pub const WHICH: &str = "grep ^ID= /etc/os-release 2>/dev/null || echo ID=none";
+
+/// The image (`debian` or `busybox`) a successful `WHICH` ran in.
+pub fn landed_in(out: &SshOutput) -> &str {
+    assert_eq!(out.code, Some(0), "ssh failed: {out:#?}");
+    match out.stdout.trim() {
+        "ID=debian" => "debian",
+        "ID=none" => "busybox",
+        other => panic!("neither image: {other:?} ({out:#?})"),
+    }
+}
+
 /// An environment with the defaults the control plane fills in for the rest.
 pub fn environment(name: &str, image: &str, shell: &str, is_default: bool) -> admin::Environment {
     admin::Environment {
