@@ -6,6 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use support::proxy_v2::proxy_v2_header;
 use support::{Fleet, FleetOptions, SshOutput, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,20 +68,6 @@ async fn a_killed_proxys_sessions_expire_and_the_user_lands_in_the_same_containe
         sessions.is_empty(),
         "the new session closed cleanly: {sessions:?}"
     );
-}
-
-/// A PROXY v2 header (TCP over IPv4) claiming `source`.
-fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (source, destination) else {
-        panic!("IPv4 only")
-    };
-    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
-    header.extend_from_slice(&src.ip().octets());
-    header.extend_from_slice(&dst.ip().octets());
-    header.extend_from_slice(&src.port().to_be_bytes());
-    header.extend_from_slice(&dst.port().to_be_bytes());
-    header
 }
 
 /// Connects to `proxy` from `local_ip`, sends `bytes` and an SSH banner, and returns what

@@ -4,6 +4,9 @@
 //!
 //! Needs Docker and the image (`deploy/local/images busybox`).
 
+#[path = "support/proxy_v2.rs"]
+mod proxy_v2;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ use envgate_proto::v1::{
 use envgate_proxy::config::parse_cidrs;
 use envgate_proxy::{Config, Proxy};
 use futures::Stream;
+use proxy_v2::proxy_v2_header;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -572,19 +576,6 @@ async fn fake_balancer(proxy: SocketAddr) -> SocketAddr {
         }
     });
     addr
-}
-
-fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (source, destination) else {
-        panic!("IPv4 only")
-    };
-    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
-    header.extend_from_slice(&src.ip().octets());
-    header.extend_from_slice(&dst.ip().octets());
-    header.extend_from_slice(&src.port().to_be_bytes());
-    header.extend_from_slice(&dst.port().to_be_bytes());
-    header
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,6 +13,8 @@
 // Each e2e test binary uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod proxy_v2;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
