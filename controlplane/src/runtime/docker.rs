@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, VolumeCreateRequest,
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Volume, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
@@ -188,6 +188,26 @@ impl DockerRuntime {
         self.slots
             .as_ref()
             .map_err(|reason| RuntimeError::Failed(format!("warm pools are disabled: {reason}")))
+    }
+
+    /// Creates `user`'s home volume if it is missing and returns it. Creating an existing
+    /// volume is a no-op in Docker that answers with the volume (its mount point included), so
+    /// this is idempotent and one call.
+    async fn home_volume(&self, instance: &str, user: &str) -> Result<Volume, RuntimeError> {
+        let name = volume_name(instance, user);
+        let request = VolumeCreateRequest {
+            name: Some(name),
+            labels: Some(HashMap::from([
+                (
+                    labels::MANAGED_BY.to_owned(),
+                    labels::MANAGED_BY_VALUE.to_owned(),
+                ),
+                (labels::INSTANCE.to_owned(), instance.to_owned()),
+                (labels::USER.to_owned(), user.to_owned()),
+            ])),
+            ..VolumeCreateRequest::default()
+        };
+        bounded("create volume", self.docker().await?.create_volume(request)).await
     }
 
     /// Creates and starts `name` with its home bind `home` and, when configured, the agent as
@@ -454,22 +474,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
-        let name = volume_name(instance, user);
-        // Creating an existing volume is a no-op in Docker, so this is idempotent.
-        let request = VolumeCreateRequest {
-            name: Some(name.clone()),
-            labels: Some(HashMap::from([
-                (
-                    labels::MANAGED_BY.to_owned(),
-                    labels::MANAGED_BY_VALUE.to_owned(),
-                ),
-                (labels::INSTANCE.to_owned(), instance.to_owned()),
-                (labels::USER.to_owned(), user.to_owned()),
-            ])),
-            ..VolumeCreateRequest::default()
-        };
-        bounded("create volume", self.docker().await?.create_volume(request)).await?;
-        Ok(name)
+        Ok(self.home_volume(instance, user).await?.name)
     }
 
     async fn create_and_start(
@@ -519,16 +524,15 @@ impl Runtime for DockerRuntime {
         let dir = slots
             .container_dir(&spec.instance, &container.name)
             .ok_or_else(|| RuntimeError::Failed(format!("{} has no home slot", container.name)))?;
-        let volume = self.ensure_volume(&spec.instance, &spec.user).await?;
-        let docker = self.docker().await?;
-        let mountpoint = bounded("inspect volume", docker.inspect_volume(&volume))
-            .await?
-            .mountpoint;
+        let volume = self.home_volume(&spec.instance, &spec.user).await?;
+        let mountpoint = volume.mountpoint;
         if mountpoint.is_empty() {
             return Err(RuntimeError::Failed(format!(
-                "volume {volume} has no mount point on this host"
+                "volume {} has no mount point on this host",
+                volume.name
             )));
         }
+        let docker = self.docker().await?;
         slots
             .mount_home(&dir, &spec.user, Path::new(&mountpoint))
             .map_err(|e| {
