@@ -324,8 +324,14 @@ impl Placer {
             self.pools.give_back(key, &claimed).await?;
             return Err(e);
         }
-        let Some(running) = self.pools.assign(cx.env, key, &claimed).await else {
-            return Ok(None);
+        let running = match self.pools.assign(cx.env, &claimed).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::warn!(container = %claimed.record.container_name, user = %claimed.record.user, environment = %cx.env.name, error = %e, "handing over a warm container failed; removing it and creating one instead");
+                self.remove_quietly(&claimed.record.container_id).await;
+                self.release_claim(key, claimed.revision).await;
+                return Ok(None);
+            }
         };
         match self.commit(cx, key, claimed.revision, &running).await {
             Ok(Some(placement)) => {

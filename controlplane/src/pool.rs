@@ -190,14 +190,13 @@ impl WarmPools {
     }
 
     /// Hands the claimed container to its user (their home mounted) and returns its
-    /// `running` record to commit. `None` when that failed: the container is removed and the
-    /// claim released, and the caller creates a container instead.
+    /// `running` record to commit. On an error the caller removes the container and releases
+    /// the claim (as after a failed creation), and creates a container instead.
     pub async fn assign(
         &self,
         env: &EnvironmentRecord,
-        key: &str,
         claimed: &Claimed,
-    ) -> Option<ContainerRecord> {
+    ) -> Result<ContainerRecord, RuntimeError> {
         let record = &claimed.record;
         let session = (!record.session_id.is_empty()).then_some(record.session_id.as_str());
         let spec = container_spec(&self.instance, env, &record.user, session);
@@ -218,36 +217,17 @@ impl WarmPools {
             ))),
             Err(e) => Err(e),
         };
-        let result = match handed {
-            Ok(name) => {
-                let now = model::now();
-                metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => "hit").increment(1);
-                return Some(ContainerRecord {
-                    container_name: name,
-                    state: ContainerState::Running,
-                    state_since: now,
-                    last_active_at: now,
-                    ..record.clone()
-                });
-            }
-            Err(e) => e,
-        };
-        metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => "miss").increment(1);
-        tracing::warn!(container = %record.container_name, user = %record.user, environment = %env.name, error = %result, "handing over a warm container failed; removing it and creating one instead");
-        if let Err(e) = self.runtime.remove(&record.container_id).await {
-            tracing::warn!(container = %record.container_id, error = %e, "removing a warm container failed; the reconciler will retry");
-        }
-        let released = self
-            .store
-            .txn(
-                vec![Compare::revision(key, claimed.revision)],
-                vec![TxnOp::delete(key)],
-            )
-            .await;
-        if let Err(e) = released {
-            tracing::warn!(key, error = %e, "releasing a warm claim failed; the reconciler will clean up");
-        }
-        None
+        let outcome = if handed.is_ok() { "hit" } else { "miss" };
+        metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => outcome).increment(1);
+        let name = handed?;
+        let now = model::now();
+        Ok(ContainerRecord {
+            container_name: name,
+            state: ContainerState::Running,
+            state_since: now,
+            last_active_at: now,
+            ..record.clone()
+        })
     }
 
     /// The pool entries of `env` that are of its current image, with their keys.
