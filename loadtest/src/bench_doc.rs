@@ -48,14 +48,18 @@ pub fn splice_region(doc: &str, begin: &str, end: &str, generated: &str) -> Stri
     }
 }
 
-fn summary<'a>(result: &'a SweepResult, endpoint: &'a str, level: u32) -> Option<&'a LevelSummary> {
+pub(crate) fn summary<'a>(
+    result: &'a SweepResult,
+    endpoint: &'a str,
+    level: u32,
+) -> Option<&'a LevelSummary> {
     result
         .levels_of(endpoint)
         .find(|l| l.summary.level == level)
         .map(|l| &l.summary)
 }
 
-fn top_level(result: &SweepResult) -> u32 {
+pub(crate) fn top_level(result: &SweepResult) -> u32 {
     result
         .levels
         .iter()
@@ -68,10 +72,8 @@ fn failures(result: &SweepResult, endpoint: &str) -> usize {
     result.levels_of(endpoint).map(|l| l.summary.failed).sum()
 }
 
-/// Server-side phases at one level, longest mean first. `session` (the whole
-/// command) and `teardown` (after the client has its exit status) are not
-/// part of what a client waits for before its output, so they never dominate.
-fn phases_by_mean(result: &SweepResult, level: u32) -> Vec<&PhaseMean> {
+/// The target's server-side phases at one level, longest mean first.
+pub(crate) fn phases_by_mean(result: &SweepResult, level: u32) -> Vec<&PhaseMean> {
     let mut phases: Vec<&PhaseMean> = result
         .levels_of(TARGET)
         .filter(|l| l.summary.level == level)
@@ -81,6 +83,9 @@ fn phases_by_mean(result: &SweepResult, level: u32) -> Vec<&PhaseMean> {
     phases
 }
 
+/// The longest phase a client waits through. `session` (the whole command) and
+/// `teardown` (after the client has its exit status) are not part of what a client
+/// waits for before its output, so they never dominate.
 fn dominant_phase(result: &SweepResult, level: u32) -> Option<&PhaseMean> {
     phases_by_mean(result, level)
         .into_iter()

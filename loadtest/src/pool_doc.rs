@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use crate::bench_doc;
 use crate::stats::{Distribution, LevelSummary};
 use crate::sweep::{SweepResult, TARGET};
 
@@ -24,26 +25,18 @@ pub struct PoolRun<'a> {
 /// Replaces the generated region of `doc` with `generated`, or appends it (with its
 /// markers) when the document has none yet.
 pub fn splice(doc: &str, generated: &str) -> String {
-    crate::bench_doc::splice_region(doc, BEGIN, END, generated)
+    bench_doc::splice_region(doc, BEGIN, END, generated)
 }
 
 /// The target's summary at its highest level.
 fn top(result: &SweepResult) -> Option<&LevelSummary> {
-    result
-        .levels_of(TARGET)
-        .map(|l| &l.summary)
-        .max_by_key(|s| s.level)
+    bench_doc::summary(result, TARGET, bench_doc::top_level(result))
 }
 
 /// Server-side `placement` phases of the target's highest level, e.g. `outcome=warm`.
 fn placements(result: &SweepResult) -> String {
-    let Some(level) = top(result).map(|s| s.level) else {
-        return "-".into();
-    };
-    let phases: Vec<String> = result
-        .levels_of(TARGET)
-        .filter(|l| l.summary.level == level)
-        .flat_map(|l| l.server_phases.iter())
+    let phases: Vec<String> = bench_doc::phases_by_mean(result, bench_doc::top_level(result))
+        .into_iter()
         // Only the series by outcome (created, warm, reused), not other labellings of it.
         .filter(|p| p.phase == "placement" && p.labels.starts_with("outcome="))
         .map(|p| {
