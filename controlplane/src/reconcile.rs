@@ -152,11 +152,13 @@ pub struct Reconciler {
     config: ReconcileConfig,
     /// Never held across an await.
     seen: Mutex<Option<Seen>>,
+    pools: WarmPools,
 }
 
 impl Reconciler {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: ReconcileConfig) -> Self {
         Self {
+            pools: WarmPools::new(store.clone(), runtime.clone(), &config.instance),
             store,
             runtime,
             config,
@@ -175,12 +177,7 @@ impl Reconciler {
         let containers = self.runtime.list_managed(&self.config.instance).await?;
         // Before the records: a claim moves a container from a pool to a record in one
         // transaction, so reading in this order sees every warm or claimed id.
-        let pools = WarmPools::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            &self.config.instance,
-        );
-        let pooled = pools.pooled_ids().await?;
+        let pooled = self.pools.pooled_ids().await?;
         let mut records: Vec<(String, Versioned<ContainerRecord>)> =
             store::range_json(self.store.as_ref(), model::CONTAINERS).await?;
         let sessions: Vec<(String, Versioned<SessionRecord>)> =
@@ -320,7 +317,7 @@ impl Reconciler {
             count_failure();
             tracing::warn!(error = %e, "sweeping per-container host state failed");
         }
-        let pool = pools.reconcile(&containers, &environments).await?;
+        let pool = self.pools.reconcile(&containers, &environments).await?;
         actions.refilled_pool += pool.refilled;
         actions.drained_pool += pool.drained;
         Ok(actions)
