@@ -703,25 +703,6 @@ fn exec_failure_result(e: &ExecError) -> ConnectionResult {
     }
 }
 
-/// russh's name for a signal (its own parser is private).
-fn ssh_signal(name: &str) -> Sig {
-    match name {
-        "ABRT" => Sig::ABRT,
-        "ALRM" => Sig::ALRM,
-        "FPE" => Sig::FPE,
-        "HUP" => Sig::HUP,
-        "ILL" => Sig::ILL,
-        "INT" => Sig::INT,
-        "KILL" => Sig::KILL,
-        "PIPE" => Sig::PIPE,
-        "QUIT" => Sig::QUIT,
-        "SEGV" => Sig::SEGV,
-        "TERM" => Sig::TERM,
-        "USR1" => Sig::USR1,
-        other => Sig::Custom(other.to_owned()),
-    }
-}
-
 async fn run_process(
     runtime: Arc<dyn ProcessRuntime>,
     spec: ProcessSpec,
@@ -754,7 +735,9 @@ async fn run_process(
             let sent = handle
                 .exit_signal_request(
                     output.id(),
-                    ssh_signal(&signal.name),
+                    // russh writes a signal's name as given, so `Custom`
+                    // carries the standard names (`TERM`, `INT`) too.
+                    Sig::Custom(signal.name),
                     signal.core_dumped,
                     String::new(),
                     String::new(),
