@@ -128,9 +128,15 @@ async fn a_claimed_warm_container_shows_only_its_users_home_and_its_removal_keep
     std::fs::write(home.join("kept.txt"), b"from before").unwrap();
 
     let warm = runtime.create_warm(&spec(&instance, "")).await.unwrap();
+    let suffix = warm.name.rsplit('-').next().unwrap();
     assert!(
+        suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}",
         warm.name
-            .starts_with(&format!("envgate-{instance}-pool-busybox-"))
+    );
+    assert_eq!(
+        warm.name,
+        format!("envgate-{instance}-pool-busybox-{suffix}")
     );
     let labels_of = labels(&warm.id);
     assert_eq!(
@@ -148,7 +154,6 @@ async fn a_claimed_warm_container_shows_only_its_users_home_and_its_removal_keep
         .assign(&warm, &spec(&instance, "alice"))
         .await
         .unwrap();
-    let suffix = warm.name.rsplit('-').next().unwrap();
     assert_eq!(name, format!("envgate-{instance}-alice-busybox-{suffix}"));
     assert_eq!(exec(&warm.id, "ls /home"), "alice\n");
     assert_eq!(exec(&warm.id, "cat /home/alice/kept.txt"), "from before");
@@ -196,6 +201,20 @@ async fn a_slot_left_by_a_container_removed_behind_envgates_back_is_swept_withou
         instance: instance.clone(),
     };
     let runtime = runtime().await;
+    let slot_of = |name: &str| {
+        Path::new(SLOTS)
+            .join(&instance)
+            .join(name.rsplit('-').next().unwrap())
+    };
+    // Old enough for the sweep (a young slot may belong to a container being made).
+    let age = |slot: &Path| {
+        let status = Command::new("touch")
+            .args(["-d", "2 hours ago"])
+            .arg(slot)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
     let warm = runtime.create_warm(&spec(&instance, "")).await.unwrap();
     runtime
         .assign(&warm, &spec(&instance, "bob"))
@@ -203,40 +222,52 @@ async fn a_slot_left_by_a_container_removed_behind_envgates_back_is_swept_withou
         .unwrap();
     exec(&warm.id, "echo precious > /home/bob/thesis.tex");
     docker(&["rm", "-f", &warm.id]);
+    // Carol's container is still running: its slot is as old, but it stays.
+    let live = runtime.create_warm(&spec(&instance, "")).await.unwrap();
+    runtime
+        .assign(&live, &spec(&instance, "carol"))
+        .await
+        .unwrap();
 
-    let suffix = warm.name.rsplit('-').next().unwrap();
-    let slot = Path::new(SLOTS).join(&instance).join(suffix);
+    let slot = slot_of(&warm.name);
+    let live_slot = slot_of(&live.name);
     assert_eq!(
         mounts_under(&slot).len(),
         1,
         "the mount outlives the container"
     );
-    // Old enough for the sweep (a young slot may belong to a container being made).
-    let status = Command::new("touch")
-        .args(["-d", "2 hours ago"])
-        .arg(&slot)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    runtime.sweep(&instance, &[]).await.unwrap();
+    age(&slot);
+    age(&live_slot);
+    let listed = runtime.list_managed(&instance).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    runtime.sweep(&instance, &listed).await.unwrap();
     assert!(!slot.exists(), "the sweep removed the slot");
     assert!(mounts_under(&slot).is_empty());
     assert_eq!(
         std::fs::read(volume_dir(&instance, "bob").join("thesis.tex")).unwrap(),
         b"precious\n"
     );
+    assert_eq!(
+        mounts_under(&live_slot).len(),
+        1,
+        "carol's home stays mounted"
+    );
+    assert_eq!(exec(&live.id, "ls /home"), "carol\n");
 }
 
 #[tokio::test]
 async fn a_remote_engine_disables_warm_pools() {
     let runtime =
         DockerRuntime::new(Some("tcp://127.0.0.1:1")).with_home_slots(Some(Path::new(SLOTS)));
-    let reason = runtime.warm_pool_support().unwrap_err();
-    assert!(reason.contains("tcp://127.0.0.1:1"), "{reason}");
-    assert!(
+    assert_eq!(
+        runtime.warm_pool_support().unwrap_err(),
+        "Docker is reached at tcp://127.0.0.1:1, and a remote engine cannot see this host's mounts"
+    );
+    assert_eq!(
         DockerRuntime::new(None)
             .with_home_slots(None)
             .warm_pool_support()
-            .is_err()
+            .unwrap_err(),
+        "--home-slots-dir is empty"
     );
 }
