@@ -187,6 +187,14 @@ fn choice_status(e: &ChoiceError) -> Status {
     }
 }
 
+/// A removal through the reconciler's claim (admin delete, a user's stop) that failed.
+fn remove_status(e: &ReconcileError) -> Status {
+    match e {
+        ReconcileError::Store(s) => store_status(s),
+        ReconcileError::Runtime(_) => Status::unavailable(e.to_string()),
+    }
+}
+
 fn auth_status(e: &AuthError) -> Status {
     match e {
         AuthError::Failed
@@ -232,8 +240,7 @@ impl From<AdminError> for Status {
             AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             AdminError::NotFound(_) => Status::not_found(e.to_string()),
             AdminError::Changed(_) => Status::aborted(e.to_string()),
-            AdminError::Remove(ReconcileError::Store(s)) => store_status(s),
-            AdminError::Remove(ReconcileError::Runtime(_)) => Status::unavailable(e.to_string()),
+            AdminError::Remove(r) => remove_status(r),
             AdminError::Auth(a) => auth_status(a),
             AdminError::Store(s) => store_status(s),
         }
@@ -247,12 +254,8 @@ impl From<SelfServiceError> for Status {
             SelfServiceError::Choice(c) => choice_status(c),
             SelfServiceError::UnknownUser(_) => Status::unauthenticated(e.to_string()),
             SelfServiceError::Changed(_) => Status::aborted(e.to_string()),
-            SelfServiceError::Remove(ReconcileError::Store(s)) | SelfServiceError::Store(s) => {
-                store_status(s)
-            }
-            SelfServiceError::Remove(ReconcileError::Runtime(_)) => {
-                Status::unavailable(e.to_string())
-            }
+            SelfServiceError::Remove(r) => remove_status(r),
+            SelfServiceError::Store(s) => store_status(s),
         }
     }
 }
