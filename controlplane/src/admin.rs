@@ -114,11 +114,8 @@ impl AdminService {
             &model::session_key(&req.session_id),
         )
         .await?
-        .ok_or_else(|| AdminError::NotFound(format!("session {:?}", req.session_id)))?;
-        self.end_session(session.value, message).await
-    }
-
-    async fn end_session(&self, session: SessionRecord, message: String) -> Result<(), AdminError> {
+        .ok_or_else(|| AdminError::NotFound(format!("session {:?}", req.session_id)))?
+        .value;
         let command = CommandRecord::KillSession {
             session_id: session.id,
             message,
