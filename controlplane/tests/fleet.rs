@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::admin_request;
 use envgate_controlplane::model::{self, ProxyRecord};
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{self, EtcdStore, Store};
@@ -263,28 +264,20 @@ async fn revocations_reach_proxies_on_every_replica() {
     })
     .await;
 
-    let token: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap();
-    let mut request = tonic::Request::new(pb::PutUserRequest {
-        user: Some(pb::User {
-            name: "mallory".into(),
-            disabled: true,
-            ..Default::default()
-        }),
-        password: String::new(),
-        clear_password: false,
-    });
-    request.metadata_mut().insert("authorization", token);
     AdminClient::new(replica_a.channel().await)
-        .put_user(request)
+        .put_user(admin_request(pb::PutUserRequest {
+            user: Some(pb::User {
+                name: "mallory".into(),
+                disabled: true,
+                ..Default::default()
+            }),
+            password: String::new(),
+            clear_password: false,
+        }))
         .await
         .unwrap();
 
-    let got = tokio::time::timeout(WAIT, commands.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let got = next_command(&mut commands).await;
     let expected = FleetCommand {
         command: Some(fleet_command::Command::RevokeUser(
             envgate_proto::v1::RevokeUser {
@@ -295,13 +288,6 @@ async fn revocations_reach_proxies_on_every_replica() {
     assert_eq!(got, expected);
     replica_a.stop().await;
     replica_b.stop().await;
-}
-
-fn admin_request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let token = format!("Bearer {}", common::ADMIN_TOKEN).parse().unwrap();
-    request.metadata_mut().insert("authorization", token);
-    request
 }
 
 async fn next_command(commands: &mut Streaming<FleetCommand>) -> FleetCommand {

@@ -95,6 +95,18 @@ pub async fn start(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, instance: &
     }
 }
 
+/// `message` carrying the admin token, as every Admin call must.
+pub fn admin_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {ADMIN_TOKEN}")
+        .parse()
+        .expect("ASCII token");
+    request
+        .metadata_mut()
+        .insert(envgate_proto::metadata::AUTHORIZATION, value);
+    request
+}
+
 /// A fresh etcd and a control plane on it (keys under `/{instance}/`) with a scripted
 /// runtime: for tests of the API, not of containers.
 pub async fn with_etcd(instance: &str) -> (Etcd, Running) {
