@@ -181,11 +181,16 @@ async fn concurrent_creations_share_one_pull() {
             .expect("every creation finishes in time")
             .unwrap();
         let created = created.expect("every creation succeeds");
+        // Every waiter, the one that started the pull or one that joined it, is told.
+        assert_eq!(
+            lines.first(),
+            Some(&format!("pulling image {} …", registry.image)),
+            "{lines:?}"
+        );
         assert!(
             lines
-                .first()
-                .is_some_and(|l| l.starts_with("pulling image"))
-                && lines.last().is_some_and(|l| l.starts_with("pulled image")),
+                .last()
+                .is_some_and(|l| l.starts_with(&format!("pulled image {} in ", registry.image))),
             "{lines:?}"
         );
         ids.push(created.id);
