@@ -383,7 +383,12 @@ fn write_doc(
     generated: &str,
     splice: fn(&str, &str) -> String,
 ) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(doc).unwrap_or_default();
+    // Only a missing document starts empty: one that cannot be read (not UTF-8, no
+    // permission) must not be overwritten with the generated region alone.
+    let text = match std::fs::read_to_string(doc) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        read => read.with_context(|| format!("reading {}", doc.display()))?,
+    };
     std::fs::write(doc, splice(&text, generated))
         .with_context(|| format!("writing {}", doc.display()))?;
     println!("{generated}\nwrote {}", doc.display());
