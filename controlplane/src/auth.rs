@@ -209,13 +209,20 @@ impl Authenticator {
         self.throttle
             .check(&keys)
             .map_err(|retry_after_secs| AuthError::Throttled { retry_after_secs })?;
-        let user = match envgate_proto::names::validate_user(username) {
+        // The revocation is read beside the user, not after the credential check: a login
+        // waits for one etcd round trip, not two (see `issue`). One written during the check
+        // refuses this token, as it refuses any issued in its second.
+        let (user, not_before) = match envgate_proto::names::validate_user(username) {
             Ok(()) => {
-                store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(username))
-                    .await?
-                    .map(|v| v.value)
+                let (user_key, revocation_key) =
+                    (model::user_key(username), model::revocation_key(username));
+                let (user, revoked) = tokio::try_join!(
+                    store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
+                    store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
+                )?;
+                (user.map(|v| v.value), revoked.map(|r| r.value.not_before))
             }
-            Err(_) => None,
+            Err(_) => (None, None),
         };
         let accepted = match (&user, credential) {
             (Some(user), Credential::Password(password)) => match &user.password_hash {
@@ -252,12 +259,7 @@ impl Authenticator {
                 return Err(AuthError::Failed);
             }
         };
-        let revoked = store::get_json::<RevocationRecord>(
-            self.store.as_ref(),
-            &model::revocation_key(&user.name),
-        )
-        .await?;
-        Ok(self.issue(&user, revoked.map(|r| r.value.not_before)))
+        Ok(self.issue(&user, not_before))
     }
 
     /// Claims are stamped to the second and a revocation refuses its own second too, so a
