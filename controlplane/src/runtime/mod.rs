@@ -143,8 +143,9 @@ pub trait Runtime: Send + Sync + 'static {
             spec.environment
         )))
     }
-    /// Removes per-container host state (agent directories) left by containers of `instance`
-    /// that are no longer in `live` (removed outside envgate, or by a replica that died).
+    /// Removes per-container host state (agent directories, home slots) left by containers of
+    /// `instance` that are no longer in `live` (removed outside envgate, or by a replica that
+    /// died).
     async fn sweep(&self, _instance: &str, _live: &[ManagedContainer]) -> Result<(), RuntimeError> {
         Ok(())
     }

@@ -147,8 +147,8 @@ impl HomeSlots {
         mount(Some(source), &target, libc::MS_BIND)
     }
 
-    /// Removes the slots of `instance` whose container is not in `live` (names) and that are
-    /// older than `grace` (their container may be being created right now).
+    /// Removes the slots of `instance` that are not in `live` (the live containers' slots) and
+    /// are older than `grace` (their container may be being created right now).
     pub fn sweep(&self, instance: &str, live: &HashSet<PathBuf>, grace: Duration) {
         let stale = match super::stale_dirs(&self.root.join(instance), live, grace) {
             Ok(stale) => stale,
