@@ -89,8 +89,7 @@ async fn twenty_megabytes_round_trip_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_interrupts_a_remote_sleep() {
     let fleet = Fleet::start().await;
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.insert(1, "-tt".to_string());
+    let argv = fleet.ssh_terminal_argv("demo");
     let tmux = Tmux::start(fleet.dir(), &argv, 100, 30);
     tmux.type_line("echo ready-$((6*7))");
     screen_shows(&tmux, "ready-42").await;

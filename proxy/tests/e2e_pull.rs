@@ -44,8 +44,7 @@ async fn a_missing_image_is_pulled_while_the_terminal_shows_progress() {
         .put_environment(environment("pulled", &registry.image, "/bin/sh", false))
         .await;
 
-    let mut argv = fleet.ssh_key_argv("demo+pulled", &fleet.key_of("demo"));
-    argv.insert(1, "-tt".to_string());
+    let mut argv = fleet.ssh_terminal_argv("demo+pulled");
     argv.push("cat /envgate-pulled".to_string());
     let out = support::run(&argv, None, &[]).await;
     assert_eq!(out.code, Some(0), "{out:#?}");
@@ -63,8 +62,7 @@ async fn a_missing_image_is_pulled_while_the_terminal_shows_progress() {
     // The image is there now: the next user's first login does not pull.
     fleet.add_user("bob", "pulled", None).await;
     let before = registry.manifest_requests();
-    let mut argv = fleet.ssh_key_argv("bob", &fleet.key_of("bob"));
-    argv.insert(1, "-tt".to_string());
+    let mut argv = fleet.ssh_terminal_argv("bob");
     argv.push("cat /envgate-pulled".to_string());
     let out = support::run(&argv, None, &[]).await;
     assert_eq!(out.code, Some(0), "{out:#?}");

@@ -236,9 +236,11 @@ fn quote(arg: &str) -> String {
 /// `ssh -tt user@fleet` in a terminal of its own; when ssh ends, the pane shows
 /// `ssh-exit=<status>` and stays open to be read.
 fn terminal(fleet: &Fleet, user: &str) -> Tmux {
-    let mut argv = fleet.ssh_key_argv(user, &fleet.key_of(user));
-    argv.insert(1, "-tt".to_string());
-    let ssh: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+    let ssh: Vec<String> = fleet
+        .ssh_terminal_argv(user)
+        .iter()
+        .map(|a| quote(a))
+        .collect();
     let script = format!("{}; echo ssh-exit=$?; sleep 600", ssh.join(" "));
     Tmux::start(
         fleet.dir(),

@@ -58,8 +58,7 @@ async fn stderr_stays_apart_from_stdout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_session_sees_its_size_and_resizes() {
     let fleet = Fleet::start().await;
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.insert(1, "-tt".to_string());
+    let argv = fleet.ssh_terminal_argv("demo");
     let tmux = Tmux::start(fleet.dir(), &argv, 100, 30);
 
     // `stty size` prints "rows columns" of the terminal the remote shell is attached to; the

@@ -877,6 +877,15 @@ impl Fleet {
         argv
     }
 
+    /// `ssh -tt login` with the key of the user before any `+`: a terminal session whatever
+    /// ssh's own stdin is (a tmux pane, or a pipe).
+    pub fn ssh_terminal_argv(&self, login: &str) -> Vec<String> {
+        let user = login.split('+').next().unwrap_or(login);
+        let mut argv = self.ssh_key_argv(login, &self.key_of(user));
+        argv.insert(1, "-tt".to_string());
+        argv
+    }
+
     /// `ssh_key_argv` through another of HAProxy's ports (e.g. a pinned one).
     pub fn ssh_key_argv_on_port(&self, port: u16, login: &str, key: &Path) -> Vec<String> {
         let mut argv = self.ssh_key_argv(login, key);
