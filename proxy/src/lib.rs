@@ -169,14 +169,6 @@ impl Proxy {
             .expect("a bound listener has an address")
     }
 
-    /// The bound address of each `--pinned-listen` listener, with its environment.
-    pub fn pinned_addrs(&self) -> Vec<(SocketAddr, String)> {
-        self.pinned_listeners
-            .iter()
-            .filter_map(|(l, env)| Some((l.local_addr().ok()?, env.to_string())))
-            .collect()
-    }
-
     pub fn ops_addr(&self) -> Option<SocketAddr> {
         self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
