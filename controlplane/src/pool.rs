@@ -157,12 +157,14 @@ impl WarmPools {
                     entry: entry.value,
                 })));
             }
-            if self.store.get(key).await?.is_some() {
+            // Either our record appeared or another open took the entry. In a crowd the list
+            // read before is mostly taken by now: read what the pool holds now, in the same
+            // round trip as the record.
+            let (record, now_pooled) = tokio::try_join!(self.store.get(key), self.entries(env))?;
+            if record.is_some() {
                 return Ok(Claim::RecordExists);
             }
-            // Another open took it. In a crowd the list read before is mostly taken by now:
-            // pick from what the pool holds now.
-            entries = self.entries(env).await?;
+            entries = now_pooled;
         }
         metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => "miss").increment(1);
         tracing::debug!(environment = %env.name, attempts, "no warm container to claim");
