@@ -81,7 +81,7 @@ async fn a_registry_that_is_not_there_is_a_clear_refusal_that_leaves_nothing() {
 
     let out = fleet.ssh("demo+nope", "echo never", None).await;
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert!(!out.stdout.contains("never"), "{out:#?}");
+    assert_eq!(out.stdout, "", "the command never ran: {out:#?}");
     let lines = out.stderr_lines();
     assert_eq!(lines.len(), 1, "{out:#?}");
     let expected = format!("envgate: environment \"nope\": cannot pull image {image}: ");
