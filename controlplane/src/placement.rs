@@ -942,11 +942,21 @@ mod tests {
         request.proxy_id = "ghost".into();
         let status = Status::from(placer.open(request, &no_progress).await.unwrap_err());
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(
-            status.message().contains("proxy not registered"),
-            "{}",
-            status.message()
-        );
+        assert_eq!(status.message(), "proxy not registered: ghost");
+
+        // The three are read at once, but answered in order: who, then what, then where.
+        let nowhere = || OpenRequest {
+            proxy_id: "ghost".into(),
+            ..world.request("alice", "nope")
+        };
+        let status = Status::from(placer.open(nowhere(), &no_progress).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        let forged = OpenRequest {
+            token: "forged.token".into(),
+            ..nowhere()
+        };
+        let status = Status::from(placer.open(forged, &no_progress).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
 
     #[tokio::test]
