@@ -313,8 +313,15 @@ async fn every_admin_call_works_through_grpcurl() {
         count(&call(&fleet, "Status", json!({})).await, "proxiesDraining"),
         1
     );
-    // HAProxy's health check takes it out within a second or two.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // HAProxy's health check takes it out, and sends the next logins to the other proxy.
+    eventually(WAIT, "HAProxy takes the drained proxy out", || async {
+        let status = (fleet.haproxy_status(0).await, fleet.haproxy_status(1).await);
+        match status {
+            (Some(drained), Some(other)) if drained == "DOWN" && other == "UP" => Ok(()),
+            other => Err(format!("p0, p1: {other:?}")),
+        }
+    })
+    .await;
     for _ in 0..3 {
         fleet.ssh("demo", "true", None).await.assert_success();
     }

@@ -577,6 +577,21 @@ impl Fleet {
         cfg
     }
 
+    /// HAProxy's health-check status of proxy `index` in the main backend (`UP`, `DOWN`,
+    /// `UP 1/2` while a check is failing, …), from `show stat`.
+    pub async fn haproxy_status(&self, index: usize) -> Option<String> {
+        let stat = haproxy_ask(&self.haproxy_socket(), "show stat").await?;
+        let mut lines = stat.lines();
+        let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+        let column = |name: &str| header.iter().position(|h| *h == name);
+        let (backend, server, status) = (column("pxname")?, column("svname")?, column("status")?);
+        let name = format!("p{index}");
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.get(backend) == Some(&"proxies") && f.get(server) == Some(&name.as_str()))
+            .and_then(|f| f.get(status).map(|s| s.to_string()))
+    }
+
     fn haproxy_socket(&self) -> PathBuf {
         self.dir.path().join("haproxy.sock")
     }
@@ -1425,22 +1440,31 @@ pub async fn run(argv: &[String], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
     }
 }
 
-/// The pid of the HAProxy process answering on its stats socket (`show info`), 2 s bound.
-async fn haproxy_pid(socket: &Path) -> Option<u32> {
+/// HAProxy's answer to `command` on its stats socket, 2 s bound.
+async fn haproxy_ask(socket: &Path, command: &str) -> Option<String> {
     let ask = async {
         let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        stream.write_all(b"show info\n").await.ok()?;
+        stream
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .ok()?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.ok()?;
-        answer
-            .lines()
-            .find_map(|l| l.strip_prefix("Pid: "))
-            .and_then(|pid| pid.trim().parse().ok())
+        Some(answer)
     };
     tokio::time::timeout(Duration::from_secs(2), ask)
         .await
         .ok()
         .flatten()
+}
+
+/// The pid of the HAProxy process answering on its stats socket (`show info`).
+async fn haproxy_pid(socket: &Path) -> Option<u32> {
+    haproxy_ask(socket, "show info")
+        .await?
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid: "))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// `GET path` over HTTP/1.0 with a 2 s bound; the status and body.
