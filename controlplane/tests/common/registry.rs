@@ -43,7 +43,6 @@ pub struct Options {
 #[derive(Default)]
 struct Counts {
     manifests: AtomicUsize,
-    blobs: AtomicUsize,
 }
 
 struct Content {
@@ -111,11 +110,6 @@ impl Registry {
     /// GET and HEAD requests of the manifest so far.
     pub fn manifest_requests(&self) -> usize {
         self.counts.manifests.load(Ordering::SeqCst)
-    }
-
-    /// GET and HEAD requests of blobs (config and layers) so far.
-    pub fn blob_requests(&self) -> usize {
-        self.counts.blobs.load(Ordering::SeqCst)
     }
 }
 
@@ -381,7 +375,6 @@ fn route(content: &Content, counts: &Counts, path: &str) -> Answer {
         return not_found("MANIFEST_UNKNOWN");
     }
     if let Some(digest) = rest.strip_prefix("blobs/") {
-        counts.blobs.fetch_add(1, Ordering::SeqCst);
         if let Some((bytes, layer)) = content.blobs.get(digest) {
             let delay = if *layer {
                 content.layer_delay
