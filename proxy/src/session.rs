@@ -529,22 +529,29 @@ impl Connection {
         }
     }
 
-    /// Writes one `envgate:` line to every channel's terminal (stderr).
+    /// Shows `message` as one `envgate:` line on every channel; the session goes on.
     async fn notice(&self, message: &str) {
         tracing::info!(%message, "notice shown");
-        let line = notice_line(message);
-        for state in self.channels.values() {
-            let write = state.output.stderr_line(&line, state.pty.is_some());
-            // A client that reads nothing misses the message.
-            let _ = tokio::time::timeout(KILL_GRACE, write).await;
-        }
+        self.show(&notice_line(message)).await;
+    }
+
+    /// Writes `line` to every channel's terminal (stderr), all at once and
+    /// for at most [`KILL_GRACE`] in all: the session's events wait meanwhile,
+    /// and a client that reads nothing must not hold them up once per channel.
+    async fn show(&self, line: &str) {
+        let writes = self
+            .channels
+            .values()
+            .map(|state| state.output.stderr_line(line, state.pty.is_some()));
+        // A client that reads nothing misses the message.
+        let _ = tokio::time::timeout(KILL_GRACE, futures::future::join_all(writes)).await;
     }
 
     async fn kill(&mut self, message: &str) {
         tracing::info!(%message, "closing the connection");
         self.result = ConnectionResult::Closed;
-        self.notice(message).await;
         let line = notice_line(message);
+        self.show(&line).await;
         let abort = self.info.abort.clone();
         tokio::spawn(async move {
             tokio::time::sleep(KILL_GRACE).await;
