@@ -707,11 +707,23 @@ mod tests {
             inbound.signal("INT".into());
         }
         inbound.finish();
-        let mut signals = 0;
-        while let Some(Input::Signal(_)) = inbound.next_input().await {
-            signals += 1;
+        let mut seen = Vec::new();
+        loop {
+            match inbound.next_input().await {
+                Some(Input::Eof) => break,
+                other => seen.push(other),
+            }
         }
-        assert_eq!(signals, MAX_QUEUED_SIGNALS);
+        assert_eq!(
+            seen,
+            vec![Some(Input::Signal("INT".into())); MAX_QUEUED_SIGNALS]
+        );
+        // Once the process has read them, there is room again.
+        inbound.signal("TERM".into());
+        assert_eq!(
+            inbound.next_input().await,
+            Some(Input::Signal("TERM".into()))
+        );
     }
 
     #[test]
