@@ -24,13 +24,12 @@ use crate::model::{
 use crate::reconcile::Reconciler;
 use crate::store::{self, Store};
 
-pub use crate::catalogue::{DEFAULT_IDLE_TIMEOUT_SECONDS, DEFAULT_SHELL};
 /// DrainProxy's grace when the request leaves it at 0: the proxy's `--shutdown-grace-seconds`
 /// default, so an admin drain and a SIGTERM give sessions the same time.
-pub const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 30;
+const DEFAULT_DRAIN_GRACE_SECONDS: u32 = 30;
 const MAX_DRAIN_GRACE_SECONDS: u32 = 86_400;
 /// What users see when their container is stopped or deleted and the request gave no message.
-pub const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an administrator";
+const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an administrator";
 
 /// Checks `authorization: Bearer <admin token>` before any admin handler runs.
 #[derive(Clone)]

@@ -499,7 +499,7 @@ struct Variables(Vec<(String, String)>);
 /// Parses a size with an optional K/M/G/T (powers of 1000) or Ki/Mi/Gi/Ti (powers of 1024)
 /// suffix. Lower-case `m`/`g` are refused: Docker reads them as MiB/GiB, Kubernetes `m` as
 /// thousandths, so either reading would surprise someone.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+fn parse_size(text: &str) -> Result<u64, String> {
     let not_a_size = || format!("{text:?} is not a size ({SIZE_HINT})");
     let trimmed = text.trim();
     if trimmed.starts_with('-') {
@@ -548,7 +548,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Parses a duration: plain seconds ("900"), or numbers with units in the order d, h, m, s,
 /// each at most once ("1h30m").
-pub fn parse_duration(text: &str) -> Result<u32, String> {
+fn parse_duration(text: &str) -> Result<u32, String> {
     let not_a_duration = || format!("{text:?} is not a duration ({DURATION_HINT})");
     let trimmed = text.trim();
     if trimmed.starts_with('-') {

@@ -30,7 +30,7 @@ pub const PROXY_LEASE_TTL: Duration = Duration::from_secs(10);
 /// How long a new stream may take to send Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A command not delivered within this long (its proxy stayed away) is dropped by etcd.
-pub const COMMAND_TTL: Duration = Duration::from_secs(60);
+const COMMAND_TTL: Duration = Duration::from_secs(60);
 
 type CommandSender = mpsc::Sender<Result<FleetCommand, Status>>;
 

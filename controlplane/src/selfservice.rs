@@ -310,7 +310,7 @@ impl SelfServiceHandler {
 }
 
 /// What the sessions a stop ends are told.
-pub fn stop_message(user: &str, environment: &str) -> String {
+fn stop_message(user: &str, environment: &str) -> String {
     format!(
         "environment \"{environment}\" was stopped (ssh {user}+envgate stop {environment}); your home directory is kept"
     )
