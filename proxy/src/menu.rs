@@ -733,9 +733,14 @@ mod tests {
         let run = run(menu(), &script, SIZE, &mut resizes);
         let waited = tokio::time::timeout(Duration::from_millis(200), run).await;
         assert!(waited.is_err(), "still waiting for a key");
-        let shown = script.output();
-        let repaint = shown.split("\x1b[H\x1b[2J").nth(1).expect("repainted");
-        assert!(repaint.starts_with("envgate: ch\r\n"), "{repaint:?}");
+        // The first drawing at 80 columns, then a whole repaint at 12.
+        let expected = [menu().draw(80), menu().repaint(12)].concat();
+        assert_eq!(script.output(), String::from_utf8(expected).unwrap());
+        assert!(
+            menu()
+                .repaint(12)
+                .starts_with(b"\x1b[H\x1b[2Jenvgate: ch\r\n")
+        );
     }
 
     #[tokio::test(start_paused = true)]
