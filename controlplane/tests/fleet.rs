@@ -376,8 +376,17 @@ async fn admin_commands_reach_proxies_on_every_replica() {
         }))
         .await
         .unwrap();
+    assert_eq!(
+        store.range(model::COMMANDS).await.unwrap().len(),
+        1,
+        "kept in etcd while its proxy is away"
+    );
     let (_tx, mut commands) = attach(&replica_a, register("p1")).await.unwrap();
     assert_eq!(next_command(&mut commands).await, drain(30));
+    assert!(
+        store.range(model::COMMANDS).await.unwrap().is_empty(),
+        "delivered on attach, then removed"
+    );
 
     let missing = admin
         .drain_proxy(admin_request(pb::DrainProxyRequest {
