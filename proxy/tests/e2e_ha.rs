@@ -127,19 +127,9 @@ async fn when_the_leader_dies_another_replica_reaps_within_10_seconds() {
     let took_over = killed.elapsed();
     // The container idles out 2 s after its session; the new leader must reap it by then plus
     // its 10 s to take over.
-    eventually(
-        Duration::from_secs(12),
-        "the idle container reaped",
-        || async {
-            let left = fleet.containers(Some("demo"));
-            if left.iter().any(|c| c.id == container.id) {
-                Err(format!("{left:?}"))
-            } else {
-                Ok(())
-            }
-        },
-    )
-    .await;
+    fleet
+        .wait_container_gone(&container.id, Duration::from_secs(12))
+        .await;
     eprintln!(
         "leader SIGKILLed: replica {follower} led after {took_over:?}, reaped after {:?}",
         killed.elapsed()

@@ -37,18 +37,6 @@ async fn container_of(fleet: &Fleet, env: &str) -> String {
     .await
 }
 
-async fn wait_gone_from_docker(fleet: &Fleet, id: &str, timeout: Duration) {
-    eventually(timeout, &format!("container {id} removed"), || async {
-        let left = fleet.containers(None);
-        if left.iter().any(|c| c.id == id) {
-            Err(format!("{left:?}"))
-        } else {
-            Ok(())
-        }
-    })
-    .await;
-}
-
 /// Waits until the control plane's /metrics counts `action` at least once.
 async fn assert_counted(fleet: &Fleet, action: &str) {
     let series = format!("envgate_reconcile_actions_total{{action=\"{action}\"}}");
@@ -116,7 +104,9 @@ async fn a_container_at_its_maximum_lifetime_warns_then_ends_the_session_and_kee
         out.stderr
     );
 
-    wait_gone_from_docker(&fleet, &first, Duration::from_secs(15)).await;
+    fleet
+        .wait_container_gone(&first, Duration::from_secs(15))
+        .await;
     let records = fleet.etcd_records("containers/demo/short").await.unwrap();
     assert!(records.is_empty(), "{records:?}");
     fleet.assert_home_volume_kept("demo");
@@ -157,7 +147,9 @@ async fn the_idle_clock_starts_when_the_last_session_ends() {
     back.assert_success();
     assert_eq!(container_of(&fleet, "brief").await, container);
 
-    wait_gone_from_docker(&fleet, &container, Duration::from_secs(30)).await;
+    fleet
+        .wait_container_gone(&container, Duration::from_secs(30))
+        .await;
     fleet.assert_home_volume_kept("demo");
     assert_counted(&fleet, "reap_idle").await;
 }
@@ -222,7 +214,9 @@ async fn orphans_and_records_of_containers_deleted_behind_envgates_back_are_clea
         "{orphan} not listed: {:?}",
         fleet.containers(None)
     );
-    wait_gone_from_docker(&fleet, &orphan, Duration::from_secs(40)).await;
+    fleet
+        .wait_container_gone(&orphan, Duration::from_secs(40))
+        .await;
     assert_counted(&fleet, "remove_orphan").await;
     assert!(
         fleet.containers(Some("demo")).iter().any(|c| c.id == kept),

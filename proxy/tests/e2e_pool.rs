@@ -243,17 +243,9 @@ async fn twenty_new_users_at_once_get_twenty_distinct_warm_containers_and_the_po
         .ssh("carla+envgate", "stop busybox", None)
         .await
         .assert_success();
-    eventually(
-        Duration::from_secs(60),
-        "carla's cold container gone",
-        || async {
-            match fleet.containers(None).iter().find(|c| c.id == cold) {
-                None => Ok(()),
-                Some(c) => Err(format!("{c:?}")),
-            }
-        },
-    )
-    .await;
+    fleet
+        .wait_container_gone(&cold, Duration::from_secs(60))
+        .await;
     let pool = pool_of(&fleet, "lab").await.expect("etcd");
     let out = fleet
         .ssh("carla+lab", "cat ~/thesis.txt; ls /home", None)

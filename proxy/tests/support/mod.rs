@@ -1185,6 +1185,19 @@ impl Fleet {
             .collect()
     }
 
+    /// Waits (at most `timeout`) until `docker ps` no longer shows the container `id`.
+    pub async fn wait_container_gone(&self, id: &str, timeout: Duration) {
+        eventually(timeout, &format!("container {id} removed"), || async {
+            let left = self.containers(None);
+            if left.iter().any(|c| c.id == id) {
+                Err(format!("{left:?}"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    }
+
     /// The name of `user`'s home volume in this instance.
     pub fn home_volume(&self, user: &str) -> String {
         format!("envgate-{}-home-{user}", self.instance)
