@@ -90,16 +90,17 @@ impl SelfServiceHandler {
         token: &str,
     ) -> Result<UserEnvironments, SelfServiceError> {
         let claims = self.auth.verify_token(token).await?;
-        let catalogue = self.catalogue().await?;
-        let running: HashSet<String> = self
-            .containers(&claims.sub)
-            .await?
+        let user_key = model::user_key(&claims.sub);
+        // Independent reads: the menu waits for one round trip, not three.
+        let (catalogue, containers, user) =
+            tokio::try_join!(self.catalogue(), self.containers(&claims.sub), async {
+                Ok(store::get_json::<UserRecord>(self.store.as_ref(), &user_key).await?)
+            },)?;
+        let running: HashSet<String> = containers
             .into_iter()
             .filter(|(_, c)| c.value.state == ContainerState::Running)
             .map(|(_, c)| c.value.environment)
             .collect();
-        let user: Option<Versioned<UserRecord>> =
-            store::get_json(self.store.as_ref(), &model::user_key(&claims.sub)).await?;
         let catalogue_default = catalogue
             .iter()
             .find(|e| e.is_default)
@@ -128,13 +129,14 @@ impl SelfServiceHandler {
 
     pub async fn status(&self, token: &str) -> Result<UserStatus, SelfServiceError> {
         let claims = self.auth.verify_token(token).await?;
-        let environments = catalogue::environments_by_name(self.store.as_ref()).await?;
-        let mut sessions = self.sessions(&claims.sub).await?;
+        let (environments, mut sessions, containers) = tokio::try_join!(
+            async { Ok(catalogue::environments_by_name(self.store.as_ref()).await?) },
+            self.sessions(&claims.sub),
+            self.containers(&claims.sub),
+        )?;
         sessions.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
         let now = model::now();
-        let mut containers: Vec<UserContainer> = self
-            .containers(&claims.sub)
-            .await?
+        let mut containers: Vec<UserContainer> = containers
             .into_iter()
             .map(|(key, record)| {
                 let open = sessions.iter().filter(|s| s.container_key == key).count();
