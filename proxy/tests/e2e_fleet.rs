@@ -71,7 +71,7 @@ async fn a_killed_proxys_sessions_expire_and_the_user_lands_in_the_same_containe
 }
 
 /// Connects to `proxy` from `local_ip`, sends `bytes` and an SSH banner, and returns what
-/// came back before the proxy closed (it must close without speaking SSH).
+/// came back before the proxy closed (a refusal closes without a byte, not even a banner).
 async fn refused_bytes(local_ip: &str, proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket
@@ -110,8 +110,8 @@ async fn proxy_headers_from_untrusted_addresses_or_garbled_are_refused_without_h
     let spoofed = proxy_v2_header("203.0.113.9:4444".parse().unwrap(), proxy);
     let answer = refused_bytes("127.0.0.2", proxy, &spoofed).await;
     assert!(
-        !answer.starts_with(b"SSH-"),
-        "an untrusted PROXY header got an SSH banner"
+        answer.is_empty(),
+        "an untrusted PROXY header got an answer: {answer:?}"
     );
     // From the trusted address, whatever is not a valid PROXY v2 header is refused.
     let mut truncated = spoofed.clone();
@@ -127,8 +127,8 @@ async fn proxy_headers_from_untrusted_addresses_or_garbled_are_refused_without_h
     ] {
         let answer = refused_bytes("127.0.0.1", proxy, &garbage).await;
         assert!(
-            !answer.starts_with(b"SSH-"),
-            "garbage {:?} got an SSH banner",
+            answer.is_empty(),
+            "garbage {:?} got an answer: {answer:?}",
             &garbage[..garbage.len().min(16)]
         );
     }
