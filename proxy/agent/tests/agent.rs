@@ -885,6 +885,49 @@ async fn the_pool_shares_one_connection_per_container_and_reconnects() {
     assert!(pool.is_empty());
 }
 
+#[tokio::test]
+async fn the_pool_lets_go_of_containers_whose_connection_closed() {
+    // 70 containers come and go: 35 names on each of two agents (an agent takes 64
+    // connections), which then die.
+    let mut agents = [Agent::start(), Agent::start()];
+    let pool = envgate_agent::AgentPool::new(Default::default());
+    let mut clients = Vec::new();
+    for i in 0..70 {
+        let address = agents[i % 2].address();
+        clients.push(
+            pool.get(&format!("gone-{i}"), &address, SECRET)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(pool.len(), 70);
+    for agent in &mut agents {
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+    }
+    for client in &clients {
+        within(5, "the connection to notice the agent is gone", async {
+            while !client.is_closed() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    // New containers keep coming; once the map has doubled since its last prune (the first
+    // was at 64), the closed slots go: 56 new ones leave 56 slots, not 126.
+    let other = Agent::start();
+    let mut fresh = Vec::new();
+    for i in 0..56 {
+        fresh.push(
+            pool.get(&format!("alive-{i}"), &other.address(), SECRET)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(pool.len(), 56, "only the live containers are left");
+    assert_eq!(run(&fresh[55], sh("exit 4")).await.2, ExitStatus::Code(4));
+}
+
 /// Sockets the agent process holds (listener, runtime internals, connections).
 fn agent_sockets(agent: &Agent) -> usize {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap();
