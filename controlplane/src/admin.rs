@@ -123,13 +123,13 @@ impl AdminService {
         Ok(())
     }
 
-    /// Tells the proxies to end every session in the container named by `container`; returns
-    /// the container's key and how many sessions were told.
-    async fn end_container_sessions(
+    /// The placement-record key of the existing container named by `container`, and the
+    /// message its users see (the default one when `message` is empty).
+    async fn named_container(
         &self,
         container: Option<pb::ContainerRef>,
         message: String,
-    ) -> Result<(String, u32), AdminError> {
+    ) -> Result<(String, String), AdminError> {
         let container = container.ok_or_else(|| AdminError::invalid("container", "required"))?;
         names::validate_user(&container.user)
             .map_err(|e| AdminError::invalid("container.user", e.to_string()))?;
@@ -151,14 +151,7 @@ impl AdminService {
         if self.store.get(&key).await?.is_none() {
             return Err(AdminError::NotFound(format!("container {key:?}")));
         }
-        let ended = fleet::command_container_sessions(self.store.as_ref(), &key, |session_id| {
-            CommandRecord::KillSession {
-                session_id,
-                message: message.clone(),
-            }
-        })
-        .await?;
-        Ok((key, ended))
+        Ok((key, message))
     }
 
     async fn status(&self) -> Result<pb::StatusResponse, AdminError> {
@@ -522,9 +515,16 @@ impl Admin for AdminService {
         request: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::StopContainerResponse>, Status> {
         let req = request.into_inner();
-        let (_, sessions_ended) = self
-            .end_container_sessions(req.container, req.message)
-            .await?;
+        let (key, message) = self.named_container(req.container, req.message).await?;
+        let sessions_ended =
+            fleet::command_container_sessions(self.store.as_ref(), &key, |session_id| {
+                CommandRecord::KillSession {
+                    session_id,
+                    message: message.clone(),
+                }
+            })
+            .await
+            .map_err(AdminError::from)?;
         Ok(Response::new(pb::StopContainerResponse { sessions_ended }))
     }
 
@@ -533,17 +533,17 @@ impl Admin for AdminService {
         request: Request<pb::DeleteContainerRequest>,
     ) -> Result<Response<pb::DeleteContainerResponse>, Status> {
         let req = request.into_inner();
-        let (key, sessions_ended) = self
-            .end_container_sessions(req.container, req.message)
-            .await?;
-        if !self
+        let (key, message) = self.named_container(req.container, req.message).await?;
+        // The reaper's claim first, then the sessions are ended (and given a moment to show
+        // the message), then the container goes.
+        let Some(sessions_ended) = self
             .reconciler
-            .remove_now(&key, "deleted by an administrator")
+            .remove_now(&key, "deleted by an administrator", Some(&message))
             .await
             .map_err(AdminError::from)?
-        {
+        else {
             return Err(AdminError::Changed(format!("container {key:?}")).into());
-        }
+        };
         Ok(Response::new(pb::DeleteContainerResponse {
             sessions_ended,
         }))

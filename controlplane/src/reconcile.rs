@@ -219,7 +219,7 @@ impl Reconciler {
                     let reason = "claim left by a replica that died";
                     self.remove(key, record, Action::ClearStale, reason, None)
                         .await
-                        .map(|done| done.then_some(Action::ClearStale))
+                        .map(|ended| ended.map(|_| Action::ClearStale))
                 }
                 ContainerState::Creating | ContainerState::Removing => Ok(None),
                 ContainerState::Running if !running.contains(r.container_id.as_str()) => {
@@ -252,13 +252,13 @@ impl Reconciler {
                     let reason = "its session vanished";
                     self.remove(key, record, Action::RemoveEphemeral, reason, None)
                         .await
-                        .map(|done| done.then_some(Action::RemoveEphemeral))
+                        .map(|ended| ended.map(|_| Action::RemoveEphemeral))
                 }
                 ContainerState::Running => {
                     if now >= r.last_active_at + idle_timeout(env) {
                         self.remove(key, record, Action::ReapIdle, "idle timeout", None)
                             .await
-                            .map(|done| done.then_some(Action::ReapIdle))
+                            .map(|ended| ended.map(|_| Action::ReapIdle))
                     } else {
                         Ok(None)
                     }
@@ -420,7 +420,8 @@ impl Reconciler {
                 "max lifetime",
                 Some(&message),
             )
-            .await;
+            .await
+            .map(|ended| ended.is_some());
         (key, removed)
     }
 
@@ -462,26 +463,29 @@ impl Reconciler {
         Ok(true)
     }
 
-    /// Removes the container recorded under `key` now, as the idle reaper would (same claim,
-    /// so an OpenSession racing it still gets a live container). False if there was no record
-    /// or it changed first. Counted as `remove_requested`; `reason` goes to the log.
+    /// Removes the container recorded under `key` now, as the idle reaper would: the record is
+    /// claimed first (so an OpenSession racing it still gets a live container, and no session
+    /// attaches to the doomed one), then its sessions are ended with `message` (if given) and
+    /// given a moment to show it. `None` if there was no record or it changed first; else how
+    /// many sessions were ended. Counted as `remove_requested`; `reason` goes to the log.
     pub async fn remove_now(
         &self,
         key: &str,
         reason: &'static str,
-    ) -> Result<bool, ReconcileError> {
+        message: Option<&str>,
+    ) -> Result<Option<u32>, ReconcileError> {
         match store::get_json::<ContainerRecord>(self.store.as_ref(), key).await? {
             Some(record) => {
-                self.remove(key, &record, Action::RemoveRequested, reason, None)
+                self.remove(key, &record, Action::RemoveRequested, reason, message)
                     .await
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
     /// CAS the record to `removing`, end its sessions with `end_sessions` as their message
-    /// (if given), remove the container, delete the record. Returns false when the record
-    /// changed first (an OpenSession won the race).
+    /// (if given), remove the container, delete the record. `None` when the record changed
+    /// first (an OpenSession won the race); else how many sessions were ended.
     async fn remove(
         &self,
         key: &str,
@@ -489,7 +493,7 @@ impl Reconciler {
         action: Action,
         reason: &str,
         end_sessions: Option<&str>,
-    ) -> Result<bool, ReconcileError> {
+    ) -> Result<Option<u32>, ReconcileError> {
         let r = &record.value;
         let removing = ContainerRecord {
             state: ContainerState::Removing,
@@ -506,11 +510,12 @@ impl Reconciler {
             .await?;
         let Some(revision) = claim else {
             tracing::debug!(key, reason, "record changed; not removing");
-            return Ok(false);
+            return Ok(None);
         };
-        if let Some(message) = end_sessions {
-            self.end_sessions(key, message).await;
-        }
+        let ended = match end_sessions {
+            Some(message) => self.end_sessions(key, message).await,
+            None => 0,
+        };
         if !r.container_id.is_empty() {
             self.runtime.remove(&r.container_id).await?;
         }
@@ -521,14 +526,15 @@ impl Reconciler {
             )
             .await?;
         count(action.label());
-        tracing::info!(action = action.label(), container = %r.container_name, id = %r.container_id, user = %r.user, environment = %r.environment, reason, "container removed");
-        Ok(true)
+        tracing::info!(action = action.label(), container = %r.container_name, id = %r.container_id, user = %r.user, environment = %r.environment, sessions_ended = ended, reason, "container removed");
+        Ok(Some(ended))
     }
 
     /// Asks the proxies to end every session on `key` with `message`, then waits (at most
     /// `SESSION_END_GRACE`) until they have, so the message reaches the user before the
-    /// container's removal cuts the session short. Best effort: the removal goes on anyway.
-    async fn end_sessions(&self, key: &str, message: &str) {
+    /// container's removal cuts the session short; returns how many were asked. Best effort:
+    /// the removal goes on anyway.
+    async fn end_sessions(&self, key: &str, message: &str) -> u32 {
         let asked = Mutex::new(Vec::new());
         let sent = fleet::command_container_sessions(self.store.as_ref(), key, |session_id| {
             asked
@@ -541,10 +547,13 @@ impl Reconciler {
             }
         })
         .await;
-        if let Err(e) = sent {
-            tracing::warn!(key, error = %e, "asking proxies to end the sessions failed; removing anyway");
-            return;
-        }
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "asking proxies to end the sessions failed; removing anyway");
+                return 0;
+            }
+        };
         let mut open = asked.into_inner().unwrap_or_else(|p| p.into_inner());
         let deadline = tokio::time::Instant::now() + SESSION_END_GRACE;
         while !open.is_empty() && tokio::time::Instant::now() < deadline {
@@ -564,6 +573,7 @@ impl Reconciler {
                 "sessions still open after the grace; removing anyway"
             );
         }
+        sent
     }
 
     /// The recorded container stopped or vanished: remove what is left of it and delete the

@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use envgate_proto::names;
 use envgate_proto::token::Claims;
@@ -24,22 +23,14 @@ use tonic::{Request, Response, Status};
 use crate::auth::Authenticator;
 use crate::catalogue;
 use crate::error::SelfServiceError;
-use crate::fleet;
 use crate::model::{
-    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, SessionRecord,
-    UserRecord,
+    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, SessionRecord, UserRecord,
 };
 use crate::reconcile::{self, Reconciler};
 use crate::store::{self, Compare, Store, TxnOp, Versioned};
 
 /// The reason logged for a user's stop (counted as the reconciler's `remove_requested`).
 const STOP_REASON: &str = "stopped by its user";
-/// How long a stop waits for the proxies to show the stop message and close the sessions it
-/// ended before the container goes. Removing it first would cut the sessions' processes, and
-/// the user would see them die instead of being told why. A proxy closes a killed
-/// connection within its 2 s kill grace, so this is only reached when a proxy is gone.
-const SESSIONS_CLOSE_WAIT: Duration = Duration::from_secs(5);
-const SESSIONS_POLL: Duration = Duration::from_millis(100);
 /// Attempts at a compare-and-swap (user record, container removal) before giving up.
 const CAS_ATTEMPTS: usize = 8;
 
@@ -201,20 +192,7 @@ impl SelfServiceHandler {
         let message = stop_message(&claims.sub, environment);
         let mut sessions_ended = 0;
         for key in &keys {
-            sessions_ended +=
-                fleet::command_container_sessions(self.store.as_ref(), key, |session_id| {
-                    CommandRecord::KillSession {
-                        session_id,
-                        message: message.clone(),
-                    }
-                })
-                .await?;
-        }
-        if sessions_ended > 0 {
-            self.wait_sessions_closed(&keys).await?;
-        }
-        for key in &keys {
-            self.remove(key).await?;
+            sessions_ended += self.remove(key, &message).await?;
         }
         tracing::info!(user = %claims.sub, environment, containers = keys.len(), sessions_ended, "environment stopped by its user");
         Ok(StopEnvironmentResponse {
@@ -223,40 +201,22 @@ impl SelfServiceHandler {
         })
     }
 
-    /// Waits (bounded) until no session is attached to any of `keys`.
-    async fn wait_sessions_closed(&self, keys: &[String]) -> Result<(), SelfServiceError> {
-        let deadline = Instant::now() + SESSIONS_CLOSE_WAIT;
-        loop {
-            let sessions: Vec<(String, Versioned<SessionRecord>)> =
-                store::range_json(self.store.as_ref(), model::SESSIONS).await?;
-            let open = sessions
-                .iter()
-                .filter(|(_, s)| keys.contains(&s.value.container_key))
-                .count();
-            if open == 0 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    open,
-                    "sessions still open after the stop message; removing the container anyway"
-                );
-                return Ok(());
-            }
-            tokio::time::sleep(SESSIONS_POLL).await;
-        }
-    }
-
-    /// Removes the container under `key` through the reaper's claim, retrying while a
-    /// CloseSession or OpenSession moves the record on. A record already gone is fine: the
-    /// container is gone too (an ephemeral session's close removes its own).
-    async fn remove(&self, key: &str) -> Result<(), SelfServiceError> {
+    /// Removes the container under `key` through the reaper's claim (which ends its sessions
+    /// with `message` after the claim, so none attaches meanwhile), retrying while a
+    /// CloseSession or OpenSession moves the record on; returns how many sessions were
+    /// ended. A record already gone is fine: the container is gone too (an ephemeral
+    /// session's close removes its own).
+    async fn remove(&self, key: &str, message: &str) -> Result<u32, SelfServiceError> {
         for _ in 0..CAS_ATTEMPTS {
-            if self.reconciler.remove_now(key, STOP_REASON).await? {
-                return Ok(());
+            if let Some(ended) = self
+                .reconciler
+                .remove_now(key, STOP_REASON, Some(message))
+                .await?
+            {
+                return Ok(ended);
             }
             if self.store.get(key).await?.is_none() {
-                return Ok(());
+                return Ok(0);
             }
         }
         Err(SelfServiceError::Changed(format!("container {key:?}")))
@@ -403,9 +363,12 @@ impl SelfService for SelfServiceService {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::catalogue::DEFAULT_IDLE_TIMEOUT_SECONDS;
     use crate::fixtures::{World, no_progress};
+    use crate::model::CommandRecord;
     use crate::placement::PlacementConfig;
 
     fn handler(world: &World) -> SelfServiceHandler {
@@ -576,6 +539,15 @@ mod tests {
             }
         );
         assert!(!stop.is_finished(), "waits for the session to close");
+        // Claimed before the sessions were told: nothing attaches to it meanwhile.
+        let record: Versioned<ContainerRecord> = store::get_json(
+            world.store.as_ref(),
+            &model::container_key("alice", "busybox"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(record.value.state, ContainerState::Removing);
         assert_eq!(world.runtime.containers().len(), 2);
         placer.close(&alice.session_id).await.unwrap();
         let stopped = tokio::time::timeout(Duration::from_secs(5), stop)
