@@ -1,5 +1,6 @@
 //! `envgate.admin.v1.Admin`: users, the environment catalogue, sessions, containers and
-//! proxies. Every call passes `AdminGuard` first. Commands for a proxy (drain, kill a
+//! proxies. Every call passes `guard::AdminGuard` first and is written to the audit log with
+//! the operator's name, its target and its outcome. Commands for a proxy (drain, kill a
 //! session) go through etcd (`fleet::send_command`), so they reach it whichever replica its
 //! Fleet stream is attached to.
 
@@ -9,14 +10,15 @@ use std::sync::Arc;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
 use envgate_proto::names;
+use envgate_proto::audit::{AuditLog, Event, Outcome};
 use russh::keys::ssh_key::PublicKey;
-use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{HashCost, hash_password};
 use crate::catalogue;
-use crate::error::{AdminError, AuthError};
+use crate::error::AdminError;
 use crate::fleet;
+use crate::guard::{AdminIdentity, method_of};
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     RevocationRecord, SessionRecord, UserRecord,
@@ -31,53 +33,57 @@ const MAX_DRAIN_GRACE_SECONDS: u32 = 86_400;
 /// What users see when their container is stopped or deleted and the request gave no message.
 const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an administrator";
 
-/// Checks `authorization: Bearer <admin token>` before any admin handler runs.
-#[derive(Clone)]
-pub struct AdminGuard {
-    expected: Arc<Vec<u8>>,
-}
-
-impl AdminGuard {
-    pub fn new(token: &str) -> Self {
-        Self {
-            expected: Arc::new(format!("Bearer {}", token.trim()).into_bytes()),
-        }
-    }
-}
-
-/// Compares without an early exit, so response time does not reveal a matching prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl Interceptor for AdminGuard {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get(envgate_proto::metadata::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if constant_time_eq(presented, &self.expected) {
-            Ok(request)
-        } else {
-            Err(AuthError::AdminTokenRequired.into())
-        }
-    }
-}
-
 pub struct AdminService {
     store: Arc<dyn Store>,
     reconciler: Arc<Reconciler>,
     hash_cost: HashCost,
+    audit: AuditLog,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<dyn Store>, reconciler: Arc<Reconciler>, hash_cost: HashCost) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        reconciler: Arc<Reconciler>,
+        hash_cost: HashCost,
+        audit: AuditLog,
+    ) -> Self {
         Self {
             store,
             reconciler,
             hash_cost,
+            audit,
         }
+    }
+
+    /// Runs one admin call and writes it to the audit log: who (from `AdminGuard`), the
+    /// method, `target` (what the request names) and the outcome.
+    async fn audited<Q, T>(
+        &self,
+        request: Request<Q>,
+        target: impl FnOnce(&Q) -> String,
+        handle: impl AsyncFnOnce(Q) -> Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let admin = request
+            .extensions()
+            .get::<AdminIdentity>()
+            .map_or_else(|| "-".to_owned(), |a| a.0.clone());
+        let method = method_of(&request);
+        let message = request.into_inner();
+        let target = target(&message);
+        let result = handle(message).await;
+        let (outcome, error) = match &result {
+            Ok(_) => (Outcome::Success, None),
+            Err(status) => (Outcome::Failure, Some(status.message().to_owned())),
+        };
+        tracing::info!(%admin, %method, %target, ?outcome, "admin call");
+        self.audit.record(Event::Admin {
+            admin,
+            method,
+            target,
+            outcome,
+            error,
+        });
+        result.map(Response::new)
     }
 
     async fn drain_proxy(&self, req: pb::DrainProxyRequest) -> Result<(), AdminError> {
@@ -217,9 +223,10 @@ impl AdminService {
         let existing = store::get_json::<UserRecord>(self.store.as_ref(), &key)
             .await?
             .map(|v| v.value);
+        let password_set = !req.password.is_empty();
         let password_hash = if req.clear_password {
             None
-        } else if !req.password.is_empty() {
+        } else if password_set {
             Some(hash_password(req.password, self.hash_cost).await?)
         } else {
             existing.as_ref().and_then(|e| e.password_hash.clone())
@@ -237,7 +244,14 @@ impl AdminService {
             disabled: user.disabled,
         };
         store::put_json(self.store.as_ref(), &key, &record, None).await?;
-        if record.disabled {
+        if let Some(existing) = &existing
+            && let Some(why) = credentials_changed(existing, &record, password_set)
+        {
+            // Tokens are cached by proxies for minutes: without this, a removed key or a
+            // changed password would keep working until they expired.
+            tracing::info!(user = %record.name, why, "credentials changed");
+            self.revoke(&record.name).await?;
+        } else if record.disabled {
             self.revoke(&record.name).await?;
         }
         Ok(user_to_pb(&record))
@@ -286,6 +300,37 @@ impl AdminService {
                 }
             })
             .collect())
+    }
+}
+
+/// Why the user's existing tokens must stop working after an update, if they must: a new or
+/// cleared password, a removed key, changed groups (tokens carry them) or a disabled user.
+fn credentials_changed(
+    before: &UserRecord,
+    after: &UserRecord,
+    password_set: bool,
+) -> Option<&'static str> {
+    let key_data = |line: &String| {
+        PublicKey::from_openssh(line.trim())
+            .ok()
+            .map(|k| k.key_data().clone())
+    };
+    let kept: Vec<_> = after.authorized_keys.iter().filter_map(key_data).collect();
+    if password_set || (before.password_hash.is_some() && after.password_hash.is_none()) {
+        Some("password changed")
+    } else if before
+        .authorized_keys
+        .iter()
+        .filter_map(key_data)
+        .any(|k| !kept.contains(&k))
+    {
+        Some("key removed")
+    } else if before.groups != after.groups {
+        Some("groups changed")
+    } else if after.disabled {
+        Some("disabled")
+    } else {
+        None
     }
 }
 
@@ -359,213 +404,311 @@ fn user_to_pb(u: &UserRecord) -> pb::User {
     }
 }
 
+fn user_target(name: &str) -> String {
+    format!("user {name}")
+}
+
+fn environment_target(name: &str) -> String {
+    format!("environment {name}")
+}
+
+fn container_target(container: Option<&pb::ContainerRef>) -> String {
+    container.map_or_else(
+        || "-".to_owned(),
+        |c| format!("container {}+{}", c.user, c.environment),
+    )
+}
+
+fn everything<Q>(_: &Q) -> String {
+    "-".to_owned()
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_users(
         &self,
-        _: Request<pb::ListUsersRequest>,
+        request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        let users: Vec<(String, store::Versioned<UserRecord>)> =
-            store::range_json(self.store.as_ref(), model::USERS).await?;
-        let users = users.iter().map(|(_, u)| user_to_pb(&u.value)).collect();
-        Ok(Response::new(pb::ListUsersResponse { users }))
+        self.audited(request, everything, async |_| {
+            let users: Vec<(String, store::Versioned<UserRecord>)> =
+                store::range_json(self.store.as_ref(), model::USERS).await?;
+            let users = users.iter().map(|(_, u)| user_to_pb(&u.value)).collect();
+            Ok(pb::ListUsersResponse { users })
+        })
+        .await
     }
 
     async fn get_user(
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let name = request.into_inner().name;
-        let user = store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&name))
-            .await?
-            .ok_or_else(|| AdminError::NotFound(format!("user {name:?}")))?;
-        Ok(Response::new(user_to_pb(&user.value)))
+        self.audited(
+            request,
+            |r| user_target(&r.name),
+            async |r| {
+                let name = r.name;
+                let user =
+                    store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&name))
+                        .await?
+                        .ok_or_else(|| AdminError::NotFound(format!("user {name:?}")))?;
+                Ok(user_to_pb(&user.value))
+            },
+        )
+        .await
     }
 
     async fn put_user(
         &self,
         request: Request<pb::PutUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        Ok(Response::new(self.put_user(request.into_inner()).await?))
+        self.audited(
+            request,
+            |r| user_target(r.user.as_ref().map_or("-", |u| u.name.as_str())),
+            async |r| Ok(self.put_user(r).await?),
+        )
+        .await
     }
 
     async fn delete_user(
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        let name = request.into_inner().name;
-        names::validate_user(&name).map_err(|e| AdminError::invalid("name", e.to_string()))?;
-        if self.store.delete(&model::user_key(&name)).await? {
-            self.revoke(&name).await?;
-            tracing::info!(user = %name, "user deleted");
-        }
-        Ok(Response::new(pb::DeleteUserResponse {}))
+        self.audited(
+            request,
+            |r| user_target(&r.name),
+            async |r| {
+                let name = r.name;
+                names::validate_user(&name)
+                    .map_err(|e| AdminError::invalid("name", e.to_string()))?;
+                if self.store.delete(&model::user_key(&name)).await? {
+                    self.revoke(&name).await?;
+                    tracing::info!(user = %name, "user deleted");
+                }
+                Ok(pb::DeleteUserResponse {})
+            },
+        )
+        .await
     }
 
     async fn list_environments(
         &self,
-        _: Request<pb::ListEnvironmentsRequest>,
+        request: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
-        let envs: Vec<(String, store::Versioned<EnvironmentRecord>)> =
-            store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
-        let environments = envs
-            .iter()
-            .map(|(_, e)| environment_to_pb(&e.value))
-            .collect();
-        Ok(Response::new(pb::ListEnvironmentsResponse { environments }))
+        self.audited(request, everything, async |_| {
+            let envs: Vec<(String, store::Versioned<EnvironmentRecord>)> =
+                store::range_json(self.store.as_ref(), model::ENVIRONMENTS).await?;
+            let environments = envs
+                .iter()
+                .map(|(_, e)| environment_to_pb(&e.value))
+                .collect();
+            Ok(pb::ListEnvironmentsResponse { environments })
+        })
+        .await
     }
 
     async fn put_environment(
         &self,
         request: Request<pb::PutEnvironmentRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
-        Ok(Response::new(
-            self.put_environment(request.into_inner().environment)
-                .await?,
-        ))
+        self.audited(
+            request,
+            |r| environment_target(r.environment.as_ref().map_or("-", |e| e.name.as_str())),
+            async |r| Ok(self.put_environment(r.environment).await?),
+        )
+        .await
     }
 
     async fn delete_environment(
         &self,
         request: Request<pb::DeleteEnvironmentRequest>,
     ) -> Result<Response<pb::DeleteEnvironmentResponse>, Status> {
-        let name = request.into_inner().name;
-        names::validate_environment(&name)
-            .map_err(|e| AdminError::invalid("name", e.to_string()))?;
-        self.store.delete(&model::environment_key(&name)).await?;
-        Ok(Response::new(pb::DeleteEnvironmentResponse {}))
+        self.audited(
+            request,
+            |r| environment_target(&r.name),
+            async |r| {
+                names::validate_environment(&r.name)
+                    .map_err(|e| AdminError::invalid("name", e.to_string()))?;
+                self.store
+                    .delete(&model::environment_key(&r.name))
+                    .await?;
+                Ok(pb::DeleteEnvironmentResponse {})
+            },
+        )
+        .await
     }
 
     async fn list_sessions(
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let filter = request.into_inner();
-        let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
-            store::range_json(self.store.as_ref(), model::SESSIONS).await?;
-        let sessions = sessions
-            .into_iter()
-            .map(|(_, s)| s.value)
-            .filter(|s| filter.user.is_empty() || s.user == filter.user)
-            .filter(|s| filter.environment.is_empty() || s.environment == filter.environment)
-            .filter(|s| filter.proxy_id.is_empty() || s.proxy_id == filter.proxy_id)
-            .map(|s| pb::Session {
-                id: s.id,
-                user: s.user,
-                environment: s.environment,
-                container_id: s.container_id,
-                proxy_id: s.proxy_id,
-                client_address: s.client_address,
-                kind: s.kind,
-                started_at: s.started_at,
-            })
-            .collect();
-        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+        self.audited(request, everything, async |filter| {
+            let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
+                store::range_json(self.store.as_ref(), model::SESSIONS).await?;
+            let sessions = sessions
+                .into_iter()
+                .map(|(_, s)| s.value)
+                .filter(|s| filter.user.is_empty() || s.user == filter.user)
+                .filter(|s| filter.environment.is_empty() || s.environment == filter.environment)
+                .filter(|s| filter.proxy_id.is_empty() || s.proxy_id == filter.proxy_id)
+                .map(|s| pb::Session {
+                    id: s.id,
+                    user: s.user,
+                    environment: s.environment,
+                    container_id: s.container_id,
+                    proxy_id: s.proxy_id,
+                    client_address: s.client_address,
+                    kind: s.kind,
+                    started_at: s.started_at,
+                })
+                .collect();
+            Ok(pb::ListSessionsResponse { sessions })
+        })
+        .await
     }
 
     async fn list_containers(
         &self,
         request: Request<pb::ListContainersRequest>,
     ) -> Result<Response<pb::ListContainersResponse>, Status> {
-        let containers = self.list_containers(request.into_inner()).await?;
-        Ok(Response::new(pb::ListContainersResponse { containers }))
+        self.audited(request, everything, async |r| {
+            let containers = self.list_containers(r).await?;
+            Ok(pb::ListContainersResponse { containers })
+        })
+        .await
     }
 
     async fn list_proxies(
         &self,
-        _: Request<pb::ListProxiesRequest>,
+        request: Request<pb::ListProxiesRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
-        let proxies: Vec<(String, store::Versioned<ProxyRecord>)> =
-            store::range_json(self.store.as_ref(), model::PROXIES).await?;
-        let proxies = proxies
-            .into_iter()
-            .map(|(_, p)| p.value)
-            .map(|p| pb::Proxy {
-                id: p.id,
-                address: p.address,
-                version: p.version,
-                draining: p.draining,
-                sessions: p.sessions,
-                connections: p.connections,
-                registered_at: p.registered_at,
-                last_heartbeat_at: p.last_heartbeat_at,
-            })
-            .collect();
-        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+        self.audited(request, everything, async |_| {
+            let proxies: Vec<(String, store::Versioned<ProxyRecord>)> =
+                store::range_json(self.store.as_ref(), model::PROXIES).await?;
+            let proxies = proxies
+                .into_iter()
+                .map(|(_, p)| p.value)
+                .map(|p| pb::Proxy {
+                    id: p.id,
+                    address: p.address,
+                    version: p.version,
+                    draining: p.draining,
+                    sessions: p.sessions,
+                    connections: p.connections,
+                    registered_at: p.registered_at,
+                    last_heartbeat_at: p.last_heartbeat_at,
+                })
+                .collect();
+            Ok(pb::ListProxiesResponse { proxies })
+        })
+        .await
     }
 
     async fn drain_proxy(
         &self,
         request: Request<pb::DrainProxyRequest>,
     ) -> Result<Response<pb::DrainProxyResponse>, Status> {
-        self.drain_proxy(request.into_inner()).await?;
-        Ok(Response::new(pb::DrainProxyResponse {}))
+        self.audited(
+            request,
+            |r| format!("proxy {}", r.proxy_id),
+            async |r| {
+                self.drain_proxy(r).await?;
+                Ok(pb::DrainProxyResponse {})
+            },
+        )
+        .await
     }
 
     async fn kill_session(
         &self,
         request: Request<pb::KillSessionRequest>,
     ) -> Result<Response<pb::KillSessionResponse>, Status> {
-        self.kill_session(request.into_inner()).await?;
-        Ok(Response::new(pb::KillSessionResponse {}))
+        self.audited(
+            request,
+            |r| format!("session {}", r.session_id),
+            async |r| {
+                self.kill_session(r).await?;
+                Ok(pb::KillSessionResponse {})
+            },
+        )
+        .await
     }
 
     async fn stop_container(
         &self,
         request: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::StopContainerResponse>, Status> {
-        let req = request.into_inner();
-        let (key, message) = self.named_container(req.container, req.message).await?;
-        let sessions_ended =
-            fleet::command_container_sessions(self.store.as_ref(), &key, |session_id| {
-                CommandRecord::KillSession {
-                    session_id,
-                    message: message.clone(),
-                }
-            })
-            .await
-            .map_err(AdminError::from)?;
-        Ok(Response::new(pb::StopContainerResponse { sessions_ended }))
+        self.audited(
+            request,
+            |r| container_target(r.container.as_ref()),
+            async |r| {
+                let (key, message) = self.named_container(r.container, r.message).await?;
+                let sessions_ended =
+                    fleet::command_container_sessions(self.store.as_ref(), &key, |session_id| {
+                        CommandRecord::KillSession {
+                            session_id,
+                            message: message.clone(),
+                        }
+                    })
+                    .await
+                    .map_err(AdminError::from)?;
+                Ok(pb::StopContainerResponse { sessions_ended })
+            },
+        )
+        .await
     }
 
     async fn delete_container(
         &self,
         request: Request<pb::DeleteContainerRequest>,
     ) -> Result<Response<pb::DeleteContainerResponse>, Status> {
-        let req = request.into_inner();
-        let (key, message) = self.named_container(req.container, req.message).await?;
-        // The reaper's claim first, then the sessions are ended (and given a moment to show
-        // the message), then the container goes.
-        let Some(sessions_ended) = self
-            .reconciler
-            .remove_now(&key, "deleted by an administrator", Some(&message))
-            .await
-            .map_err(AdminError::from)?
-        else {
-            return Err(AdminError::Changed(format!("container {key:?}")).into());
-        };
-        Ok(Response::new(pb::DeleteContainerResponse {
-            sessions_ended,
-        }))
+        self.audited(
+            request,
+            |r| container_target(r.container.as_ref()),
+            async |r| {
+                let (key, message) = self.named_container(r.container, r.message).await?;
+                // The reaper's claim first, then the sessions are ended (and given a moment
+                // to show the message), then the container goes.
+                let Some(sessions_ended) = self
+                    .reconciler
+                    .remove_now(&key, "deleted by an administrator", Some(&message))
+                    .await
+                    .map_err(AdminError::from)?
+                else {
+                    return Err(AdminError::Changed(format!("container {key:?}")).into());
+                };
+                Ok(pb::DeleteContainerResponse { sessions_ended })
+            },
+        )
+        .await
     }
 
     async fn revoke_user_tokens(
         &self,
         request: Request<pb::RevokeUserTokensRequest>,
     ) -> Result<Response<pb::RevokeUserTokensResponse>, Status> {
-        let user = request.into_inner().user;
-        names::validate_user(&user).map_err(|e| AdminError::invalid("user", e.to_string()))?;
-        if self.store.get(&model::user_key(&user)).await?.is_none() {
-            return Err(AdminError::NotFound(format!("user {user:?}")).into());
-        }
-        self.revoke(&user).await?;
-        Ok(Response::new(pb::RevokeUserTokensResponse {}))
+        self.audited(
+            request,
+            |r| user_target(&r.user),
+            async |r| {
+                let user = r.user;
+                names::validate_user(&user)
+                    .map_err(|e| AdminError::invalid("user", e.to_string()))?;
+                if self.store.get(&model::user_key(&user)).await?.is_none() {
+                    return Err(AdminError::NotFound(format!("user {user:?}")).into());
+                }
+                self.revoke(&user).await?;
+                Ok(pb::RevokeUserTokensResponse {})
+            },
+        )
+        .await
     }
 
     async fn status(
         &self,
-        _: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(self.status().await?))
+        self.audited(request, everything, async |_| Ok(self.status().await?))
+            .await
     }
 }
+

@@ -9,13 +9,19 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use envgate_proto::token::{Claims, TokenKey};
+use envgate_proto::audit::{self, AuditLog, Event, Outcome};
+use envgate_proto::token::{Claims, TokenKeys};
 use envgate_proto::v1::auth_server::Auth;
-use envgate_proto::v1::{AuthenticateRequest, AuthenticateResponse, authenticate_request};
+use envgate_proto::v1::{
+    AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CheckPublicKeyResponse,
+    authenticate_request,
+};
+use russh::keys::HashAlg;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
 
 use crate::error::AuthError;
+use crate::guard::{self, ProxyIdentity};
 use crate::model::{self, RevocationRecord, UserRecord};
 use crate::store::{self, Store};
 
@@ -28,8 +34,29 @@ const THROTTLE_TABLE_LIMIT: usize = 10_000;
 
 pub enum Credential {
     Password(String),
-    /// SSH wire format (RFC 4253 section 6.6).
+    /// SSH wire format (RFC 4253 section 6.6), whose possession the proxy verified.
     PublicKey(Vec<u8>),
+}
+
+impl Credential {
+    fn method(&self) -> audit::Method {
+        match self {
+            Credential::Password(_) => audit::Method::Password,
+            Credential::PublicKey(_) => audit::Method::Publickey,
+        }
+    }
+
+    /// `SHA256:…`, as `ssh-keygen -l` prints it, for the audit log.
+    fn fingerprint(&self) -> Option<String> {
+        match self {
+            Credential::Password(_) => None,
+            Credential::PublicKey(key) => Some(
+                PublicKey::from_bytes(key)
+                    .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+                    .unwrap_or_else(|_| "unparsable key".to_owned()),
+            ),
+        }
+    }
 }
 
 pub struct IssuedToken {
@@ -170,19 +197,21 @@ fn throttle_keys(user: &str, client_address: &str) -> Vec<String> {
 
 pub struct Authenticator {
     store: Arc<dyn Store>,
-    key: Arc<TokenKey>,
+    keys: Arc<TokenKeys>,
     token_ttl: Duration,
     throttle: Throttle,
     /// Verified against for unknown users, so their answer takes as long as a real one.
     dummy_hash: String,
+    audit: AuditLog,
 }
 
 impl Authenticator {
     pub fn new(
         store: Arc<dyn Store>,
-        key: Arc<TokenKey>,
+        keys: Arc<TokenKeys>,
         token_ttl: Duration,
         cost: HashCost,
+        audit: AuditLog,
     ) -> Self {
         let salt = SaltString::generate(&mut OsRng);
         let dummy_hash = cost
@@ -192,11 +221,50 @@ impl Authenticator {
             .to_string();
         Self {
             store,
-            key,
+            keys,
             token_ttl,
             throttle: Throttle::default(),
             dummy_hash,
+            audit,
         }
+    }
+
+    /// Answers an SSH public-key offer: whether `key` is one of `username`'s authorized keys
+    /// and the user may log in. Issues nothing and never touches the failure throttle: a
+    /// client offers every key it holds, and only a signature proves possession.
+    pub async fn check_public_key(&self, username: &str, key: &[u8]) -> Result<bool, AuthError> {
+        if envgate_proto::names::validate_user(username).is_err() {
+            return Ok(false);
+        }
+        let user =
+            store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(username)).await?;
+        Ok(user.is_some_and(|u| !u.value.disabled && key_is_authorized(key, &u.value.authorized_keys)))
+    }
+
+    /// `authenticate`, written to the audit log with the proxy that asked.
+    pub async fn authenticate_for(
+        &self,
+        proxy: &str,
+        username: &str,
+        credential: Credential,
+        client_address: &str,
+    ) -> Result<IssuedToken, AuthError> {
+        let (method, key_fingerprint) = (credential.method(), credential.fingerprint());
+        let result = self.authenticate(username, credential, client_address).await;
+        let (outcome, reason) = match &result {
+            Ok(_) => (Outcome::Success, None),
+            Err(e) => (Outcome::Failure, Some(e.to_string())),
+        };
+        self.audit.record(Event::Credential {
+            outcome,
+            user: username.to_owned(),
+            client: client_address.to_owned(),
+            method,
+            key_fingerprint,
+            proxy: proxy.to_owned(),
+            reason,
+        });
+        result
     }
 
     pub async fn authenticate(
@@ -274,9 +342,11 @@ impl Authenticator {
             iat,
             exp,
             jti: uuid::Uuid::new_v4().to_string(),
+            aud: String::new(),
+            kid: String::new(),
         };
         IssuedToken {
-            token: self.key.sign(&claims),
+            token: self.keys.sign(claims),
             user: user.name.clone(),
             expires_at: exp,
         }
@@ -284,7 +354,7 @@ impl Authenticator {
 
     /// Checks signature, expiry and the user's revocation time.
     pub async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let claims = self.key.verify(token, model::now())?;
+        let claims = self.keys.verify(token, model::now())?;
         let revoked = store::get_json::<RevocationRecord>(
             self.store.as_ref(),
             &model::revocation_key(&claims.sub),
@@ -309,11 +379,24 @@ impl AuthService {
 
 #[tonic::async_trait]
 impl Auth for AuthService {
+    async fn check_public_key(
+        &self,
+        request: Request<CheckPublicKeyRequest>,
+    ) -> Result<Response<CheckPublicKeyResponse>, Status> {
+        let req = request.into_inner();
+        let acceptable = self
+            .auth
+            .check_public_key(&req.username, &req.public_key)
+            .await?;
+        Ok(Response::new(CheckPublicKeyResponse { acceptable }))
+    }
+
     async fn authenticate(
         &self,
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let started = Instant::now();
+        let ProxyIdentity(proxy) = guard::proxy_of(&request)?;
         let req = request.into_inner();
         let credential = match req.credential {
             Some(authenticate_request::Credential::Password(p)) => Credential::Password(p),
@@ -324,7 +407,7 @@ impl Auth for AuthService {
         };
         let result = self
             .auth
-            .authenticate(&req.username, credential, &req.client_address)
+            .authenticate_for(&proxy, &req.username, credential, &req.client_address)
             .await;
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         metrics::counter!("envgate_controlplane_auth_total", "result" => outcome).increment(1);
@@ -353,8 +436,9 @@ pub(crate) mod tests {
         iterations: 1,
     };
 
-    pub fn test_key() -> Arc<TokenKey> {
-        Arc::new(TokenKey::from_hex_seed(SEED).unwrap())
+    pub fn test_keys() -> Arc<TokenKeys> {
+        let key = envgate_proto::token::TokenKey::from_hex_seed(SEED).unwrap();
+        Arc::new(TokenKeys::new(vec![key], envgate_proto::token::audience("test")).unwrap())
     }
 
     pub fn keypair() -> (PrivateKey, String) {
@@ -387,9 +471,10 @@ pub(crate) mod tests {
         }
         let auth = Authenticator::new(
             store.clone(),
-            test_key(),
+            test_keys(),
             Duration::from_secs(300),
             TEST_COST,
+            AuditLog::in_memory(),
         );
         (store, auth, key)
     }
@@ -511,12 +596,14 @@ pub(crate) mod tests {
             auth.verify_token("nonsense").await,
             Err(AuthError::BadToken(_))
         ));
-        let expired = test_key().sign(&Claims {
+        let expired = test_keys().sign(Claims {
             sub: "alice".into(),
             groups: vec![],
             iat: 1,
             exp: 2,
             jti: "x".into(),
+            aud: String::new(),
+            kid: String::new(),
         });
         assert!(matches!(
             auth.verify_token(&expired).await,

@@ -22,8 +22,6 @@ pub enum AuthError {
     Hashing,
     #[error("credential: a password or public key is required")]
     MissingCredential,
-    #[error("admin calls need authorization: Bearer <admin token>")]
-    AdminTokenRequired,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -45,6 +43,8 @@ pub enum ChoiceError {
 pub enum PlacementError {
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Caller(#[from] CallerError),
     #[error(transparent)]
     Choice(#[from] ChoiceError),
     #[error(
@@ -103,8 +103,24 @@ impl PlacementError {
     }
 }
 
+/// Why a caller may not use a proxy-facing service (`guard::ProxyGuard`) or act on a record.
+#[derive(Debug, thiserror::Error)]
+pub enum CallerError {
+    #[error(
+        "this service answers only envgate proxies: connect with a client certificate from the fleet CA"
+    )]
+    NoCertificate,
+    #[error("the client certificate is not an envgate proxy's: {0}")]
+    NotAProxy(envgate_proto::tls::IdentityError),
+    /// A proxy acting on a session another proxy opened.
+    #[error("session {session} was opened through proxy {owner}; only that proxy may close it")]
+    NotYourSession { session: String, owner: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    #[error("admin calls need authorization: Bearer <admin token>")]
+    TokenRequired,
     /// `field` names the offending request field, e.g. `user.authorized_keys[1]`.
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -134,8 +150,6 @@ impl AdminError {
 pub enum FleetError {
     #[error("the first message must be Register")]
     NotRegistered,
-    #[error("register.proxy_id: must not be empty")]
-    EmptyProxyId,
     #[error("no Register within {0} s")]
     RegisterTimeout(u64),
     #[error(transparent)]
@@ -199,8 +213,7 @@ fn auth_status(e: &AuthError) -> Status {
     match e {
         AuthError::Failed
         | AuthError::BadToken(_)
-        | AuthError::Revoked
-        | AuthError::AdminTokenRequired => Status::unauthenticated(e.to_string()),
+        | AuthError::Revoked => Status::unauthenticated(e.to_string()),
         AuthError::MissingCredential => Status::invalid_argument(e.to_string()),
         AuthError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
         AuthError::Hashing => Status::internal(e.to_string()),
@@ -218,6 +231,7 @@ impl From<PlacementError> for Status {
     fn from(e: PlacementError) -> Self {
         let code = match &e {
             PlacementError::Auth(a) => return auth_status(a),
+            PlacementError::Caller(c) => return caller_status(c),
             PlacementError::Store(s) => return store_status(s),
             PlacementError::Choice(c) => return choice_status(c),
             PlacementError::NoEnvironment { .. } => Code::NotFound,
@@ -234,9 +248,25 @@ impl From<PlacementError> for Status {
     }
 }
 
+fn caller_status(e: &CallerError) -> Status {
+    match e {
+        CallerError::NoCertificate => Status::unauthenticated(e.to_string()),
+        CallerError::NotAProxy(_) | CallerError::NotYourSession { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+impl From<CallerError> for Status {
+    fn from(e: CallerError) -> Self {
+        caller_status(&e)
+    }
+}
+
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Self {
         match &e {
+            AdminError::TokenRequired => Status::unauthenticated(e.to_string()),
             AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             AdminError::NotFound(_) => Status::not_found(e.to_string()),
             AdminError::Changed(_) => Status::aborted(e.to_string()),
@@ -269,9 +299,7 @@ impl From<StoreError> for Status {
 impl From<FleetError> for Status {
     fn from(e: FleetError) -> Self {
         match e {
-            FleetError::NotRegistered | FleetError::EmptyProxyId => {
-                Status::invalid_argument(e.to_string())
-            }
+            FleetError::NotRegistered => Status::invalid_argument(e.to_string()),
             FleetError::RegisterTimeout(_) => Status::deadline_exceeded(e.to_string()),
             FleetError::Stream(status) => status,
             FleetError::Store(s) => store_status(&s),

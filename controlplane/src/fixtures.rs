@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
-use crate::auth::tests::{TEST_COST, test_key};
+use crate::auth::tests::{TEST_COST, test_keys};
 use crate::error::PlacementError;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
@@ -151,9 +151,10 @@ impl World {
         .unwrap();
         let auth = Arc::new(Authenticator::new(
             store.clone(),
-            test_key(),
+            test_keys(),
             Duration::from_secs(300),
             TEST_COST,
+            envgate_proto::audit::AuditLog::in_memory(),
         ));
         World {
             store,
@@ -203,12 +204,14 @@ impl World {
             vec!["students".into()]
         };
         let now = model::now();
-        test_key().sign(&Claims {
+        test_keys().sign(Claims {
             sub: user.into(),
             groups,
             iat: now,
             exp: now + 300,
             jti: "t".into(),
+            aud: String::new(),
+            kid: String::new(),
         })
     }
 

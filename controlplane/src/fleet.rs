@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::FleetError;
+use crate::guard::{self, ProxyIdentity};
 use crate::model::{self, CommandRecord, ProxyRecord, SessionRecord};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, WatchEvent, WatchEventKind};
 
@@ -127,18 +128,20 @@ async fn lease_for(
     Ok((store.lease_grant(PROXY_LEASE_TTL).await?, false))
 }
 
-async fn register(store: &dyn Store, register: &Register) -> Result<ProxyRecord, FleetError> {
-    if register.proxy_id.is_empty() {
-        return Err(FleetError::EmptyProxyId);
-    }
-    let key = model::proxy_key(&register.proxy_id);
+/// Records the proxy `proxy_id` (from its certificate) under a lease, as `register` describes it.
+async fn register(
+    store: &dyn Store,
+    proxy_id: &str,
+    register: &Register,
+) -> Result<ProxyRecord, FleetError> {
+    let key = model::proxy_key(proxy_id);
     let existing = store::get_json::<ProxyRecord>(store, &key)
         .await?
         .map(|v| v.value);
     let (lease_id, reused) = lease_for(store, existing.as_ref(), &register.incarnation).await?;
     let now = model::now();
     let record = ProxyRecord {
-        id: register.proxy_id.clone(),
+        id: proxy_id.to_owned(),
         address: register.address.clone(),
         version: register.version.clone(),
         capacity: register.capacity,
@@ -231,6 +234,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<CommandStream>, Status> {
+        let ProxyIdentity(proxy_id) = guard::proxy_of(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -242,7 +246,7 @@ impl Fleet for FleetService {
         else {
             return Err(FleetError::NotRegistered.into());
         };
-        let record = register(self.store.as_ref(), &hello).await?;
+        let record = register(self.store.as_ref(), &proxy_id, &hello).await?;
         let (tx, rx) = mpsc::channel(64);
         self.registry.insert(&record.id, tx.clone());
         // Commands written while the proxy was between streams.

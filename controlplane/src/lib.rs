@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use envgate_proto::admin::v1::admin_server::AdminServer;
 use envgate_proto::ops::{Readiness, serve_ops};
-use envgate_proto::token::TokenKey;
+use envgate_proto::audit::AuditLog;
+use envgate_proto::tls::TlsFiles;
+use envgate_proto::token::TokenKeys;
 use envgate_proto::v1::auth_server::AuthServer;
 use envgate_proto::v1::fleet_server::FleetServer;
 use envgate_proto::v1::self_service_server::SelfServiceServer;
@@ -25,7 +27,9 @@ pub mod error;
 #[cfg(test)]
 mod fixtures;
 pub mod fleet;
+pub mod guard;
 pub mod model;
+pub mod pki;
 pub mod placement;
 pub mod pool;
 pub mod reconcile;
@@ -36,27 +40,36 @@ pub mod store;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-use crate::admin::{AdminGuard, AdminService};
+use crate::admin::AdminService;
 use crate::auth::{AuthService, Authenticator, HashCost};
 use crate::fleet::{FleetRegistry, FleetService};
+use crate::guard::{AdminGuard, AdminTokens, ProxyGuard};
 use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
 use crate::runtime::docker::AgentSetup;
+use crate::runtime::audited::Audited;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::selfservice::{SelfServiceHandler, SelfServiceService};
-use crate::store::{EtcdStore, Store, StoreError};
+use crate::store::{EtcdConfig, EtcdStore, Store, StoreError};
 
 /// Everything the control plane needs, parsed and checked once at start.
 pub struct Config {
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
-    pub etcd_endpoints: Vec<String>,
+    /// etcd's endpoints and the control plane's TLS identity towards it.
+    pub etcd: EtcdConfig,
     pub etcd_prefix: String,
     /// Bound on each etcd call.
     pub etcd_timeout: Duration,
-    pub token_key: Arc<TokenKey>,
+    /// The gRPC server's certificate and the fleet CA that issues proxies' certificates.
+    pub tls: TlsFiles,
+    /// Token signing keys (the first signs) and the audience of this fleet's tokens.
+    pub token_keys: Arc<TokenKeys>,
     pub token_ttl: Duration,
-    pub admin_token: String,
+    /// The operators allowed on the admin API, by name.
+    pub admin_tokens: Arc<AdminTokens>,
+    /// Where audit records go (`--audit-log`).
+    pub audit: AuditLog,
     pub instance: String,
     pub docker_host: Option<String>,
     /// Containers Docker may be creating at once.
@@ -109,15 +122,19 @@ pub struct ControlPlane {
     reconciler: Arc<Reconciler>,
     admin_guard: AdminGuard,
     hash_cost: HashCost,
+    tls: TlsFiles,
+    audit: AuditLog,
 }
 
 impl ControlPlane {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: &Config) -> Self {
+        let runtime: Arc<dyn Runtime> = Arc::new(Audited::new(runtime, config.audit.clone()));
         let auth = Arc::new(Authenticator::new(
             store.clone(),
-            config.token_key.clone(),
+            config.token_keys.clone(),
             config.token_ttl,
             config.hash_cost,
+            config.audit.clone(),
         ));
         let placement = PlacementConfig {
             instance: config.instance.clone(),
@@ -148,8 +165,10 @@ impl ControlPlane {
             placer,
             fleet: Arc::new(FleetRegistry::default()),
             reconciler,
-            admin_guard: AdminGuard::new(&config.admin_token),
+            admin_guard: AdminGuard::new(config.admin_tokens.clone(), config.audit.clone()),
             hash_cost: config.hash_cost,
+            tls: config.tls.clone(),
+            audit: config.audit.clone(),
         }
     }
 
@@ -182,7 +201,12 @@ impl ControlPlane {
                 .register_encoded_file_descriptor_set(envgate_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let admin = AdminService::new(self.store.clone(), self.reconciler.clone(), self.hash_cost);
+        let admin = AdminService::new(
+            self.store.clone(),
+            self.reconciler.clone(),
+            self.hash_cost,
+            self.audit.clone(),
+        );
         let forwarding = shutdown.child_token();
         tokio::spawn(fleet::forward_revocations(
             self.store.clone(),
@@ -196,6 +220,7 @@ impl ControlPlane {
         ));
         let _stop_forwarding = forwarding.drop_guard();
         tonic::transport::Server::builder()
+            .tls_config(self.tls.server_config())?
             // A proxy host that dies without closing its connection must not keep its Fleet
             // stream, and so its lease and sessions, alive forever.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -203,25 +228,30 @@ impl ControlPlane {
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .concurrency_limit_per_connection(1024)
             .trace_fn(envgate_proto::telemetry::rpc_span)
+            .layer(tower::util::MapRequestLayer::new(guard::mark_path))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(AuthServer::new(AuthService::new(self.auth.clone())))
-            .add_service(SessionsServer::new(SessionsService::new(
-                self.placer.clone(),
-            )))
-            .add_service(SelfServiceServer::new(SelfServiceService::new(Arc::new(
-                SelfServiceHandler::new(
+            .add_service(AuthServer::with_interceptor(
+                AuthService::new(self.auth.clone()),
+                ProxyGuard,
+            ))
+            .add_service(SessionsServer::with_interceptor(
+                SessionsService::new(self.placer.clone(), self.audit.clone()),
+                ProxyGuard,
+            ))
+            .add_service(SelfServiceServer::with_interceptor(
+                SelfServiceService::new(Arc::new(SelfServiceHandler::new(
                     self.store.clone(),
                     self.auth.clone(),
                     self.reconciler.clone(),
-                ),
-            ))))
-            .add_service(FleetServer::new(FleetService::new(
-                self.store.clone(),
-                self.fleet.clone(),
-                shutdown.clone(),
-            )))
+                ))),
+                ProxyGuard,
+            ))
+            .add_service(FleetServer::with_interceptor(
+                FleetService::new(self.store.clone(), self.fleet.clone(), shutdown.clone()),
+                ProxyGuard,
+            ))
             .add_service(AdminServer::with_interceptor(
                 admin,
                 self.admin_guard.clone(),
@@ -244,12 +274,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let readiness = Readiness::default();
     let store: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(
-            &config.etcd_endpoints,
-            &config.etcd_prefix,
-            config.etcd_timeout,
-        )
-        .await?,
+        EtcdStore::connect(&config.etcd, &config.etcd_prefix, config.etcd_timeout).await?,
     );
     // Before any port is bound: a replica serves only once the file's catalogue is in etcd.
     catalogue::seed(

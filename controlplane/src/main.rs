@@ -1,5 +1,6 @@
 //! `envgate-controlplane`: parses and checks its configuration once, before binding anything,
-//! then runs the control plane until SIGTERM or SIGINT.
+//! then runs the control plane until SIGTERM or SIGINT. `envgate-controlplane pki …` makes
+//! the fleet's certificates instead (`pki.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,48 +9,145 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use envgate_controlplane::Config;
 use envgate_controlplane::auth::HashCost;
+use envgate_controlplane::guard::AdminTokens;
+use envgate_controlplane::pki::{Authority, Profile};
 use envgate_controlplane::runtime::docker::AgentSetup;
-use envgate_proto::token::TokenKey;
+use envgate_controlplane::store::EtcdConfig;
+use envgate_proto::audit::AuditLog;
+use envgate_proto::tls::TlsFiles;
+use envgate_proto::token::{self, TokenKey, TokenKeys};
 use tokio_util::sync::CancellationToken;
 
 /// envgate control plane: authentication, placement, container lifecycle and the admin API.
 #[derive(Debug, Parser)]
-#[command(name = "envgate-controlplane", version)]
+#[command(
+    name = "envgate-controlplane",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Makes the fleet's TLS certificates (idempotent: what exists and stays valid for 30
+    /// more days is kept). Prints each file written.
+    Pki {
+        /// Directory of the CAs and certificates (`<ca>-ca.crt`, `<name>.crt`, `<name>.key`).
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(subcommand)]
+        what: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// A CA, e.g. `fleet` (control plane and proxies) or `etcd` (etcd and its clients).
+    Ca { name: String },
+    /// A TLS server certificate for these DNS names and IP addresses (comma-separated).
+    Server {
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        san: Vec<String>,
+    },
+    /// An etcd member's certificate: server to clients and peers, client to peers.
+    Peer {
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        san: Vec<String>,
+    },
+    /// A TLS client certificate with this common name (the control plane towards etcd).
+    Client {
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// A proxy's client certificate naming it `spiffe://envgate/proxy/<ID>`; written as
+    /// `proxy-<ID>.crt` and `.key`.
+    Proxy {
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
-    /// gRPC address (Auth, Sessions, Fleet, Admin, health, reflection).
+    /// gRPC address (Auth, Sessions, Fleet, Admin, health, reflection), TLS only.
     #[arg(long, env = "ENVGATE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// The gRPC server's certificate (PEM), issued by the fleet CA.
+    #[arg(long, env = "ENVGATE_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "ENVGATE_TLS_KEY")]
+    tls_key: PathBuf,
+    /// The fleet CA (PEM): proxies must present a client certificate it issued, naming them
+    /// `spiffe://envgate/proxy/<id>`.
+    #[arg(long, env = "ENVGATE_TLS_CLIENT_CA")]
+    tls_client_ca: PathBuf,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "ENVGATE_OPS_LISTEN", default_value = "127.0.0.1:9090")]
     ops_listen: SocketAddr,
-    /// etcd client URLs, comma-separated.
+    /// etcd client URLs, comma-separated; https:// only (etcd holds every credential).
     #[arg(
         long,
         env = "ENVGATE_ETCD",
-        default_value = "http://127.0.0.1:2379",
+        default_value = "https://127.0.0.1:2379",
         value_delimiter = ','
     )]
     etcd: Vec<String>,
+    /// The CA that issued etcd's certificate (PEM).
+    #[arg(long, env = "ENVGATE_ETCD_CA")]
+    etcd_ca: PathBuf,
+    /// The control plane's client certificate towards etcd (PEM), from the etcd CA.
+    #[arg(long, env = "ENVGATE_ETCD_CERT")]
+    etcd_cert: PathBuf,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "ENVGATE_ETCD_KEY")]
+    etcd_key: PathBuf,
     /// Prefix of every etcd key this fleet uses; must end with '/'.
     #[arg(long, env = "ENVGATE_ETCD_PREFIX", default_value = "/envgate/")]
     etcd_prefix: String,
-    /// File holding the 32-byte Ed25519 token signing seed as 64 hex digits (shared by all replicas).
-    #[arg(long, env = "ENVGATE_TOKEN_KEY")]
-    token_key: PathBuf,
+    /// Files holding 32-byte Ed25519 token keys as 64 hex digits, comma-separated (shared by
+    /// all replicas): the first signs new tokens, every one is accepted, so a key is rotated
+    /// by adding the new one after the old, moving it first, then dropping the old.
+    #[arg(long, env = "ENVGATE_TOKEN_KEY", value_delimiter = ',', required = true)]
+    token_key: Vec<PathBuf>,
     /// Lifetime of issued session tokens.
     #[arg(long, env = "ENVGATE_TOKEN_TTL_SECONDS", default_value_t = 300)]
     token_ttl_seconds: u64,
-    /// File holding the admin bearer token; admin calls need `authorization: Bearer <token>`.
-    #[arg(long, env = "ENVGATE_ADMIN_TOKEN_FILE")]
-    admin_token_file: PathBuf,
+    /// The operators' admin tokens, one `NAME sha256:HEX` line each (HEX: the SHA-256 of the
+    /// token); admin calls need `authorization: Bearer <token>`, and the audit log names NAME.
+    #[arg(long, env = "ENVGATE_ADMIN_TOKENS")]
+    admin_tokens: PathBuf,
+    /// Append audit records (logins, admin calls, sessions, containers) to this file as JSON
+    /// lines; they are also logged on the target `audit` either way.
+    #[arg(long, env = "ENVGATE_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
     /// Label value on every container this fleet creates, so fleets sharing a Docker engine
     /// never touch each other's containers.
     #[arg(long, env = "ENVGATE_INSTANCE", default_value = "default")]
     instance: String,
-    /// Docker endpoint, e.g. unix:///var/run/docker.sock (default: the local defaults).
+    /// The Docker engine's socket, unix:///path (default: the local defaults). Docker over
+    /// TCP is not offered: its API is root on the host and would need TLS client certificates.
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
     /// Containers Docker may be creating at once; further first logins queue for a slot.
@@ -129,25 +227,45 @@ fn config(args: Args) -> anyhow::Result<Config> {
             e.to_string().replace("environment name", "instance name")
         )
     })?;
-    let key_text = std::fs::read_to_string(&args.token_key)
-        .with_context(|| format!("--token-key: cannot read {}", args.token_key.display()))?;
-    let token_key = TokenKey::from_hex_seed(&key_text)
-        .with_context(|| format!("--token-key: {}", args.token_key.display()))?;
-    let admin_token = std::fs::read_to_string(&args.admin_token_file)
-        .with_context(|| {
-            format!(
-                "--admin-token-file: cannot read {}",
-                args.admin_token_file.display()
-            )
-        })?
-        .trim()
-        .to_owned();
-    if admin_token.is_empty() {
+    let keys = args
+        .token_key
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-key: cannot read {}", path.display()))?;
+            TokenKey::from_hex_seed(&text)
+                .with_context(|| format!("--token-key: {}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let token_keys = TokenKeys::new(keys, token::audience(&args.instance))
+        .context("--token-key")?;
+    let admin_tokens = AdminTokens::load(&args.admin_tokens)
+        .with_context(|| format!("--admin-tokens: {}", args.admin_tokens.display()))?;
+    let tls = TlsFiles::load(&args.tls_cert, &args.tls_key, &args.tls_client_ca)
+        .context("--tls-cert/--tls-key/--tls-client-ca")?;
+    let etcd_endpoints: Vec<String> = args
+        .etcd
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if let Some(plain) = etcd_endpoints.iter().find(|e| !e.starts_with("https://")) {
+        bail!("--etcd: {plain} is not https://; etcd holds every credential and is reached over TLS only");
+    }
+    let etcd_tls = TlsFiles::load(&args.etcd_cert, &args.etcd_key, &args.etcd_ca)
+        .context("--etcd-cert/--etcd-key/--etcd-ca")?;
+    if let Some(host) = &args.docker_host
+        && !host.starts_with("unix://")
+    {
         bail!(
-            "--admin-token-file: {} is empty",
-            args.admin_token_file.display()
+            "--docker-host: {host} is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)"
         );
     }
+    let audit = match &args.audit_log {
+        None => AuditLog::log_only(),
+        Some(path) => AuditLog::to_file(path)
+            .with_context(|| format!("--audit-log: cannot open {}", path.display()))?,
+    };
     if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
         bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
     }
@@ -190,17 +308,17 @@ fn config(args: Args) -> anyhow::Result<Config> {
     Ok(Config {
         listen: args.listen,
         ops_listen: args.ops_listen,
-        etcd_endpoints: args
-            .etcd
-            .into_iter()
-            .map(|e| e.trim().to_owned())
-            .filter(|e| !e.is_empty())
-            .collect(),
+        etcd: EtcdConfig {
+            endpoints: etcd_endpoints,
+            tls: Some(etcd_tls),
+        },
         etcd_prefix: args.etcd_prefix,
         etcd_timeout: Duration::from_secs(5),
-        token_key: Arc::new(token_key),
+        tls,
+        token_keys: Arc::new(token_keys),
         token_ttl: Duration::from_secs(args.token_ttl_seconds),
-        admin_token,
+        admin_tokens: Arc::new(admin_tokens),
+        audit,
         instance: args.instance,
         docker_host: args.docker_host,
         docker_create_concurrency: args.docker_create_concurrency.into(),
@@ -231,9 +349,43 @@ fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `envgate-controlplane pki …`: one CA or certificate, printed as the files written.
+fn pki(dir: &std::path::Path, what: PkiCommand) -> anyhow::Result<()> {
+    let (ca, name, profile) = match what {
+        PkiCommand::Ca { name } => {
+            let ca = Authority::ensure(dir, &name)?;
+            println!("{}", ca.cert_path().display());
+            return Ok(());
+        }
+        PkiCommand::Server { ca, name, san } => (ca, name, Profile::Server { sans: san }),
+        PkiCommand::Peer { ca, name, san } => (ca, name, Profile::Peer { sans: san }),
+        PkiCommand::Client { ca, name } => (
+            ca,
+            name.clone(),
+            Profile::Client { common_name: name },
+        ),
+        PkiCommand::Proxy { ca, id } => (ca, format!("proxy-{id}"), Profile::Proxy { id }),
+    };
+    let authority = Authority::ensure(dir, &ca)?;
+    authority.issue(dir, &name, &profile)?;
+    let (cert, key) = envgate_controlplane::pki::paths(dir, &name);
+    println!("{}\n{}", cert.display(), key.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Pki { dir, what }) = cli.command {
+        return match pki(&dir, what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("envgate-controlplane pki: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let args = cli.args;
     let log_json = args.log_json;
     let otlp_endpoint = args.otlp_endpoint.clone();
     let config = match config(args) {

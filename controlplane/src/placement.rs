@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use envgate_proto::audit::{AuditLog, Event};
 use envgate_proto::ops::record_phase;
 use envgate_proto::token::Claims;
 use envgate_proto::v1::sessions_server::Sessions;
@@ -27,7 +28,8 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::catalogue;
-use crate::error::PlacementError;
+use crate::error::{CallerError, PlacementError};
+use crate::guard::{self, ProxyIdentity};
 use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
@@ -685,34 +687,57 @@ impl Placer {
     /// Ends a session. Idempotent: an unknown session id is fine. Persistent containers
     /// get `last_active_at = now` (their idle clock starts); ephemeral ones are removed.
     pub async fn close(&self, session_id: &str) -> Result<(), PlacementError> {
-        self.close_with(session_id, false).await
+        self.close_with(session_id, None, false).await.map(|_| ())
     }
 
-    /// `close`, and with `unreachable` (the proxy could not reach the container's agent)
-    /// the session's container is removed as an ephemeral one would be, so the next open
-    /// creates a new one; the home volume stays.
+    /// `close` on behalf of `proxy` (`None`: the control plane itself), which must be the
+    /// proxy that opened the session. With `unreachable` (the proxy could not reach the
+    /// container's agent) the session's container is removed as an ephemeral one would be, so
+    /// the next open creates a new one; the home volume stays. Returns the closed session.
     pub async fn close_with(
         &self,
         session_id: &str,
+        proxy: Option<&str>,
         unreachable: bool,
-    ) -> Result<(), PlacementError> {
+    ) -> Result<Option<SessionRecord>, PlacementError> {
         let skey = model::session_key(session_id);
         let Some(session) = store::get_json::<SessionRecord>(self.store.as_ref(), &skey).await?
         else {
-            return Ok(());
+            return Ok(None);
         };
-        let ckey = session.value.container_key.clone();
+        if let Some(proxy) = proxy
+            && session.value.proxy_id != proxy
+        {
+            return Err(CallerError::NotYourSession {
+                session: session_id.to_owned(),
+                owner: session.value.proxy_id.clone(),
+            }
+            .into());
+        }
+        self.close_record(&skey, &session.value, unreachable)
+            .await?;
+        Ok(Some(session.value))
+    }
+
+    async fn close_record(
+        &self,
+        skey: &str,
+        session: &SessionRecord,
+        unreachable: bool,
+    ) -> Result<(), PlacementError> {
+        let session_id = session.id.as_str();
+        let ckey = session.container_key.clone();
         for _ in 0..16 {
             let record: Option<Versioned<ContainerRecord>> =
                 store::get_json(self.store.as_ref(), &ckey).await?;
             let Some(record) = record else {
-                self.store.delete(&skey).await?;
+                self.store.delete(skey).await?;
                 return Ok(());
             };
             let owned = record.value.session_id == session_id
                 || (unreachable
                     && record.value.state == ContainerState::Running
-                    && record.value.container_id == session.value.container_id);
+                    && record.value.container_id == session.container_id);
             let next = if owned {
                 ContainerRecord {
                     state: ContainerState::Removing,
@@ -721,7 +746,7 @@ impl Placer {
                     ..record.value.clone()
                 }
             } else if record.value.state == ContainerState::Running
-                && record.value.container_id == session.value.container_id
+                && record.value.container_id == session.container_id
             {
                 ContainerRecord {
                     last_active_at: model::now(),
@@ -729,10 +754,10 @@ impl Placer {
                 }
             } else {
                 // The record moved on to another container: nothing to refresh.
-                self.store.delete(&skey).await?;
+                self.store.delete(skey).await?;
                 return Ok(());
             };
-            let ops = vec![TxnOp::put_json(&ckey, &next, None), TxnOp::delete(&skey)];
+            let ops = vec![TxnOp::put_json(&ckey, &next, None), TxnOp::delete(skey)];
             let Some(revision) = self
                 .store
                 .txn(vec![Compare::revision(&ckey, record.mod_revision)], ops)
@@ -777,11 +802,12 @@ fn working_dir(env: &EnvironmentRecord, user: &str) -> String {
 
 pub struct SessionsService {
     placer: Arc<Placer>,
+    audit: AuditLog,
 }
 
 impl SessionsService {
-    pub fn new(placer: Arc<Placer>) -> Self {
-        Self { placer }
+    pub fn new(placer: Arc<Placer>, audit: AuditLog) -> Self {
+        Self { placer, audit }
     }
 }
 
@@ -795,15 +821,17 @@ impl Sessions for SessionsService {
         &self,
         request: Request<OpenSessionRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let ProxyIdentity(proxy_id) = guard::proxy_of(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!(
             "open_session",
             connection = %req.connection_id,
-            proxy = %req.proxy_id,
+            proxy = %proxy_id,
             environment = %req.environment,
         );
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let placer = self.placer.clone();
+        let audit = self.audit.clone();
         let task = async move {
             let progress_tx = tx.clone();
             let progress = move |line: &str| {
@@ -816,15 +844,24 @@ impl Sessions for SessionsService {
             let open = OpenRequest {
                 token: req.token,
                 environment: req.environment,
-                proxy_id: req.proxy_id,
-                client_address: req.client_address,
+                proxy_id: proxy_id.clone(),
+                client_address: req.client_address.clone(),
                 connection_id: req.connection_id,
-                kind: req.kind,
+                kind: req.kind.clone(),
             };
             match placer.open(open, &progress).await {
                 Ok(placement) => {
                     let session_id = placement.session_id.clone();
                     tracing::info!(session = %session_id, user = %placement.user, container = %placement.container_id, created = placement.created, "session placed");
+                    audit.record(Event::SessionStart {
+                        session: session_id.clone(),
+                        user: placement.user.clone(),
+                        environment: placement.environment.clone(),
+                        container: placement.container_id.clone(),
+                        proxy: proxy_id,
+                        client: req.client_address,
+                        kind: req.kind,
+                    });
                     let event = open_session_event::Event::Placement(placement);
                     if tx
                         .send(Ok(OpenSessionEvent { event: Some(event) }))
@@ -852,10 +889,22 @@ impl Sessions for SessionsService {
         &self,
         request: Request<CloseSessionRequest>,
     ) -> Result<Response<CloseSessionResponse>, Status> {
+        let ProxyIdentity(proxy_id) = guard::proxy_of(&request)?;
         let req = request.into_inner();
-        self.placer
-            .close_with(&req.session_id, req.container_unreachable)
+        let closed = self
+            .placer
+            .close_with(&req.session_id, Some(&proxy_id), req.container_unreachable)
             .await?;
+        if let Some(session) = closed {
+            self.audit.record(Event::SessionEnd {
+                session: session.id,
+                user: session.user,
+                environment: session.environment,
+                proxy: proxy_id,
+                exit_status: req.exit_status,
+                container_unreachable: req.container_unreachable,
+            });
+        }
         Ok(Response::new(CloseSessionResponse {}))
     }
 }
@@ -1043,7 +1092,10 @@ mod tests {
             .open(world.request("alice", "busybox"), &no_progress)
             .await
             .unwrap();
-        placer.close_with(&first.session_id, true).await.unwrap();
+        placer
+            .close_with(&first.session_id, None, true)
+            .await
+            .unwrap();
         assert!(world.runtime.containers().is_empty(), "the container stays");
         assert!(world.keys("containers/").await.is_empty());
         let next = placer

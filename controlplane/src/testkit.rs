@@ -2,11 +2,19 @@
 //!
 //! Tests that need etcd start their own: a real `/usr/bin/etcd` in a temporary data directory
 //! on free loopback ports, so tests never depend on a shared daemon or on each other's state.
+//! It runs as the fleet's does: TLS only, with client-certificate authentication, its
+//! certificates made by `pki` in its own directory. [`TestPki`] makes a fleet CA, the control
+//! plane's server certificate and proxy certificates the same way.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use envgate_proto::tls::TlsFiles;
+
+use crate::pki::{self, Authority, Profile};
+use crate::store::EtcdConfig;
 
 /// How long `Etcd::start` waits for the new etcd to answer a read.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -24,14 +32,20 @@ pub enum EtcdStartError {
     Io(#[from] std::io::Error),
     #[error("etcd did not start: {0}")]
     NotReady(String),
+    #[error("making etcd's certificates failed: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("reading etcd's certificates failed: {0}")]
+    Tls(#[from] envgate_proto::tls::TlsError),
 }
 
 /// A private etcd server for one test. Killed (and its data directory removed) on drop.
 pub struct Etcd {
     child: Option<Child>,
     endpoint: String,
+    /// The etcd CA and a client certificate it issued (the control plane's).
+    client_tls: TlsFiles,
     // Held so the data directory lives exactly as long as the server.
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -57,13 +71,44 @@ impl Etcd {
 
     async fn start_once(binary: &Path) -> Result<Etcd, EtcdStartError> {
         let data_dir = tempfile::Builder::new().prefix("envgate-etcd-").tempdir()?;
+        let pki_dir = data_dir.path().join("pki");
+        let ca = Authority::ensure(&pki_dir, "etcd")?;
+        let sans = Profile::Peer {
+            sans: vec!["127.0.0.1".into(), "localhost".into()],
+        };
+        ca.issue(&pki_dir, "etcd-server", &sans)?;
+        ca.issue(
+            &pki_dir,
+            "etcd-client",
+            &Profile::Client {
+                common_name: "etcd-client".into(),
+            },
+        )?;
+        let (server_cert, server_key) = pki::paths(&pki_dir, "etcd-server");
+        let (client_cert, client_key) = pki::paths(&pki_dir, "etcd-client");
+        let client_tls = TlsFiles::load(&client_cert, &client_key, ca.cert_path())?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let client_url = format!("https://127.0.0.1:{client_port}");
+        let peer_url = format!("https://127.0.0.1:{peer_port}");
         let log_path = data_dir.path().join("etcd.log");
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
+            .args(["--client-cert-auth", "--peer-client-cert-auth"])
+            .arg("--trusted-ca-file")
+            .arg(ca.cert_path())
+            .arg("--cert-file")
+            .arg(&server_cert)
+            .arg("--key-file")
+            .arg(&server_key)
+            .arg("--peer-trusted-ca-file")
+            .arg(ca.cert_path())
+            .arg("--peer-cert-file")
+            .arg(&server_cert)
+            .arg("--peer-key-file")
+            .arg(&server_key);
+        let child = command
             .arg("--name")
             .arg("default")
             .arg("--data-dir")
@@ -87,7 +132,8 @@ impl Etcd {
         let mut etcd = Etcd {
             child: Some(child),
             endpoint: client_url,
-            _data_dir: data_dir,
+            client_tls,
+            data_dir,
         };
         match etcd.wait_ready().await {
             Ok(()) => Ok(etcd),
@@ -109,7 +155,7 @@ impl Etcd {
             {
                 return Err(format!("etcd exited early with {status}"));
             }
-            match tokio::time::timeout(PROBE_TIMEOUT, probe(&self.endpoint)).await {
+            match tokio::time::timeout(PROBE_TIMEOUT, probe(&self.config())).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => last_error = e.to_string(),
                 Err(_) => last_error = "probe timed out".to_string(),
@@ -122,9 +168,30 @@ impl Etcd {
         ))
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// The client URL, e.g. `https://127.0.0.1:41234`.
     pub fn endpoint(&self) -> String {
         self.endpoint.clone()
+    }
+
+    /// How the control plane reaches it: the endpoint, the etcd CA and a client certificate.
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec![self.endpoint.clone()],
+            tls: Some(self.client_tls.clone()),
+        }
+    }
+
+    /// The files of `config()`, as `envgate-controlplane --etcd-ca/--etcd-cert/--etcd-key`
+    /// take them: (CA, certificate, key).
+    pub fn client_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.data_dir.path().join("pki");
+        let (cert, key) = pki::paths(&dir, "etcd-client");
+        (dir.join("etcd-ca.crt"), cert, key)
+    }
+
+    /// Where its certificates are, to make more (e.g. a client certificate from another CA).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.path().join("pki")
     }
 
     /// Stops the server now (SIGKILL) and reaps it; a later drop does nothing more.
@@ -142,10 +209,123 @@ impl Drop for Etcd {
     }
 }
 
-async fn probe(endpoint: &str) -> Result<(), etcd_client::Error> {
-    let mut client = etcd_client::Client::connect([endpoint], None).await?;
+async fn probe(config: &EtcdConfig) -> Result<(), etcd_client::Error> {
+    let mut client = client(config).await?;
     client.get("envgate-testkit-probe", None).await?;
     Ok(())
+}
+
+/// A raw etcd client with the test etcd's client certificate, for tests that read or write
+/// records directly.
+pub async fn client(config: &EtcdConfig) -> Result<etcd_client::Client, etcd_client::Error> {
+    let mut options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(PROBE_TIMEOUT)
+        .with_timeout(Duration::from_secs(5));
+    if let Some(tls) = &config.tls {
+        options = options.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca))
+                .identity(etcd_client::Identity::from_pem(&tls.cert, &tls.key)),
+        );
+    }
+    etcd_client::Client::connect(&config.endpoints, Some(options)).await
+}
+
+/// A fleet CA in a temporary directory, the control plane's server certificate (for
+/// 127.0.0.1 and localhost) and proxy certificates on demand.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    ca: Authority,
+}
+
+impl TestPki {
+    pub fn new() -> Result<Self, pki::PkiError> {
+        let dir = tempfile::Builder::new()
+            .prefix("envgate-pki-")
+            .tempdir()
+            .map_err(|source| pki::PkiError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let ca = Authority::ensure(dir.path(), "fleet")?;
+        ca.issue(
+            dir.path(),
+            "controlplane",
+            &Profile::Server {
+                sans: vec!["127.0.0.1".into(), "localhost".into()],
+            },
+        )?;
+        Ok(Self { dir, ca })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.ca.cert_path().to_owned()
+    }
+
+    /// The control plane's files: (certificate, key, fleet CA).
+    pub fn server_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let (cert, key) = pki::paths(self.dir.path(), "controlplane");
+        (cert, key, self.ca_path())
+    }
+
+    pub fn server_tls(&self) -> TlsFiles {
+        let (cert, key, ca) = self.server_files();
+        TlsFiles::load(&cert, &key, &ca).expect("the test PKI's server files load")
+    }
+
+    /// Issues (or reuses) the certificate of proxy `id`: (certificate, key).
+    pub fn proxy_files(&self, id: &str) -> (PathBuf, PathBuf) {
+        let name = format!("proxy-{id}");
+        self.ca
+            .issue(self.dir.path(), &name, &Profile::Proxy { id: id.into() })
+            .expect("a test proxy certificate");
+        pki::paths(self.dir.path(), &name)
+    }
+
+    /// Proxy `id`'s TLS identity with the fleet CA, as a proxy loads it.
+    pub fn proxy_tls(&self, id: &str) -> TlsFiles {
+        let (cert, key) = self.proxy_files(id);
+        TlsFiles::load(&cert, &key, &self.ca_path()).expect("the test proxy's files load")
+    }
+
+    /// A channel to a control plane at `addr`, as proxy `id`.
+    pub async fn proxy_channel(&self, addr: &str, id: &str) -> tonic::transport::Channel {
+        self.channel(addr, Some(self.proxy_tls(id))).await
+    }
+
+    /// A channel to `addr` that verifies the server but presents no client certificate (an
+    /// operator's grpcurl, or an attacker who can reach the port).
+    pub async fn anonymous_channel(&self, addr: &str) -> tonic::transport::Channel {
+        self.channel(addr, None).await
+    }
+
+    async fn channel(&self, addr: &str, identity: Option<TlsFiles>) -> tonic::transport::Channel {
+        let ca = tonic::transport::Certificate::from_pem(
+            std::fs::read(self.ca_path()).expect("the test CA"),
+        );
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .domain_name("localhost");
+        if let Some(identity) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                identity.cert,
+                identity.key,
+            ));
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .expect("an address")
+            .tls_config(tls)
+            .expect("a TLS config")
+            .connect_timeout(PROBE_TIMEOUT * 5);
+        tokio::time::timeout(PROBE_TIMEOUT * 10, endpoint.connect())
+            .await
+            .expect("connected in time")
+            .expect("connected")
+    }
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -160,18 +340,66 @@ mod tests {
     #[tokio::test]
     async fn etcd_answers_and_stops_on_kill() {
         let mut etcd = Etcd::start().await.expect("etcd starts");
-        let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
-            .await
-            .expect("connect");
+        let mut client = super::client(&etcd.config()).await.expect("connect");
         client.put("k", "v", None).await.expect("put");
         let got = client.get("k", None).await.expect("get");
         assert_eq!(got.kvs()[0].value(), b"v");
         etcd.kill();
         let after = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut c = etcd_client::Client::connect([etcd.endpoint()], None).await?;
+            let mut c = super::client(&etcd.config()).await?;
             c.get("k", None).await
         })
         .await;
         assert!(!matches!(after, Ok(Ok(_))), "etcd still answers after kill");
+    }
+
+    #[tokio::test]
+    async fn etcd_refuses_plaintext_and_foreign_certificates() {
+        let etcd = Etcd::start().await.expect("etcd starts");
+        // Plaintext to the TLS port.
+        let plain = etcd.endpoint().replace("https://", "http://");
+        let plaintext = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = etcd_client::Client::connect([plain], None).await?;
+            c.get("k", None).await
+        })
+        .await;
+        assert!(!matches!(plaintext, Ok(Ok(_))), "plaintext etcd answered");
+        // TLS without a client certificate.
+        let anonymous = EtcdConfig {
+            tls: etcd.config().tls.map(|t| TlsFiles {
+                cert: Vec::new(),
+                key: Vec::new(),
+                ..t
+            }),
+            ..etcd.config()
+        };
+        let no_cert = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut options = etcd_client::ConnectOptions::new();
+            let tls = anonymous.tls.as_ref().unwrap();
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca)),
+            );
+            let mut c = etcd_client::Client::connect(&anonymous.endpoints, Some(options)).await?;
+            c.get("k", None).await
+        })
+        .await;
+        assert!(!matches!(no_cert, Ok(Ok(_))), "etcd answered without a client certificate");
+        // A client certificate from another CA: the fleet CA's proxy certificate.
+        let fleet = TestPki::new().unwrap();
+        let proxy = fleet.proxy_tls("p1");
+        let foreign = EtcdConfig {
+            tls: Some(TlsFiles {
+                ca: etcd.config().tls.unwrap().ca,
+                ..proxy
+            }),
+            ..etcd.config()
+        };
+        let foreign = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = super::client(&foreign).await?;
+            c.get("k", None).await
+        })
+        .await;
+        assert!(!matches!(foreign, Ok(Ok(_))), "etcd answered a proxy's certificate");
     }
 }

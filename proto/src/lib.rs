@@ -2,9 +2,11 @@
 //! descriptor set for reflection, and the few things that must agree on both
 //! ends of a wire (token format, user-name grammar, metadata keys, telemetry).
 
+pub mod audit;
 pub mod names;
 pub mod ops;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 pub mod v1 {
@@ -22,7 +24,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envg
 
 /// gRPC metadata keys.
 pub mod metadata {
-    /// `authorization: Bearer <admin token>` on admin calls.
+    /// `authorization: Bearer <admin token>` on admin calls; the token names the operator.
     pub const AUTHORIZATION: &str = "authorization";
     /// The proxy's connection id, so both sides log the same id.
     pub const CONNECTION_ID: &str = "x-envgate-connection-id";

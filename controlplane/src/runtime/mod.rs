@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod audited;
 pub mod docker;
 #[cfg(any(test, feature = "testkit"))]
 pub mod scripted;

@@ -274,7 +274,7 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() {
                     let etcd = Etcd::start().await.expect("etcd starts");
-                    let store = EtcdStore::connect(&[etcd.endpoint()], "/conformance/", Duration::from_secs(5))
+                    let store = EtcdStore::connect(&etcd.config(), "/conformance/", Duration::from_secs(5))
                         .await
                         .expect("connects");
                     super::$name(Arc::new(store)).await;
@@ -298,9 +298,10 @@ conformance!(
 async fn connecting_to_a_dead_etcd_says_which() {
     let mut etcd = Etcd::start().await.expect("etcd starts");
     let endpoint = etcd.endpoint();
+    let config = etcd.config();
     etcd.kill();
     let err = EtcdStore::connect(
-        std::slice::from_ref(&endpoint),
+        &config,
         "/x/",
         Duration::from_secs(2),
     )

@@ -6,15 +6,43 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use envgate_proto::tls::TlsFiles;
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey, PutOptions,
-    ResignOptions, Txn, WatchOptions,
+    Certificate, Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity,
+    LeaderKey, PutOptions, ResignOptions, TlsOptions, Txn, WatchOptions,
 };
 
 use super::{
     Compare, KeyValue, Leadership, Store, StoreError, StoreResult, TxnOp, WatchEvent,
     WatchEventKind, WatchStream,
 };
+
+/// Where etcd is and how to prove who we are to it.
+#[derive(Clone)]
+pub struct EtcdConfig {
+    /// `https://host:port` with `tls`, else `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// The etcd CA and the control plane's client certificate: etcd runs with
+    /// `--client-cert-auth`, so only holders of a certificate from its CA get in.
+    pub tls: Option<TlsFiles>,
+}
+
+impl EtcdConfig {
+    fn options(&self, request_timeout: Duration) -> ConnectOptions {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(request_timeout)
+            .with_timeout(request_timeout)
+            .with_keep_alive(Duration::from_secs(10), request_timeout);
+        match &self.tls {
+            None => options,
+            Some(tls) => options.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca))
+                    .identity(Identity::from_pem(&tls.cert, &tls.key)),
+            ),
+        }
+    }
+}
 
 pub struct EtcdStore {
     client: Client,
@@ -23,18 +51,15 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects and checks that etcd answers, so a wrong address fails at start-up with a
-    /// clear message rather than on the first user's login.
+    /// Connects and checks that etcd answers, so a wrong address or certificate fails at
+    /// start-up with a clear message rather than on the first user's login.
     pub async fn connect(
-        endpoints: &[String],
+        config: &EtcdConfig,
         prefix: &str,
         request_timeout: Duration,
     ) -> StoreResult<Self> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(request_timeout)
-            .with_timeout(request_timeout)
-            .with_keep_alive(Duration::from_secs(10), request_timeout);
-        let connect = Client::connect(endpoints, Some(options));
+        let endpoints = &config.endpoints;
+        let connect = Client::connect(endpoints, Some(config.options(request_timeout)));
         let client = tokio::time::timeout(request_timeout, connect)
             .await
             .map_err(|_| timed_out("connect", endpoints.join(",")))?

@@ -20,7 +20,7 @@ pub mod memory;
 #[cfg(test)]
 mod conformance;
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 
 #[derive(Debug, thiserror::Error)]
