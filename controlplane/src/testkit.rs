@@ -294,37 +294,42 @@ impl TestPki {
 
     /// A channel to a control plane at `addr`, as proxy `id`.
     pub async fn proxy_channel(&self, addr: &str, id: &str) -> tonic::transport::Channel {
-        self.channel(addr, Some(self.proxy_tls(id))).await
+        self.connect(addr, Some(id)).await.expect("connected")
     }
 
     /// A channel to `addr` that verifies the server but presents no client certificate (an
     /// operator's grpcurl, or an attacker who can reach the port).
     pub async fn anonymous_channel(&self, addr: &str) -> tonic::transport::Channel {
-        self.channel(addr, None).await
+        self.connect(addr, None).await.expect("connected")
     }
 
-    async fn channel(&self, addr: &str, identity: Option<TlsFiles>) -> tonic::transport::Channel {
-        let ca = tonic::transport::Certificate::from_pem(
-            std::fs::read(self.ca_path()).expect("the test CA"),
-        );
+    /// Connects to the control plane at `addr` (verified against the fleet CA as
+    /// `localhost`), as proxy `proxy` or without a client certificate.
+    pub async fn connect(
+        &self,
+        addr: &str,
+        proxy: Option<&str>,
+    ) -> Result<tonic::transport::Channel, String> {
+        let ca = std::fs::read(self.ca_path()).map_err(|e| e.to_string())?;
         let mut tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(ca)
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
             .domain_name("localhost");
-        if let Some(identity) = identity {
+        if let Some(id) = proxy {
+            let identity = self.proxy_tls(id);
             tls = tls.identity(tonic::transport::Identity::from_pem(
                 identity.cert,
                 identity.key,
             ));
         }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-            .expect("an address")
+            .map_err(|e| e.to_string())?
             .tls_config(tls)
-            .expect("a TLS config")
+            .map_err(|e| e.to_string())?
             .connect_timeout(PROBE_TIMEOUT * 5);
         tokio::time::timeout(PROBE_TIMEOUT * 10, endpoint.connect())
             .await
-            .expect("connected in time")
-            .expect("connected")
+            .map_err(|_| format!("connecting {addr} timed out"))?
+            .map_err(|e| format!("connecting {addr}: {e}"))
     }
 }
 

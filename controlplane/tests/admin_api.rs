@@ -50,12 +50,16 @@ fn user(name: &str, keys: &[&str]) -> pb::User {
 #[tokio::test]
 async fn admin_calls_need_the_bearer_token() {
     let (_etcd, plane) = running().await;
-    let mut anonymous = AdminClient::new(plane.channel().await);
+    let mut anonymous = AdminClient::new(plane.anonymous_channel().await);
     let status = anonymous
         .list_users(pb::ListUsersRequest {})
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(
+        status.message(),
+        "admin calls need authorization: Bearer <admin token>"
+    );
     let mut wrong = with_token(plane.channel().await, "not-the-token");
     assert_eq!(
         wrong
@@ -325,7 +329,7 @@ async fn invalid_requests_name_the_field() {
     plane.stop().await;
 }
 
-/// What operators do: `grpcurl -plaintext host:port list` through reflection, and health.
+/// What operators do: `grpcurl -cacert ca.crt host:port list` through reflection, and health.
 #[tokio::test]
 async fn reflection_and_health_answer_grpcurl() {
     let grpcurl = which("grpcurl").expect(
@@ -333,8 +337,9 @@ async fn reflection_and_health_answer_grpcurl() {
     );
     let (_etcd, plane) = running().await;
     let addr = plane.addr.to_string();
+    let ca = plane.pki.ca_path().display().to_string();
     let list = tokio::process::Command::new(&grpcurl)
-        .args(["-plaintext", &addr, "list"])
+        .args(["-cacert", &ca, &addr, "list"])
         .output();
     let list = tokio::time::timeout(Duration::from_secs(20), list)
         .await
@@ -355,7 +360,8 @@ async fn reflection_and_health_answer_grpcurl() {
     }
     let health = tokio::process::Command::new(&grpcurl)
         .args([
-            "-plaintext",
+            "-cacert",
+            &ca,
             "-d",
             r#"{"service":"envgate.admin.v1.Admin"}"#,
             &addr,

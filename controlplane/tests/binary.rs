@@ -33,14 +33,14 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
 #[tokio::test]
 async fn bad_config_exits_2_naming_the_flag() {
     let files = Files::new();
-    let mut cmd = command(&files, "http://127.0.0.1:1", free_port(), free_port());
+    let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
     cmd.env("ENVGATE_TOKEN_KEY", files.path("missing.key"));
     let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--token-key: cannot read"), "{stderr}");
 
-    let mut cmd = command(&files, "http://127.0.0.1:1", free_port(), free_port());
+    let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
     cmd.args(["--instance", "Not Valid"]);
     let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
     assert_eq!(out.status.code(), Some(2));
@@ -54,7 +54,7 @@ async fn bad_config_exits_2_naming_the_flag() {
 #[tokio::test]
 async fn a_dead_etcd_is_a_clear_startup_error() {
     let files = Files::new();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("https://127.0.0.1:{}", free_port());
     let mut cmd = command(&files, &dead, free_port(), free_port());
     let out = finish(cmd.spawn().unwrap(), Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(1));
@@ -68,7 +68,7 @@ async fn a_dead_etcd_is_a_clear_startup_error() {
 #[tokio::test]
 async fn starts_ready_and_stops_cleanly_on_sigterm() {
     let etcd = Etcd::start().await.unwrap();
-    let files = Files::new();
+    let files = Files::for_etcd(&etcd);
     let (grpc, ops) = (free_port(), free_port());
     let child = command(&files, &etcd.endpoint(), grpc, ops)
         .spawn()

@@ -114,14 +114,11 @@ async fn refused(files: &Files, etcd: &str, grpc: u16, catalogue: &str) -> Strin
 }
 
 /// An admin client once the binary's gRPC port answers.
-async fn admin_of(grpc: u16, child: &mut Child) -> AdminClient<Channel> {
+async fn admin_of(files: &Files, grpc: u16, child: &mut Child) -> AdminClient<Channel> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10));
-        if let Ok(channel) = endpoint.connect().await {
+        let addr = format!("127.0.0.1:{grpc}");
+        if let Ok(channel) = files.pki.connect(&addr, None).await {
             return AdminClient::new(channel);
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -155,13 +152,13 @@ environments:
 #[tokio::test]
 async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
     let etcd = Etcd::start().await.expect("etcd starts");
-    let files = Files::new();
+    let files = Files::for_etcd(&etcd);
     let catalogue = files.write("environments.yaml", CATALOGUE);
     let grpc = free_port();
     let mut child = controlplane(&files, &etcd.endpoint(), grpc, &catalogue)
         .spawn()
         .unwrap();
-    let mut admin = admin_of(grpc, &mut child).await;
+    let mut admin = admin_of(&files, grpc, &mut child).await;
     let seeded = list(&mut admin).await;
     let tiny = pb::Environment {
         name: "tiny".into(),
@@ -217,7 +214,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
     let mut child = controlplane(&files, &etcd.endpoint(), grpc, &catalogue)
         .spawn()
         .unwrap();
-    let mut admin = admin_of(grpc, &mut child).await;
+    let mut admin = admin_of(&files, grpc, &mut child).await;
     let after = list(&mut admin).await;
     let names: Vec<(&str, &str, bool)> = after
         .iter()
@@ -237,7 +234,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
 #[tokio::test]
 async fn a_bad_file_stops_the_binary_before_it_serves() {
     let etcd = Etcd::start().await.expect("etcd starts");
-    let files = Files::new();
+    let files = Files::for_etcd(&etcd);
     let bad = files.write(
         "environments.yaml",
         "environments:\n  - name: busybox\n    image: envgate/busybox:latest\n  \
@@ -269,7 +266,7 @@ async fn a_bad_file_stops_the_binary_before_it_serves() {
     );
 
     // Nothing of the bad file reached etcd.
-    let store = EtcdStore::connect(&[etcd.endpoint()], "/catbin/", Duration::from_secs(5))
+    let store = EtcdStore::connect(&etcd.config(), "/catbin/", Duration::from_secs(5))
         .await
         .unwrap();
     assert!(

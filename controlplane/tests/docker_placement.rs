@@ -27,7 +27,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const IMAGE: &str = "envgate/busybox:latest";
-const PROXY: &str = "proxy-docker-test";
+/// The proxy `common::Running::channel` speaks as (its certificate names it).
+const PROXY: &str = common::PROXY;
 
 /// Removes whatever this test's instance left in Docker, even when an assertion failed.
 struct Cleanup {
@@ -105,7 +106,6 @@ async fn open(
     let request = OpenSessionRequest {
         token,
         environment: environment.into(),
-        proxy_id: PROXY.into(),
         client_address: "127.0.0.1:50000".into(),
         connection_id: "c".into(),
         kind: "exec".into(),
@@ -142,7 +142,7 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
 
     let etcd = Etcd::start().await.expect("etcd starts");
     let store: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(&[etcd.endpoint()], "/envgate/", Duration::from_secs(5))
+        EtcdStore::connect(&etcd.config(), "/envgate/", Duration::from_secs(5))
             .await
             .unwrap(),
     );
@@ -197,7 +197,6 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
     to_plane
         .send(ProxyMessage {
             message: Some(proxy_message::Message::Register(Register {
-                proxy_id: PROXY.into(),
                 address: "127.0.0.1:2200".into(),
                 version: "test".into(),
                 capacity: 10,
@@ -226,7 +225,6 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
                 key.public_key().to_bytes().unwrap(),
             )),
             client_address: "127.0.0.1:50000".into(),
-            proxy_id: PROXY.into(),
         })
         .await
         .unwrap()
@@ -319,7 +317,6 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
         sessions
             .close_session(CloseSessionRequest {
                 session_id: p.session_id.clone(),
-                proxy_id: PROXY.into(),
                 exit_status: 0,
                 container_unreachable: false,
             })

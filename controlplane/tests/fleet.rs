@@ -10,7 +10,7 @@ use common::admin_request;
 use envgate_controlplane::model::{self, ProxyRecord};
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{self, EtcdStore, Store};
-use envgate_controlplane::testkit::Etcd;
+use envgate_controlplane::testkit::{Etcd, TestPki};
 use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::{
     FleetCommand, Heartbeat, KillSession, ProxyMessage, Register, fleet_command, proxy_message,
@@ -21,15 +21,15 @@ use tonic::{Code, Streaming};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn register(id: &str) -> ProxyMessage {
-    register_as(id, "first")
+fn register() -> ProxyMessage {
+    register_as("first")
 }
 
-/// `incarnation` stands for one proxy process.
-fn register_as(id: &str, incarnation: &str) -> ProxyMessage {
+/// `incarnation` stands for one proxy process. Which proxy registers is the certificate's
+/// business (`attach`), not the message's.
+fn register_as(incarnation: &str) -> ProxyMessage {
     ProxyMessage {
         message: Some(proxy_message::Message::Register(Register {
-            proxy_id: id.into(),
             address: "127.0.0.1:2200".into(),
             version: "1.0".into(),
             capacity: 100,
@@ -48,14 +48,15 @@ fn heartbeat(sessions: u32) -> ProxyMessage {
     }
 }
 
-/// Opens a Fleet stream; dropping the sender ends it.
+/// Opens a Fleet stream as proxy `id` (its certificate); dropping the sender ends it.
 async fn attach(
     plane: &common::Running,
+    id: &str,
     first: ProxyMessage,
 ) -> Result<(mpsc::Sender<ProxyMessage>, Streaming<FleetCommand>), tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(first).await.unwrap();
-    let commands = FleetClient::new(plane.channel().await)
+    let commands = FleetClient::new(plane.proxy_channel(id).await)
         .attach(ReceiverStream::new(rx))
         .await?
         .into_inner();
@@ -82,22 +83,20 @@ async fn until<F: AsyncFn() -> bool>(what: &str, limit: Duration, check: F) {
 
 async fn etcd_store(etcd: &Etcd) -> Arc<dyn Store> {
     Arc::new(
-        EtcdStore::connect(&[etcd.endpoint()], "/fleet-test/", Duration::from_secs(5))
+        EtcdStore::connect(&etcd.config(), "/fleet-test/", Duration::from_secs(5))
             .await
             .unwrap(),
     )
 }
 
-/// Two control-plane replicas over one etcd, and a store handle for the test's own reads.
+/// Two control-plane replicas over one etcd (one fleet CA), and a store handle for the
+/// test's own reads.
 async fn two_replicas(etcd: &Etcd) -> (Arc<dyn Store>, common::Running, common::Running) {
     let store = etcd_store(etcd).await;
-    let replica_a = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
-    let replica_b = common::start(
-        etcd_store(etcd).await,
-        Arc::new(ScriptedRuntime::new()),
-        "fleet",
-    )
-    .await;
+    let pki = Arc::new(TestPki::new().unwrap());
+    let runtime = || Arc::new(ScriptedRuntime::new());
+    let replica_a = common::start_with(store.clone(), runtime(), "fleet", pki.clone()).await;
+    let replica_b = common::start_with(etcd_store(etcd).await, runtime(), "fleet", pki).await;
     (store, replica_a, replica_b)
 }
 
@@ -110,11 +109,11 @@ async fn the_first_message_must_be_register() {
         "fleet",
     )
     .await;
-    let err = attach(&plane, heartbeat(1)).await.expect_err("refused");
+    let err = attach(&plane, "p1", heartbeat(1))
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "the first message must be Register");
-    let err = attach(&plane, register("")).await.expect_err("refused");
-    assert_eq!(err.code(), Code::InvalidArgument);
     plane.stop().await;
 }
 
@@ -123,7 +122,7 @@ async fn heartbeats_are_recorded_and_commands_delivered() {
     let etcd = Etcd::start().await.unwrap();
     let store = etcd_store(&etcd).await;
     let plane = common::start(store.clone(), Arc::new(ScriptedRuntime::new()), "fleet").await;
-    let (tx, mut commands) = attach(&plane, register("p1")).await.unwrap();
+    let (tx, mut commands) = attach(&plane, "p1", register()).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1").await.is_some()
     })
@@ -171,7 +170,7 @@ async fn attach_with_session(
     Streaming<FleetCommand>,
     ProxyRecord,
 ) {
-    let (tx, commands) = attach(replica, message).await.unwrap();
+    let (tx, commands) = attach(replica, "p1", message).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store, "p1").await.is_some()
     })
@@ -192,11 +191,11 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
     let (tx, _commands, first) =
-        attach_with_session(&replica_a, store.as_ref(), register("p1")).await;
+        attach_with_session(&replica_a, store.as_ref(), register()).await;
 
     drop(tx);
     replica_a.stop().await;
-    let (tx, _commands) = attach(&replica_b, register("p1")).await.unwrap();
+    let (tx, _commands) = attach(&replica_b, "p1", register()).await.unwrap();
     until("re-registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1")
             .await
@@ -232,10 +231,10 @@ async fn a_restarted_proxy_releases_its_predecessors_sessions_at_once() {
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
     let (tx, _commands, first) =
-        attach_with_session(&replica_a, store.as_ref(), register_as("p1", "old")).await;
+        attach_with_session(&replica_a, store.as_ref(), register_as("old")).await;
     drop(tx);
 
-    let (_tx, _commands) = attach(&replica_b, register_as("p1", "new")).await.unwrap();
+    let (_tx, _commands) = attach(&replica_b, "p1", register_as("new")).await.unwrap();
     until("the predecessor's session is released", WAIT, async || {
         store.get("sessions/s1").await.unwrap().is_none()
     })
@@ -258,7 +257,7 @@ async fn revocations_reach_proxies_on_every_replica() {
 
     let etcd = Etcd::start().await.unwrap();
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
-    let (_tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
+    let (_tx, mut commands) = attach(&replica_b, "p1", register()).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1").await.is_some()
     })
@@ -308,7 +307,7 @@ async fn admin_commands_reach_proxies_on_every_replica() {
 
     let etcd = Etcd::start().await.unwrap();
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
-    let (tx, mut commands) = attach(&replica_b, register("p1")).await.unwrap();
+    let (tx, mut commands) = attach(&replica_b, "p1", register()).await.unwrap();
     until("registration", WAIT, async || {
         proxy_record(store.as_ref(), "p1").await.is_some()
     })
@@ -381,7 +380,7 @@ async fn admin_commands_reach_proxies_on_every_replica() {
         1,
         "kept in etcd while its proxy is away"
     );
-    let (_tx, mut commands) = attach(&replica_a, register("p1")).await.unwrap();
+    let (_tx, mut commands) = attach(&replica_a, "p1", register()).await.unwrap();
     assert_eq!(next_command(&mut commands).await, drain(30));
     assert!(
         store.range(model::COMMANDS).await.unwrap().is_empty(),

@@ -9,25 +9,14 @@ use envgate_controlplane::model::{self, EnvironmentRecord, ProxyRecord};
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{self, EtcdStore, Store};
 use envgate_controlplane::testkit::Etcd;
-use envgate_proto::token::{Claims, TokenKey};
 use envgate_proto::v1::OpenSessionRequest;
 use envgate_proto::v1::sessions_client::SessionsClient;
 use tonic::Code;
 
 async fn open_status(plane: &common::Running) -> tonic::Status {
-    let now = model::now();
-    let claims = Claims {
-        sub: "alice".into(),
-        groups: vec![],
-        iat: now,
-        exp: now + 60,
-        jti: "j".into(),
-    };
-    let token = TokenKey::from_hex_seed(common::SEED).unwrap().sign(&claims);
     let request = OpenSessionRequest {
-        token,
+        token: common::token("outage", "alice"),
         environment: "busybox".into(),
-        proxy_id: "p1".into(),
         ..Default::default()
     };
     let mut client = SessionsClient::new(plane.channel().await);
@@ -45,7 +34,7 @@ async fn open_status(plane: &common::Running) -> tonic::Status {
 async fn seeded() -> (Etcd, Arc<dyn Store>) {
     let etcd = Etcd::start().await.unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(&[etcd.endpoint()], "/outage/", Duration::from_secs(2))
+        EtcdStore::connect(&etcd.config(), "/outage/", Duration::from_secs(2))
             .await
             .unwrap(),
     );

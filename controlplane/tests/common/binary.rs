@@ -5,26 +5,60 @@ use std::net::TcpListener;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use envgate_controlplane::pki::{self, Authority, Profile};
+use envgate_controlplane::testkit::{Etcd, TestPki};
 use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_envgate-controlplane");
 
-/// Files the binary reads (token key, admin token, catalogues), in a temporary directory.
+/// Files the binary reads (token key, admin tokens, its TLS files, catalogues), in a
+/// temporary directory.
 pub struct Files {
     dir: tempfile::TempDir,
+    pub pki: TestPki,
+    /// `--etcd-ca`, `--etcd-cert`, `--etcd-key`.
+    etcd: (String, String, String),
 }
 
 impl Files {
-    /// The token key is `super::SEED`, the admin token `super::ADMIN_TOKEN`.
+    /// The token key is `super::SEED`, the admin token `super::ADMIN_TOKEN`; the etcd
+    /// certificates are of an etcd CA of its own (for tests without a real etcd).
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("etcd-pki");
+        let ca = Authority::ensure(&pki_dir, "etcd").unwrap();
+        let profile = Profile::Client {
+            common_name: "controlplane".into(),
+        };
+        ca.issue(&pki_dir, "controlplane", &profile).unwrap();
+        let (cert, key) = pki::paths(&pki_dir, "controlplane");
+        let etcd = (
+            ca.cert_path().display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        );
+        Self::with_etcd_files(dir, etcd)
+    }
+
+    /// As `new`, with the client certificate of the real `etcd`.
+    pub fn for_etcd(etcd: &Etcd) -> Self {
+        let (ca, cert, key) = etcd.client_files();
+        let files = (
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        );
+        Self::with_etcd_files(tempfile::tempdir().unwrap(), files)
+    }
+
+    fn with_etcd_files(dir: tempfile::TempDir, etcd: (String, String, String)) -> Self {
         std::fs::write(dir.path().join("token.key"), format!("{}\n", super::SEED)).unwrap();
-        std::fs::write(
-            dir.path().join("admin.token"),
-            format!("{}\n", super::ADMIN_TOKEN),
-        )
-        .unwrap();
-        Self { dir }
+        std::fs::write(dir.path().join("admin-tokens"), super::admin_tokens_file()).unwrap();
+        Self {
+            dir,
+            pki: TestPki::new().unwrap(),
+            etcd,
+        }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -46,14 +80,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The binary with nothing but `files`' token key and admin token from the environment,
-/// against `etcd`, serving gRPC on 127.0.0.1:`grpc` and ops on 127.0.0.1:`ops`; output
-/// piped, killed when dropped. Tests add the instance and what else they exercise.
+/// The binary with nothing but `files`' token key, admin tokens and TLS files from the
+/// environment, against `etcd`, serving gRPC on 127.0.0.1:`grpc` and ops on
+/// 127.0.0.1:`ops`; output piped, killed when dropped. Tests add the instance and what else
+/// they exercise.
 pub fn command(files: &Files, etcd: &str, grpc: u16, ops: u16) -> Command {
+    let (cert, key, ca) = files.pki.server_files();
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .env("ENVGATE_TOKEN_KEY", files.path("token.key"))
-        .env("ENVGATE_ADMIN_TOKEN_FILE", files.path("admin.token"))
+        .env("ENVGATE_ADMIN_TOKENS", files.path("admin-tokens"))
+        .env("ENVGATE_TLS_CERT", cert)
+        .env("ENVGATE_TLS_KEY", key)
+        .env("ENVGATE_TLS_CLIENT_CA", ca)
+        .env("ENVGATE_ETCD_CA", &files.etcd.0)
+        .env("ENVGATE_ETCD_CERT", &files.etcd.1)
+        .env("ENVGATE_ETCD_KEY", &files.etcd.2)
         .args(["--etcd", etcd])
         .args([
             "--listen",

@@ -9,36 +9,70 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_controlplane::auth::HashCost;
+use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::runtime::Runtime;
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
-use envgate_controlplane::store::{EtcdStore, Store};
-use envgate_controlplane::testkit::Etcd;
+use envgate_controlplane::store::{EtcdConfig, EtcdStore, Store};
+use envgate_controlplane::testkit::{Etcd, TestPki};
 use envgate_controlplane::{Config, ControlPlane};
-use envgate_proto::token::TokenKey;
+use envgate_proto::audit::AuditLog;
+use envgate_proto::token::{self, TokenKey, TokenKeys};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub const SEED: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The name `ADMIN_TOKEN` carries in the audit log.
+pub const ADMIN_NAME: &str = "test-admin";
+/// The proxy `Running::channel` speaks as.
+pub const PROXY: &str = "p1";
+
+/// The admin tokens file: `ADMIN_NAME` with `ADMIN_TOKEN`.
+pub fn admin_tokens_file() -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, ADMIN_TOKEN.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{ADMIN_NAME} sha256:{hex}\n")
+}
+
+/// A token for `user` as the control plane of `instance` signs it (key `SEED`).
+pub fn token(instance: &str, user: &str) -> String {
+    let key = TokenKey::from_hex_seed(SEED).unwrap();
+    let keys = TokenKeys::new(vec![key], token::audience(instance)).unwrap();
+    let now = envgate_controlplane::model::now();
+    keys.sign(token::Claims {
+        sub: user.into(),
+        groups: vec![],
+        iat: now,
+        exp: now + 60,
+        jti: "j".into(),
+        aud: String::new(),
+        kid: String::new(),
+    })
+}
 
 pub struct Running {
     pub addr: SocketAddr,
     pub plane: Arc<ControlPlane>,
     pub shutdown: CancellationToken,
+    pub pki: Arc<TestPki>,
+    /// What the control plane wrote to its audit log.
+    pub audit: AuditLog,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
+    /// A channel as proxy `PROXY` (admin calls work on it too, with the admin token).
     pub async fn channel(&self) -> Channel {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            Channel::from_shared(format!("http://{}", self.addr))
-                .unwrap()
-                .connect(),
-        )
-        .await
-        .expect("connect in time")
-        .expect("connect")
+        self.proxy_channel(PROXY).await
+    }
+
+    pub async fn proxy_channel(&self, id: &str) -> Channel {
+        self.pki.proxy_channel(&self.addr.to_string(), id).await
+    }
+
+    /// TLS without a client certificate: an operator, or anyone who can reach the port.
+    pub async fn anonymous_channel(&self) -> Channel {
+        self.pki.anonymous_channel(&self.addr.to_string()).await
     }
 
     pub async fn stop(self) {
@@ -47,16 +81,22 @@ impl Running {
     }
 }
 
-pub fn config(instance: &str) -> Config {
+pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
+    let key = TokenKey::from_hex_seed(SEED).unwrap();
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ops_listen: "127.0.0.1:0".parse().unwrap(),
-        etcd_endpoints: vec![],
+        etcd: EtcdConfig {
+            endpoints: vec![],
+            tls: None,
+        },
         etcd_prefix: "/envgate/".into(),
         etcd_timeout: Duration::from_secs(5),
-        token_key: Arc::new(TokenKey::from_hex_seed(SEED).unwrap()),
+        tls: pki.server_tls(),
+        token_keys: Arc::new(TokenKeys::new(vec![key], token::audience(instance)).unwrap()),
         token_ttl: Duration::from_secs(300),
-        admin_token: ADMIN_TOKEN.into(),
+        admin_tokens: Arc::new(AdminTokens::parse(&admin_tokens_file()).unwrap()),
+        audit,
         instance: instance.into(),
         docker_host: None,
         docker_create_concurrency: 8,
@@ -76,7 +116,22 @@ pub fn config(instance: &str) -> Config {
 }
 
 pub async fn start(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, instance: &str) -> Running {
-    let plane = Arc::new(ControlPlane::new(store, runtime, &config(instance)));
+    start_with(store, runtime, instance, Arc::new(TestPki::new().unwrap())).await
+}
+
+/// `start` with the fleet CA `pki` (replicas of one fleet share it).
+pub async fn start_with(
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    instance: &str,
+    pki: Arc<TestPki>,
+) -> Running {
+    let audit = AuditLog::in_memory();
+    let plane = Arc::new(ControlPlane::new(
+        store,
+        runtime,
+        &config(instance, &pki, audit.clone()),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -91,6 +146,8 @@ pub async fn start(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, instance: &
         addr,
         plane,
         shutdown,
+        pki,
+        audit,
         server,
     }
 }
@@ -112,7 +169,7 @@ pub fn admin_request<T>(message: T) -> tonic::Request<T> {
 pub async fn with_etcd(instance: &str) -> (Etcd, Running) {
     let etcd = Etcd::start().await.expect("etcd starts");
     let store = EtcdStore::connect(
-        &[etcd.endpoint()],
+        &etcd.config(),
         &format!("/{instance}/"),
         Duration::from_secs(5),
     )
