@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use envgate_proto::audit::{AuditLog, Event, Method, Outcome};
 use envgate_proto::ops::record_phase;
+use russh::keys::{HashAlg, PublicKey};
 use tonic::Code;
 
 use crate::auth_cache::{AuthCache, CachedToken, Credential};
@@ -28,9 +30,39 @@ pub enum AuthOutcome {
     Failed(String),
 }
 
+/// The answer to a public-key offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferOutcome {
+    /// The client may sign with the key.
+    Acceptable,
+    Refused,
+    /// The control plane could not answer.
+    Failed(String),
+}
+
 pub struct Authenticator {
     cache: Arc<AuthCache>,
     control_plane: ControlPlane,
+    audit: AuditLog,
+}
+
+/// Who tried to log in, how and from where: the facts of one audit record.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The user name (or, for a malformed login name, what the client sent).
+    pub user: String,
+    pub client: String,
+    pub connection: String,
+    pub method: Method,
+    /// The public key in SSH wire format, for its fingerprint.
+    pub key: Option<Vec<u8>>,
+}
+
+/// `SHA256:…` as `ssh-keygen -l` prints it.
+pub fn fingerprint(key: &[u8]) -> String {
+    PublicKey::from_bytes(key)
+        .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+        .unwrap_or_else(|_| "unparsable key".to_owned())
 }
 
 pub fn unix_now() -> i64 {
@@ -41,16 +73,63 @@ pub fn unix_now() -> i64 {
 }
 
 impl Authenticator {
-    pub fn new(cache: Arc<AuthCache>, control_plane: ControlPlane) -> Self {
+    pub fn new(cache: Arc<AuthCache>, control_plane: ControlPlane, audit: AuditLog) -> Self {
         Self {
             cache,
             control_plane,
+            audit,
         }
     }
 
-    /// Checks a public key (wire bytes) for `user`. The caller has verified
-    /// (or will verify, for an offer) that the client holds the private key.
-    pub async fn public_key(
+    /// Writes a login's outcome to the audit log.
+    pub fn record(&self, attempt: &Attempt, outcome: Outcome, cached: bool, reason: Option<String>) {
+        self.audit.record(Event::Login {
+            outcome,
+            user: attempt.user.clone(),
+            client: attempt.client.clone(),
+            method: attempt.method,
+            key_fingerprint: attempt.key.as_deref().map(fingerprint),
+            proxy: self.control_plane.proxy_id().to_owned(),
+            connection: attempt.connection.clone(),
+            cached,
+            reason,
+        });
+    }
+
+    /// Answers a public-key *offer*: whether the client may go on to sign with `key`. A
+    /// token cached for (user, key) answers at once; otherwise the control plane says whether
+    /// the key is the user's, and no token is issued until the signature is verified
+    /// (`public_key_verified`).
+    pub async fn public_key_offered(
+        &self,
+        user: &str,
+        key: &[u8],
+        client_address: &str,
+        connection_id: &str,
+    ) -> OfferOutcome {
+        let credential = Credential::PublicKey(key.to_vec());
+        if self.cache.get(user, &credential, unix_now()).is_some() {
+            return OfferOutcome::Acceptable;
+        }
+        let started = Instant::now();
+        let result = self
+            .control_plane
+            .check_public_key(user, key, client_address, connection_id)
+            .await;
+        record_phase("auth_offer", started.elapsed(), &[]);
+        match result {
+            Ok(true) => OfferOutcome::Acceptable,
+            Ok(false) => OfferOutcome::Refused,
+            Err(status) => {
+                OfferOutcome::Failed(format!("{}: {}", status.code(), status.message()))
+            }
+        }
+    }
+
+    /// Authenticates with a public key (wire bytes) whose signature over this SSH session
+    /// russh has verified: proof that the client holds the private key. Only now may the
+    /// control plane mint a token for it.
+    pub async fn public_key_verified(
         &self,
         user: &str,
         key: &[u8],

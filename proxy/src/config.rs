@@ -5,7 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
+use envgate_proto::audit::AuditLog;
 use envgate_proto::names::{SELF_SERVICE_ENV, validate_environment};
+use envgate_proto::tls::TlsFiles;
 use russh::keys::PrivateKey;
 
 use crate::error::ProxyError;
@@ -16,13 +18,20 @@ pub struct Config {
     pub ops_listen: Option<SocketAddr>,
     pub controlplane: Vec<String>,
     pub host_key: PrivateKey,
+    /// This proxy's client certificate, its key and the fleet CA.
+    pub tls: TlsFiles,
+    /// The name the control plane's certificate is checked against; `None`: each URL's host.
+    pub controlplane_server_name: Option<String>,
+    /// The id the certificate in `tls` names (`spiffe://envgate/proxy/<id>`).
     pub proxy_id: String,
+    /// Where login records go.
+    pub audit: AuditLog,
     pub trusted_proxies: Vec<Cidr>,
     pub max_connections: usize,
     pub login_grace: Duration,
     pub shutdown_grace: Duration,
     pub auth_cache_size: usize,
-    /// `None`: [`crate::DEFAULT_DOCKER_HOST`].
+    /// The Docker socket for containers without the agent; `None`: no Docker access.
     pub docker_host: Option<String>,
     /// The address reported to the control plane; defaults to `listen`.
     pub advertise: Option<String>,

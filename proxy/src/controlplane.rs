@@ -1,6 +1,8 @@
 //! The gRPC client for the control plane: one load-balanced channel over
-//! every `--controlplane` URL, a deadline on every call, and retries with
-//! jittered backoff where a retry is safe (Authenticate, CloseSession).
+//! every `--controlplane` URL, mutual TLS with this proxy's certificate (which
+//! is also how the control plane knows which proxy is calling), a deadline on
+//! every call, and retries with jittered backoff where a retry is safe
+//! (Authenticate, CloseSession).
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,10 +12,11 @@ use envgate_proto::v1::auth_client::AuthClient;
 use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::self_service_client::SelfServiceClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
+use envgate_proto::tls::TlsFiles;
 use envgate_proto::v1::{
-    AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, OpenSessionEvent,
-    OpenSessionRequest, SelfEnvironmentRequest, SelfRequest, StopEnvironmentResponse,
-    UserEnvironments, UserStatus, authenticate_request,
+    AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CloseSessionRequest,
+    OpenSessionEvent, OpenSessionRequest, SelfEnvironmentRequest, SelfRequest,
+    StopEnvironmentResponse, UserEnvironments, UserStatus, authenticate_request,
 };
 use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
@@ -33,7 +36,8 @@ pub const STOP_ENVIRONMENT_DEADLINE: Duration = Duration::from_secs(60);
 const RETRY_ATTEMPTS: u32 = 4;
 const RETRY_BASE: Duration = Duration::from_millis(100);
 
-/// What the user offered.
+/// A credential the user proved: a password, or a public key whose signature over this SSH
+/// session the proxy verified.
 #[derive(Debug, Clone)]
 pub enum Offered {
     PublicKey(Vec<u8>),
@@ -47,8 +51,16 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Builds a lazily connecting, balanced channel; nothing is dialled yet.
-    pub fn new(urls: &[String], proxy_id: String) -> Result<Self, ProxyError> {
+    /// Builds a lazily connecting, balanced channel; nothing is dialled yet. Every URL must be
+    /// `https://`: the control plane answers only over mutual TLS, and `tls` is this proxy's
+    /// identity there. `server_name` overrides the name checked in the control plane's
+    /// certificate (default: each URL's host).
+    pub fn new(
+        urls: &[String],
+        tls: &TlsFiles,
+        server_name: Option<&str>,
+        proxy_id: String,
+    ) -> Result<Self, ProxyError> {
         if urls.is_empty() {
             return Err(ProxyError::ControlPlaneAddress(
                 "no control plane URL given".into(),
@@ -56,8 +68,18 @@ impl ControlPlane {
         }
         let mut endpoints = Vec::with_capacity(urls.len());
         for url in urls {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| ProxyError::ControlPlaneAddress(format!("{url}: {e}")))?
+            let bad = |why: String| ProxyError::ControlPlaneAddress(format!("{url}: {why}"));
+            let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| bad(e.to_string()))?;
+            if endpoint.uri().scheme_str() != Some("https") {
+                return Err(bad("must be https:// (the control plane speaks mutual TLS only)".into()));
+            }
+            let host = endpoint.uri().host().unwrap_or_default();
+            let name = server_name
+                .unwrap_or(host.trim_matches(['[', ']']))
+                .to_owned();
+            let endpoint = endpoint
+                .tls_config(tls.client_config(&name))
+                .map_err(|e| bad(e.to_string()))?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(20))
@@ -95,12 +117,37 @@ impl ControlPlane {
             username: username.to_owned(),
             credential: Some(credential),
             client_address: client_address.to_owned(),
-            proxy_id: self.proxy_id.clone(),
         };
         with_retries("Authenticate", || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
             async move { deadline(AUTHENTICATE_DEADLINE, client.authenticate(request)).await }
+        })
+        .await
+    }
+
+    /// Whether `key` (SSH wire format) may log in as `username`: the answer to an SSH key
+    /// offer. Issues no token; a refusal is not a failed attempt.
+    pub async fn check_public_key(
+        &self,
+        username: &str,
+        key: &[u8],
+        client_address: &str,
+        connection_id: &str,
+    ) -> Result<bool, Status> {
+        let message = CheckPublicKeyRequest {
+            username: username.to_owned(),
+            public_key: key.to_vec(),
+            client_address: client_address.to_owned(),
+        };
+        with_retries("CheckPublicKey", || {
+            let mut client = AuthClient::new(self.channel.clone());
+            let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
+            async move {
+                deadline(AUTHENTICATE_DEADLINE, client.check_public_key(request))
+                    .await
+                    .map(|r| r.acceptable)
+            }
         })
         .await
     }
@@ -130,7 +177,6 @@ impl ControlPlane {
     ) -> Result<(), Status> {
         let message = CloseSessionRequest {
             session_id: session_id.to_owned(),
-            proxy_id: self.proxy_id.clone(),
             exit_status,
             container_unreachable,
         };
@@ -338,12 +384,28 @@ mod tests {
         assert_eq!(result.unwrap(), 3);
     }
 
+    #[test]
+    fn only_https_control_planes_are_accepted() {
+        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
+        let tls = pki.proxy_tls("p");
+        let error = ControlPlane::new(&["http://127.0.0.1:50051".into()], &tls, None, "p".into())
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            "control plane address: http://127.0.0.1:50051: must be https:// (the control plane speaks mutual TLS only)"
+        );
+    }
+
     #[tokio::test]
     async fn an_unreachable_control_plane_is_unavailable_quickly() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let control_plane = ControlPlane::new(&[format!("http://{addr}")], "p".into()).unwrap();
+        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
+        let tls = pki.proxy_tls("p");
+        let control_plane =
+            ControlPlane::new(&[format!("https://{addr}")], &tls, None, "p".into()).unwrap();
         let started = std::time::Instant::now();
         let status = control_plane
             .authenticate("u", &Offered::Password("x".into()), "", "c")

@@ -100,7 +100,7 @@ impl FleetMember {
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("Fleet.Attach did not answer"))??;
         let mut commands = attached.into_inner();
-        tracing::info!(proxy_id = %self.register.proxy_id, "registered with the control plane");
+        tracing::info!(proxy_id = %self.control_plane.proxy_id(), "registered with the control plane");
         *attached_at = Some(Instant::now());
         self.readiness.set(!self.drain.is_draining());
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use envgate_proto::audit::{Method, Outcome};
 use envgate_proto::names::{Login, parse_login};
 use russh::keys::PublicKey;
 use russh::server::{
@@ -18,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::{AuthOutcome, Authenticated, Authenticator};
+use crate::auth::{Attempt, AuthOutcome, Authenticated, Authenticator, OfferOutcome};
 use crate::error::{ProxyError, UNSUPPORTED_CHANNEL};
 use crate::exec::{Inbound, TerminalSize};
 use crate::session::{ChannelRequest, Event};
@@ -43,8 +44,12 @@ pub struct ConnectionHandler {
     events: mpsc::Sender<Event>,
     /// Cancelled once the user is authenticated (stops the login-grace timer).
     authenticated: CancellationToken,
-    /// A key the control plane accepted at the offer, awaiting its signature.
-    offered: Option<(String, Vec<u8>, Authenticated)>,
+    /// A key the control plane accepted at the offer (login, key), awaiting its signature.
+    offered: Option<(String, Vec<u8>)>,
+    /// A refusal not written to the audit log when it happened (a key offer, a malformed
+    /// name): written when the connection ends without logging in, so a client offering six
+    /// keys makes one record, not five.
+    unrecorded_refusal: Option<(Attempt, String)>,
     channels: HashMap<ChannelId, HandlerChannel>,
     /// The connection's span: russh runs the handler on a task of its own.
     span: tracing::Span,
@@ -70,6 +75,7 @@ impl ConnectionHandler {
             events,
             authenticated,
             offered: None,
+            unrecorded_refusal: None,
             channels: HashMap::new(),
             span: tracing::Span::current(),
         }
@@ -85,14 +91,34 @@ impl ConnectionHandler {
         }
     }
 
+    fn attempt(&self, user: &str, method: Method, key: Option<&[u8]>) -> Attempt {
+        Attempt {
+            user: user.to_owned(),
+            client: self.client_address.clone(),
+            connection: self.connection_id.clone(),
+            method,
+            key: key.map(<[u8]>::to_vec),
+        }
+    }
+
+    /// A credential that was checked and refused: recorded now.
+    fn refused(&mut self, attempt: &Attempt, reason: String) {
+        self.unrecorded_refusal = None;
+        self.authenticator
+            .record(attempt, Outcome::Failure, false, Some(reason));
+    }
+
     async fn send(&self, event: Event) {
         // The session task outlives the handler; if it is gone the
         // connection is being torn down anyway.
         let _ = self.events.send(event).await;
     }
 
-    async fn accept(&mut self, login: Login, who: Authenticated) -> Auth {
+    async fn accept(&mut self, login: Login, who: Authenticated, attempt: &Attempt) -> Auth {
         tracing::info!(parent: &self.span, user = %who.user, cache_hit = who.cache_hit, "authenticated");
+        self.unrecorded_refusal = None;
+        self.authenticator
+            .record(attempt, Outcome::Success, who.cache_hit, None);
         self.authenticated.cancel();
         self.send(Event::Authenticated {
             login,
@@ -102,15 +128,19 @@ impl ConnectionHandler {
         Auth::Accept
     }
 
-    fn outcome(&self, user: &str, outcome: AuthOutcome) -> Option<Authenticated> {
+    /// The authenticated user, or `None` after recording why not.
+    fn outcome(&mut self, attempt: &Attempt, outcome: AuthOutcome) -> Option<Authenticated> {
+        let user = &attempt.user;
         match outcome {
             AuthOutcome::Accepted(who) => Some(who),
             AuthOutcome::Rejected => {
                 tracing::info!(parent: &self.span, %user, "credential rejected");
+                self.refused(attempt, "credential refused".into());
                 None
             }
             AuthOutcome::Failed(why) => {
                 tracing::warn!(parent: &self.span, %user, error = %why, "authentication failed");
+                self.refused(attempt, "the control plane could not check the credential".into());
                 None
             }
         }
@@ -160,20 +190,39 @@ impl Handler for ConnectionHandler {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         self.offered = None;
-        let (Some(login), Some(key)) = (self.login(user), key_bytes(offer.public_key)) else {
+        let key = key_bytes(offer.public_key);
+        let Some(login) = self.login(user) else {
+            let attempt = self.attempt(user, Method::Publickey, key.as_deref());
+            self.unrecorded_refusal = Some((attempt, "malformed login name".into()));
+            return Ok(Auth::reject());
+        };
+        let Some(key) = key else {
             return Ok(Auth::reject());
         };
         let outcome = self
             .authenticator
-            .public_key(&login.user, &key, &self.client_address, &self.connection_id)
-            .instrument(tracing::info_span!(parent: &self.span, "auth"))
+            .public_key_offered(&login.user, &key, &self.client_address, &self.connection_id)
+            .instrument(tracing::info_span!(parent: &self.span, "auth_offer"))
             .await;
-        match self.outcome(&login.user, outcome) {
-            Some(who) => {
-                self.offered = Some((user.to_owned(), key, who));
+        let attempt = self.attempt(&login.user, Method::Publickey, Some(&key));
+        match outcome {
+            OfferOutcome::Acceptable => {
+                self.offered = Some((user.to_owned(), key));
                 Ok(Auth::Accept)
             }
-            None => Ok(Auth::reject()),
+            OfferOutcome::Refused => {
+                tracing::debug!(parent: &self.span, user = %login.user, "offered key is not authorized");
+                self.unrecorded_refusal = Some((attempt, "no offered key is authorized".into()));
+                Ok(Auth::reject())
+            }
+            OfferOutcome::Failed(why) => {
+                tracing::warn!(parent: &self.span, user = %login.user, error = %why, "checking an offered key failed");
+                self.unrecorded_refusal = Some((
+                    attempt,
+                    "the control plane could not check the credential".into(),
+                ));
+                Ok(Auth::reject())
+            }
         }
     }
 
@@ -182,22 +231,31 @@ impl Handler for ConnectionHandler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        // russh has verified the signature; the offer step checked the key.
+        // russh has verified the signature over this session: the client holds the key. Only
+        // now is the control plane asked for a token (proof of possession).
         let (Some(login), Some(bytes)) = (self.login(user), key_bytes(key.public_key)) else {
             return Ok(Auth::reject());
         };
         match self.offered.take() {
-            Some((offered_user, offered_key, who))
-                if offered_user == user && offered_key == bytes =>
-            {
-                Ok(self.accept(login, who).await)
-            }
-            _ => Ok(Auth::reject()),
+            Some((offered_user, offered_key)) if offered_user == user && offered_key == bytes => {}
+            _ => return Ok(Auth::reject()),
+        }
+        let outcome = self
+            .authenticator
+            .public_key_verified(&login.user, &bytes, &self.client_address, &self.connection_id)
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
+            .await;
+        let attempt = self.attempt(&login.user, Method::Publickey, Some(&bytes));
+        match self.outcome(&attempt, outcome) {
+            Some(who) => Ok(self.accept(login, who, &attempt).await),
+            None => Ok(Auth::reject()),
         }
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         let Some(login) = self.login(user) else {
+            let attempt = self.attempt(user, Method::Password, None);
+            self.refused(&attempt, "malformed login name".into());
             return Ok(Auth::reject());
         };
         let outcome = self
@@ -210,8 +268,9 @@ impl Handler for ConnectionHandler {
             )
             .instrument(tracing::info_span!(parent: &self.span, "auth"))
             .await;
-        match self.outcome(&login.user, outcome) {
-            Some(who) => Ok(self.accept(login, who).await),
+        let attempt = self.attempt(&login.user, Method::Password, None);
+        match self.outcome(&attempt, outcome) {
+            Some(who) => Ok(self.accept(login, who, &attempt).await),
             None => Ok(Auth::reject()),
         }
     }
@@ -483,6 +542,18 @@ impl Handler for ConnectionHandler {
     }
 }
 
+impl Drop for ConnectionHandler {
+    /// A connection that ends without logging in leaves the refusal it ended on.
+    fn drop(&mut self) {
+        if let Some((attempt, reason)) = self.unrecorded_refusal.take()
+            && !self.authenticated.is_cancelled()
+        {
+            self.authenticator
+                .record(&attempt, Outcome::Failure, false, Some(reason));
+        }
+    }
+}
+
 /// Refuses a channel type envgate does not offer (forwarding, X11), with the reason.
 async fn reject_unsupported(reply: ChannelOpenHandle) {
     reply
@@ -496,6 +567,7 @@ async fn reject_unsupported(reply: ChannelOpenHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envgate_proto::audit::AuditLog;
 
     #[test]
     fn accept_env_matches_sshd_defaults() {
@@ -507,15 +579,21 @@ mod tests {
         }
     }
 
-    fn handler(control_plane_url: String) -> ConnectionHandler {
-        let control_plane =
-            crate::controlplane::ControlPlane::new(&[control_plane_url], "p".into()).unwrap();
+    fn handler(control_plane_url: String, audit: AuditLog) -> ConnectionHandler {
+        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
+        let control_plane = crate::controlplane::ControlPlane::new(
+            &[control_plane_url],
+            &pki.proxy_tls("p"),
+            None,
+            "p".into(),
+        )
+        .unwrap();
         let cache = Arc::new(crate::auth_cache::AuthCache::new(4));
         let (events, _) = mpsc::channel(1);
         ConnectionHandler::new(
             "c".into(),
             "127.0.0.1:1".into(),
-            Arc::new(Authenticator::new(cache, control_plane)),
+            Arc::new(Authenticator::new(cache, control_plane, audit)),
             events,
             CancellationToken::new(),
         )
@@ -525,7 +603,11 @@ mod tests {
     async fn bad_user_names_are_rejected_without_a_call() {
         // A "control plane" that only notices being dialled.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut handler = handler(format!("http://{}", listener.local_addr().unwrap()));
+        let audit = AuditLog::in_memory();
+        let mut handler = handler(
+            format!("https://{}", listener.local_addr().unwrap()),
+            audit.clone(),
+        );
         for login in [
             "",
             "Bad..User",
@@ -553,5 +635,16 @@ mod tests {
             })
         );
         assert!(!handler.authenticated.is_cancelled());
+        // Each refusal is in the audit log, the malformed name as the client sent it.
+        let lines = audit.lines();
+        assert_eq!(lines.len(), 7, "{lines:#?}");
+        let record: serde_json::Value = serde_json::from_str(&lines[3]).unwrap();
+        assert_eq!(record["event"], "login");
+        assert_eq!(record["outcome"], "failure");
+        assert_eq!(record["user"], "root\u{0}");
+        assert_eq!(record["method"], "password");
+        assert_eq!(record["reason"], "malformed login name");
+        assert_eq!(record["client"], "127.0.0.1:1");
+        assert_eq!(record["proxy"], "p");
     }
 }

@@ -38,6 +38,7 @@ use crate::controlplane::ControlPlane;
 use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::exec::agent::AgentRuntime;
+use crate::exec::ProcessRuntime;
 use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
 use crate::server::ServerContext;
@@ -67,9 +68,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Proxy
         .map_err(|source| ProxyError::Bind { what, addr, source })
 }
 
-/// The engine used when no `--docker-host` is given.
-pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
-
 impl Proxy {
     /// Binds the SSH and ops ports and builds every part; nothing is served
     /// until [`Proxy::run`]. `metrics` is the installed recorder's handle
@@ -79,11 +77,22 @@ impl Proxy {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ProxyError> {
         crate::config::check_listeners(config.listen, &config.pinned_listen)?;
-        let docker_host = config.docker_host.as_deref().unwrap_or(DEFAULT_DOCKER_HOST);
-        let runtime = DockerRuntime::connect(docker_host)
-            .await
-            .map_err(|e| ProxyError::Config(format!("docker at {docker_host}: {e}")))?;
-        let control_plane = ControlPlane::new(&config.controlplane, config.proxy_id.clone())?;
+        // Docker only when configured: with the agent in every container the proxy needs no
+        // access to the engine, which is root on its host.
+        let docker_exec: Option<Arc<dyn ProcessRuntime>> = match &config.docker_host {
+            None => None,
+            Some(docker_host) => Some(Arc::new(
+                DockerRuntime::connect(docker_host)
+                    .await
+                    .map_err(|e| ProxyError::Config(format!("docker at {docker_host}: {e}")))?,
+            )),
+        };
+        let control_plane = ControlPlane::new(
+            &config.controlplane,
+            &config.tls,
+            config.controlplane_server_name.as_deref(),
+            config.proxy_id.clone(),
+        )?;
         let ssh_listener = bind("SSH", config.listen).await?;
         let mut pinned_listeners = Vec::with_capacity(config.pinned_listen.len());
         for pinned in &config.pinned_listen {
@@ -121,8 +130,8 @@ impl Proxy {
         };
         let services = SessionServices {
             control_plane: control_plane.clone(),
-            // The agent when the placement names one, else Docker exec.
-            runtime: Arc::new(AgentRuntime::new(Arc::new(runtime))),
+            // The agent when the placement names one, else Docker exec if configured.
+            runtime: Arc::new(AgentRuntime::new(docker_exec)),
             registry: registry.clone(),
         };
         let context = Arc::new(ServerContext {
@@ -133,13 +142,13 @@ impl Proxy {
             authenticator: Arc::new(Authenticator::new(
                 auth_cache.clone(),
                 control_plane.clone(),
+                config.audit.clone(),
             )),
             services,
         });
         let fleet = FleetMember {
             control_plane,
             register: Register {
-                proxy_id: config.proxy_id,
                 address: config.advertise.unwrap_or_else(|| ssh_addr.to_string()),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 capacity: u32::try_from(config.max_connections).unwrap_or(u32::MAX),

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
+use envgate_proto::audit::AuditLog;
+use envgate_proto::tls::TlsFiles;
 use envgate_proxy::config::{Cidr, PinnedListen, parse_cidrs, parse_pinned};
 use envgate_proxy::{Config, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
@@ -23,20 +25,34 @@ struct Args {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "ENVGATE_OPS_LISTEN", default_value = "127.0.0.1:9100")]
     ops_listen: SocketAddr,
-    /// Control plane URLs, comma-separated (http://host:port).
+    /// Control plane URLs, comma-separated (https://host:port; mutual TLS only).
     #[arg(
         long,
         env = "ENVGATE_CONTROLPLANE",
-        default_value = "http://127.0.0.1:50051",
+        default_value = "https://127.0.0.1:50051",
         value_delimiter = ','
     )]
     controlplane: Vec<String>,
     /// OpenSSH private key (ed25519) used as the host key; every replica shares it.
     #[arg(long, env = "ENVGATE_HOST_KEY")]
     host_key: PathBuf,
-    /// This proxy's id in the fleet (default: hostname-pid).
-    #[arg(long, env = "ENVGATE_PROXY_ID")]
-    proxy_id: Option<String>,
+    /// This proxy's client certificate (PEM) from the fleet CA; the URI SAN
+    /// `spiffe://envgate/proxy/<id>` in it is the proxy's id in the fleet.
+    #[arg(long, env = "ENVGATE_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "ENVGATE_TLS_KEY")]
+    tls_key: PathBuf,
+    /// The fleet CA (PEM) the control plane's certificate is checked against.
+    #[arg(long, env = "ENVGATE_TLS_CA")]
+    tls_ca: PathBuf,
+    /// The name the control plane's certificate must carry (default: each URL's host).
+    #[arg(long, env = "ENVGATE_CONTROLPLANE_SERVER_NAME")]
+    controlplane_server_name: Option<String>,
+    /// Append login records (who, from where, how, with which key, the outcome) to this
+    /// file as JSON lines; they are also logged on the target `audit` either way.
+    #[arg(long, env = "ENVGATE_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
     /// Balancer addresses (comma-separated IPs or CIDRs) whose connections must
     /// start with a PROXY v2 header; from any other source a PROXY header is refused.
     #[arg(long, env = "ENVGATE_TRUSTED_PROXIES", default_value = "", value_parser = parse_cidr_list)]
@@ -53,8 +69,9 @@ struct Args {
     /// Most cached authentication tokens.
     #[arg(long, env = "ENVGATE_AUTH_CACHE_SIZE", default_value_t = 65536)]
     auth_cache_size: usize,
-    /// Docker API URL (unix:///path, tcp://host:port or http://host:port);
-    /// default: $DOCKER_HOST, else unix:///var/run/docker.sock.
+    /// The Docker engine's socket (unix:///path), for containers without envgate-agent,
+    /// whose sessions start through Docker exec. Unset: this proxy has no Docker access and
+    /// serves only containers that run the agent (the default deployment).
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
     /// Address reported to the control plane (default: the listen address).
@@ -87,15 +104,6 @@ fn parse_pinned_list(text: &str) -> Result<PinnedList, String> {
     parse_pinned(text).map(PinnedList)
 }
 
-fn default_proxy_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "proxy".to_owned());
-    format!("{host}-{}", std::process::id())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -106,6 +114,21 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("setting up tracing")?;
     let host_key = Config::load_host_key(&args.host_key)?;
+    let tls = TlsFiles::load(&args.tls_cert, &args.tls_key, &args.tls_ca)
+        .context("--tls-cert/--tls-key/--tls-ca")?;
+    let proxy_id = tls.proxy_id(&args.tls_cert).context("--tls-cert")?;
+    if let Some(host) = &args.docker_host
+        && !host.starts_with("unix://")
+    {
+        bail!(
+            "--docker-host: {host} is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)"
+        );
+    }
+    let audit = match &args.audit_log {
+        None => AuditLog::log_only(),
+        Some(path) => AuditLog::to_file(path)
+            .with_context(|| format!("--audit-log: cannot open {}", path.display()))?,
+    };
     let config = Config {
         listen: args.listen,
         ops_listen: Some(args.ops_listen),
@@ -116,15 +139,16 @@ async fn main() -> anyhow::Result<()> {
             .filter(|u| !u.is_empty())
             .collect(),
         host_key,
-        proxy_id: args.proxy_id.unwrap_or_else(default_proxy_id),
+        tls,
+        controlplane_server_name: args.controlplane_server_name,
+        proxy_id,
+        audit,
         trusted_proxies: args.trusted_proxies.0,
         max_connections: args.max_connections,
         login_grace: Duration::from_secs(args.login_grace_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         auth_cache_size: args.auth_cache_size,
-        docker_host: args
-            .docker_host
-            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())),
+        docker_host: args.docker_host,
         advertise: args.advertise,
         pinned_listen: args.pinned_listen.into_iter().flat_map(|p| p.0).collect(),
     };

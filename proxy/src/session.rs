@@ -488,7 +488,6 @@ impl Connection {
         let request = OpenSessionRequest {
             token: identity.token.clone(),
             environment,
-            proxy_id: self.services.control_plane.proxy_id().to_owned(),
             client_address: self.info.client_address.clone(),
             connection_id: self.info.connection_id.clone(),
             kind: kind.to_owned(),

@@ -16,12 +16,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envgate_proto::token::{Claims, TokenKey};
+use envgate_controlplane::testkit::TestPki;
+use envgate_proto::audit::AuditLog;
+use envgate_proto::token::{self, Claims, TokenKey, TokenKeys};
 use envgate_proto::v1::auth_server::{Auth, AuthServer};
 use envgate_proto::v1::fleet_server::{Fleet, FleetServer};
 use envgate_proto::v1::sessions_server::{Sessions, SessionsServer};
 use envgate_proto::v1::{
-    AuthenticateRequest, AuthenticateResponse, CloseSessionRequest, CloseSessionResponse,
+    AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CheckPublicKeyResponse,
+    CloseSessionRequest, CloseSessionResponse,
     FleetCommand, KillSession, OpenSessionEvent, OpenSessionRequest, Placement, Progress,
     ProxyMessage, RevokeUser, authenticate_request, fleet_command, open_session_event,
 };
@@ -60,6 +63,7 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
 /// What the fake control plane saw.
 #[derive(Default)]
 struct Seen {
+    check_public_key: AtomicUsize,
     authenticate: AtomicUsize,
     open_session: AtomicUsize,
     close_session: AtomicUsize,
@@ -72,9 +76,9 @@ type CommandSender = tokio::sync::mpsc::Sender<Result<FleetCommand, Status>>;
 
 #[derive(Clone)]
 struct FakeControlPlane {
-    key: Arc<TokenKey>,
+    keys: Arc<TokenKeys>,
     /// user -> authorized public keys (SSH wire format)
-    keys: Arc<HashMap<String, Vec<Vec<u8>>>>,
+    authorized: Arc<HashMap<String, Vec<Vec<u8>>>>,
     container_id: String,
     seen: Arc<Seen>,
     /// Sends commands down the proxy's Fleet stream.
@@ -90,6 +94,19 @@ fn now() -> i64 {
 
 #[tonic::async_trait]
 impl Auth for FakeControlPlane {
+    async fn check_public_key(
+        &self,
+        request: Request<CheckPublicKeyRequest>,
+    ) -> Result<Response<CheckPublicKeyResponse>, Status> {
+        self.seen.check_public_key.fetch_add(1, Ordering::SeqCst);
+        let request = request.into_inner();
+        let acceptable = self
+            .authorized
+            .get(&request.username)
+            .is_some_and(|keys| keys.contains(&request.public_key));
+        Ok(Response::new(CheckPublicKeyResponse { acceptable }))
+    }
+
     async fn authenticate(
         &self,
         request: Request<AuthenticateRequest>,
@@ -106,7 +123,7 @@ impl Auth for FakeControlPlane {
                 request.username == "demo" && password == DEMO_PASSWORD
             }
             Some(authenticate_request::Credential::PublicKey(key)) => self
-                .keys
+                .authorized
                 .get(&request.username)
                 .is_some_and(|keys| keys.contains(key)),
             _ => false,
@@ -120,9 +137,11 @@ impl Auth for FakeControlPlane {
             iat: now(),
             exp: now() + 300,
             jti: format!("t{}", self.seen.authenticate.load(Ordering::SeqCst)),
+            aud: String::new(),
+            kid: String::new(),
         };
         Ok(Response::new(AuthenticateResponse {
-            token: self.key.sign(&claims),
+            token: self.keys.sign(claims.clone()),
             user: request.username,
             expires_at: claims.exp,
         }))
@@ -142,7 +161,7 @@ impl Sessions for FakeControlPlane {
         self.seen.open_session.fetch_add(1, Ordering::SeqCst);
         let request = request.into_inner();
         let claims = self
-            .key
+            .keys
             .verify(&request.token, now())
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         self.seen
@@ -592,9 +611,10 @@ async fn proxy_serves_sessions_into_a_real_container() {
 
     // The fake control plane.
     let seen = Arc::new(Seen::default());
+    let key = TokenKey::from_hex_seed(SEED).unwrap();
     let fake = FakeControlPlane {
-        key: Arc::new(TokenKey::from_hex_seed(SEED).unwrap()),
-        keys: Arc::new(HashMap::from([(
+        keys: Arc::new(TokenKeys::new(vec![key], token::audience("inprocess")).unwrap()),
+        authorized: Arc::new(HashMap::from([(
             "demo".to_owned(),
             vec![public_key_wire(&demo_key)],
         )])),
@@ -621,8 +641,12 @@ async fn proxy_serves_sessions_into_a_real_container() {
     let cp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = cp_listener.local_addr().unwrap();
     let stop = CancellationToken::new();
+    // Mutual TLS, as the real control plane serves it.
+    let pki = TestPki::new().unwrap();
     let cp = tokio::spawn(
         tonic::transport::Server::builder()
+            .tls_config(pki.server_tls().server_config())
+            .unwrap()
             .add_service(AuthServer::new(fake.clone()))
             .add_service(SessionsServer::new(fake.clone()))
             .add_service(FleetServer::new(fake))
@@ -636,15 +660,19 @@ async fn proxy_serves_sessions_into_a_real_container() {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ops_listen: Some("127.0.0.1:0".parse().unwrap()),
-        controlplane: vec![format!("http://{cp_addr}")],
+        controlplane: vec![format!("https://{cp_addr}")],
         host_key: Config::load_host_key(&host_key).unwrap(),
+        tls: pki.proxy_tls("test-proxy"),
+        controlplane_server_name: Some("localhost".into()),
         proxy_id: "test-proxy".into(),
+        audit: AuditLog::in_memory(),
         trusted_proxies: parse_cidrs(BALANCER_IP).unwrap(),
         max_connections: 64,
         login_grace: LOGIN_GRACE,
         shutdown_grace: SHUTDOWN_GRACE,
         auth_cache_size: 128,
-        docker_host: None,
+        // The test container runs no agent: sessions start through Docker exec.
+        docker_host: Some("unix:///var/run/docker.sock".into()),
         advertise: None,
         pinned_listen: Vec::new(),
     };

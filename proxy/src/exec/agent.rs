@@ -56,11 +56,12 @@ impl AgentTarget {
 
 pub struct AgentRuntime {
     agents: AgentPool,
-    fallback: Arc<dyn ProcessRuntime>,
+    /// Docker exec, for containers without the agent; `None`: such containers are refused.
+    fallback: Option<Arc<dyn ProcessRuntime>>,
 }
 
 impl AgentRuntime {
-    pub fn new(fallback: Arc<dyn ProcessRuntime>) -> Self {
+    pub fn new(fallback: Option<Arc<dyn ProcessRuntime>>) -> Self {
         Self {
             agents: AgentPool::new(ConnectOptions {
                 connect_timeout: CONNECT_TIMEOUT,
@@ -124,7 +125,10 @@ fn chunks(output: ProcessOutput, wrap: fn(Bytes) -> Output) -> OutputStream {
 impl ProcessRuntime for AgentRuntime {
     async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError> {
         let Some(target) = &spec.agent else {
-            return self.fallback.start(spec).await;
+            return match &self.fallback {
+                Some(fallback) => fallback.start(spec).await,
+                None => Err(ExecError::NoDockerExec),
+            };
         };
         let started = Instant::now();
         let client = self

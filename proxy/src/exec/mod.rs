@@ -62,6 +62,10 @@ pub enum ExecError {
     AgentUnreachable(String),
     #[error("this runtime cannot deliver signals")]
     NoSignals,
+    #[error(
+        "the container runs no envgate-agent and this proxy has no Docker access (--docker-host)"
+    )]
+    NoDockerExec,
 }
 
 impl From<std::io::Error> for ExecError {

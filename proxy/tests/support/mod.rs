@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use envgate_controlplane::testkit::Etcd;
+use envgate_controlplane::testkit::{Etcd, TestPki};
 use envgate_proto::admin::v1 as admin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -38,6 +38,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The etcd prefix the control plane is started with.
 pub const ETCD_PREFIX: &str = "/envgate/";
+
+/// The operator's name the fleet's admin token carries (the audit log shows it).
+pub const ADMIN_NAME: &str = "e2e-admin";
 
 pub const BUSYBOX_IMAGE: &str = "envgate/busybox:latest";
 pub const DEBIAN_IMAGE: &str = "envgate/debian:latest";
@@ -205,6 +208,8 @@ pub struct Fleet {
     /// HAProxy's port for each pinned environment.
     pinned_ports: HashMap<String, u16>,
     admin_token: String,
+    /// The fleet CA, the control plane's server certificate and the proxies' certificates.
+    pub pki: TestPki,
     keys: Mutex<HashMap<String, PathBuf>>,
     // Field order is drop order: HAProxy and proxies first, then the control plane, then
     // etcd, and the directory holding their logs last.
@@ -256,8 +261,13 @@ impl Fleet {
         std::fs::write(&token_key, hex::encode(rand::random::<[u8; 32]>()))
             .map_err(|e| e.to_string())?;
         let admin_token = hex::encode(rand::random::<[u8; 16]>());
-        let admin_token_file = dir.path().join("admin.token");
-        std::fs::write(&admin_token_file, format!("{admin_token}\n")).map_err(|e| e.to_string())?;
+        let admin_tokens_file = dir.path().join("admin-tokens");
+        std::fs::write(
+            &admin_tokens_file,
+            format!("{ADMIN_NAME} sha256:{}\n", sha256_hex(&admin_token)),
+        )
+        .map_err(|e| e.to_string())?;
+        let pki = TestPki::new().map_err(|e| format!("the test PKI: {e}"))?;
 
         let etcd = Etcd::start()
             .await
@@ -273,6 +283,7 @@ impl Fleet {
             proxy_pinned: Vec::new(),
             pinned_ports: HashMap::new(),
             admin_token,
+            pki,
             keys: Mutex::new(HashMap::new()),
             haproxy: None,
             old_haproxies: Vec::new(),
@@ -296,9 +307,25 @@ impl Fleet {
                 .push(format!("127.0.0.1:{}", free_port()?));
         }
 
+        let (etcd_ca, etcd_cert, etcd_key) = fleet.etcd.client_files();
+        let (tls_cert, tls_key, tls_ca) = fleet.pki.server_files();
         for replica in 0..fleet.replica_grpc.len() {
             let mut command = Command::new(&controlplane_bin);
             command
+                .arg("--tls-cert")
+                .arg(&tls_cert)
+                .arg("--tls-key")
+                .arg(&tls_key)
+                .arg("--tls-client-ca")
+                .arg(&tls_ca)
+                .arg("--etcd-ca")
+                .arg(&etcd_ca)
+                .arg("--etcd-cert")
+                .arg(&etcd_cert)
+                .arg("--etcd-key")
+                .arg(&etcd_key)
+                .arg("--audit-log")
+                .arg(fleet.audit_log())
                 .arg("--listen")
                 .arg(&fleet.replica_grpc[replica])
                 .arg("--ops-listen")
@@ -309,8 +336,8 @@ impl Fleet {
                 .arg(ETCD_PREFIX)
                 .arg("--token-key")
                 .arg(&token_key)
-                .arg("--admin-token-file")
-                .arg(&admin_token_file)
+                .arg("--admin-tokens")
+                .arg(&admin_tokens_file)
                 .arg("--instance")
                 .arg(&fleet.instance)
                 .arg("--reconcile-interval-seconds")
@@ -372,7 +399,22 @@ impl Fleet {
     fn spawn_proxy(&mut self, i: usize) -> Result<(), String> {
         let listen = format!("127.0.0.1:{}", free_port()?);
         let ops = format!("127.0.0.1:{}", free_port()?);
+        let (cert, key) = self.pki.proxy_files(&self.proxy_id(i));
         let mut command = Command::new(proxy_bin());
+        command
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .arg("--tls-ca")
+            .arg(self.pki.ca_path())
+            .arg("--audit-log")
+            .arg(self.audit_log());
+        // Without the agent, sessions start through Docker exec, which a proxy does only when
+        // told where the engine is.
+        if !self.options.agent {
+            command.arg("--docker-host").arg("unix:///var/run/docker.sock");
+        }
         command
             .arg("--listen")
             .arg(&listen)
@@ -382,14 +424,12 @@ impl Fleet {
             .arg(
                 self.replica_grpc
                     .iter()
-                    .map(|addr| format!("http://{addr}"))
+                    .map(|addr| format!("https://{addr}"))
                     .collect::<Vec<_>>()
                     .join(","),
             )
             .arg("--host-key")
             .arg(self.dir.path().join("host_ed25519"))
-            .arg("--proxy-id")
-            .arg(format!("{}-p{i}", self.instance))
             .arg("--trusted-proxies")
             .arg("127.0.0.1/32")
             .arg("--shutdown-grace-seconds")
@@ -666,18 +706,31 @@ impl Fleet {
 
     // ---- admin API -------------------------------------------------------------------
 
-    /// An admin client over a fresh channel.
+    /// An admin client over a fresh channel (TLS, no client certificate: an operator).
     pub async fn admin_client(&self) -> Result<admin::admin_client::AdminClient<Channel>, String> {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(ADMIN_TIMEOUT)
-                .timeout(ADMIN_TIMEOUT);
-        let channel = tokio::time::timeout(ADMIN_TIMEOUT, endpoint.connect())
+        let channel = tokio::time::timeout(ADMIN_TIMEOUT, self.pki.connect(&self.grpc_addr, None))
             .await
-            .map_err(|_| "connect to the admin API timed out".to_string())?
-            .map_err(|e| format!("connect to the admin API: {e}"))?;
+            .map_err(|_| "connect to the admin API timed out".to_string())??;
         Ok(admin::admin_client::AdminClient::new(channel))
+    }
+
+    /// Proxy `i`'s id: the one its certificate names.
+    pub fn proxy_id(&self, i: usize) -> String {
+        format!("{}-p{i}", self.instance)
+    }
+
+    /// The audit log every process of the fleet appends to (JSON lines).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// The audit records so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
     }
 
     /// Wraps `message` in a request that carries the admin bearer token.
@@ -692,10 +745,15 @@ impl Fleet {
         request
     }
 
-    /// Runs the real `grpcurl -plaintext` against the control plane: `header` (e.g. the
-    /// result of `bearer_header`) if given, `-d body` if not empty, then `method`.
+    /// Runs the real `grpcurl -cacert <fleet CA>` against the control plane, as an operator
+    /// does: `header` (e.g. the result of `bearer_header`) if given, `-d body` if not empty,
+    /// then `method`.
     pub async fn grpcurl(&self, header: Option<&str>, body: &str, method: &str) -> SshOutput {
-        let mut argv = vec!["grpcurl".to_string(), "-plaintext".to_string()];
+        let mut argv = vec![
+            "grpcurl".to_string(),
+            "-cacert".to_string(),
+            self.pki.ca_path().display().to_string(),
+        ];
         if let Some(header) = header {
             argv.extend(["-H".to_string(), header.to_string()]);
         }
@@ -1246,10 +1304,10 @@ impl Fleet {
 
     /// Every etcd key under `ETCD_PREFIX` + `prefix`, without `ETCD_PREFIX`, with its value.
     pub async fn etcd_records(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
-        let endpoint = self.etcd.endpoint();
+        let config = self.etcd.config();
         let full = format!("{ETCD_PREFIX}{prefix}");
         let read = async {
-            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            let mut client = envgate_controlplane::testkit::client(&config).await?;
             client
                 .get(full, Some(etcd_client::GetOptions::new().with_prefix()))
                 .await
@@ -1705,4 +1763,13 @@ impl Drop for Tmux {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// SHA-256 of `text` in hex, as the admin tokens file holds a token.
+pub fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
