@@ -21,32 +21,16 @@ use envgate_proto::tls::TlsFiles;
 use envgate_proto::token::{self, TokenKey, TokenKeys};
 use tokio_util::sync::CancellationToken;
 
-/// envgate control plane: authentication, placement, container lifecycle and the admin API.
+/// `envgate-controlplane pki`: makes the fleet's TLS certificates (idempotent: what exists and
+/// stays valid for 30 more days is kept). Prints each file written.
 #[derive(Debug, Parser)]
-#[command(
-    name = "envgate-controlplane",
-    version,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
-struct Cli {
+#[command(name = "envgate-controlplane pki", bin_name = "envgate-controlplane pki", version)]
+struct PkiCli {
+    /// Directory of the CAs and certificates (`<ca>-ca.crt`, `<name>.crt`, `<name>.key`).
+    #[arg(long)]
+    dir: PathBuf,
     #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    args: Args,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Makes the fleet's TLS certificates (idempotent: what exists and stays valid for 30
-    /// more days is kept). Prints each file written.
-    Pki {
-        /// Directory of the CAs and certificates (`<ca>-ca.crt`, `<name>.crt`, `<name>.key`).
-        #[arg(long)]
-        dir: PathBuf,
-        #[command(subcommand)]
-        what: PkiCommand,
-    },
+    what: PkiCommand,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,7 +72,10 @@ enum PkiCommand {
     },
 }
 
-#[derive(Debug, clap::Args)]
+/// envgate control plane: authentication, placement, container lifecycle and the admin API.
+/// (`envgate-controlplane pki --help`: the fleet's certificates.)
+#[derive(Debug, Parser)]
+#[command(name = "envgate-controlplane", version)]
 struct Args {
     /// gRPC address (Auth, Sessions, Fleet, Admin, health, reflection), TLS only.
     #[arg(long, env = "ENVGATE_LISTEN", default_value = "127.0.0.1:50051")]
@@ -375,9 +362,13 @@ fn pki(dir: &std::path::Path, what: PkiCommand) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::Pki { dir, what }) = cli.command {
-        return match pki(&dir, what) {
+    // `pki` is a tool beside the server, not a mode of it: the server's flags (several
+    // required) do not apply to it, so it is parsed on its own.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "pki") {
+        argv.remove(1);
+        let cli = PkiCli::parse_from(argv);
+        return match pki(&cli.dir, cli.what) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("envgate-controlplane pki: {e:#}");
@@ -385,7 +376,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let args = cli.args;
+    let args = Args::parse_from(argv);
     let log_json = args.log_json;
     let otlp_endpoint = args.otlp_endpoint.clone();
     let config = match config(args) {

@@ -210,10 +210,14 @@ struct UsersArgs {
     #[arg(
         long,
         env = "ENVGATE_LOADTEST_ADMIN",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     admin: String,
-    /// File holding the admin bearer token.
+    /// The CA (PEM) that issued the control plane's certificate (the fleet CA); needed for
+    /// an https:// --admin.
+    #[arg(long, env = "ENVGATE_LOADTEST_ADMIN_CA")]
+    admin_ca: Option<PathBuf>,
+    /// File holding the operator's admin bearer token.
     #[arg(long, env = "ENVGATE_ADMIN_TOKEN_FILE")]
     admin_token_file: PathBuf,
     /// How many users to create.
@@ -426,10 +430,17 @@ fn pool_doc(args: PoolDocArgs) -> anyhow::Result<ExitCode> {
 
 async fn create_users(args: UsersArgs) -> anyhow::Result<ExitCode> {
     let token = users::read_admin_token(&args.admin_token_file)?;
+    let ca = match &args.admin_ca {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("--admin-ca: cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
     let created = users::generate(&args.key_dir, &args.prefix, args.count)
         .with_context(|| format!("writing keys to {}", args.key_dir.display()))?;
     users::create_users(
         &args.admin,
+        ca.as_deref(),
         &token,
         &created,
         args.environment.as_deref(),

@@ -203,9 +203,10 @@ pub fn read_admin_token(path: &Path) -> Result<String, UsersError> {
 }
 
 /// Creates (or replaces) each user through the admin API with its key as the
-/// only authorized key.
+/// only authorized key. `ca` (PEM) verifies an https:// control plane.
 pub async fn create_users(
     admin_url: &str,
+    ca: Option<&[u8]>,
     admin_token: &str,
     users: &[(String, String)],
     environment: Option<&str>,
@@ -215,10 +216,18 @@ pub async fn create_users(
         url: admin_url.to_owned(),
         message,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(admin_url.to_owned())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(admin_url.to_owned())
         .map_err(|e| connect_err(e.to_string()))?
         .connect_timeout(timeout)
         .timeout(timeout);
+    if admin_url.starts_with("https://") {
+        let ca = ca.ok_or_else(|| connect_err("an https:// admin URL needs --admin-ca".into()))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| connect_err(e.to_string()))?;
+    }
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| connect_err(format!("no connection within {timeout:?}")))?

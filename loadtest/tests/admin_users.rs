@@ -146,7 +146,7 @@ async fn users_are_created_with_their_keys_and_the_bearer_token() {
     let dir = tempfile::tempdir().unwrap();
     let created = users::generate(dir.path(), "lt", 3).unwrap();
     let timeout = Duration::from_secs(10);
-    users::create_users(&url, TOKEN, &created, Some("busybox"), timeout)
+    users::create_users(&url, None, TOKEN, &created, Some("busybox"), timeout)
         .await
         .unwrap();
     {
@@ -160,7 +160,7 @@ async fn users_are_created_with_their_keys_and_the_bearer_token() {
         }
     }
 
-    let err = users::create_users(&url, "wrong", &created, None, timeout)
+    let err = users::create_users(&url, None, "wrong", &created, None, timeout)
         .await
         .unwrap_err();
     match err {
@@ -179,7 +179,7 @@ async fn users_are_created_with_their_keys_and_the_bearer_token() {
 
     // Nothing listens any more: a clear connect error, within the timeout.
     let _ = server.await;
-    let err = users::create_users(&url, TOKEN, &created, None, Duration::from_secs(2))
+    let err = users::create_users(&url, None, TOKEN, &created, None, Duration::from_secs(2))
         .await
         .unwrap_err();
     assert!(matches!(err, users::UsersError::Connect { .. }), "{err}");
