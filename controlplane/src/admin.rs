@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
-use envgate_proto::names;
 use envgate_proto::audit::{AuditLog, Event, Outcome};
+use envgate_proto::names;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
 
@@ -528,9 +528,7 @@ impl Admin for AdminService {
             async |r| {
                 names::validate_environment(&r.name)
                     .map_err(|e| AdminError::invalid("name", e.to_string()))?;
-                self.store
-                    .delete(&model::environment_key(&r.name))
-                    .await?;
+                self.store.delete(&model::environment_key(&r.name)).await?;
                 Ok(pb::DeleteEnvironmentResponse {})
             },
         )
@@ -711,4 +709,3 @@ impl Admin for AdminService {
             .await
     }
 }
-

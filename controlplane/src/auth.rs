@@ -238,7 +238,8 @@ impl Authenticator {
         }
         let user =
             store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(username)).await?;
-        Ok(user.is_some_and(|u| !u.value.disabled && key_is_authorized(key, &u.value.authorized_keys)))
+        Ok(user
+            .is_some_and(|u| !u.value.disabled && key_is_authorized(key, &u.value.authorized_keys)))
     }
 
     /// `authenticate`, written to the audit log with the proxy that asked.
@@ -250,7 +251,9 @@ impl Authenticator {
         client_address: &str,
     ) -> Result<IssuedToken, AuthError> {
         let (method, key_fingerprint) = (credential.method(), credential.fingerprint());
-        let result = self.authenticate(username, credential, client_address).await;
+        let result = self
+            .authenticate(username, credential, client_address)
+            .await;
         let (outcome, reason) = match &result {
             Ok(_) => (Outcome::Success, None),
             Err(e) => (Outcome::Failure, Some(e.to_string())),

@@ -211,9 +211,9 @@ fn remove_status(e: &ReconcileError) -> Status {
 
 fn auth_status(e: &AuthError) -> Status {
     match e {
-        AuthError::Failed
-        | AuthError::BadToken(_)
-        | AuthError::Revoked => Status::unauthenticated(e.to_string()),
+        AuthError::Failed | AuthError::BadToken(_) | AuthError::Revoked => {
+            Status::unauthenticated(e.to_string())
+        }
         AuthError::MissingCredential => Status::invalid_argument(e.to_string()),
         AuthError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
         AuthError::Hashing => Status::internal(e.to_string()),

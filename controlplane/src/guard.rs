@@ -36,7 +36,9 @@ pub struct AdminIdentity(pub String);
 pub struct CallPath(pub String);
 
 /// A tower `map_request` function for the server: remembers each call's path.
-pub fn mark_path<B>(mut request: tonic::codegen::http::Request<B>) -> tonic::codegen::http::Request<B> {
+pub fn mark_path<B>(
+    mut request: tonic::codegen::http::Request<B>,
+) -> tonic::codegen::http::Request<B> {
     let path = CallPath(request.uri().path().to_owned());
     request.extensions_mut().insert(path);
     request
@@ -134,12 +136,20 @@ impl AdminTokens {
             else {
                 return Err(bad("expected NAME sha256:HEX".into()));
             };
-            envgate_proto::names::validate_user(name)
-                .map_err(|e| bad(format!("{name:?}: {}", e.to_string().replace("user name", "admin name"))))?;
+            envgate_proto::names::validate_user(name).map_err(|e| {
+                bad(format!(
+                    "{name:?}: {}",
+                    e.to_string().replace("user name", "admin name")
+                ))
+            })?;
             let digest = hash
                 .strip_prefix("sha256:")
                 .and_then(decode_sha256)
-                .ok_or_else(|| bad(format!("{name}: the hash must be sha256: and 64 hex digits")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{name}: the hash must be sha256: and 64 hex digits"
+                    ))
+                })?;
             if entries.iter().any(|(n, _)| n == name) {
                 return Err(bad(format!("{name}: named twice")));
             }
@@ -251,7 +261,11 @@ mod tests {
         assert_eq!(tokens.identify("bob-token"), Some("bob"));
         assert_eq!(tokens.identify("alice-token "), None);
         assert_eq!(tokens.identify(""), None);
-        assert_eq!(tokens.identify(&sha("alice-token")), None, "the hash is not the token");
+        assert_eq!(
+            tokens.identify(&sha("alice-token")),
+            None,
+            "the hash is not the token"
+        );
     }
 
     #[test]

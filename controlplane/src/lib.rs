@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_proto::admin::v1::admin_server::AdminServer;
-use envgate_proto::ops::{Readiness, serve_ops};
 use envgate_proto::audit::AuditLog;
+use envgate_proto::ops::{Readiness, serve_ops};
 use envgate_proto::tls::TlsFiles;
 use envgate_proto::token::TokenKeys;
 use envgate_proto::v1::auth_server::AuthServer;
@@ -46,8 +46,8 @@ use crate::fleet::{FleetRegistry, FleetService};
 use crate::guard::{AdminGuard, AdminTokens, ProxyGuard};
 use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
-use crate::runtime::docker::AgentSetup;
 use crate::runtime::audited::Audited;
+use crate::runtime::docker::AgentSetup;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::selfservice::{SelfServiceHandler, SelfServiceService};
 use crate::store::{EtcdConfig, EtcdStore, Store, StoreError};
@@ -273,9 +273,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let readiness = Readiness::default();
-    let store: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(&config.etcd, &config.etcd_prefix, config.etcd_timeout).await?,
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(EtcdStore::connect(&config.etcd, &config.etcd_prefix, config.etcd_timeout).await?);
     // Before any port is bound: a replica serves only once the file's catalogue is in etcd.
     catalogue::seed(
         store.as_ref(),

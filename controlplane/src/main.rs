@@ -24,7 +24,11 @@ use tokio_util::sync::CancellationToken;
 /// `envgate-controlplane pki`: makes the fleet's TLS certificates (idempotent: what exists and
 /// stays valid for 30 more days is kept). Prints each file written.
 #[derive(Debug, Parser)]
-#[command(name = "envgate-controlplane pki", bin_name = "envgate-controlplane pki", version)]
+#[command(
+    name = "envgate-controlplane pki",
+    bin_name = "envgate-controlplane pki",
+    version
+)]
 struct PkiCli {
     /// Directory of the CAs and certificates (`<ca>-ca.crt`, `<name>.crt`, `<name>.key`).
     #[arg(long)]
@@ -116,7 +120,12 @@ struct Args {
     /// Files holding 32-byte Ed25519 token keys as 64 hex digits, comma-separated (shared by
     /// all replicas): the first signs new tokens, every one is accepted, so a key is rotated
     /// by adding the new one after the old, moving it first, then dropping the old.
-    #[arg(long, env = "ENVGATE_TOKEN_KEY", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "ENVGATE_TOKEN_KEY",
+        value_delimiter = ',',
+        required = true
+    )]
     token_key: Vec<PathBuf>,
     /// Lifetime of issued session tokens.
     #[arg(long, env = "ENVGATE_TOKEN_TTL_SECONDS", default_value_t = 300)]
@@ -224,8 +233,8 @@ fn config(args: Args) -> anyhow::Result<Config> {
                 .with_context(|| format!("--token-key: {}", path.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let token_keys = TokenKeys::new(keys, token::audience(&args.instance))
-        .context("--token-key")?;
+    let token_keys =
+        TokenKeys::new(keys, token::audience(&args.instance)).context("--token-key")?;
     let admin_tokens = AdminTokens::load(&args.admin_tokens)
         .with_context(|| format!("--admin-tokens: {}", args.admin_tokens.display()))?;
     let tls = TlsFiles::load(&args.tls_cert, &args.tls_key, &args.tls_client_ca)
@@ -237,7 +246,9 @@ fn config(args: Args) -> anyhow::Result<Config> {
         .filter(|e| !e.is_empty())
         .collect();
     if let Some(plain) = etcd_endpoints.iter().find(|e| !e.starts_with("https://")) {
-        bail!("--etcd: {plain} is not https://; etcd holds every credential and is reached over TLS only");
+        bail!(
+            "--etcd: {plain} is not https://; etcd holds every credential and is reached over TLS only"
+        );
     }
     let etcd_tls = TlsFiles::load(&args.etcd_cert, &args.etcd_key, &args.etcd_ca)
         .context("--etcd-cert/--etcd-key/--etcd-ca")?;
@@ -346,11 +357,9 @@ fn pki(dir: &std::path::Path, what: PkiCommand) -> anyhow::Result<()> {
         }
         PkiCommand::Server { ca, name, san } => (ca, name, Profile::Server { sans: san }),
         PkiCommand::Peer { ca, name, san } => (ca, name, Profile::Peer { sans: san }),
-        PkiCommand::Client { ca, name } => (
-            ca,
-            name.clone(),
-            Profile::Client { common_name: name },
-        ),
+        PkiCommand::Client { ca, name } => {
+            (ca, name.clone(), Profile::Client { common_name: name })
+        }
         PkiCommand::Proxy { ca, id } => (ca, format!("proxy-{id}"), Profile::Proxy { id }),
     };
     let authority = Authority::ensure(dir, &ca)?;

@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use envgate_proto::tls::{self, ProxyIdError};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// How long a CA is valid.
@@ -40,7 +40,9 @@ pub enum PkiError {
     },
     #[error("{path}: {reason}")]
     Unusable { path: PathBuf, reason: String },
-    #[error("{0}: only one of the CA's certificate and key exists; restore the other or remove both")]
+    #[error(
+        "{0}: only one of the CA's certificate and key exists; restore the other or remove both"
+    )]
     HalfCa(PathBuf),
     #[error("a certificate name may contain only letters, digits, '.', '_' and '-' (got {0:?})")]
     BadName(String),
@@ -280,12 +282,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = Authority::ensure(dir.path(), "fleet").unwrap();
         assert!(
-            ca.issue(
-                dir.path(),
-                "proxy-p1",
-                &Profile::Proxy { id: "p1".into() }
-            )
-            .unwrap()
+            ca.issue(dir.path(), "proxy-p1", &Profile::Proxy { id: "p1".into() })
+                .unwrap()
         );
         let (cert, key) = paths(dir.path(), "proxy-p1");
         let files = TlsFiles::load(&cert, &key, ca.cert_path()).unwrap();
@@ -299,11 +297,7 @@ mod tests {
         let again = Authority::ensure(dir.path(), "fleet").unwrap();
         assert!(
             !again
-                .issue(
-                    dir.path(),
-                    "proxy-p1",
-                    &Profile::Proxy { id: "p1".into() }
-                )
+                .issue(dir.path(), "proxy-p1", &Profile::Proxy { id: "p1".into() })
                 .unwrap()
         );
         assert_eq!(std::fs::read(&cert).unwrap(), before);
@@ -353,8 +347,9 @@ mod tests {
         std::fs::remove_file(dir.path().join("fleet-ca.key")).unwrap();
         let err = Authority::ensure(dir.path(), "fleet").err().unwrap();
         assert!(
-            err.to_string()
-                .ends_with("only one of the CA's certificate and key exists; restore the other or remove both"),
+            err.to_string().ends_with(
+                "only one of the CA's certificate and key exists; restore the other or remove both"
+            ),
             "{err}"
         );
     }

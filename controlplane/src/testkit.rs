@@ -389,7 +389,10 @@ mod tests {
             c.get("k", None).await
         })
         .await;
-        assert!(!matches!(no_cert, Ok(Ok(_))), "etcd answered without a client certificate");
+        assert!(
+            !matches!(no_cert, Ok(Ok(_))),
+            "etcd answered without a client certificate"
+        );
         // A client certificate from another CA: the fleet CA's proxy certificate.
         let fleet = TestPki::new().unwrap();
         let proxy = fleet.proxy_tls("p1");
@@ -405,6 +408,9 @@ mod tests {
             c.get("k", None).await
         })
         .await;
-        assert!(!matches!(foreign, Ok(Ok(_))), "etcd answered a proxy's certificate");
+        assert!(
+            !matches!(foreign, Ok(Ok(_))),
+            "etcd answered a proxy's certificate"
+        );
     }
 }

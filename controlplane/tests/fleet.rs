@@ -190,8 +190,7 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     let etcd = Etcd::start().await.unwrap();
     let (store, replica_a, replica_b) = two_replicas(&etcd).await;
 
-    let (tx, _commands, first) =
-        attach_with_session(&replica_a, store.as_ref(), register()).await;
+    let (tx, _commands, first) = attach_with_session(&replica_a, store.as_ref(), register()).await;
 
     drop(tx);
     replica_a.stop().await;

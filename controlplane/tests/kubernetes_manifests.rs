@@ -1,8 +1,10 @@
 //! `deploy/kubernetes/`: every manifest parses into the Kubernetes API's own types, and the
 //! references between them agree — selectors and labels, Service target ports and container
 //! ports, probes, secrets and config maps and the kustomize generators that make them,
-//! service accounts, the autoscaler's target — and every `ENVGATE_*` variable is a real
-//! option of the binary it configures.
+//! service accounts, the autoscaler's target, cert-manager's issuers and certificates and the
+//! network policies — and every `ENVGATE_*` variable is a real option of the binary it
+//! configures. cert-manager's kinds are not in `k8s-openapi`; the fields the checks need are
+//! read into structs of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodTemplateSpec, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -60,6 +63,54 @@ struct Image {
     name: String,
 }
 
+/// cert-manager's `Issuer`: a CA backed by a certificate's secret, or self-signed.
+#[derive(Deserialize)]
+struct Issuer {
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: IssuerSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IssuerSpec {
+    ca: Option<IssuerCa>,
+    self_signed: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IssuerCa {
+    secret_name: String,
+}
+
+/// cert-manager's `Certificate`.
+#[derive(Deserialize)]
+struct Certificate {
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: CertificateSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificateSpec {
+    secret_name: String,
+    #[serde(default, rename = "isCA")]
+    is_ca: bool,
+    #[serde(default)]
+    usages: Vec<String>,
+    issuer_ref: IssuerRef,
+}
+
+#[derive(Deserialize)]
+struct IssuerRef {
+    name: String,
+    kind: String,
+}
+
+/// The files cert-manager writes into a certificate's secret (and its CSI volumes).
+const CERTIFICATE_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+const CSI_DRIVER: &str = "csi.cert-manager.io";
+
 /// A pod-owning workload, reduced to what the references need.
 struct Workload {
     kind: &'static str,
@@ -95,6 +146,9 @@ struct Manifests {
     autoscalers: Vec<HorizontalPodAutoscaler>,
     disruption_budgets: Vec<PodDisruptionBudget>,
     config_maps: Vec<ConfigMap>,
+    issuers: Vec<Issuer>,
+    certificates: Vec<Certificate>,
+    network_policies: Vec<NetworkPolicy>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(file: &str, doc: serde_yaml::Value) -> T {
@@ -132,6 +186,9 @@ fn load() -> Manifests {
                 "HorizontalPodAutoscaler" => manifests.autoscalers.push(parse(file, doc)),
                 "PodDisruptionBudget" => manifests.disruption_budgets.push(parse(file, doc)),
                 "ConfigMap" => manifests.config_maps.push(parse(file, doc)),
+                "Issuer" => manifests.issuers.push(parse(file, doc)),
+                "Certificate" => manifests.certificates.push(parse(file, doc)),
+                "NetworkPolicy" => manifests.network_policies.push(parse(file, doc)),
                 "Deployment" => {
                     let d: Deployment = parse(file, doc);
                     let spec = d.spec.expect("a Deployment has a spec");
@@ -213,10 +270,15 @@ fn every_manifest_parses_and_the_references_agree() {
         }
     }
 
+    // Secrets come from a generator or are a cert-manager certificate's.
     let secrets: BTreeMap<&str, BTreeSet<String>> = kustomization
         .secret_generator
         .iter()
         .map(|g| (g.name.as_str(), g.keys()))
+        .chain(m.certificates.iter().map(|c| {
+            let files = CERTIFICATE_FILES.iter().map(|f| (*f).to_owned()).collect();
+            (c.spec.secret_name.as_str(), files)
+        }))
         .collect();
     // Config maps come from a generator or a manifest of their own (catalogue.yaml).
     let config_maps: BTreeMap<&str, BTreeSet<String>> = kustomization
@@ -271,6 +333,11 @@ fn every_manifest_parses_and_the_references_agree() {
                         panic!("{}: secret {secret_name} is not generated", w.name)
                     });
                     mounted_files.insert(mount.mount_path.clone(), keys.clone());
+                }
+                if let Some(csi) = volume.and_then(|v| v.csi.as_ref()) {
+                    assert_eq!(csi.driver, CSI_DRIVER, "{}: CSI volume", w.name);
+                    let files = CERTIFICATE_FILES.iter().map(|f| (*f).to_owned()).collect();
+                    mounted_files.insert(mount.mount_path.clone(), files);
                 }
                 if let Some(config_map) = volume.and_then(|v| v.config_map.as_ref()) {
                     let keys = config_maps
@@ -346,6 +413,57 @@ fn every_manifest_parses_and_the_references_agree() {
         }
     }
 
+    check_certificates(&m);
+    for policy in &m.network_policies {
+        let spec = policy.spec.as_ref().unwrap();
+        let selected: Vec<&Workload> = m
+            .workloads
+            .iter()
+            .filter(|w| {
+                selects(
+                    &spec
+                        .pod_selector
+                        .as_ref()
+                        .and_then(|s| s.match_labels.clone())
+                        .unwrap_or_default(),
+                    &w.labels(),
+                )
+            })
+            .collect();
+        assert!(
+            !selected.is_empty(),
+            "NetworkPolicy {} selects nothing",
+            name_of(&policy.metadata)
+        );
+        for rule in spec.ingress.iter().flatten() {
+            for peer in rule.from.iter().flatten() {
+                let labels = peer
+                    .pod_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.clone())
+                    .unwrap_or_default();
+                assert!(
+                    m.workloads.iter().any(|w| selects(&labels, &w.labels())),
+                    "NetworkPolicy {}: a peer selects no pod",
+                    name_of(&policy.metadata)
+                );
+            }
+            for port in rule.ports.iter().flatten() {
+                if let Some(IntOrString::String(name)) = &port.port {
+                    assert!(
+                        selected.iter().all(|w| w
+                            .containers()
+                            .iter()
+                            .flat_map(|c| c.ports.iter().flatten())
+                            .any(|p| p.name.as_deref() == Some(name))),
+                        "NetworkPolicy {}: port {name} is not a port of every selected pod",
+                        name_of(&policy.metadata)
+                    );
+                }
+            }
+        }
+    }
+
     for hpa in &m.autoscalers {
         let target = &hpa.spec.as_ref().unwrap().scale_target_ref;
         assert!(
@@ -370,6 +488,107 @@ fn every_manifest_parses_and_the_references_agree() {
             name_of(&pdb.metadata)
         );
     }
+}
+
+/// The certificates and the trust domains they make: each certificate's issuer exists, each CA
+/// issuer is backed by a CA certificate, the control plane's server certificate and the
+/// proxies' CSI certificates come from one issuer (the fleet CA), and etcd's certificates and
+/// the control plane's etcd client certificate from another, so no proxy certificate opens
+/// etcd.
+fn check_certificates(m: &Manifests) {
+    let issuer = |name: &str| {
+        m.issuers
+            .iter()
+            .find(|i| i.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no Issuer {name}"))
+    };
+    for cert in &m.certificates {
+        assert_eq!(cert.spec.issuer_ref.kind, "Issuer");
+        let by = issuer(&cert.spec.issuer_ref.name);
+        assert!(
+            cert.spec.is_ca == by.spec.self_signed.is_some(),
+            "{}: CAs (and only they) come from the self-signed issuer",
+            name_of(&cert.metadata)
+        );
+    }
+    for i in &m.issuers {
+        if let Some(ca) = &i.spec.ca {
+            assert!(
+                m.certificates
+                    .iter()
+                    .any(|c| c.spec.is_ca && c.spec.secret_name == ca.secret_name),
+                "Issuer {}: no CA certificate writes {}",
+                name_of(&i.metadata),
+                ca.secret_name
+            );
+        }
+    }
+    let issuer_of_secret = |secret: &str| {
+        m.certificates
+            .iter()
+            .find(|c| c.spec.secret_name == secret)
+            .map(|c| (c.spec.issuer_ref.name.clone(), c.spec.usages.clone()))
+            .unwrap_or_else(|| panic!("no Certificate writes the secret {secret}"))
+    };
+    let pod_secrets = |image: &str| -> Vec<String> {
+        m.workloads
+            .iter()
+            .filter(|w| {
+                w.containers()
+                    .iter()
+                    .any(|c| c.image.as_deref() == Some(image))
+            })
+            .flat_map(|w| w.template.spec.as_ref().unwrap().volumes.iter().flatten())
+            .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+            .collect()
+    };
+    let controlplane = pod_secrets("envgate/controlplane");
+    let (fleet, server_usages) = issuer_of_secret(
+        controlplane
+            .iter()
+            .find(|s| s.as_str() == "envgate-controlplane-tls")
+            .expect("the control plane mounts its server certificate"),
+    );
+    assert!(server_usages.contains(&"server auth".to_owned()));
+    let (etcd_client_issuer, client_usages) = issuer_of_secret("envgate-controlplane-etcd");
+    assert!(controlplane.contains(&"envgate-controlplane-etcd".to_owned()));
+    assert_eq!(client_usages, ["client auth", "digital signature"]);
+    let (etcd_issuer, _) = issuer_of_secret("etcd-tls");
+    assert_eq!(
+        etcd_client_issuer, etcd_issuer,
+        "etcd trusts the control plane's certificate"
+    );
+    assert_ne!(fleet, etcd_issuer, "the fleet CA must not be etcd's CA");
+    // Each proxy pod gets its own certificate, from the fleet CA, naming it.
+    let proxy = m
+        .workloads
+        .iter()
+        .find(|w| {
+            w.containers()
+                .iter()
+                .any(|c| c.image.as_deref() == Some("envgate/proxy"))
+        })
+        .expect("a proxy workload");
+    let csi = proxy
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.csi.as_ref())
+        .expect("the proxy's certificate is a CSI volume");
+    let attributes = csi.volume_attributes.clone().unwrap_or_default();
+    assert_eq!(attributes["csi.cert-manager.io/issuer-name"], fleet);
+    assert_eq!(
+        attributes["csi.cert-manager.io/uri-sans"],
+        format!("{}${{POD_NAME}}", envgate_proto::tls::PROXY_URI_PREFIX)
+    );
+    assert_eq!(
+        attributes["csi.cert-manager.io/key-usages"],
+        "client auth,digital signature"
+    );
 }
 
 /// `envgate-controlplane --help` (or the proxy's) lists `[env: NAME=]` for every option.

@@ -118,10 +118,18 @@ mod tests {
             memory_bytes: 0,
             pids_limit: 0,
         };
-        let created = runtime.create_and_start(&spec, &|_: &str| {}).await.unwrap();
+        let created = runtime
+            .create_and_start(&spec, &|_: &str| {})
+            .await
+            .unwrap();
         runtime.remove(&created.id).await.unwrap();
         scripted.set_unavailable(true);
-        assert!(runtime.create_and_start(&spec, &|_: &str| {}).await.is_err());
+        assert!(
+            runtime
+                .create_and_start(&spec, &|_: &str| {})
+                .await
+                .is_err()
+        );
         let lines: Vec<serde_json::Value> = audit
             .lines()
             .iter()

@@ -300,14 +300,10 @@ async fn connecting_to_a_dead_etcd_says_which() {
     let endpoint = etcd.endpoint();
     let config = etcd.config();
     etcd.kill();
-    let err = EtcdStore::connect(
-        &config,
-        "/x/",
-        Duration::from_secs(2),
-    )
-    .await
-    .err()
-    .expect("a dead etcd is refused");
+    let err = EtcdStore::connect(&config, "/x/", Duration::from_secs(2))
+        .await
+        .err()
+        .expect("a dead etcd is refused");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains(&endpoint)),
         "{err}"

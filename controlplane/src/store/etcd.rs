@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use envgate_proto::tls::TlsFiles;
 use etcd_client::{
-    Certificate, Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity,
-    LeaderKey, PutOptions, ResignOptions, TlsOptions, Txn, WatchOptions,
+    Certificate, Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, LeaderKey,
+    PutOptions, ResignOptions, TlsOptions, Txn, WatchOptions,
 };
 
 use super::{
