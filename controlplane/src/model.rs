@@ -176,7 +176,7 @@ pub struct ContainerRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_address: String,
     /// The agent's per-container secret (hex), handed only to proxies in placements; kept
-    /// here so every replica can answer (see docs/security.md).
+    /// here so every replica can answer (see docs/agent-security.md).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_secret: String,
     /// Unix seconds when its sessions were told the maximum lifetime nears; 0: not yet. Set

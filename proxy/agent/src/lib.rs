@@ -4,7 +4,7 @@
 //!
 //! The crate is both sides of the wire: [`server`] is the agent (the `envgate-agent`
 //! binary), [`client`] is what the proxy links. [`protocol`] is the frame format both speak;
-//! `docs/agent.md` describes it and `docs/security.md` the trust model.
+//! `docs/agent.md` describes it and `docs/agent-security.md` the trust model.
 
 pub mod auth;
 pub mod client;
