@@ -51,6 +51,44 @@ async fn bad_config_exits_2_naming_the_flag() {
     );
 }
 
+/// The hops that must be encrypted cannot be configured in the clear: a plaintext etcd URL
+/// and a Docker engine over TCP stop the binary before it binds anything.
+#[tokio::test]
+async fn plaintext_etcd_and_docker_over_tcp_are_refused_at_start() {
+    let files = Files::new();
+    for (etcd, extra, expected) in [
+        (
+            "http://127.0.0.1:2379",
+            vec![],
+            "envgate-controlplane: --etcd: http://127.0.0.1:2379 is not https://; etcd holds every credential and is reached over TLS only\n",
+        ),
+        (
+            "https://127.0.0.1:1",
+            vec!["--docker-host", "tcp://127.0.0.1:2375"],
+            "envgate-controlplane: --docker-host: tcp://127.0.0.1:2375 is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)\n",
+        ),
+    ] {
+        let mut cmd = command(&files, etcd, free_port(), free_port());
+        cmd.args(extra);
+        let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+        assert_eq!(out.status.code(), Some(2));
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected);
+    }
+    // A TLS file that is not there is named, too.
+    let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+    cmd.env("ENVGATE_TLS_CERT", files.path("missing.crt"));
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "envgate-controlplane: --tls-cert/--tls-key/--tls-client-ca: cannot read {}:",
+            files.path("missing.crt")
+        )),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn a_dead_etcd_is_a_clear_startup_error() {
     let files = Files::new();
