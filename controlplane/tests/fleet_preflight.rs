@@ -16,7 +16,10 @@ fn repo() -> PathBuf {
 fn path_dir(without: &[&str], fakes: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let path = std::env::var_os("PATH").unwrap();
-    for entry in std::env::split_paths(&path).flat_map(std::fs::read_dir).flatten() {
+    for entry in std::env::split_paths(&path)
+        .flat_map(std::fs::read_dir)
+        .flatten()
+    {
         let entry = entry.unwrap();
         let name = entry.file_name();
         let link = dir.path().join(&name);
@@ -41,7 +44,10 @@ fn preflight(path: &Path) -> (Option<i32>, String) {
         .env("PATH", path)
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

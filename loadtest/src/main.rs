@@ -432,7 +432,8 @@ async fn create_users(args: UsersArgs) -> anyhow::Result<ExitCode> {
     let token = users::read_admin_token(&args.admin_token_file)?;
     let ca = match &args.admin_ca {
         Some(path) => Some(
-            std::fs::read(path).with_context(|| format!("--admin-ca: cannot read {}", path.display()))?,
+            std::fs::read(path)
+                .with_context(|| format!("--admin-ca: cannot read {}", path.display()))?,
         ),
         None => None,
     };

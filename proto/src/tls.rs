@@ -39,7 +39,10 @@ pub enum TlsError {
     #[error("{path}: the certificate is not valid before {date} (Unix time)")]
     NotYetValid { path: PathBuf, date: i64 },
     #[error("{path}: {reason}")]
-    Identity { path: PathBuf, reason: IdentityError },
+    Identity {
+        path: PathBuf,
+        reason: IdentityError,
+    },
 }
 
 /// Why a certificate does not name a proxy.
@@ -273,7 +276,10 @@ mod tests {
             "spiffe://envgate/proxy/p2",
         ]);
         assert_eq!(proxy_id_of(&other_uris).unwrap(), "p2");
-        assert_eq!(proxy_id_of(&cert_with_uris(&[])), Err(IdentityError::NoProxyUri));
+        assert_eq!(
+            proxy_id_of(&cert_with_uris(&[])),
+            Err(IdentityError::NoProxyUri)
+        );
         assert_eq!(
             proxy_id_of(&cert_with_uris(&["spiffe://envgate/admin/ops"])),
             Err(IdentityError::NoProxyUri)

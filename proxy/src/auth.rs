@@ -82,7 +82,13 @@ impl Authenticator {
     }
 
     /// Writes a login's outcome to the audit log.
-    pub fn record(&self, attempt: &Attempt, outcome: Outcome, cached: bool, reason: Option<String>) {
+    pub fn record(
+        &self,
+        attempt: &Attempt,
+        outcome: Outcome,
+        cached: bool,
+        reason: Option<String>,
+    ) {
         self.audit.record(Event::Login {
             outcome,
             user: attempt.user.clone(),
@@ -120,9 +126,7 @@ impl Authenticator {
         match result {
             Ok(true) => OfferOutcome::Acceptable,
             Ok(false) => OfferOutcome::Refused,
-            Err(status) => {
-                OfferOutcome::Failed(format!("{}: {}", status.code(), status.message()))
-            }
+            Err(status) => OfferOutcome::Failed(format!("{}: {}", status.code(), status.message())),
         }
     }
 

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use envgate_proto::metadata::CONNECTION_ID;
+use envgate_proto::tls::TlsFiles;
 use envgate_proto::v1::auth_client::AuthClient;
 use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::self_service_client::SelfServiceClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
-use envgate_proto::tls::TlsFiles;
 use envgate_proto::v1::{
     AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CloseSessionRequest,
     OpenSessionEvent, OpenSessionRequest, SelfEnvironmentRequest, SelfRequest,
@@ -71,7 +71,9 @@ impl ControlPlane {
             let bad = |why: String| ProxyError::ControlPlaneAddress(format!("{url}: {why}"));
             let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| bad(e.to_string()))?;
             if endpoint.uri().scheme_str() != Some("https") {
-                return Err(bad("must be https:// (the control plane speaks mutual TLS only)".into()));
+                return Err(bad(
+                    "must be https:// (the control plane speaks mutual TLS only)".into(),
+                ));
             }
             let host = endpoint.uri().host().unwrap_or_default();
             let name = server_name

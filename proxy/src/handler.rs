@@ -140,7 +140,10 @@ impl ConnectionHandler {
             }
             AuthOutcome::Failed(why) => {
                 tracing::warn!(parent: &self.span, %user, error = %why, "authentication failed");
-                self.refused(attempt, "the control plane could not check the credential".into());
+                self.refused(
+                    attempt,
+                    "the control plane could not check the credential".into(),
+                );
                 None
             }
         }
@@ -242,7 +245,12 @@ impl Handler for ConnectionHandler {
         }
         let outcome = self
             .authenticator
-            .public_key_verified(&login.user, &bytes, &self.client_address, &self.connection_id)
+            .public_key_verified(
+                &login.user,
+                &bytes,
+                &self.client_address,
+                &self.connection_id,
+            )
             .instrument(tracing::info_span!(parent: &self.span, "auth"))
             .await;
         let attempt = self.attempt(&login.user, Method::Publickey, Some(&bytes));

@@ -69,9 +69,8 @@ async fn without_a_proxy_certificate_the_control_plane_gives_nothing() {
     assert_eq!(containers_before.len(), 1, "{containers_before:?}");
 
     let key = public_key_base64(&fleet.key_of("demo"));
-    let authenticate = format!(
-        r#"{{"username":"demo","publicKey":"{key}","clientAddress":"203.0.113.5:4000"}}"#
-    );
+    let authenticate =
+        format!(r#"{{"username":"demo","publicKey":"{key}","clientAddress":"203.0.113.5:4000"}}"#);
     // The attack of the issue, word for word: plaintext gets no answer at all.
     let plaintext = grpcurl(
         &fleet,
@@ -102,7 +101,10 @@ async fn without_a_proxy_certificate_the_control_plane_gives_nothing() {
             "envgate.v1.Sessions/CloseSession",
             format!(r#"{{"sessionId":"{session_id}","containerUnreachable":true}}"#),
         ),
-        ("envgate.v1.SelfService/Status", r#"{"token":"x"}"#.to_owned()),
+        (
+            "envgate.v1.SelfService/Status",
+            r#"{"token":"x"}"#.to_owned(),
+        ),
     ] {
         let out = grpcurl(&fleet, &ca_flags(&fleet), &body, method).await;
         assert_eq!(
@@ -144,7 +146,13 @@ async fn without_a_proxy_certificate_the_control_plane_gives_nothing() {
             "-key".into(),
             key.display().to_string(),
         ]);
-        let out = grpcurl(&fleet, &flags, &authenticate, "envgate.v1.Auth/Authenticate").await;
+        let out = grpcurl(
+            &fleet,
+            &flags,
+            &authenticate,
+            "envgate.v1.Auth/Authenticate",
+        )
+        .await;
         assert_ne!(out.code, Some(0), "{cert:?}: {out:#?}");
         assert_eq!(out.stdout, "", "{cert:?}: no token: {out:#?}");
         assert!(
@@ -209,7 +217,9 @@ async fn a_proxy_certificate_acts_only_for_its_own_proxy() {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(
         status.message(),
-        format!("session {session_id} was opened through proxy {owner}; only that proxy may close it")
+        format!(
+            "session {session_id} was opened through proxy {owner}; only that proxy may close it"
+        )
     );
 
     // Attaching registers the intruder as itself; the real proxy's record and lease stay.
@@ -280,12 +290,14 @@ async fn a_proxy_certificate_acts_only_for_its_own_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_key_or_changed_password_stops_working_within_seconds() {
-    let mut fleet = Fleet::start_with(FleetOptions {
+    let fleet = Fleet::start_with(FleetOptions {
         proxies: 1,
         ..FleetOptions::default()
     })
     .await;
-    let first = fleet.add_user("alice", "busybox", Some("old password")).await;
+    let first = fleet
+        .add_user("alice", "busybox", Some("old password"))
+        .await;
     let second = fleet.stranger_key();
     let keys = |paths: &[&std::path::Path]| -> Vec<String> {
         paths
@@ -336,14 +348,18 @@ async fn a_removed_key_or_changed_password_stops_working_within_seconds() {
 
     // The first key is removed: within seconds it is refused, the other still works.
     put_user(keys(&[&second]), "").await;
-    eventually(Duration::from_secs(10), "the removed key refused", || async {
-        let out = fleet.ssh_with_key("alice", &first, "true", None).await;
-        if out.code == Some(255) && out.stderr.contains("Permission denied (publickey") {
-            Ok(())
-        } else {
-            Err(format!("{out:?}"))
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the removed key refused",
+        || async {
+            let out = fleet.ssh_with_key("alice", &first, "true", None).await;
+            if out.code == Some(255) && out.stderr.contains("Permission denied (publickey") {
+                Ok(())
+            } else {
+                Err(format!("{out:?}"))
+            }
+        },
+    )
     .await;
     fleet
         .ssh_with_key("alice", &second, "echo still", None)
@@ -352,14 +368,18 @@ async fn a_removed_key_or_changed_password_stops_working_within_seconds() {
 
     // A new password: the old one is refused at once, the new one works.
     put_user(keys(&[&second]), "new password").await;
-    eventually(Duration::from_secs(10), "the old password refused", || async {
-        let out = fleet.ssh_password("alice", "old password", "true").await;
-        if out.code == Some(255) && out.stderr.contains("Permission denied") {
-            Ok(())
-        } else {
-            Err(format!("{out:?}"))
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the old password refused",
+        || async {
+            let out = fleet.ssh_password("alice", "old password", "true").await;
+            if out.code == Some(255) && out.stderr.contains("Permission denied") {
+                Ok(())
+            } else {
+                Err(format!("{out:?}"))
+            }
+        },
+    )
     .await;
     fleet
         .ssh_password("alice", "new password", "true")
@@ -369,7 +389,7 @@ async fn a_removed_key_or_changed_password_stops_working_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_admin_calls_sessions_and_containers_are_audited() {
-    let mut fleet = Fleet::start_with(FleetOptions {
+    let fleet = Fleet::start_with(FleetOptions {
         proxies: 1,
         ..FleetOptions::default()
     })
@@ -404,7 +424,9 @@ async fn logins_admin_calls_sessions_and_containers_are_audited() {
                         && r["method"] == "publickey"
                         && r["key_fingerprint"] == demo_fingerprint.as_str()
                         && r["proxy"] == proxy.as_str()
-                        && r["client"].as_str().is_some_and(|c| c.starts_with("127.0.0.1:"))
+                        && r["client"]
+                            .as_str()
+                            .is_some_and(|c| c.starts_with("127.0.0.1:"))
                 }),
             ),
             (

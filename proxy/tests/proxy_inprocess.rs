@@ -24,9 +24,9 @@ use envgate_proto::v1::fleet_server::{Fleet, FleetServer};
 use envgate_proto::v1::sessions_server::{Sessions, SessionsServer};
 use envgate_proto::v1::{
     AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CheckPublicKeyResponse,
-    CloseSessionRequest, CloseSessionResponse,
-    FleetCommand, KillSession, OpenSessionEvent, OpenSessionRequest, Placement, Progress,
-    ProxyMessage, RevokeUser, authenticate_request, fleet_command, open_session_event,
+    CloseSessionRequest, CloseSessionResponse, FleetCommand, KillSession, OpenSessionEvent,
+    OpenSessionRequest, Placement, Progress, ProxyMessage, RevokeUser, authenticate_request,
+    fleet_command, open_session_event,
 };
 use envgate_proxy::config::parse_cidrs;
 use envgate_proxy::{Config, Proxy};

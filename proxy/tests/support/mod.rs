@@ -413,7 +413,9 @@ impl Fleet {
         // Without the agent, sessions start through Docker exec, which a proxy does only when
         // told where the engine is.
         if !self.options.agent {
-            command.arg("--docker-host").arg("unix:///var/run/docker.sock");
+            command
+                .arg("--docker-host")
+                .arg("unix:///var/run/docker.sock");
         }
         command
             .arg("--listen")
