@@ -87,11 +87,19 @@ async fn a_bad_pinned_listener_stops_the_proxy_at_start_with_the_reason() {
         .status()
         .expect("ssh-keygen");
     assert!(keygen.success());
+    let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
+    let (cert, key) = pki.proxy_files("p0");
     let proxy = |pinned: &[&str], env: &[(&str, &str)]| {
         let mut argv = vec![
             proxy_bin().display().to_string(),
             "--host-key".to_string(),
             host_key.display().to_string(),
+            "--tls-cert".to_string(),
+            cert.display().to_string(),
+            "--tls-key".to_string(),
+            key.display().to_string(),
+            "--tls-ca".to_string(),
+            pki.ca_path().display().to_string(),
             "--listen".to_string(),
             "127.0.0.1:0".to_string(),
             "--ops-listen".to_string(),
