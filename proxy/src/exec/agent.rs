@@ -207,6 +207,28 @@ impl ProcessControl for AgentControl {
 mod tests {
     use super::*;
 
+    /// A proxy started without `--docker-host` has no Docker access at all: a container
+    /// without the agent is refused with the reason, and nothing dials an engine.
+    #[tokio::test]
+    async fn without_docker_access_a_container_without_agent_is_refused() {
+        let runtime = AgentRuntime::new(None);
+        let spec = ProcessSpec {
+            container_id: "c1".into(),
+            command: vec!["/bin/sh".into()],
+            tty: None,
+            env: Vec::new(),
+            working_dir: None,
+            user: None,
+            agent: None,
+        };
+        let error = runtime.start(&spec).await.err().expect("refused");
+        assert!(matches!(error, ExecError::NoDockerExec));
+        assert_eq!(
+            error.to_string(),
+            "the container runs no envgate-agent and this proxy has no Docker access (--docker-host)"
+        );
+    }
+
     #[test]
     fn specs_become_spawn_requests() {
         let spec = ProcessSpec {
