@@ -133,6 +133,7 @@ impl Proxy {
             // The agent when the placement names one, else Docker exec if configured.
             runtime: Arc::new(AgentRuntime::new(docker_exec)),
             registry: registry.clone(),
+            auth_cache: auth_cache.clone(),
         };
         let context = Arc::new(ServerContext {
             ssh: Arc::new(ssh),

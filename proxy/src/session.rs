@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::Authenticated;
+use crate::auth_cache::AuthCache;
 use crate::connections::{Control, Registry};
 use crate::controlplane::ControlPlane;
 use crate::error::{
@@ -80,6 +81,9 @@ pub struct SessionServices {
     pub control_plane: ControlPlane,
     pub runtime: Arc<dyn ProcessRuntime>,
     pub registry: Registry,
+    /// Forgotten for a user whose token the control plane refuses (revoked, or signed by a
+    /// retired key), so their next login checks the credential again.
+    pub auth_cache: Arc<AuthCache>,
 }
 
 pub struct ConnectionInfo {
@@ -484,6 +488,7 @@ impl Connection {
         let Some((_, identity)) = &self.identity else {
             return PlacementState::Failed(tonic::Status::unauthenticated("not authenticated"));
         };
+        let user = identity.user.clone();
         let started = Instant::now();
         let request = OpenSessionRequest {
             token: identity.token.clone(),
@@ -523,6 +528,9 @@ impl Connection {
             }
             Err(status) => {
                 tracing::info!(code = ?status.code(), message = %status.message(), "placement failed");
+                if status.code() == tonic::Code::Unauthenticated {
+                    self.services.auth_cache.revoke_user(&user);
+                }
                 PlacementState::Failed(status)
             }
         }

@@ -83,6 +83,8 @@ struct FakeControlPlane {
     seen: Arc<Seen>,
     /// Sends commands down the proxy's Fleet stream.
     commands: Arc<Mutex<Option<CommandSender>>>,
+    /// OpenSession refuses every token, as the control plane does a revoked one.
+    refuse_tokens: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now() -> i64 {
@@ -158,6 +160,10 @@ impl Sessions for FakeControlPlane {
         &self,
         request: Request<OpenSessionRequest>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
+        // Refused before it counts as an open: the test matches opens with closes.
+        if self.refuse_tokens.load(Ordering::SeqCst) {
+            return Err(Status::unauthenticated("the token was revoked"));
+        }
         self.seen.open_session.fetch_add(1, Ordering::SeqCst);
         let request = request.into_inner();
         let claims = self
@@ -621,7 +627,9 @@ async fn proxy_serves_sessions_into_a_real_container() {
         container_id: container.id.clone(),
         seen: seen.clone(),
         commands: Arc::default(),
+        refuse_tokens: Arc::default(),
     };
+    let refuse_tokens = fake.refuse_tokens.clone();
     let commands = fake.commands.clone();
     let send_command = |command: fleet_command::Command| {
         let sender = commands
@@ -955,6 +963,24 @@ async fn proxy_serves_sessions_into_a_real_container() {
         seen.authenticate.load(Ordering::SeqCst),
         before + 1,
         "revoked: authenticate again"
+    );
+
+    // A token the control plane refuses at placement (revoked while this proxy's Fleet stream
+    // was away, say) is forgotten: the next login checks the key again instead of reusing it.
+    refuse_tokens.store(true, Ordering::SeqCst);
+    let before = seen.authenticate.load(Ordering::SeqCst);
+    let run = ssh(port, &demo_key, "demo", "true", None).await;
+    assert_eq!(
+        (run.code, run.stderr.as_str()),
+        (Some(1), "envgate: the token was revoked\n")
+    );
+    refuse_tokens.store(false, Ordering::SeqCst);
+    let run = ssh(port, &demo_key, "demo", "true", None).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(
+        seen.authenticate.load(Ordering::SeqCst),
+        before + 1,
+        "the refused token was not reused"
     );
 
     // KillSession shows its message and closes that connection.
