@@ -9,6 +9,7 @@ use envgate_proto::names::{SELF_SERVICE_ENV, validate_environment};
 use russh::keys::PrivateKey;
 
 use crate::error::ProxyError;
+use crate::limits::ConnectionLimits;
 
 pub struct Config {
     pub listen: SocketAddr,
@@ -19,6 +20,8 @@ pub struct Config {
     pub proxy_id: String,
     pub trusted_proxies: Vec<Cidr>,
     pub max_connections: usize,
+    /// Connections logging in, and each user's connections.
+    pub limits: ConnectionLimits,
     pub login_grace: Duration,
     pub shutdown_grace: Duration,
     pub auth_cache_size: usize,

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod fleet;
 pub mod handler;
+pub mod limits;
 pub mod menu;
 pub mod proxy_protocol;
 pub mod selfservice;
@@ -40,6 +41,7 @@ use crate::error::ProxyError;
 use crate::exec::agent::AgentRuntime;
 use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
+use crate::limits::{PreauthBudget, UserConnections};
 use crate::server::ServerContext;
 use crate::session::SessionServices;
 
@@ -124,12 +126,17 @@ impl Proxy {
             // The agent when the placement names one, else Docker exec.
             runtime: Arc::new(AgentRuntime::new(Arc::new(runtime))),
             registry: registry.clone(),
+            user_connections: UserConnections::new(config.limits.per_user),
         };
         let context = Arc::new(ServerContext {
             ssh: Arc::new(ssh),
             trusted_proxies: config.trusted_proxies,
             login_grace: config.login_grace,
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            unauthenticated: PreauthBudget::new(
+                config.limits.unauthenticated,
+                config.limits.unauthenticated_per_source,
+            ),
             authenticator: Arc::new(Authenticator::new(
                 auth_cache.clone(),
                 control_plane.clone(),
