@@ -55,7 +55,7 @@ struct Args {
     #[arg(
         long,
         env = "ENVGATE_MAX_UNAUTHENTICATED_PER_SOURCE",
-        default_value_t = 128,
+        default_value_t = 256,
         value_parser = at_least_one
     )]
     max_unauthenticated_per_source: usize,

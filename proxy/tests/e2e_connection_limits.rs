@@ -323,24 +323,21 @@ async fn a_user_past_the_per_user_cap_is_told_so_and_other_users_are_not() {
 
 /// Logs `user` in with russh's client through HAProxy.
 async fn russh_login(fleet: &Fleet, user: &str) -> Handle<AcceptAnyHostKey> {
-    let login = async {
-        let key = russh::keys::load_secret_key(fleet.key_of(user), None).expect("the key");
-        let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
-        let config = Arc::new(russh::client::Config::default());
-        let addr = ("127.0.0.1", fleet.ssh_port);
-        let mut session = russh::client::connect(config, addr, AcceptAnyHostKey)
-            .await
-            .expect("connect");
-        let auth = session
-            .authenticate_publickey(user, key)
-            .await
-            .expect("authenticate");
-        assert!(auth.success(), "{user} logs in");
-        session
-    };
-    tokio::time::timeout(WAIT, login)
+    let key = russh::keys::load_secret_key(fleet.key_of(user), None).expect("the key");
+    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
+    let config = Arc::new(russh::client::Config::default());
+    let addr = ("127.0.0.1", fleet.ssh_port);
+    let connect = russh::client::connect(config, addr, AcceptAnyHostKey);
+    let mut session = tokio::time::timeout(WAIT, connect)
         .await
-        .expect("logged in in time")
+        .expect("connected in time")
+        .expect("connect");
+    let auth = tokio::time::timeout(WAIT, session.authenticate_publickey(user, key))
+        .await
+        .expect("authenticated in time")
+        .expect("authenticate");
+    assert!(auth.success(), "{user} logs in");
+    session
 }
 
 /// Sends one env request asking for a reply; whether the proxy took it.
