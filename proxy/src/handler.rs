@@ -37,8 +37,9 @@ pub fn methods() -> MethodSet {
 pub const MAX_SESSIONS: usize = 10;
 
 /// Env requests one channel may have accepted. sshd keeps at most 128 per
-/// session; envgate accepts about 15 standard names, so 32 leaves room for
-/// every one of them without letting `LC_*` names pile up.
+/// session; envgate takes 18 standard names (`LANG`, the 13 `LC_*`
+/// categories, `TERM`, `TZ`, `COLORTERM`, `ENVGATE_ENV`), so 32 leaves room
+/// for every one of them without letting made-up `LC_*` names pile up.
 pub const MAX_ENV_PER_CHANNEL: usize = 32;
 /// Longest accepted env name (`LC_IDENTIFICATION` is 17).
 pub const MAX_ENV_NAME_BYTES: usize = 64;
