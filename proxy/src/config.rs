@@ -11,6 +11,7 @@ use envgate_proto::tls::TlsFiles;
 use russh::keys::PrivateKey;
 
 use crate::error::ProxyError;
+use crate::limits::ConnectionLimits;
 
 pub struct Config {
     pub listen: SocketAddr,
@@ -28,6 +29,8 @@ pub struct Config {
     pub audit: AuditLog,
     pub trusted_proxies: Vec<Cidr>,
     pub max_connections: usize,
+    /// Connections logging in, and each user's connections.
+    pub limits: ConnectionLimits,
     pub login_grace: Duration,
     pub shutdown_grace: Duration,
     pub auth_cache_size: usize,

@@ -49,6 +49,46 @@ pub enum UsageError {
     },
 }
 
+/// Why a connection was refused before it logged in: the budget of connections still logging
+/// in (all of them, or those from one source) is spent. Decisions: docs/proxy.md, "Connection
+/// limits".
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PreauthRefusal {
+    #[error("{limit} connections are already logging in (--max-unauthenticated)")]
+    Global { limit: usize },
+    #[error(
+        "{limit} connections from {address} are already logging in (--max-unauthenticated-per-source)"
+    )]
+    PerSource {
+        address: crate::limits::Source,
+        limit: usize,
+    },
+}
+
+/// An authenticated user already has `--max-connections-per-user` connections on this proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "too many connections for {user} (the limit is {limit} per proxy); close some and try again"
+)]
+pub struct TooManyConnections {
+    pub user: String,
+    pub limit: usize,
+}
+
+/// What a client refused before logging in is sent instead of the SSH banner, as sshd sends
+/// "Exceeded MaxStartups": OpenSSH shows it only with `-v` (it reports
+/// `kex_exchange_identification: Connection closed by remote host`), other tools show it as is.
+pub fn preauth_refusal_line(refusal: &PreauthRefusal) -> &'static str {
+    match refusal {
+        PreauthRefusal::Global { .. } => {
+            "envgate: too many connections are logging in at once; try again shortly"
+        }
+        PreauthRefusal::PerSource { .. } => {
+            "envgate: too many connections from your address are logging in at once; try again shortly"
+        }
+    }
+}
+
 /// Shown to users whose connection a drain or shutdown closes.
 pub const DRAIN_MESSAGE: &str = "this proxy is shutting down, reconnect to continue";
 /// Shown to a user whose session an admin killed without a message.
@@ -122,6 +162,13 @@ pub enum ConnectionResult {
     /// A PROXY header from an untrusted source, or a bad/missing one from a
     /// trusted balancer.
     ProxyHeaderRefused,
+    /// Refused at once: `--max-unauthenticated` connections were logging in.
+    PreauthLimit,
+    /// Refused at once: `--max-unauthenticated-per-source` connections from its source were
+    /// logging in.
+    PreauthSourceLimit,
+    /// Authenticated, but the user already had `--max-connections-per-user` connections.
+    UserLimit,
     PlacementFailed(&'static str),
     ExecFailed,
     /// The container's agent could not be reached (the container is then replaced).
@@ -142,6 +189,9 @@ impl ConnectionResult {
             Self::NotAuthenticated => "not_authenticated",
             Self::LoginTimeout => "login_timeout",
             Self::ProxyHeaderRefused => "proxy_header_refused",
+            Self::PreauthLimit => "preauth_limit",
+            Self::PreauthSourceLimit => "preauth_source_limit",
+            Self::UserLimit => "user_limit",
             Self::PlacementFailed(label) => label,
             Self::ExecFailed => "exec_failed",
             Self::AgentUnreachable => "agent_unreachable",
@@ -154,6 +204,21 @@ impl ConnectionResult {
 
     pub fn count(self) {
         metrics::counter!("envgate_connections_total", "result" => self.label()).increment(1);
+    }
+
+    /// Refused before the SSH handshake for a limit: in a flood there is one per attempt, so
+    /// each is logged at debug level (the limits log the start and end of a flood).
+    pub fn refused_before_login(self) -> bool {
+        matches!(self, Self::PreauthLimit | Self::PreauthSourceLimit)
+    }
+}
+
+impl From<&PreauthRefusal> for ConnectionResult {
+    fn from(refusal: &PreauthRefusal) -> Self {
+        match refusal {
+            PreauthRefusal::Global { .. } => Self::PreauthLimit,
+            PreauthRefusal::PerSource { .. } => Self::PreauthSourceLimit,
+        }
     }
 }
 

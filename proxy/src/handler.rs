@@ -37,6 +37,60 @@ pub fn methods() -> MethodSet {
 /// Session channels one connection may have open, as sshd's MaxSessions.
 pub const MAX_SESSIONS: usize = 10;
 
+/// Env requests one channel may have accepted. sshd keeps at most 128 per
+/// session; envgate takes 18 standard names (`LANG`, the 13 `LC_*`
+/// categories, `TERM`, `TZ`, `COLORTERM`, `ENVGATE_ENV`), so 32 leaves room
+/// for every one of them without letting made-up `LC_*` names pile up.
+pub const MAX_ENV_PER_CHANNEL: usize = 32;
+/// Longest accepted env name (`LC_IDENTIFICATION` is 17).
+pub const MAX_ENV_NAME_BYTES: usize = 64;
+/// Longest accepted env value: locales, terminal and time zone names and
+/// environment names are far shorter; sshd has no limit but its packet size.
+pub const MAX_ENV_VALUE_BYTES: usize = 4096;
+
+/// Why an env request on a channel that has not started its process is
+/// refused (sshd answers each with a failure too, and keeps nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnvRefusal {
+    /// Not a name of [`accepted_env`].
+    NotAccepted,
+    NameTooLong,
+    ValueTooLong,
+    /// The channel has [`MAX_ENV_PER_CHANNEL`] already.
+    TooMany,
+}
+
+impl EnvRefusal {
+    /// A limit, rather than a name envgate does not take.
+    fn is_limit(self) -> bool {
+        self != Self::NotAccepted
+    }
+}
+
+/// Whether the request is taken, given how many the channel took so far.
+/// Only taken ones count: a refused one keeps nothing.
+fn env_refusal(name: &str, value: &str, accepted: usize) -> Option<EnvRefusal> {
+    if name.len() > MAX_ENV_NAME_BYTES {
+        Some(EnvRefusal::NameTooLong)
+    } else if !accepted_env(name) {
+        Some(EnvRefusal::NotAccepted)
+    } else if value.len() > MAX_ENV_VALUE_BYTES {
+        Some(EnvRefusal::ValueTooLong)
+    } else if accepted >= MAX_ENV_PER_CHANNEL {
+        Some(EnvRefusal::TooMany)
+    } else {
+        None
+    }
+}
+
+/// At most `MAX_ENV_NAME_BYTES` characters of a client's name, for a log line.
+fn loggable(name: &str) -> String {
+    name.chars()
+        .take(MAX_ENV_NAME_BYTES)
+        .flat_map(char::escape_debug)
+        .collect()
+}
+
 pub struct ConnectionHandler {
     connection_id: String,
     client_address: String,
@@ -58,6 +112,11 @@ pub struct ConnectionHandler {
 struct HandlerChannel {
     inbound: Arc<Inbound>,
     started: bool,
+    /// Env requests taken (at most [`MAX_ENV_PER_CHANNEL`]).
+    env_accepted: usize,
+    /// An env request past a limit was logged at info level; the channel's
+    /// next ones are logged at debug level.
+    env_limit_logged: bool,
 }
 
 impl ConnectionHandler {
@@ -308,6 +367,8 @@ impl Handler for ConnectionHandler {
             HandlerChannel {
                 inbound: inbound.clone(),
                 started: false,
+                env_accepted: 0,
+                env_limit_logged: false,
             },
         );
         reply.accept().await;
@@ -431,16 +492,29 @@ impl Handler for ConnectionHandler {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = accepted_env(name) && self.channels.get(&channel).is_some_and(|c| !c.started);
-        reply(session, channel, ok)?;
-        if ok {
-            let request = ChannelRequest::Env {
-                name: name.to_owned(),
-                value: value.to_owned(),
-            };
-            self.send(Event::Request { channel, request }).await;
-        } else {
-            tracing::debug!(parent: &self.span, name = %name.escape_debug(), "ignored env request");
+        let Some(c) = self.channels.get_mut(&channel).filter(|c| !c.started) else {
+            reply(session, channel, false)?;
+            tracing::debug!(parent: &self.span, name = %loggable(name), "ignored env request: no channel waiting for a process");
+            return Ok(());
+        };
+        let refusal = env_refusal(name, value, c.env_accepted);
+        reply(session, channel, refusal.is_none())?;
+        match refusal {
+            None => {
+                c.env_accepted += 1;
+                let request = ChannelRequest::Env {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                };
+                self.send(Event::Request { channel, request }).await;
+            }
+            Some(why) if why.is_limit() && !c.env_limit_logged => {
+                c.env_limit_logged = true;
+                tracing::info!(parent: &self.span, name = %loggable(name), name_bytes = name.len(), value_bytes = value.len(), reason = ?why, "refused env request past a limit; more on this channel are logged at debug level");
+            }
+            Some(why) => {
+                tracing::debug!(parent: &self.span, name = %loggable(name), reason = ?why, "ignored env request");
+            }
         }
         Ok(())
     }
@@ -576,6 +650,28 @@ async fn reject_unsupported(reply: ChannelOpenHandle) {
 mod tests {
     use super::*;
     use envgate_proto::audit::AuditLog;
+
+    #[test]
+    fn env_requests_are_bounded_in_number_and_size() {
+        assert_eq!(env_refusal("LANG", "C.UTF-8", 0), None);
+        assert_eq!(env_refusal("LC_ALL", &"x".repeat(4096), 31), None);
+        assert_eq!(env_refusal("LC_ALL", "C", 32), Some(EnvRefusal::TooMany));
+        assert_eq!(
+            env_refusal("LANG", &"x".repeat(4097), 0),
+            Some(EnvRefusal::ValueTooLong)
+        );
+        let long_name = format!("LC_{}", "X".repeat(62));
+        assert_eq!(
+            env_refusal(&long_name, "C", 0),
+            Some(EnvRefusal::NameTooLong)
+        );
+        assert_eq!(
+            env_refusal("LD_PRELOAD", "/tmp/x.so", 0),
+            Some(EnvRefusal::NotAccepted)
+        );
+        assert!(!EnvRefusal::NotAccepted.is_limit());
+        assert_eq!(loggable(&"\n".repeat(1000)).len(), 2 * MAX_ENV_NAME_BYTES);
+    }
 
     #[test]
     fn accept_env_matches_sshd_defaults() {

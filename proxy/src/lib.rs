@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod fleet;
 pub mod handler;
+pub mod limits;
 pub mod menu;
 pub mod proxy_protocol;
 pub mod selfservice;
@@ -41,6 +42,7 @@ use crate::exec::ProcessRuntime;
 use crate::exec::agent::AgentRuntime;
 use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
+use crate::limits::{PreauthBudget, UserConnections};
 use crate::server::ServerContext;
 use crate::session::SessionServices;
 
@@ -134,12 +136,17 @@ impl Proxy {
             runtime: Arc::new(AgentRuntime::new(docker_exec)),
             registry: registry.clone(),
             auth_cache: auth_cache.clone(),
+            user_connections: UserConnections::new(config.limits.per_user),
         };
         let context = Arc::new(ServerContext {
             ssh: Arc::new(ssh),
             trusted_proxies: config.trusted_proxies,
             login_grace: config.login_grace,
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            unauthenticated: PreauthBudget::new(
+                config.limits.unauthenticated,
+                config.limits.unauthenticated_per_source,
+            ),
             authenticator: Arc::new(Authenticator::new(
                 auth_cache.clone(),
                 control_plane.clone(),

@@ -10,6 +10,7 @@ use clap::Parser;
 use envgate_proto::audit::AuditLog;
 use envgate_proto::tls::TlsFiles;
 use envgate_proxy::config::{Cidr, PinnedListen, parse_cidrs, parse_pinned};
+use envgate_proxy::limits::ConnectionLimits;
 use envgate_proxy::{Config, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,29 @@ struct Args {
     /// Most connections served at once; more wait in the listen backlog.
     #[arg(long, env = "ENVGATE_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
-    /// Seconds a client has to authenticate (like sshd's LoginGraceTime).
+    /// Most connections not logged in yet, on all listeners together (sshd's MaxStartups, as
+    /// a hard cap): more are refused at once, before the SSH handshake. Logged-in connections
+    /// do not count. Default: a quarter of --max-connections (1024).
+    #[arg(long, env = "ENVGATE_MAX_UNAUTHENTICATED", value_parser = at_least_one)]
+    max_unauthenticated: Option<usize>,
+    /// Most connections not logged in yet from one source (sshd's PerSourceMaxStartups): the
+    /// client's IPv4 address, or its IPv6 /64, from the PROXY header behind a balancer.
+    #[arg(
+        long,
+        env = "ENVGATE_MAX_UNAUTHENTICATED_PER_SOURCE",
+        default_value_t = 256,
+        value_parser = at_least_one
+    )]
+    max_unauthenticated_per_source: usize,
+    /// Most logged-in connections of one user on this proxy; more are told so and closed.
+    #[arg(
+        long,
+        env = "ENVGATE_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 50,
+        value_parser = at_least_one
+    )]
+    max_connections_per_user: usize,
+    /// Seconds a client has from connecting to being logged in (sshd's LoginGraceTime).
     #[arg(long, env = "ENVGATE_LOGIN_GRACE_SECONDS", default_value_t = 30)]
     login_grace_seconds: u64,
     /// Seconds open sessions may continue after SIGTERM before they are closed.
@@ -88,6 +111,13 @@ struct Args {
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number of at least 1")),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +175,13 @@ async fn main() -> anyhow::Result<()> {
         audit,
         trusted_proxies: args.trusted_proxies.0,
         max_connections: args.max_connections,
+        limits: ConnectionLimits {
+            unauthenticated: args
+                .max_unauthenticated
+                .unwrap_or((args.max_connections / 4).max(1)),
+            unauthenticated_per_source: args.max_unauthenticated_per_source,
+            per_user: args.max_connections_per_user,
+        },
         login_grace: Duration::from_secs(args.login_grace_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         auth_cache_size: args.auth_cache_size,

@@ -1,6 +1,7 @@
-//! The SSH accept loop and one connection's life: PROXY header (or the
-//! refusal of one), the SSH session with its login-grace timer, the session
-//! task, and the result metric.
+//! The SSH accept loop and one connection's life: its place among the
+//! connections logging in (or the refusal), PROXY header (or the refusal of
+//! one), the SSH session with its login-grace timer, the session task, and
+//! the result metric.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,8 +22,9 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::config::{Cidr, is_trusted};
-use crate::error::{ConnectionResult, LOGIN_GRACE_MESSAGE};
+use crate::error::{ConnectionResult, LOGIN_GRACE_MESSAGE, PreauthRefusal, preauth_refusal_line};
 use crate::handler::ConnectionHandler;
+use crate::limits::{PreauthBudget, PreauthSlot};
 use crate::proxy_protocol::{self, Command};
 use crate::session::{self, ConnectionInfo, SessionServices};
 
@@ -41,11 +43,14 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServerContext {
     pub ssh: Arc<russh::server::Config>,
     pub trusted_proxies: Vec<Cidr>,
+    /// From accept to authenticated.
     pub login_grace: Duration,
     /// One permit per connection served, shared by every accept loop (the
     /// main listener and the pinned ones), so `--max-connections` bounds
     /// them together.
     pub connections: Arc<Semaphore>,
+    /// The connections not logged in yet, shared by every accept loop too.
+    pub unauthenticated: PreauthBudget,
     pub authenticator: Arc<Authenticator>,
     pub services: SessionServices,
 }
@@ -53,8 +58,10 @@ pub struct ServerContext {
 /// Accepts connections until `stop` is cancelled. Each connection runs as a
 /// task on `tracker`, holding one of the context's connection permits; the
 /// loop waits for a permit before accepting, so excess clients queue in the
-/// kernel's backlog instead of costing memory here. On a pinned listener
-/// every connection carries `pinned`, its environment.
+/// kernel's backlog instead of costing memory here. A connection past the
+/// budget of connections logging in is refused here, before any task or
+/// SSH. On a pinned listener every connection carries `pinned`, its
+/// environment.
 pub async fn serve(
     listener: TcpListener,
     pinned: Option<Arc<str>>,
@@ -86,20 +93,45 @@ pub async fn serve(
                 continue;
             }
         };
+        let preauth = match context.unauthenticated.enter() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(&socket, &refusal);
+                ConnectionResult::from(&refusal).count();
+                continue;
+            }
+        };
         let context = context.clone();
         let connection_id = format!("{:08x}", rand::thread_rng().r#gen::<u32>());
         let span = tracing::info_span!("connection", id = %connection_id, peer = %peer, pinned = pinned.as_deref());
         let pinned = pinned.clone();
         tracker.spawn(
             async move {
-                let result = serve_connection(socket, peer, connection_id, pinned, context).await;
+                let result =
+                    serve_connection(socket, peer, connection_id, pinned, context, preauth).await;
                 result.count();
-                tracing::info!(result = result.label(), "connection closed");
+                if result.refused_before_login() {
+                    tracing::debug!(result = result.label(), "connection closed");
+                } else {
+                    tracing::info!(result = result.label(), "connection closed");
+                }
                 drop(permit);
             }
             .instrument(span),
         );
     }
+}
+
+/// Answers a connection refused before logging in with one line instead of
+/// the SSH banner, then it is closed (when dropped). Nothing waits: the line
+/// is written only if the socket takes it at once, and what the client has
+/// already sent is read away first, so the close is a FIN after the line
+/// rather than a reset that could destroy it.
+fn refuse(socket: &TcpStream, refusal: &PreauthRefusal) {
+    let mut discard = [0u8; 4096];
+    let _ = socket.try_read(&mut discard);
+    let line = format!("{}\r\n", preauth_refusal_line(refusal));
+    let _ = socket.try_write(line.as_bytes());
 }
 
 /// Works out the real client address: from the PROXY header for trusted
@@ -162,14 +194,20 @@ async fn client_address(
     }
 }
 
+/// Serves one connection holding `preauth`, its place among the connections
+/// logging in, until the user has logged in.
 async fn serve_connection(
     mut socket: TcpStream,
     peer: SocketAddr,
     connection_id: String,
     pinned: Option<Arc<str>>,
     context: Arc<ServerContext>,
+    mut preauth: PreauthSlot,
 ) -> ConnectionResult {
     let accepted = Instant::now();
+    // The whole way in (PROXY header, banner, key exchange, authentication)
+    // has one deadline, as sshd's LoginGraceTime.
+    let login_deadline = tokio::time::Instant::now() + context.login_grace;
     let client = match client_address(&mut socket, peer, &context.trusted_proxies)
         .instrument(tracing::info_span!("accept"))
         .await
@@ -177,6 +215,11 @@ async fn serve_connection(
         Ok(client) => client,
         Err(result) => return result,
     };
+    if let Err(refusal) = preauth.attribute(client.ip()) {
+        refuse(&socket, &refusal);
+        return ConnectionResult::from(&refusal);
+    }
+    let mut preauth = Some(preauth);
     if client != peer {
         tracing::info!(%client, "client address from PROXY header");
     }
@@ -196,9 +239,8 @@ async fn serve_connection(
     );
     let abort = CancellationToken::new();
     let socket = AbortableStream::new(socket, abort.clone());
-    // The client's banner must also arrive within the login grace.
-    let running = tokio::time::timeout(
-        context.login_grace,
+    let running = tokio::time::timeout_at(
+        login_deadline,
         russh::server::run_stream(context.ssh.clone(), socket, handler),
     );
     let mut running = match running.await {
@@ -227,14 +269,18 @@ async fn serve_connection(
         .in_current_span(),
     );
 
-    let grace = tokio::time::sleep(context.login_grace);
+    let grace = tokio::time::sleep_until(login_deadline);
     tokio::pin!(grace);
     let mut waiting_for_login = true;
     let mut timed_out = false;
     let ended = loop {
         tokio::select! {
             ended = &mut running => break ended,
-            () = authenticated.cancelled(), if waiting_for_login => waiting_for_login = false,
+            () = authenticated.cancelled(), if waiting_for_login => {
+                waiting_for_login = false;
+                // Logged in: no longer counted among the connections logging in.
+                drop(preauth.take());
+            }
             () = &mut grace, if waiting_for_login => {
                 waiting_for_login = false;
                 timed_out = true;
@@ -257,6 +303,8 @@ async fn serve_connection(
     if let Err(e) = ended {
         tracing::debug!(error = %e, "SSH session ended with an error");
     }
+    // Gone without logging in: its place is free before the session task is awaited.
+    drop(preauth);
     drop(handle);
     let result = match tokio::time::timeout(RELEASE_TIMEOUT, session_task).await {
         Ok(Ok(result)) => result,

@@ -33,6 +33,7 @@ use crate::exec::agent::AgentTarget;
 use crate::exec::{
     self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec, TerminalSize,
 };
+use crate::limits::{UserConnections, UserSlot};
 use crate::menu::{self, Cancel, Preselect};
 use crate::selfservice;
 
@@ -84,6 +85,8 @@ pub struct SessionServices {
     /// Forgotten for a user whose token the control plane refuses (revoked, or signed by a
     /// retired key), so their next login checks the credential again.
     pub auth_cache: Arc<AuthCache>,
+    /// Each user's authenticated connections (`--max-connections-per-user`).
+    pub user_connections: UserConnections,
 }
 
 pub struct ConnectionInfo {
@@ -100,6 +103,10 @@ const PROCESS_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a killed connection may take to see its message and close
 /// before its socket is cut.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection refused over its user's cap stays open, so that its
+/// client can ask for a shell or exec and be shown why; then it is closed
+/// with the reason. OpenSSH asks at once after logging in.
+const REFUSED_GRACE: Duration = Duration::from_secs(10);
 
 enum PlacementState {
     NotRequested,
@@ -142,6 +149,18 @@ struct Connection {
     /// What the menu decided, taken by the next placement ("" = the control
     /// plane's default).
     chosen: Option<String>,
+    /// The user's place under `--max-connections-per-user`, held while the
+    /// connection lasts.
+    user_slot: Option<UserSlot>,
+    /// The user was over the cap: every shell and exec is answered with this.
+    refused: Option<Refused>,
+}
+
+/// A connection authenticated but refused over its user's cap.
+struct Refused {
+    line: String,
+    /// When the connection is closed if its client has not gone by then.
+    close_at: tokio::time::Instant,
 }
 
 /// The environment is being chosen on one channel's terminal.
@@ -168,6 +187,14 @@ enum Choice {
     Environment(String),
     /// The user gave up; the menu's channel has been told and closed.
     Cancelled(Cancel),
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The menu's decision once there is one; never while there is no menu.
@@ -204,17 +231,24 @@ pub async fn run(
         container_unreachable: false,
         choosing: None,
         chosen: None,
+        user_slot: None,
+        refused: None,
     };
     let session_started = Instant::now();
     // Closed (and exported) when dropped, before teardown starts.
     let session_span = tracing::info_span!("session");
     let mut killed = false;
     loop {
+        let refused_close = connection.refused.as_ref().map(|r| r.close_at);
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => connection.on_event(event).await,
                 None => break,
             },
+            () = sleep_until(refused_close), if !killed => {
+                killed = true;
+                connection.close_refused().await;
+            }
             Some(end) = connection.running.join_next() => connection.on_channel_end(end),
             choice = next_choice(&mut connection.choosing) => connection.on_choice(choice).await,
             message = control.recv(), if !killed => match message {
@@ -227,7 +261,9 @@ pub async fn run(
             },
         }
     }
-    // The connection is gone: keep the exits already known, stop the rest.
+    // The connection is gone: it no longer counts for its user, keep the
+    // exits already known, stop the rest.
+    connection.user_slot = None;
     while let Some(end) = connection.running.try_join_next() {
         connection.on_channel_end(end);
     }
@@ -241,7 +277,20 @@ impl Connection {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::Authenticated { login, identity } => {
-                self.result = ConnectionResult::Ok;
+                match self.services.user_connections.admit(&identity.user) {
+                    Ok(slot) => {
+                        self.user_slot = Some(slot);
+                        self.result = ConnectionResult::Ok;
+                    }
+                    Err(refusal) => {
+                        tracing::info!(user = %refusal.user, limit = refusal.limit, "refused: too many connections for the user");
+                        self.result = ConnectionResult::UserLimit;
+                        self.refused = Some(Refused {
+                            line: notice_line(&refusal.to_string()),
+                            close_at: tokio::time::Instant::now() + REFUSED_GRACE,
+                        });
+                    }
+                }
                 self.identity = Some((login, identity));
             }
             Event::ChannelOpened {
@@ -336,6 +385,11 @@ impl Connection {
         };
         let output = state.output.clone();
         let pty = state.pty.is_some();
+        if let Some(refused) = &self.refused {
+            let line = refused.line.clone();
+            self.fail_channel(output, line, pty);
+            return;
+        }
         if matches!(self.placement, PlacementState::NotRequested) {
             if self.wants_self_service(state) {
                 self.self_service(command, output, pty);
@@ -367,15 +421,7 @@ impl Connection {
             PlacementState::Failed(status) => {
                 let line = placement_failure_line(status);
                 self.result = ConnectionResult::PlacementFailed(placement_result_label(status));
-                let report = async move {
-                    let _ = output.stderr_line(&line, pty).await;
-                    let _ = output.finish(1).await;
-                    ChannelEnd {
-                        exit_code: None,
-                        result: ConnectionResult::Ok,
-                    }
-                };
-                self.running.spawn(report.in_current_span());
+                self.fail_channel(output, line, pty);
                 return;
             }
             PlacementState::NotRequested => return,
@@ -388,6 +434,20 @@ impl Connection {
         let process = run_process(runtime, spec, output, pty, self.handle.clone());
         let task = self.running.spawn(process.in_current_span());
         state.process = Some(RunningProcess { task });
+    }
+
+    /// Shows `line` on the channel's stderr and ends the channel with exit
+    /// status 1; nothing runs.
+    fn fail_channel(&mut self, output: Arc<ChannelOutput>, line: String, pty: bool) {
+        let report = async move {
+            let _ = output.stderr_line(&line, pty).await;
+            let _ = output.finish(1).await;
+            ChannelEnd {
+                exit_code: None,
+                result: ConnectionResult::Ok,
+            }
+        };
+        self.running.spawn(report.in_current_span());
     }
 
     /// Whether the user asked for the `envgate` pseudo-environment, by login suffix or
@@ -557,7 +617,23 @@ impl Connection {
     async fn kill(&mut self, message: &str) {
         tracing::info!(%message, "closing the connection");
         self.result = ConnectionResult::Closed;
-        let line = notice_line(message);
+        self.close(notice_line(message)).await;
+    }
+
+    /// A connection refused over its user's cap whose client is still there
+    /// after [`REFUSED_GRACE`] (one that never asked for a shell or exec).
+    async fn close_refused(&mut self) {
+        // Still refused: a shell or exec asked while the connection closes
+        // is answered with the line too.
+        if let Some(line) = self.refused.as_ref().map(|r| r.line.clone()) {
+            tracing::info!("closing a connection refused over the user's cap");
+            self.close(line).await;
+        }
+    }
+
+    /// Shows `line` on every channel, then closes the connection with it as
+    /// the reason; the socket is cut if the client does not go.
+    async fn close(&mut self, line: String) {
         self.show(&line).await;
         let abort = self.info.abort.clone();
         tokio::spawn(async move {

@@ -29,6 +29,7 @@ use envgate_proto::v1::{
     fleet_command, open_session_event,
 };
 use envgate_proxy::config::parse_cidrs;
+use envgate_proxy::limits::ConnectionLimits;
 use envgate_proxy::{Config, Proxy};
 use futures::Stream;
 use proxy_v2::proxy_v2_header;
@@ -676,6 +677,11 @@ async fn proxy_serves_sessions_into_a_real_container() {
         audit: AuditLog::in_memory(),
         trusted_proxies: parse_cidrs(BALANCER_IP).unwrap(),
         max_connections: 64,
+        limits: ConnectionLimits {
+            unauthenticated: 16,
+            unauthenticated_per_source: 16,
+            per_user: 16,
+        },
         login_grace: LOGIN_GRACE,
         shutdown_grace: SHUTDOWN_GRACE,
         auth_cache_size: 128,
