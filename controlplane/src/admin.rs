@@ -14,7 +14,7 @@ use envgate_proto::names;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{HashCost, hash_password};
+use crate::auth::Hasher;
 use crate::catalogue;
 use crate::error::AdminError;
 use crate::fleet;
@@ -36,7 +36,7 @@ const CONTAINER_STOPPED_MESSAGE: &str = "your container was stopped by an admini
 pub struct AdminService {
     store: Arc<dyn Store>,
     reconciler: Arc<Reconciler>,
-    hash_cost: HashCost,
+    hasher: Hasher,
     audit: AuditLog,
 }
 
@@ -44,13 +44,13 @@ impl AdminService {
     pub fn new(
         store: Arc<dyn Store>,
         reconciler: Arc<Reconciler>,
-        hash_cost: HashCost,
+        hasher: Hasher,
         audit: AuditLog,
     ) -> Self {
         Self {
             store,
             reconciler,
-            hash_cost,
+            hasher,
             audit,
         }
     }
@@ -227,7 +227,7 @@ impl AdminService {
         let password_hash = if req.clear_password {
             None
         } else if password_set {
-            Some(hash_password(req.password, self.hash_cost).await?)
+            Some(self.hasher.hash(req.password).await?)
         } else {
             existing.as_ref().and_then(|e| e.password_hash.clone())
         };

@@ -1,9 +1,9 @@
 //! The Auth service: checks a password or public key once, then hands out a short-lived
-//! signed token the proxy caches, so the credential store is off the hot path.
+//! signed token the proxy caches, so the credential store is off the hot path. Password
+//! attempts are counted before they are hashed (`throttle.rs`) and hashed on a bounded pool
+//! (`hashing.rs`).
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
@@ -22,15 +22,10 @@ use tonic::{Request, Response, Status};
 
 use crate::error::AuthError;
 use crate::guard::{self, ProxyIdentity};
+use crate::hashing::HashPool;
 use crate::model::{self, RevocationRecord, UserRecord};
 use crate::store::{self, Store};
-
-/// Failures allowed per user and per source address within `FAILURE_WINDOW`.
-pub const MAX_FAILURES: usize = 10;
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Tracked keys beyond which idle entries are dropped, so a scan of many user names cannot
-/// grow the table without bound.
-const THROTTLE_TABLE_LIMIT: usize = 10_000;
+use crate::throttle::{Clock, SystemClock, Throttle, ThrottleError, ThrottlePolicy};
 
 pub enum Credential {
     Password(String),
@@ -91,31 +86,50 @@ impl HashCost {
     }
 }
 
-/// Hashes a password with argon2id on the blocking pool (it takes tens of milliseconds).
-pub async fn hash_password(password: String, cost: HashCost) -> Result<String, AuthError> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        cost.hasher()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|_| AuthError::Hashing)
-    })
-    .await
-    .map_err(|_| AuthError::Hashing)?
+/// argon2id hashing and checking on a bounded pool of threads (`hashing.rs`). Cheap to clone.
+#[derive(Clone)]
+pub struct Hasher {
+    cost: HashCost,
+    pool: HashPool,
 }
 
-async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
+impl Hasher {
+    pub fn new(cost: HashCost, pool: HashPool) -> Self {
+        Self { cost, pool }
+    }
+
+    /// A new password's PHC string (the admin API's PutUser).
+    pub async fn hash(&self, password: String) -> Result<String, AuthError> {
+        let cost = self.cost;
+        self.pool
+            .run(move || {
+                let salt = SaltString::generate(&mut OsRng);
+                cost.hasher()
+                    .hash_password(password.as_bytes(), &salt)
+                    .map(|h| h.to_string())
             })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
+            .await?
+            .map_err(|_| AuthError::BadHash)
+    }
+
+    /// Whether `password` matches `hash`; the cost comes from the hash itself.
+    async fn verify(&self, password: String, hash: String) -> Result<bool, AuthError> {
+        Ok(self
+            .pool
+            .run(move || {
+                PasswordHash::new(&hash).is_ok_and(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+            })
+            .await?)
+    }
+
+    /// How many hashes were computed, for tests and the benchmark.
+    pub fn computed(&self) -> u64 {
+        self.pool.computed()
+    }
 }
 
 /// Whether `key` (SSH wire format) is one of the user's authorized keys.
@@ -129,80 +143,32 @@ pub fn key_is_authorized(key: &[u8], authorized: &[String]) -> bool {
         .any(|k| k.key_data() == offered.key_data())
 }
 
-/// Recent failures per user and per source address (in memory: a replica only throttles
-/// what it sees, which still bounds a guesser to `replicas × MAX_FAILURES` per window).
-#[derive(Default)]
-pub struct Throttle {
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
-}
-
-impl Throttle {
-    /// `Err(seconds to wait)` when either the user or the address is over the limit.
-    pub fn check(&self, keys: &[String]) -> Result<(), u64> {
-        let now = Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wait = None::<Duration>;
-        for key in keys {
-            if let Some(times) = failures.get_mut(key) {
-                while times
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= FAILURE_WINDOW)
-                {
-                    times.pop_front();
-                }
-                if times.len() >= MAX_FAILURES {
-                    let oldest = *times.front().expect("non-empty when over the limit");
-                    let left = FAILURE_WINDOW.saturating_sub(now.duration_since(oldest));
-                    wait = Some(wait.map_or(left, |w| w.max(left)));
-                }
-            }
-        }
-        match wait {
-            Some(w) => Err(w.as_secs().max(1)),
-            None => Ok(()),
-        }
-    }
-
-    pub fn record_failure(&self, keys: &[String]) {
-        let now = Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() > THROTTLE_TABLE_LIMIT {
-            failures.retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|t| now.duration_since(*t) < FAILURE_WINDOW)
-            });
-        }
-        for key in keys {
-            let times = failures.entry(key.clone()).or_default();
-            times.push_back(now);
-            if times.len() > MAX_FAILURES {
-                times.pop_front();
-            }
-        }
-    }
-}
-
-fn throttle_keys(user: &str, client_address: &str) -> Vec<String> {
-    let mut keys = vec![format!("user:{user}")];
-    if !client_address.is_empty() {
-        let host = client_address
-            .parse::<SocketAddr>()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|_| client_address.to_owned());
-        keys.push(format!("addr:{host}"));
-    }
-    keys
-}
-
 pub struct Authenticator {
     store: Arc<dyn Store>,
     keys: Arc<TokenKeys>,
     token_ttl: Duration,
-    throttle: Throttle,
+    throttle: Arc<Throttle>,
+    hasher: Hasher,
     /// Verified against for unknown users, so their answer takes as long as a real one.
     dummy_hash: String,
     audit: AuditLog,
+}
+
+/// How password attempts are limited: the failure counts and the hashing pool.
+pub struct PasswordLimits {
+    pub throttle: ThrottlePolicy,
+    pub hasher: Hasher,
+    pub clock: Box<dyn Clock>,
+}
+
+impl PasswordLimits {
+    pub fn new(throttle: ThrottlePolicy, hasher: Hasher) -> Self {
+        Self {
+            throttle,
+            hasher,
+            clock: Box::new(SystemClock),
+        }
+    }
 }
 
 impl Authenticator {
@@ -210,23 +176,35 @@ impl Authenticator {
         store: Arc<dyn Store>,
         keys: Arc<TokenKeys>,
         token_ttl: Duration,
-        cost: HashCost,
+        limits: PasswordLimits,
         audit: AuditLog,
     ) -> Self {
         let salt = SaltString::generate(&mut OsRng);
-        let dummy_hash = cost
+        let dummy_hash = limits
+            .hasher
+            .cost
             .hasher()
             .hash_password(b"envgate-dummy-password", &salt)
             .expect("hashing a constant succeeds")
             .to_string();
         Self {
+            throttle: Arc::new(Throttle::new(store.clone(), limits.throttle, limits.clock)),
             store,
             keys,
             token_ttl,
-            throttle: Throttle::default(),
+            hasher: limits.hasher,
             dummy_hash,
             audit,
         }
+    }
+
+    /// The failure counts, for the leader's sweep.
+    pub fn throttle(&self) -> Arc<Throttle> {
+        self.throttle.clone()
+    }
+
+    pub fn hasher(&self) -> &Hasher {
+        &self.hasher
     }
 
     /// Answers an SSH public-key offer: whether `key` is one of `username`'s authorized keys
@@ -276,10 +254,20 @@ impl Authenticator {
         credential: Credential,
         client_address: &str,
     ) -> Result<IssuedToken, AuthError> {
-        let keys = throttle_keys(username, client_address);
-        self.throttle
-            .check(&keys)
-            .map_err(|retry_after_secs| AuthError::Throttled { retry_after_secs })?;
+        // A password attempt is counted before anything is read or hashed; a key's signature
+        // was already verified by the proxy, so a key login is never held back.
+        let reservation = match &credential {
+            Credential::Password(_) => Some(
+                self.throttle
+                    .reserve(username, client_address)
+                    .await
+                    .map_err(|e| match e {
+                        ThrottleError::Refused(refusal) => AuthError::Throttled(refusal),
+                        ThrottleError::Store(s) => AuthError::Store(s),
+                    })?,
+            ),
+            Credential::PublicKey(_) => None,
+        };
         // The revocation is read beside the user, not after the credential check: a login
         // waits for one etcd round trip, not two (see `issue`). One written during the check
         // refuses this token, as it refuses any issued in its second.
@@ -296,16 +284,24 @@ impl Authenticator {
             Err(_) => (None, None),
         };
         let accepted = match (&user, credential) {
-            (Some(user), Credential::Password(password)) => match &user.password_hash {
-                Some(hash) => verify_password(password, hash.clone()).await,
-                None => {
-                    verify_password(password, self.dummy_hash.clone()).await;
-                    false
+            (user, Credential::Password(password)) => {
+                // Unknown users and users without a password are checked against a dummy
+                // hash, so their answer takes as long as a real one.
+                let hash = user
+                    .as_ref()
+                    .and_then(|u| u.password_hash.clone())
+                    .unwrap_or_else(|| self.dummy_hash.clone());
+                let has_password = user.as_ref().is_some_and(|u| u.password_hash.is_some());
+                match self.hasher.verify(password, hash).await {
+                    Ok(matched) => matched && has_password,
+                    Err(e) => {
+                        // Never hashed: the attempt did not happen.
+                        if let Some(reservation) = reservation {
+                            self.refund(reservation).await;
+                        }
+                        return Err(e);
+                    }
                 }
-            },
-            (None, Credential::Password(password)) => {
-                verify_password(password, self.dummy_hash.clone()).await;
-                false
             }
             (Some(user), Credential::PublicKey(key)) => {
                 key_is_authorized(&key, &user.authorized_keys)
@@ -326,11 +322,24 @@ impl Authenticator {
                     reason,
                     "authentication refused"
                 );
-                self.throttle.record_failure(&keys);
+                if reservation.is_none()
+                    && let Err(e) = self.throttle.record_failure(username, client_address).await
+                {
+                    tracing::warn!(error = %e, "recording a failed login failed");
+                }
                 return Err(AuthError::Failed);
             }
         };
+        if let Some(reservation) = reservation {
+            self.refund(reservation).await;
+        }
         Ok(self.issue(&user, not_before))
+    }
+
+    async fn refund(&self, reservation: crate::throttle::Reservation) {
+        if let Err(e) = self.throttle.refund(reservation).await {
+            tracing::warn!(error = %e, "refunding a login attempt failed");
+        }
     }
 
     /// Claims are stamped to the second and a revocation refuses its own second too, so a
@@ -451,34 +460,55 @@ pub(crate) mod tests {
         (key, line)
     }
 
-    async fn setup() -> (Arc<MemoryStore>, Authenticator, PrivateKey) {
-        let store = Arc::new(MemoryStore::new());
+    /// Cheap hashes on a pool of `threads` with room for `queue`; the clock stands still,
+    /// so waits never run out by themselves.
+    pub fn test_limits(threads: usize, queue: usize) -> PasswordLimits {
+        PasswordLimits {
+            throttle: ThrottlePolicy::default(),
+            hasher: Hasher::new(TEST_COST, HashPool::new(threads, queue)),
+            clock: Box::new(crate::throttle::ManualClock::at(1_000_000)),
+        }
+    }
+
+    fn authenticator(store: Arc<dyn Store>, limits: PasswordLimits) -> Authenticator {
+        Authenticator::new(
+            store,
+            test_keys(),
+            Duration::from_secs(300),
+            limits,
+            AuditLog::in_memory(),
+        )
+    }
+
+    /// alice (password `s3cret`, one key, students) and bob (disabled) in `store`.
+    async fn seed(store: &dyn Store) -> PrivateKey {
+        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
         let (key, line) = keypair();
         let alice = UserRecord {
             name: "alice".into(),
-            password_hash: Some(hash_password("s3cret".into(), TEST_COST).await.unwrap()),
+            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
             authorized_keys: vec![line],
             groups: vec!["students".into()],
             ..Default::default()
         };
         let bob = UserRecord {
             name: "bob".into(),
-            password_hash: Some(hash_password("s3cret".into(), TEST_COST).await.unwrap()),
+            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
             disabled: true,
             ..Default::default()
         };
         for user in [alice, bob] {
-            store::put_json(store.as_ref(), &model::user_key(&user.name), &user, None)
+            store::put_json(store, &model::user_key(&user.name), &user, None)
                 .await
                 .unwrap();
         }
-        let auth = Authenticator::new(
-            store.clone(),
-            test_keys(),
-            Duration::from_secs(300),
-            TEST_COST,
-            AuditLog::in_memory(),
-        );
+        key
+    }
+
+    async fn setup() -> (Arc<MemoryStore>, Authenticator, PrivateKey) {
+        let store = Arc::new(MemoryStore::new());
+        let key = seed(store.as_ref()).await;
+        let auth = authenticator(store.clone(), test_limits(2, 64));
         (store, auth, key)
     }
 
@@ -545,47 +575,179 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn repeated_failures_are_throttled_per_user_and_per_address() {
-        let (_, auth, _) = setup().await;
-        for i in 0..MAX_FAILURES {
-            let addr = format!("10.0.0.{i}:22");
-            assert!(matches!(
-                auth.authenticate("alice", Credential::Password("wrong".into()), &addr)
-                    .await,
-                Err(AuthError::Failed)
-            ));
+    /// 200 wrong passwords for one user from one address, all at once: as many hash checks as
+    /// the free allowance, every other attempt refused before hashing; the right password from
+    /// another address still works.
+    async fn a_parallel_guess_gets_only_the_free_allowance(store: Arc<dyn Store>) {
+        seed(store.as_ref()).await;
+        let auth = Arc::new(authenticator(store, test_limits(2, 256)));
+        let attempts = (0..200).map(|i| {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                auth.authenticate(
+                    "alice",
+                    Credential::Password(format!("guess{i}")),
+                    &format!("192.0.2.9:{}", 1000 + i),
+                )
+                .await
+            })
+        });
+        let (mut failed, mut throttled) = (0, 0);
+        for attempt in futures::future::join_all(attempts).await {
+            match attempt.unwrap() {
+                Err(AuthError::Failed) => failed += 1,
+                Err(e @ AuthError::Throttled(_)) => {
+                    let status = Status::from(e);
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                    assert_eq!(status.message(), "too many failed attempts; retry in 1 s");
+                    throttled += 1;
+                }
+                other => panic!("{:?}", other.map(|t| t.user)),
+            }
         }
-        // Now even the right password from a fresh address is refused for this user.
-        let err = auth
-            .authenticate("alice", Credential::Password("s3cret".into()), "10.9.9.9:1")
-            .await
-            .err()
-            .unwrap();
-        let status = Status::from(err);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            status.message().contains("retry in"),
-            "{}",
-            status.message()
-        );
+        let free = ThrottlePolicy::default().free_failures;
+        assert_eq!((failed, throttled), (free, 200 - free));
+        assert_eq!(auth.hasher().computed(), u64::from(free));
+        // Nobody locked alice out from everywhere.
+        auth.authenticate(
+            "alice",
+            Credential::Password("s3cret".into()),
+            "198.51.100.4:1",
+        )
+        .await
+        .expect("alice from her own address");
+        assert_eq!(auth.hasher().computed(), u64::from(free) + 1);
+    }
 
-        // Per address: many users guessed from one address.
-        for i in 0..MAX_FAILURES {
+    #[tokio::test]
+    async fn a_parallel_guess_gets_only_the_free_allowance_in_memory() {
+        a_parallel_guess_gets_only_the_free_allowance(Arc::new(MemoryStore::new())).await;
+    }
+
+    #[tokio::test]
+    async fn a_parallel_guess_gets_only_the_free_allowance_on_etcd() {
+        let etcd = crate::testkit::Etcd::start().await.unwrap();
+        let store =
+            crate::store::EtcdStore::connect(&etcd.config(), "/throttle/", Duration::from_secs(5))
+                .await
+                .unwrap();
+        a_parallel_guess_gets_only_the_free_allowance(Arc::new(store)).await;
+    }
+
+    /// Two replicas on one etcd count one user's failures together.
+    #[tokio::test]
+    async fn replicas_share_the_counts() {
+        let etcd = crate::testkit::Etcd::start().await.unwrap();
+        let config = etcd.config();
+        let connect =
+            || crate::store::EtcdStore::connect(&config, "/shared/", Duration::from_secs(5));
+        let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+        seed(&a).await;
+        let replica_a = authenticator(Arc::new(a), test_limits(1, 8));
+        let replica_b = authenticator(Arc::new(b), test_limits(1, 8));
+        for (i, replica) in [&replica_a, &replica_b, &replica_a, &replica_b, &replica_a]
+            .into_iter()
+            .enumerate()
+        {
+            let result = replica
+                .authenticate(
+                    "alice",
+                    Credential::Password(format!("x{i}")),
+                    "192.0.2.1:1",
+                )
+                .await;
+            assert!(matches!(result, Err(AuthError::Failed)), "{i}");
+        }
+        for replica in [&replica_b, &replica_a] {
+            let result = replica
+                .authenticate(
+                    "alice",
+                    Credential::Password("s3cret".into()),
+                    "192.0.2.1:2",
+                )
+                .await;
+            assert!(matches!(result, Err(AuthError::Throttled(_))));
+        }
+    }
+
+    /// Key offers never count, and a wait earned by password guesses never holds back a key:
+    /// its signature was verified, nothing is guessed.
+    #[tokio::test]
+    async fn keys_are_never_held_back_and_offers_never_count() {
+        let (store, auth, key) = setup().await;
+        let (other, _) = keypair();
+        for _ in 0..100 {
+            assert!(!auth.check_public_key("alice", &wire(&other)).await.unwrap());
+        }
+        assert!(
+            store.range("throttle/").await.unwrap().is_empty(),
+            "offers leave no record"
+        );
+        for i in 0..6 {
             let _ = auth
                 .authenticate(
-                    &format!("u{i}"),
-                    Credential::Password("x".into()),
-                    "192.0.2.7:1000",
+                    "alice",
+                    Credential::Password(format!("x{i}")),
+                    "192.0.2.1:1",
                 )
                 .await;
         }
-        let err = auth
-            .authenticate("nobody", Credential::Password("x".into()), "192.0.2.7:2000")
+        assert!(matches!(
+            auth.authenticate(
+                "alice",
+                Credential::Password("s3cret".into()),
+                "192.0.2.1:1"
+            )
+            .await,
+            Err(AuthError::Throttled(_))
+        ));
+        auth.authenticate("alice", Credential::PublicKey(wire(&key)), "192.0.2.1:1")
             .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, AuthError::Throttled { .. }), "{err}");
+            .expect("alice's key from the same address");
+    }
+
+    /// With every hasher busy and the queue full, a password login is refused at once with a
+    /// clear message; the pool serves again after.
+    #[tokio::test]
+    async fn a_full_hashing_pool_refuses_at_once() {
+        let store = Arc::new(MemoryStore::new());
+        seed(store.as_ref()).await;
+        let auth = Arc::new(authenticator(store, test_limits(1, 0)));
+        let attempts = (0..50).map(|i| {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                auth.authenticate(
+                    &format!("user{i}"),
+                    Credential::Password("x".into()),
+                    &format!("192.0.2.{i}:1"),
+                )
+                .await
+            })
+        });
+        let mut busy = 0;
+        for attempt in futures::future::join_all(attempts).await {
+            match attempt.unwrap() {
+                Err(AuthError::Failed) => {}
+                Err(e @ AuthError::Hashing(_)) => {
+                    let status = Status::from(e);
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                    assert_eq!(
+                        status.message(),
+                        "the server is busy checking passwords; try again in a few seconds"
+                    );
+                    busy += 1;
+                }
+                other => panic!("{:?}", other.map(|t| t.user)),
+            }
+        }
+        assert!(busy > 0, "50 at once on one hasher without a queue");
+        auth.authenticate(
+            "alice",
+            Credential::Password("s3cret".into()),
+            "192.0.2.200:1",
+        )
+        .await
+        .expect("served again");
     }
 
     #[tokio::test]

@@ -12,14 +12,17 @@ pub enum AuthError {
     /// caller cannot probe which users exist.
     #[error("authentication failed")]
     Failed,
-    #[error("too many failed attempts; retry in {retry_after_secs} s")]
-    Throttled { retry_after_secs: u64 },
+    #[error(transparent)]
+    Throttled(#[from] crate::throttle::Refusal),
     #[error("the token is not valid: {0}")]
     BadToken(#[from] envgate_proto::token::TokenError),
     #[error("the token was revoked")]
     Revoked,
+    /// The hashing pool is full (fail fast) or stopped.
+    #[error(transparent)]
+    Hashing(#[from] crate::hashing::HashError),
     #[error("the password hash could not be computed")]
-    Hashing,
+    BadHash,
     #[error("credential: a password or public key is required")]
     MissingCredential,
     #[error(transparent)]
@@ -215,8 +218,10 @@ fn auth_status(e: &AuthError) -> Status {
             Status::unauthenticated(e.to_string())
         }
         AuthError::MissingCredential => Status::invalid_argument(e.to_string()),
-        AuthError::Throttled { .. } => Status::resource_exhausted(e.to_string()),
-        AuthError::Hashing => Status::internal(e.to_string()),
+        AuthError::Throttled(_) | AuthError::Hashing(crate::hashing::HashError::Busy) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        AuthError::Hashing(_) | AuthError::BadHash => Status::internal(e.to_string()),
         AuthError::Store(s) => store_status(s),
     }
 }

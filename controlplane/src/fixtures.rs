@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
-use crate::auth::tests::{TEST_COST, test_keys};
+use crate::auth::tests::{test_keys, test_limits};
 use crate::error::PlacementError;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
@@ -153,7 +153,7 @@ impl World {
             store.clone(),
             test_keys(),
             Duration::from_secs(300),
-            TEST_COST,
+            test_limits(2, 64),
             envgate_proto::audit::AuditLog::in_memory(),
         ));
         World {

@@ -28,6 +28,8 @@ pub mod error;
 mod fixtures;
 pub mod fleet;
 pub mod guard;
+pub mod hashing;
+mod locks;
 pub mod model;
 pub mod pki;
 pub mod placement;
@@ -36,14 +38,16 @@ pub mod reconcile;
 pub mod runtime;
 pub mod selfservice;
 pub mod store;
+pub mod throttle;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
 use crate::admin::AdminService;
-use crate::auth::{AuthService, Authenticator, HashCost};
+use crate::auth::{AuthService, Authenticator, HashCost, Hasher, PasswordLimits};
 use crate::fleet::{FleetRegistry, FleetService};
 use crate::guard::{AdminGuard, AdminTokens, ProxyGuard};
+use crate::hashing::HashPool;
 use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
 use crate::runtime::audited::Audited;
@@ -51,6 +55,7 @@ use crate::runtime::docker::AgentSetup;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::selfservice::{SelfServiceHandler, SelfServiceService};
 use crate::store::{EtcdConfig, EtcdStore, Store, StoreError};
+use crate::throttle::ThrottlePolicy;
 
 /// Everything the control plane needs, parsed and checked once at start.
 pub struct Config {
@@ -88,6 +93,11 @@ pub struct Config {
     /// Names this replica in election values and record owners.
     pub replica_id: String,
     pub hash_cost: HashCost,
+    /// Password hashes computed at once, and how many more may wait (`hashing.rs`).
+    pub hash_threads: usize,
+    pub hash_queue: usize,
+    /// How failed password logins are slowed down (`throttle.rs`).
+    pub throttle: ThrottlePolicy,
     /// The checked catalogue file (`--environments`), written into etcd before serving.
     pub environments: Vec<model::EnvironmentRecord>,
 }
@@ -121,7 +131,7 @@ pub struct ControlPlane {
     fleet: Arc<FleetRegistry>,
     reconciler: Arc<Reconciler>,
     admin_guard: AdminGuard,
-    hash_cost: HashCost,
+    hasher: Hasher,
     tls: TlsFiles,
     audit: AuditLog,
 }
@@ -129,11 +139,15 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: &Config) -> Self {
         let runtime: Arc<dyn Runtime> = Arc::new(Audited::new(runtime, config.audit.clone()));
+        let hasher = Hasher::new(
+            config.hash_cost,
+            HashPool::new(config.hash_threads, config.hash_queue),
+        );
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.token_keys.clone(),
             config.token_ttl,
-            config.hash_cost,
+            PasswordLimits::new(config.throttle, hasher.clone()),
             config.audit.clone(),
         ));
         let placement = PlacementConfig {
@@ -148,17 +162,20 @@ impl ControlPlane {
             auth.clone(),
             placement.clone(),
         ));
-        let reconciler = Arc::new(Reconciler::new(
-            store.clone(),
-            runtime,
-            ReconcileConfig {
-                instance: config.instance.clone(),
-                replica_id: config.replica_id.clone(),
-                interval: config.reconcile_interval,
-                stale_after: placement.stale_after,
-                orphan_grace: config.orphan_grace,
-            },
-        ));
+        let reconciler = Arc::new(
+            Reconciler::new(
+                store.clone(),
+                runtime,
+                ReconcileConfig {
+                    instance: config.instance.clone(),
+                    replica_id: config.replica_id.clone(),
+                    interval: config.reconcile_interval,
+                    stale_after: placement.stale_after,
+                    orphan_grace: config.orphan_grace,
+                },
+            )
+            .with_throttle(auth.throttle()),
+        );
         Self {
             store,
             auth,
@@ -166,7 +183,7 @@ impl ControlPlane {
             fleet: Arc::new(FleetRegistry::default()),
             reconciler,
             admin_guard: AdminGuard::new(config.admin_tokens.clone(), config.audit.clone()),
-            hash_cost: config.hash_cost,
+            hasher,
             tls: config.tls.clone(),
             audit: config.audit.clone(),
         }
@@ -204,7 +221,7 @@ impl ControlPlane {
         let admin = AdminService::new(
             self.store.clone(),
             self.reconciler.clone(),
-            self.hash_cost,
+            self.hasher.clone(),
             self.audit.clone(),
         );
         let forwarding = shutdown.child_token();

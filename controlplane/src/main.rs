@@ -16,6 +16,7 @@ use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::pki::{Authority, Profile};
 use envgate_controlplane::runtime::docker::AgentSetup;
 use envgate_controlplane::store::EtcdConfig;
+use envgate_controlplane::throttle::ThrottlePolicy;
 use envgate_proto::audit::AuditLog;
 use envgate_proto::tls::TlsFiles;
 use envgate_proto::token::{self, TokenKey, TokenKeys};
@@ -194,6 +195,32 @@ struct Args {
     /// into etcd before serving; environments made through the admin API are kept.
     #[arg(long, env = "ENVGATE_ENVIRONMENTS")]
     environments: Option<PathBuf>,
+    /// Password hashes (argon2id, ~19 MiB each) computed at once; 0: one per CPU.
+    #[arg(long, env = "ENVGATE_PASSWORD_HASH_THREADS", default_value_t = 0)]
+    password_hash_threads: usize,
+    /// Password checks that may wait for a hasher; past that a login is refused at once
+    /// ("the server is busy checking passwords").
+    #[arg(long, env = "ENVGATE_PASSWORD_HASH_QUEUE", default_value_t = 32)]
+    password_hash_queue: usize,
+    /// Failed passwords per user and source address before each attempt must wait (1 s,
+    /// doubling with every further failure).
+    #[arg(long, env = "ENVGATE_AUTH_FREE_FAILURES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    auth_free_failures: u32,
+    /// The longest such wait.
+    #[arg(long, env = "ENVGATE_AUTH_MAX_DELAY_SECONDS", default_value_t = 900)]
+    auth_max_delay_seconds: u64,
+    /// A user and source without failures for this long start afresh.
+    #[arg(long, env = "ENVGATE_AUTH_QUIET_RESET_SECONDS", default_value_t = 900)]
+    auth_quiet_reset_seconds: u64,
+    /// Failed logins one source address (an IPv6 /64) may have across all users per window;
+    /// a whole class behind one NAT address must fit.
+    #[arg(long, env = "ENVGATE_AUTH_SOURCE_BUDGET", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    auth_source_budget: u32,
+    #[arg(long, env = "ENVGATE_AUTH_SOURCE_WINDOW_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    auth_source_window_seconds: u64,
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
@@ -328,6 +355,19 @@ fn config(args: Args) -> anyhow::Result<Config> {
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),
         hash_cost: HashCost::default(),
+        hash_threads: match args.password_hash_threads {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            n => n,
+        },
+        hash_queue: args.password_hash_queue,
+        throttle: ThrottlePolicy {
+            free_failures: args.auth_free_failures,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(args.auth_max_delay_seconds.max(1)),
+            quiet_reset: Duration::from_secs(args.auth_quiet_reset_seconds.max(1)),
+            source_budget: args.auth_source_budget,
+            source_window: Duration::from_secs(args.auth_source_window_seconds),
+        },
         environments,
     })
 }

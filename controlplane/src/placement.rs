@@ -6,10 +6,9 @@
 //! open racing the idle reaper either refreshes the record first (the reaper's CAS then fails)
 //! or sees it `removing` and waits for it to go.
 
-use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use envgate_proto::audit::{AuditLog, Event};
@@ -21,7 +20,6 @@ use envgate_proto::v1::{
     Progress, open_session_event,
 };
 use futures::{Stream, StreamExt};
-use tokio::sync::OwnedMutexGuard;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -30,6 +28,7 @@ use crate::auth::Authenticator;
 use crate::catalogue;
 use crate::error::{CallerError, PlacementError};
 use crate::guard::{self, ProxyIdentity};
+use crate::locks::KeyedLocks;
 use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
     UserRecord,
@@ -77,34 +76,6 @@ pub struct OpenRequest {
     pub client_address: String,
     pub connection_id: String,
     pub kind: String,
-}
-
-/// Serialises opens of one user+environment inside this replica, so its own concurrent opens
-/// queue behind the first instead of all racing the store. Across replicas the CAS on the
-/// record decides. The async mutex is held across awaits on purpose: that is its job.
-#[derive(Default)]
-struct KeyedLocks {
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
-}
-
-impl KeyedLocks {
-    async fn lock(&self, key: &str) -> OwnedMutexGuard<()> {
-        let mutex = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            if locks.len() > 1024 {
-                locks.retain(|_, weak| weak.strong_count() > 0);
-            }
-            match locks.get(key).and_then(Weak::upgrade) {
-                Some(mutex) => mutex,
-                None => {
-                    let mutex = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(key.to_owned(), Arc::downgrade(&mutex));
-                    mutex
-                }
-            }
-        };
-        mutex.lock_owned().await
-    }
 }
 
 pub struct Placer {
@@ -912,6 +883,7 @@ impl Sessions for SessionsService {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+    use std::sync::Mutex;
 
     use super::*;
     use crate::fixtures::{World, abandoned_claim, fast, no_progress};

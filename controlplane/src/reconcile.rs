@@ -27,6 +27,7 @@ use crate::model::{
 use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
+use crate::throttle::Throttle;
 
 /// Fallback idle timeout when the environment was deleted from the catalogue: the default an
 /// environment gets when it sets none.
@@ -36,6 +37,8 @@ const DEFAULT_IDLE_TIMEOUT: i64 = catalogue::DEFAULT_IDLE_TIMEOUT_SECONDS as i64
 const LEADER_LEASE_TTL: Duration = Duration::from_secs(6);
 const LEADER_KEEP_ALIVE: Duration = Duration::from_secs(2);
 const ELECTION: &str = "reconciler";
+/// How often the leader deletes expired login-failure records (`throttle.rs`).
+const THROTTLE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// The lifetime warning comes at most this long before the end (a quarter of the lifetime
 /// when that is shorter, see [`warning_lead`]).
 const MAX_WARNING_LEAD: i64 = 300;
@@ -153,6 +156,8 @@ pub struct Reconciler {
     /// Never held across an await.
     seen: Mutex<Option<Seen>>,
     pools: WarmPools,
+    /// Failure counts whose stale records the leader deletes now and then.
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl Reconciler {
@@ -163,7 +168,14 @@ impl Reconciler {
             runtime,
             config,
             seen: Mutex::new(None),
+            throttle: None,
         }
+    }
+
+    /// Also sweeps `throttle`'s expired records while leading.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> Self {
+        self.throttle = Some(throttle);
+        self
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Option<Seen>> {
@@ -654,7 +666,18 @@ impl Reconciler {
         *self.seen() = None;
         // A claim wakes the next pass early, so its pool refills at once.
         let claims = ClaimWatch::start(self.store.clone());
+        let mut next_sweep = tokio::time::Instant::now();
         loop {
+            if let Some(throttle) = &self.throttle
+                && tokio::time::Instant::now() >= next_sweep
+            {
+                next_sweep += THROTTLE_SWEEP_INTERVAL;
+                match throttle.sweep().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "expired login-failure records removed"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping login-failure records failed"),
+                }
+            }
             match self.reconcile().await {
                 Ok(actions) if actions != Actions::default() => {
                     tracing::info!(?actions, "reconcile pass");

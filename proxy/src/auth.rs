@@ -206,7 +206,7 @@ impl Authenticator {
                 })
             }
             Err(status) if status.code() == Code::Unauthenticated => AuthOutcome::Rejected,
-            Err(status) => AuthOutcome::Failed(format!("{}: {}", status.code(), status.message())),
+            Err(status) => AuthOutcome::Failed(status.message().to_owned()),
         }
     }
 }

@@ -199,10 +199,8 @@ impl ConnectionHandler {
             }
             AuthOutcome::Failed(why) => {
                 tracing::warn!(parent: &self.span, %user, error = %why, "authentication failed");
-                self.refused(
-                    attempt,
-                    "the control plane could not check the credential".into(),
-                );
+                // The control plane's reason (throttled, busy, unreachable) is the record's.
+                self.refused(attempt, why);
                 None
             }
         }

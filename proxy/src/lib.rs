@@ -46,6 +46,9 @@ use crate::limits::{PreauthBudget, UserConnections};
 use crate::server::ServerContext;
 use crate::session::SessionServices;
 
+/// Authentication requests (refused key offers included) one connection may make.
+pub const MAX_AUTH_ATTEMPTS: usize = 20;
+
 /// After the shutdown grace, connections get this long to say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,7 +125,10 @@ impl Proxy {
             // The "none" probe every client starts with is not a failure.
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![config.host_key],
-            max_auth_attempts: 6,
+            // Every refused key *offer* counts here, and clients offer every key in their
+            // agent: OpenSSH's 6 fails users with more than five keys. Guessing is bounded
+            // by the control plane's throttle, not by this.
+            max_auth_attempts: MAX_AUTH_ATTEMPTS,
             // Idle shells are legitimate; dead peers are found by keepalives.
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),

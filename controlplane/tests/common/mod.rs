@@ -14,6 +14,7 @@ use envgate_controlplane::runtime::Runtime;
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{EtcdConfig, EtcdStore, Store};
 use envgate_controlplane::testkit::{Etcd, TestPki};
+use envgate_controlplane::throttle::ThrottlePolicy;
 use envgate_controlplane::{Config, ControlPlane};
 use envgate_proto::audit::AuditLog;
 use envgate_proto::token::{self, TokenKey, TokenKeys};
@@ -111,6 +112,9 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
             memory_kib: 256,
             iterations: 1,
         },
+        hash_threads: 2,
+        hash_queue: 32,
+        throttle: ThrottlePolicy::default(),
         environments: Vec::new(),
     }
 }

@@ -1077,6 +1077,19 @@ impl Fleet {
 
     /// `ssh login command` with password authentication only (through SSH_ASKPASS).
     pub async fn ssh_password(&self, login: &str, password: &str, command: &str) -> SshOutput {
+        self.ssh_password_with_options(&[], login, password, command)
+            .await
+    }
+
+    /// `ssh_password` with extra `ssh` arguments (e.g. `-b 127.0.0.2`, another source
+    /// address as HAProxy reports it).
+    pub async fn ssh_password_with_options(
+        &self,
+        extra: &[&str],
+        login: &str,
+        password: &str,
+        command: &str,
+    ) -> SshOutput {
         let askpass = self
             .dir
             .path()
@@ -1092,6 +1105,7 @@ impl Fleet {
         set_mode(&askpass, 0o700);
         let mut argv = vec!["ssh".to_string()];
         argv.extend(self.ssh_base_args());
+        argv.extend(extra.iter().map(|s| s.to_string()));
         argv.extend(
             [
                 "-o",
@@ -1774,4 +1788,37 @@ pub fn sha256_hex(text: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+impl Fleet {
+    /// The argv of an `ssh` that logs in as `login` with whatever keys the ssh-agent at
+    /// `agent_socket` holds, offered in the agent's order (no `-i`).
+    pub fn ssh_agent_argv(&self, login: &str, agent_socket: &Path) -> Vec<String> {
+        let mut argv = vec!["ssh".to_string()];
+        let agent = format!("IdentityAgent={}", agent_socket.display());
+        argv.extend(self.ssh_base_args().into_iter().map(|a| {
+            if a == "IdentityAgent=none" {
+                agent.clone()
+            } else {
+                a
+            }
+        }));
+        argv.extend(
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "KbdInteractiveAuthentication=no",
+                "-l",
+                login,
+                "--",
+                "127.0.0.1",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        argv
+    }
 }
