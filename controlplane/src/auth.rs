@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use envgate_proto::audit::{self, AuditLog, Event, Outcome};
 use envgate_proto::token::{Claims, TokenKeys};
@@ -117,11 +117,8 @@ impl Hasher {
         Ok(self
             .pool
             .run(move || {
-                PasswordHash::new(&hash).is_ok_and(|parsed| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &parsed)
-                        .is_ok()
-                })
+                ARGON2_MEMORY
+                    .with(|memory| verify_in(password.as_bytes(), &hash, &mut memory.borrow_mut()))
             })
             .await?)
     }
@@ -130,6 +127,53 @@ impl Hasher {
     pub fn computed(&self) -> u64 {
         self.pool.computed()
     }
+}
+
+thread_local! {
+    /// argon2's working memory (19 MiB at the default cost), kept by each hasher thread and
+    /// reused: allocating it per check left every thread's malloc arena fragmented at
+    /// ~60 MiB under a storm of bad passwords.
+    static ARGON2_MEMORY: std::cell::RefCell<Vec<argon2::Block>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Verifies `password` against the PHC string `phc` in `memory`, which grows to the hash's
+/// cost once and is kept.
+fn verify_in(password: &[u8], phc: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params)) = (
+        Algorithm::try_from(parsed.algorithm),
+        Params::try_from(&parsed),
+    ) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let mut salt_bytes = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, argon2::Block::default());
+    }
+    let mut computed = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password, salt, &mut computed, &mut memory[..blocks])
+        .is_ok()
+        && computed
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Whether `key` (SSH wire format) is one of the user's authorized keys.
@@ -514,6 +558,39 @@ pub(crate) mod tests {
 
     fn wire(key: &PrivateKey) -> Vec<u8> {
         key.public_key().to_bytes().unwrap()
+    }
+
+    /// The memory-reusing check agrees with argon2's own, at any cost, with one buffer.
+    #[test]
+    fn reusing_the_memory_verifies_as_argon2_does() {
+        let mut memory = Vec::new();
+        for cost in [
+            TEST_COST,
+            HashCost {
+                memory_kib: 1024,
+                iterations: 2,
+            },
+            TEST_COST,
+        ] {
+            let salt = SaltString::generate(&mut OsRng);
+            let phc = cost
+                .hasher()
+                .hash_password(b"s3cret", &salt)
+                .unwrap()
+                .to_string();
+            assert!(verify_in(b"s3cret", &phc, &mut memory));
+            assert!(!verify_in(b"s3cret!", &phc, &mut memory));
+            assert!(!verify_in(b"", &phc, &mut memory));
+        }
+        assert_eq!(memory.len(), 1024, "grown to the largest cost once");
+        for broken in [
+            "",
+            "$argon2id$",
+            "not a hash",
+            "$argon2id$v=19$m=256,t=1,p=1$c2FsdA",
+        ] {
+            assert!(!verify_in(b"x", broken, &mut memory), "{broken:?}");
+        }
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ pub mod pool_doc;
 pub mod report;
 pub mod scrape;
 pub mod stats;
+pub mod storm;
 pub mod sweep;
 pub mod users;
 

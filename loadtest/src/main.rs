@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use envgate_loadtest::sweep::{COMPARE, Endpoint, SweepConfig, TARGET, run_sweep};
-use envgate_loadtest::{ClientKind, bench_doc, hold, plot, pool_doc, report, users};
+use envgate_loadtest::{ClientKind, bench_doc, hold, plot, pool_doc, report, storm, users};
 
 #[derive(Parser)]
 #[command(
@@ -33,11 +33,52 @@ enum Command {
     Report(ReportArgs),
     /// Hold many idle authenticated connections and report the proxies' resident memory per connection.
     Hold(HoldArgs),
+    /// Many bad password logins at once while good key logins go on; reports the control
+    /// plane's memory and the good logins' times against a baseline (and with --doc, writes
+    /// them into docs/benchmarks.md).
+    Storm(StormArgs),
     /// Write the results of `deploy/local/fleet bench` into the generated region of a Markdown file.
     BenchDoc(BenchDocArgs),
     /// Write the warm-pool comparison of `deploy/local/fleet bench` (the same cold sweep with
     /// the pool off and on) into its generated region of a Markdown file.
     PoolDoc(PoolDocArgs),
+}
+
+#[derive(Args)]
+struct StormArgs {
+    /// SSH front door (HAProxy), host:port.
+    #[arg(long)]
+    target: String,
+    /// Bad password logins, all at once.
+    #[arg(long, default_value_t = 1000)]
+    bad: usize,
+    /// They come from 127.0.0.2, 127.0.0.3, … (this many addresses, in turn).
+    #[arg(long, default_value_t = 200)]
+    sources: u8,
+    /// Good users (keys and users.txt of `envgate-loadtest users`) and how many of them.
+    #[arg(long)]
+    key_dir: PathBuf,
+    #[arg(long)]
+    users: usize,
+    /// Good key logins, without the storm and then during it.
+    #[arg(long, default_value_t = 50)]
+    good: usize,
+    /// The control plane's pid (its memory is read from /proc) and /metrics URL.
+    #[arg(long)]
+    controlplane_pid: u32,
+    #[arg(long)]
+    metrics: String,
+    /// Limit on each login (seconds).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the table into this document's generated region (with --meta lines on top).
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    #[arg(long)]
+    meta: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -260,6 +301,7 @@ fn main() -> ExitCode {
             Command::Users(args) => create_users(args).await,
             Command::Report(args) => redraw(args),
             Command::Hold(args) => hold(args).await,
+            Command::Storm(args) => storm(args).await,
             Command::BenchDoc(args) => bench_doc(args),
             Command::PoolDoc(args) => pool_doc(args),
         }
@@ -365,6 +407,38 @@ async fn hold(args: HoldArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn storm(args: StormArgs) -> anyhow::Result<ExitCode> {
+    let config = storm::StormConfig {
+        addr: args.target,
+        bad: args.bad,
+        sources: (0..args.sources.max(1))
+            .map(|n| std::net::IpAddr::from([127, 0, 0, n.saturating_add(2)]))
+            .collect(),
+        good: users::credentials_from_dir(&args.key_dir, args.users)?,
+        good_logins: args.good,
+        controlplane_pid: args.controlplane_pid,
+        metrics: args.metrics,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let result = storm::run(&config).await?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    let meta = match &args.meta {
+        Some(path) => read_meta(path)?,
+        None => Vec::new(),
+    };
+    let generated = storm::markdown(&result, &meta);
+    match &args.doc {
+        Some(doc) => write_doc(doc, &generated, storm::splice),
+        None => {
+            println!("{generated}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
