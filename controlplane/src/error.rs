@@ -1,5 +1,6 @@
 //! The control plane's error kinds, and the one place they become gRPC statuses.
 
+use envgate_proto::failure::{self, request_id, with_request_id};
 use tonic::{Code, Status};
 
 use crate::reconcile::ReconcileError;
@@ -188,13 +189,40 @@ fn list(items: &[String]) -> String {
     }
 }
 
-fn store_status(e: &StoreError) -> Status {
-    match e {
-        StoreError::Unavailable(_) | StoreError::LeaseNotFound(_) => {
-            Status::unavailable(e.to_string())
-        }
-        StoreError::Corrupt { .. } => Status::internal(e.to_string()),
+/// A failure the caller cannot act on: the detail is logged under a fresh request id, and the
+/// status says only what users may read ([`failure`]) plus that id, also in the metadata
+/// `x-envgate-request-id`. The log line is in the call's span, which names the proxy's
+/// connection id, so an operator finds both. Operators calling the admin API get the same
+/// answer and find the detail the same way.
+fn internal(code: Code, detail: &dyn std::fmt::Display) -> Status {
+    let id = request_id();
+    tracing::warn!(request_id = %id, error = %detail, "request failed");
+    let message = if code == Code::Unavailable {
+        failure::UNAVAILABLE
+    } else {
+        failure::INTERNAL
+    };
+    tagged(Status::new(code, with_request_id(message, &id)), &id)
+}
+
+fn tagged(mut status: Status, id: &str) -> Status {
+    if let Ok(value) = id.parse() {
+        status
+            .metadata_mut()
+            .insert(envgate_proto::metadata::REQUEST_ID, value);
     }
+    status
+}
+
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::Unavailable(_) | StoreError::LeaseNotFound(_) => Code::Unavailable,
+        StoreError::Corrupt { .. } => Code::Internal,
+    }
+}
+
+fn store_status(e: &StoreError) -> Status {
+    internal(store_code(e), e)
 }
 
 fn choice_status(e: &ChoiceError) -> Status {
@@ -205,10 +233,10 @@ fn choice_status(e: &ChoiceError) -> Status {
 }
 
 /// A removal through the reconciler's claim (admin delete, a user's stop) that failed.
-fn remove_status(e: &ReconcileError) -> Status {
+fn remove_code(e: &ReconcileError) -> Code {
     match e {
-        ReconcileError::Store(s) => store_status(s),
-        ReconcileError::Runtime(_) => Status::unavailable(e.to_string()),
+        ReconcileError::Store(s) => store_code(s),
+        ReconcileError::Runtime(_) => Code::Unavailable,
     }
 }
 
@@ -221,7 +249,7 @@ fn auth_status(e: &AuthError) -> Status {
         AuthError::Throttled(_) | AuthError::Hashing(crate::hashing::HashError::Busy) => {
             Status::resource_exhausted(e.to_string())
         }
-        AuthError::Hashing(_) | AuthError::BadHash => Status::internal(e.to_string()),
+        AuthError::Hashing(_) | AuthError::BadHash => internal(Code::Internal, e),
         AuthError::Store(s) => store_status(s),
     }
 }
@@ -240,14 +268,27 @@ impl From<PlacementError> for Status {
             PlacementError::Store(s) => return store_status(s),
             PlacementError::Choice(c) => return choice_status(c),
             PlacementError::NoEnvironment { .. } => Code::NotFound,
-            PlacementError::ImageMissing { .. } | PlacementError::PullFailed { .. } => {
-                Code::FailedPrecondition
+            PlacementError::ImageMissing { .. } => Code::FailedPrecondition,
+            // The registry's answer is for the log; the user learns which image it was.
+            PlacementError::PullFailed {
+                environment, image, ..
+            } => {
+                let id = request_id();
+                tracing::warn!(request_id = %id, error = %e, "pulling an image failed");
+                let message = format!(
+                    "environment \"{environment}\" cannot start: its image {image} could not be pulled"
+                );
+                return tagged(
+                    Status::failed_precondition(with_request_id(&message, &id)),
+                    &id,
+                );
             }
             PlacementError::TooManyContainers { .. } => Code::ResourceExhausted,
-            PlacementError::ProxyNotRegistered(_)
-            | PlacementError::RuntimeUnavailable(_)
-            | PlacementError::Timeout(_) => Code::Unavailable,
-            PlacementError::RuntimeFailed(_) => Code::Internal,
+            PlacementError::Timeout(_) => Code::DeadlineExceeded,
+            PlacementError::ProxyNotRegistered(_) | PlacementError::RuntimeUnavailable(_) => {
+                return internal(Code::Unavailable, &e);
+            }
+            PlacementError::RuntimeFailed(_) => return internal(Code::Internal, &e),
         };
         Status::new(code, e.to_string())
     }
@@ -275,7 +316,7 @@ impl From<AdminError> for Status {
             AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             AdminError::NotFound(_) => Status::not_found(e.to_string()),
             AdminError::Changed(_) => Status::aborted(e.to_string()),
-            AdminError::Remove(r) => remove_status(r),
+            AdminError::Remove(r) => internal(remove_code(r), r),
             AdminError::Auth(a) => auth_status(a),
             AdminError::Store(s) => store_status(s),
         }
@@ -289,7 +330,7 @@ impl From<SelfServiceError> for Status {
             SelfServiceError::Choice(c) => choice_status(c),
             SelfServiceError::UnknownUser(_) => Status::unauthenticated(e.to_string()),
             SelfServiceError::Changed(_) => Status::aborted(e.to_string()),
-            SelfServiceError::Remove(r) => remove_status(r),
+            SelfServiceError::Remove(r) => internal(remove_code(r), r),
             SelfServiceError::Store(s) => store_status(s),
         }
     }
@@ -309,5 +350,102 @@ impl From<FleetError> for Status {
             FleetError::Stream(status) => status,
             FleetError::Store(s) => store_status(&s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_id_of(status: &Status) -> String {
+        let id = status
+            .metadata()
+            .get(envgate_proto::metadata::REQUEST_ID)
+            .expect("a request id")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(id.len(), 8);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        id
+    }
+
+    #[test]
+    fn outages_reach_callers_as_one_sentence_and_a_request_id() {
+        let store = StoreError::Unavailable(
+            "grpc request error: code: 'The service is currently unavailable', message: \"tcp connect error\"".into(),
+        );
+        for status in [
+            Status::from(PlacementError::Store(StoreError::Unavailable("x".into()))),
+            Status::from(store),
+            Status::from(PlacementError::RuntimeUnavailable(
+                "docker is unavailable: error trying to connect".into(),
+            )),
+            Status::from(PlacementError::ProxyNotRegistered("p1".into())),
+            Status::from(SelfServiceError::Store(StoreError::LeaseNotFound(7))),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable);
+            let id = request_id_of(&status);
+            assert_eq!(
+                status.message(),
+                format!(
+                    "the service is temporarily unavailable; try again in a minute (request id {id})"
+                )
+            );
+        }
+        let status = Status::from(PlacementError::RuntimeFailed(
+            "docker answered 500: oops".into(),
+        ));
+        let id = request_id_of(&status);
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(
+            status.message(),
+            format!(
+                "something went wrong on our side; if it keeps happening, tell your administrator (request id {id})"
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_pull_names_the_image_but_not_the_registrys_answer() {
+        let status = Status::from(PlacementError::PullFailed {
+            environment: "py".into(),
+            image: "registry.lab/py:3".into(),
+            reason: "Get \"https://registry.lab/v2/\": dial tcp 10.0.0.9:443: i/o timeout".into(),
+        });
+        let id = request_id_of(&status);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            format!(
+                "environment \"py\" cannot start: its image registry.lab/py:3 could not be pulled (request id {id})"
+            )
+        );
+    }
+
+    #[test]
+    fn messages_meant_for_users_are_kept_and_carry_no_request_id() {
+        let status = Status::from(PlacementError::Choice(ChoiceError::UnknownEnvironment {
+            requested: "nope".into(),
+            available: vec!["busybox".into(), "debian".into()],
+        }));
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(
+            status.message(),
+            "unknown environment \"nope\"; available: busybox, debian"
+        );
+        assert!(
+            status
+                .metadata()
+                .get(envgate_proto::metadata::REQUEST_ID)
+                .is_none()
+        );
+        let throttled = Status::from(AuthError::Throttled(crate::throttle::Refusal::User {
+            retry_after_secs: 4,
+        }));
+        assert_eq!(
+            throttled.message(),
+            "too many failed attempts; retry in 4 s"
+        );
     }
 }

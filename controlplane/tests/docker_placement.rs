@@ -291,14 +291,15 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
     );
 
     // A missing image is pulled; with no registry reachable that is a clear FAILED_PRECONDITION
-    // naming the environment and the image (Docker's reason follows), with nothing left behind.
+    // naming the environment and the image (Docker's reason is logged under the request id),
+    // with nothing left behind.
     let status = open(channel.clone(), token.clone(), "missing")
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
         status.message().starts_with(
-            r#"environment "missing": cannot pull image 127.0.0.1:1/envgate/missing:latest: "#
+            r#"environment "missing" cannot start: its image 127.0.0.1:1/envgate/missing:latest could not be pulled (request id "#
         ),
         "{}",
         status.message()

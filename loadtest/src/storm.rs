@@ -198,8 +198,8 @@ pub async fn run(config: &StormConfig) -> Result<StormResult, HoldError> {
             }
         })
     };
-    let russh_config = crate::client::russh::config(Some(crate::client::DEFAULT_KEX))
-        .map_err(HoldError::Kex)?;
+    let russh_config =
+        crate::client::russh::config(Some(crate::client::DEFAULT_KEX)).map_err(HoldError::Kex)?;
     let started = Instant::now();
     let mut storm = JoinSet::new();
     for i in 0..config.bad {

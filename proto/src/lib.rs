@@ -28,4 +28,31 @@ pub mod metadata {
     pub const AUTHORIZATION: &str = "authorization";
     /// The proxy's connection id, so both sides log the same id.
     pub const CONNECTION_ID: &str = "x-envgate-connection-id";
+    /// On an error status: the id under which the detail was logged; the message users see
+    /// already names it.
+    pub const REQUEST_ID: &str = "x-envgate-request-id";
+}
+
+/// What users read when something broke on envgate's side, and the request ids that tie such
+/// a line to the log line with the detail. Both ends use these, so users see the same words
+/// whichever side noticed.
+pub mod failure {
+    /// An outage: a store, runtime or replica that cannot be reached.
+    pub const UNAVAILABLE: &str = "the service is temporarily unavailable; try again in a minute";
+    /// Anything else the user cannot act on.
+    pub const INTERNAL: &str =
+        "something went wrong on our side; if it keeps happening, tell your administrator";
+
+    /// A fresh id, 8 hex digits, to log the detail under and show to the user.
+    pub fn request_id() -> String {
+        let mut bytes = [0u8; 4];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .expect("the system random source works");
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// `message (request id ID)`.
+    pub fn with_request_id(message: &str, id: &str) -> String {
+        format!("{message} (request id {id})")
+    }
 }

@@ -92,10 +92,18 @@ pub fn adopt_context(span: &tracing::Span, headers: &HeaderMap) {
 /// after the method, and a child of the caller's span when the request
 /// carries trace context, so the server's spans join the caller's trace.
 pub fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    // The proxy's connection id, so a failure's log line (and its request id) can be found
+    // from the proxy's log of the same connection.
+    let connection = request
+        .headers()
+        .get(crate::metadata::CONNECTION_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let span = tracing::info_span!(
         "rpc",
         otel.name = %request.uri().path(),
-        otel.kind = "server"
+        otel.kind = "server",
+        connection = %connection
     );
     adopt_context(&span, request.headers());
     span

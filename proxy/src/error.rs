@@ -1,6 +1,7 @@
 //! The proxy's errors, and the one place that decides what a user is shown
 //! and which metric label a failure counts under.
 
+use envgate_proto::failure;
 use thiserror::Error;
 use tonic::Code;
 
@@ -104,36 +105,65 @@ pub fn notice_line(message: &str) -> String {
     format!("envgate: {message}")
 }
 
-/// The line a user sees on stderr when placement fails: the control plane's
-/// message is written for users (e.g. `unknown environment "nope";
-/// available: busybox, debian`).
+/// What a user reads of a failure they cannot act on: `text` and a fresh request id, under
+/// which the detail is logged here (with the connection's span, so its id too).
+fn logged_failure(text: &str, detail: &dyn std::fmt::Display) -> String {
+    let id = failure::request_id();
+    tracing::warn!(request_id = %id, error = %detail, "a user was shown a failure");
+    format!("envgate: {}", failure::with_request_id(text, &id))
+}
+
+/// The line a user sees on stderr when placement (or a self-service call) fails. The control
+/// plane's messages are written for users (e.g. `unknown environment "nope"; available:
+/// busybox, debian`), and one about a failure on its side already names the request id its
+/// log has the detail under. A failure this proxy noticed itself (the control plane
+/// unreachable, a stream broken, an answer without a message) is logged here under a request
+/// id of its own, and the user gets the same short sentence.
 pub fn placement_failure_line(status: &tonic::Status) -> String {
     let message = status.message().trim();
+    let named_request = status
+        .metadata()
+        .get(envgate_proto::metadata::REQUEST_ID)
+        .is_some();
+    let meant_for_users = matches!(
+        status.code(),
+        Code::NotFound
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::Unauthenticated
+            | Code::InvalidArgument
+            | Code::Aborted
+    );
     match status.code() {
+        _ if named_request && !message.is_empty() => format!("envgate: {message}"),
         Code::DeadlineExceeded => {
             "envgate: starting the environment took too long; try again".to_owned()
         }
-        Code::Unavailable if message.is_empty() || crate::controlplane::is_unreachable(status) => {
-            "envgate: the envgate control plane is unreachable; try again shortly".to_owned()
-        }
-        _ if message.is_empty() => format!(
-            "envgate: the session could not be opened ({})",
-            status.code()
-        ),
-        _ => format!("envgate: {message}"),
+        _ if meant_for_users && !message.is_empty() => format!("envgate: {message}"),
+        Code::Unavailable => logged_failure(failure::UNAVAILABLE, &status_detail(status)),
+        _ => logged_failure(failure::INTERNAL, &status_detail(status)),
     }
 }
 
-/// The line a user sees when the process could not be started in their
-/// container after placement.
+fn status_detail(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => format!("{}: {} ({source})", status.code(), status.message()),
+        None => format!("{}: {}", status.code(), status.message()),
+    }
+}
+
+/// The line a user sees when the process could not be started in their container after
+/// placement. Only the agent's refusals are written for users; the rest is logged.
 pub fn exec_failure_line(error: &crate::exec::ExecError) -> String {
     use crate::exec::ExecError;
     match error {
         ExecError::Refused(message) => format!("envgate: {message}"),
-        ExecError::AgentUnreachable(why) => format!(
-            "envgate: your environment is not answering ({why}); connect again to get a fresh one (your home directory is kept)"
+        ExecError::AgentUnreachable(_) => logged_failure(
+            "your environment is not answering; connect again to get a fresh one (your home directory is kept)",
+            error,
         ),
-        other => format!("envgate: could not start your process: {other}"),
+        other => logged_failure(failure::INTERNAL, other),
     }
 }
 
@@ -226,6 +256,20 @@ impl From<&PreauthRefusal> for ConnectionResult {
 mod tests {
     use super::*;
 
+    /// `prefix (request id XXXXXXXX)`, and the id.
+    fn split_request_id<'a>(line: &'a str, prefix: &str) -> &'a str {
+        let id = line
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix(" (request id "))
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{line:?} is not {prefix:?} with a request id"));
+        assert!(
+            id.len() == 8 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        id
+    }
+
     #[test]
     fn users_see_the_control_planes_message() {
         let status =
@@ -238,10 +282,51 @@ mod tests {
             placement_result_label(&status),
             "placement_unknown_environment"
         );
-        let status = tonic::Status::unavailable("");
-        assert!(
-            placement_failure_line(&status)
-                .starts_with("envgate: the envgate control plane is unreachable")
+        // A failure the control plane logged under an id: shown as it wrote it.
+        let mut status = tonic::Status::unavailable(
+            "the service is temporarily unavailable; try again in a minute (request id 0a1b2c3d)",
+        );
+        status.metadata_mut().insert(
+            envgate_proto::metadata::REQUEST_ID,
+            "0a1b2c3d".parse().unwrap(),
+        );
+        assert_eq!(
+            placement_failure_line(&status),
+            "envgate: the service is temporarily unavailable; try again in a minute (request id 0a1b2c3d)"
+        );
+    }
+
+    #[test]
+    fn failures_noticed_by_the_proxy_get_a_request_id_and_no_internals() {
+        let unreachable = tonic::Status::unavailable(
+            "tcp connect error: Connection refused (os error 111) at 127.0.0.1:50051",
+        );
+        let line = placement_failure_line(&unreachable);
+        split_request_id(
+            &line,
+            "envgate: the service is temporarily unavailable; try again in a minute",
+        );
+        let broken = tonic::Status::internal("h2 protocol error: stream reset");
+        split_request_id(
+            &placement_failure_line(&broken),
+            "envgate: something went wrong on our side; if it keeps happening, tell your administrator",
+        );
+        use crate::exec::ExecError;
+        let line = exec_failure_line(&ExecError::AgentUnreachable(
+            "connect /var/lib/envgate/agents/x/sock: No such file".into(),
+        ));
+        split_request_id(
+            &line,
+            "envgate: your environment is not answering; connect again to get a fresh one (your home directory is kept)",
+        );
+        let line = exec_failure_line(&ExecError::Runtime("docker answered 409: conflict".into()));
+        split_request_id(
+            &line,
+            "envgate: something went wrong on our side; if it keeps happening, tell your administrator",
+        );
+        assert_eq!(
+            exec_failure_line(&ExecError::Refused("no user alice in this image".into())),
+            "envgate: no user alice in this image"
         );
     }
 }

@@ -307,8 +307,9 @@ async fn a_killed_agent_is_a_clear_error_for_its_user_only_and_the_container_is_
     let (demo, bob, ()) = tokio::join!(demo_session, bob_session, killer);
     assert_eq!(demo.stdout, "started\n", "{demo:#?}");
     assert!(
-        demo.stderr
-            .contains("envgate: your environment is not answering"),
+        demo.stderr.contains(
+            "envgate: your environment is not answering; connect again to get a fresh one (your home directory is kept) (request id "
+        ),
         "{demo:#?}"
     );
     assert_eq!(demo.code, Some(255), "{demo:#?}");

@@ -1822,3 +1822,48 @@ impl Fleet {
         argv
     }
 }
+
+impl Fleet {
+    /// The whole log of one process of the fleet (`controlplane`, `proxy-0`, …).
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+/// A line users read for a failure on envgate's side: `text (request id XXXXXXXX)`; returns
+/// the id, panicking with the line when it is anything else.
+pub fn request_id_in<'a>(line: &'a str, text: &str) -> &'a str {
+    let id = line
+        .strip_prefix(text)
+        .and_then(|rest| rest.strip_prefix(" (request id "))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line:?} is not {text:?} with a request id"));
+    assert!(
+        id.len() == 8 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{line:?}"
+    );
+    id
+}
+
+/// What users read when envgate is down somewhere.
+pub const UNAVAILABLE_LINE: &str =
+    "envgate: the service is temporarily unavailable; try again in a minute";
+
+/// The words of envgate's internals a user must never read.
+pub fn assert_no_internals(line: &str) {
+    for word in [
+        "grpc",
+        "tonic",
+        "etcd",
+        "tcp",
+        "docker",
+        "Transport",
+        "os error",
+        "127.0.0.1",
+    ] {
+        assert!(
+            !line.to_lowercase().contains(&word.to_lowercase()),
+            "{word:?} leaks in {line:?}"
+        );
+    }
+}
