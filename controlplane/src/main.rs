@@ -279,18 +279,12 @@ fn config(args: Args) -> anyhow::Result<Config> {
     }
     let etcd_tls = TlsFiles::load(&args.etcd_cert, &args.etcd_key, &args.etcd_ca)
         .context("--etcd-cert/--etcd-key/--etcd-ca")?;
-    if let Some(host) = &args.docker_host
-        && !host.starts_with("unix://")
-    {
-        bail!(
-            "--docker-host: {host} is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)"
-        );
+    if let Some(host) = &args.docker_host {
+        envgate_proto::tls::check_docker_host(host)
+            .map_err(|e| anyhow::anyhow!("--docker-host: {e}"))?;
     }
-    let audit = match &args.audit_log {
-        None => AuditLog::log_only(),
-        Some(path) => AuditLog::to_file(path)
-            .with_context(|| format!("--audit-log: cannot open {}", path.display()))?,
-    };
+    let audit = AuditLog::from_flag(args.audit_log.as_deref())
+        .context("--audit-log: cannot open the file")?;
     if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
         bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
     }

@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use russh::client::{self, AuthResult};
-use russh::keys::PublicKeyOrCertificate;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 
+use crate::client::russh::AcceptAnyHostKey;
 use crate::client::{Credential, Job};
 use crate::hold::{HoldError, total_rss_kib};
 use crate::stats::Distribution;
@@ -73,19 +73,6 @@ pub struct StormResult {
     pub storm_seconds: f64,
     pub baseline: GoodLogins,
     pub during: GoodLogins,
-}
-
-struct AcceptAnyHostKey;
-
-impl client::Handler for AcceptAnyHostKey {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
 }
 
 /// One bad password login from `source`: `Ok(true)` when refused, `Ok(false)` if it got in.

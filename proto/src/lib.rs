@@ -6,6 +6,7 @@ pub mod audit;
 pub mod names;
 pub mod ops;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 pub mod token;
 

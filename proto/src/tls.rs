@@ -118,6 +118,18 @@ pub fn proxy_id_of(der: &[u8]) -> Result<String, IdentityError> {
     Ok(id.to_owned())
 }
 
+/// Docker is reached only through a local Unix socket: its API is root on the host, and over
+/// TCP it would be that for anyone on the network.
+pub fn check_docker_host(host: &str) -> Result<(), String> {
+    if host.starts_with("unix://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host} is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)"
+        ))
+    }
+}
+
 /// A PEM file's bytes, read once at start.
 pub fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::Read {

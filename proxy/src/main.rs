@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use envgate_proto::audit::AuditLog;
 use envgate_proto::tls::TlsFiles;
@@ -147,18 +147,12 @@ async fn main() -> anyhow::Result<()> {
     let tls = TlsFiles::load(&args.tls_cert, &args.tls_key, &args.tls_ca)
         .context("--tls-cert/--tls-key/--tls-ca")?;
     let proxy_id = tls.proxy_id(&args.tls_cert).context("--tls-cert")?;
-    if let Some(host) = &args.docker_host
-        && !host.starts_with("unix://")
-    {
-        bail!(
-            "--docker-host: {host} is not a unix:// socket; Docker over TCP is not supported (its API is root on the host)"
-        );
+    if let Some(host) = &args.docker_host {
+        envgate_proto::tls::check_docker_host(host)
+            .map_err(|e| anyhow::anyhow!("--docker-host: {e}"))?;
     }
-    let audit = match &args.audit_log {
-        None => AuditLog::log_only(),
-        Some(path) => AuditLog::to_file(path)
-            .with_context(|| format!("--audit-log: cannot open {}", path.display()))?,
-    };
+    let audit = AuditLog::from_flag(args.audit_log.as_deref())
+        .context("--audit-log: cannot open the file")?;
     let config = Config {
         listen: args.listen,
         ops_listen: Some(args.ops_listen),

@@ -82,12 +82,7 @@ async fn docker_unreachable_is_one_clear_line_and_leaves_no_record() {
     let id = request_id_in(line, UNAVAILABLE_LINE);
     assert_no_internals(line);
     // The operator finds the detail under the id the user was shown.
-    let detail = fleet
-        .log_of("controlplane")
-        .lines()
-        .find(|l| l.contains(id))
-        .unwrap_or_default()
-        .to_owned();
+    let detail = fleet.log_line_with("controlplane", id);
     assert!(detail.contains("docker is unavailable"), "{detail:?}");
     eventually(
         Duration::from_secs(15),
@@ -127,12 +122,7 @@ async fn a_missing_image_is_one_clear_line() {
             "envgate: environment \"ghost\" cannot start: its image {image} could not be pulled"
         ),
     );
-    let detail = fleet
-        .log_of("controlplane")
-        .lines()
-        .find(|l| l.contains(id))
-        .unwrap_or_default()
-        .to_owned();
+    let detail = fleet.log_line_with("controlplane", id);
     assert!(detail.contains("cannot pull image"), "{detail:?}");
     assert!(
         fleet.containers(None).is_empty(),
@@ -156,12 +146,7 @@ async fn etcd_down_is_one_clear_line_and_nothing_crashes() {
     let line = assert_one_envgate_line(&out);
     let id = request_id_in(line, UNAVAILABLE_LINE);
     assert_no_internals(line);
-    let detail = fleet
-        .log_of("controlplane")
-        .lines()
-        .find(|l| l.contains(id))
-        .unwrap_or_default()
-        .to_owned();
+    let detail = fleet.log_line_with("controlplane", id);
     assert!(detail.contains("etcd is unavailable"), "{detail:?}");
     assert!(
         fleet.controlplane_alive(),
@@ -190,12 +175,7 @@ async fn an_unreachable_control_plane_is_one_clear_line_with_the_proxys_request_
     let line = assert_one_envgate_line(&out);
     let id = request_id_in(line, UNAVAILABLE_LINE);
     assert_no_internals(line);
-    let detail = fleet
-        .log_of("proxy-0")
-        .lines()
-        .find(|l| l.contains(id))
-        .unwrap_or_default()
-        .to_owned();
+    let detail = fleet.log_line_with("proxy-0", id);
     assert!(detail.contains("tcp connect error"), "{detail:?}");
     assert!(fleet.proxy_alive(0), "the proxy died\n{}", fleet.logs());
 }

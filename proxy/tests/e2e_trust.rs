@@ -52,6 +52,18 @@ fn ca_flags(fleet: &Fleet) -> Vec<String> {
     vec!["-cacert".into(), fleet.pki.ca_path().display().to_string()]
 }
 
+/// `ca_flags` and a client certificate.
+fn cert_flags(fleet: &Fleet, cert: &std::path::Path, key: &std::path::Path) -> Vec<String> {
+    let mut flags = ca_flags(fleet);
+    flags.extend([
+        "-cert".into(),
+        cert.display().to_string(),
+        "-key".into(),
+        key.display().to_string(),
+    ]);
+    flags
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_proxy_certificate_the_control_plane_gives_nothing() {
     let mut fleet = Fleet::start_with(FleetOptions {
@@ -260,13 +272,7 @@ async fn a_proxy_certificate_acts_only_for_its_own_proxy() {
     )
     .unwrap();
     let (cert, key) = pki::paths(fleet.pki.dir(), "not-a-proxy");
-    let mut flags = ca_flags(&fleet);
-    flags.extend([
-        "-cert".into(),
-        cert.display().to_string(),
-        "-key".into(),
-        key.display().to_string(),
-    ]);
+    let flags = cert_flags(&fleet, &cert, &key);
     let out = grpcurl(
         &fleet,
         &flags,

@@ -14,7 +14,7 @@ use super::{Failure, FailureKind, Job, Outcome, Step, Timeline, first_line};
 
 /// Accepts any host key: the load test measures, it does not protect a
 /// session, and every fleet or floor it targets is started by the caller.
-struct AcceptAnyHostKey;
+pub(crate) struct AcceptAnyHostKey;
 
 impl client::Handler for AcceptAnyHostKey {
     type Error = russh::Error;

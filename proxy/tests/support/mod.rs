@@ -1828,6 +1828,15 @@ impl Fleet {
     pub fn log_of(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
+
+    /// The line of `process`'s log that names request id `id` (empty if none).
+    pub fn log_line_with(&self, process: &str, id: &str) -> String {
+        self.log_of(process)
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// A line users read for a failure on envgate's side: `text (request id XXXXXXXX)`; returns
