@@ -84,11 +84,15 @@ async fn a_registry_that_is_not_there_is_a_clear_refusal_that_leaves_nothing() {
     assert_eq!(out.stdout, "", "the command never ran: {out:#?}");
     let lines = out.stderr_lines();
     assert_eq!(lines.len(), 1, "{out:#?}");
-    let expected = format!("envgate: environment \"nope\": cannot pull image {image}: ");
-    assert!(
-        lines[0].starts_with(&expected) && lines[0].contains("connection refused"),
-        "{out:#?}"
+    // Which image, in one line; the registry's answer is in the log under the request id.
+    let id = support::request_id_in(
+        lines[0],
+        &format!(
+            "envgate: environment \"nope\" cannot start: its image {image} could not be pulled"
+        ),
     );
+    let detail = fleet.log_line_with("controlplane", id);
+    assert!(detail.contains("connection refused"), "{detail:?}");
     assert!(
         fleet
             .etcd_records("containers/demo/nope")
