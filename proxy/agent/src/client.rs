@@ -30,8 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
-    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message,
-    OpenProcess, PROTOCOL_VERSION, ProtocolError, SpawnRequest, Stream, WindowSize,
+    ACCOUNT_VERSION, AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK,
+    MIN_PROTOCOL_VERSION, Message, OpenProcess, PROTOCOL_VERSION, ProtocolError, SpawnRequest,
+    Stream, WindowSize,
 };
 use crate::signals::signal_number;
 
@@ -247,8 +248,15 @@ impl AgentClient {
 
     /// Starts a process in the container. Errors the agent reports (unknown user, program
     /// not found, …) come back as `AgentError::SpawnFailed` with a message for the user.
-    pub async fn spawn(&self, request: SpawnRequest) -> Result<Process, AgentError> {
+    pub async fn spawn(&self, mut request: SpawnRequest) -> Result<Process, AgentError> {
         let shared = &self.shared;
+        if shared.version < ACCOUNT_VERSION
+            && let Some(account) = request.account.take()
+        {
+            // An agent from before accounts (a container started by an older release): the
+            // same uid and gid, without the passwd entry.
+            request.user = Some(format!("{}:{}", account.uid, account.gid));
+        }
         let id = shared.next_channel.fetch_add(1, Ordering::Relaxed);
         if id >= AGENT_CHANNEL_BIT {
             return Err(AgentError::Closed(

@@ -20,5 +20,5 @@ mod termios;
 
 pub use client::{AgentAddress, AgentClient, AgentError, ConnectOptions, Process};
 pub use pool::AgentPool;
-pub use protocol::{ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize};
+pub use protocol::{Account, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize};
 pub use spawn::AccountFiles;

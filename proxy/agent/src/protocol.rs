@@ -1,4 +1,4 @@
-//! The proxy ⇄ agent wire protocol (version 1). `docs/agent.md` is the prose description.
+//! The proxy ⇄ agent wire protocol (version 2). `docs/agent.md` is the prose description.
 //!
 //! Every frame is `len: u32 BE | kind: u8 | channel: u32 BE | body`, where `len` counts
 //! `kind`, `channel` and `body`. Channel 0 carries the handshake and connection-level
@@ -13,7 +13,10 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The version this build speaks; the handshake settles on the highest both sides know.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 adds the session's own account to `Open` (`SpawnRequest::account`).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first version whose `Open` may carry an account.
+pub const ACCOUNT_VERSION: u16 = 2;
 /// The oldest version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Starts the agent's hello so a peer that is not an envgate agent is detected at once.
@@ -137,12 +140,25 @@ pub struct PtyRequest {
 }
 
 /// A process the proxy asks the agent to start.
+/// The session user's own account. The agent makes sure the container's passwd and group
+/// files name it (replacing an entry of the same name) and hands the home directory to it
+/// while the home is still root's, then runs the process as it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpawnRequest {
     pub program: Program,
     /// A name from the container's `/etc/passwd`, or a numeric uid; `None` runs as the
-    /// agent's own user (root).
+    /// agent's own user (root). Ignored when `account` is set.
     pub user: Option<String>,
+    /// Version 2: run as this account, created in the container if it is missing.
+    pub account: Option<Account>,
     /// Added on top of the session's base environment: the container's own environment
     /// (image `ENV`, as a Docker exec sees it) plus HOME, USER, LOGNAME, SHELL of the user,
     /// PATH if the image sets none, and TERM with a pty.
@@ -157,6 +173,7 @@ impl SpawnRequest {
         SpawnRequest {
             program,
             user: None,
+            account: None,
             env: Vec::new(),
             cwd: None,
             pty: None,
@@ -523,6 +540,13 @@ fn encode_spawn(e: &mut Enc<'_>, open: &OpenProcess) {
     }
     e.u32(open.stdout_window);
     e.u32(open.stderr_window);
+    // Version 2 appends the account; a version 1 peer is never sent one (see the client).
+    if let Some(account) = &r.account {
+        e.str(&account.name);
+        e.u32(account.uid);
+        e.u32(account.gid);
+        e.str(&account.home);
+    }
 }
 
 fn decode_spawn(d: &mut Dec<'_>) -> Result<OpenProcess, ProtocolError> {
@@ -559,16 +583,29 @@ fn decode_spawn(d: &mut Dec<'_>) -> Result<OpenProcess, ProtocolError> {
             Some(PtyRequest { term, size, modes })
         }
     };
+    let stdout_window = d.u32()?;
+    let stderr_window = d.u32()?;
+    let account = if d.0.is_empty() {
+        None
+    } else {
+        Some(Account {
+            name: d.str()?,
+            uid: d.u32()?,
+            gid: d.u32()?,
+            home: d.str()?,
+        })
+    };
     Ok(OpenProcess {
         request: SpawnRequest {
             program,
             user,
+            account,
             env,
             cwd,
             pty,
         },
-        stdout_window: d.u32()?,
-        stderr_window: d.u32()?,
+        stdout_window,
+        stderr_window,
     })
 }
 
@@ -779,6 +816,12 @@ mod tests {
                 request: SpawnRequest {
                     program: Program::Argv(vec!["ls".into(), "-l".into()]),
                     user: Some("alice".into()),
+                    account: Some(Account {
+                        name: "alice".into(),
+                        uid: 200_001,
+                        gid: 200_001,
+                        home: "/home/alice".into(),
+                    }),
                     env: vec![("A".into(), "b".into())],
                     cwd: Some("/tmp".into()),
                     pty: Some(PtyRequest {

@@ -80,9 +80,10 @@ fn resolve_account(req: &SpawnRequest, files: &AccountFiles) -> Result<Account, 
     };
     // SAFETY: geteuid/getegid cannot fail and touch no memory.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let account = match &req.user {
-        None => passwd::account_for_uid(&files.passwd, euid, egid).map_err(io_err)?,
-        Some(user) => passwd::find_account(&files.passwd, user)
+    let account = match (&req.account, &req.user) {
+        (Some(own), _) => own_account(own, files, euid)?,
+        (None, None) => passwd::account_for_uid(&files.passwd, euid, egid).map_err(io_err)?,
+        (None, Some(user)) => passwd::find_account(&files.passwd, user)
             .map_err(io_err)?
             .ok_or_else(|| {
                 SpawnError::new(
@@ -102,6 +103,40 @@ fn resolve_account(req: &SpawnRequest, files: &AccountFiles) -> Result<Account, 
                 account.uid
             ),
         ));
+    }
+    Ok(account)
+}
+
+/// The session's own account, written into the container's files and given its home. A
+/// container whose files cannot be written (a read-only root) still runs the session as the
+/// uid, as `docker exec -u` would, and says why in the agent's log.
+fn own_account(
+    own: &crate::protocol::Account,
+    files: &AccountFiles,
+    euid: u32,
+) -> Result<Account, SpawnError> {
+    if own.uid == 0 || own.name.is_empty() || own.name.contains([':', '\n', '/']) {
+        return Err(SpawnError::new(
+            open_error::BAD_REQUEST,
+            format!("refusing the account {:?} (uid {})", own.name, own.uid),
+        ));
+    }
+    let bare = || passwd::Account {
+        name: own.name.clone(),
+        uid: own.uid,
+        gid: own.gid,
+        home: own.home.clone(),
+        shell: "/bin/sh".to_owned(),
+    };
+    if euid != 0 {
+        return Ok(bare());
+    }
+    let account = passwd::ensure_account(&files.passwd, &files.group, own).unwrap_or_else(|e| {
+        tracing::warn!(user = %own.name, error = %e, "cannot add the session's account to the container's passwd and group files; running as the bare uid");
+        bare()
+    });
+    if let Err(e) = passwd::hand_over_home(Path::new(&account.home), account.uid, account.gid) {
+        tracing::warn!(user = %own.name, home = %account.home, error = %e, "cannot give the home directory to its user");
     }
     Ok(account)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{SECRET, run, within};
 use envgate_agent::{
-    AgentAddress, AgentClient, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize,
+    Account, AgentAddress, AgentClient, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize,
 };
 
 const IMAGE: &str = "envgate/busybox:latest";
@@ -231,6 +231,75 @@ async fn runs_as_pid_1_and_spawns_sessions() {
         out.starts_with("/dev/pts/") && out.contains("30 100"),
         "{out:?}"
     );
+}
+
+fn as_alice(cmd: &str) -> SpawnRequest {
+    let mut req = sh(cmd);
+    req.account = Some(Account {
+        name: "alice".into(),
+        uid: 200_001,
+        gid: 200_001,
+        home: "/home/alice".into(),
+    });
+    req
+}
+
+#[tokio::test]
+async fn sessions_run_as_their_own_account_with_their_home() {
+    let c = Container::start();
+    let client = c.client().await;
+    // A fresh home volume is root's, perhaps with files from before accounts existed.
+    let (_, err, status) = run(
+        &client,
+        sh("mkdir -p /home/alice/old && echo hi > /home/alice/old/notes"),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+
+    let (out, err, status) = run(
+        &client,
+        as_alice("id; echo $HOME $USER; pwd; stat -c '%u:%g %n' ~ ~/old/notes; touch ~/new && echo wrote"),
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    assert_eq!(
+        out,
+        "uid=200001(alice) gid=200001(alice) groups=200001(alice)\n\
+         /home/alice alice\n\
+         /home/alice\n\
+         200001:200001 /home/alice\n\
+         200001:200001 /home/alice/old/notes\n\
+         wrote\n"
+    );
+
+    // The user is no one else: root's files stay root's, and root's home is closed.
+    let (out, _, status) = run(&client, as_alice("touch /etc/passwd; cat /root/x")).await;
+    assert_ne!(status, ExitStatus::Code(0));
+    assert_eq!(out, "");
+
+    // Later sessions find one entry, not one per session.
+    let (out, _, _) = run(
+        &client,
+        as_alice("grep -c '^alice:' /etc/passwd /etc/group"),
+    )
+    .await;
+    assert_eq!(out, "/etc/passwd:1\n/etc/group:1\n");
+
+    // The agent never creates a second root, or an entry that breaks the file's format.
+    for (name, uid) in [("alice", 0), ("ev:il", 200_002), ("ev\nil", 200_003)] {
+        let mut req = sh("id");
+        req.account = Some(Account {
+            name: name.into(),
+            uid,
+            gid: uid,
+            home: "/home/x".into(),
+        });
+        let err = match client.spawn(req).await {
+            Ok(_) => panic!("the account {name:?} uid {uid} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("refusing the account"), "{err}");
+    }
 }
 
 #[tokio::test]
