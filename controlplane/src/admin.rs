@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::reconcile::Reconciler;
 use crate::store::{self, Store};
+use crate::uids;
 
 /// DrainProxy's grace when the request leaves it at 0: the proxy's `--shutdown-grace-seconds`
 /// default, so an admin drain and a SIGTERM give sessions the same time.
@@ -254,7 +255,8 @@ impl AdminService {
         } else if record.disabled {
             self.revoke(&record.name).await?;
         }
-        Ok(user_to_pb(&record))
+        let uid = uids::get(self.store.as_ref(), &record.name).await?;
+        Ok(user_to_pb(&record, uid))
     }
 
     async fn put_environment(
@@ -393,8 +395,9 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
 }
 
 /// Never carries the password hash, only whether one is set.
-fn user_to_pb(u: &UserRecord) -> pb::User {
+fn user_to_pb(u: &UserRecord, uid: Option<u32>) -> pb::User {
     pb::User {
+        uid: uid.unwrap_or(0),
         name: u.name.clone(),
         authorized_keys: u.authorized_keys.clone(),
         groups: u.groups.clone(),
@@ -432,7 +435,12 @@ impl Admin for AdminService {
         self.audited(request, everything, async |_| {
             let users: Vec<(String, store::Versioned<UserRecord>)> =
                 store::range_json(self.store.as_ref(), model::USERS).await?;
-            let users = users.iter().map(|(_, u)| user_to_pb(&u.value)).collect();
+            let uids: HashMap<String, u32> =
+                uids::all(self.store.as_ref()).await?.into_iter().collect();
+            let users = users
+                .iter()
+                .map(|(_, u)| user_to_pb(&u.value, uids.get(&u.value.name).copied()))
+                .collect();
             Ok(pb::ListUsersResponse { users })
         })
         .await
@@ -451,7 +459,8 @@ impl Admin for AdminService {
                     store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&name))
                         .await?
                         .ok_or_else(|| AdminError::NotFound(format!("user {name:?}")))?;
-                Ok(user_to_pb(&user.value))
+                let uid = uids::get(self.store.as_ref(), &name).await?;
+                Ok(user_to_pb(&user.value, uid))
             },
         )
         .await

@@ -43,6 +43,22 @@ const DURATION_HINT: &str = "use seconds, or a number with s, m, h, d, e.g. 90s,
 
 /// Checks an environment as the admin API received it and fills in the defaults (shell,
 /// mode, idle timeout). Field names in errors are the request's (`environment.cpus`).
+/// `""`, or an account as `docker exec -u` takes it: a name, or `uid[:gid]`.
+fn valid_run_as(run_as: &str) -> bool {
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 32
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && !s.starts_with('-')
+    };
+    match run_as.split_once(':') {
+        _ if run_as.is_empty() => true,
+        None => name(run_as),
+        Some((uid, gid)) => uid.parse::<u32>().is_ok() && gid.parse::<u32>().is_ok(),
+    }
+}
+
 pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, AdminError> {
     names::validate_environment(&env.name)
         .map_err(|e| AdminError::invalid("environment.name", e.to_string()))?;
@@ -73,6 +89,12 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         return Err(AdminError::invalid(
             "environment.working_dir",
             "must be an absolute path",
+        ));
+    }
+    if !valid_run_as(&env.run_as) {
+        return Err(AdminError::invalid(
+            "environment.run_as",
+            "must be empty (each user's own account), \"root\", an account name of the image, or uid[:gid]",
         ));
     }
     let mode = match env.mode.as_str() {
@@ -387,7 +409,8 @@ struct Entry {
     shell: String,
     #[serde(default)]
     working_dir: String,
-    #[serde(default)]
+    /// Written `user:` in the file (`run_as` is accepted too, its name in the API).
+    #[serde(default, rename = "user", alias = "run_as")]
     run_as: String,
     #[serde(default)]
     env: Variables,
@@ -795,7 +818,7 @@ environments:
     image: " registry.example/lab/cuda:12 "
     shell: /bin/bash
     working_dir: /workspace
-    run_as: "1000:1000"
+    user: "1000:1000"
     env:
       LANG: C.UTF-8
       OMP_NUM_THREADS: 4
@@ -896,7 +919,7 @@ environments:
             err(&gpu_with("    colour: red\n")),
             "catalogue /etc/envgate/environments.yaml: environments[0] (\"gpu\"): unknown field \
              `colour`, expected one of `name`, `description`, `image`, `shell`, `working_dir`, \
-             `run_as`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
+             `run_as`, `user`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
              `groups`, `default` at line 4 column 5"
         );
         let second = format!(

@@ -66,6 +66,7 @@ pub fn abandoned_claim(user: &str, environment: &str, owner: &str) -> ContainerR
         agent_address: String::new(),
         agent_secret: String::new(),
         lifetime_warned_at: 0,
+        uid: None,
     }
 }
 

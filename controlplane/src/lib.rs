@@ -39,6 +39,7 @@ pub mod runtime;
 pub mod selfservice;
 pub mod store;
 pub mod throttle;
+pub mod uids;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -183,6 +183,10 @@ pub struct ContainerRecord {
     /// by CAS, once, so a repeated pass or a new leader never warns twice.
     #[serde(default)]
     pub lifetime_warned_at: i64,
+    /// The uid its user's sessions run as (see `uids`); set by the placement that creates,
+    /// claims or first attaches to it. `None` only in records from before uids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// A started container waiting in an environment's warm pool, under `pool/{env}/{id}`.

@@ -16,8 +16,8 @@ use envgate_proto::ops::record_phase;
 use envgate_proto::token::Claims;
 use envgate_proto::v1::sessions_server::Sessions;
 use envgate_proto::v1::{
-    CloseSessionRequest, CloseSessionResponse, OpenSessionEvent, OpenSessionRequest, Placement,
-    Progress, open_session_event,
+    Account, CloseSessionRequest, CloseSessionResponse, OpenSessionEvent, OpenSessionRequest,
+    Placement, Progress, open_session_event,
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,6 +37,7 @@ use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
 use crate::runtime::{ContainerSpec, Runtime};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
+use crate::uids;
 
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
@@ -97,6 +98,8 @@ struct Context<'a> {
     progress: &'a (dyn Fn(&str) + Send + Sync),
     /// Set when the open was served by a warm container (the "warm" placement outcome).
     warm: AtomicBool,
+    /// The user's uid, looked up (or allocated) by the first step that needs it.
+    uid: tokio::sync::OnceCell<u32>,
 }
 
 enum Step {
@@ -162,6 +165,7 @@ impl Placer {
             deadline: started + self.config.deadline,
             progress,
             warm: AtomicBool::new(false),
+            uid: tokio::sync::OnceCell::new(),
         };
         let result = match env.mode {
             Mode::Persistent => self.place_persistent(&cx).await,
@@ -234,7 +238,7 @@ impl Placer {
                 None => match self.place_warm(cx, &key, "").await? {
                     Some(step) => step,
                     None => {
-                        let claim = self.creating_record(cx, "");
+                        let claim = self.creating_record(cx, "").await?;
                         match store::create_if_absent(self.store.as_ref(), &key, &claim).await? {
                             Some(revision) => self.create(cx, &key, claim, revision).await?,
                             None => Step::Retry,
@@ -271,7 +275,7 @@ impl Placer {
             }
             None => {}
         }
-        let claim = self.creating_record(cx, &cx.session.id);
+        let claim = self.creating_record(cx, &cx.session.id).await?;
         let revision = store::create_if_absent(self.store.as_ref(), &key, &claim)
             .await?
             .ok_or_else(|| StoreError::Unavailable(format!("session id collision on {key}")))?;
@@ -294,7 +298,7 @@ impl Placer {
         key: &str,
         session_id: &str,
     ) -> Result<Option<Step>, PlacementError> {
-        let template = self.creating_record(cx, session_id);
+        let template = self.creating_record(cx, session_id).await?;
         let claimed = match self.pools.claim(cx.env, key, &template).await? {
             Claim::Miss => return Ok(None),
             Claim::RecordExists => return Ok(Some(Step::Retry)),
@@ -335,9 +339,22 @@ impl Placer {
         }
     }
 
-    fn creating_record(&self, cx: &Context<'_>, session_id: &str) -> ContainerRecord {
+    /// The uid the user's sessions run as (see `uids`), once per open.
+    async fn uid(&self, cx: &Context<'_>) -> Result<u32, PlacementError> {
+        Ok(*cx
+            .uid
+            .get_or_try_init(|| uids::ensure(self.store.as_ref(), &cx.claims.sub))
+            .await?)
+    }
+
+    async fn creating_record(
+        &self,
+        cx: &Context<'_>,
+        session_id: &str,
+    ) -> Result<ContainerRecord, PlacementError> {
+        let uid = self.uid(cx).await?;
         let now = model::now();
-        ContainerRecord {
+        Ok(ContainerRecord {
             user: cx.claims.sub.clone(),
             environment: cx.env.name.clone(),
             runtime: self.runtime.name().to_owned(),
@@ -352,7 +369,8 @@ impl Placer {
             agent_address: String::new(),
             agent_secret: String::new(),
             lifetime_warned_at: 0,
-        }
+            uid: Some(uid),
+        })
     }
 
     /// Refuses a new container once the user has `max_containers_per_user` others. Called
@@ -515,8 +533,14 @@ impl Placer {
             self.release_claim(key, current.mod_revision).await;
             return Ok(Step::Retry);
         }
+        // A container from before uids existed gets its user's uid at the next login.
+        let uid = match current.value.uid {
+            Some(uid) => uid,
+            None => self.uid(cx).await?,
+        };
         let touched = ContainerRecord {
             last_active_at: model::now(),
+            uid: Some(uid),
             ..current.value
         };
         Ok(
@@ -540,7 +564,7 @@ impl Placer {
         {
             return Err(PlacementError::from_runtime(e, &cx.env.name));
         }
-        let claim = self.creating_record(cx, &stale.value.session_id);
+        let claim = self.creating_record(cx, &stale.value.session_id).await?;
         let taken = self
             .store
             .txn(
@@ -602,6 +626,7 @@ impl Placer {
             shell: cx.env.shell.clone(),
             working_dir: working_dir(cx.env, &session.user),
             run_as: cx.env.run_as.clone(),
+            account: own_account(cx.env, record),
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),
@@ -761,6 +786,18 @@ impl Placer {
         ))
         .into())
     }
+}
+
+/// The user's own account, for an environment that runs sessions as its users (no `run_as`);
+/// its home is where the home volume is mounted.
+fn own_account(env: &EnvironmentRecord, record: &ContainerRecord) -> Option<Account> {
+    let uid = record.uid.filter(|_| env.run_as.is_empty())?;
+    Some(Account {
+        name: record.user.clone(),
+        uid,
+        gid: uid,
+        home: format!("/home/{}", record.user),
+    })
 }
 
 fn working_dir(env: &EnvironmentRecord, user: &str) -> String {

@@ -775,13 +775,23 @@ fn process_spec(
         env.push(format!("TERM={term}"));
     }
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let account = placement.account.as_ref().map(|a| envgate_agent::Account {
+        name: a.name.clone(),
+        uid: a.uid,
+        gid: a.gid,
+        home: a.home.clone(),
+    });
     ProcessSpec {
         container_id: placement.container_id.clone(),
         command,
         tty: pty.map(|(_, size)| *size),
         env,
         working_dir: non_empty(&placement.working_dir),
-        user: non_empty(&placement.run_as),
+        user: match &account {
+            Some(a) => Some(format!("{}:{}", a.uid, a.gid)),
+            None => non_empty(&placement.run_as),
+        },
+        account,
         agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
     }
 }

@@ -84,6 +84,7 @@ fn agent_error(e: AgentError) -> ExecError {
 fn spawn_request(spec: &ProcessSpec) -> SpawnRequest {
     let mut request = SpawnRequest::new(Program::Argv(spec.command.clone()));
     request.user = spec.user.clone();
+    request.account = spec.account.clone();
     request.cwd = spec.working_dir.clone();
     request.env = spec
         .env
@@ -219,6 +220,7 @@ mod tests {
             env: Vec::new(),
             working_dir: None,
             user: None,
+            account: None,
             agent: None,
         };
         let error = runtime.start(&spec).await.err().expect("refused");
@@ -238,6 +240,7 @@ mod tests {
             env: vec!["HOME=/home/alice".into(), "TERM=vt100".into()],
             working_dir: Some("/home/alice".into()),
             user: None,
+            account: None,
             agent: None,
         };
         let request = spawn_request(&spec);
