@@ -1329,4 +1329,46 @@ environments:
              for 1 s: etcd is unavailable: 127.0.0.1:2379: connection refused"
         );
     }
+
+    #[test]
+    fn the_local_fleets_environments_are_limited_and_run_as_their_users() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/environments.yaml");
+        let envs = load(&path).unwrap();
+        let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["busybox", "debian"]);
+        for env in &envs {
+            assert_eq!(
+                (
+                    env.cpus,
+                    env.memory_bytes,
+                    env.pids_limit,
+                    env.run_as.as_str()
+                ),
+                (1.0, 1 << 30, 256, ""),
+                "{}",
+                env.name
+            );
+        }
+    }
+
+    #[test]
+    fn run_as_is_an_account_or_nothing() {
+        for good in [
+            "", "root", "jovyan", "1000", "1000:100", "www-data", "a.b_c",
+        ] {
+            assert!(valid_run_as(good), "{good:?}");
+        }
+        for bad in [
+            "root;id",
+            "-u",
+            "a b",
+            "1000:",
+            ":1000",
+            "x:y",
+            "root\n",
+            &"a".repeat(33),
+        ] {
+            assert!(!valid_run_as(bad), "{bad:?}");
+        }
+    }
 }

@@ -53,6 +53,7 @@ use crate::placement::{PlacementConfig, Placer, SessionsService};
 use crate::reconcile::{ReconcileConfig, Reconciler};
 use crate::runtime::audited::Audited;
 use crate::runtime::docker::AgentSetup;
+use crate::runtime::docker::network::UserNetwork;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::selfservice::{SelfServiceHandler, SelfServiceService};
 use crate::store::{EtcdConfig, EtcdStore, Store, StoreError};
@@ -80,6 +81,9 @@ pub struct Config {
     pub docker_host: Option<String>,
     /// Containers Docker may be creating at once.
     pub docker_create_concurrency: usize,
+    /// The network user containers join (`--docker-network`, `--host-firewall`); `None`:
+    /// Docker's default bridge.
+    pub docker_network: Option<UserNetwork>,
     /// Bound on one pull of a missing image.
     pub image_pull_timeout: Duration,
     /// Containers one user may have at once (0 = unlimited); see `PlacementConfig`.
@@ -304,6 +308,7 @@ pub async fn run(
         DockerRuntime::new(config.docker_host.as_deref())
             .with_agent(config.agent.clone())
             .with_create_concurrency(config.docker_create_concurrency)
+            .with_network(config.docker_network.clone())
             .with_pull_timeout(config.image_pull_timeout)
             .with_home_slots(config.home_slots_dir.as_deref()),
     );

@@ -15,6 +15,7 @@ use envgate_controlplane::auth::HashCost;
 use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::pki::{Authority, Profile};
 use envgate_controlplane::runtime::docker::AgentSetup;
+use envgate_controlplane::runtime::docker::network::{DEFAULT_NETWORK, HostFirewall, UserNetwork};
 use envgate_controlplane::store::EtcdConfig;
 use envgate_controlplane::throttle::ThrottlePolicy;
 use envgate_proto::audit::AuditLog;
@@ -152,6 +153,22 @@ struct Args {
     #[arg(long, env = "ENVGATE_DOCKER_CREATE_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..))]
     docker_create_concurrency: u16,
+    /// The Docker network user containers join. envgate makes it if missing, as a bridge with
+    /// traffic between containers off, so no user reaches another's container; an existing
+    /// network that allows that traffic is refused. Empty: Docker's default bridge (no
+    /// isolation; a warning says so).
+    #[arg(long, env = "ENVGATE_DOCKER_NETWORK", default_value = DEFAULT_NETWORK)]
+    docker_network: String,
+    /// How user containers are kept from this host's services (etcd, the control plane, the
+    /// Docker API, ops ports): `iptables` drops everything from the user network's bridge to
+    /// the host (needs root and iptables); `off` leaves it to your own firewall.
+    #[arg(
+        long,
+        env = "ENVGATE_HOST_FIREWALL",
+        value_enum,
+        default_value = "iptables"
+    )]
+    host_firewall: HostFirewall,
     /// Seconds one pull of a missing image may take before the opens waiting for it fail.
     /// Registry credentials are not supported: pre-pull private images, or log the engine in.
     #[arg(long, env = "ENVGATE_IMAGE_PULL_TIMEOUT_SECONDS", default_value_t = 600,
@@ -341,6 +358,10 @@ fn config(args: Args) -> anyhow::Result<Config> {
         instance: args.instance,
         docker_host: args.docker_host,
         docker_create_concurrency: args.docker_create_concurrency.into(),
+        docker_network: (!args.docker_network.is_empty()).then(|| UserNetwork {
+            name: args.docker_network,
+            host_firewall: args.host_firewall,
+        }),
         image_pull_timeout: Duration::from_secs(args.image_pull_timeout_seconds),
         max_containers_per_user: args.max_containers_per_user,
         agent,

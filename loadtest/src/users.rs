@@ -241,10 +241,8 @@ pub async fn create_users(
             user: Some(User {
                 name: name.clone(),
                 authorized_keys: vec![public.clone()],
-                groups: Vec::new(),
                 default_environment: environment.unwrap_or_default().to_owned(),
-                disabled: false,
-                has_password: false,
+                ..User::default()
             }),
             password: String::new(),
             clear_password: false,

@@ -160,7 +160,7 @@ async fn twenty_new_users_at_once_get_twenty_distinct_warm_containers_and_the_po
 
     let runs = users
         .iter()
-        .map(|user| fleet.ssh(user, "echo \"$HOME\"; ls /home; touch ~/mine", None));
+        .map(|user| fleet.ssh(user, "echo \"$HOME\"; ls /home; touch ~/mine; id -un", None));
     let outputs = futures::future::join_all(runs).await;
 
     let mut claimed = HashSet::new();
@@ -168,8 +168,8 @@ async fn twenty_new_users_at_once_get_twenty_distinct_warm_containers_and_the_po
         out.assert_success();
         assert_eq!(
             out.stdout,
-            format!("/home/{user}\n{user}\n"),
-            "{user} sees their own home and no one else's"
+            format!("/home/{user}\n{user}\n{user}\n"),
+            "{user} sees their own home and no one else's, as themselves"
         );
         let id = record_of(&fleet, user, "lab").await;
         // From the pool read before, or (a late claimer) one the refill started since: either

@@ -29,7 +29,10 @@ use super::{
     volume_name,
 };
 
+pub mod network;
 mod pull;
+
+use network::UserNetwork;
 
 /// Bound on each Docker API call; creation on a loaded engine can take seconds.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,6 +139,10 @@ pub struct DockerRuntime {
     puller: pull::ImagePuller,
     /// Where warm containers' homes are mounted (`slots.rs`), or why warm pools are off.
     slots: Result<HomeSlots, String>,
+    /// The network user containers join (`None`: Docker's default bridge, not isolated).
+    network: Option<UserNetwork>,
+    /// Set once the network was made and checked (retried on the next creation after a failure).
+    network_ready: OnceCell<()>,
 }
 
 impl DockerRuntime {
@@ -149,7 +156,34 @@ impl DockerRuntime {
             creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
             puller: pull::ImagePuller::new(DEFAULT_PULL_TIMEOUT),
             slots: Err("no home slots directory is configured".into()),
+            network: Some(UserNetwork::default()),
+            network_ready: OnceCell::new(),
         }
+    }
+
+    /// The network user containers join; `None` leaves them on Docker's default bridge, where
+    /// they can reach each other and the host (a warning says so).
+    pub fn with_network(mut self, network: Option<UserNetwork>) -> Self {
+        if network.is_none() {
+            tracing::warn!(
+                "user containers are on Docker's default bridge: they can reach each other and this host's services"
+            );
+        }
+        self.network = network;
+        self
+    }
+
+    /// Makes sure the user network exists, isolates, and is firewalled from the host, before
+    /// the first container joins it. A failure fails that creation and is tried again next
+    /// time: a container is never started less isolated than configured.
+    async fn ensure_network(&self, docker: &Docker) -> Result<Option<&str>, RuntimeError> {
+        let Some(network) = &self.network else {
+            return Ok(None);
+        };
+        self.network_ready
+            .get_or_try_init(|| network.ensure(docker))
+            .await?;
+        Ok(Some(&network.name))
     }
 
     /// Enables warm pools with home slots under `root` (see `slots.rs`) when this host allows
@@ -322,6 +356,7 @@ impl DockerRuntime {
             .await
             .expect("the creation semaphore is never closed");
         let docker = self.docker().await?;
+        let network = self.ensure_network(docker).await?;
         let agent = entrypoint.is_some();
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
@@ -331,7 +366,10 @@ impl DockerRuntime {
             hostname: Some(spec.environment.clone()),
             env: (!spec.env.is_empty()).then(|| spec.env.clone()),
             working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
-            host_config: Some(host_config(spec, binds, agent)),
+            host_config: Some(HostConfig {
+                network_mode: network.map(str::to_owned),
+                ..host_config(spec, binds, agent)
+            }),
             ..ContainerCreateBody::default()
         };
         let options = CreateContainerOptions {

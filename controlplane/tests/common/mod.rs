@@ -11,6 +11,7 @@ use std::time::Duration;
 use envgate_controlplane::auth::HashCost;
 use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::runtime::Runtime;
+use envgate_controlplane::runtime::docker::network::UserNetwork;
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{EtcdConfig, EtcdStore, Store};
 use envgate_controlplane::testkit::{Etcd, TestPki};
@@ -101,6 +102,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         instance: instance.into(),
         docker_host: None,
         docker_create_concurrency: 8,
+        docker_network: Some(UserNetwork::default()),
         image_pull_timeout: Duration::from_secs(600),
         max_containers_per_user: 0,
         agent: None,

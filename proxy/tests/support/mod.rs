@@ -722,6 +722,11 @@ impl Fleet {
     }
 
     /// The audit log every process of the fleet appends to (JSON lines).
+    /// etcd's client URL (`https://127.0.0.1:port`).
+    pub fn etcd_endpoint(&self) -> String {
+        self.etcd.endpoint()
+    }
+
     pub fn audit_log(&self) -> PathBuf {
         self.dir.path().join("audit.jsonl")
     }
