@@ -358,7 +358,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         instance: args.instance,
         docker_host: args.docker_host,
         docker_create_concurrency: args.docker_create_concurrency.into(),
-        docker_network: (!args.docker_network.is_empty()).then(|| UserNetwork {
+        docker_network: (!args.docker_network.is_empty()).then_some(UserNetwork {
             name: args.docker_network,
             host_firewall: args.host_firewall,
         }),
