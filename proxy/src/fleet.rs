@@ -54,18 +54,23 @@ impl FleetMember {
                 self.readiness.set(false);
                 return;
             }
-            if attached_at.is_some() {
-                detached_since = None;
-            }
-            // A stream that was up for a while and then ended (typically its control-plane
-            // replica died) is re-attached at once, to any replica, and the proxy stays ready
-            // for REATTACH_GRACE meanwhile: its record and lease outlive the stream by the
-            // control plane's lease TTL, so placement goes on working. Turning unready at once
-            // took every proxy attached to that replica out of HAProxy together (e2e_ha).
-            if attached_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_STREAM) {
-                failures = 0;
-                detached_since = Some(Instant::now());
-                continue;
+            // A stream that was registered and then ended (typically its control-plane
+            // replica died) is re-attached to any replica, and the proxy stays ready for
+            // REATTACH_GRACE meanwhile: its record and lease outlive the stream by the control
+            // plane's lease TTL, so placement goes on working. Turning unready at once took
+            // every proxy attached to that replica out of HAProxy together (e2e_ha), also
+            // when the replica died a moment after the proxy attached. The grace counts from
+            // the first end after a stable stream, so a stream that keeps ending at once
+            // still turns the proxy unready after it.
+            if let Some(at) = attached_at {
+                let stable = at.elapsed() >= STABLE_STREAM;
+                if stable || detached_since.is_none() {
+                    detached_since = Some(Instant::now());
+                }
+                if stable {
+                    failures = 0;
+                    continue;
+                }
             }
             failures = failures.saturating_add(1);
             let delay = if detached_since.is_some_and(|at| at.elapsed() < REATTACH_GRACE) {

@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use envgate_agent::{AgentClient, AgentError, client::AgentAddress};
-use support::{AcceptAnyHostKey, Fleet, FleetOptions, Tmux, eventually};
+use support::{
+    AcceptAnyHostKey, BUSYBOX_IMAGE, Fleet, FleetOptions, Tmux, environment, eventually,
+};
 
 /// The agent's address and secret from `user`'s placement record in etcd.
 async fn agent_of(fleet: &Fleet, user: &str) -> (String, String) {
@@ -250,17 +252,19 @@ async fn another_users_container_cannot_reach_this_agent() {
     fleet.ssh("demo", "true", None).await.assert_success();
     let (demo_socket, demo_secret) = agent_of(&fleet, "demo").await;
 
-    // Inside bob's container: the only agent socket is bob's own, and the host directory of
-    // demo's agent does not exist.
+    // Inside bob's container: bob (not root there) cannot even open his own agent's
+    // directory, and the host directory of demo's agent does not exist.
     let probe = format!(
         "ls -a /run/envgate; test -e {demo_socket} && echo demo-visible; \
          find / -xdev -type s 2>/dev/null; echo probe-done"
     );
     let out = fleet.ssh_with_key("bob", &bob, &probe, None).await;
     out.assert_success();
-    assert!(out.stdout.contains("agent.sock"), "{out:#?}");
-    assert!(!out.stdout.contains("demo-visible"), "{out:#?}");
-    assert!(out.stdout.contains("probe-done"), "{out:#?}");
+    assert_eq!(out.stdout, "probe-done\n", "{out:#?}");
+    assert_eq!(
+        out.stderr,
+        "ls: can't open '/run/envgate': Permission denied\n"
+    );
 
     // And bob's agent refuses demo's secret, so nobody can be redirected across.
     let (bob_socket, _) = agent_of(&fleet, "bob").await;
@@ -275,6 +279,14 @@ async fn another_users_container_cannot_reach_this_agent() {
         "{:?}",
         crossed.err()
     );
+
+    // Root in an environment that opts into it sees only its own container's socket.
+    let mut rootlab = environment("rootlab", BUSYBOX_IMAGE, "/bin/sh", false);
+    rootlab.run_as = "root".into();
+    fleet.put_environment(rootlab).await;
+    let out = fleet.ssh_with_key("bob+rootlab", &bob, &probe, None).await;
+    out.assert_success();
+    assert_eq!(out.stdout, ".\n..\nagent.sock\nprobe-done\n", "{out:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

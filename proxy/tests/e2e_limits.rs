@@ -138,6 +138,8 @@ async fn the_environments_limits_are_visible_inside_and_hold() {
     limited.cpus = 0.5;
     limited.memory_bytes = 268_435_456;
     limited.pids_limit = 64;
+    // Root, to show what the most a session can have is.
+    limited.run_as = "root".into();
     fleet.put_environment(limited).await;
 
     // The machine's cgroup version decides which files a container sees.
@@ -172,6 +174,20 @@ async fn the_environments_limits_are_visible_inside_and_hold() {
         status.stdout.split_whitespace().collect::<Vec<_>>(),
         ["0", "CapEff:", &format!("{mask:016x}"), "NoNewPrivs:", "1"],
         "a root session keeps exactly {CAP_ADD:?} and cannot gain privileges: {status:#?}"
+    );
+    // A session as the user's own account (the default) has none of them.
+    let own = fleet
+        .ssh(
+            "demo",
+            "grep -E '^(CapEff|NoNewPrivs):' /proc/self/status",
+            None,
+        )
+        .await;
+    own.assert_success();
+    assert_eq!(
+        own.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["CapEff:", "0000000000000000", "NoNewPrivs:", "1"],
+        "{own:#?}"
     );
 
     // A burst of 100 background processes runs into the pids limit: the shell cannot fork
