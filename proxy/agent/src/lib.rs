@@ -14,6 +14,7 @@ pub mod pool;
 pub mod protocol;
 mod reaper;
 pub mod server;
+pub mod sftp;
 pub mod signals;
 mod spawn;
 mod termios;
@@ -22,3 +23,9 @@ pub use client::{AgentAddress, AgentClient, AgentError, ConnectOptions, Process}
 pub use pool::AgentPool;
 pub use protocol::{Account, ExitStatus, Program, PtyRequest, SpawnRequest, WindowSize};
 pub use spawn::AccountFiles;
+
+/// Where the agent binary is in a container (mounted read-only by the runtime); the proxy
+/// runs `IN_CONTAINER sftp-server` from there for the SFTP subsystem.
+pub const IN_CONTAINER: &str = "/.envgate/agent";
+/// The argument that makes the binary an SFTP server on stdin and stdout ([`sftp`]).
+pub const SFTP_SERVER: &str = "sftp-server";

@@ -87,6 +87,19 @@ fn read_secret(file: Option<&PathBuf>) -> anyhow::Result<Vec<u8>> {
 }
 
 fn main() {
+    // Started by the agent itself as a session's SFTP subsystem: no flags, no logs (stderr
+    // reaches the user's client).
+    if std::env::args_os().nth(1).as_deref() == Some(envgate_agent::SFTP_SERVER.as_ref()) {
+        let served = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|runtime| runtime.block_on(envgate_agent::sftp::serve()));
+        if let Err(e) = served {
+            eprintln!("envgate sftp-server: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = Args::parse();
     // One clear line for bad config or a failed start, then a non-zero exit.
     if let Err(e) = run(args) {

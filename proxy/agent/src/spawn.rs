@@ -371,7 +371,7 @@ fn set_cloexec_nonblock(fd: RawFd, nonblock: bool) -> io::Result<()> {
     Ok(())
 }
 
-fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     set_cloexec_nonblock(fd.as_raw_fd(), true)?;
     // SAFETY: an OwnedFd keeps its descriptor open and unchanged for as long as it lives.
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
@@ -428,7 +428,7 @@ pub(crate) fn resize(master: &AsyncFd<OwnedFd>, size: &WindowSize) {
     unsafe { libc::ioctl(master.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
-fn raw_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn raw_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: buf is valid for buf.len() bytes.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -465,19 +465,20 @@ pub(crate) fn try_read(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<Opti
     }
 }
 
+pub(crate) fn raw_write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for buf.len() bytes.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 pub(crate) async fn write_all(fd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         let mut guard = fd.writable().await?;
-        let result = guard.try_io(|inner| {
-            // SAFETY: buf is valid for buf.len() bytes.
-            let n =
-                unsafe { libc::write(inner.get_ref().as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
+        let result = guard.try_io(|inner| raw_write(inner.get_ref().as_raw_fd(), buf));
         match result {
             Ok(Ok(n)) => buf = &buf[n..],
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
