@@ -219,6 +219,9 @@ impl ConnectionHandler {
     }
 }
 
+/// The one subsystem served.
+const SFTP: &str = "sftp";
+
 /// Answers a channel request; only when the client asked for an answer
 /// (russh checks its want-reply flag).
 fn reply(session: &mut Session, channel: ChannelId, ok: bool) -> Result<(), ProxyError> {
@@ -559,8 +562,20 @@ impl Handler for ConnectionHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::info!(parent: &self.span, subsystem = %name.escape_debug(), "refused subsystem request");
-        reply(session, channel, false)
+        // SFTP is served by the agent in the container; nothing else is offered (as sshd
+        // with only `Subsystem sftp`). OpenSSH's client says "subsystem request failed".
+        let ok = name == SFTP && self.start(channel);
+        reply(session, channel, ok)?;
+        if ok {
+            self.send(Event::Request {
+                channel,
+                request: ChannelRequest::Sftp,
+            })
+            .await;
+        } else {
+            tracing::info!(parent: &self.span, subsystem = %name.escape_debug(), "refused subsystem request");
+        }
+        Ok(())
     }
 
     async fn x11_request(

@@ -71,6 +71,8 @@ pub enum ChannelRequest {
     Exec {
         command: String,
     },
+    /// The SFTP subsystem (also what `scp` uses by default).
+    Sftp,
     /// Also queued for the process by the handler, in order with the data;
     /// here it updates the size a process starting later gets, and the menu.
     WindowChange(TerminalSize),
@@ -119,6 +121,8 @@ struct ChannelState {
     pty: Option<(String, TerminalSize)>,
     env: Vec<(String, String)>,
     process: Option<RunningProcess>,
+    /// The channel asked for the SFTP subsystem rather than a shell or a command.
+    sftp: bool,
 }
 
 struct RunningProcess {
@@ -306,6 +310,7 @@ impl Connection {
                         pty: None,
                         env: Vec::new(),
                         process: None,
+                        sftp: false,
                     },
                 );
             }
@@ -338,6 +343,10 @@ impl Connection {
             }
             ChannelRequest::Shell => self.start(channel, None).await,
             ChannelRequest::Exec { command } => self.start(channel, Some(command)).await,
+            ChannelRequest::Sftp => {
+                state.sftp = true;
+                self.start(channel, None).await;
+            }
         }
     }
 
@@ -392,14 +401,23 @@ impl Connection {
         }
         if matches!(self.placement, PlacementState::NotRequested) {
             if self.wants_self_service(state) {
-                self.self_service(command, output, pty);
+                if state.sftp {
+                    let line = "envgate: the envgate pseudo-environment has no files; connect to one of your environments".to_owned();
+                    self.fail_channel(output, line, pty);
+                } else {
+                    self.self_service(command, output, pty);
+                }
                 return;
             }
             if let Some(choosing) = &mut self.choosing {
                 choosing.waiting.push((channel, command));
                 return;
             }
-            let kind = if command.is_some() { "exec" } else { "shell" };
+            let kind = match (&command, state.sftp) {
+                (_, true) => "sftp",
+                (Some(_), false) => "exec",
+                (None, false) => "shell",
+            };
             let environment = match self.chosen.take() {
                 Some(chosen) => chosen,
                 None => {
@@ -429,7 +447,18 @@ impl Connection {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
+        let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
+        if state.sftp {
+            if spec.agent.is_none() {
+                let line = "envgate: file transfer (sftp, scp) needs envgate-agent in the container, and this fleet runs without it".to_owned();
+                self.fail_channel(output, line, pty);
+                return;
+            }
+            spec.command = vec![
+                envgate_agent::IN_CONTAINER.to_owned(),
+                envgate_agent::SFTP_SERVER.to_owned(),
+            ];
+        }
         let runtime = self.services.runtime.clone();
         let process = run_process(runtime, spec, output, pty, self.handle.clone());
         let task = self.running.spawn(process.in_current_span());

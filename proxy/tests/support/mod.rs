@@ -957,6 +957,25 @@ impl Fleet {
         argv
     }
 
+    /// `sftp` or `scp` (by `program`) with the options of `ssh_key_argv` and the key of the
+    /// user before any `+` in `login`; the caller adds the operands (`login@127.0.0.1:…`).
+    pub fn file_tool_argv(&self, program: &str, login: &str) -> Vec<String> {
+        let user = login.split('+').next().unwrap_or(login);
+        let ssh = self.ssh_key_argv(login, &self.key_of(user));
+        // ssh's options, but the port is -P, and no -l, --, or host.
+        let mut argv = vec![program.to_string()];
+        let options = &ssh[1..ssh.len() - 4];
+        for pair in options.chunks(2) {
+            argv.push(if pair[0] == "-p" {
+                "-P".to_string()
+            } else {
+                pair[0].clone()
+            });
+            argv.push(pair[1].clone());
+        }
+        argv
+    }
+
     /// `ssh -tt login` with the key of the user before any `+`: a terminal session whatever
     /// ssh's own stdin is (a tmux pane, or a pipe).
     pub fn ssh_terminal_argv(&self, login: &str) -> Vec<String> {
@@ -1787,8 +1806,8 @@ impl Drop for Tmux {
 }
 
 /// SHA-256 of `text` in hex, as the admin tokens file holds a token.
-pub fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data.as_ref())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
