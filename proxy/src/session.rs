@@ -447,6 +447,13 @@ impl Connection {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
+        // With the agent in the container, file tools the image may lack still work.
+        let command = match command {
+            Some(c) if !placement.agent_address.is_empty() => {
+                Some(file_tool_command(&c).unwrap_or(c))
+            }
+            other => other,
+        };
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         if state.sftp {
             if spec.agent.is_none() {
@@ -764,6 +771,30 @@ async fn open_session(
     }
 }
 
+/// The remote side of a file tool, rewritten for images that may not have it:
+/// - `scp -t|-f …` (what `scp -O` runs) is served by the agent's own scp, which runs the
+///   image's `scp` instead when there is one;
+/// - `rsync --server …` gets one clear line, rather than the shell's "not found", where the
+///   image has no rsync.
+///
+/// `None`: run the command as it is.
+fn file_tool_command(command: &str) -> Option<String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let options = words.iter().skip(1).take_while(|w| **w != "--");
+    match words.first() {
+        Some(&"scp") if options.clone().any(|w| *w == "-t" || *w == "-f") => Some(format!(
+            "{} {}",
+            envgate_agent::IN_CONTAINER,
+            command.trim_start()
+        )),
+        Some(&"rsync") if words.get(1) == Some(&"--server") => Some(format!(
+            "command -v rsync >/dev/null 2>&1 || {{ echo 'envgate: this environment has no rsync; \
+             use scp or sftp, or an environment whose image has rsync' >&2; exit 127; }}; {command}"
+        )),
+        _ => None,
+    }
+}
+
 fn process_spec(
     placement: &Placement,
     command: Option<String>,
@@ -913,6 +944,37 @@ mod tests {
             user: "alice".into(),
             env: vec!["HOME=/home/alice".into(), "TERM=dumb".into()],
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn file_tools_are_rewritten_only_for_their_remote_sides() {
+        assert_eq!(
+            file_tool_command("scp -v -r -p -t -- 'my dir'").as_deref(),
+            Some("/.envgate/agent scp -v -r -p -t -- 'my dir'")
+        );
+        assert_eq!(
+            file_tool_command("scp -f -- a b").as_deref(),
+            Some("/.envgate/agent scp -f -- a b")
+        );
+        let rsync = file_tool_command("rsync --server -logDtpre.iLsfxCIvu . dir/").unwrap();
+        assert!(
+            rsync.starts_with("command -v rsync >/dev/null 2>&1 || {"),
+            "{rsync}"
+        );
+        assert!(
+            rsync.ends_with("; rsync --server -logDtpre.iLsfxCIvu . dir/"),
+            "{rsync}"
+        );
+        for untouched in [
+            "scp a b",
+            "scp -- -t",
+            "ls -t",
+            "rsync -a x y",
+            "echo scp -t",
+            "",
+        ] {
+            assert_eq!(file_tool_command(untouched), None, "{untouched}");
         }
     }
 

@@ -160,3 +160,120 @@ async fn subsystems_other_than_sftp_and_sftp_into_self_service_are_refused_clear
         "{out:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_scp_works_in_images_without_scp() {
+    let fleet = Fleet::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    let data = payload(2 * 1024 * 1024 + 5);
+    std::fs::write(tree.join("sub/data.bin"), &data).unwrap();
+    std::fs::write(tree.join("notes.txt"), "notes\n").unwrap();
+    for login in ["demo", "demo+debian"] {
+        let mut up = fleet.file_tool_argv("scp", login);
+        up.extend([
+            "-O".to_string(),
+            "-r".to_string(),
+            tree.display().to_string(),
+            format!("{login}@127.0.0.1:legacy"),
+        ]);
+        run(&up, None, &[]).await.assert_success();
+        let back = dir.path().join("back");
+        let mut down = fleet.file_tool_argv("scp", login);
+        down.extend([
+            "-O".to_string(),
+            "-r".to_string(),
+            format!("{login}@127.0.0.1:legacy"),
+            back.display().to_string(),
+        ]);
+        run(&down, None, &[]).await.assert_success();
+        assert_eq!(
+            std::fs::read(back.join("sub/data.bin")).unwrap(),
+            data,
+            "{login}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(back.join("notes.txt")).unwrap(),
+            "notes\n"
+        );
+        std::fs::remove_dir_all(&back).unwrap();
+
+        let mut missing = fleet.file_tool_argv("scp", login);
+        missing.extend([
+            "-O".to_string(),
+            format!("{login}@127.0.0.1:nothing-here"),
+            dir.path().display().to_string(),
+        ]);
+        let out = run(&missing, None, &[]).await;
+        assert_eq!(out.code, Some(1), "{out:#?}");
+        assert_eq!(
+            out.stderr_lines(),
+            ["scp: nothing-here: No such file or directory"],
+            "{login}"
+        );
+        let owner = fleet
+            .ssh(login, "stat -c %U legacy/sub/data.bin; rm -r legacy", None)
+            .await;
+        assert_eq!(owner.stdout, "demo\n", "{login}: {owner:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_works_where_the_image_has_it_and_says_so_where_not() {
+    let fleet = Fleet::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("nested")).unwrap();
+    let data = payload(1024 * 1024 + 9);
+    std::fs::write(src.join("nested/data.bin"), &data).unwrap();
+    std::fs::write(src.join("top.txt"), "top\n").unwrap();
+    // rsync runs ssh with these options and the key of the user.
+    let ssh = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    let rsh = ssh[..ssh.len() - 4].join(" ");
+
+    let rsync = |from: String, to: String| {
+        let argv = vec![
+            "rsync".to_string(),
+            "-a".to_string(),
+            "-e".to_string(),
+            rsh.clone(),
+            from,
+            to,
+        ];
+        async move { run(&argv, None, &[]).await }
+    };
+    let up = rsync(
+        format!("{}/", src.display()),
+        "demo+debian@127.0.0.1:synced/".to_string(),
+    )
+    .await;
+    up.assert_success();
+    let back = dir.path().join("back");
+    let down = rsync(
+        "demo+debian@127.0.0.1:synced/".to_string(),
+        format!("{}/", back.display()),
+    )
+    .await;
+    down.assert_success();
+    assert_eq!(std::fs::read(back.join("nested/data.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read_to_string(back.join("top.txt")).unwrap(),
+        "top\n"
+    );
+
+    // busybox has no rsync: one line that says so, not "command not found (code 127)".
+    let out = rsync(
+        format!("{}/", src.display()),
+        "demo@127.0.0.1:synced/".to_string(),
+    )
+    .await;
+    assert_ne!(out.code, Some(0));
+    assert_eq!(
+        out.stderr_lines().first().copied(),
+        Some(
+            "envgate: this environment has no rsync; use scp or sftp, or an environment whose image has rsync"
+        ),
+        "{out:#?}"
+    );
+}

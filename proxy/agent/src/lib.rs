@@ -13,6 +13,7 @@ mod passwd;
 pub mod pool;
 pub mod protocol;
 mod reaper;
+pub mod scp;
 pub mod server;
 pub mod sftp;
 pub mod signals;
@@ -29,3 +30,5 @@ pub use spawn::AccountFiles;
 pub const IN_CONTAINER: &str = "/.envgate/agent";
 /// The argument that makes the binary an SFTP server on stdin and stdout ([`sftp`]).
 pub const SFTP_SERVER: &str = "sftp-server";
+/// The argument that makes the binary the remote side of `scp -O` ([`scp`]).
+pub const SCP: &str = "scp";

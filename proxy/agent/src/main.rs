@@ -100,6 +100,14 @@ fn main() {
         }
         return;
     }
+    // `scp -O`'s remote side, for images without scp (see `scp.rs`).
+    if std::env::args_os().nth(1).as_deref() == Some(envgate_agent::SCP.as_ref()) {
+        let args: Vec<String> = std::env::args_os()
+            .skip(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        std::process::exit(envgate_agent::scp::main(&args));
+    }
     let args = Args::parse();
     // One clear line for bad config or a failed start, then a non-zero exit.
     if let Err(e) = run(args) {
