@@ -187,7 +187,7 @@ impl<R: BufRead, W: Write> Sink<R, W> {
             Ok(()) => self.output.write_all(&[0])?,
             Err(message) => {
                 self.ok = false;
-                write!(self.output, "\x01scp: {message}\n")?;
+                writeln!(self.output, "\x01scp: {message}")?;
             }
         }
         self.output.flush()
@@ -197,9 +197,9 @@ impl<R: BufRead, W: Write> Sink<R, W> {
     fn run(mut self, target: &str) -> io::Result<bool> {
         let target = Path::new(target);
         if self.target_is_dir && !target.is_dir() {
-            write!(
+            writeln!(
                 self.output,
-                "\x02scp: {}: Not a directory\n",
+                "\x02scp: {}: Not a directory",
                 target.display()
             )?;
             self.output.flush()?;
@@ -383,7 +383,7 @@ impl<R: BufRead, W: Write> Source<R, W> {
 
     fn warn(&mut self, message: String) -> io::Result<()> {
         self.ok = false;
-        write!(self.output, "\x01scp: {message}\n")?;
+        writeln!(self.output, "\x01scp: {message}")?;
         self.output.flush()
     }
 
@@ -413,9 +413,9 @@ impl<R: BufRead, W: Write> Source<R, W> {
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_secs())
             };
-            write!(
+            writeln!(
                 self.output,
-                "T{} 0 {} 0\n",
+                "T{} 0 {} 0",
                 secs(meta.modified()),
                 secs(meta.accessed())
             )?;
@@ -433,7 +433,7 @@ impl<R: BufRead, W: Write> Source<R, W> {
                 Ok(entries) => entries,
                 Err(e) => return self.warn(format!("{}: {}", path.display(), reason(&e))),
             };
-            write!(self.output, "D{mode:04o} 0 {name}\n")?;
+            writeln!(self.output, "D{mode:04o} 0 {name}")?;
             self.output.flush()?;
             if !self.acknowledged()? {
                 return Ok(());
@@ -453,7 +453,7 @@ impl<R: BufRead, W: Write> Source<R, W> {
             Ok(file) => file,
             Err(e) => return self.warn(format!("{}: {}", path.display(), reason(&e))),
         };
-        write!(self.output, "C{mode:04o} {} {name}\n", meta.len())?;
+        writeln!(self.output, "C{mode:04o} {} {name}", meta.len())?;
         self.output.flush()?;
         if !self.acknowledged()? {
             return Ok(());
@@ -463,9 +463,9 @@ impl<R: BufRead, W: Write> Source<R, W> {
         if sent < meta.len() {
             io::copy(&mut io::repeat(0).take(meta.len() - sent), &mut self.output)?;
             self.output.write_all(&[1])?;
-            write!(
+            writeln!(
                 self.output,
-                "scp: {}: file shrank while it was read\n",
+                "scp: {}: file shrank while it was read",
                 path.display()
             )?;
         } else {
