@@ -382,9 +382,11 @@ impl Handler for ConnectionHandler {
         Ok(())
     }
 
+    /// `ssh -L`, `-D`, `-W`: the connection is made from inside the user's container (see
+    /// `Connection::forward`); the open is answered once it is, or refused with the reason.
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host: &str,
         port: u32,
         _originator_address: &str,
@@ -392,8 +394,46 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        tracing::info!(parent: &self.span, %host, port, "refused direct-tcpip channel");
-        reject_unsupported(reply).await;
+        let refusal = if self.channels.len() >= MAX_SESSIONS {
+            Some(format!("at most {MAX_SESSIONS} channels per connection"))
+        } else if host.is_empty() || host.len() > 255 || host.chars().any(char::is_control) {
+            Some("bad host name".to_owned())
+        } else {
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .is_none()
+                .then(|| format!("bad port {port}"))
+        };
+        if let Some(reason) = refusal {
+            tracing::info!(parent: &self.span, host = %host.escape_debug(), port, %reason, "refused direct-tcpip channel");
+            reply
+                .reject(ChannelOpenFailure::Other { code: 2, reason })
+                .await;
+            return Ok(());
+        }
+        let id = channel.id();
+        let (read_half, writer) = channel.split();
+        drop(read_half);
+        let inbound = Arc::new(Inbound::default());
+        self.channels.insert(
+            id,
+            HandlerChannel {
+                inbound: inbound.clone(),
+                // No shell, exec or subsystem on a forwarded connection.
+                started: true,
+                env_accepted: 0,
+                env_limit_logged: false,
+            },
+        );
+        self.send(Event::ForwardOpened {
+            channel: id,
+            writer,
+            inbound,
+            target: (host.to_owned(), port as u16),
+            reply,
+        })
+        .await;
         Ok(())
     }
 

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
-use russh::server::{Handle, Msg};
-use russh::{ChannelId, ChannelWriteHalf, Disconnect, Sig};
+use futures::StreamExt;
+use russh::server::{ChannelOpenHandle, Handle, Msg};
+use russh::{ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, Sig};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,15 @@ pub enum Event {
     Request {
         channel: ChannelId,
         request: ChannelRequest,
+    },
+    /// A `direct-tcpip` channel waiting for its answer: the connection to `target` is made
+    /// from inside the user's container before `reply` accepts it.
+    ForwardOpened {
+        channel: ChannelId,
+        writer: ChannelWriteHalf<Msg>,
+        inbound: Arc<Inbound>,
+        target: (String, u16),
+        reply: ChannelOpenHandle,
     },
     ChannelClosed {
         channel: ChannelId,
@@ -323,7 +333,91 @@ impl Connection {
                 }
             }
             Event::Request { channel, request } => self.on_request(channel, request).await,
+            Event::ForwardOpened {
+                channel,
+                writer,
+                inbound,
+                target,
+                reply,
+            } => {
+                let output = Arc::new(ChannelOutput::new(writer, inbound));
+                self.forward(channel, output, target, reply).await;
+            }
         }
+    }
+
+    /// Connects a `direct-tcpip` channel to `target`, from inside the user's container: the
+    /// session is placed as for a command (the login's environment, else the default; no
+    /// menu), then `envgate-agent connect` runs there as the user. The channel is accepted
+    /// once it is connected, or refused with the reason the user's client prints
+    /// ("open failed: connect failed: …").
+    async fn forward(
+        &mut self,
+        channel: ChannelId,
+        output: Arc<ChannelOutput>,
+        (host, port): (String, u16),
+        reply: ChannelOpenHandle,
+    ) {
+        let spec = match self.forward_spec(&output, host, port).await {
+            Ok(spec) => spec,
+            Err(reason) => return refuse_forward(reply, reason).await,
+        };
+        let runtime = self.services.runtime.clone();
+        let task = self
+            .running
+            .spawn(run_forward(runtime, spec, output.clone(), reply).in_current_span());
+        self.channels.insert(
+            channel,
+            ChannelState {
+                output,
+                pty: None,
+                env: Vec::new(),
+                process: Some(RunningProcess { task }),
+                sftp: false,
+            },
+        );
+    }
+
+    /// The connector to run for a forward to `host:port`, placing the session first if
+    /// nothing has; `Err` is the reason the channel is refused.
+    async fn forward_spec(
+        &mut self,
+        output: &ChannelOutput,
+        host: String,
+        port: u16,
+    ) -> Result<ProcessSpec, String> {
+        if let Some(refused) = &self.refused {
+            return Err(refused.line.clone());
+        }
+        if matches!(self.placement, PlacementState::NotRequested) {
+            let login = self.identity.as_ref().map(|(login, _)| login);
+            let named = login.and_then(|l| l.environment.clone());
+            if self.info.pinned.is_none() && named.as_deref() == Some(SELF_SERVICE_ENV) {
+                return Err("the envgate pseudo-environment has no network".to_owned());
+            }
+            let environment = self.info.pinned.clone().or(named).unwrap_or_default();
+            self.placement = self.place(environment, "forward", output, false).await;
+        }
+        let placement = match &self.placement {
+            PlacementState::Placed(placement) => placement.as_ref().clone(),
+            PlacementState::Failed(status) => return Err(placement_failure_line(status)),
+            PlacementState::NotRequested => return Err("not placed".to_owned()),
+        };
+        if placement.agent_address.is_empty() {
+            return Err(
+                "port forwarding needs envgate-agent in the container, and this fleet runs without it"
+                    .to_owned(),
+            );
+        }
+        tracing::info!(%host, port, "forwarding a connection from the container");
+        let mut spec = process_spec(&placement, None, None, &[]);
+        spec.command = vec![
+            envgate_agent::IN_CONTAINER.to_owned(),
+            envgate_agent::CONNECT.to_owned(),
+            host,
+            port.to_string(),
+        ];
+        Ok(spec)
     }
 
     async fn on_request(&mut self, channel: ChannelId, request: ChannelRequest) {
@@ -854,6 +948,79 @@ fn process_spec(
         account,
         agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
     }
+}
+
+/// How long `envgate-agent connect` may take to answer: its own connect bound, plus slack.
+const FORWARD_CONNECT_WAIT: Duration =
+    Duration::from_secs(envgate_agent::connect::CONNECT_TIMEOUT.as_secs() + 5);
+
+/// One forwarded connection: start the connector, answer the channel open by its first
+/// byte (connected) or its error line, then pump bytes both ways until either side ends.
+async fn run_forward(
+    runtime: Arc<dyn ProcessRuntime>,
+    spec: ProcessSpec,
+    output: Arc<ChannelOutput>,
+    reply: ChannelOpenHandle,
+) -> ChannelEnd {
+    let end = ChannelEnd {
+        exit_code: None,
+        result: ConnectionResult::Ok,
+    };
+    let (process, first) = match connect_in_container(runtime.as_ref(), &spec).await {
+        Ok(connected) => connected,
+        Err(reason) => {
+            refuse_forward(reply, reason).await;
+            return end;
+        }
+    };
+    reply.accept().await;
+    if !first.is_empty() && output.stdout(first).await.is_err() {
+        return end;
+    }
+    if let Err(e) = exec::pump(process, &output, false).await {
+        tracing::debug!(error = %e, "forwarded connection ended with an error");
+    }
+    let _ = output.close().await;
+    end
+}
+
+/// Starts the connector and waits for its verdict: connected (the bytes after its 0 byte),
+/// or the line it printed on failing.
+async fn connect_in_container(
+    runtime: &dyn ProcessRuntime,
+    spec: &ProcessSpec,
+) -> Result<(exec::StartedProcess, bytes::Bytes), String> {
+    let started = tokio::time::timeout(PROCESS_START_TIMEOUT, runtime.start(spec)).await;
+    let mut process = started
+        .unwrap_or(Err(ExecError::StartTimeout(PROCESS_START_TIMEOUT)))
+        .map_err(|e| {
+            tracing::warn!(error = %e, "starting the connector failed");
+            exec_failure_line(&e)
+        })?;
+    let answer = tokio::time::timeout(FORWARD_CONNECT_WAIT, async {
+        let mut errors = Vec::new();
+        loop {
+            match process.output.next().await {
+                Some(Ok(exec::Output::Stdout(data))) => return Ok(data),
+                Some(Ok(exec::Output::Stderr(data))) => errors.extend_from_slice(&data),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err(String::from_utf8_lossy(&errors).trim().to_owned()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no answer from the container".to_owned()))?;
+    match answer.first() {
+        Some(0) => Ok((process, answer.slice(1..))),
+        _ => Err("the connector answered nonsense".to_owned()),
+    }
+}
+
+async fn refuse_forward(reply: ChannelOpenHandle, reason: String) {
+    tracing::info!(%reason, "forwarded connection refused");
+    reply
+        .reject(ChannelOpenFailure::Other { code: 2, reason })
+        .await;
 }
 
 fn exec_failure_result(e: &ExecError) -> ConnectionResult {

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod connect;
 mod flow;
 mod passwd;
 pub mod pool;
@@ -32,3 +33,5 @@ pub const IN_CONTAINER: &str = "/.envgate/agent";
 pub const SFTP_SERVER: &str = "sftp-server";
 /// The argument that makes the binary the remote side of `scp -O` ([`scp`]).
 pub const SCP: &str = "scp";
+/// The argument that makes the binary one forwarded TCP connection ([`connect`]).
+pub const CONNECT: &str = "connect";

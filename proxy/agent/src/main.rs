@@ -100,13 +100,19 @@ fn main() {
         }
         return;
     }
-    // `scp -O`'s remote side, for images without scp (see `scp.rs`).
-    if std::env::args_os().nth(1).as_deref() == Some(envgate_agent::SCP.as_ref()) {
+    // The tools the proxy runs through the agent as the session's user: `scp -O`'s remote
+    // side (`scp.rs`) and one forwarded connection (`connect.rs`).
+    let tool: Option<fn(&[String]) -> i32> = match std::env::args_os().nth(1) {
+        Some(a) if a == envgate_agent::SCP => Some(envgate_agent::scp::main),
+        Some(a) if a == envgate_agent::CONNECT => Some(envgate_agent::connect::main),
+        _ => None,
+    };
+    if let Some(tool) = tool {
         let args: Vec<String> = std::env::args_os()
             .skip(2)
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        std::process::exit(envgate_agent::scp::main(&args));
+        std::process::exit(tool(&args));
     }
     let args = Args::parse();
     // One clear line for bad config or a failed start, then a non-zero exit.

@@ -1,0 +1,218 @@
+//! End to end: `ssh -W`, `-L` and `-D` with the real OpenSSH client through HAProxy. The
+//! connection is made from inside the user's own container, as the user, so `127.0.0.1`
+//! is the container's loopback; another user's container and the host's services stay out
+//! of reach, each refusal with its reason.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use support::{Fleet, eventually, run};
+use tokio::io::AsyncReadExt;
+
+/// A server in `login`'s container on port 8080 answering every connection with `greeting`.
+async fn serve_inside(
+    fleet: &Fleet,
+    login: &str,
+    greeting: &str,
+) -> tokio::task::JoinHandle<support::SshOutput> {
+    fleet
+        .session_in_background(
+            login,
+            &format!("while :; do echo {greeting} | nc -l -p 8080; done"),
+            Duration::from_secs(30),
+        )
+        .await
+}
+
+/// `ssh -W target` as `login`, stdin closed: what came back. At ssh's default log level, as
+/// users have it, so a refused open shows its reason (ssh takes an option's first value).
+async fn through(fleet: &Fleet, login: &str, target: &str) -> support::SshOutput {
+    let mut argv = fleet.ssh_key_argv(login, &fleet.key_of(login.split('+').next().unwrap()));
+    for (i, arg) in ["-o", "LogLevel=INFO", "-W", target]
+        .into_iter()
+        .enumerate()
+    {
+        argv.insert(1 + i, arg.to_string());
+    }
+    run(&argv, Some(b""), &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w_and_l_and_d_reach_the_containers_own_loopback() {
+    let fleet = Fleet::start().await;
+    let _server = serve_inside(&fleet, "demo", "hello-from-inside").await;
+
+    let out = eventually(
+        Duration::from_secs(15),
+        "ssh -W to the container's 8080",
+        || async {
+            let out = through(&fleet, "demo", "127.0.0.1:8080").await;
+            if out.stdout == "hello-from-inside\n" {
+                Ok(out)
+            } else {
+                Err(format!("{out:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+
+    // -L and -D: a local port on this machine, the far end in the container.
+    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (l_port, d_port) = (local.local_addr().unwrap().port(), {
+        let d = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        d.local_addr().unwrap().port()
+    });
+    drop(local);
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    for extra in [
+        "-N".to_string(),
+        "-o".to_string(),
+        "ExitOnForwardFailure=yes".to_string(),
+        "-L".to_string(),
+        format!("{l_port}:localhost:8080"),
+        "-D".to_string(),
+        format!("127.0.0.1:{d_port}"),
+    ]
+    .into_iter()
+    .rev()
+    {
+        argv.insert(1, extra);
+    }
+    let mut tunnel = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let greeting = eventually(Duration::from_secs(20), "ssh -L forwards", || async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", l_port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut got))
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        if got.is_empty() {
+            Err("empty".into())
+        } else {
+            Ok(got)
+        }
+    })
+    .await;
+    assert_eq!(greeting, "hello-from-inside\n");
+
+    // SOCKS4a through -D, by name: "localhost" is resolved inside the container.
+    let socks = run(
+        &[
+            "socat".to_string(),
+            "-".to_string(),
+            format!("SOCKS4A:127.0.0.1:localhost:8080,socksport={d_port}"),
+        ],
+        Some(b""),
+        &[],
+    )
+    .await;
+    assert_eq!(socks.stdout, "hello-from-inside\n", "{socks:#?}");
+
+    // Bytes both ways, byte-exact: an echo server in the container.
+    // (A second session of demo's; the -W below retries until it listens.)
+    let _echo = fleet.ssh_in_background("demo", "while :; do nc -l -p 8081 -e cat; done");
+    let data: Vec<u8> = (0..512 * 1024u32)
+        .map(|i| (i * 7 + i / 255) as u8)
+        .collect();
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    argv.insert(1, "-W".to_string());
+    argv.insert(2, "127.0.0.1:8081".to_string());
+    let echoed = eventually(Duration::from_secs(15), "the echo server", || async {
+        let out = run(&argv, Some(&data), &[]).await;
+        if out.stdout_bytes.len() == data.len() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "{} bytes back; {}",
+                out.stdout_bytes.len(),
+                out.stderr
+            ))
+        }
+    })
+    .await;
+    assert!(echoed.stdout_bytes == data, "the echo differs");
+    let _ = tunnel.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_other_users_or_the_host_are_refused_with_the_reason() {
+    let fleet = Fleet::start().await;
+    fleet.add_user("bob", "busybox", None).await;
+    let _bobs = serve_inside(&fleet, "bob", "bobs-secret").await;
+    let bob_ip = fleet
+        .ssh(
+            "bob",
+            "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1",
+            None,
+        )
+        .await
+        .stdout
+        .trim()
+        .to_owned();
+    let gateway: Ipv4Addr = fleet
+        .ssh("demo", "ip route | awk '/^default/ {print $3}'", None)
+        .await
+        .stdout
+        .trim()
+        .parse()
+        .expect("the container's gateway");
+    // A service of the host's on every address: reachable from the host itself.
+    let host_service = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    let host_port = host_service.local_addr().unwrap().port();
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((gateway, host_port)),
+            Duration::from_secs(2)
+        )
+        .is_ok()
+    );
+    let etcd_port = fleet.etcd_endpoint().rsplit(':').next().unwrap().to_owned();
+
+    let (bobs_target, host_target, etcd_target) = (
+        format!("{bob_ip}:8080"),
+        format!("{gateway}:{host_port}"),
+        format!("{gateway}:{etcd_port}"),
+    );
+    let nothing = through(&fleet, "demo", "127.0.0.1:1");
+    let bobs = through(&fleet, "demo", &bobs_target);
+    let host = through(&fleet, "demo", &host_target);
+    let etcd = through(&fleet, "demo", &etcd_target);
+    let (nothing, bobs, host, etcd) = tokio::join!(nothing, bobs, host, etcd);
+
+    let refusal = |out: &support::SshOutput| {
+        assert_eq!(out.code, Some(255), "{out:#?}");
+        assert_eq!(out.stdout, "", "{out:#?}");
+        out.stderr_lines()
+            .iter()
+            .find(|l| l.contains("open failed"))
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| panic!("{out:#?}"))
+    };
+    assert_eq!(
+        refusal(&nothing),
+        "channel 0: open failed: connect failed: 127.0.0.1:1: Connection refused"
+    );
+    for (out, target) in [
+        (&bobs, format!("{bob_ip}:8080")),
+        (&host, format!("{gateway}:{host_port}")),
+        (&etcd, format!("{gateway}:{etcd_port}")),
+    ] {
+        assert_eq!(
+            refusal(out),
+            format!("channel 0: open failed: connect failed: {target}: no answer within 10 s")
+        );
+    }
+
+    // Nonsense targets are refused before anything runs.
+    let bad = through(&fleet, "demo", "127.0.0.1:0").await;
+    assert_eq!(bad.code, Some(255), "{bad:#?}");
+}
