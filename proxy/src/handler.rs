@@ -504,7 +504,7 @@ impl Handler for ConnectionHandler {
         row_height: u32,
         _pix_width: u32,
         _pix_height: u32,
-        _modes: &[(Pty, u32)],
+        modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
@@ -519,6 +519,8 @@ impl Handler for ConnectionHandler {
                 request: ChannelRequest::Pty {
                     term: term.to_owned(),
                     size,
+                    // Opcodes as RFC 4254 numbers them; the agent applies what it knows.
+                    modes: modes.iter().map(|(op, v)| (*op as u8, *v)).collect(),
                 },
             })
             .await;

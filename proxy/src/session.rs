@@ -72,6 +72,8 @@ pub enum ChannelRequest {
     Pty {
         term: String,
         size: TerminalSize,
+        /// The client's terminal modes (erase character, signals, …): opcode, value.
+        modes: Vec<(u8, u32)>,
     },
     Env {
         name: String,
@@ -133,6 +135,8 @@ struct ChannelState {
     process: Option<RunningProcess>,
     /// The channel asked for the SFTP subsystem rather than a shell or a command.
     sftp: bool,
+    /// Terminal modes of the pty request.
+    pty_modes: Vec<(u8, u32)>,
 }
 
 struct RunningProcess {
@@ -321,6 +325,7 @@ impl Connection {
                         env: Vec::new(),
                         process: None,
                         sftp: false,
+                        pty_modes: Vec::new(),
                     },
                 );
             }
@@ -374,6 +379,7 @@ impl Connection {
                 env: Vec::new(),
                 process: Some(RunningProcess { task }),
                 sftp: false,
+                pty_modes: Vec::new(),
             },
         );
     }
@@ -425,7 +431,10 @@ impl Connection {
             return;
         };
         match request {
-            ChannelRequest::Pty { term, size } => state.pty = Some((term, size)),
+            ChannelRequest::Pty { term, size, modes } => {
+                state.pty = Some((term, size));
+                state.pty_modes = modes;
+            }
             ChannelRequest::Env { name, value } => state.env.push((name, value)),
             ChannelRequest::WindowChange(size) => {
                 if let Some((_, current)) = state.pty.as_mut() {
@@ -549,6 +558,7 @@ impl Connection {
             other => other,
         };
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
+        spec.pty_modes = state.pty_modes.clone();
         if state.sftp {
             if spec.agent.is_none() {
                 let line = "envgate: file transfer (sftp, scp) needs envgate-agent in the container, and this fleet runs without it".to_owned();
@@ -939,6 +949,7 @@ fn process_spec(
         container_id: placement.container_id.clone(),
         command,
         tty: pty.map(|(_, size)| *size),
+        pty_modes: Vec::new(),
         env,
         working_dir: non_empty(&placement.working_dir),
         user: match &account {

@@ -102,3 +102,27 @@ async fn screen_after_marker(tmux: &Tmux, marker: &str) -> String {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_terminal_modes_reach_the_remote_terminal() {
+    let fleet = Fleet::start().await;
+    // The user's own terminal erases with ^H and interrupts with ^G (not the defaults, ^? and
+    // ^C); ssh sends those modes with its pty request.
+    let ssh: Vec<String> = fleet
+        .ssh_terminal_argv("demo+debian")
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let argv = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("stty erase '^H' intr '^G'; exec {}", ssh.join(" ")),
+    ];
+    let tmux = Tmux::start(fleet.dir(), &argv, 120, 30);
+    tmux.type_line(
+        "stty -a | tr ';' '\\n' | grep -E '^ ?(erase|intr) =' | tr -d ' '; echo mark-$((60+2))",
+    );
+    let screen = screen_after_marker(&tmux, "mark-62").await;
+    assert!(screen.lines().any(|l| l.trim() == "intr=^G"), "{screen}");
+    assert!(screen.lines().any(|l| l.trim() == "erase=^H"), "{screen}");
+}

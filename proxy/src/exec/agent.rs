@@ -100,7 +100,7 @@ fn spawn_request(spec: &ProcessSpec) -> SpawnRequest {
             .find(|(k, _)| k == "TERM")
             .map_or_else(|| "xterm".to_owned(), |(_, v)| v.clone()),
         size: window(size),
-        modes: Vec::new(),
+        modes: spec.pty_modes.clone(),
     });
     request
 }
@@ -217,6 +217,7 @@ mod tests {
             container_id: "c1".into(),
             command: vec!["/bin/sh".into()],
             tty: None,
+            pty_modes: Vec::new(),
             env: Vec::new(),
             working_dir: None,
             user: None,
@@ -237,6 +238,7 @@ mod tests {
             container_id: "c1".into(),
             command: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
             tty: Some(TerminalSize { cols: 0, rows: 0 }),
+            pty_modes: Vec::new(),
             env: vec!["HOME=/home/alice".into(), "TERM=vt100".into()],
             working_dir: Some("/home/alice".into()),
             user: None,

@@ -93,6 +93,8 @@ pub struct ProcessSpec {
     pub command: Vec<String>,
     /// A terminal was requested: run on a tty of this size.
     pub tty: Option<TerminalSize>,
+    /// The client's terminal modes for that tty (RFC 4254 opcodes); Docker exec ignores them.
+    pub pty_modes: Vec<(u8, u32)>,
     /// `KEY=value`.
     pub env: Vec<String>,
     pub working_dir: Option<String>,
