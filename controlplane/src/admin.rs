@@ -391,6 +391,7 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         is_default: e.is_default,
         max_lifetime_seconds: e.max_lifetime_seconds,
         warm_pool_size: e.warm_pool_size,
+        accept_env: e.accept_env.clone(),
     }
 }
 

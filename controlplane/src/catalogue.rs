@@ -158,6 +158,25 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
             format!("must be at most {MAX_WARM_POOL_SIZE}"),
         ));
     }
+    if env.accept_env.len() > MAX_ACCEPT_ENV {
+        return Err(AdminError::invalid(
+            "environment.accept_env",
+            format!("at most {MAX_ACCEPT_ENV} patterns"),
+        ));
+    }
+    for (i, pattern) in env.accept_env.iter().enumerate() {
+        let valid = !pattern.is_empty()
+            && pattern.len() <= 64
+            && pattern
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '*' | '?'));
+        if !valid {
+            return Err(AdminError::invalid(
+                format!("environment.accept_env[{i}]"),
+                "must be a variable name, or a pattern of letters, digits, _, * and ?",
+            ));
+        }
+    }
     if env.max_lifetime_seconds != 0 && env.max_lifetime_seconds < MIN_MAX_LIFETIME_SECONDS {
         return Err(AdminError::invalid(
             "environment.max_lifetime_seconds",
@@ -185,7 +204,23 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         is_default: env.is_default,
         max_lifetime_seconds: env.max_lifetime_seconds,
         warm_pool_size: env.warm_pool_size,
+        accept_env: env.accept_env,
     })
+}
+
+/// Most patterns one environment may list.
+pub const MAX_ACCEPT_ENV: usize = 64;
+
+/// The patterns in force for `env`.
+pub fn accept_env(env: &EnvironmentRecord) -> Vec<String> {
+    if env.accept_env.is_empty() {
+        envgate_proto::names::DEFAULT_ACCEPT_ENV
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect()
+    } else {
+        env.accept_env.clone()
+    }
 }
 
 fn is_variable_name(name: &str) -> bool {
@@ -427,6 +462,8 @@ struct Entry {
     groups: Vec<String>,
     #[serde(default)]
     default: bool,
+    #[serde(default)]
+    accept_env: Vec<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -465,6 +502,7 @@ impl Entry {
             is_default: self.default,
             max_lifetime_seconds: self.max_lifetime.0,
             warm_pool_size: self.warm_pool,
+            accept_env: self.accept_env,
         };
         validate_environment(env).map_err(|e| match e {
             AdminError::Invalid { field, reason } => {
@@ -920,7 +958,7 @@ environments:
             "catalogue /etc/envgate/environments.yaml: environments[0] (\"gpu\"): unknown field \
              `colour`, expected one of `name`, `description`, `image`, `shell`, `working_dir`, \
              `run_as`, `user`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
-             `groups`, `default` at line 4 column 5"
+             `groups`, `default`, `accept_env` at line 4 column 5"
         );
         let second = format!(
             "{}  - name: big\n    image: x\n    resources:\n      gpus: 1\n",

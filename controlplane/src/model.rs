@@ -122,6 +122,9 @@ pub struct EnvironmentRecord {
     /// Started, unassigned containers the leader keeps ready; 0 = none.
     #[serde(default)]
     pub warm_pool_size: u32,
+    /// Client variables accepted (patterns); empty: `names::DEFAULT_ACCEPT_ENV`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_env: Vec<String>,
 }
 
 impl EnvironmentRecord {

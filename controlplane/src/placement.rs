@@ -627,6 +627,7 @@ impl Placer {
             working_dir: working_dir(cx.env, &session.user),
             run_as: cx.env.run_as.clone(),
             account: own_account(cx.env, record),
+            accept_env: catalogue::accept_env(cx.env),
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),

@@ -41,6 +41,34 @@ pub struct Login {
     pub environment: Option<String>,
 }
 
+/// Client variables an environment accepts when it names none, as sshd's usual `AcceptEnv`
+/// (Debian's `LANG LC_*`) plus the terminal, time zone and colour support.
+pub const DEFAULT_ACCEPT_ENV: &[&str] = &["LANG", "LC_*", "TERM", "TZ", "COLORTERM"];
+
+/// Whether `name` matches an `AcceptEnv` pattern: `*` any run of characters, `?` one.
+pub fn env_pattern_matches(pattern: &str, name: &str) -> bool {
+    // The usual greedy match with one backtrack point: at most len(p) * len(n) steps.
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((star_p, star_n)) = star {
+            pi = star_p + 1;
+            ni = star_n + 1;
+            star = Some((star_p, star_n + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
 /// Parses `user` or `user+environment`.
 pub fn parse_login(login: &str) -> Result<Login, NameError> {
     let mut parts = login.splitn(3, '+');
@@ -123,5 +151,30 @@ mod tests {
         assert_eq!(parse_login("alice+Py"), Err(NameError::BadEnvironment));
         assert_eq!(parse_login("alice+-x"), Err(NameError::BadEnvironment));
         assert_eq!(parse_login("../etc"), Err(NameError::BadUser));
+    }
+
+    #[test]
+    fn accept_env_patterns_match_as_sshd_does() {
+        for (pattern, name) in [
+            ("LANG", "LANG"),
+            ("LC_*", "LC_ALL"),
+            ("LC_*", "LC_"),
+            ("*", "X"),
+            ("A?C", "ABC"),
+            ("*_KEY", "MY_KEY"),
+        ] {
+            assert!(env_pattern_matches(pattern, name), "{pattern} {name}");
+        }
+        for (pattern, name) in [
+            ("LANG", "LANGUAGE"),
+            ("LC_*", "XLC_ALL"),
+            ("A?C", "AC"),
+            ("", "A"),
+        ] {
+            assert!(!env_pattern_matches(pattern, name), "{pattern} {name}");
+        }
+        // No blow-up on a hostile pattern.
+        assert!(!env_pattern_matches(&"*A".repeat(32), &"A".repeat(31)));
+        assert!(env_pattern_matches(&"*A".repeat(32), &"A".repeat(64)));
     }
 }

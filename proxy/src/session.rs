@@ -929,8 +929,23 @@ fn process_spec(
             }
         }
     }
+    // What the environment accepts of what the client sent (ENVGATE_ENV is envgate's own).
+    let defaults: Vec<String>;
+    let accept = if placement.accept_env.is_empty() {
+        defaults = envgate_proto::names::DEFAULT_ACCEPT_ENV
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect();
+        &defaults
+    } else {
+        &placement.accept_env
+    };
     for (name, value) in client_env {
-        if name != "ENVGATE_ENV" {
+        if name != "ENVGATE_ENV"
+            && accept
+                .iter()
+                .any(|p| envgate_proto::names::env_pattern_matches(p, name))
+        {
             env.push(format!("{name}={value}"));
         }
     }

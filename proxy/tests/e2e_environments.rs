@@ -102,3 +102,34 @@ async fn an_environment_from_the_catalogue_file_is_reachable_with_its_variables(
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(containers[0].environment, "tiny");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_environment_takes_the_client_variables_it_accepts() {
+    let fleet = Fleet::start().await;
+    let mut project = support::environment("project", support::BUSYBOX_IMAGE, "/bin/sh", false);
+    project.accept_env = vec!["PROJECT_*".into(), "LANG".into()];
+    fleet.put_environment(project).await;
+    let sent = ["SetEnv=PROJECT_ID=42 LANG=C.UTF-8 LC_ALL=C SECRET_TOKEN=x"];
+    let show = r#"echo "${PROJECT_ID-unset} ${LANG-unset} ${LC_ALL-unset} ${SECRET_TOKEN-unset}""#;
+    let key = fleet.key_of("demo");
+
+    // The environment's own list: the project's variables and LANG, nothing else.
+    let out = fleet
+        .ssh_with_options("demo+project", &key, &sent, show, None)
+        .await;
+    out.assert_success();
+    assert_eq!(out.stdout, "42 C.UTF-8 unset unset\n");
+
+    // An environment that names none takes sshd's usual list (LANG, LC_*, TERM, TZ, COLORTERM).
+    let out = fleet
+        .ssh_with_options("demo", &key, &sent, show, None)
+        .await;
+    out.assert_success();
+    assert_eq!(out.stdout, "unset C.UTF-8 C unset\n");
+
+    // A pattern that is not one is refused by the admin API.
+    let mut bad = support::environment("badenv", support::BUSYBOX_IMAGE, "/bin/sh", false);
+    bad.accept_env = vec!["LD_*;rm".into()];
+    let err = fleet.try_put_environment(bad).await.unwrap_err();
+    assert!(err.contains("environment.accept_env[0]"), "{err}");
+}
