@@ -857,6 +857,7 @@ environments:
     shell: /bin/bash
     working_dir: /workspace
     user: "1000:1000"
+    accept_env: [LANG, "PROJECT_*"]
     env:
       LANG: C.UTF-8
       OMP_NUM_THREADS: 4
@@ -907,6 +908,7 @@ environments:
                     is_default: true,
                     max_lifetime_seconds: 0,
                     warm_pool_size: 0,
+                    accept_env: vec![],
                 },
                 EnvironmentRecord {
                     name: "gpu".into(),
@@ -930,6 +932,7 @@ environments:
                     is_default: false,
                     max_lifetime_seconds: 28_800,
                     warm_pool_size: 2,
+                    accept_env: vec!["LANG".into(), "PROJECT_*".into()],
                 },
             ]
         );
