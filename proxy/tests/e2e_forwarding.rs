@@ -216,3 +216,81 @@ async fn forwards_to_other_users_or_the_host_are_refused_with_the_reason() {
     let bad = through(&fleet, "demo", "127.0.0.1:0").await;
     assert_eq!(bad.code, Some(255), "{bad:#?}");
 }
+
+/// What VS Code Remote-SSH does: `ssh -T -D PORT host bash` with its install script on stdin;
+/// the script starts a server on the remote loopback and prints `listeningOn==PORT==`; the
+/// editor then reaches that port through the SOCKS proxy, while the first session stays
+/// open. Here the "server" is an echo service and the shell is the image's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vs_code_remote_ssh_sequence_works() {
+    let fleet = Fleet::start().await;
+    let socks_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    for (i, arg) in ["-T", "-D", &socks_port.to_string()]
+        .into_iter()
+        .enumerate()
+    {
+        argv.insert(1 + i, arg.to_string());
+    }
+    argv.push("sh".to_string());
+    let mut ssh = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = ssh.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stdin,
+        b"echo platform=$(uname -s)\n\
+          (while :; do nc -l -p 34567 -e cat; done) >/dev/null 2>&1 &\n\
+          echo listeningOn==34567==\n",
+    )
+    .await
+    .unwrap();
+    let mut stdout = tokio::io::BufReader::new(ssh.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    while !lines
+        .iter()
+        .any(|l: &String| l.starts_with("listeningOn=="))
+    {
+        let mut line = String::new();
+        let n = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+        )
+        .await
+        .expect("the script's output in time")
+        .unwrap();
+        assert_ne!(n, 0, "the session ended early: {lines:?}");
+        lines.push(line.trim().to_owned());
+    }
+    assert_eq!(lines, ["platform=Linux", "listeningOn==34567=="]);
+
+    // The editor's connection to its server, through the SOCKS proxy, byte-exact.
+    let echoed = eventually(Duration::from_secs(15), "the server through -D", || async {
+        let out = run(
+            &[
+                "socat".to_string(),
+                "-".to_string(),
+                format!("SOCKS4A:127.0.0.1:127.0.0.1:34567,socksport={socks_port}"),
+            ],
+            Some(b"hello vscode\n"),
+            &[],
+        )
+        .await;
+        if out.stdout == "hello vscode\n" {
+            Ok(out)
+        } else {
+            Err(format!("{out:?}"))
+        }
+    })
+    .await;
+    assert_eq!(echoed.code, Some(0));
+    drop(stdin);
+    let _ = ssh.kill().await;
+}
