@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::auth::{Attempt, AuthOutcome, Authenticated, Authenticator, OfferOutcome};
 use crate::error::{ProxyError, UNSUPPORTED_CHANNEL};
 use crate::exec::{Inbound, TerminalSize};
-use crate::session::{ChannelRequest, Event};
+use crate::session::{ChannelRequest, Event, ForwardTarget};
 
 /// Environment variable names a client may send. Which of them reach the process is the
 /// environment's `accept_env` (known only once the session is placed, and `ENVGATE_ENV`
@@ -170,6 +170,37 @@ impl ConnectionHandler {
         self.unrecorded_refusal = None;
         self.authenticator
             .record(attempt, Outcome::Failure, false, Some(reason));
+    }
+
+    /// Hands a forwarding channel to the session task, which answers `reply`.
+    async fn forward(
+        &mut self,
+        channel: Channel<Msg>,
+        target: ForwardTarget,
+        reply: ChannelOpenHandle,
+    ) {
+        let id = channel.id();
+        let (read_half, writer) = channel.split();
+        drop(read_half);
+        let inbound = Arc::new(Inbound::default());
+        self.channels.insert(
+            id,
+            HandlerChannel {
+                inbound: inbound.clone(),
+                // No shell, exec or subsystem on a forwarded connection.
+                started: true,
+                env_accepted: 0,
+                env_limit_logged: false,
+            },
+        );
+        self.send(Event::ForwardOpened {
+            channel: id,
+            writer,
+            inbound,
+            target,
+            reply,
+        })
+        .await;
     }
 
     async fn send(&self, event: Event) {
@@ -417,27 +448,11 @@ impl Handler for ConnectionHandler {
                 .await;
             return Ok(());
         }
-        let id = channel.id();
-        let (read_half, writer) = channel.split();
-        drop(read_half);
-        let inbound = Arc::new(Inbound::default());
-        self.channels.insert(
-            id,
-            HandlerChannel {
-                inbound: inbound.clone(),
-                // No shell, exec or subsystem on a forwarded connection.
-                started: true,
-                env_accepted: 0,
-                env_limit_logged: false,
-            },
-        );
-        self.send(Event::ForwardOpened {
-            channel: id,
-            writer,
-            inbound,
-            target: (host.to_owned(), port as u16),
+        self.forward(
+            channel,
+            ForwardTarget::Tcp(host.to_owned(), port as u16),
             reply,
-        })
+        )
         .await;
         Ok(())
     }
@@ -454,14 +469,33 @@ impl Handler for ConnectionHandler {
         Ok(())
     }
 
+    /// `ssh -L port:/path/to.sock`: as `direct-tcpip`, to a Unix socket in the container.
     async fn channel_open_direct_streamlocal(
         &mut self,
-        _channel: Channel<Msg>,
-        _socket_path: &str,
+        channel: Channel<Msg>,
+        socket_path: &str,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reject_unsupported(reply).await;
+        let refusal = if self.channels.len() >= MAX_SESSIONS {
+            Some(format!("at most {MAX_SESSIONS} channels per connection"))
+        } else if socket_path.is_empty()
+            || socket_path.len() > 107
+            || socket_path.chars().any(char::is_control)
+        {
+            Some("bad socket path".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::info!(parent: &self.span, path = %socket_path.escape_debug(), %reason, "refused direct-streamlocal channel");
+            reply
+                .reject(ChannelOpenFailure::Other { code: 2, reason })
+                .await;
+            return Ok(());
+        }
+        self.forward(channel, ForwardTarget::Unix(socket_path.to_owned()), reply)
+            .await;
         Ok(())
     }
 

@@ -53,18 +53,26 @@ pub enum Event {
         channel: ChannelId,
         request: ChannelRequest,
     },
-    /// A `direct-tcpip` channel waiting for its answer: the connection to `target` is made
-    /// from inside the user's container before `reply` accepts it.
+    /// A `direct-tcpip` or `direct-streamlocal` channel waiting for its answer: the
+    /// connection to `target` is made from inside the user's container before `reply`
+    /// accepts it.
     ForwardOpened {
         channel: ChannelId,
         writer: ChannelWriteHalf<Msg>,
         inbound: Arc<Inbound>,
-        target: (String, u16),
+        target: ForwardTarget,
         reply: ChannelOpenHandle,
     },
     ChannelClosed {
         channel: ChannelId,
     },
+}
+
+/// Where a forwarded connection goes, inside the user's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardTarget {
+    Tcp(String, u16),
+    Unix(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,10 +368,10 @@ impl Connection {
         &mut self,
         channel: ChannelId,
         output: Arc<ChannelOutput>,
-        (host, port): (String, u16),
+        target: ForwardTarget,
         reply: ChannelOpenHandle,
     ) {
-        let spec = match self.forward_spec(&output, host, port).await {
+        let spec = match self.forward_spec(&output, target).await {
             Ok(spec) => spec,
             Err(reason) => return refuse_forward(reply, reason).await,
         };
@@ -389,8 +397,7 @@ impl Connection {
     async fn forward_spec(
         &mut self,
         output: &ChannelOutput,
-        host: String,
-        port: u16,
+        target: ForwardTarget,
     ) -> Result<ProcessSpec, String> {
         if let Some(refused) = &self.refused {
             return Err(refused.line.clone());
@@ -415,14 +422,21 @@ impl Connection {
                     .to_owned(),
             );
         }
-        tracing::info!(%host, port, "forwarding a connection from the container");
+        tracing::info!(?target, "forwarding a connection from the container");
         let mut spec = process_spec(&placement, None, None, &[]);
-        spec.command = vec![
-            envgate_agent::IN_CONTAINER.to_owned(),
-            envgate_agent::CONNECT.to_owned(),
-            host,
-            port.to_string(),
-        ];
+        spec.command = match target {
+            ForwardTarget::Tcp(host, port) => vec![
+                envgate_agent::IN_CONTAINER.to_owned(),
+                envgate_agent::CONNECT.to_owned(),
+                host,
+                port.to_string(),
+            ],
+            ForwardTarget::Unix(path) => vec![
+                envgate_agent::IN_CONTAINER.to_owned(),
+                envgate_agent::CONNECT_UNIX.to_owned(),
+                path,
+            ],
+        };
         Ok(spec)
     }
 

@@ -294,3 +294,93 @@ async fn the_vs_code_remote_ssh_sequence_works() {
     drop(stdin);
     let _ = ssh.kill().await;
 }
+
+/// `ssh -L port:/path.sock` (direct-streamlocal): to a Unix socket in the container, with the
+/// user's permissions. The agent's own socket is root's: the user is refused with the reason,
+/// root (in an environment that opts into it) reaches it and reads the agent's hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_forwards_follow_the_users_permissions() {
+    let fleet = Fleet::start().await;
+    let mut rootlab = support::environment("rootlab", support::BUSYBOX_IMAGE, "/bin/sh", false);
+    rootlab.run_as = "root".into();
+    fleet.put_environment(rootlab).await;
+
+    let tunnel = |login: &'static str, port: u16| {
+        let mut argv = fleet.ssh_key_argv(login, &fleet.key_of("demo"));
+        for (i, arg) in [
+            "-o".to_string(),
+            "LogLevel=INFO".to_string(),
+            "-N".to_string(),
+            "-L".to_string(),
+            format!("{port}:/run/envgate/agent.sock"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            argv.insert(1 + i, arg);
+        }
+        tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let free_port = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+
+    let root_port = free_port();
+    let _root = tunnel("demo+rootlab", root_port);
+    let hello = eventually(
+        Duration::from_secs(20),
+        "root's forward to the agent socket",
+        || async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", root_port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut got = vec![0; 17];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
+                .await
+                .map_err(|_| "no hello".to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(got)
+        },
+    )
+    .await;
+    assert_eq!(&hello[9..], b"EGAGENT\n", "the agent's hello: {hello:?}");
+
+    let user_port = free_port();
+    let mut user = tunnel("demo", user_port);
+    eventually(
+        Duration::from_secs(20),
+        "the user's forward is refused",
+        || async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", user_port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut got = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+            if got.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    let _ = user.kill().await;
+    let mut stderr = String::new();
+    user.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        stderr.contains("open failed: connect failed: /run/envgate/agent.sock: Permission denied"),
+        "{stderr}"
+    );
+}

@@ -1,4 +1,5 @@
 //! `envgate-agent connect HOST PORT`: one forwarded TCP connection (`ssh -L`, `-D`, `-W`),
+//! and `connect-unix PATH`, one forwarded Unix-socket connection (`ssh -L port:/path`),
 //! opened from inside the container, as the session's user, so `127.0.0.1` is the
 //! container's own loopback and the container's network rules apply to it like to anything
 //! else the user runs. Once connected it writes one 0 byte on stdout (the proxy accepts the
@@ -8,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// How long a connection attempt may take (a firewalled address drops, never refuses).
@@ -56,19 +58,62 @@ fn connect(host: &str, port: &str) -> Result<TcpStream, String> {
     Err(last)
 }
 
+/// A connected stream of either kind, as the relay needs it.
+trait Connected: Read + Write + Send + Sized + 'static {
+    fn split(&self) -> io::Result<Self>;
+    fn close_write(&self);
+}
+
+impl Connected for TcpStream {
+    fn split(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Connected for UnixStream {
+    fn split(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
 /// Runs as `connect` with `args` (`HOST PORT`); returns the exit status.
 pub fn main(args: &[String]) -> i32 {
     let [host, port] = args else {
         eprintln!("usage: envgate-agent connect HOST PORT");
         return 2;
     };
-    let stream = match connect(host, port) {
-        Ok(stream) => stream,
+    match connect(host, port) {
+        Ok(stream) => relay(stream),
         Err(message) => {
             eprintln!("{message}");
-            return 1;
+            1
         }
+    }
+}
+
+/// Runs as `connect-unix` with `args` (`PATH`): `ssh -L` to a Unix socket in the container.
+pub fn main_unix(args: &[String]) -> i32 {
+    let [path] = args else {
+        eprintln!("usage: envgate-agent connect-unix PATH");
+        return 2;
     };
+    match UnixStream::connect(path) {
+        Ok(stream) => relay(stream),
+        Err(e) => {
+            eprintln!("{path}: {}", reason(&e));
+            1
+        }
+    }
+}
+
+/// Says "connected" (one 0 byte), then copies both ways until the socket's side ends.
+fn relay<S: Connected>(stream: S) -> i32 {
     let mut stdout = io::stdout().lock();
     if stdout
         .write_all(&[0])
@@ -77,14 +122,14 @@ pub fn main(args: &[String]) -> i32 {
     {
         return 1;
     }
-    let Ok(mut to_socket) = stream.try_clone() else {
+    let Ok(mut to_socket) = stream.split() else {
         return 1;
     };
     // stdin → socket on its own thread; its end is the socket's write side closing.
     std::thread::spawn(move || {
         let mut stdin = io::stdin().lock();
         let _ = io::copy(&mut stdin, &mut to_socket);
-        let _ = to_socket.shutdown(Shutdown::Write);
+        to_socket.close_write();
     });
     let mut from_socket = stream;
     let mut buf = vec![0; 64 * 1024];

@@ -35,3 +35,5 @@ pub const SFTP_SERVER: &str = "sftp-server";
 pub const SCP: &str = "scp";
 /// The argument that makes the binary one forwarded TCP connection ([`connect`]).
 pub const CONNECT: &str = "connect";
+/// The same for a Unix socket in the container.
+pub const CONNECT_UNIX: &str = "connect-unix";

@@ -105,6 +105,7 @@ fn main() {
     let tool: Option<fn(&[String]) -> i32> = match std::env::args_os().nth(1) {
         Some(a) if a == envgate_agent::SCP => Some(envgate_agent::scp::main),
         Some(a) if a == envgate_agent::CONNECT => Some(envgate_agent::connect::main),
+        Some(a) if a == envgate_agent::CONNECT_UNIX => Some(envgate_agent::connect::main_unix),
         _ => None,
     };
     if let Some(tool) = tool {
