@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envgate_proto::audit::{Method, Outcome};
 use envgate_proto::names::{Login, parse_login};
@@ -38,6 +39,9 @@ pub fn accepted_env(name: &str) -> bool {
 pub fn methods() -> MethodSet {
     MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
 }
+
+/// How long a `tcpip-forward` may take to be answered (it may place the session first).
+const REMOTE_FORWARD_WAIT: Duration = Duration::from_secs(90);
 
 /// Session channels one connection may have open, as sshd's MaxSessions.
 pub const MAX_SESSIONS: usize = 10;
@@ -657,6 +661,70 @@ impl Handler for ConnectionHandler {
             tracing::info!(parent: &self.span, subsystem = %name.escape_debug(), "refused subsystem request");
         }
         Ok(())
+    }
+
+    /// `ssh -A`: the channel's process gets `SSH_AUTH_SOCK`, a socket in the container whose
+    /// connections come back to the client's agent (`forwarded.rs`).
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        if ok {
+            self.send(Event::Request {
+                channel,
+                request: ChannelRequest::AgentForward,
+            })
+            .await;
+        }
+        Ok(ok)
+    }
+
+    /// `ssh -R [address:]port:…`: a listener in the user's container, on its loopback unless
+    /// an address is given. Answered once it listens (port 0: the port it got).
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if address.len() > 255 || address.chars().any(char::is_control) || *port > 65535 {
+            return Ok(false);
+        }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.send(Event::RemoteForward {
+            address: address.to_owned(),
+            port: *port,
+            answer,
+        })
+        .await;
+        match tokio::time::timeout(REMOTE_FORWARD_WAIT, answered).await {
+            Ok(Ok(Ok(bound))) => {
+                *port = bound;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.send(Event::CancelRemoteForward {
+            address: address.to_owned(),
+            port,
+            answer,
+        })
+        .await;
+        Ok(matches!(
+            tokio::time::timeout(REMOTE_FORWARD_WAIT, answered).await,
+            Ok(Ok(true))
+        ))
     }
 
     async fn x11_request(

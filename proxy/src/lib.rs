@@ -11,6 +11,7 @@ pub mod drain;
 pub mod error;
 pub mod exec;
 pub mod fleet;
+pub mod forwarded;
 pub mod handler;
 pub mod limits;
 pub mod menu;

@@ -34,6 +34,7 @@ use crate::exec::agent::AgentTarget;
 use crate::exec::{
     self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec, TerminalSize,
 };
+use crate::forwarded;
 use crate::limits::{UserConnections, UserSlot};
 use crate::menu::{self, Cancel, Preselect};
 use crate::selfservice;
@@ -62,6 +63,18 @@ pub enum Event {
         inbound: Arc<Inbound>,
         target: ForwardTarget,
         reply: ChannelOpenHandle,
+    },
+    /// `tcpip-forward` (`ssh -R`): `answer` gets the port bound in the container, or why not.
+    RemoteForward {
+        address: String,
+        port: u32,
+        answer: tokio::sync::oneshot::Sender<Result<u32, String>>,
+    },
+    /// `cancel-tcpip-forward`: `answer` says whether there was such a forward.
+    CancelRemoteForward {
+        address: String,
+        port: u32,
+        answer: tokio::sync::oneshot::Sender<bool>,
     },
     ChannelClosed {
         channel: ChannelId,
@@ -93,6 +106,8 @@ pub enum ChannelRequest {
     },
     /// The SFTP subsystem (also what `scp` uses by default).
     Sftp,
+    /// `auth-agent-req@openssh.com` (`ssh -A`): the process gets `SSH_AUTH_SOCK`.
+    AgentForward,
     /// Also queued for the process by the handler, in order with the data;
     /// here it updates the size a process starting later gets, and the menu.
     WindowChange(TerminalSize),
@@ -145,6 +160,8 @@ struct ChannelState {
     sftp: bool,
     /// Terminal modes of the pty request.
     pty_modes: Vec<(u8, u32)>,
+    /// The client forwards its ssh-agent on this channel.
+    agent_forward: bool,
 }
 
 struct RunningProcess {
@@ -180,6 +197,11 @@ struct Connection {
     user_slot: Option<UserSlot>,
     /// The user was over the cap: every shell and exec is answered with this.
     refused: Option<Refused>,
+    /// The agent-forwarding socket in the container (`ssh -A`), once a channel asked for it;
+    /// one per connection, as sshd's.
+    agent_socket: Option<String>,
+    /// `ssh -R` listeners in the container, by the address and port the client asked for.
+    remote_forwards: HashMap<(String, u32), AbortHandle>,
 }
 
 /// A connection authenticated but refused over its user's cap.
@@ -259,6 +281,8 @@ pub async fn run(
         chosen: None,
         user_slot: None,
         refused: None,
+        agent_socket: None,
+        remote_forwards: HashMap::new(),
     };
     let session_started = Instant::now();
     // Closed (and exported) when dropped, before teardown starts.
@@ -334,6 +358,7 @@ impl Connection {
                         process: None,
                         sftp: false,
                         pty_modes: Vec::new(),
+                        agent_forward: false,
                     },
                 );
             }
@@ -356,6 +381,28 @@ impl Connection {
                 let output = Arc::new(ChannelOutput::new(writer, inbound));
                 self.forward(channel, output, target, reply).await;
             }
+            Event::RemoteForward {
+                address,
+                port,
+                answer,
+            } => {
+                let bound = self.remote_forward(address, port).await;
+                if let Err(reason) = &bound {
+                    tracing::info!(%reason, "remote forwarding refused");
+                }
+                let _ = answer.send(bound);
+            }
+            Event::CancelRemoteForward {
+                address,
+                port,
+                answer,
+            } => {
+                let found = self.remote_forwards.remove(&(address, port));
+                if let Some(task) = &found {
+                    task.abort();
+                }
+                let _ = answer.send(found.is_some());
+            }
         }
     }
 
@@ -371,7 +418,7 @@ impl Connection {
         target: ForwardTarget,
         reply: ChannelOpenHandle,
     ) {
-        let spec = match self.forward_spec(&output, target).await {
+        let spec = match self.forward_spec(target).await {
             Ok(spec) => spec,
             Err(reason) => return refuse_forward(reply, reason).await,
         };
@@ -388,17 +435,93 @@ impl Connection {
                 process: Some(RunningProcess { task }),
                 sftp: false,
                 pty_modes: Vec::new(),
+                agent_forward: false,
             },
         );
     }
 
-    /// The connector to run for a forward to `host:port`, placing the session first if
-    /// nothing has; `Err` is the reason the channel is refused.
-    async fn forward_spec(
-        &mut self,
-        output: &ChannelOutput,
-        target: ForwardTarget,
-    ) -> Result<ProcessSpec, String> {
+    /// The path of the connection's agent-forwarding socket in the container, starting its
+    /// listener the first time (`None`, logged, when it cannot be had: the session runs
+    /// without `SSH_AUTH_SOCK`, as with sshd when it fails to make one).
+    async fn agent_socket(&mut self, placement: &Placement) -> Option<String> {
+        if let Some(socket) = &self.agent_socket {
+            return Some(socket.clone());
+        }
+        let mut spec = process_spec(placement, None, None, &[]);
+        spec.command = vec![
+            envgate_agent::IN_CONTAINER.to_owned(),
+            envgate_agent::LISTEN.to_owned(),
+            "unix".to_owned(),
+        ];
+        match forwarded::listen(self.services.runtime.as_ref(), &spec).await {
+            Ok(listening) => {
+                let socket = listening.ready.clone();
+                tracing::info!(%socket, "agent forwarding");
+                let relay =
+                    forwarded::relay(listening, self.handle.clone(), forwarded::Opener::Agent);
+                self.running.spawn(
+                    async move {
+                        relay.await;
+                        ChannelEnd {
+                            exit_code: None,
+                            result: ConnectionResult::Ok,
+                        }
+                    }
+                    .in_current_span(),
+                );
+                self.agent_socket = Some(socket.clone());
+                Some(socket)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "agent forwarding: no socket in the container");
+                None
+            }
+        }
+    }
+
+    /// `ssh -R address:port`: listens in the user's container (placing the session first if
+    /// nothing has) and carries each connection back; `Ok` is the port bound.
+    async fn remote_forward(&mut self, address: String, port: u32) -> Result<u32, String> {
+        let port16 = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
+        let placement = self.placed_for_forwarding().await?;
+        let mut spec = process_spec(&placement, None, None, &[]);
+        spec.command = vec![
+            envgate_agent::IN_CONTAINER.to_owned(),
+            envgate_agent::LISTEN.to_owned(),
+            "tcp".to_owned(),
+            address.clone(),
+            port16.to_string(),
+        ];
+        let listening = forwarded::listen(self.services.runtime.as_ref(), &spec).await?;
+        let bound: u32 = listening
+            .ready
+            .parse()
+            .map_err(|_| "the listener answered nonsense".to_owned())?;
+        tracing::info!(%address, port, bound, "remote forwarding");
+        let opener = forwarded::Opener::Tcp {
+            address: address.clone(),
+            port: bound,
+        };
+        let relay = forwarded::relay(listening, self.handle.clone(), opener);
+        let task = self.running.spawn(
+            async move {
+                relay.await;
+                ChannelEnd {
+                    exit_code: None,
+                    result: ConnectionResult::Ok,
+                }
+            }
+            .in_current_span(),
+        );
+        // A request for port 0 is cancelled by the port it got.
+        self.remote_forwards.insert((address, bound), task);
+        Ok(bound)
+    }
+
+    /// The session's placement for a forwarding, placing it first if nothing has (the
+    /// login's environment, else the default; no menu, no progress lines); `Err` is the
+    /// reason the forwarding is refused.
+    async fn placed_for_forwarding(&mut self) -> Result<Placement, String> {
         if let Some(refused) = &self.refused {
             return Err(refused.line.clone());
         }
@@ -409,7 +532,7 @@ impl Connection {
                 return Err("the envgate pseudo-environment has no network".to_owned());
             }
             let environment = self.info.pinned.clone().or(named).unwrap_or_default();
-            self.placement = self.place(environment, "forward", output, false).await;
+            self.placement = self.place(environment, "forward", None).await;
         }
         let placement = match &self.placement {
             PlacementState::Placed(placement) => placement.as_ref().clone(),
@@ -422,6 +545,13 @@ impl Connection {
                     .to_owned(),
             );
         }
+        Ok(placement)
+    }
+
+    /// The connector to run for a forward to `host:port`, placing the session first if
+    /// nothing has; `Err` is the reason the channel is refused.
+    async fn forward_spec(&mut self, target: ForwardTarget) -> Result<ProcessSpec, String> {
+        let placement = self.placed_for_forwarding().await?;
         tracing::info!(?target, "forwarding a connection from the container");
         let mut spec = process_spec(&placement, None, None, &[]);
         spec.command = match target {
@@ -464,6 +594,7 @@ impl Connection {
                 state.sftp = true;
                 self.start(channel, None).await;
             }
+            ChannelRequest::AgentForward => state.agent_forward = true,
         }
     }
 
@@ -549,7 +680,9 @@ impl Connection {
                     asked
                 }
             };
-            self.placement = self.place(environment, kind, &output, pty).await;
+            self.placement = self
+                .place(environment, kind, pty.then_some(output.as_ref()))
+                .await;
         }
         let placement = match &self.placement {
             PlacementState::Placed(placement) => placement.as_ref().clone(),
@@ -573,6 +706,15 @@ impl Connection {
         };
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         spec.pty_modes = state.pty_modes.clone();
+        if state.agent_forward
+            && spec.agent.is_some()
+            && let Some(socket) = self.agent_socket(&placement).await
+        {
+            spec.env.push(format!("SSH_AUTH_SOCK={socket}"));
+        }
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
         if state.sftp {
             if spec.agent.is_none() {
                 let line = "envgate: file transfer (sftp, scp) needs envgate-agent in the container, and this fleet runs without it".to_owned();
@@ -692,12 +834,12 @@ impl Connection {
 
     /// Asks the control plane for a container, showing its progress on a
     /// terminal.
+    /// Places the session; progress lines go to `terminal`, the channel's pty, if any.
     async fn place(
         &mut self,
         environment: String,
         kind: &str,
-        output: &ChannelOutput,
-        pty: bool,
+        terminal: Option<&ChannelOutput>,
     ) -> PlacementState {
         let Some((_, identity)) = &self.identity else {
             return PlacementState::Failed(tonic::Status::unauthenticated("not authenticated"));
@@ -715,8 +857,7 @@ impl Connection {
             &self.services.control_plane,
             request,
             &self.info.connection_id,
-            output,
-            pty,
+            terminal,
         )
         .instrument(tracing::info_span!("placement"))
         .await;
@@ -867,16 +1008,15 @@ async fn open_session(
     control_plane: &ControlPlane,
     request: OpenSessionRequest,
     connection_id: &str,
-    output: &ChannelOutput,
-    pty: bool,
+    terminal: Option<&ChannelOutput>,
 ) -> Result<Placement, tonic::Status> {
     let mut stream = control_plane.open_session(request, connection_id).await?;
     loop {
         let event = stream.message().await?;
         match event.and_then(|e| e.event) {
             Some(open_session_event::Event::Progress(progress)) => {
-                if pty {
-                    let _ = output.stderr_line(&progress.message, true).await;
+                if let Some(terminal) = terminal {
+                    let _ = terminal.stderr_line(&progress.message, true).await;
                 }
             }
             Some(open_session_event::Event::Placement(placement)) => return Ok(placement),

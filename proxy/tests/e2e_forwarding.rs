@@ -384,3 +384,136 @@ async fn unix_socket_forwards_follow_the_users_permissions() {
         "{stderr}"
     );
 }
+
+/// `ssh -A`: inside the container, `ssh-add -l` lists the keys of the user's own agent, and
+/// a signature made in the container is made by that agent. The socket is the user's, in a
+/// directory only they can enter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_forwarding_reaches_the_users_own_agent() {
+    let fleet = Fleet::start().await;
+    let socket = fleet.dir().join("agent.sock");
+    let socket_arg = socket.display().to_string();
+    let agent = run(
+        &["ssh-agent".into(), "-a".into(), socket_arg.clone()],
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(agent.code, Some(0), "{agent:#?}");
+    let pid = agent
+        .stdout
+        .split("SSH_AGENT_PID=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("ssh-agent prints its pid")
+        .to_owned();
+    let extra = fleet.stranger_key();
+    for key in [fleet.key_of("demo"), extra.clone()] {
+        let added = run(
+            &["ssh-add".into(), "-q".into(), key.display().to_string()],
+            None,
+            &[("SSH_AUTH_SOCK", socket_arg.as_str())],
+        )
+        .await;
+        assert_eq!(added.code, Some(0), "{added:#?}");
+    }
+    let local = run(
+        &["ssh-add".into(), "-l".into()],
+        None,
+        &[("SSH_AUTH_SOCK", socket_arg.as_str())],
+    )
+    .await;
+
+    let mut argv = fleet.ssh_agent_argv("demo+debian", &socket);
+    argv.insert(1, "-A".to_string());
+    argv.push(
+        "ssh-add -l; stat -c '%U %a' \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"; \
+         echo signed > msg; ssh-add -L | head -1 > key.pub; \
+         ssh-keygen -Y sign -n file -f key.pub msg >/dev/null 2>&1 && head -1 msg.sig"
+            .to_string(),
+    );
+    let out = run(&argv, None, &[]).await;
+    out.assert_success();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[..2].join("\n"), local.stdout.trim_end(), "{out:#?}");
+    assert_eq!(lines[2..4], ["demo 600", "demo 700"], "{out:#?}");
+    assert_eq!(lines[4], "-----BEGIN SSH SIGNATURE-----", "{out:#?}");
+
+    // Without -A there is no socket.
+    let mut argv = fleet.ssh_agent_argv("demo+debian", &socket);
+    argv.push("echo \"${SSH_AUTH_SOCK-none}\"".to_string());
+    let out = run(&argv, None, &[]).await;
+    assert_eq!(out.stdout, "none\n", "{out:#?}");
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+}
+
+/// `ssh -R`: the listener is in the user's container (on its loopback), each connection to it
+/// reaches the client's side. A port that cannot be had is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_forwards_listen_in_the_container() {
+    let fleet = Fleet::start().await;
+    // The client's side: a service on this machine.
+    let laptop = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let laptop_port = laptop.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = laptop.accept().await {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"from-the-laptop\n").await;
+        }
+    });
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    for (i, arg) in [
+        "-N".to_string(),
+        "-o".to_string(),
+        "ExitOnForwardFailure=yes".to_string(),
+        "-R".to_string(),
+        format!("9000:127.0.0.1:{laptop_port}"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        argv.insert(1 + i, arg);
+    }
+    let _tunnel = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let inside = eventually(
+        Duration::from_secs(20),
+        "the container's port 9000",
+        || async {
+            let out = fleet
+                .ssh("demo", "nc 127.0.0.1 9000 </dev/null", None)
+                .await;
+            if out.stdout == "from-the-laptop\n" {
+                Ok(out)
+            } else {
+                Err(format!("{out:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(inside.code, Some(0));
+
+    // A port already taken in the container (by the tunnel above): refused, and ssh says so.
+    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
+    for (i, arg) in [
+        "-o".to_string(),
+        "ExitOnForwardFailure=yes".to_string(),
+        "-R".to_string(),
+        format!("9000:127.0.0.1:{laptop_port}"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        argv.insert(1 + i, arg);
+    }
+    argv.push("true".to_string());
+    let out = run(&argv, None, &[]).await;
+    assert_eq!(out.code, Some(255), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("remote port forwarding failed for listen port 9000"),
+        "{out:#?}"
+    );
+}

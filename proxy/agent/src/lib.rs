@@ -10,6 +10,8 @@ pub mod auth;
 pub mod client;
 pub mod connect;
 mod flow;
+pub mod listen;
+pub mod mux;
 mod passwd;
 pub mod pool;
 pub mod protocol;
@@ -37,3 +39,5 @@ pub const SCP: &str = "scp";
 pub const CONNECT: &str = "connect";
 /// The same for a Unix socket in the container.
 pub const CONNECT_UNIX: &str = "connect-unix";
+/// The argument that makes the binary a listener for `ssh -R` and `ssh -A` ([`listen`]).
+pub const LISTEN: &str = "listen";

@@ -106,6 +106,7 @@ fn main() {
         Some(a) if a == envgate_agent::SCP => Some(envgate_agent::scp::main),
         Some(a) if a == envgate_agent::CONNECT => Some(envgate_agent::connect::main),
         Some(a) if a == envgate_agent::CONNECT_UNIX => Some(envgate_agent::connect::main_unix),
+        Some(a) if a == envgate_agent::LISTEN => Some(envgate_agent::listen::main),
         _ => None,
     };
     if let Some(tool) = tool {
