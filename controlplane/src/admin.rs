@@ -24,6 +24,7 @@ use crate::model::{
     RevocationRecord, SessionRecord, UserRecord,
 };
 use crate::reconcile::Reconciler;
+use crate::recordings;
 use crate::store::{self, Store};
 use crate::uids;
 
@@ -39,9 +40,16 @@ pub struct AdminService {
     reconciler: Arc<Reconciler>,
     hasher: Hasher,
     audit: AuditLog,
+    recordings: Option<std::path::PathBuf>,
 }
 
 impl AdminService {
+    /// Answers ListRecordings and GetRecording from `dir` (where the proxies write them).
+    pub fn with_recordings(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.recordings = dir;
+        self
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         reconciler: Arc<Reconciler>,
@@ -53,6 +61,7 @@ impl AdminService {
             reconciler,
             hasher,
             audit,
+            recordings: None,
         }
     }
 
@@ -392,6 +401,7 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         max_lifetime_seconds: e.max_lifetime_seconds,
         warm_pool_size: e.warm_pool_size,
         accept_env: e.accept_env.clone(),
+        record_sessions: e.record_sessions,
     }
 }
 
@@ -717,5 +727,32 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.audited(request, everything, async |_| Ok(self.status().await?))
             .await
+    }
+
+    async fn list_recordings(
+        &self,
+        request: Request<pb::ListRecordingsRequest>,
+    ) -> Result<Response<pb::ListRecordingsResponse>, Status> {
+        self.audited(
+            request,
+            |r| user_target(&r.user),
+            async |r| {
+                let recordings = recordings::list(self.recordings.as_deref(), &r.user)?;
+                Ok(pb::ListRecordingsResponse { recordings })
+            },
+        )
+        .await
+    }
+
+    async fn get_recording(
+        &self,
+        request: Request<pb::GetRecordingRequest>,
+    ) -> Result<Response<pb::Recording>, Status> {
+        self.audited(
+            request,
+            |r| format!("recording {}/{}", r.user, r.name),
+            async |r| Ok(recordings::get(self.recordings.as_deref(), &r.user, &r.name)?),
+        )
+        .await
     }
 }

@@ -205,6 +205,7 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         max_lifetime_seconds: env.max_lifetime_seconds,
         warm_pool_size: env.warm_pool_size,
         accept_env: env.accept_env,
+        record_sessions: env.record_sessions,
     })
 }
 
@@ -464,6 +465,9 @@ struct Entry {
     default: bool,
     #[serde(default)]
     accept_env: Vec<String>,
+    /// Record sessions (asciicast, command log).
+    #[serde(default)]
+    record: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -503,6 +507,7 @@ impl Entry {
             max_lifetime_seconds: self.max_lifetime.0,
             warm_pool_size: self.warm_pool,
             accept_env: self.accept_env,
+            record_sessions: self.record,
         };
         validate_environment(env).map_err(|e| match e {
             AdminError::Invalid { field, reason } => {
@@ -858,6 +863,7 @@ environments:
     working_dir: /workspace
     user: "1000:1000"
     accept_env: [LANG, "PROJECT_*"]
+    record: true
     env:
       LANG: C.UTF-8
       OMP_NUM_THREADS: 4
@@ -909,6 +915,7 @@ environments:
                     max_lifetime_seconds: 0,
                     warm_pool_size: 0,
                     accept_env: vec![],
+                    record_sessions: false,
                 },
                 EnvironmentRecord {
                     name: "gpu".into(),
@@ -933,6 +940,7 @@ environments:
                     max_lifetime_seconds: 28_800,
                     warm_pool_size: 2,
                     accept_env: vec!["LANG".into(), "PROJECT_*".into()],
+                    record_sessions: true,
                 },
             ]
         );
@@ -961,7 +969,7 @@ environments:
             "catalogue /etc/envgate/environments.yaml: environments[0] (\"gpu\"): unknown field \
              `colour`, expected one of `name`, `description`, `image`, `shell`, `working_dir`, \
              `run_as`, `user`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
-             `groups`, `default`, `accept_env` at line 4 column 5"
+             `groups`, `default`, `accept_env`, `record` at line 4 column 5"
         );
         let second = format!(
             "{}  - name: big\n    image: x\n    resources:\n      gpus: 1\n",

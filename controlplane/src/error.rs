@@ -139,6 +139,9 @@ pub enum AdminError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The call cannot be answered as the control plane is set up, or as things are.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl AdminError {
@@ -319,6 +322,7 @@ impl From<AdminError> for Status {
             AdminError::Remove(r) => internal(remove_code(r), r),
             AdminError::Auth(a) => auth_status(a),
             AdminError::Store(s) => store_status(s),
+            AdminError::Precondition(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod pki;
 pub mod placement;
 pub mod pool;
 pub mod reconcile;
+pub mod recordings;
 pub mod runtime;
 pub mod selfservice;
 pub mod store;
@@ -81,6 +82,8 @@ pub struct Config {
     pub docker_host: Option<String>,
     /// Containers Docker may be creating at once.
     pub docker_create_concurrency: usize,
+    /// Where the proxies write session recordings (`--recordings-dir`), for the admin API.
+    pub recordings_dir: Option<PathBuf>,
     /// The network user containers join (`--docker-network`, `--host-firewall`); `None`:
     /// Docker's default bridge.
     pub docker_network: Option<UserNetwork>,
@@ -139,6 +142,7 @@ pub struct ControlPlane {
     hasher: Hasher,
     tls: TlsFiles,
     audit: AuditLog,
+    recordings_dir: Option<PathBuf>,
 }
 
 impl ControlPlane {
@@ -191,6 +195,7 @@ impl ControlPlane {
             hasher,
             tls: config.tls.clone(),
             audit: config.audit.clone(),
+            recordings_dir: config.recordings_dir.clone(),
         }
     }
 
@@ -228,7 +233,8 @@ impl ControlPlane {
             self.reconciler.clone(),
             self.hasher.clone(),
             self.audit.clone(),
-        );
+        )
+        .with_recordings(self.recordings_dir.clone());
         let forwarding = shutdown.child_token();
         tokio::spawn(fleet::forward_revocations(
             self.store.clone(),

@@ -153,6 +153,10 @@ struct Args {
     #[arg(long, env = "ENVGATE_DOCKER_CREATE_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..))]
     docker_create_concurrency: u16,
+    /// Where the proxies write session recordings (their --recordings-dir, shared): the admin
+    /// API's ListRecordings and GetRecording read them there. Unset: those calls say so.
+    #[arg(long, env = "ENVGATE_RECORDINGS_DIR")]
+    recordings_dir: Option<PathBuf>,
     /// The Docker network user containers join. envgate makes it if missing, as a bridge with
     /// traffic between containers off, so no user reaches another's container; an existing
     /// network that allows that traffic is refused. Empty: Docker's default bridge (no
@@ -358,6 +362,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         instance: args.instance,
         docker_host: args.docker_host,
         docker_create_concurrency: args.docker_create_concurrency.into(),
+        recordings_dir: args.recordings_dir,
         docker_network: (!args.docker_network.is_empty()).then_some(UserNetwork {
             name: args.docker_network,
             host_firewall: args.host_firewall,

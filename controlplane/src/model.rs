@@ -125,6 +125,9 @@ pub struct EnvironmentRecord {
     /// Client variables accepted (patterns); empty: `names::DEFAULT_ACCEPT_ENV`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_env: Vec<String>,
+    /// Sessions are recorded (asciicast, command log).
+    #[serde(default)]
+    pub record_sessions: bool,
 }
 
 impl EnvironmentRecord {

@@ -628,6 +628,7 @@ impl Placer {
             run_as: cx.env.run_as.clone(),
             account: own_account(cx.env, record),
             accept_env: catalogue::accept_env(cx.env),
+            record: cx.env.record_sessions,
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),

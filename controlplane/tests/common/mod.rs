@@ -102,6 +102,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         instance: instance.into(),
         docker_host: None,
         docker_create_concurrency: 8,
+        recordings_dir: None,
         docker_network: Some(UserNetwork::default()),
         image_pull_timeout: Duration::from_secs(600),
         max_containers_per_user: 0,
