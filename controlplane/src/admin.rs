@@ -751,7 +751,13 @@ impl Admin for AdminService {
         self.audited(
             request,
             |r| format!("recording {}/{}", r.user, r.name),
-            async |r| Ok(recordings::get(self.recordings.as_deref(), &r.user, &r.name)?),
+            async |r| {
+                Ok(recordings::get(
+                    self.recordings.as_deref(),
+                    &r.user,
+                    &r.name,
+                )?)
+            },
         )
         .await
     }

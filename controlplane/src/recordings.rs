@@ -14,7 +14,8 @@ use crate::error::AdminError;
 pub const MAX_FETCH: u64 = 64 << 20;
 
 fn user_dir(dir: &Path, user: &str) -> Result<PathBuf, AdminError> {
-    envgate_proto::names::validate_user(user).map_err(|e| AdminError::invalid("user", e.to_string()))?;
+    envgate_proto::names::validate_user(user)
+        .map_err(|e| AdminError::invalid("user", e.to_string()))?;
     Ok(dir.join(user))
 }
 
@@ -28,7 +29,9 @@ fn configured(dir: Option<&Path>) -> Result<&Path, AdminError> {
 
 /// A recording's file name as the proxies make them: `SESSION.log` or `SESSION-N.cast`.
 fn valid_name(name: &str) -> bool {
-    let stem = name.strip_suffix(".cast").or_else(|| name.strip_suffix(".log"));
+    let stem = name
+        .strip_suffix(".cast")
+        .or_else(|| name.strip_suffix(".log"));
     stem.is_some_and(|s| {
         !s.is_empty() && s.len() <= 80 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     })
@@ -65,7 +68,12 @@ pub fn list(dir: Option<&Path>, user: &str) -> Result<Vec<pb::RecordingInfo>, Ad
         .filter_map(|entry| {
             let name = entry.file_name().to_str()?.to_owned();
             let meta = entry.metadata().ok().filter(|m| m.is_file())?;
-            valid_name(&name).then(|| (meta.modified().unwrap_or(std::time::UNIX_EPOCH), info(user, name, &meta)))
+            valid_name(&name).then(|| {
+                (
+                    meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    info(user, name, &meta),
+                )
+            })
         })
         .collect();
     found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
@@ -83,7 +91,11 @@ pub fn get(dir: Option<&Path>, user: &str, name: &str) -> Result<pb::Recording, 
     let file = path.join(name);
     let meta = match std::fs::metadata(&file) {
         Ok(meta) if meta.is_file() => meta,
-        _ => return Err(AdminError::NotFound(format!("recording {name:?} of user {user:?}"))),
+        _ => {
+            return Err(AdminError::NotFound(format!(
+                "recording {name:?} of user {user:?}"
+            )));
+        }
     };
     if meta.len() > MAX_FETCH {
         return Err(AdminError::Precondition(format!(
@@ -115,11 +127,23 @@ mod tests {
         assert_eq!(list(d, "alice").unwrap().len(), 1);
         assert_eq!(get(d, "alice", "abc-1.cast").unwrap().content, b"cast");
         for bad in ["../secret.log", "abc-1.cast/..", "x.txt", ".log", "a/b.log"] {
-            assert!(matches!(get(d, "alice", bad), Err(AdminError::Invalid { .. })), "{bad}");
+            assert!(
+                matches!(get(d, "alice", bad), Err(AdminError::Invalid { .. })),
+                "{bad}"
+            );
         }
-        assert!(matches!(get(d, "..", "secret.log"), Err(AdminError::Invalid { .. })));
-        assert!(matches!(get(d, "alice", "nope.log"), Err(AdminError::NotFound(_))));
+        assert!(matches!(
+            get(d, "..", "secret.log"),
+            Err(AdminError::Invalid { .. })
+        ));
+        assert!(matches!(
+            get(d, "alice", "nope.log"),
+            Err(AdminError::NotFound(_))
+        ));
         assert_eq!(list(d, "bob").unwrap(), Vec::new());
-        assert!(matches!(list(None, "alice"), Err(AdminError::Precondition(_))));
+        assert!(matches!(
+            list(None, "alice"),
+            Err(AdminError::Precondition(_))
+        ));
     }
 }

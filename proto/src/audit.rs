@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -176,7 +175,7 @@ impl AuditLog {
 
     pub fn record(&self, event: Event) {
         let line = serde_json::to_string(&Line {
-            ts: rfc3339(SystemTime::now()),
+            ts: crate::time::now_rfc3339(),
             event: &event,
         })
         .expect("audit events serialize");
@@ -196,24 +195,9 @@ impl AuditLog {
     }
 }
 
-/// `2026-12-05T09:00:01.123Z`: UTC with milliseconds.
-fn rfc3339(time: SystemTime) -> String {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
-    crate::time::rfc3339(secs, Some(since.subsec_millis()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn timestamps_are_rfc3339_utc_with_milliseconds() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_764_925_201_123);
-        assert_eq!(rfc3339(t), "2025-12-05T09:00:01.123Z");
-    }
 
     #[test]
     fn records_are_one_json_object_per_line() {

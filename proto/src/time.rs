@@ -24,6 +24,14 @@ pub fn rfc3339(unix_secs: i64, millis: Option<u32>) -> String {
     )
 }
 
+/// Now, with milliseconds.
+pub fn now_rfc3339() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(since.as_secs() as i64, Some(since.subsec_millis()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,9 @@ pub struct Config {
     pub auth_cache_size: usize,
     /// The Docker socket for containers without the agent; `None`: no Docker access.
     pub docker_host: Option<String>,
+    /// Where session recordings are written (`--recordings-dir`); `None`: sessions of
+    /// environments that record are refused.
+    pub recordings_dir: Option<std::path::PathBuf>,
     /// The address reported to the control plane; defaults to `listen`.
     pub advertise: Option<String>,
     /// Extra SSH listeners, each pinned to one environment.

@@ -98,7 +98,7 @@ pub const DEFAULT_KILL_MESSAGE: &str = "your session was closed by an administra
 pub const LOGIN_GRACE_MESSAGE: &str = "login grace time exceeded";
 
 /// Why a channel other than a session is refused.
-pub const UNSUPPORTED_CHANNEL: &str = "envgate supports only session channels; port forwarding, X11 and agent forwarding are not supported yet";
+pub const UNSUPPORTED_CHANNEL: &str = "envgate does not forward X11";
 
 /// The stderr line for a notice from envgate itself (kill, drain).
 pub fn notice_line(message: &str) -> String {
@@ -107,7 +107,7 @@ pub fn notice_line(message: &str) -> String {
 
 /// What a user reads of a failure they cannot act on: `text` and a fresh request id, under
 /// which the detail is logged here (with the connection's span, so its id too).
-fn logged_failure(text: &str, detail: &dyn std::fmt::Display) -> String {
+pub fn logged_failure(text: &str, detail: &dyn std::fmt::Display) -> String {
     let id = failure::request_id();
     tracing::warn!(request_id = %id, error = %detail, "a user was shown a failure");
     format!("envgate: {}", failure::with_request_id(text, &id))

@@ -16,6 +16,7 @@ pub mod handler;
 pub mod limits;
 pub mod menu;
 pub mod proxy_protocol;
+pub mod recording;
 pub mod selfservice;
 pub mod server;
 pub mod session;
@@ -144,6 +145,10 @@ impl Proxy {
             registry: registry.clone(),
             auth_cache: auth_cache.clone(),
             user_connections: UserConnections::new(config.limits.per_user),
+            recordings: config
+                .recordings_dir
+                .clone()
+                .map(|dir| Arc::new(recording::Recordings::new(dir))),
         };
         let context = Arc::new(ServerContext {
             ssh: Arc::new(ssh),

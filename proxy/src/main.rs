@@ -97,6 +97,11 @@ struct Args {
     /// serves only containers that run the agent (the default deployment).
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
+    /// Where session recordings are written, for environments that record sessions: a
+    /// directory every proxy and the control plane share (docs/operations.md, "Session
+    /// recordings"). Unset: sessions of such environments are refused with a line.
+    #[arg(long, env = "ENVGATE_RECORDINGS_DIR")]
+    recordings_dir: Option<PathBuf>,
     /// Address reported to the control plane (default: the listen address).
     #[arg(long, env = "ENVGATE_ADVERTISE")]
     advertise: Option<String>,
@@ -180,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         auth_cache_size: args.auth_cache_size,
         docker_host: args.docker_host,
+        recordings_dir: args.recordings_dir,
         advertise: args.advertise,
         pinned_listen: args.pinned_listen.into_iter().flat_map(|p| p.0).collect(),
     };

@@ -27,7 +27,7 @@ use crate::auth_cache::AuthCache;
 use crate::connections::{Control, Registry};
 use crate::controlplane::ControlPlane;
 use crate::error::{
-    ConnectionResult, exec_failure_line, notice_line, placement_failure_line,
+    ConnectionResult, exec_failure_line, logged_failure, notice_line, placement_failure_line,
     placement_result_label,
 };
 use crate::exec::agent::AgentTarget;
@@ -37,6 +37,7 @@ use crate::exec::{
 use crate::forwarded;
 use crate::limits::{UserConnections, UserSlot};
 use crate::menu::{self, Cancel, Preselect};
+use crate::recording::{self, Recordings};
 use crate::selfservice;
 
 /// What the handler tells the session task.
@@ -124,6 +125,8 @@ pub struct SessionServices {
     pub auth_cache: Arc<AuthCache>,
     /// Each user's authenticated connections (`--max-connections-per-user`).
     pub user_connections: UserConnections,
+    /// Where recordings go, for environments that record sessions.
+    pub recordings: Option<Arc<Recordings>>,
 }
 
 pub struct ConnectionInfo {
@@ -484,6 +487,10 @@ impl Connection {
     async fn remote_forward(&mut self, address: String, port: u32) -> Result<u32, String> {
         let port16 = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
         let placement = self.placed_for_forwarding().await?;
+        let recorded =
+            serde_json::json!({"kind": "remote-forward", "listen": format!("{address}:{port}")});
+        self.record(&placement, recorded)
+            .map_err(|reason| logged_failure("the forwarding cannot be recorded", &reason))?;
         let mut spec = process_spec(&placement, None, None, &[]);
         spec.command = vec![
             envgate_agent::IN_CONTAINER.to_owned(),
@@ -516,6 +523,22 @@ impl Connection {
         // A request for port 0 is cancelled by the port it got.
         self.remote_forwards.insert((address, bound), task);
         Ok(bound)
+    }
+
+    /// Writes `event` to the session's log when its environment records sessions; `Err` is
+    /// why it cannot be (then what it describes must not happen).
+    fn record(&self, placement: &Placement, event: serde_json::Value) -> Result<(), String> {
+        if !placement.record {
+            return Ok(());
+        }
+        let recordings = self
+            .services
+            .recordings
+            .as_deref()
+            .ok_or("this proxy keeps no recordings (--recordings-dir)")?;
+        recordings
+            .log(&placement.user, &placement.session_id, event)
+            .map_err(|e| e.to_string())
     }
 
     /// The session's placement for a forwarding, placing it first if nothing has (the
@@ -553,6 +576,14 @@ impl Connection {
     async fn forward_spec(&mut self, target: ForwardTarget) -> Result<ProcessSpec, String> {
         let placement = self.placed_for_forwarding().await?;
         tracing::info!(?target, "forwarding a connection from the container");
+        let recorded = match &target {
+            ForwardTarget::Tcp(host, port) => {
+                serde_json::json!({"kind": "forward", "target": format!("{host}:{port}")})
+            }
+            ForwardTarget::Unix(path) => serde_json::json!({"kind": "forward", "target": path}),
+        };
+        self.record(&placement, recorded)
+            .map_err(|reason| logged_failure("the forwarding cannot be recorded", &reason))?;
         let mut spec = process_spec(&placement, None, None, &[]);
         spec.command = match target {
             ForwardTarget::Tcp(host, port) => vec![
@@ -694,6 +725,49 @@ impl Connection {
             }
             PlacementState::NotRequested => return,
         };
+        let Some(state) = self.channels.get(&channel) else {
+            return;
+        };
+        if placement.record {
+            let pty_size = state.pty.clone();
+            let kind = match (&command, state.sftp) {
+                (_, true) => serde_json::json!({"kind": "sftp"}),
+                (Some(command), false) => serde_json::json!({"kind": "exec", "command": command}),
+                (None, false) => serde_json::json!({"kind": "shell"}),
+            };
+            let recorded = self.record(&placement, kind).and_then(|()| {
+                match (&pty_size, self.services.recordings.as_deref()) {
+                    (Some((term, size)), Some(recordings)) => recordings
+                        .cast(
+                            &placement.user,
+                            &placement.session_id,
+                            channel.number(),
+                            *size,
+                            term,
+                        )
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    _ => Ok(None),
+                }
+            });
+            match recorded {
+                Ok(cast) => {
+                    let _ = output.stderr_line(recording::NOTICE, pty).await;
+                    if let Some(cast) = cast {
+                        output.record(cast);
+                    }
+                }
+                Err(reason) => {
+                    // Unrecorded is not an option the environment left open.
+                    let line = logged_failure(
+                        "this environment records sessions, and the recording cannot be kept; try again later",
+                        &reason,
+                    );
+                    self.fail_channel(output, line, pty);
+                    return;
+                }
+            }
+        }
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };

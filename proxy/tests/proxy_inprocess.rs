@@ -687,6 +687,7 @@ async fn proxy_serves_sessions_into_a_real_container() {
         auth_cache_size: 128,
         // The test container runs no agent: sessions start through Docker exec.
         docker_host: Some("unix:///var/run/docker.sock".into()),
+        recordings_dir: None,
         advertise: None,
         pinned_listen: Vec::new(),
     };

@@ -408,6 +408,8 @@ impl Drop for OutputWaiting<'_> {
 pub struct ChannelOutput {
     writer: ChannelWriteHalf<Msg>,
     inbound: Arc<Inbound>,
+    /// The channel's recording, when its environment records terminal sessions.
+    cast: std::sync::OnceLock<Arc<crate::recording::Cast>>,
 }
 
 /// SSH extended-data type for stderr (RFC 4254 section 5.2).
@@ -415,7 +417,22 @@ const STDERR: u32 = 1;
 
 impl ChannelOutput {
     pub fn new(writer: ChannelWriteHalf<Msg>, inbound: Arc<Inbound>) -> Self {
-        Self { writer, inbound }
+        Self {
+            writer,
+            inbound,
+            cast: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on everything the channel shows is also written to `cast`.
+    pub fn record(&self, cast: crate::recording::Cast) {
+        let _ = self.cast.set(Arc::new(cast));
+    }
+
+    pub fn record_resize(&self, size: TerminalSize) {
+        if let Some(cast) = self.cast.get() {
+            cast.resize(size);
+        }
     }
 
     pub fn inbound(&self) -> &Arc<Inbound> {
@@ -423,11 +440,17 @@ impl ChannelOutput {
     }
 
     pub async fn stdout(&self, data: Bytes) -> Result<(), russh::Error> {
+        if let Some(cast) = self.cast.get() {
+            cast.output(&data);
+        }
         let _waiting = self.inbound.output_waiting();
         self.writer.data_bytes(data).await
     }
 
     pub async fn stderr(&self, data: Bytes) -> Result<(), russh::Error> {
+        if let Some(cast) = self.cast.get() {
+            cast.output(&data);
+        }
         let _waiting = self.inbound.output_waiting();
         self.writer.extended_data_bytes(STDERR, data).await
     }
@@ -487,6 +510,7 @@ pub async fn pump(
                 // The runtime's resize returns once the terminal has its new
                 // size, so the data behind it is written after that.
                 Input::Resize(size) if tty => {
+                    output.record_resize(size);
                     if let Err(e) = steer.resize(size).await {
                         tracing::debug!(error = %e, "resize failed");
                     }

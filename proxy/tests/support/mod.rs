@@ -352,6 +352,7 @@ impl Fleet {
                 std::fs::write(&file, yaml).map_err(|e| format!("write {file:?}: {e}"))?;
                 command.arg("--environments").arg(file);
             }
+            command.arg("--recordings-dir").arg(fleet.recordings_dir());
             if options.agent {
                 command
                     .arg("--agent-binary")
@@ -409,7 +410,9 @@ impl Fleet {
             .arg("--tls-ca")
             .arg(self.pki.ca_path())
             .arg("--audit-log")
-            .arg(self.audit_log());
+            .arg(self.audit_log())
+            .arg("--recordings-dir")
+            .arg(self.recordings_dir());
         // Without the agent, sessions start through Docker exec, which a proxy does only when
         // told where the engine is.
         if !self.options.agent {
@@ -722,6 +725,11 @@ impl Fleet {
     }
 
     /// The audit log every process of the fleet appends to (JSON lines).
+    /// Where the proxies write session recordings and the control plane reads them.
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.dir.path().join("recordings")
+    }
+
     /// etcd's client URL (`https://127.0.0.1:port`).
     pub fn etcd_endpoint(&self) -> String {
         self.etcd.endpoint()
