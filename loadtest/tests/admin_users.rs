@@ -129,6 +129,18 @@ impl Admin for RecordingAdmin {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         refused()
     }
+    async fn list_recordings(
+        &self,
+        _: Request<envgate_proto::admin::v1::ListRecordingsRequest>,
+    ) -> Result<Response<envgate_proto::admin::v1::ListRecordingsResponse>, Status> {
+        refused()
+    }
+    async fn get_recording(
+        &self,
+        _: Request<envgate_proto::admin::v1::GetRecordingRequest>,
+    ) -> Result<Response<envgate_proto::admin::v1::Recording>, Status> {
+        refused()
+    }
 }
 
 #[tokio::test]
