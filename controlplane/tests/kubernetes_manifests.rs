@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodTemplateSpec, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodTemplateSpec, Service,
+    ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -149,6 +150,7 @@ struct Manifests {
     issuers: Vec<Issuer>,
     certificates: Vec<Certificate>,
     network_policies: Vec<NetworkPolicy>,
+    claims: Vec<PersistentVolumeClaim>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(file: &str, doc: serde_yaml::Value) -> T {
@@ -189,6 +191,7 @@ fn load() -> Manifests {
                 "Issuer" => manifests.issuers.push(parse(file, doc)),
                 "Certificate" => manifests.certificates.push(parse(file, doc)),
                 "NetworkPolicy" => manifests.network_policies.push(parse(file, doc)),
+                "PersistentVolumeClaim" => manifests.claims.push(parse(file, doc)),
                 "Deployment" => {
                     let d: Deployment = parse(file, doc);
                     let spec = d.spec.expect("a Deployment has a spec");
@@ -338,6 +341,28 @@ fn every_manifest_parses_and_the_references_agree() {
                     assert_eq!(csi.driver, CSI_DRIVER, "{}: CSI volume", w.name);
                     let files = CERTIFICATE_FILES.iter().map(|f| (*f).to_owned()).collect();
                     mounted_files.insert(mount.mount_path.clone(), files);
+                }
+                if let Some(claim) = volume.and_then(|v| v.persistent_volume_claim.as_ref()) {
+                    let found = m
+                        .claims
+                        .iter()
+                        .find(|c| name_of(&c.metadata) == claim.claim_name)
+                        .unwrap_or_else(|| {
+                            panic!("{}: claim {} does not exist", w.name, claim.claim_name)
+                        });
+                    // Shared by every replica of every workload that mounts it.
+                    let modes = found
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.access_modes.clone())
+                        .unwrap_or_default();
+                    assert_eq!(
+                        modes,
+                        ["ReadWriteMany"],
+                        "{}: claim {}",
+                        w.name,
+                        claim.claim_name
+                    );
                 }
                 if let Some(config_map) = volume.and_then(|v| v.config_map.as_ref()) {
                     let keys = config_maps
