@@ -15,7 +15,7 @@ use russh::keys::PublicKey;
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
-use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty};
+use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet, Pty};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -176,13 +176,14 @@ impl ConnectionHandler {
             .record(attempt, Outcome::Failure, false, Some(reason));
     }
 
-    /// Hands a forwarding channel to the session task, which answers `reply`.
-    async fn forward(
+    /// Takes a channel the client opened: its input is read through `data` (the channel's own
+    /// read half would only hold a second copy of every message), its output goes through the
+    /// write half returned. `started`: no process may be asked for on it.
+    fn add_channel(
         &mut self,
         channel: Channel<Msg>,
-        target: ForwardTarget,
-        reply: ChannelOpenHandle,
-    ) {
+        started: bool,
+    ) -> (ChannelId, ChannelWriteHalf<Msg>, Arc<Inbound>) {
         let id = channel.id();
         let (read_half, writer) = channel.split();
         drop(read_half);
@@ -191,12 +192,23 @@ impl ConnectionHandler {
             id,
             HandlerChannel {
                 inbound: inbound.clone(),
-                // No shell, exec or subsystem on a forwarded connection.
-                started: true,
+                started,
                 env_accepted: 0,
                 env_limit_logged: false,
             },
         );
+        (id, writer, inbound)
+    }
+
+    /// Hands a forwarding channel to the session task, which answers `reply`.
+    async fn forward(
+        &mut self,
+        channel: Channel<Msg>,
+        target: ForwardTarget,
+        reply: ChannelOpenHandle,
+    ) {
+        // No shell, exec or subsystem on a forwarded connection.
+        let (id, writer, inbound) = self.add_channel(channel, true);
         self.send(Event::ForwardOpened {
             channel: id,
             writer,
@@ -397,21 +409,7 @@ impl Handler for ConnectionHandler {
                 .await;
             return Ok(());
         }
-        let id = channel.id();
-        // Input is read through `data` below; the channel's own read half
-        // would only hold a second copy of every message.
-        let (read_half, writer) = channel.split();
-        drop(read_half);
-        let inbound = Arc::new(Inbound::default());
-        self.channels.insert(
-            id,
-            HandlerChannel {
-                inbound: inbound.clone(),
-                started: false,
-                env_accepted: 0,
-                env_limit_logged: false,
-            },
-        );
+        let (id, writer, inbound) = self.add_channel(channel, false);
         reply.accept().await;
         self.send(Event::ChannelOpened {
             channel: id,

@@ -460,18 +460,7 @@ impl Connection {
             Ok(listening) => {
                 let socket = listening.ready.clone();
                 tracing::info!(%socket, "agent forwarding");
-                let relay =
-                    forwarded::relay(listening, self.handle.clone(), forwarded::Opener::Agent);
-                self.running.spawn(
-                    async move {
-                        relay.await;
-                        ChannelEnd {
-                            exit_code: None,
-                            result: ConnectionResult::Ok,
-                        }
-                    }
-                    .in_current_span(),
-                );
+                self.spawn_relay(listening, forwarded::Opener::Agent);
                 self.agent_socket = Some(socket.clone());
                 Some(socket)
             }
@@ -509,8 +498,20 @@ impl Connection {
             address: address.clone(),
             port: bound,
         };
+        let task = self.spawn_relay(listening, opener);
+        // A request for port 0 is cancelled by the port it got.
+        self.remote_forwards.insert((address, bound), task);
+        Ok(bound)
+    }
+
+    /// Carries a listener's connections back to the client for as long as the connection lasts.
+    fn spawn_relay(
+        &mut self,
+        listening: forwarded::Listening,
+        opener: forwarded::Opener,
+    ) -> AbortHandle {
         let relay = forwarded::relay(listening, self.handle.clone(), opener);
-        let task = self.running.spawn(
+        self.running.spawn(
             async move {
                 relay.await;
                 ChannelEnd {
@@ -519,10 +520,7 @@ impl Connection {
                 }
             }
             .in_current_span(),
-        );
-        // A request for port 0 is cancelled by the port it got.
-        self.remote_forwards.insert((address, bound), task);
-        Ok(bound)
+        )
     }
 
     /// Writes `event` to the session's log when its environment records sessions; `Err` is

@@ -13,8 +13,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use russh_sftp::protocol::{
-    Attrs, Data, File as Entry, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode,
-    Version,
+    Attrs, Data, ExtendedReply, File as Entry, FileAttributes, Handle, Name, OpenFlags, Packet,
+    Status, StatusCode, Version,
 };
 use russh_sftp::server::{Handler, StatusReply};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -29,8 +29,11 @@ use crate::spawn::{async_fd, raw_read, raw_write};
 /// Handles (files and directories) one client may hold open at once, as `sftp-server`'s
 /// limit; past it, opens fail with a message rather than exhausting descriptors.
 const MAX_HANDLES: usize = 512;
-/// The most one read answers with, whatever the client asks for.
-const MAX_READ: u32 = 256 * 1024;
+/// The largest packet taken from a client (russh-sftp's default), and the most one read or
+/// write carries: what OpenSSH's sftp-server allows, announced with `limits@openssh.com` so
+/// the client asks for that much at once rather than its default 32 KiB.
+const MAX_PACKET: u64 = 256 * 1024;
+const MAX_READ: u32 = 256 * 1024 - 1024;
 
 enum Open {
     File(File),
@@ -164,7 +167,32 @@ impl Handler for Server {
         _version: u32,
         _extensions: HashMap<String, String>,
     ) -> Result<Version, StatusReply> {
-        Ok(Version::new())
+        let mut version = Version::new();
+        version
+            .extensions
+            .insert(russh_sftp::extensions::LIMITS.to_owned(), "1".to_owned());
+        Ok(version)
+    }
+
+    async fn extended(
+        &mut self,
+        id: u32,
+        request: String,
+        _data: Vec<u8>,
+    ) -> Result<Packet, StatusReply> {
+        if request != russh_sftp::extensions::LIMITS {
+            return Err(StatusCode::OpUnsupported.into());
+        }
+        let limits = [
+            MAX_PACKET,
+            u64::from(MAX_READ),
+            u64::from(MAX_READ),
+            MAX_HANDLES as u64,
+        ];
+        Ok(Packet::ExtendedReply(ExtendedReply {
+            id,
+            data: limits.iter().flat_map(|n| n.to_be_bytes()).collect(),
+        }))
     }
 
     async fn open(
