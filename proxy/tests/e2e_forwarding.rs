@@ -8,7 +8,7 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use support::{Fleet, eventually, run};
+use support::{Fleet, eventually, run, with_options};
 use tokio::io::AsyncReadExt;
 
 /// A server in `login`'s container on port 8080 answering every connection with `greeting`.
@@ -29,13 +29,8 @@ async fn serve_inside(
 /// `ssh -W target` as `login`, stdin closed: what came back. At ssh's default log level, as
 /// users have it, so a refused open shows its reason (ssh takes an option's first value).
 async fn through(fleet: &Fleet, login: &str, target: &str) -> support::SshOutput {
-    let mut argv = fleet.ssh_key_argv(login, &fleet.key_of(login.split('+').next().unwrap()));
-    for (i, arg) in ["-o", "LogLevel=INFO", "-W", target]
-        .into_iter()
-        .enumerate()
-    {
-        argv.insert(1 + i, arg.to_string());
-    }
+    let argv = fleet.ssh_key_argv(login, &fleet.key_of(login.split('+').next().unwrap()));
+    let argv = with_options(argv, &["-o", "LogLevel=INFO", "-W", target]);
     run(&argv, Some(b""), &[]).await
 }
 
@@ -66,21 +61,18 @@ async fn w_and_l_and_d_reach_the_containers_own_loopback() {
         d.local_addr().unwrap().port()
     });
     drop(local);
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    for extra in [
-        "-N".to_string(),
-        "-o".to_string(),
-        "ExitOnForwardFailure=yes".to_string(),
-        "-L".to_string(),
-        format!("{l_port}:localhost:8080"),
-        "-D".to_string(),
-        format!("127.0.0.1:{d_port}"),
-    ]
-    .into_iter()
-    .rev()
-    {
-        argv.insert(1, extra);
-    }
+    let argv = with_options(
+        fleet.ssh_key_argv("demo", &fleet.key_of("demo")),
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            &format!("{l_port}:localhost:8080"),
+            "-D",
+            &format!("127.0.0.1:{d_port}"),
+        ],
+    );
     let mut tunnel = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .kill_on_drop(true)
@@ -123,9 +115,10 @@ async fn w_and_l_and_d_reach_the_containers_own_loopback() {
     let data: Vec<u8> = (0..512 * 1024u32)
         .map(|i| (i * 7 + i / 255) as u8)
         .collect();
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    argv.insert(1, "-W".to_string());
-    argv.insert(2, "127.0.0.1:8081".to_string());
+    let argv = with_options(
+        fleet.ssh_key_argv("demo", &fleet.key_of("demo")),
+        &["-W", "127.0.0.1:8081"],
+    );
     let echoed = eventually(Duration::from_secs(15), "the echo server", || async {
         let out = run(&argv, Some(&data), &[]).await;
         if out.stdout_bytes.len() == data.len() {
@@ -228,13 +221,10 @@ async fn the_vs_code_remote_ssh_sequence_works() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    for (i, arg) in ["-T", "-D", &socks_port.to_string()]
-        .into_iter()
-        .enumerate()
-    {
-        argv.insert(1 + i, arg.to_string());
-    }
+    let mut argv = with_options(
+        fleet.ssh_key_argv("demo", &fleet.key_of("demo")),
+        &["-T", "-D", &socks_port.to_string()],
+    );
     argv.push("sh".to_string());
     let mut ssh = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -306,19 +296,16 @@ async fn unix_socket_forwards_follow_the_users_permissions() {
     fleet.put_environment(rootlab).await;
 
     let tunnel = |login: &'static str, port: u16| {
-        let mut argv = fleet.ssh_key_argv(login, &fleet.key_of("demo"));
-        for (i, arg) in [
-            "-o".to_string(),
-            "LogLevel=INFO".to_string(),
-            "-N".to_string(),
-            "-L".to_string(),
-            format!("{port}:/run/envgate/agent.sock"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            argv.insert(1 + i, arg);
-        }
+        let argv = with_options(
+            fleet.ssh_key_argv(login, &fleet.key_of("demo")),
+            &[
+                "-o",
+                "LogLevel=INFO",
+                "-N",
+                "-L",
+                &format!("{port}:/run/envgate/agent.sock"),
+            ],
+        );
         tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .stderr(std::process::Stdio::piped())
@@ -391,32 +378,11 @@ async fn unix_socket_forwards_follow_the_users_permissions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_forwarding_reaches_the_users_own_agent() {
     let fleet = Fleet::start().await;
-    let socket = fleet.dir().join("agent.sock");
-    let socket_arg = socket.display().to_string();
-    let agent = run(
-        &["ssh-agent".into(), "-a".into(), socket_arg.clone()],
-        None,
-        &[],
-    )
-    .await;
-    assert_eq!(agent.code, Some(0), "{agent:#?}");
-    let pid = agent
-        .stdout
-        .split("SSH_AGENT_PID=")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .expect("ssh-agent prints its pid")
-        .to_owned();
-    let extra = fleet.stranger_key();
-    for key in [fleet.key_of("demo"), extra.clone()] {
-        let added = run(
-            &["ssh-add".into(), "-q".into(), key.display().to_string()],
-            None,
-            &[("SSH_AUTH_SOCK", socket_arg.as_str())],
-        )
+    let agent = fleet
+        .ssh_agent(&[fleet.key_of("demo"), fleet.stranger_key()])
         .await;
-        assert_eq!(added.code, Some(0), "{added:#?}");
-    }
+    let socket = agent.socket.clone();
+    let socket_arg = socket.display().to_string();
     let local = run(
         &["ssh-add".into(), "-l".into()],
         None,
@@ -424,8 +390,7 @@ async fn agent_forwarding_reaches_the_users_own_agent() {
     )
     .await;
 
-    let mut argv = fleet.ssh_agent_argv("demo+debian", &socket);
-    argv.insert(1, "-A".to_string());
+    let mut argv = with_options(fleet.ssh_agent_argv("demo+debian", &socket), &["-A"]);
     argv.push(
         "ssh-add -l; stat -c '%U %a' \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"; \
          echo signed > msg; ssh-add -L | head -1 > key.pub; \
@@ -444,7 +409,6 @@ async fn agent_forwarding_reaches_the_users_own_agent() {
     argv.push("echo \"${SSH_AUTH_SOCK-none}\"".to_string());
     let out = run(&argv, None, &[]).await;
     assert_eq!(out.stdout, "none\n", "{out:#?}");
-    let _ = std::process::Command::new("kill").arg(&pid).status();
 }
 
 /// `ssh -R`: the listener is in the user's container (on its loopback), each connection to it
@@ -460,19 +424,16 @@ async fn remote_forwards_listen_in_the_container() {
             let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"from-the-laptop\n").await;
         }
     });
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    for (i, arg) in [
-        "-N".to_string(),
-        "-o".to_string(),
-        "ExitOnForwardFailure=yes".to_string(),
-        "-R".to_string(),
-        format!("9000:127.0.0.1:{laptop_port}"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        argv.insert(1 + i, arg);
-    }
+    let argv = with_options(
+        fleet.ssh_key_argv("demo", &fleet.key_of("demo")),
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("9000:127.0.0.1:{laptop_port}"),
+        ],
+    );
     let _tunnel = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .kill_on_drop(true)
@@ -496,18 +457,15 @@ async fn remote_forwards_listen_in_the_container() {
     assert_eq!(inside.code, Some(0));
 
     // A port already taken in the container (by the tunnel above): refused, and ssh says so.
-    let mut argv = fleet.ssh_key_argv("demo", &fleet.key_of("demo"));
-    for (i, arg) in [
-        "-o".to_string(),
-        "ExitOnForwardFailure=yes".to_string(),
-        "-R".to_string(),
-        format!("9000:127.0.0.1:{laptop_port}"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        argv.insert(1 + i, arg);
-    }
+    let mut argv = with_options(
+        fleet.ssh_key_argv("demo", &fleet.key_of("demo")),
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("9000:127.0.0.1:{laptop_port}"),
+        ],
+    );
     argv.push("true".to_string());
     let out = run(&argv, None, &[]).await;
     assert_eq!(out.code, Some(255), "{out:#?}");

@@ -15,35 +15,11 @@ async fn six_keys_in_an_agent_never_lock_their_user_out() {
     .await;
     // A real ssh-agent holding five keys nobody authorized, then demo's: the client offers
     // them in that order on every login.
-    let socket = fleet.dir().join("agent.sock");
-    let socket_arg = socket.display().to_string();
-    let agent = run(
-        &["ssh-agent".into(), "-a".into(), socket_arg.clone()],
-        None,
-        &[],
-    )
-    .await;
-    assert_eq!(agent.code, Some(0), "{agent:#?}");
-    let pid = agent
-        .stdout
-        .split("SSH_AGENT_PID=")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .expect("ssh-agent prints its pid")
-        .to_owned();
     let mut keys: Vec<_> = (0..5).map(|_| fleet.stranger_key()).collect();
     keys.push(fleet.key_of("demo"));
-    for key in &keys {
-        let added = run(
-            &["ssh-add".into(), "-q".into(), key.display().to_string()],
-            None,
-            &[("SSH_AUTH_SOCK", socket_arg.as_str())],
-        )
-        .await;
-        assert_eq!(added.code, Some(0), "{added:#?}");
-    }
+    let agent = fleet.ssh_agent(&keys).await;
     for attempt in 0..3 {
-        let mut argv = fleet.ssh_agent_argv("demo", &socket);
+        let mut argv = fleet.ssh_agent_argv("demo", &agent.socket);
         argv.push("echo in".into());
         let out = run(&argv, None, &[]).await;
         assert_eq!(
@@ -54,7 +30,6 @@ async fn six_keys_in_an_agent_never_lock_their_user_out() {
     }
     // Fifteen refused offers, and not one failure counted.
     assert_eq!(fleet.etcd_records("throttle/").await.unwrap(), Vec::new());
-    let _ = std::process::Command::new("kill").arg(&pid).status();
 }
 
 /// The reason the latest failed login of `user` from `ip` was refused, from the audit log.

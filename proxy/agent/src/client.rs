@@ -91,7 +91,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             spawn_timeout: Duration::from_secs(10),
-            output_window: 256 * 1024,
+            output_window: 1024 * 1024,
         }
     }
 }

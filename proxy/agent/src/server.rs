@@ -28,7 +28,7 @@ pub use crate::spawn::session_base_env;
 use crate::spawn::{self, AccountFiles, Fd, Spawned};
 
 /// Bytes of stdin a proxy may send ahead of the process reading them.
-pub const STDIN_WINDOW: u32 = 256 * 1024;
+pub const STDIN_WINDOW: u32 = 1024 * 1024;
 /// Frames queued for one connection's socket before producers wait.
 const OUTBOUND_QUEUE: usize = 1024;
 

@@ -330,6 +330,8 @@ pub(crate) fn spawn(
             let stdin = child.stdin.take().expect("piped stdin");
             let stdout = child.stdout.take().expect("piped stdout");
             let stderr = child.stderr.take().expect("piped stderr");
+            widen_pipe(stdin.as_raw_fd());
+            widen_pipe(stdout.as_raw_fd());
             Spawned {
                 pid,
                 stdin: Arc::new(async_fd(OwnedFd::from(stdin)).map_err(resources)?),
@@ -369,6 +371,14 @@ fn set_cloexec_nonblock(fd: RawFd, nonblock: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bulk transfers (a file over SFTP, a large `cat`) cross each pipe in far fewer wake-ups
+/// with 1 MiB of room than with the default 64 KiB. Best effort: the limit for users
+/// (`/proc/sys/fs/pipe-max-size`) may be lower, and then the pipe keeps its size.
+fn widen_pipe(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor we own; failure leaves the pipe as it was.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
 pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {

@@ -1035,11 +1035,12 @@ async fn a_proxy_overrunning_the_stdin_window_is_disconnected() {
     else {
         panic!("no OpenOk")
     };
-    // `sleep` never reads: send twice the window without waiting for credit. The agent can
-    // legitimately re-grant only what the pipe absorbs (64 KiB), so this must overrun.
+    // `sleep` never reads: send three windows without waiting for credit. The agent can
+    // legitimately re-grant only what the pipe absorbs (at most 1 MiB, as it widens its
+    // pipes), so this must overrun.
     let chunk = vec![b'x'; 32 * 1024];
     let mut buf = Vec::new();
-    for _ in 0..(2 * stdin_window as usize / chunk.len()) {
+    for _ in 0..(3 * stdin_window as usize / chunk.len()) {
         Message::Data {
             stream: Stream::Stdin,
             data: chunk.clone(),

@@ -1908,3 +1908,57 @@ pub fn assert_no_internals(line: &str) {
         );
     }
 }
+
+/// A real ssh-agent on a socket in the fleet's directory; killed when dropped.
+pub struct SshAgent {
+    pub socket: PathBuf,
+    pid: String,
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").arg(&self.pid).status();
+    }
+}
+
+impl Fleet {
+    /// Starts an ssh-agent holding `keys`, added in that order (the order a client offers
+    /// them in).
+    pub async fn ssh_agent(&self, keys: &[PathBuf]) -> SshAgent {
+        let socket = self.dir().join(format!("agent-{}.sock", keys.len()));
+        let socket_arg = socket.display().to_string();
+        let agent = run(
+            &["ssh-agent".into(), "-a".into(), socket_arg.clone()],
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(agent.code, Some(0), "{agent:#?}");
+        let pid = agent
+            .stdout
+            .split("SSH_AGENT_PID=")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .expect("ssh-agent prints its pid")
+            .to_owned();
+        let agent = SshAgent { socket, pid };
+        for key in keys {
+            let added = run(
+                &["ssh-add".into(), "-q".into(), key.display().to_string()],
+                None,
+                &[("SSH_AUTH_SOCK", socket_arg.as_str())],
+            )
+            .await;
+            assert_eq!(added.code, Some(0), "{added:#?}");
+        }
+        agent
+    }
+}
+
+/// `argv` (a program and its arguments) with `options` right after the program.
+pub fn with_options(mut argv: Vec<String>, options: &[&str]) -> Vec<String> {
+    for (i, option) in options.iter().enumerate() {
+        argv.insert(1 + i, (*option).to_owned());
+    }
+    argv
+}
