@@ -13,8 +13,9 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The version this build speaks; the handshake settles on the highest both sides know.
-/// Version 2 adds the session's own account to `Open` (`SpawnRequest::account`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 adds the session's own account to `Open` (`SpawnRequest::account`); version 3
+/// lets data frames carry up to [`MAX_DATA_CHUNK_V3`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first version whose `Open` may carry an account.
 pub const ACCOUNT_VERSION: u16 = 2;
 /// The oldest version this build still speaks.
@@ -25,6 +26,12 @@ pub const MAGIC: [u8; 8] = *b"EGAGENT\n";
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest payload of one data frame; keeps a stream from hogging the shared connection.
 pub const MAX_DATA_CHUNK: usize = 32 * 1024;
+/// The same from version 3 on: bulk output (a file over SFTP) crosses in an eighth of the
+/// frames. A receiver of this build accepts it always; a sender uses it only with a peer
+/// that settled on version 3, because older ones refuse larger frames.
+pub const MAX_DATA_CHUNK_V3: usize = 256 * 1024;
+/// The first version whose data frames may be that large.
+pub const BIG_CHUNK_VERSION: u16 = 3;
 pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 /// Channel ids with this bit set are reserved for channels the agent opens.
@@ -449,7 +456,7 @@ impl Message {
             kind::DATA => {
                 let stream = Stream::from_wire(d.u8()?)?;
                 let data = d.rest().to_vec();
-                if data.len() > MAX_DATA_CHUNK {
+                if data.len() > MAX_DATA_CHUNK_V3 {
                     return Err(ProtocolError::Malformed(
                         "data frame larger than the chunk limit",
                     ));
@@ -961,5 +968,19 @@ mod tests {
             let mut r = FrameReader::new(&buf[..]);
             assert!(matches!(r.next().await, Err(ProtocolError::Truncated)));
         });
+    }
+
+    #[test]
+    fn data_frames_are_bounded_by_the_version_3_chunk() {
+        for (len, ok) in [(MAX_DATA_CHUNK_V3, true), (MAX_DATA_CHUNK_V3 + 1, false)] {
+            let mut buf = Vec::new();
+            Message::Data {
+                stream: Stream::Stdout,
+                data: vec![7; len],
+            }
+            .encode(1, &mut buf);
+            let decoded = Message::decode(buf[4], &buf[HEADER_LEN..]);
+            assert_eq!(decoded.is_ok(), ok, "{len} bytes");
+        }
     }
 }

@@ -19,8 +19,9 @@ use tracing::{debug, info, warn};
 use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
-    AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK, MIN_PROTOCOL_VERSION, Message,
-    OpenProcess, PROTOCOL_VERSION, ProtocolError, Stream, open_error,
+    AGENT_CHANNEL_BIT, BIG_CHUNK_VERSION, ExitStatus, FrameReader, MAX_DATA_CHUNK,
+    MAX_DATA_CHUNK_V3, MIN_PROTOCOL_VERSION, Message, OpenProcess, PROTOCOL_VERSION, ProtocolError,
+    Stream, open_error,
 };
 use crate::reaper::{Children, Reaper};
 use crate::signals::signal_number;
@@ -251,6 +252,8 @@ enum StdinChunk {
 
 struct Conn {
     tx: mpsc::Sender<(u32, Message)>,
+    /// The largest data frame this proxy takes (by the version it settled on).
+    chunk: usize,
     channels: Mutex<HashMap<u32, Arc<Channel>>>,
     channel_ended: Notify,
 }
@@ -299,6 +302,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S,
     let writer = tokio::spawn(write_frames(wr, rx));
     let conn = Arc::new(Conn {
         tx,
+        chunk: if version >= BIG_CHUNK_VERSION {
+            MAX_DATA_CHUNK_V3
+        } else {
+            MAX_DATA_CHUNK
+        },
         channels: Mutex::new(HashMap::new()),
         channel_ended: Notify::new(),
     });
@@ -655,6 +663,7 @@ async fn run_channel(
         conn.tx.clone(),
         id,
         is_pty.then(|| exited_rx.clone()),
+        conn.chunk,
     );
     let stderr = async {
         match spawned.stderr {
@@ -666,6 +675,7 @@ async fn run_channel(
                     conn.tx.clone(),
                     id,
                     None,
+                    conn.chunk,
                 )
                 .await
             }
@@ -754,10 +764,11 @@ async fn pump_output(
     tx: mpsc::Sender<(u32, Message)>,
     id: u32,
     mut exited: Option<watch::Receiver<bool>>,
+    chunk: usize,
 ) {
-    let mut buf = vec![0u8; MAX_DATA_CHUNK];
+    let mut buf = vec![0u8; chunk];
     loop {
-        let Some(allowed) = credit.acquire(MAX_DATA_CHUNK).await else {
+        let Some(allowed) = credit.acquire(chunk).await else {
             return;
         };
         let read = match &mut exited {
