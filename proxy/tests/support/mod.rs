@@ -233,6 +233,17 @@ impl Fleet {
     }
 
     pub async fn start_with(options: FleetOptions) -> Fleet {
+        // Ports are picked free and bound a moment later by the processes; a test running
+        // beside this one may take one in between. That, and only that, is tried again.
+        for _ in 0..2 {
+            match Self::try_start(options.clone()).await {
+                Ok(fleet) => return fleet,
+                Err(e) if e.contains("Address already in use") => {
+                    eprintln!("a port was taken meanwhile; starting the fleet again: {e}");
+                }
+                Err(e) => panic!("the e2e fleet did not start: {e}"),
+            }
+        }
         match Self::try_start(options).await {
             Ok(fleet) => fleet,
             Err(e) => panic!("the e2e fleet did not start: {e}"),
