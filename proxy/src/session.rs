@@ -167,6 +167,20 @@ struct ChannelState {
     agent_forward: bool,
 }
 
+impl ChannelState {
+    fn new(output: Arc<ChannelOutput>) -> Self {
+        Self {
+            output,
+            pty: None,
+            env: Vec::new(),
+            process: None,
+            sftp: false,
+            pty_modes: Vec::new(),
+            agent_forward: false,
+        }
+    }
+}
+
 struct RunningProcess {
     /// Stops the pump when the client closes the channel first.
     task: AbortHandle,
@@ -352,18 +366,7 @@ impl Connection {
                 inbound,
             } => {
                 let output = Arc::new(ChannelOutput::new(writer, inbound));
-                self.channels.insert(
-                    channel,
-                    ChannelState {
-                        output,
-                        pty: None,
-                        env: Vec::new(),
-                        process: None,
-                        sftp: false,
-                        pty_modes: Vec::new(),
-                        agent_forward: false,
-                    },
-                );
+                self.channels.insert(channel, ChannelState::new(output));
             }
             Event::ChannelClosed { channel } => {
                 if let Some(process) = self.channels.remove(&channel).and_then(|c| c.process) {
@@ -432,13 +435,8 @@ impl Connection {
         self.channels.insert(
             channel,
             ChannelState {
-                output,
-                pty: None,
-                env: Vec::new(),
                 process: Some(RunningProcess { task }),
-                sftp: false,
-                pty_modes: Vec::new(),
-                agent_forward: false,
+                ..ChannelState::new(output)
             },
         );
     }
