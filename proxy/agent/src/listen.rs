@@ -179,7 +179,11 @@ async fn serve(listener: Listener, ready: String) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((mut read, write, peer)) = accepted else { continue };
+                let Ok((mut read, write, peer)) = accepted else {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
                 if writers.len() >= MAX_CONNECTIONS {
                     continue;
                 }
