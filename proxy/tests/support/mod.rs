@@ -234,11 +234,16 @@ impl Fleet {
 
     pub async fn start_with(options: FleetOptions) -> Fleet {
         // Ports are picked free and bound a moment later by the processes; a test running
-        // beside this one may take one in between. That, and only that, is tried again.
+        // beside this one may take one in between, and the process that lost the port exits
+        // (its log's tail may show only a backtrace). Such a start is tried again; a failure
+        // that is not a race fails every time and is reported below.
         for _ in 0..2 {
             match Self::try_start(options.clone()).await {
                 Ok(fleet) => return fleet,
-                Err(e) if e.contains("Address already in use") => {
+                Err(e)
+                    if e.contains("Address already in use")
+                        || e.contains("exited while waiting") =>
+                {
                     eprintln!("a port was taken meanwhile; starting the fleet again: {e}");
                 }
                 Err(e) => panic!("the e2e fleet did not start: {e}"),
