@@ -448,12 +448,7 @@ impl Connection {
         if let Some(socket) = &self.agent_socket {
             return Some(socket.clone());
         }
-        let mut spec = process_spec(placement, None, None, &[]);
-        spec.command = vec![
-            envgate_agent::IN_CONTAINER.to_owned(),
-            envgate_agent::LISTEN.to_owned(),
-            "unix".to_owned(),
-        ];
+        let spec = agent_tool(placement, &[envgate_agent::LISTEN, "unix"]);
         match forwarded::listen(self.services.runtime.as_ref(), &spec).await {
             Ok(listening) => {
                 let socket = listening.ready.clone();
@@ -478,14 +473,10 @@ impl Connection {
             serde_json::json!({"kind": "remote-forward", "listen": format!("{address}:{port}")});
         self.record(&placement, recorded)
             .map_err(|reason| logged_failure("the forwarding cannot be recorded", &reason))?;
-        let mut spec = process_spec(&placement, None, None, &[]);
-        spec.command = vec![
-            envgate_agent::IN_CONTAINER.to_owned(),
-            envgate_agent::LISTEN.to_owned(),
-            "tcp".to_owned(),
-            address.clone(),
-            port16.to_string(),
-        ];
+        let spec = agent_tool(
+            &placement,
+            &[envgate_agent::LISTEN, "tcp", &address, &port16.to_string()],
+        );
         let listening = forwarded::listen(self.services.runtime.as_ref(), &spec).await?;
         let bound: u32 = listening
             .ready
@@ -580,21 +571,15 @@ impl Connection {
         };
         self.record(&placement, recorded)
             .map_err(|reason| logged_failure("the forwarding cannot be recorded", &reason))?;
-        let mut spec = process_spec(&placement, None, None, &[]);
-        spec.command = match target {
-            ForwardTarget::Tcp(host, port) => vec![
-                envgate_agent::IN_CONTAINER.to_owned(),
-                envgate_agent::CONNECT.to_owned(),
-                host,
-                port.to_string(),
-            ],
-            ForwardTarget::Unix(path) => vec![
-                envgate_agent::IN_CONTAINER.to_owned(),
-                envgate_agent::CONNECT_UNIX.to_owned(),
-                path,
-            ],
-        };
-        Ok(spec)
+        Ok(match &target {
+            ForwardTarget::Tcp(host, port) => agent_tool(
+                &placement,
+                &[envgate_agent::CONNECT, host, &port.to_string()],
+            ),
+            ForwardTarget::Unix(path) => {
+                agent_tool(&placement, &[envgate_agent::CONNECT_UNIX, path])
+            }
+        })
     }
 
     async fn on_request(&mut self, channel: ChannelId, request: ChannelRequest) {
@@ -791,10 +776,7 @@ impl Connection {
                 self.fail_channel(output, line, pty);
                 return;
             }
-            spec.command = vec![
-                envgate_agent::IN_CONTAINER.to_owned(),
-                envgate_agent::SFTP_SERVER.to_owned(),
-            ];
+            spec.command = agent_command(&[envgate_agent::SFTP_SERVER]);
         }
         let runtime = self.services.runtime.clone();
         let process = run_process(runtime, spec, output, pty, self.handle.clone());
@@ -1154,22 +1136,19 @@ fn process_spec(
         }
     }
     // What the environment accepts of what the client sent (ENVGATE_ENV is envgate's own).
-    let defaults: Vec<String>;
-    let accept = if placement.accept_env.is_empty() {
-        defaults = envgate_proto::names::DEFAULT_ACCEPT_ENV
-            .iter()
-            .map(|p| (*p).to_owned())
-            .collect();
-        &defaults
-    } else {
-        &placement.accept_env
+    // The control plane names the patterns; an older one sends none: sshd's usual list.
+    let accepted = |name: &str| {
+        let matches = |p: &str| envgate_proto::names::env_pattern_matches(p, name);
+        if placement.accept_env.is_empty() {
+            envgate_proto::names::DEFAULT_ACCEPT_ENV
+                .iter()
+                .any(|p| matches(p))
+        } else {
+            placement.accept_env.iter().any(|p| matches(p))
+        }
     };
     for (name, value) in client_env {
-        if name != "ENVGATE_ENV"
-            && accept
-                .iter()
-                .any(|p| envgate_proto::names::env_pattern_matches(p, name))
-        {
+        if name != "ENVGATE_ENV" && accepted(name) {
             env.push(format!("{name}={value}"));
         }
     }
@@ -1191,13 +1170,26 @@ fn process_spec(
         pty_modes: Vec::new(),
         env,
         working_dir: non_empty(&placement.working_dir),
-        user: match &account {
-            Some(a) => Some(format!("{}:{}", a.uid, a.gid)),
-            None => non_empty(&placement.run_as),
-        },
+        user: non_empty(&placement.run_as),
         account,
         agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
     }
+}
+
+/// `envgate-agent ARGS…` in the placed container, as the session's user, without a terminal:
+/// the agent binary's file-transfer and forwarding tools.
+fn agent_tool(placement: &Placement, args: &[&str]) -> ProcessSpec {
+    ProcessSpec {
+        command: agent_command(args),
+        ..process_spec(placement, None, None, &[])
+    }
+}
+
+fn agent_command(args: &[&str]) -> Vec<String> {
+    std::iter::once(envgate_agent::IN_CONTAINER)
+        .chain(args.iter().copied())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// How long `envgate-agent connect` may take to answer: its own connect bound, plus slack.

@@ -351,10 +351,11 @@ async fn without_an_agent_sessions_use_docker_exec() {
     })
     .await;
     let out = fleet
-        .ssh("demo", "echo $HOME; echo err >&2; exit 3", Some(b""))
+        .ssh("demo", "echo $HOME; id -u; echo err >&2; exit 3", Some(b""))
         .await;
     assert_eq!(out.code, Some(3), "{out:#?}");
-    assert_eq!(out.stdout, "/home/demo\n");
+    // Not root there either: the user's own uid (the first this fleet gave out), bare.
+    assert_eq!(out.stdout, "/home/demo\n200000\n");
     assert_eq!(out.stderr, "err\n");
     let (address, secret) = agent_of(&fleet, "demo").await;
     assert_eq!((address.as_str(), secret.as_str()), ("", ""));

@@ -202,7 +202,12 @@ impl ProcessRuntime for DockerRuntime {
             env: Some(spec.env.clone()),
             cmd: Some(spec.command.clone()),
             working_dir: spec.working_dir.clone(),
-            user: spec.user.clone(),
+            // Docker exec has no passwd entry to add: the account's bare uid:gid.
+            user: spec
+                .account
+                .as_ref()
+                .map(|a| format!("{}:{}", a.uid, a.gid))
+                .or_else(|| spec.user.clone()),
             ..Default::default()
         };
         let exec = self.docker.create_exec(&spec.container_id, options).await?;

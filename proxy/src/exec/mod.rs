@@ -98,10 +98,10 @@ pub struct ProcessSpec {
     /// `KEY=value`.
     pub env: Vec<String>,
     pub working_dir: Option<String>,
-    /// Who to run as: a name or `uid[:gid]`; with `account` set, its `uid:gid`.
+    /// Who to run as when there is no `account`: a name or `uid[:gid]` of the image.
     pub user: Option<String>,
     /// The user's own account, which the agent creates in the container before the first
-    /// process; Docker exec runs as its bare `uid:gid` (see `user`).
+    /// process; Docker exec runs as its bare `uid:gid`.
     pub account: Option<envgate_agent::Account>,
     /// The container's agent; `None`: start through the runtime's exec.
     pub agent: Option<agent::AgentTarget>,
