@@ -4,7 +4,6 @@
 //! frames (`envgate_agent::mux`), and here each becomes an SSH channel towards the client.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,7 +96,6 @@ pub async fn relay(listening: Listening, handle: Handle, opener: Opener) {
         }
     });
     let mut connections: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
-    let handle = Arc::new(handle);
     'output: loop {
         loop {
             let frame = match buffer.next_frame() {
@@ -147,7 +145,7 @@ pub async fn relay(listening: Listening, handle: Handle, opener: Opener) {
 
 /// One accepted connection: an SSH channel to the client, bytes both ways.
 async fn connection(
-    handle: Arc<Handle>,
+    handle: Handle,
     opener: Opener,
     conn: u32,
     peer: String,
