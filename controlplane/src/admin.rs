@@ -252,6 +252,8 @@ impl AdminService {
             groups: user.groups,
             default_environment: user.default_environment,
             disabled: user.disabled,
+            // Written by an operator, the record is local from now on.
+            source: String::new(),
         };
         store::put_json(self.store.as_ref(), &key, &record, None).await?;
         if let Some(existing) = &existing

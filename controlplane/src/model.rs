@@ -66,6 +66,10 @@ pub struct UserRecord {
     pub default_environment: String,
     #[serde(default)]
     pub disabled: bool,
+    /// Which identity source made the record (docs/identity.md): empty for the admin API,
+    /// else `ldap`, `webhook` or `certificate`, which keep it up to date on each login.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
