@@ -404,11 +404,72 @@ async fn agent_forwarding_reaches_the_users_own_agent() {
     assert_eq!(lines[2..4], ["demo 600", "demo 700"], "{out:#?}");
     assert_eq!(lines[4], "-----BEGIN SSH SIGNATURE-----", "{out:#?}");
 
+    // `ssh -T` from inside to another host logs in with the forwarded agent: the container
+    // holds no private key. The other host is a plain sshd on this machine that accepts only
+    // demo's key, reached through a `-R` forward of the same connection.
+    let other = OtherHost::start(&fleet.key_of("demo")).await;
+    let mut argv = with_options(
+        fleet.ssh_agent_argv("demo+debian", &socket),
+        &["-A", "-R", &format!("2200:127.0.0.1:{}", other.port)],
+    );
+    argv.push(format!(
+        "ls ~/.ssh/id_* 2>/dev/null; ssh -T -p 2200 -o BatchMode=yes -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR {}@127.0.0.1 'echo far side $((6 * 7))'",
+        other.user
+    ));
+    let out = run(&argv, None, &[]).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "far side 42\n"),
+        "{out:#?}"
+    );
+
     // Without -A there is no socket.
     let mut argv = fleet.ssh_agent_argv("demo+debian", &socket);
     argv.push("echo \"${SSH_AUTH_SOCK-none}\"".to_string());
     let out = run(&argv, None, &[]).await;
     assert_eq!(out.stdout, "none\n", "{out:#?}");
+}
+
+/// A plain OpenSSH sshd on this machine (`deploy/local/floor-sshd`), accepting only the key
+/// given: "another host" for an `ssh` run inside a container. Stopped when dropped.
+struct OtherHost {
+    dir: tempfile::TempDir,
+    port: u16,
+    user: String,
+}
+
+impl OtherHost {
+    async fn start(key: &std::path::Path) -> OtherHost {
+        let dir = tempfile::tempdir().unwrap();
+        let port = support::free_port().unwrap();
+        let script = support::repo_root().join("deploy/local/floor-sshd");
+        let argv = [
+            script.display().to_string(),
+            "start".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--keys".into(),
+            format!("{}.pub", key.display()),
+        ];
+        let out = run(&argv, None, &[]).await;
+        out.assert_success();
+        // "127.0.0.1:PORT USER"
+        let user = out.stdout.split_whitespace().nth(1).unwrap().to_owned();
+        OtherHost { dir, port, user }
+    }
+}
+
+impl Drop for OtherHost {
+    fn drop(&mut self) {
+        let script = support::repo_root().join("deploy/local/floor-sshd");
+        let _ = std::process::Command::new(script)
+            .args(["stop", "--dir"])
+            .arg(self.dir.path())
+            .output();
+    }
 }
 
 /// `ssh -R`: the listener is in the user's container (on its loopback), each connection to it
