@@ -30,6 +30,9 @@ pub enum Outcome {
 pub enum Method {
     Publickey,
     Password,
+    /// A password asked for by a keyboard-interactive prompt (RFC 4256).
+    #[serde(rename = "keyboard-interactive")]
+    KeyboardInteractive,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

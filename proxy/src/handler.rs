@@ -13,7 +13,7 @@ use envgate_proto::audit::{Method, Outcome};
 use envgate_proto::names::{Login, parse_login};
 use russh::keys::PublicKey;
 use russh::server::{
-    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
 };
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet, Pty};
 use tokio::sync::mpsc;
@@ -36,9 +36,20 @@ pub fn accepted_env(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Keyboard-interactive asks for the password with one prompt, as sshd does with PAM, for
+/// clients and users who expect it; the answer is checked as a password.
 pub fn methods() -> MethodSet {
-    MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
+    MethodSet::from(
+        &[
+            MethodKind::PublicKey,
+            MethodKind::KeyboardInteractive,
+            MethodKind::Password,
+        ][..],
+    )
 }
+
+/// The one keyboard-interactive prompt.
+const PASSWORD_PROMPT: &str = "Password: ";
 
 /// How long a `tcpip-forward` may take to be answered (it may place the session first).
 const REMOTE_FORWARD_WAIT: Duration = Duration::from_secs(90);
@@ -258,6 +269,31 @@ impl ConnectionHandler {
         }
     }
 
+    /// A password, typed at the password prompt or a keyboard-interactive one: the same
+    /// control-plane check, and so the same throttle.
+    async fn password(&mut self, user: &str, password: &str, method: Method) -> Auth {
+        let Some(login) = self.login(user) else {
+            let attempt = self.attempt(user, method, None);
+            self.refused(&attempt, "malformed login name".into());
+            return Auth::reject();
+        };
+        let outcome = self
+            .authenticator
+            .password(
+                &login.user,
+                password,
+                &self.client_address,
+                &self.connection_id,
+            )
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
+            .await;
+        let attempt = self.attempt(&login.user, method, None);
+        match self.outcome(&attempt, outcome) {
+            Some(who) => self.accept(login, who, &attempt).await,
+            None => Auth::reject(),
+        }
+    }
+
     /// Marks the channel's process as requested; a second shell/exec on the
     /// same channel is refused, as sshd does.
     fn start(&mut self, channel: ChannelId) -> bool {
@@ -373,25 +409,38 @@ impl Handler for ConnectionHandler {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        let Some(login) = self.login(user) else {
-            let attempt = self.attempt(user, Method::Password, None);
-            self.refused(&attempt, "malformed login name".into());
-            return Ok(Auth::reject());
+        Ok(self.password(user, password, Method::Password).await)
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(mut response) = response else {
+            return Ok(Auth::Partial {
+                name: "".into(),
+                instructions: "".into(),
+                prompts: vec![(PASSWORD_PROMPT.into(), false)].into(),
+            });
         };
-        let outcome = self
-            .authenticator
-            .password(
-                &login.user,
-                password,
-                &self.client_address,
-                &self.connection_id,
-            )
-            .instrument(tracing::info_span!(parent: &self.span, "auth"))
-            .await;
-        let attempt = self.attempt(&login.user, Method::Password, None);
-        match self.outcome(&attempt, outcome) {
-            Some(who) => Ok(self.accept(login, who, &attempt).await),
-            None => Ok(Auth::reject()),
+        // Exactly one answer, in UTF-8, as the one prompt asked; anything else is refused
+        // without reaching the control plane.
+        let answer = response.next();
+        let password = match (answer, response.next()) {
+            (Some(answer), None) => String::from_utf8(answer.to_vec()).ok(),
+            _ => None,
+        };
+        match password {
+            Some(password) => Ok(self
+                .password(user, &password, Method::KeyboardInteractive)
+                .await),
+            None => {
+                let attempt = self.attempt(user, Method::KeyboardInteractive, None);
+                self.refused(&attempt, "malformed keyboard-interactive response".into());
+                Ok(Auth::reject())
+            }
         }
     }
 
@@ -910,5 +959,22 @@ mod tests {
         assert_eq!(record["reason"], "malformed login name");
         assert_eq!(record["client"], "127.0.0.1:1");
         assert_eq!(record["proxy"], "p");
+    }
+
+    #[tokio::test]
+    async fn keyboard_interactive_asks_for_the_password_with_one_hidden_prompt() {
+        let mut handler = handler("https://127.0.0.1:1".into(), AuditLog::in_memory());
+        let auth = handler
+            .auth_keyboard_interactive("alice", "", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            auth,
+            Auth::Partial {
+                name: "".into(),
+                instructions: "".into(),
+                prompts: vec![("Password: ".into(), false)].into(),
+            }
+        );
     }
 }

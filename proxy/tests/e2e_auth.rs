@@ -36,6 +36,63 @@ async fn a_wrong_password_is_permission_denied_and_creates_nothing() {
     );
 }
 
+const KEYBOARD_INTERACTIVE: &[&str] = &["-o", "PreferredAuthentications=keyboard-interactive"];
+
+/// The latest login record of `user` in the audit log.
+fn last_login(fleet: &Fleet, user: &str) -> serde_json::Value {
+    fleet
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "login" && r["user"] == user)
+        .next_back()
+        .expect("a login record")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyboard_interactive_asks_once_for_the_password_and_checks_it_as_one() {
+    let fleet = Fleet::start().await;
+    fleet
+        .add_user("pat", "busybox", Some("correct horse"))
+        .await;
+    fleet.add_user("kim", "busybox", None).await;
+
+    let (out, prompts) = fleet
+        .ssh_password_prompts(KEYBOARD_INTERACTIVE, "pat", "correct horse", "echo in")
+        .await;
+    out.assert_success();
+    assert_eq!(out.stdout, "in\n");
+    // One prompt, as sshd shows with PAM; ssh puts the login in front of it.
+    assert_eq!(prompts.lines().count(), 1, "{prompts:?}");
+    assert!(prompts.contains("Password:"), "{prompts:?}");
+    let record = last_login(&fleet, "pat");
+    assert_eq!(
+        (&record["outcome"], &record["method"]),
+        (&"success".into(), &"keyboard-interactive".into()),
+        "{record}"
+    );
+
+    let (out, _) = fleet
+        .ssh_password_prompts(KEYBOARD_INTERACTIVE, "pat", "wrong horse", "echo in")
+        .await;
+    assert_denied(&out);
+    let record = last_login(&fleet, "pat");
+    assert_eq!(
+        (&record["outcome"], &record["method"]),
+        (&"failure".into(), &"keyboard-interactive".into()),
+        "{record}"
+    );
+    // A user without a password gets nowhere with one, whatever is typed.
+    let (out, _) = fleet
+        .ssh_password_prompts(KEYBOARD_INTERACTIVE, "kim", "", "echo in")
+        .await;
+    assert_denied(&out);
+    assert!(
+        fleet.containers(None).is_empty(),
+        "{:?}",
+        fleet.containers(None)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_key_is_permission_denied_and_creates_nothing() {
     let fleet = Fleet::start().await;

@@ -74,10 +74,15 @@ async fn a_password_guesser_is_slowed_down_and_the_user_still_gets_in_from_elsew
     let from = |ip: &'static str| ["-b", ip];
     // Guess from 127.0.0.3 until the control plane makes that address wait at least 4 s.
     let mut waited = None;
+    // Every other guess is typed at a keyboard-interactive prompt: both count alike.
     for guess in 0..12 {
+        let method = match guess % 2 {
+            0 => "PreferredAuthentications=password",
+            _ => "PreferredAuthentications=keyboard-interactive",
+        };
         let out = fleet
             .ssh_password_with_options(
-                &from("127.0.0.3"),
+                &["-b", "127.0.0.3", "-o", method],
                 "alice",
                 &format!("guess{guess}"),
                 "true",

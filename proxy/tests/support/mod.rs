@@ -1130,7 +1130,7 @@ impl Fleet {
     }
 
     /// `ssh_password` with extra `ssh` arguments (e.g. `-b 127.0.0.2`, another source
-    /// address as HAProxy reports it).
+    /// address as HAProxy reports it). Options in `extra` come first, so they win.
     pub async fn ssh_password_with_options(
         &self,
         extra: &[&str],
@@ -1138,14 +1138,28 @@ impl Fleet {
         password: &str,
         command: &str,
     ) -> SshOutput {
-        let askpass = self
-            .dir
-            .path()
-            .join(format!("askpass-{:08x}.sh", rand::random::<u32>()));
+        self.ssh_password_prompts(extra, login, password, command)
+            .await
+            .0
+    }
+
+    /// `ssh_password_with_options`, and the prompts `ssh` showed (one per line), as the
+    /// askpass program was given them.
+    pub async fn ssh_password_prompts(
+        &self,
+        extra: &[&str],
+        login: &str,
+        password: &str,
+        command: &str,
+    ) -> (SshOutput, String) {
+        let name = format!("askpass-{:08x}", rand::random::<u32>());
+        let askpass = self.dir.path().join(format!("{name}.sh"));
+        let prompts = self.dir.path().join(format!("{name}.prompts"));
         std::fs::write(
             &askpass,
             format!(
-                "#!/bin/sh\nprintf '%s\\n' '{}'\n",
+                "#!/bin/sh\nprintf '%s\\n' \"$1\" >>'{}'\nprintf '%s\\n' '{}'\n",
+                prompts.display(),
                 password.replace('\'', "'\\''")
             ),
         )
@@ -1174,7 +1188,7 @@ impl Fleet {
             .map(|s| s.to_string()),
         );
         let askpass = askpass.display().to_string();
-        run(
+        let out = run(
             &argv,
             None,
             &[
@@ -1183,7 +1197,8 @@ impl Fleet {
                 ("DISPLAY", ":0"),
             ],
         )
-        .await
+        .await;
+        (out, std::fs::read_to_string(prompts).unwrap_or_default())
     }
 
     /// A public-key login with russh's client, which (unlike OpenSSH) sends any user name
