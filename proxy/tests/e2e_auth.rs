@@ -87,9 +87,9 @@ async fn keyboard_interactive_asks_once_for_the_password_and_checks_it_as_one() 
         .await;
     assert_denied(&out);
     assert!(
-        fleet.containers(None).is_empty(),
+        fleet.containers(Some("kim")).is_empty(),
         "{:?}",
-        fleet.containers(None)
+        fleet.containers(Some("kim"))
     );
 }
 
