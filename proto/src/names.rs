@@ -52,12 +52,13 @@ pub fn env_pattern_matches(pattern: &str, name: &str) -> bool {
     let (mut pi, mut ni) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ni < n.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
+        // A `*` in the pattern is a wildcard even where the name holds a `*` too.
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ni));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
         } else if let Some((star_p, star_n)) = star {
             pi = star_p + 1;
             ni = star_n + 1;
@@ -162,6 +163,10 @@ mod tests {
             ("*", "X"),
             ("A?C", "ABC"),
             ("*_KEY", "MY_KEY"),
+            // Found by the login_names fuzz target: a `*` in the name made the pattern's `*`
+            // match only itself.
+            ("*", "*\n"),
+            ("A*", "A*B"),
         ] {
             assert!(env_pattern_matches(pattern, name), "{pattern} {name}");
         }
