@@ -370,7 +370,7 @@ fn validate_user(user: &pb::User) -> Result<(), AdminError> {
         }
     }
     for (i, group) in user.groups.iter().enumerate() {
-        if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if !crate::identity::is_group_name(group) {
             return Err(AdminError::invalid(
                 format!("user.groups[{i}]"),
                 "must be a non-empty word without spaces",

@@ -29,6 +29,7 @@ mod fixtures;
 pub mod fleet;
 pub mod guard;
 pub mod hashing;
+pub mod identity;
 mod locks;
 pub mod model;
 pub mod pki;
