@@ -103,9 +103,7 @@ impl Ldap {
         let limit = self.config.timeout * 5;
         let lookup = tokio::time::timeout(limit, self.lookup(user, password))
             .await
-            .map_err(|_| {
-                SourceError::Directory(format!("no answer within {} s", limit.as_secs()))
-            })?
+            .map_err(|_| SourceError::Directory(format!("no answer within {} s", limit.as_secs())))?
             .map_err(|e| SourceError::Directory(e.to_string()))?;
         match lookup {
             Lookup::Accepted(groups) => Ok(Some(ExternalUser {

@@ -4,6 +4,7 @@
 //! alone. A source that accepts a user creates or refreshes their record (`provision`), so
 //! placement, self-service and the admin API see LDAP and webhook users like any other.
 
+mod flags;
 pub mod ldap;
 pub mod webhook;
 
@@ -17,6 +18,7 @@ use tokio_rustls::rustls;
 use crate::model::{self, UserRecord};
 use crate::store::{self, Compare, Store, StoreError, TxnOp};
 
+pub use flags::IdentityFlags;
 pub use ldap::{Ldap, LdapConfig};
 pub use webhook::{AuthWebhook, ConfigWebhook, WebhookConfig};
 
@@ -282,7 +284,10 @@ mod tests {
         record.default_environment = "debian".into();
         record.disabled = true;
         store::put_json(&store, &key, &record, None).await.unwrap();
-        let refreshed = provision(&store, &found(&["staff"])).await.unwrap().unwrap();
+        let refreshed = provision(&store, &found(&["staff"]))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (
                 refreshed.groups.as_slice(),

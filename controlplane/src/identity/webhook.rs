@@ -117,22 +117,20 @@ impl Client {
             }
             tracing::debug!(webhook = self.what, attempt, error = %last, "webhook attempt failed");
         }
-        Err(self.error(format!(
-            "{last} ({} attempts)",
-            self.config.retries + 1
-        )))
+        Err(self.error(format!("{last} ({} attempts)", self.config.retries + 1)))
     }
 
     async fn post_once(&self, uri: &Uri, body: Bytes) -> Result<(StatusCode, Bytes), Failure> {
-        let transient = |what: &str, e: &dyn std::fmt::Display| Failure::Transient(format!("{what}: {e}"));
+        let transient =
+            |what: &str, e: &dyn std::fmt::Display| Failure::Transient(format!("{what}: {e}"));
         let host = uri.host().unwrap_or_default();
         let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(443);
         let tcp = TcpStream::connect((bare_host, port))
             .await
             .map_err(|e| transient("connecting", &e))?;
-        let name = ServerName::try_from(bare_host.to_owned())
-            .map_err(|e| transient("server name", &e))?;
+        let name =
+            ServerName::try_from(bare_host.to_owned()).map_err(|e| transient("server name", &e))?;
         let tls = TlsConnector::from(self.config.tls.clone())
             .connect(name, tcp)
             .await
