@@ -207,3 +207,371 @@ enum LookupError {
     #[error("the service account's bind was refused (check --ldap-bind-dn and its password): {0}")]
     ServiceBind(String),
 }
+
+/// Against a real `slapd` started by each test (`testkit::Slapd`), through the
+/// `Authenticator` as the Auth service calls it.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use envgate_proto::audit::AuditLog;
+    use tonic::Status;
+
+    use super::*;
+    use crate::auth::tests::{TEST_COST, test_keys, test_limits};
+    use crate::auth::{Authenticator, Credential, Hasher};
+    use crate::error::AuthError;
+    use crate::hashing::HashPool;
+    use crate::identity::Sources;
+    use crate::model::{self, EnvironmentRecord, UserRecord};
+    use crate::store::{self, MemoryStore, Store};
+    use crate::testkit::{LDAP_SERVICE_DN, LDAP_SERVICE_PASSWORD, LDAP_SUFFIX, Slapd};
+
+    /// carol (students), dave (disabled), erin (admins, a groupOfNames), and an `alice` whom
+    /// the admin API also has: the local record must win.
+    fn directory() -> String {
+        let person = |uid: &str, number: u32, password: &str, extra: &str| {
+            format!(
+                "dn: uid={uid},ou=people,{LDAP_SUFFIX}\nobjectClass: inetOrgPerson\n\
+                 objectClass: posixAccount\nobjectClass: shadowAccount\nuid: {uid}\ncn: {uid}\n\
+                 sn: {uid}\nuidNumber: {number}\ngidNumber: {number}\nhomeDirectory: /home/{uid}\n\
+                 userPassword: {password}\n{extra}\n"
+            )
+        };
+        [
+            person("carol", 10001, "carol-pw", ""),
+            person("dave", 10002, "dave-pw", "shadowExpire: 1\n"),
+            person("erin", 10003, "erin-pw", ""),
+            person("alice", 10004, "directory-pw", ""),
+            format!(
+                "dn: cn=students,ou=groups,{LDAP_SUFFIX}\nobjectClass: posixGroup\ncn: students\n\
+                 gidNumber: 20001\nmemberUid: carol\nmemberUid: dave\n"
+            ),
+            format!(
+                "dn: cn=staff,ou=groups,{LDAP_SUFFIX}\nobjectClass: posixGroup\ncn: staff\n\
+                 gidNumber: 20002\nmemberUid: erin\n"
+            ),
+            format!(
+                "dn: cn=admins,ou=groups,{LDAP_SUFFIX}\nobjectClass: groupOfNames\ncn: admins\n\
+                 member: uid=erin,ou=people,{LDAP_SUFFIX}\n"
+            ),
+        ]
+        .join("\n")
+    }
+
+    fn config(slapd: &Slapd) -> LdapConfig {
+        LdapConfig {
+            url: slapd.url(),
+            starttls: false,
+            tls: None,
+            bind_dn: LDAP_SERVICE_DN.into(),
+            bind_password: LDAP_SERVICE_PASSWORD.into(),
+            base_dn: LDAP_SUFFIX.into(),
+            user_filter: DEFAULT_USER_FILTER.into(),
+            group_filter: DEFAULT_GROUP_FILTER.into(),
+            group_attribute: "cn".into(),
+            disabled_filter: "(shadowExpire=1)".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// An authenticator over `store` asking `ldap`, with alice local (password `s3cret`).
+    async fn setup(ldap: LdapConfig) -> (Arc<MemoryStore>, Authenticator) {
+        let store = Arc::new(MemoryStore::new());
+        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
+        let alice = UserRecord {
+            name: "alice".into(),
+            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
+            ..Default::default()
+        };
+        store::put_json(store.as_ref(), &model::user_key("alice"), &alice, None)
+            .await
+            .unwrap();
+        let auth = Authenticator::new(
+            store.clone(),
+            test_keys(),
+            Duration::from_secs(300),
+            test_limits(2, 64),
+            AuditLog::in_memory(),
+        )
+        .with_identity(Arc::new(Sources {
+            ldap: Some(Ldap::new(ldap)),
+            ..Sources::default()
+        }));
+        (store, auth)
+    }
+
+    async fn login(
+        auth: &Authenticator,
+        user: &str,
+        password: &str,
+    ) -> Result<Vec<String>, AuthError> {
+        let issued = auth
+            .authenticate(
+                user,
+                Credential::Password(password.into()),
+                "192.0.2.7:4000",
+            )
+            .await?;
+        Ok(auth.verify_token(&issued.token).await.unwrap().groups)
+    }
+
+    async fn record(store: &dyn Store, user: &str) -> Option<UserRecord> {
+        store::get_json::<UserRecord>(store, &model::user_key(user))
+            .await
+            .unwrap()
+            .map(|r| r.value)
+    }
+
+    #[tokio::test]
+    async fn directory_users_log_in_by_search_then_bind_and_get_a_record() {
+        let slapd = Slapd::start(&directory()).await.unwrap();
+        let (store, auth) = setup(config(&slapd)).await;
+        assert_eq!(
+            login(&auth, "carol", "carol-pw").await.unwrap(),
+            ["students"]
+        );
+        let carol = record(store.as_ref(), "carol").await.unwrap();
+        assert_eq!(
+            (
+                carol.source.as_str(),
+                carol.groups.as_slice(),
+                carol.password_hash
+            ),
+            ("ldap", ["students".to_owned()].as_slice(), None),
+            "made on first login, without the password"
+        );
+        // Groups by memberUid and by member={dn}.
+        assert_eq!(
+            login(&auth, "erin", "erin-pw").await.unwrap(),
+            ["admins", "staff"]
+        );
+        for (user, password, why) in [
+            ("carol", "wrong", "a bad password"),
+            ("carol", "", "an empty password (an unauthenticated bind)"),
+            ("dave", "dave-pw", "a disabled account"),
+            ("nobody", "carol-pw", "an unknown user"),
+        ] {
+            let err = login(&auth, user, password).await.unwrap_err();
+            assert!(matches!(err, AuthError::Failed), "{why}: {err:?}");
+            assert_eq!(Status::from(err).code(), tonic::Code::Unauthenticated);
+        }
+        assert!(record(store.as_ref(), "dave").await.is_none());
+        // A local record decides alone: the directory's password for "alice" is no way in.
+        assert!(matches!(
+            login(&auth, "alice", "directory-pw").await,
+            Err(AuthError::Failed)
+        ));
+        assert_eq!(
+            login(&auth, "alice", "s3cret").await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(record(store.as_ref(), "alice").await.unwrap().source, "");
+    }
+
+    #[tokio::test]
+    async fn a_group_change_takes_effect_on_the_next_login() {
+        let slapd = Slapd::start(&directory()).await.unwrap();
+        let (store, auth) = setup(config(&slapd)).await;
+        let catalogue = vec![
+            EnvironmentRecord {
+                name: "busybox".into(),
+                ..Default::default()
+            },
+            EnvironmentRecord {
+                name: "gpu".into(),
+                allowed_groups: vec!["staff".into()],
+                ..Default::default()
+            },
+        ];
+        let groups = login(&auth, "carol", "carol-pw").await.unwrap();
+        assert_eq!(
+            crate::catalogue::available(&catalogue, &groups),
+            ["busybox"]
+        );
+        slapd
+            .modify(&format!(
+                "dn: cn=staff,ou=groups,{LDAP_SUFFIX}\nchangetype: modify\nadd: memberUid\n\
+                 memberUid: carol\n\ndn: cn=students,ou=groups,{LDAP_SUFFIX}\n\
+                 changetype: modify\ndelete: memberUid\nmemberUid: carol\n"
+            ))
+            .unwrap();
+        let groups = login(&auth, "carol", "carol-pw").await.unwrap();
+        assert_eq!(groups, ["staff"]);
+        assert_eq!(
+            crate::catalogue::available(&catalogue, &groups),
+            ["busybox", "gpu"]
+        );
+        assert_eq!(
+            record(store.as_ref(), "carol").await.unwrap().groups,
+            ["staff"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_directory_fails_clearly_and_local_users_still_log_in() {
+        let mut slapd = Slapd::start(&directory()).await.unwrap();
+        let (_, auth) = setup(config(&slapd)).await;
+        slapd.kill();
+        let started = Instant::now();
+        let err = login(&auth, "carol", "carol-pw").await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, AuthError::Source(_)), "{err:?}");
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let id = status
+            .metadata()
+            .get(envgate_proto::metadata::REQUEST_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            status.message(),
+            format!("the directory is unavailable; try again later (request id {id})")
+        );
+        assert_eq!(
+            login(&auth, "alice", "s3cret").await.unwrap(),
+            Vec::<String>::new()
+        );
+        // An address that cannot answer at all (nothing listens, packets dropped) is bounded too.
+        let (_, auth) = setup(LdapConfig {
+            url: "ldap://192.0.2.1:389".into(),
+            timeout: Duration::from_secs(1),
+            ..config(&slapd)
+        })
+        .await;
+        let started = Instant::now();
+        assert!(matches!(
+            login(&auth, "carol", "carol-pw").await,
+            Err(AuthError::Source(_))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn filter_metacharacters_never_widen_the_search() {
+        let slapd = Slapd::start(&directory()).await.unwrap();
+        let (_, auth) = setup(config(&slapd)).await;
+        // The login name grammar refuses them before any source is asked.
+        for user in ["*", "carol)(uid=*", "*)(|(uid=*", "carol*", "\\2a"] {
+            assert!(
+                matches!(login(&auth, user, "carol-pw").await, Err(AuthError::Failed)),
+                "{user}"
+            );
+        }
+        // And the directory client escapes them anyway: a name that is a filter matches
+        // nobody, where unescaped it would match carol (or everyone).
+        let ldap = Ldap::new(config(&slapd));
+        for user in ["*", "carol)(uid=*", "c*", "carol)(|(uid=*"] {
+            assert_eq!(
+                ldap.check_password(user, "carol-pw").await.unwrap(),
+                None,
+                "{user}"
+            );
+        }
+        assert!(
+            ldap.check_password("carol", "carol-pw")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_is_verified_against_the_configured_ca() {
+        let slapd = Slapd::start(&directory()).await.unwrap();
+        let tls = crate::identity::tls_trusting(&slapd.ca_path()).unwrap();
+        let (_, auth) = setup(LdapConfig {
+            starttls: true,
+            tls: Some(tls),
+            ..config(&slapd)
+        })
+        .await;
+        assert_eq!(
+            login(&auth, "carol", "carol-pw").await.unwrap(),
+            ["students"]
+        );
+        // A CA that did not issue slapd's certificate: nothing is sent, the login fails as an
+        // outage, not as a wrong password.
+        let foreign = crate::testkit::TestPki::new().unwrap();
+        let (_, auth) = setup(LdapConfig {
+            starttls: true,
+            tls: Some(crate::identity::tls_trusting(&foreign.ca_path()).unwrap()),
+            ..config(&slapd)
+        })
+        .await;
+        assert!(matches!(
+            login(&auth, "carol", "carol-pw").await,
+            Err(AuthError::Source(_))
+        ));
+    }
+
+    #[test]
+    fn configurations_are_checked_before_use() {
+        let good = LdapConfig {
+            url: "ldap://127.0.0.1:389".into(),
+            starttls: false,
+            tls: None,
+            bind_dn: String::new(),
+            bind_password: String::new(),
+            base_dn: LDAP_SUFFIX.into(),
+            user_filter: DEFAULT_USER_FILTER.into(),
+            group_filter: DEFAULT_GROUP_FILTER.into(),
+            group_attribute: "cn".into(),
+            disabled_filter: String::new(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(good.validate(), Ok(()));
+        for (bad, why) in [
+            (
+                LdapConfig {
+                    url: "http://x".into(),
+                    ..good.clone()
+                },
+                "not ldap://",
+            ),
+            (
+                LdapConfig {
+                    url: "ldaps://x".into(),
+                    starttls: true,
+                    ..good.clone()
+                },
+                "StartTLS",
+            ),
+            (
+                LdapConfig {
+                    user_filter: "(uid=alice)".into(),
+                    ..good.clone()
+                },
+                "{user}",
+            ),
+            (
+                LdapConfig {
+                    disabled_filter: "shadowExpire=1".into(),
+                    ..good.clone()
+                },
+                "parentheses",
+            ),
+            (
+                LdapConfig {
+                    base_dn: String::new(),
+                    ..good.clone()
+                },
+                "base DN",
+            ),
+        ] {
+            let err = bad.validate().unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+}
