@@ -395,3 +395,436 @@ impl ConfigWebhook {
         Ok(Some(answer.config.envgate.environment).filter(|e| !e.is_empty()))
     }
 }
+
+/// Against a real HTTPS server (axum over tokio-rustls, a certificate from a test CA) that
+/// counts the requests it answers, through the `Authenticator` as the Auth service calls it.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use envgate_proto::audit::AuditLog;
+    use serde_json::{Value, json};
+    use tokio_rustls::TlsAcceptor;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tonic::Status;
+
+    use super::*;
+    use crate::auth::tests::{TEST_COST, keypair, test_keys, test_limits};
+    use crate::auth::{Authenticator, Credential, Hasher};
+    use crate::error::AuthError;
+    use crate::fixtures::{World, fast, no_progress};
+    use crate::hashing::HashPool;
+    use crate::identity::{Sources, tls_trusting};
+    use crate::model::{self, UserRecord};
+    use crate::store::{self, MemoryStore};
+    use crate::testkit::TestPki;
+
+    /// What the test server does and what it saw.
+    #[derive(Default)]
+    struct Behaviour {
+        hits: AtomicUsize,
+        /// Answer 500 to this many requests first.
+        fail_first: AtomicUsize,
+        /// Answer only after 3 s.
+        slow: AtomicBool,
+        /// The public key (authorized_keys line) `/pubkey` accepts for dora.
+        key: Mutex<String>,
+        requests: Mutex<Vec<Value>>,
+    }
+
+    struct Server {
+        url: String,
+        ca: std::path::PathBuf,
+        behaviour: Arc<Behaviour>,
+        _pki: TestPki,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Server {
+        fn hits(&self) -> usize {
+            self.behaviour.hits.load(Ordering::SeqCst)
+        }
+    }
+
+    /// ContainerSSH's auth server, as a lab would have written it: dora's password is
+    /// `hook-pw` and her groups come in the metadata; eve is answered under another name.
+    async fn answer(
+        State(behaviour): State<Arc<Behaviour>>,
+        uri: axum::http::Uri,
+        body: axum::body::Bytes,
+    ) -> (StatusCode, String) {
+        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+        behaviour.hits.fetch_add(1, Ordering::SeqCst);
+        behaviour.requests.lock().unwrap().push(request.clone());
+        if behaviour.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        if behaviour
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "{}".into());
+        }
+        let user = request["username"].as_str().unwrap_or_default();
+        let groups = json!({"envgate_groups": {"value": "students, gpu", "sensitive": false}});
+        let body = match uri.path() {
+            "/hook/password" => {
+                let password = request["passwordBase64"].as_str().unwrap_or_default();
+                match (user, password) {
+                    // base64("hook-pw")
+                    ("dora", "aG9vay1wdw==") => json!({"success": true, "metadata": groups}),
+                    ("eve", _) => json!({"success": true, "authenticatedUsername": "root"}),
+                    ("frank", _) => return (StatusCode::UNAUTHORIZED, "{}".into()),
+                    _ => json!({"success": false}),
+                }
+            }
+            "/hook/pubkey" => {
+                let key = request["publicKey"].as_str().unwrap_or_default();
+                let accepted = user == "dora" && key == *behaviour.key.lock().unwrap();
+                json!({"success": accepted, "authenticatedUsername": user, "metadata": groups})
+            }
+            "/config" => match user {
+                "carol" | "alice" => json!({"config": {"envgate": {"environment": "debian"}}}),
+                _ => json!({"config": {}}),
+            },
+            _ => return (StatusCode::NOT_FOUND, "{}".into()),
+        };
+        (StatusCode::OK, body.to_string())
+    }
+
+    async fn serve() -> Server {
+        let pki = TestPki::new().unwrap();
+        let (cert, key, ca) = pki.server_files();
+        let certs = CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let behaviour = Arc::new(Behaviour::default());
+        let router = axum::Router::new()
+            .route("/hook/password", post(answer))
+            .route("/hook/pubkey", post(answer))
+            .route("/config", post(answer))
+            .with_state(behaviour.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, router) = (acceptor.clone(), router.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Server {
+            url: format!("https://127.0.0.1:{}", addr.port()),
+            ca,
+            behaviour,
+            _pki: pki,
+            task,
+        }
+    }
+
+    fn endpoint(url: &str, ca: &std::path::Path, timeout: Duration, retries: u32) -> WebhookConfig {
+        WebhookConfig {
+            url: WebhookConfig::parse_url(url).unwrap(),
+            tls: tls_trusting(ca).unwrap(),
+            timeout,
+            retries,
+        }
+    }
+
+    /// An authenticator asking the auth webhook at `server`'s `/hook`, with alice local
+    /// (password `s3cret`).
+    async fn setup(
+        url: &str,
+        ca: &std::path::Path,
+        timeout: Duration,
+        retries: u32,
+    ) -> (Arc<MemoryStore>, Authenticator) {
+        let store = Arc::new(MemoryStore::new());
+        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
+        let alice = UserRecord {
+            name: "alice".into(),
+            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
+            ..Default::default()
+        };
+        store::put_json(store.as_ref(), &model::user_key("alice"), &alice, None)
+            .await
+            .unwrap();
+        let webhook = AuthWebhook::new(
+            endpoint(&format!("{url}/hook"), ca, timeout, retries),
+            Duration::from_secs(300),
+        );
+        let auth = Authenticator::new(
+            store.clone(),
+            test_keys(),
+            Duration::from_secs(300),
+            test_limits(2, 64),
+            AuditLog::in_memory(),
+        )
+        .with_identity(Arc::new(Sources {
+            webhook: Some(webhook),
+            ..Sources::default()
+        }));
+        (store, auth)
+    }
+
+    async fn login(
+        auth: &Authenticator,
+        user: &str,
+        password: &str,
+    ) -> Result<Vec<String>, AuthError> {
+        let issued = auth
+            .authenticate(
+                user,
+                Credential::Password(password.into()),
+                "192.0.2.7:4000",
+            )
+            .await?;
+        Ok(auth.verify_token(&issued.token).await.unwrap().groups)
+    }
+
+    #[tokio::test]
+    async fn the_answer_decides_in_containerssh_shapes() {
+        let server = serve().await;
+        let (store, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
+        assert_eq!(
+            login(&auth, "dora", "hook-pw").await.unwrap(),
+            ["gpu", "students"]
+        );
+        let request = server.behaviour.requests.lock().unwrap()[0].clone();
+        assert_eq!(request["username"], "dora");
+        assert_eq!(request["passwordBase64"], "aG9vay1wdw==");
+        assert_eq!(request["remoteAddress"], "192.0.2.7:4000");
+        assert!(request["connectionId"].as_str().unwrap().len() >= 5);
+        let dora = store::get_json::<UserRecord>(store.as_ref(), &model::user_key("dora"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert_eq!((dora.source.as_str(), dora.groups.len()), ("webhook", 2));
+        for (user, password, why) in [
+            ("dora", "wrong", "success: false"),
+            ("frank", "any", "a 401 is an answer"),
+            ("eve", "any", "an answer for another user name"),
+        ] {
+            let before = server.hits();
+            let err = login(&auth, user, password).await.unwrap_err();
+            assert!(matches!(err, AuthError::Failed), "{why}: {err:?}");
+            assert_eq!(
+                server.hits(),
+                before + 1,
+                "{why}: asked once, never retried"
+            );
+        }
+        // The local alice decides alone: the webhook is not even asked for her.
+        let before = server.hits();
+        assert!(matches!(
+            login(&auth, "alice", "hook-pw").await,
+            Err(AuthError::Failed)
+        ));
+        assert!(login(&auth, "alice", "s3cret").await.is_ok());
+        assert_eq!(server.hits(), before);
+    }
+
+    #[tokio::test]
+    async fn a_positive_answer_is_cached_and_a_refusal_is_not() {
+        let server = serve().await;
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        login(&auth, "dora", "hook-pw").await.unwrap();
+        assert_eq!(server.hits(), 1);
+        login(&auth, "dora", "hook-pw").await.unwrap();
+        assert_eq!(server.hits(), 1, "the second login made no request");
+        let _ = login(&auth, "dora", "wrong").await;
+        let _ = login(&auth, "dora", "wrong").await;
+        assert_eq!(server.hits(), 3, "each refusal was asked for");
+    }
+
+    #[tokio::test]
+    async fn errors_are_retried_with_backoff_but_only_so_often() {
+        let server = serve().await;
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
+        server.behaviour.fail_first.store(2, Ordering::SeqCst);
+        assert!(login(&auth, "dora", "hook-pw").await.is_ok());
+        assert_eq!(server.hits(), 3, "two 500s, then the answer");
+        // Always 500: three attempts, then a clear outage.
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
+        server.behaviour.fail_first.store(100, Ordering::SeqCst);
+        let err = login(&auth, "dora", "hook-pw").await.unwrap_err();
+        assert_eq!(server.hits(), 6);
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().starts_with(
+                "the authentication service is unavailable; try again later (request id "
+            ),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_or_dead_webhook_fails_in_time_and_local_users_still_log_in() {
+        let server = serve().await;
+        server.behaviour.slow.store(true, Ordering::SeqCst);
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(1), 2).await;
+        let started = Instant::now();
+        assert!(matches!(
+            login(&auth, "dora", "hook-pw").await,
+            Err(AuthError::Source(_))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(server.hits(), 1, "a timeout is not retried");
+        assert!(login(&auth, "alice", "s3cret").await.is_ok());
+        // Nothing listens any more: bounded retries, then the same clear failure.
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(1), 2).await;
+        drop(server);
+        let started = Instant::now();
+        let err = login(&auth, "dora", "hook-pw").await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(Status::from(err).code(), tonic::Code::Unavailable);
+        assert!(login(&auth, "alice", "s3cret").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_is_refused() {
+        let server = serve().await;
+        let other = TestPki::new().unwrap();
+        let (_, auth) = setup(&server.url, &other.ca_path(), Duration::from_secs(1), 0).await;
+        assert!(matches!(
+            login(&auth, "dora", "hook-pw").await,
+            Err(AuthError::Source(_))
+        ));
+        assert_eq!(
+            server.hits(),
+            0,
+            "no request was sent to a server not proven by the CA"
+        );
+        drop(other);
+        // Plain http:// is refused at start.
+        assert!(WebhookConfig::parse_url("http://127.0.0.1:1/hook").is_err());
+    }
+
+    #[tokio::test]
+    async fn public_keys_are_asked_of_pubkey() {
+        let server = serve().await;
+        let (key, line) = keypair();
+        *server.behaviour.key.lock().unwrap() = line;
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        let wire = key.public_key().to_bytes().unwrap();
+        assert!(auth.check_public_key("dora", &wire).await.unwrap());
+        let issued = auth
+            .authenticate("dora", Credential::PublicKey(wire.clone()), "192.0.2.7:1")
+            .await
+            .unwrap();
+        assert_eq!(issued.user, "dora");
+        assert_eq!(
+            server.hits(),
+            1,
+            "the offer's answer was reused for the login"
+        );
+        let request = server.behaviour.requests.lock().unwrap()[0].clone();
+        assert!(
+            request["publicKey"]
+                .as_str()
+                .unwrap()
+                .starts_with("ssh-ed25519 ")
+        );
+        let (other, _) = keypair();
+        let other = other.public_key().to_bytes().unwrap();
+        assert!(!auth.check_public_key("dora", &other).await.unwrap());
+        assert!(matches!(
+            auth.authenticate("dora", Credential::PublicKey(other), "192.0.2.7:1")
+                .await,
+            Err(AuthError::Failed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_config_webhook_chooses_among_the_allowed_environments() {
+        let server = serve().await;
+        let mut world = World::new().await;
+        world.auth = Arc::new(
+            Authenticator::new(
+                world.store.clone(),
+                test_keys(),
+                Duration::from_secs(300),
+                test_limits(2, 64),
+                AuditLog::in_memory(),
+            )
+            .with_identity(Arc::new(Sources {
+                config: Some(ConfigWebhook::new(endpoint(
+                    &format!("{}/config", server.url),
+                    &server.ca,
+                    Duration::from_secs(2),
+                    0,
+                ))),
+                ..Sources::default()
+            })),
+        );
+        let placer = world.placer(fast());
+        // carol (staff) may use debian: the webhook's choice.
+        let placed = placer
+            .open(world.request("carol", ""), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(placed.environment, "debian");
+        assert_eq!(server.hits(), 1);
+        // alice (students) may not: the catalogue's default instead.
+        let placed = placer
+            .open(world.request("alice", ""), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(placed.environment, "busybox");
+        // A named environment always wins, without asking.
+        let placed = placer
+            .open(world.request("carol", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(placed.environment, "busybox");
+        assert_eq!(server.hits(), 2);
+        // The webhook gone: the catalogue's default, not a failed login.
+        drop(server);
+        let placed = placer
+            .open(world.request("carol", ""), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(placed.environment, "busybox");
+    }
+}
