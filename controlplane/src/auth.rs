@@ -447,10 +447,12 @@ impl Authenticator {
                 let local = user
                     .as_ref()
                     .is_some_and(|u| key_is_authorized(&key, &u.authorized_keys));
-                if !local && external && self.identity.webhook.is_some() {
-                    if let Some(record) = self.external_key(username, &key, client_address).await? {
-                        return Ok(self.issue(&record, not_before));
-                    }
+                if !local
+                    && external
+                    && self.identity.webhook.is_some()
+                    && let Some(record) = self.external_key(username, &key, client_address).await?
+                {
+                    return Ok(self.issue(&record, not_before));
                 }
                 local
             }

@@ -60,7 +60,8 @@ impl LdapConfig {
             return Err("the user filter must contain {user}".into());
         }
         for filter in [&self.user_filter, &self.group_filter, &self.disabled_filter] {
-            if !filter.is_empty() && !(filter.starts_with('(') && filter.ends_with(')')) {
+            let parenthesised = filter.starts_with('(') && filter.ends_with(')');
+            if !filter.is_empty() && !parenthesised {
                 return Err(format!("{filter:?} is not an LDAP filter in parentheses"));
             }
         }

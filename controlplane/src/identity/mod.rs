@@ -202,8 +202,11 @@ pub async fn provision(
 pub struct AnswerCache {
     ttl: Duration,
     salt: [u8; 16],
-    entries: Mutex<HashMap<(String, [u8; 32]), (Instant, ExternalUser)>>,
+    entries: Mutex<HashMap<CacheKey, (Instant, ExternalUser)>>,
 }
+
+/// A user name and the salted SHA-256 of a credential.
+type CacheKey = (String, [u8; 32]);
 
 /// Entries one cache holds at most.
 const CACHE_CAPACITY: usize = 10_000;
@@ -217,7 +220,7 @@ impl AnswerCache {
         }
     }
 
-    fn key(&self, user: &str, credential: &[u8]) -> (String, [u8; 32]) {
+    fn key(&self, user: &str, credential: &[u8]) -> CacheKey {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         context.update(&self.salt);
         context.update(credential);
