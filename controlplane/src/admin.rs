@@ -417,6 +417,7 @@ fn user_to_pb(u: &UserRecord, uid: Option<u32>) -> pb::User {
         default_environment: u.default_environment.clone(),
         disabled: u.disabled,
         has_password: u.password_hash.is_some(),
+        source: u.source.clone(),
     }
 }
 

@@ -827,4 +827,101 @@ mod tests {
             .unwrap();
         assert_eq!(placed.environment, "busybox");
     }
+
+    /// Guesses through the webhook count as any password's: past the free allowance they are
+    /// refused before the webhook is asked.
+    #[tokio::test]
+    async fn webhook_guesses_share_the_password_throttle() {
+        let server = serve().await;
+        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        let free = crate::throttle::ThrottlePolicy::default().free_failures as usize;
+        for i in 0..free {
+            assert!(matches!(
+                login(&auth, "dora", &format!("guess{i}")).await,
+                Err(AuthError::Failed)
+            ));
+        }
+        assert_eq!(server.hits(), free);
+        assert!(matches!(
+            login(&auth, "dora", "hook-pw").await,
+            Err(AuthError::Throttled(_))
+        ));
+        assert_eq!(
+            server.hits(),
+            free,
+            "a throttled attempt never reaches the webhook"
+        );
+    }
+
+    /// LDAP is asked first and the webhook after it; the webhook still answers while the
+    /// directory is down, and a user neither accepts fails as an outage, not as a wrong
+    /// password, while the directory is down.
+    #[tokio::test]
+    async fn the_directory_first_then_the_webhook() {
+        use crate::identity::ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER};
+        use crate::identity::{Ldap, LdapConfig};
+        use crate::testkit::{LDAP_SERVICE_DN, LDAP_SERVICE_PASSWORD, LDAP_SUFFIX, Slapd};
+        let mut slapd = Slapd::start(&format!(
+            "dn: uid=carol,ou=people,{LDAP_SUFFIX}\nobjectClass: inetOrgPerson\n\
+             objectClass: posixAccount\nuid: carol\ncn: carol\nsn: carol\nuidNumber: 10001\n\
+             gidNumber: 10001\nhomeDirectory: /home/carol\nuserPassword: carol-pw\n"
+        ))
+        .await
+        .unwrap();
+        let server = serve().await;
+        let store = Arc::new(MemoryStore::new());
+        let auth = Authenticator::new(
+            store.clone(),
+            test_keys(),
+            Duration::from_secs(300),
+            test_limits(2, 64),
+            AuditLog::in_memory(),
+        )
+        .with_identity(Arc::new(Sources {
+            ldap: Some(Ldap::new(LdapConfig {
+                url: slapd.url(),
+                starttls: false,
+                tls: None,
+                bind_dn: LDAP_SERVICE_DN.into(),
+                bind_password: LDAP_SERVICE_PASSWORD.into(),
+                base_dn: LDAP_SUFFIX.into(),
+                user_filter: DEFAULT_USER_FILTER.into(),
+                group_filter: DEFAULT_GROUP_FILTER.into(),
+                group_attribute: "cn".into(),
+                disabled_filter: String::new(),
+                timeout: Duration::from_secs(2),
+            })),
+            webhook: Some(AuthWebhook::new(
+                endpoint(
+                    &format!("{}/hook", server.url),
+                    &server.ca,
+                    Duration::from_secs(2),
+                    0,
+                ),
+                Duration::from_secs(300),
+            )),
+            ..Sources::default()
+        }));
+        let source = |user: &'static str| {
+            let store = store.clone();
+            async move {
+                store::get_json::<UserRecord>(store.as_ref(), &model::user_key(user))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .value
+                    .source
+            }
+        };
+        login(&auth, "carol", "carol-pw").await.unwrap();
+        assert_eq!((source("carol").await, server.hits()), ("ldap".into(), 0));
+        login(&auth, "dora", "hook-pw").await.unwrap();
+        assert_eq!((source("dora").await, server.hits()), ("webhook".into(), 1));
+        slapd.kill();
+        login(&auth, "dora", "hook-pw")
+            .await
+            .expect("the webhook without the directory");
+        let err = login(&auth, "carol", "carol-pw").await.unwrap_err();
+        assert_eq!(Status::from(err).code(), tonic::Code::Unavailable);
+    }
 }
