@@ -306,6 +306,16 @@ impl Authenticator {
     /// and the user may log in. Issues nothing and never touches the failure throttle: a
     /// client offers every key it holds, and only a signature proves possession.
     pub async fn check_public_key(&self, username: &str, key: &[u8]) -> Result<bool, AuthError> {
+        self.check_public_key_from(username, key, "").await
+    }
+
+    /// `check_public_key` for a client at `client_address`, which the auth webhook is told.
+    pub async fn check_public_key_from(
+        &self,
+        username: &str,
+        key: &[u8],
+        client_address: &str,
+    ) -> Result<bool, AuthError> {
         if envgate_proto::names::validate_user(username).is_err() {
             return Ok(false);
         }
@@ -327,7 +337,7 @@ impl Authenticator {
         // Asked again (from its cache) when the signature is verified; nothing is written yet.
         Ok(self
             .identity
-            .check_public_key(username, &line, "")
+            .check_public_key(username, &line, client_address)
             .await?
             .is_some())
     }
@@ -547,7 +557,7 @@ impl Auth for AuthService {
         let req = request.into_inner();
         let acceptable = self
             .auth
-            .check_public_key(&req.username, &req.public_key)
+            .check_public_key_from(&req.username, &req.public_key, &req.client_address)
             .await?;
         Ok(Response::new(CheckPublicKeyResponse { acceptable }))
     }
