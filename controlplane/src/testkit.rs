@@ -16,6 +16,9 @@ use envgate_proto::tls::TlsFiles;
 use crate::pki::{self, Authority, Profile};
 use crate::store::EtcdConfig;
 
+mod webhook;
+pub use webhook::WebhookServer;
+
 /// How long `Etcd::start` waits for the new etcd to answer a read.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on each connect/get attempt while waiting.

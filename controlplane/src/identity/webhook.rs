@@ -400,18 +400,10 @@ impl ConfigWebhook {
 /// counts the requests it answers, through the `Authenticator` as the Auth service calls it.
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::post;
     use envgate_proto::audit::AuditLog;
-    use serde_json::{Value, json};
-    use tokio_rustls::TlsAcceptor;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tonic::Status;
 
     use super::*;
@@ -423,133 +415,19 @@ mod tests {
     use crate::identity::{Sources, tls_trusting};
     use crate::model::{self, UserRecord};
     use crate::store::{self, MemoryStore};
-    use crate::testkit::TestPki;
-
-    /// What the test server does and what it saw.
-    #[derive(Default)]
-    struct Behaviour {
-        hits: AtomicUsize,
-        /// Answer 500 to this many requests first.
-        fail_first: AtomicUsize,
-        /// Answer only after 3 s.
-        slow: AtomicBool,
-        /// The public key (authorized_keys line) `/pubkey` accepts for dora.
-        key: Mutex<String>,
-        requests: Mutex<Vec<Value>>,
-    }
-
-    struct Server {
-        url: String,
-        ca: std::path::PathBuf,
-        behaviour: Arc<Behaviour>,
-        _pki: TestPki,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    impl Server {
-        fn hits(&self) -> usize {
-            self.behaviour.hits.load(Ordering::SeqCst)
-        }
-    }
+    use crate::testkit::{TestPki, WebhookServer};
 
     /// ContainerSSH's auth server, as a lab would have written it: dora's password is
-    /// `hook-pw` and her groups come in the metadata; eve is answered under another name.
-    async fn answer(
-        State(behaviour): State<Arc<Behaviour>>,
-        uri: axum::http::Uri,
-        body: axum::body::Bytes,
-    ) -> (StatusCode, String) {
-        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
-        behaviour.hits.fetch_add(1, Ordering::SeqCst);
-        behaviour.requests.lock().unwrap().push(request.clone());
-        if behaviour.slow.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-        if behaviour
-            .fail_first
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "{}".into());
-        }
-        let user = request["username"].as_str().unwrap_or_default();
-        let groups = json!({"envgate_groups": {"value": "students, gpu", "sensitive": false}});
-        let body = match uri.path() {
-            "/hook/password" => {
-                let password = request["passwordBase64"].as_str().unwrap_or_default();
-                match (user, password) {
-                    // base64("hook-pw")
-                    ("dora", "aG9vay1wdw==") => json!({"success": true, "metadata": groups}),
-                    ("eve", _) => json!({"success": true, "authenticatedUsername": "root"}),
-                    ("frank", _) => return (StatusCode::UNAUTHORIZED, "{}".into()),
-                    _ => json!({"success": false}),
-                }
-            }
-            "/hook/pubkey" => {
-                let key = request["publicKey"].as_str().unwrap_or_default();
-                let accepted = user == "dora" && key == *behaviour.key.lock().unwrap();
-                json!({"success": accepted, "authenticatedUsername": user, "metadata": groups})
-            }
-            "/config" => match user {
-                "carol" | "alice" => json!({"config": {"envgate": {"environment": "debian"}}}),
-                _ => json!({"config": {}}),
-            },
-            _ => return (StatusCode::NOT_FOUND, "{}".into()),
-        };
-        (StatusCode::OK, body.to_string())
-    }
-
-    async fn serve() -> Server {
-        let pki = TestPki::new().unwrap();
-        let (cert, key, ca) = pki.server_files();
-        let certs = CertificateDer::pem_file_iter(&cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
-        let tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
-        let behaviour = Arc::new(Behaviour::default());
-        let router = axum::Router::new()
-            .route("/hook/password", post(answer))
-            .route("/hook/pubkey", post(answer))
-            .route("/config", post(answer))
-            .with_state(behaviour.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (acceptor, router) = (acceptor.clone(), router.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(router);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        Server {
-            url: format!("https://127.0.0.1:{}", addr.port()),
-            ca,
-            behaviour,
-            _pki: pki,
-            task,
-        }
+    /// `hook-pw` and her groups come in the metadata; eve is answered under another name,
+    /// frank with a 401; carol and alice are given debian by the config webhook.
+    async fn serve() -> WebhookServer {
+        let server = WebhookServer::start().await.unwrap();
+        server.accept_password("dora", "hook-pw", &["students", "gpu"]);
+        server.answer_as("eve", "root");
+        server.answer_status("frank", 401);
+        server.choose_environment("carol", "debian");
+        server.choose_environment("alice", "debian");
+        server
     }
 
     fn endpoint(url: &str, ca: &std::path::Path, timeout: Duration, retries: u32) -> WebhookConfig {
@@ -580,7 +458,7 @@ mod tests {
             .await
             .unwrap();
         let webhook = AuthWebhook::new(
-            endpoint(&format!("{url}/hook"), ca, timeout, retries),
+            endpoint(url, ca, timeout, retries),
             Duration::from_secs(300),
         );
         let auth = Authenticator::new(
@@ -615,12 +493,18 @@ mod tests {
     #[tokio::test]
     async fn the_answer_decides_in_containerssh_shapes() {
         let server = serve().await;
-        let (store, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
+        let (store, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            2,
+        )
+        .await;
         assert_eq!(
             login(&auth, "dora", "hook-pw").await.unwrap(),
             ["gpu", "students"]
         );
-        let request = server.behaviour.requests.lock().unwrap()[0].clone();
+        let request = server.requests()[0].1.clone();
         assert_eq!(request["username"], "dora");
         assert_eq!(request["passwordBase64"], "aG9vay1wdw==");
         assert_eq!(request["remoteAddress"], "192.0.2.7:4000");
@@ -658,7 +542,13 @@ mod tests {
     #[tokio::test]
     async fn a_positive_answer_is_cached_and_a_refusal_is_not() {
         let server = serve().await;
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            0,
+        )
+        .await;
         login(&auth, "dora", "hook-pw").await.unwrap();
         assert_eq!(server.hits(), 1);
         login(&auth, "dora", "hook-pw").await.unwrap();
@@ -671,13 +561,25 @@ mod tests {
     #[tokio::test]
     async fn errors_are_retried_with_backoff_but_only_so_often() {
         let server = serve().await;
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
-        server.behaviour.fail_first.store(2, Ordering::SeqCst);
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            2,
+        )
+        .await;
+        server.fail_next(2);
         assert!(login(&auth, "dora", "hook-pw").await.is_ok());
         assert_eq!(server.hits(), 3, "two 500s, then the answer");
         // Always 500: three attempts, then a clear outage.
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 2).await;
-        server.behaviour.fail_first.store(100, Ordering::SeqCst);
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            2,
+        )
+        .await;
+        server.fail_next(100);
         let err = login(&auth, "dora", "hook-pw").await.unwrap_err();
         assert_eq!(server.hits(), 6);
         let status = Status::from(err);
@@ -694,8 +596,14 @@ mod tests {
     #[tokio::test]
     async fn a_slow_or_dead_webhook_fails_in_time_and_local_users_still_log_in() {
         let server = serve().await;
-        server.behaviour.slow.store(true, Ordering::SeqCst);
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(1), 2).await;
+        server.set_slow(true);
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(1),
+            2,
+        )
+        .await;
         let started = Instant::now();
         assert!(matches!(
             login(&auth, "dora", "hook-pw").await,
@@ -709,7 +617,13 @@ mod tests {
         assert_eq!(server.hits(), 1, "a timeout is not retried");
         assert!(login(&auth, "alice", "s3cret").await.is_ok());
         // Nothing listens any more: bounded retries, then the same clear failure.
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(1), 2).await;
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(1),
+            2,
+        )
+        .await;
         drop(server);
         let started = Instant::now();
         let err = login(&auth, "dora", "hook-pw").await.unwrap_err();
@@ -726,7 +640,13 @@ mod tests {
     async fn a_certificate_from_another_ca_is_refused() {
         let server = serve().await;
         let other = TestPki::new().unwrap();
-        let (_, auth) = setup(&server.url, &other.ca_path(), Duration::from_secs(1), 0).await;
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &other.ca_path(),
+            Duration::from_secs(1),
+            0,
+        )
+        .await;
         assert!(matches!(
             login(&auth, "dora", "hook-pw").await,
             Err(AuthError::Source(_))
@@ -745,8 +665,14 @@ mod tests {
     async fn public_keys_are_asked_of_pubkey() {
         let server = serve().await;
         let (key, line) = keypair();
-        *server.behaviour.key.lock().unwrap() = line;
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        server.accept_key("dora", &line, &["students"]);
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            0,
+        )
+        .await;
         let wire = key.public_key().to_bytes().unwrap();
         assert!(auth.check_public_key("dora", &wire).await.unwrap());
         let issued = auth
@@ -759,7 +685,7 @@ mod tests {
             1,
             "the offer's answer was reused for the login"
         );
-        let request = server.behaviour.requests.lock().unwrap()[0].clone();
+        let request = server.requests()[0].1.clone();
         assert!(
             request["publicKey"]
                 .as_str()
@@ -790,8 +716,8 @@ mod tests {
             )
             .with_identity(Arc::new(Sources {
                 config: Some(ConfigWebhook::new(endpoint(
-                    &format!("{}/config", server.url),
-                    &server.ca,
+                    &server.config_url(),
+                    &server.ca_path(),
                     Duration::from_secs(2),
                     0,
                 ))),
@@ -833,7 +759,13 @@ mod tests {
     #[tokio::test]
     async fn webhook_guesses_share_the_password_throttle() {
         let server = serve().await;
-        let (_, auth) = setup(&server.url, &server.ca, Duration::from_secs(2), 0).await;
+        let (_, auth) = setup(
+            &server.auth_url(),
+            &server.ca_path(),
+            Duration::from_secs(2),
+            0,
+        )
+        .await;
         let free = crate::throttle::ThrottlePolicy::default().free_failures as usize;
         for i in 0..free {
             assert!(matches!(
@@ -893,8 +825,8 @@ mod tests {
             })),
             webhook: Some(AuthWebhook::new(
                 endpoint(
-                    &format!("{}/hook", server.url),
-                    &server.ca,
+                    &server.auth_url(),
+                    &server.ca_path(),
                     Duration::from_secs(2),
                     0,
                 ),
