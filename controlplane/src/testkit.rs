@@ -545,6 +545,16 @@ impl Slapd {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its port and accepts
+    /// connections (the kernel does), but answers nothing, like a directory that hangs.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on our own child's pid, which is not reaped while `child` lives.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        }
+    }
+
     /// Stops the server now (SIGKILL) and reaps it; a later drop does nothing more.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

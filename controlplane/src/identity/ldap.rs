@@ -459,6 +459,29 @@ mod tests {
         );
     }
 
+    /// A directory that accepts connections but never answers (frozen with SIGSTOP) fails
+    /// the login within the configured timeouts; thawed, it serves again.
+    #[tokio::test]
+    async fn a_hanging_directory_fails_in_time() {
+        let slapd = Slapd::start(&directory()).await.unwrap();
+        let (_, auth) = setup(LdapConfig {
+            timeout: Duration::from_secs(1),
+            ..config(&slapd)
+        })
+        .await;
+        slapd.freeze(true);
+        let started = Instant::now();
+        let result = login(&auth, "carol", "carol-pw").await;
+        let took = started.elapsed();
+        slapd.freeze(false);
+        assert!(matches!(result, Err(AuthError::Source(_))), "{result:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(
+            login(&auth, "carol", "carol-pw").await.unwrap(),
+            ["students"]
+        );
+    }
+
     #[tokio::test]
     async fn filter_metacharacters_never_widen_the_search() {
         let slapd = Slapd::start(&directory()).await.unwrap();
