@@ -416,8 +416,11 @@ impl Authenticator {
                     Ok(Some(found)) => identity::provision(self.store.as_ref(), &found).await,
                     Ok(None) => Ok(None),
                     Err(e) => {
-                        // Nothing was checked: the attempt did not happen.
-                        if let Some(reservation) = reservation {
+                        // Unless a source refused the password before another failed, nothing
+                        // was checked: the attempt did not happen.
+                        if !e.password_was_checked()
+                            && let Some(reservation) = reservation
+                        {
                             self.refund(reservation).await;
                         }
                         return Err(e.into());

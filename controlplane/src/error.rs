@@ -260,9 +260,10 @@ fn auth_status(e: &AuthError) -> Status {
         AuthError::Source(source) => {
             let id = request_id();
             tracing::warn!(request_id = %id, error = %source, "an identity source could not answer");
-            let message = match source {
-                crate::identity::SourceError::Directory(_) => failure::DIRECTORY_UNAVAILABLE,
-                _ => failure::IDENTITY_UNAVAILABLE,
+            let message = if source.is_directory() {
+                failure::DIRECTORY_UNAVAILABLE
+            } else {
+                failure::IDENTITY_UNAVAILABLE
             };
             tagged(Status::unavailable(with_request_id(message, &id)), &id)
         }

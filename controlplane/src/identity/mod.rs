@@ -84,6 +84,26 @@ pub enum SourceError {
     Webhook(String),
     #[error("no answer from the identity sources within {} s", EXTERNAL_DEADLINE.as_secs())]
     Deadline,
+    /// One source could not answer after another had refused the password: the password was
+    /// checked, so the attempt counts as a failure (a guesser gains nothing from an outage).
+    #[error("{0} (and another source refused the password)")]
+    AfterRefusal(Box<SourceError>),
+}
+
+impl SourceError {
+    /// Whether the outage was the directory's (users are told which kind of source it was).
+    pub fn is_directory(&self) -> bool {
+        match self {
+            SourceError::Directory(_) => true,
+            SourceError::AfterRefusal(inner) => inner.is_directory(),
+            _ => false,
+        }
+    }
+
+    /// Whether some source checked the password and refused it before this outage.
+    pub fn password_was_checked(&self) -> bool {
+        matches!(self, SourceError::AfterRefusal(_))
+    }
 }
 
 /// The configured sources; `Default` is none at all.
@@ -110,22 +130,26 @@ impl Sources {
         client_address: &str,
     ) -> Result<Option<ExternalUser>, SourceError> {
         let check = async {
-            let mut outage = None;
+            let (mut outage, mut refused) = (None, false);
             if let Some(ldap) = &self.ldap {
                 match ldap.check_password(user, password).await {
                     Ok(Some(found)) => return Ok(Some(found)),
-                    Ok(None) => {}
+                    Ok(None) => refused = true,
                     Err(e) => outage = Some(e),
                 }
             }
             if let Some(webhook) = &self.webhook {
                 match webhook.password(user, password, client_address).await {
                     Ok(Some(found)) => return Ok(Some(found)),
-                    Ok(None) => {}
+                    Ok(None) => refused = true,
                     Err(e) => outage = outage.or(Some(e)),
                 }
             }
-            outage.map_or(Ok(None), Err)
+            match outage {
+                None => Ok(None),
+                Some(e) if refused => Err(SourceError::AfterRefusal(Box::new(e))),
+                Some(e) => Err(e),
+            }
         };
         deadline(check).await
     }

@@ -849,11 +849,49 @@ mod tests {
         assert_eq!((source("carol").await, server.hits()), ("ldap".into(), 0));
         login(&auth, "dora", "hook-pw").await.unwrap();
         assert_eq!((source("dora").await, server.hits()), ("webhook".into(), 1));
+        // The webhook down: a password the directory refused still counts as a failure, so an
+        // outage lets no guesser past the throttle.
+        let free = crate::throttle::ThrottlePolicy::default().free_failures as usize;
+        drop(server);
+        for i in 0..free {
+            let err = login(&auth, "carol", &format!("guess{i}"))
+                .await
+                .unwrap_err();
+            let status = Status::from(err);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(
+                status
+                    .message()
+                    .starts_with("the authentication service is unavailable"),
+                "{}",
+                status.message()
+            );
+        }
+        assert!(matches!(
+            login(&auth, "carol", "carol-pw").await,
+            Err(AuthError::Throttled(_))
+        ));
+        // The directory down too: the webhook's cached answer still lets dora in; carol (from
+        // an address the guesses did not slow down) fails as an outage.
         slapd.kill();
         login(&auth, "dora", "hook-pw")
             .await
-            .expect("the webhook without the directory");
-        let err = login(&auth, "carol", "carol-pw").await.unwrap_err();
-        assert_eq!(Status::from(err).code(), tonic::Code::Unavailable);
+            .expect("the webhook's cached answer without the directory");
+        let err = auth
+            .authenticate(
+                "carol",
+                Credential::Password("carol-pw".into()),
+                "198.51.100.1:1",
+            )
+            .await
+            .err()
+            .unwrap();
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().starts_with("the directory is unavailable"),
+            "{}",
+            status.message()
+        );
     }
 }
