@@ -370,7 +370,7 @@ fn validate_user(user: &pb::User) -> Result<(), AdminError> {
         }
     }
     for (i, group) in user.groups.iter().enumerate() {
-        if group.is_empty() || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if !crate::identity::is_group_name(group) {
             return Err(AdminError::invalid(
                 format!("user.groups[{i}]"),
                 "must be a non-empty word without spaces",
@@ -417,6 +417,7 @@ fn user_to_pb(u: &UserRecord, uid: Option<u32>) -> pb::User {
         default_environment: u.default_environment.clone(),
         disabled: u.disabled,
         has_password: u.password_hash.is_some(),
+        source: u.source.clone(),
     }
 }
 

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::error::AuthError;
 use crate::guard::{self, ProxyIdentity};
 use crate::hashing::HashPool;
+use crate::identity::{self, SOURCE_LDAP, SOURCE_WEBHOOK, Sources};
 use crate::model::{self, RevocationRecord, UserRecord};
 use crate::store::{self, Store};
 use crate::throttle::{Clock, SystemClock, Throttle, ThrottleError, ThrottlePolicy};
@@ -187,6 +188,13 @@ pub fn key_is_authorized(key: &[u8], authorized: &[String]) -> bool {
         .any(|k| k.key_data() == offered.key_data())
 }
 
+/// Whether LDAP and the webhook may speak for a user: nobody has the name yet, or they made
+/// its record. A local record (the admin API's) decides alone; one made by another source
+/// (a certificate) is checked as it is.
+fn speaks_for(user: Option<&UserRecord>) -> bool {
+    user.is_none_or(|u| u.source == SOURCE_LDAP || u.source == SOURCE_WEBHOOK)
+}
+
 pub struct Authenticator {
     store: Arc<dyn Store>,
     keys: Arc<TokenKeys>,
@@ -196,6 +204,8 @@ pub struct Authenticator {
     /// Verified against for unknown users, so their answer takes as long as a real one.
     dummy_hash: String,
     audit: AuditLog,
+    /// LDAP and the webhooks (docs/identity.md); none unless configured.
+    identity: Arc<Sources>,
 }
 
 /// How password attempts are limited: the failure counts and the hashing pool.
@@ -239,6 +249,47 @@ impl Authenticator {
             hasher: limits.hasher,
             dummy_hash,
             audit,
+            identity: Arc::default(),
+        }
+    }
+
+    /// Asks `sources` about users the admin API does not own (docs/identity.md, "Precedence").
+    pub fn with_identity(mut self, sources: Arc<Sources>) -> Self {
+        self.identity = sources;
+        self
+    }
+
+    /// The environment the config webhook chooses for `user`, if one is configured and
+    /// answers; a failure is logged and chooses nothing (the next rule decides).
+    pub async fn configured_environment(&self, user: &str, client_address: &str) -> Option<String> {
+        let webhook = self.identity.config.as_ref()?;
+        match webhook.environment(user, client_address).await {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "the config webhook chose no environment");
+                None
+            }
+        }
+    }
+
+    /// A key an external source vouches for (the webhook's `/pubkey`), for a user it may speak
+    /// for; the provisioned record on success.
+    async fn external_key(
+        &self,
+        username: &str,
+        key: &[u8],
+        client_address: &str,
+    ) -> Result<Option<UserRecord>, AuthError> {
+        let Ok(line) = PublicKey::from_bytes(key).and_then(|k| k.to_openssh()) else {
+            return Ok(None);
+        };
+        match self
+            .identity
+            .check_public_key(username, &line, client_address)
+            .await?
+        {
+            Some(found) => Ok(identity::provision(self.store.as_ref(), &found).await?),
+            None => Ok(None),
         }
     }
 
@@ -255,13 +306,40 @@ impl Authenticator {
     /// and the user may log in. Issues nothing and never touches the failure throttle: a
     /// client offers every key it holds, and only a signature proves possession.
     pub async fn check_public_key(&self, username: &str, key: &[u8]) -> Result<bool, AuthError> {
+        self.check_public_key_from(username, key, "").await
+    }
+
+    /// `check_public_key` for a client at `client_address`, which the auth webhook is told.
+    pub async fn check_public_key_from(
+        &self,
+        username: &str,
+        key: &[u8],
+        client_address: &str,
+    ) -> Result<bool, AuthError> {
         if envgate_proto::names::validate_user(username).is_err() {
             return Ok(false);
         }
         let user =
             store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(username)).await?;
-        Ok(user
-            .is_some_and(|u| !u.value.disabled && key_is_authorized(key, &u.value.authorized_keys)))
+        let user = user.map(|u| u.value);
+        if user
+            .as_ref()
+            .is_some_and(|u| !u.disabled && key_is_authorized(key, &u.authorized_keys))
+        {
+            return Ok(true);
+        }
+        if !speaks_for(user.as_ref()) || self.identity.webhook.is_none() {
+            return Ok(false);
+        }
+        let Ok(line) = PublicKey::from_bytes(key).and_then(|k| k.to_openssh()) else {
+            return Ok(false);
+        };
+        // Asked again (from its cache) when the signature is verified; nothing is written yet.
+        Ok(self
+            .identity
+            .check_public_key(username, &line, client_address)
+            .await?
+            .is_some())
     }
 
     /// `authenticate`, written to the audit log with the proxy that asked.
@@ -315,19 +393,50 @@ impl Authenticator {
         // The revocation is read beside the user, not after the credential check: a login
         // waits for one etcd round trip, not two (see `issue`). One written during the check
         // refuses this token, as it refuses any issued in its second.
-        let (user, not_before) = match envgate_proto::names::validate_user(username) {
-            Ok(()) => {
-                let (user_key, revocation_key) =
-                    (model::user_key(username), model::revocation_key(username));
-                let (user, revoked) = tokio::try_join!(
-                    store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
-                    store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
-                )?;
-                (user.map(|v| v.value), revoked.map(|r| r.value.not_before))
-            }
-            Err(_) => (None, None),
+        let valid = envgate_proto::names::validate_user(username).is_ok();
+        let (user, not_before) = if valid {
+            let (user_key, revocation_key) =
+                (model::user_key(username), model::revocation_key(username));
+            let (user, revoked) = tokio::try_join!(
+                store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
+                store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
+            )?;
+            (user.map(|v| v.value), revoked.map(|r| r.value.not_before))
+        } else {
+            (None, None)
         };
+        let external = valid && speaks_for(user.as_ref());
         let accepted = match (&user, credential) {
+            (_, Credential::Password(password)) if external && self.identity.checks_passwords() => {
+                let checked = self
+                    .identity
+                    .check_password(username, &password, client_address)
+                    .await;
+                let provisioned = match checked {
+                    Ok(Some(found)) => identity::provision(self.store.as_ref(), &found).await,
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        // Unless a source refused the password before another failed, nothing
+                        // was checked: the attempt did not happen.
+                        if !e.password_was_checked()
+                            && let Some(reservation) = reservation
+                        {
+                            self.refund(reservation).await;
+                        }
+                        return Err(e.into());
+                    }
+                };
+                match provisioned {
+                    Ok(Some(record)) => {
+                        if let Some(reservation) = reservation {
+                            self.refund(reservation).await;
+                        }
+                        return Ok(self.issue(&record, not_before));
+                    }
+                    Ok(None) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            }
             (user, Credential::Password(password)) => {
                 // Unknown users and users without a password are checked against a dummy
                 // hash, so their answer takes as long as a real one.
@@ -347,10 +456,19 @@ impl Authenticator {
                     }
                 }
             }
-            (Some(user), Credential::PublicKey(key)) => {
-                key_is_authorized(&key, &user.authorized_keys)
+            (user, Credential::PublicKey(key)) => {
+                let local = user
+                    .as_ref()
+                    .is_some_and(|u| key_is_authorized(&key, &u.authorized_keys));
+                if !local
+                    && external
+                    && self.identity.webhook.is_some()
+                    && let Some(record) = self.external_key(username, &key, client_address).await?
+                {
+                    return Ok(self.issue(&record, not_before));
+                }
+                local
             }
-            (None, Credential::PublicKey(_)) => false,
         };
         let user = match user {
             Some(user) if accepted && !user.disabled => user,
@@ -442,7 +560,7 @@ impl Auth for AuthService {
         let req = request.into_inner();
         let acceptable = self
             .auth
-            .check_public_key(&req.username, &req.public_key)
+            .check_public_key_from(&req.username, &req.public_key, &req.client_address)
             .await?;
         Ok(Response::new(CheckPublicKeyResponse { acceptable }))
     }

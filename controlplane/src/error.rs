@@ -28,6 +28,9 @@ pub enum AuthError {
     MissingCredential,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// LDAP or the auth webhook could not answer; local users are not affected.
+    #[error(transparent)]
+    Source(#[from] crate::identity::SourceError),
 }
 
 /// Why the environment a user named is not theirs to use: the same refusal, word for word,
@@ -254,6 +257,16 @@ fn auth_status(e: &AuthError) -> Status {
         }
         AuthError::Hashing(_) | AuthError::BadHash => internal(Code::Internal, e),
         AuthError::Store(s) => store_status(s),
+        AuthError::Source(source) => {
+            let id = request_id();
+            tracing::warn!(request_id = %id, error = %source, "an identity source could not answer");
+            let message = if source.is_directory() {
+                failure::DIRECTORY_UNAVAILABLE
+            } else {
+                failure::IDENTITY_UNAVAILABLE
+            };
+            tagged(Status::unavailable(with_request_id(message, &id)), &id)
+        }
     }
 }
 

@@ -29,6 +29,7 @@ mod fixtures;
 pub mod fleet;
 pub mod guard;
 pub mod hashing;
+pub mod identity;
 mod locks;
 pub mod model;
 pub mod pki;
@@ -108,6 +109,9 @@ pub struct Config {
     pub throttle: ThrottlePolicy,
     /// The checked catalogue file (`--environments`), written into etcd before serving.
     pub environments: Vec<model::EnvironmentRecord>,
+    /// LDAP, the auth webhook and the config webhook (`--ldap-*`, `--*-webhook-*`); each off
+    /// unless configured.
+    pub identity: Arc<identity::Sources>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,13 +156,16 @@ impl ControlPlane {
             config.hash_cost,
             HashPool::new(config.hash_threads, config.hash_queue),
         );
-        let auth = Arc::new(Authenticator::new(
-            store.clone(),
-            config.token_keys.clone(),
-            config.token_ttl,
-            PasswordLimits::new(config.throttle, hasher.clone()),
-            config.audit.clone(),
-        ));
+        let auth = Arc::new(
+            Authenticator::new(
+                store.clone(),
+                config.token_keys.clone(),
+                config.token_ttl,
+                PasswordLimits::new(config.throttle, hasher.clone()),
+                config.audit.clone(),
+            )
+            .with_identity(config.identity.clone()),
+        );
         let placement = PlacementConfig {
             instance: config.instance.clone(),
             replica_id: config.replica_id.clone(),

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use envgate_controlplane::Config;
 use envgate_controlplane::auth::HashCost;
 use envgate_controlplane::guard::AdminTokens;
+use envgate_controlplane::identity::IdentityFlags;
 use envgate_controlplane::pki::{Authority, Profile};
 use envgate_controlplane::runtime::docker::AgentSetup;
 use envgate_controlplane::runtime::docker::network::{DEFAULT_NETWORK, HostFirewall, UserNetwork};
@@ -245,6 +246,9 @@ struct Args {
     /// Log JSON lines instead of text.
     #[arg(long, env = "ENVGATE_LOG_JSON")]
     log_json: bool,
+    /// LDAP and the ContainerSSH-compatible webhooks (docs/identity.md).
+    #[command(flatten)]
+    identity: IdentityFlags,
 }
 
 fn hostname() -> String {
@@ -314,6 +318,10 @@ fn config(args: Args) -> anyhow::Result<Config> {
         Some(file) => envgate_controlplane::catalogue::load(&file)
             .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
     };
+    let identity = args
+        .identity
+        .sources(Duration::from_secs(args.token_ttl_seconds))
+        .map_err(|e| anyhow::anyhow!(e))?;
     let home_slots_dir = Some(args.home_slots_dir).filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = &home_slots_dir {
         if !dir.is_absolute() {
@@ -389,6 +397,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
             source_window: Duration::from_secs(args.auth_source_window_seconds),
         },
         environments,
+        identity: Arc::new(identity),
     })
 }
 

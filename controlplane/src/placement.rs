@@ -141,7 +141,7 @@ impl Placer {
         );
         let claims = claims?;
         let env = self
-            .resolve_environment(&claims, &catalogue?, &req.environment)
+            .resolve_environment(&claims, &catalogue?, &req.environment, &req.client_address)
             .await?;
         let proxy =
             proxy?.ok_or_else(|| PlacementError::ProxyNotRegistered(req.proxy_id.clone()))?;
@@ -185,12 +185,14 @@ impl Placer {
         result
     }
 
-    /// requested → the user's default → the catalogue default; then the group check.
+    /// requested → the user's default → the config webhook's choice (if it is one the user's
+    /// groups allow) → the catalogue default; then the group check.
     async fn resolve_environment(
         &self,
         claims: &Claims,
         catalogue: &[EnvironmentRecord],
         requested: &str,
+        client_address: &str,
     ) -> Result<EnvironmentRecord, PlacementError> {
         let name = if !requested.is_empty() {
             if envgate_proto::names::validate_environment(requested).is_err() {
@@ -200,22 +202,52 @@ impl Placer {
         } else {
             let user: Option<Versioned<UserRecord>> =
                 store::get_json(self.store.as_ref(), &model::user_key(&claims.sub)).await?;
-            match user
+            let saved = user
                 .map(|u| u.value.default_environment)
-                .filter(|d| !d.is_empty())
-            {
-                Some(default) => default,
-                None => match catalogue.iter().find(|e| e.is_default) {
-                    Some(e) => e.name.clone(),
-                    None => {
-                        return Err(PlacementError::NoEnvironment {
-                            available: catalogue::available(catalogue, &claims.groups),
-                        });
-                    }
-                },
+                .filter(|d| !d.is_empty());
+            let chosen = match saved {
+                Some(saved) => Some(saved),
+                None => {
+                    self.configured_environment(claims, catalogue, client_address)
+                        .await
+                }
+            };
+            match chosen.or_else(|| {
+                catalogue
+                    .iter()
+                    .find(|e| e.is_default)
+                    .map(|e| e.name.clone())
+            }) {
+                Some(name) => name,
+                None => {
+                    return Err(PlacementError::NoEnvironment {
+                        available: catalogue::available(catalogue, &claims.groups),
+                    });
+                }
             }
         };
         Ok(catalogue::choose(catalogue, &claims.groups, &name)?.clone())
+    }
+
+    /// The config webhook's choice, when it names an environment the user's groups allow; any
+    /// other answer is logged and chooses nothing.
+    async fn configured_environment(
+        &self,
+        claims: &Claims,
+        catalogue: &[EnvironmentRecord],
+        client_address: &str,
+    ) -> Option<String> {
+        let chosen = self
+            .auth
+            .configured_environment(&claims.sub, client_address)
+            .await?;
+        match catalogue::choose(catalogue, &claims.groups, &chosen) {
+            Ok(env) => Some(env.name.clone()),
+            Err(e) => {
+                tracing::warn!(user = %claims.sub, environment = %chosen, error = %e, "the config webhook chose an environment the user may not use; ignored");
+                None
+            }
+        }
     }
 
     fn check_deadline(&self, cx: &Context<'_>) -> Result<(), PlacementError> {

@@ -97,7 +97,7 @@ impl SelfServiceHandler {
             .find(|e| e.is_default)
             .map(|e| e.name.clone())
             .unwrap_or_default();
-        let environments = catalogue
+        let environments: Vec<UserEnvironment> = catalogue
             .into_iter()
             .filter(|e| e.allows(&claims.groups))
             .map(|e| UserEnvironment {
@@ -109,11 +109,22 @@ impl SelfServiceHandler {
                 description: e.description,
             })
             .collect();
+        let mut user_default = user
+            .map(|u| u.value.default_environment)
+            .unwrap_or_default();
+        // What a login without an environment would get, so the menu is not shown when the
+        // config webhook chooses (placement checks its answer the same way).
+        if user_default.is_empty()
+            && let Some(chosen) = self.auth.configured_environment(&claims.sub, "").await
+            && environments
+                .iter()
+                .any(|e: &UserEnvironment| e.name == chosen)
+        {
+            user_default = chosen;
+        }
         Ok(UserEnvironments {
             environments,
-            user_default: user
-                .map(|u| u.value.default_environment)
-                .unwrap_or_default(),
+            user_default,
             catalogue_default,
         })
     }

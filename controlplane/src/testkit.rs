@@ -16,6 +16,9 @@ use envgate_proto::tls::TlsFiles;
 use crate::pki::{self, Authority, Profile};
 use crate::store::EtcdConfig;
 
+mod webhook;
+pub use webhook::WebhookServer;
+
 /// How long `Etcd::start` waits for the new etcd to answer a read.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on each connect/get attempt while waiting.
@@ -330,6 +333,240 @@ impl TestPki {
             .await
             .map_err(|_| format!("connecting {addr} timed out"))?
             .map_err(|e| format!("connecting {addr}: {e}"))
+    }
+}
+
+/// The suffix of a test directory; its entries live under it.
+pub const LDAP_SUFFIX: &str = "dc=envgate,dc=test";
+/// The test directory's administrator (its rootDN), for changes made while it runs.
+pub const LDAP_ADMIN_DN: &str = "cn=admin,dc=envgate,dc=test";
+pub const LDAP_ADMIN_PASSWORD: &str = "admin-secret";
+/// The service account envgate searches with (read access to everything but passwords).
+pub const LDAP_SERVICE_DN: &str = "cn=envgate,dc=envgate,dc=test";
+pub const LDAP_SERVICE_PASSWORD: &str = "service-secret";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlapdStartError {
+    #[error("slapd not found: install the Debian packages slapd and ldap-utils")]
+    Missing,
+    #[error("I/O error while starting slapd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("seeding the directory failed: {0}")]
+    Seed(String),
+    #[error("slapd did not start: {0}")]
+    NotReady(String),
+    #[error("making slapd's certificate failed: {0}")]
+    Pki(#[from] pki::PkiError),
+}
+
+/// A private OpenLDAP server for one test: Debian's `slapd` on a free loopback port, its
+/// cn=config and database in a temporary directory, seeded with `slapadd` before it starts.
+/// It offers StartTLS with a certificate from its own CA ([`Slapd::ca_path`]). Killed (and
+/// its directory removed) on drop.
+pub struct Slapd {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Slapd {
+    /// Starts slapd with the base entries (the suffix, `ou=people`, `ou=groups`, the service
+    /// account) and then `entries` (LDIF, records separated by blank lines).
+    pub async fn start(entries: &str) -> Result<Slapd, SlapdStartError> {
+        if !Path::new("/usr/sbin/slapd").exists() || !Path::new("/usr/sbin/slapadd").exists() {
+            return Err(SlapdStartError::Missing);
+        }
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(entries).await {
+                Ok(slapd) => return Ok(slapd),
+                Err(SlapdStartError::NotReady(reason)) => last_error = reason,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(SlapdStartError::NotReady(last_error))
+    }
+
+    async fn start_once(entries: &str) -> Result<Slapd, SlapdStartError> {
+        let dir = tempfile::Builder::new()
+            .prefix("envgate-slapd-")
+            .tempdir()?;
+        let (config_dir, data_dir) = (dir.path().join("config"), dir.path().join("data"));
+        std::fs::create_dir_all(&config_dir)?;
+        std::fs::create_dir_all(&data_dir)?;
+        let ca = Authority::ensure(dir.path(), "ldap")?;
+        ca.issue(
+            dir.path(),
+            "slapd",
+            &Profile::Server {
+                sans: vec!["127.0.0.1".into(), "localhost".into()],
+            },
+        )?;
+        let (cert, key) = pki::paths(dir.path(), "slapd");
+        let config = format!(
+            "dn: cn=config\nobjectClass: olcGlobal\ncn: config\nolcPidFile: {pid}\n\
+             olcTLSCACertificateFile: {ca}\nolcTLSCertificateFile: {cert}\n\
+             olcTLSCertificateKeyFile: {key}\n\n\
+             dn: cn=module{{0}},cn=config\nobjectClass: olcModuleList\ncn: module{{0}}\n\
+             olcModulePath: /usr/lib/ldap\nolcModuleLoad: back_mdb\n\n\
+             dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n\
+             include: file:///etc/ldap/schema/core.ldif\n\n\
+             include: file:///etc/ldap/schema/cosine.ldif\n\n\
+             include: file:///etc/ldap/schema/nis.ldif\n\n\
+             include: file:///etc/ldap/schema/inetorgperson.ldif\n\n\
+             dn: olcDatabase={{-1}}frontend,cn=config\nobjectClass: olcDatabaseConfig\n\
+             objectClass: olcFrontendConfig\nolcDatabase: {{-1}}frontend\n\n\
+             dn: olcDatabase={{0}}config,cn=config\nobjectClass: olcDatabaseConfig\n\
+             olcDatabase: {{0}}config\nolcAccess: {{0}}to * by * none\n\n\
+             dn: olcDatabase={{1}}mdb,cn=config\nobjectClass: olcDatabaseConfig\n\
+             objectClass: olcMdbConfig\nolcDatabase: {{1}}mdb\nolcSuffix: {LDAP_SUFFIX}\n\
+             olcRootDN: {LDAP_ADMIN_DN}\nolcRootPW: {LDAP_ADMIN_PASSWORD}\n\
+             olcDbDirectory: {data}\nolcDbMaxSize: 16777216\n\
+             olcAccess: {{0}}to attrs=userPassword by self read by anonymous auth by * none\n\
+             olcAccess: {{1}}to * by users read by * none\n",
+            pid = dir.path().join("slapd.pid").display(),
+            ca = ca.cert_path().display(),
+            cert = cert.display(),
+            key = key.display(),
+            data = data_dir.display(),
+        );
+        let base = format!(
+            "dn: {LDAP_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: envgate\n\
+             o: envgate tests\n\n\
+             dn: ou=people,{LDAP_SUFFIX}\nobjectClass: organizationalUnit\nou: people\n\n\
+             dn: ou=groups,{LDAP_SUFFIX}\nobjectClass: organizationalUnit\nou: groups\n\n\
+             dn: {LDAP_SERVICE_DN}\nobjectClass: organizationalRole\n\
+             objectClass: simpleSecurityObject\ncn: envgate\nuserPassword: {LDAP_SERVICE_PASSWORD}\n\n\
+             {entries}\n"
+        );
+        for (database, ldif) in [("0", config), ("1", base)] {
+            let path = dir.path().join(format!("seed-{database}.ldif"));
+            std::fs::write(&path, ldif)?;
+            let out = Command::new("/usr/sbin/slapadd")
+                .args(["-q", "-n", database, "-F"])
+                .arg(&config_dir)
+                .arg("-l")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .output()?;
+            if !out.status.success() {
+                return Err(SlapdStartError::Seed(
+                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                ));
+            }
+        }
+        let port = free_port()?;
+        let log_path = dir.path().join("slapd.log");
+        let log = std::fs::File::create(&log_path)?;
+        // -d keeps it in the foreground (a child to kill); 0 logs nothing more.
+        let child = Command::new("/usr/sbin/slapd")
+            .arg("-h")
+            .arg(format!("ldap://127.0.0.1:{port}/"))
+            .arg("-F")
+            .arg(&config_dir)
+            .args(["-d", "0"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut slapd = Slapd {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = slapd.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(SlapdStartError::NotReady(format!(
+                    "slapd exited with {status}: {}",
+                    log.lines().last().unwrap_or_default()
+                )));
+            }
+            if std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                PROBE_TIMEOUT,
+            )
+            .is_ok()
+            {
+                return Ok(slapd);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        slapd.kill();
+        Err(SlapdStartError::NotReady(format!(
+            "port {port} not open within {} s",
+            START_TIMEOUT.as_secs()
+        )))
+    }
+
+    /// `ldap://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA that issued slapd's certificate (PEM), for StartTLS.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ldap-ca.crt")
+    }
+
+    /// Applies `ldif` (changetype records) as the directory's administrator, with the real
+    /// `ldapmodify`.
+    pub fn modify(&self, ldif: &str) -> Result<(), String> {
+        use std::io::Write;
+        let mut child = Command::new("ldapmodify")
+            .args([
+                "-x",
+                "-H",
+                &self.url(),
+                "-D",
+                LDAP_ADMIN_DN,
+                "-w",
+                LDAP_ADMIN_PASSWORD,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("ldapmodify: {e}"))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(ldif.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: it keeps its port and accepts
+    /// connections (the kernel does), but answers nothing, like a directory that hangs.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on our own child's pid, which is not reaped while `child` lives.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Stops the server now (SIGKILL) and reaps it; a later drop does nothing more.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

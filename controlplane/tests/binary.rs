@@ -51,6 +51,77 @@ async fn bad_config_exits_2_naming_the_flag() {
     );
 }
 
+/// A bad LDAP or webhook setting stops the binary at start with one line naming the flag,
+/// before anything is bound or any login is tried.
+#[tokio::test]
+async fn bad_identity_source_flags_exit_2_naming_the_flag() {
+    let files = Files::new();
+    for (args, expected) in [
+        (
+            vec![
+                "--ldap-url",
+                "http://ldap.example",
+                "--ldap-base-dn",
+                "dc=x",
+            ],
+            "envgate-controlplane: --ldap-*: \"http://ldap.example\" is not ldap:// or ldaps://\n",
+        ),
+        (
+            vec![
+                "--ldap-url",
+                "ldaps://ldap.example",
+                "--ldap-starttls",
+                "--ldap-base-dn",
+                "dc=x",
+            ],
+            "envgate-controlplane: --ldap-*: StartTLS upgrades an ldap:// URL; ldaps:// is TLS already\n",
+        ),
+        (
+            vec![
+                "--ldap-url",
+                "ldap://ldap.example",
+                "--ldap-base-dn",
+                "dc=x",
+                "--ldap-user-filter",
+                "(uid=alice)",
+            ],
+            "envgate-controlplane: --ldap-*: the user filter must contain {user}\n",
+        ),
+        (
+            vec![
+                "--auth-webhook-url",
+                "http://hook.example/auth",
+                "--auth-webhook-ca-file",
+                "/etc/ssl/certs/ca-certificates.crt",
+            ],
+            "envgate-controlplane: --auth-webhook-url: \"http://hook.example/auth\" is not https:// (the requests carry passwords and decide logins)\n",
+        ),
+    ] {
+        let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+        cmd.args(&args);
+        let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "{args:?}");
+    }
+    let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+    cmd.args([
+        "--ldap-url",
+        "ldap://ldap.example",
+        "--ldap-base-dn",
+        "dc=x",
+    ]);
+    cmd.arg("--ldap-bind-password-file")
+        .arg(files.path("missing.password"));
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("envgate-controlplane: --ldap-bind-password-file: ")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
+
 /// The hops that must be encrypted cannot be configured in the clear: a plaintext etcd URL
 /// and a Docker engine over TCP stop the binary before it binds anything.
 #[tokio::test]

@@ -40,6 +40,11 @@ pub mod metadata {
 pub mod failure {
     /// An outage: a store, runtime or replica that cannot be reached.
     pub const UNAVAILABLE: &str = "the service is temporarily unavailable; try again in a minute";
+    /// The LDAP directory password logins are checked against cannot be reached.
+    pub const DIRECTORY_UNAVAILABLE: &str = "the directory is unavailable; try again later";
+    /// The auth webhook (or the identity sources together) could not answer in time.
+    pub const IDENTITY_UNAVAILABLE: &str =
+        "the authentication service is unavailable; try again later";
     /// Anything else the user cannot act on.
     pub const INTERNAL: &str =
         "something went wrong on our side; if it keeps happening, tell your administrator";
