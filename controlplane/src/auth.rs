@@ -17,13 +17,14 @@ use envgate_proto::v1::{
     authenticate_request,
 };
 use russh::keys::HashAlg;
-use russh::keys::ssh_key::PublicKey;
+use russh::keys::ssh_key::{Certificate, PublicKey};
 use tonic::{Request, Response, Status};
 
 use crate::error::AuthError;
 use crate::guard::{self, ProxyIdentity};
 use crate::hashing::HashPool;
 use crate::model::{self, RevocationRecord, UserRecord};
+use crate::sshca::{self, CertificateAuthority, Origin, Refusal};
 use crate::store::{self, Store};
 use crate::throttle::{Clock, SystemClock, Throttle, ThrottleError, ThrottlePolicy};
 
@@ -196,6 +197,8 @@ pub struct Authenticator {
     /// Verified against for unknown users, so their answer takes as long as a real one.
     dummy_hash: String,
     audit: AuditLog,
+    /// Who certificate logins are trusted from (none by default).
+    certificates: Arc<CertificateAuthority>,
 }
 
 /// How password attempts are limited: the failure counts and the hashing pool.
@@ -239,7 +242,22 @@ impl Authenticator {
             hasher: limits.hasher,
             dummy_hash,
             audit,
+            certificates: Arc::default(),
         }
+    }
+
+    /// Accepts certificate logins signed by `ca`'s keys, and issues certificates with it.
+    pub fn with_certificates(mut self, ca: Arc<CertificateAuthority>) -> Self {
+        self.certificates = ca;
+        self
+    }
+
+    pub fn certificates(&self) -> &Arc<CertificateAuthority> {
+        &self.certificates
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// The failure counts, for the leader's sweep.
@@ -288,8 +306,146 @@ impl Authenticator {
             key_fingerprint,
             proxy: proxy.to_owned(),
             reason,
+            key_id: None,
+            serial: None,
         });
         result
+    }
+
+    /// A certificate login (OpenSSH wire format), written to the audit log with its key id
+    /// and serial and, when refused, the reason (`sshca::Refusal`). The proxy verified the
+    /// client's signature with the certified key before sending it.
+    pub async fn authenticate_certificate_for(
+        &self,
+        proxy: &str,
+        username: &str,
+        certificate: &[u8],
+        client_address: &str,
+    ) -> Result<IssuedToken, AuthError> {
+        let parsed = Certificate::from_bytes(certificate).ok();
+        let result = match &parsed {
+            Some(cert) => {
+                self.authenticate_certificate(username, cert, client_address)
+                    .await
+            }
+            None => Err(Refusal::Unreadable.into()),
+        };
+        let (key_id, serial) = parsed
+            .as_ref()
+            .map(|c| (c.key_id().to_owned(), c.serial()))
+            .unzip();
+        let (outcome, reason) = match &result {
+            Ok(_) => (Outcome::Success, None),
+            Err(e) => {
+                tracing::info!(
+                    user = username,
+                    client = client_address,
+                    reason = %e,
+                    key_id = key_id.as_deref().unwrap_or("-"),
+                    serial = serial.unwrap_or_default(),
+                    "certificate login refused"
+                );
+                (Outcome::Failure, Some(e.to_string()))
+            }
+        };
+        self.audit.record(Event::Credential {
+            outcome,
+            user: username.to_owned(),
+            client: client_address.to_owned(),
+            method: audit::Method::Certificate,
+            key_fingerprint: Some(parsed.as_ref().map_or_else(
+                || "unparsable certificate".to_owned(),
+                |c| c.public_key().fingerprint(HashAlg::Sha256).to_string(),
+            )),
+            proxy: proxy.to_owned(),
+            reason,
+            key_id,
+            serial,
+        });
+        result
+    }
+
+    /// Precedence (docs/identity.md): the local user's authorized keys first, then the
+    /// certificate. A certificate names a user that exists, or one an external CA may create
+    /// (`--certificate-creates-users`); a disabled user is refused whatever they hold.
+    async fn authenticate_certificate(
+        &self,
+        username: &str,
+        certificate: &Certificate,
+        client_address: &str,
+    ) -> Result<IssuedToken, AuthError> {
+        if envgate_proto::names::validate_user(username).is_err() {
+            return Err(Refusal::PrincipalNotInCertificate.into());
+        }
+        let (user_key, revocation_key) =
+            (model::user_key(username), model::revocation_key(username));
+        let (user, revoked) = tokio::try_join!(
+            store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
+            store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
+        )?;
+        let (user, not_before) = (user.map(|v| v.value), revoked.map(|r| r.value.not_before));
+        let key = sshca::wire(certificate.public_key());
+        if let Some(u) = &user
+            && !u.disabled
+            && key_is_authorized(&key, &u.authorized_keys)
+        {
+            return Ok(self.issue(u, not_before));
+        }
+        let decided = self
+            .decide_certificate(username, certificate, client_address, user)
+            .await;
+        match decided {
+            Ok(user) => Ok(self.issue(&user, not_before)),
+            Err(e) => {
+                if let Err(e) = self.throttle.record_failure(username, client_address).await {
+                    tracing::warn!(error = %e, "recording a failed login failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn decide_certificate(
+        &self,
+        username: &str,
+        certificate: &Certificate,
+        client_address: &str,
+        user: Option<UserRecord>,
+    ) -> Result<UserRecord, AuthError> {
+        let now = u64::try_from(model::now()).unwrap_or_default();
+        let checked = self
+            .certificates
+            .check(certificate, username, client_address, now)?;
+        if sshca::is_revoked(self.store.as_ref(), &checked.key_id).await? {
+            return Err(Refusal::Revoked.into());
+        }
+        match (user, checked.origin, self.certificates.creates_users()) {
+            (Some(u), _, _) if u.disabled => Err(Refusal::UserDisabled.into()),
+            (Some(u), _, _) => Ok(u),
+            (None, Origin::External, Some(creation)) => {
+                let record = UserRecord {
+                    name: username.to_owned(),
+                    groups: creation.groups.clone(),
+                    source: "certificate".to_owned(),
+                    ..Default::default()
+                };
+                let key = model::user_key(username);
+                if store::create_if_absent(self.store.as_ref(), &key, &record)
+                    .await?
+                    .is_some()
+                {
+                    tracing::info!(user = username, key_id = %checked.key_id, "user created by a certificate login");
+                    return Ok(record);
+                }
+                // Made meanwhile (another login, the admin API): that record decides.
+                match store::get_json::<UserRecord>(self.store.as_ref(), &key).await? {
+                    Some(u) if !u.value.disabled => Ok(u.value),
+                    Some(_) => Err(Refusal::UserDisabled.into()),
+                    None => Err(Refusal::UnknownUser.into()),
+                }
+            }
+            (None, _, _) => Err(Refusal::UnknownUser.into()),
+        }
     }
 
     pub async fn authenticate(
@@ -444,7 +600,10 @@ impl Auth for AuthService {
             .auth
             .check_public_key(&req.username, &req.public_key)
             .await?;
-        Ok(Response::new(CheckPublicKeyResponse { acceptable }))
+        Ok(Response::new(CheckPublicKeyResponse {
+            acceptable,
+            certificates: self.auth.certificates.enabled(),
+        }))
     }
 
     async fn authenticate(
@@ -457,6 +616,13 @@ impl Auth for AuthService {
         let credential = match req.credential {
             Some(authenticate_request::Credential::Password(p)) => Credential::Password(p),
             Some(authenticate_request::Credential::PublicKey(k)) => Credential::PublicKey(k),
+            Some(authenticate_request::Credential::Certificate(c)) => {
+                let result = self
+                    .auth
+                    .authenticate_certificate_for(&proxy, &req.username, &c, &req.client_address)
+                    .await;
+                return answer(result, started);
+            }
             None => {
                 return Err(AuthError::MissingCredential.into());
             }
@@ -465,17 +631,25 @@ impl Auth for AuthService {
             .auth
             .authenticate_for(&proxy, &req.username, credential, &req.client_address)
             .await;
-        let outcome = if result.is_ok() { "ok" } else { "refused" };
-        metrics::counter!("envgate_controlplane_auth_total", "result" => outcome).increment(1);
-        metrics::histogram!("envgate_controlplane_auth_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let issued = result?;
-        Ok(Response::new(AuthenticateResponse {
-            token: issued.token,
-            user: issued.user,
-            expires_at: issued.expires_at,
-        }))
+        answer(result, started)
     }
+}
+
+/// The Authenticate response, counted and timed.
+fn answer(
+    result: Result<IssuedToken, AuthError>,
+    started: Instant,
+) -> Result<Response<AuthenticateResponse>, Status> {
+    let outcome = if result.is_ok() { "ok" } else { "refused" };
+    metrics::counter!("envgate_controlplane_auth_total", "result" => outcome).increment(1);
+    metrics::histogram!("envgate_controlplane_auth_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let issued = result?;
+    Ok(Response::new(AuthenticateResponse {
+        token: issued.token,
+        user: issued.user,
+        expires_at: issued.expires_at,
+    }))
 }
 
 #[cfg(test)]

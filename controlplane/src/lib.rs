@@ -38,6 +38,7 @@ pub mod reconcile;
 pub mod recordings;
 pub mod runtime;
 pub mod selfservice;
+pub mod sshca;
 pub mod store;
 pub mod throttle;
 pub mod uids;
@@ -108,6 +109,9 @@ pub struct Config {
     pub throttle: ThrottlePolicy,
     /// The checked catalogue file (`--environments`), written into etcd before serving.
     pub environments: Vec<model::EnvironmentRecord>,
+    /// SSH user certificates: envgate's CA keys and the external CAs trusted
+    /// (`--user-ca-key`, `--trusted-user-ca-keys`); the default trusts none.
+    pub certificates: Arc<sshca::CertificateAuthority>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,13 +156,16 @@ impl ControlPlane {
             config.hash_cost,
             HashPool::new(config.hash_threads, config.hash_queue),
         );
-        let auth = Arc::new(Authenticator::new(
-            store.clone(),
-            config.token_keys.clone(),
-            config.token_ttl,
-            PasswordLimits::new(config.throttle, hasher.clone()),
-            config.audit.clone(),
-        ));
+        let auth = Arc::new(
+            Authenticator::new(
+                store.clone(),
+                config.token_keys.clone(),
+                config.token_ttl,
+                PasswordLimits::new(config.throttle, hasher.clone()),
+                config.audit.clone(),
+            )
+            .with_certificates(config.certificates.clone()),
+        );
         let placement = PlacementConfig {
             instance: config.instance.clone(),
             replica_id: config.replica_id.clone(),
@@ -234,7 +241,8 @@ impl ControlPlane {
             self.hasher.clone(),
             self.audit.clone(),
         )
-        .with_recordings(self.recordings_dir.clone());
+        .with_recordings(self.recordings_dir.clone())
+        .with_certificates(self.auth.certificates().clone());
         let forwarding = shutdown.child_token();
         tokio::spawn(fleet::forward_revocations(
             self.store.clone(),

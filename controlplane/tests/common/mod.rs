@@ -119,6 +119,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         hash_queue: 32,
         throttle: ThrottlePolicy::default(),
         environments: Vec::new(),
+        certificates: Default::default(),
     }
 }
 
