@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use envgate_proto::audit::{Method, Outcome};
 use envgate_proto::names::{Login, parse_login};
-use russh::keys::PublicKey;
+use russh::keys::{Certificate, PublicKey};
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
@@ -107,8 +107,8 @@ pub struct ConnectionHandler {
     events: mpsc::Sender<Event>,
     /// Cancelled once the user is authenticated (stops the login-grace timer).
     authenticated: CancellationToken,
-    /// A key the control plane accepted at the offer (login, key), awaiting its signature.
-    offered: Option<(String, Vec<u8>)>,
+    /// A key accepted at the offer, awaiting its signature.
+    offered: Option<Offer>,
     /// A refusal not written to the audit log when it happened (a key offer, a malformed
     /// name): written when the connection ends without logging in, so a client offering six
     /// keys makes one record, not five.
@@ -116,6 +116,14 @@ pub struct ConnectionHandler {
     channels: HashMap<ChannelId, HandlerChannel>,
     /// The connection's span: russh runs the handler on a task of its own.
     span: tracing::Span,
+}
+
+/// A key the client may sign with: the login it was offered for and the key (wire format).
+struct Offer {
+    login: String,
+    key: Vec<u8>,
+    /// Not the user's key: only a certificate for it may go on (`OfferOutcome::CertificateOnly`).
+    certificate_only: bool,
 }
 
 struct HandlerChannel {
@@ -321,8 +329,17 @@ impl Handler for ConnectionHandler {
             .await;
         let attempt = self.attempt(&login.user, Method::Publickey, Some(&key));
         match outcome {
-            OfferOutcome::Acceptable => {
-                self.offered = Some((user.to_owned(), key));
+            OfferOutcome::Acceptable | OfferOutcome::CertificateOnly => {
+                let certificate_only = outcome == OfferOutcome::CertificateOnly;
+                if certificate_only {
+                    self.unrecorded_refusal =
+                        Some((attempt, "no offered key is authorized".into()));
+                }
+                self.offered = Some(Offer {
+                    login: user.to_owned(),
+                    key,
+                    certificate_only,
+                });
                 Ok(Auth::Accept)
             }
             OfferOutcome::Refused => {
@@ -352,7 +369,14 @@ impl Handler for ConnectionHandler {
             return Ok(Auth::reject());
         };
         match self.offered.take() {
-            Some((offered_user, offered_key)) if offered_user == user && offered_key == bytes => {}
+            Some(offer) if offer.login == user && offer.key == bytes => {
+                if offer.certificate_only {
+                    // A plain key nobody authorized: refused here, without a failed attempt
+                    // at the control plane (the offer's refusal is recorded at the end).
+                    tracing::debug!(parent: &self.span, user = %login.user, "signed key is not authorized");
+                    return Ok(Auth::reject());
+                }
+            }
             _ => return Ok(Auth::reject()),
         }
         let outcome = self
@@ -366,6 +390,41 @@ impl Handler for ConnectionHandler {
             .instrument(tracing::info_span!(parent: &self.span, "auth"))
             .await;
         let attempt = self.attempt(&login.user, Method::Publickey, Some(&bytes));
+        match self.outcome(&attempt, outcome) {
+            Some(who) => Ok(self.accept(login, who, &attempt).await),
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    /// An OpenSSH certificate whose key signed this session's request. russh checked the
+    /// certificate's own signature and validity first (an expired one never gets here: russh
+    /// logs "Certificate is expired or not yet valid"); the control plane decides the rest.
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let key = PublicKey::new(certificate.public_key().clone(), "");
+        let (Some(login), Some(key), Ok(bytes)) =
+            (self.login(user), key_bytes(&key), certificate.to_bytes())
+        else {
+            return Ok(Auth::reject());
+        };
+        match self.offered.take() {
+            Some(offer) if offer.login == user && offer.key == key => {}
+            _ => return Ok(Auth::reject()),
+        }
+        let outcome = self
+            .authenticator
+            .certificate_verified(
+                &login.user,
+                bytes,
+                &self.client_address,
+                &self.connection_id,
+            )
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
+            .await;
+        let attempt = self.attempt(&login.user, Method::Certificate, Some(&key));
         match self.outcome(&attempt, outcome) {
             Some(who) => Ok(self.accept(login, who, &attempt).await),
             None => Ok(Auth::reject()),
