@@ -156,13 +156,14 @@ async fn fleet_with(cas: &Cas) -> Fleet {
     .await
 }
 
-/// `ssh demo+envgate@… cert < KEY.pub > KEY-cert.pub`; returns the certificate's path.
+/// `ssh demo+envgate@… cert < KEY.pub > KEY-issued.pub` (not `KEY-cert.pub`, which ssh would
+/// pick up by itself); returns the certificate's path.
 async fn issue(fleet: &Fleet, key: &Path) -> PathBuf {
     let out = fleet
         .ssh("demo+envgate", "cert", Some(public(key).as_bytes()))
         .await;
     out.assert_success();
-    let cert = PathBuf::from(format!("{}-cert.pub", key.display()));
+    let cert = PathBuf::from(format!("{}-issued.pub", key.display()));
     std::fs::write(&cert, &out.stdout).unwrap();
     cert
 }

@@ -1258,14 +1258,31 @@ impl Fleet {
         self.proxies[index].child.try_wait().ok().flatten()
     }
 
-    /// Everything the control plane and the proxies logged so far.
+    /// Everything the control plane and the proxies logged so far, without the terminal
+    /// colours tracing writes (`reason=…` reads as the operator's `grep` sees it in a pager).
     pub fn full_logs(&self) -> String {
-        self.controlplane
+        let text: String = self
+            .controlplane
             .iter()
             .chain(self.replicas.iter())
             .chain(self.proxies.iter())
             .map(|proc| std::fs::read_to_string(&proc.log).unwrap_or_default())
-            .collect()
+            .collect();
+        let mut plain = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ parameters final-byte.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
     }
 
     /// A client of the control plane with a proxy's identity (id `id`), to ask it what only
