@@ -114,6 +114,9 @@ pub struct ConnectionHandler {
     /// keys makes one record, not five.
     unrecorded_refusal: Option<(Attempt, String)>,
     channels: HashMap<ChannelId, HandlerChannel>,
+    /// What the certificate the user logged in with permits; `None` (a key or a password):
+    /// everything.
+    permits: Option<Permits>,
     /// The connection's span: russh runs the handler on a task of its own.
     span: tracing::Span,
 }
@@ -124,6 +127,27 @@ struct Offer {
     key: Vec<u8>,
     /// Not the user's key: only a certificate for it may go on (`OfferOutcome::CertificateOnly`).
     certificate_only: bool,
+}
+
+/// The extensions of an OpenSSH user certificate that envgate enforces, as sshd does: no
+/// terminal without `permit-pty`, no `-L`/`-R`/`-W` without `permit-port-forwarding`, no `-A`
+/// without `permit-agent-forwarding`. (X11 and user rc are never offered.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Permits {
+    pty: bool,
+    port_forwarding: bool,
+    agent_forwarding: bool,
+}
+
+impl Permits {
+    fn of(certificate: &Certificate) -> Self {
+        let has = |name: &str| certificate.extensions().contains_key(name);
+        Self {
+            pty: has("permit-pty"),
+            port_forwarding: has("permit-port-forwarding"),
+            agent_forwarding: has("permit-agent-forwarding"),
+        }
+    }
 }
 
 struct HandlerChannel {
@@ -153,6 +177,7 @@ impl ConnectionHandler {
             offered: None,
             unrecorded_refusal: None,
             channels: HashMap::new(),
+            permits: None,
             span: tracing::Span::current(),
         }
     }
@@ -266,6 +291,16 @@ impl ConnectionHandler {
         }
     }
 
+    /// Whether the login's certificate (if any) permits what `allowed` picks; a refusal is
+    /// logged with the extension's name.
+    fn permitted(&self, allowed: fn(&Permits) -> bool, extension: &str) -> bool {
+        let ok = self.permits.as_ref().is_none_or(allowed);
+        if !ok {
+            tracing::info!(parent: &self.span, extension, "refused: the certificate does not permit it");
+        }
+        ok
+    }
+
     /// Marks the channel's process as requested; a second shell/exec on the
     /// same channel is refused, as sshd does.
     fn start(&mut self, channel: ChannelId) -> bool {
@@ -278,6 +313,9 @@ impl ConnectionHandler {
         }
     }
 }
+
+/// Why a forwarding is refused to a certificate without `permit-port-forwarding`.
+const FORWARDING_NOT_PERMITTED: &str = "port forwarding is not permitted by your certificate";
 
 /// The one subsystem served.
 const SFTP: &str = "sftp";
@@ -426,7 +464,10 @@ impl Handler for ConnectionHandler {
             .await;
         let attempt = self.attempt(&login.user, Method::Certificate, Some(&key));
         match self.outcome(&attempt, outcome) {
-            Some(who) => Ok(self.accept(login, who, &attempt).await),
+            Some(who) => {
+                self.permits = Some(Permits::of(certificate));
+                Ok(self.accept(login, who, &attempt).await)
+            }
             None => Ok(Auth::reject()),
         }
     }
@@ -491,7 +532,9 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let refusal = if self.channels.len() >= MAX_SESSIONS {
+        let refusal = if !self.permitted(|p| p.port_forwarding, "permit-port-forwarding") {
+            Some(FORWARDING_NOT_PERMITTED.to_owned())
+        } else if self.channels.len() >= MAX_SESSIONS {
             Some(format!("at most {MAX_SESSIONS} channels per connection"))
         } else if host.is_empty() || host.len() > 255 || host.chars().any(char::is_control) {
             Some("bad host name".to_owned())
@@ -538,7 +581,9 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let refusal = if self.channels.len() >= MAX_SESSIONS {
+        let refusal = if !self.permitted(|p| p.port_forwarding, "permit-port-forwarding") {
+            Some(FORWARDING_NOT_PERMITTED.to_owned())
+        } else if self.channels.len() >= MAX_SESSIONS {
             Some(format!("at most {MAX_SESSIONS} channels per connection"))
         } else if socket_path.is_empty()
             || socket_path.len() > 107
@@ -607,7 +652,8 @@ impl Handler for ConnectionHandler {
         modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started)
+            && self.permitted(|p| p.pty, "permit-pty");
         reply(session, channel, ok)?;
         if ok {
             let size = TerminalSize {
@@ -727,7 +773,8 @@ impl Handler for ConnectionHandler {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started)
+            && self.permitted(|p| p.agent_forwarding, "permit-agent-forwarding");
         if ok {
             self.send(Event::Request {
                 channel,
@@ -746,7 +793,11 @@ impl Handler for ConnectionHandler {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if address.len() > 255 || address.chars().any(char::is_control) || *port > 65535 {
+        if address.len() > 255
+            || address.chars().any(char::is_control)
+            || *port > 65535
+            || !self.permitted(|p| p.port_forwarding, "permit-port-forwarding")
+        {
             return Ok(false);
         }
         let (answer, answered) = tokio::sync::oneshot::channel();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use envgate_proto::admin::v1 as admin;
-use support::{Fleet, FleetOptions, SshOutput};
+use support::{Fleet, FleetOptions, SshOutput, run, with_options};
 
 fn keygen(path: &Path, args: &[&str]) {
     let out = Command::new("ssh-keygen")
@@ -396,6 +396,46 @@ async fn external_and_old_cas_log_in_and_every_refusal_says_why() {
     ssh_with_cert(&fleet, "demo", &k, &cert)
         .await
         .assert_success();
+
+    // Extensions are enforced as sshd does: without permit-pty no terminal, without
+    // permit-port-forwarding no -W (the user sees why).
+    let terminal = async |key: &Path, cert: &Path| {
+        let option = format!("CertificateFile={}", cert.display());
+        let mut argv = with_options(fleet.ssh_key_argv("demo", key), &["-tt", "-o", &option]);
+        argv.push("test -t 0 && echo tty || echo notty".into());
+        run(&argv, None, &[]).await
+    };
+    let k = key("bare");
+    let bare = sign(&cas.external, &k, "bare-1", "demo", &["-O", "clear"]);
+    // ssh -tt gives up when the terminal is refused, as it does with sshd.
+    let out = terminal(&k, &bare).await;
+    assert_eq!((out.code, out.stdout.as_str()), (Some(255), ""), "{out:#?}");
+    assert!(
+        out.stderr.contains("PTY allocation request failed"),
+        "{out:#?}"
+    );
+    let option = format!("CertificateFile={}", bare.display());
+    let argv = with_options(
+        fleet.ssh_key_argv("demo", &k),
+        &["-o", &option, "-o", "LogLevel=INFO", "-W", "127.0.0.1:8080"],
+    );
+    let out = run(&argv, Some(b""), &[]).await;
+    assert_eq!(out.code, Some(255), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("port forwarding is not permitted by your certificate"),
+        "{out:#?}"
+    );
+    let k = key("pty");
+    let pty = sign(
+        &cas.external,
+        &k,
+        "pty-1",
+        "demo",
+        &["-O", "clear", "-O", "permit-pty"],
+    );
+    let out = terminal(&k, &pty).await;
+    assert_eq!(out.stdout.trim(), "tty", "{out:#?}");
 
     // Expired: russh refuses it before anyone is asked and logs why.
     let k = key("expired");
