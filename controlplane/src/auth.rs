@@ -1011,6 +1011,127 @@ pub(crate) mod tests {
         again.expect("served again");
     }
 
+    /// A certificate for `key` naming `principal`, signed by `ca`, valid for an hour.
+    fn certificate(ca: &PrivateKey, key: &PrivateKey, principal: &str) -> Vec<u8> {
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        let now = u64::try_from(model::now()).unwrap();
+        let mut builder = Builder::new(
+            vec![1; 32],
+            key.public_key().key_data().clone(),
+            now - 60,
+            now + 3600,
+        )
+        .unwrap();
+        builder
+            .cert_type(CertType::User)
+            .unwrap()
+            .key_id(format!("{principal}-test"))
+            .unwrap()
+            .valid_principal(principal)
+            .unwrap();
+        builder.sign(ca).unwrap().to_bytes().unwrap()
+    }
+
+    /// Precedence: the user's authorized key first (whoever signed the certificate), then the
+    /// certificate; only an external CA's certificate creates a user, with the flag's groups.
+    #[tokio::test]
+    async fn certificates_follow_authorized_keys_and_create_users_only_from_external_cas() {
+        let store = Arc::new(MemoryStore::new());
+        let alice_key = seed(store.as_ref()).await;
+        let (own, _) = keypair();
+        let (external, _) = keypair();
+        let (foreign, _) = keypair();
+        let ca = CertificateAuthority::new(
+            vec![own.clone()],
+            vec![external.public_key().clone()],
+            sshca::DEFAULT_VALIDITY,
+            Some(sshca::UserCreation {
+                groups: vec!["guests".into()],
+            }),
+        );
+        let audit = AuditLog::in_memory();
+        let auth = Authenticator::new(
+            store.clone(),
+            test_keys(),
+            Duration::from_secs(300),
+            test_limits(1, 8),
+            audit.clone(),
+        )
+        .with_certificates(Arc::new(ca));
+        let login = |user: &'static str, cert: Vec<u8>| {
+            let auth = &auth;
+            async move {
+                auth.authenticate_certificate_for("p", user, &cert, "192.0.2.1:1")
+                    .await
+            }
+        };
+        // alice's own key, certified by nobody we trust: her key decides.
+        login("alice", certificate(&foreign, &alice_key, "alice"))
+            .await
+            .expect("an authorized key is accepted first");
+        let (key, _) = keypair();
+        assert!(matches!(
+            login("alice", certificate(&foreign, &key, "alice")).await,
+            Err(AuthError::Certificate(Refusal::UntrustedCa))
+        ));
+        assert!(matches!(
+            login("bob", certificate(&own, &key, "bob")).await,
+            Err(AuthError::Certificate(Refusal::UserDisabled))
+        ));
+        assert!(matches!(
+            login("carol", certificate(&own, &key, "carol")).await,
+            Err(AuthError::Certificate(Refusal::UnknownUser))
+        ));
+        assert!(
+            store::get_json::<UserRecord>(store.as_ref(), &model::user_key("carol"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let token = login("carol", certificate(&external, &key, "carol"))
+            .await
+            .expect("an external CA's certificate creates carol");
+        let carol = store::get_json::<UserRecord>(store.as_ref(), &model::user_key("carol"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert_eq!(
+            (carol.source.as_str(), carol.groups),
+            ("certificate", vec!["guests".to_owned()])
+        );
+        assert_eq!(
+            auth.verify_token(&token.token).await.unwrap().groups,
+            ["guests"]
+        );
+        assert!(matches!(
+            login("carol", b"garbage".to_vec()).await,
+            Err(AuthError::Certificate(Refusal::Unreadable))
+        ));
+        let refusals: Vec<serde_json::Value> = audit
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|r: &serde_json::Value| r["outcome"] == "failure")
+            .collect();
+        let reasons: Vec<&str> = refusals
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "certificate not signed by a trusted CA",
+                "user disabled",
+                "unknown user",
+                "certificate unreadable"
+            ]
+        );
+        assert_eq!(refusals[0]["key_id"], "alice-test");
+        assert_eq!(refusals[0]["method"], "certificate");
+        assert!(refusals[3].get("key_id").is_none());
+    }
+
     #[tokio::test]
     async fn tokens_are_refused_when_forged_expired_or_revoked() {
         let (store, auth, _) = setup().await;
