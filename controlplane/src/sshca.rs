@@ -404,7 +404,7 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, String> {
     }
     if key.algorithm() != Algorithm::Ed25519 {
         return Err(format!(
-            "a {} key; the CA key must be ed25519 (ssh-keygen -t ed25519)",
+            "the CA key must be ed25519 (ssh-keygen -t ed25519), not {}",
             key.algorithm()
         ));
     }
