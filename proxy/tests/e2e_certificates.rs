@@ -260,8 +260,39 @@ async fn a_certificate_issued_over_ssh_is_what_ssh_keygen_shows_and_logs_in_alon
     assert_eq!(record["outcome"], "success", "{record}");
     assert_eq!(record["serial"], serial);
     assert_eq!(record["key_fingerprint"], fingerprint(&laptop).as_str());
-    // The key without its certificate is still nobody's.
+    // The key without its certificate is still nobody's: the proxy lets the client sign (it
+    // might have been a certificate's) and refuses it itself, so the control plane checks no
+    // credential and counts no failure.
+    let checks = |fleet: &Fleet| {
+        fleet
+            .audit_records()
+            .iter()
+            .filter(|r| r["event"] == "credential")
+            .count()
+    };
+    let before = checks(&fleet);
     assert_denied(&fleet.ssh_with_key("demo", &laptop, "echo in", None).await);
+    assert_eq!(checks(&fleet), before);
+    // The proxy records the refusal when the connection ends.
+    let laptop_fingerprint = fingerprint(&laptop);
+    support::eventually(
+        std::time::Duration::from_secs(5),
+        "the proxy's login failure",
+        || async {
+            let records = fleet.audit_records();
+            records
+                .iter()
+                .any(|r| {
+                    r["event"] == "login"
+                        && r["outcome"] == "failure"
+                        && r["reason"] == "no offered key is authorized"
+                        && r["key_fingerprint"] == laptop_fingerprint.as_str()
+                })
+                .then_some(())
+                .ok_or_else(|| format!("{records:#?}"))
+        },
+    )
+    .await;
 
     // `ca` prints every trusted CA key, envgate's signing key first.
     let out = fleet.ssh("demo+envgate", "ca", None).await;
