@@ -377,13 +377,7 @@ impl Authenticator {
         if envgate_proto::names::validate_user(username).is_err() {
             return Err(Refusal::PrincipalNotInCertificate.into());
         }
-        let (user_key, revocation_key) =
-            (model::user_key(username), model::revocation_key(username));
-        let (user, revoked) = tokio::try_join!(
-            store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
-            store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
-        )?;
-        let (user, not_before) = (user.map(|v| v.value), revoked.map(|r| r.value.not_before));
+        let (user, not_before) = self.user_and_revocation(username).await?;
         let key = sshca::wire(certificate.public_key());
         if let Some(u) = &user
             && !u.disabled
@@ -472,15 +466,7 @@ impl Authenticator {
         // waits for one etcd round trip, not two (see `issue`). One written during the check
         // refuses this token, as it refuses any issued in its second.
         let (user, not_before) = match envgate_proto::names::validate_user(username) {
-            Ok(()) => {
-                let (user_key, revocation_key) =
-                    (model::user_key(username), model::revocation_key(username));
-                let (user, revoked) = tokio::try_join!(
-                    store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
-                    store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
-                )?;
-                (user.map(|v| v.value), revoked.map(|r| r.value.not_before))
-            }
+            Ok(()) => self.user_and_revocation(username).await?,
             Err(_) => (None, None),
         };
         let accepted = match (&user, credential) {
@@ -534,6 +520,21 @@ impl Authenticator {
             self.refund(reservation).await;
         }
         Ok(self.issue(&user, not_before))
+    }
+
+    /// The user's record and the time before which their tokens are revoked, read together:
+    /// a login waits for one etcd round trip, not two.
+    async fn user_and_revocation(
+        &self,
+        username: &str,
+    ) -> Result<(Option<UserRecord>, Option<i64>), AuthError> {
+        let (user_key, revocation_key) =
+            (model::user_key(username), model::revocation_key(username));
+        let (user, revoked) = tokio::try_join!(
+            store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
+            store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
+        )?;
+        Ok((user.map(|v| v.value), revoked.map(|r| r.value.not_before)))
     }
 
     async fn refund(&self, reservation: crate::throttle::Reservation) {

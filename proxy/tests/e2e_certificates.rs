@@ -363,59 +363,44 @@ async fn external_and_old_cas_log_in_and_every_refusal_says_why() {
         .await
         .assert_success();
 
-    // A CA nobody configured.
-    let k = key("foreign");
-    let cert = sign(&cas.foreign, &k, "foreign-1", "demo", &[]);
-    let out = ssh_with_cert(&fleet, "demo", &k, &cert).await;
-    assert_refused(
-        &fleet,
-        &out,
-        "foreign-1",
-        "certificate not signed by a trusted CA",
-    );
-
-    // Somebody else's certificate.
-    let k = key("principal");
-    let cert = sign(&cas.external, &k, "wrong-principal-1", "root,admin", &[]);
-    let out = ssh_with_cert(&fleet, "demo", &k, &cert).await;
-    assert_refused(
-        &fleet,
-        &out,
-        "wrong-principal-1",
-        "principal not in certificate",
-    );
-
-    // A critical option envgate does not enforce, and a source address the client is not at.
-    let k = key("forced");
-    let cert = sign(
-        &cas.external,
-        &k,
-        "forced-1",
-        "demo",
-        &["-O", "force-command=/bin/true"],
-    );
-    let out = ssh_with_cert(&fleet, "demo", &k, &cert).await;
-    assert_refused(
-        &fleet,
-        &out,
-        "forced-1",
-        "certificate critical option \"force-command\" not supported",
-    );
-    let k = key("elsewhere");
-    let cert = sign(
-        &cas.external,
-        &k,
-        "elsewhere-1",
-        "demo",
-        &["-O", "source-address=192.0.2.0/24"],
-    );
-    let out = ssh_with_cert(&fleet, "demo", &k, &cert).await;
-    assert_refused(
-        &fleet,
-        &out,
-        "elsewhere-1",
-        "client address not allowed by the certificate's source-address",
-    );
+    // A CA nobody configured; somebody else's certificate; a critical option envgate does not
+    // enforce; a source address the client is not at.
+    let refusals: [(&Path, &str, &str, &[&str], &str); 4] = [
+        (
+            &cas.foreign,
+            "foreign-1",
+            "demo",
+            &[],
+            "certificate not signed by a trusted CA",
+        ),
+        (
+            &cas.external,
+            "wrong-principal-1",
+            "root,admin",
+            &[],
+            "principal not in certificate",
+        ),
+        (
+            &cas.external,
+            "forced-1",
+            "demo",
+            &["-O", "force-command=/bin/true"],
+            "certificate critical option \"force-command\" not supported",
+        ),
+        (
+            &cas.external,
+            "elsewhere-1",
+            "demo",
+            &["-O", "source-address=192.0.2.0/24"],
+            "client address not allowed by the certificate's source-address",
+        ),
+    ];
+    for (ca, id, principals, extra, reason) in refusals {
+        let k = key(id);
+        let cert = sign(ca, &k, id, principals, extra);
+        let out = ssh_with_cert(&fleet, "demo", &k, &cert).await;
+        assert_refused(&fleet, &out, id, reason);
+    }
     let k = key("here");
     let cert = sign(
         &cas.external,
