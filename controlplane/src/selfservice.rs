@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
 use crate::catalogue;
-use crate::error::SelfServiceError;
+use crate::error::{AuthError, SelfServiceError};
 use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, SessionRecord, UserRecord,
 };
@@ -326,7 +326,8 @@ impl SelfServiceHandler {
                 .await?;
         match user {
             Some(u) if !u.value.disabled => {}
-            _ => return Err(SelfServiceError::UnknownUser(claims.sub)),
+            Some(_) => return Err(AuthError::Failed.into()),
+            None => return Err(SelfServiceError::UnknownUser(claims.sub)),
         }
         let now = u64::try_from(model::now()).unwrap_or_default();
         let issued = self
