@@ -442,6 +442,19 @@ async fn external_and_old_cas_log_in_and_every_refusal_says_why() {
             .contains("port forwarding is not permitted by your certificate"),
         "{out:#?}"
     );
+    // Without permit-agent-forwarding, `ssh -A` gives the session no agent socket.
+    let agent = fleet.ssh_agent(std::slice::from_ref(&k)).await;
+    let mut argv = with_options(fleet.ssh_agent_argv("demo", &agent.socket), &["-A"]);
+    argv.push("echo \"${SSH_AUTH_SOCK-none}\"".into());
+    let out = run(&argv, None, &[]).await;
+    assert_eq!(out.stdout, "none\n", "{out:#?}");
+    assert!(
+        fleet
+            .full_logs()
+            .contains("extension=\"permit-agent-forwarding\""),
+        "{}",
+        fleet.logs()
+    );
     let k = key("pty");
     let pty = sign(
         &cas.external,
