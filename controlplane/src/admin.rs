@@ -11,6 +11,7 @@ use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
 use envgate_proto::audit::{AuditLog, Event, Outcome};
 use envgate_proto::names;
+use russh::keys::HashAlg;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
 
@@ -25,6 +26,7 @@ use crate::model::{
 };
 use crate::reconcile::Reconciler;
 use crate::recordings;
+use crate::sshca::{self, CertificateAuthority, CertificateRevocationRecord};
 use crate::store::{self, Store};
 use crate::uids;
 
@@ -41,12 +43,19 @@ pub struct AdminService {
     hasher: Hasher,
     audit: AuditLog,
     recordings: Option<std::path::PathBuf>,
+    certificates: Arc<CertificateAuthority>,
 }
 
 impl AdminService {
     /// Answers ListRecordings and GetRecording from `dir` (where the proxies write them).
     pub fn with_recordings(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.recordings = dir;
+        self
+    }
+
+    /// Answers ListCertificateAuthorities from `ca`.
+    pub fn with_certificates(mut self, ca: Arc<CertificateAuthority>) -> Self {
+        self.certificates = ca;
         self
     }
 
@@ -62,6 +71,7 @@ impl AdminService {
             hasher,
             audit,
             recordings: None,
+            certificates: Arc::default(),
         }
     }
 
@@ -763,5 +773,83 @@ impl Admin for AdminService {
             },
         )
         .await
+    }
+
+    async fn list_certificate_authorities(
+        &self,
+        request: Request<pb::ListCertificateAuthoritiesRequest>,
+    ) -> Result<Response<pb::ListCertificateAuthoritiesResponse>, Status> {
+        self.audited(request, everything, async |_| {
+            let authorities = self
+                .certificates
+                .authorities()
+                .into_iter()
+                .enumerate()
+                .map(|(i, (key, origin))| pb::CertificateAuthority {
+                    public_key: key.to_openssh().unwrap_or_default(),
+                    fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+                    origin: origin.as_str().to_owned(),
+                    signing: i == 0 && origin == sshca::Origin::Envgate,
+                })
+                .collect();
+            Ok(pb::ListCertificateAuthoritiesResponse { authorities })
+        })
+        .await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::CertificateRevocation>, Status> {
+        let admin = request
+            .extensions()
+            .get::<AdminIdentity>()
+            .map_or_else(|| "-".to_owned(), |a| a.0.clone());
+        self.audited(
+            request,
+            |r| format!("certificate {:?}", r.key_id),
+            async |r| {
+                if r.key_id.is_empty() || r.key_id.len() > 1024 {
+                    return Err(AdminError::invalid(
+                        "key_id",
+                        "required, at most 1024 bytes (as ssh-keygen -L shows it)",
+                    )
+                    .into());
+                }
+                let record = CertificateRevocationRecord {
+                    key_id: r.key_id,
+                    reason: one_line("reason", r.reason)?,
+                    revoked_at: model::now(),
+                    revoked_by: admin,
+                };
+                sshca::revoke(self.store.as_ref(), &record).await?;
+                Ok(revocation_message(record))
+            },
+        )
+        .await
+    }
+
+    async fn list_certificate_revocations(
+        &self,
+        request: Request<pb::ListCertificateRevocationsRequest>,
+    ) -> Result<Response<pb::ListCertificateRevocationsResponse>, Status> {
+        self.audited(request, everything, async |_| {
+            let revocations = sshca::revocations(self.store.as_ref())
+                .await?
+                .into_iter()
+                .map(revocation_message)
+                .collect();
+            Ok(pb::ListCertificateRevocationsResponse { revocations })
+        })
+        .await
+    }
+}
+
+fn revocation_message(record: CertificateRevocationRecord) -> pb::CertificateRevocation {
+    pb::CertificateRevocation {
+        key_id: record.key_id,
+        reason: record.reason,
+        revoked_at: record.revoked_at,
+        revoked_by: record.revoked_by,
     }
 }

@@ -17,7 +17,7 @@ use envgate_proto::v1::{
     authenticate_request,
 };
 use russh::keys::HashAlg;
-use russh::keys::ssh_key::PublicKey;
+use russh::keys::ssh_key::{Certificate, PublicKey};
 use tonic::{Request, Response, Status};
 
 use crate::error::AuthError;
@@ -25,6 +25,7 @@ use crate::guard::{self, ProxyIdentity};
 use crate::hashing::HashPool;
 use crate::identity::{self, SOURCE_LDAP, SOURCE_WEBHOOK, Sources};
 use crate::model::{self, RevocationRecord, UserRecord};
+use crate::sshca::{self, CertificateAuthority, Origin, Refusal};
 use crate::store::{self, Store};
 use crate::throttle::{Clock, SystemClock, Throttle, ThrottleError, ThrottlePolicy};
 
@@ -206,6 +207,8 @@ pub struct Authenticator {
     audit: AuditLog,
     /// LDAP and the webhooks (docs/identity.md); none unless configured.
     identity: Arc<Sources>,
+    /// Who certificate logins are trusted from (none by default).
+    certificates: Arc<CertificateAuthority>,
 }
 
 /// How password attempts are limited: the failure counts and the hashing pool.
@@ -250,6 +253,7 @@ impl Authenticator {
             dummy_hash,
             audit,
             identity: Arc::default(),
+            certificates: Arc::default(),
         }
     }
 
@@ -291,6 +295,20 @@ impl Authenticator {
             Some(found) => Ok(identity::provision(self.store.as_ref(), &found).await?),
             None => Ok(None),
         }
+    }
+
+    /// Accepts certificate logins signed by `ca`'s keys, and issues certificates with it.
+    pub fn with_certificates(mut self, ca: Arc<CertificateAuthority>) -> Self {
+        self.certificates = ca;
+        self
+    }
+
+    pub fn certificates(&self) -> &Arc<CertificateAuthority> {
+        &self.certificates
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// The failure counts, for the leader's sweep.
@@ -366,8 +384,140 @@ impl Authenticator {
             key_fingerprint,
             proxy: proxy.to_owned(),
             reason,
+            key_id: None,
+            serial: None,
         });
         result
+    }
+
+    /// A certificate login (OpenSSH wire format), written to the audit log with its key id
+    /// and serial and, when refused, the reason (`sshca::Refusal`). The proxy verified the
+    /// client's signature with the certified key before sending it.
+    pub async fn authenticate_certificate_for(
+        &self,
+        proxy: &str,
+        username: &str,
+        certificate: &[u8],
+        client_address: &str,
+    ) -> Result<IssuedToken, AuthError> {
+        let parsed = Certificate::from_bytes(certificate).ok();
+        let result = match &parsed {
+            Some(cert) => {
+                self.authenticate_certificate(username, cert, client_address)
+                    .await
+            }
+            None => Err(Refusal::Unreadable.into()),
+        };
+        let (key_id, serial) = parsed
+            .as_ref()
+            .map(|c| (c.key_id().to_owned(), c.serial()))
+            .unzip();
+        let (outcome, reason) = match &result {
+            Ok(_) => (Outcome::Success, None),
+            Err(e) => {
+                tracing::info!(
+                    user = username,
+                    client = client_address,
+                    reason = %e,
+                    key_id = key_id.as_deref().unwrap_or("-"),
+                    serial = serial.unwrap_or_default(),
+                    "certificate login refused"
+                );
+                (Outcome::Failure, Some(e.to_string()))
+            }
+        };
+        self.audit.record(Event::Credential {
+            outcome,
+            user: username.to_owned(),
+            client: client_address.to_owned(),
+            method: audit::Method::Certificate,
+            key_fingerprint: Some(parsed.as_ref().map_or_else(
+                || "unparsable certificate".to_owned(),
+                |c| c.public_key().fingerprint(HashAlg::Sha256).to_string(),
+            )),
+            proxy: proxy.to_owned(),
+            reason,
+            key_id,
+            serial,
+        });
+        result
+    }
+
+    /// Precedence (docs/identity.md): the local user's authorized keys first, then the
+    /// certificate. A certificate names a user that exists, or one an external CA may create
+    /// (`--certificate-creates-users`); a disabled user is refused whatever they hold.
+    async fn authenticate_certificate(
+        &self,
+        username: &str,
+        certificate: &Certificate,
+        client_address: &str,
+    ) -> Result<IssuedToken, AuthError> {
+        if envgate_proto::names::validate_user(username).is_err() {
+            return Err(Refusal::PrincipalNotInCertificate.into());
+        }
+        let (user, not_before) = self.user_and_revocation(username).await?;
+        let key = sshca::wire(certificate.public_key());
+        if let Some(u) = &user
+            && !u.disabled
+            && key_is_authorized(&key, &u.authorized_keys)
+        {
+            return Ok(self.issue(u, not_before));
+        }
+        let decided = self
+            .decide_certificate(username, certificate, client_address, user)
+            .await;
+        match decided {
+            Ok(user) => Ok(self.issue(&user, not_before)),
+            Err(e) => {
+                if let Err(e) = self.throttle.record_failure(username, client_address).await {
+                    tracing::warn!(error = %e, "recording a failed login failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn decide_certificate(
+        &self,
+        username: &str,
+        certificate: &Certificate,
+        client_address: &str,
+        user: Option<UserRecord>,
+    ) -> Result<UserRecord, AuthError> {
+        let now = u64::try_from(model::now()).unwrap_or_default();
+        let checked = self
+            .certificates
+            .check(certificate, username, client_address, now)?;
+        if sshca::is_revoked(self.store.as_ref(), &checked.key_id).await? {
+            return Err(Refusal::Revoked.into());
+        }
+        match (user, checked.origin, self.certificates.creates_users()) {
+            (Some(u), _, _) if u.disabled => Err(Refusal::UserDisabled.into()),
+            (Some(u), _, _) => Ok(u),
+            (None, Origin::External, Some(creation)) => {
+                let record = UserRecord {
+                    name: username.to_owned(),
+                    groups: creation.groups.clone(),
+                    source: "certificate".to_owned(),
+                    ..Default::default()
+                };
+                let key = model::user_key(username);
+                if store::create_if_absent(self.store.as_ref(), &key, &record)
+                    .await?
+                    .is_some()
+                {
+                    tracing::info!(user = username, key_id = %checked.key_id, "user created by a certificate login");
+                    return Ok(record);
+                }
+                // Made meanwhile (another login, the admin API): that record decides.
+                match store::get_json::<UserRecord>(self.store.as_ref(), &key).await? {
+                    Some(u) if !u.value.disabled => Ok(u.value),
+                    Some(_) => Err(Refusal::UserDisabled.into()),
+                    None => Err(Refusal::UnknownUser.into()),
+                }
+            }
+            (None, _, _) => Err(Refusal::UnknownUser.into()),
+        }
     }
 
     pub async fn authenticate(
@@ -395,13 +545,7 @@ impl Authenticator {
         // refuses this token, as it refuses any issued in its second.
         let valid = envgate_proto::names::validate_user(username).is_ok();
         let (user, not_before) = if valid {
-            let (user_key, revocation_key) =
-                (model::user_key(username), model::revocation_key(username));
-            let (user, revoked) = tokio::try_join!(
-                store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
-                store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
-            )?;
-            (user.map(|v| v.value), revoked.map(|r| r.value.not_before))
+            self.user_and_revocation(username).await?
         } else {
             (None, None)
         };
@@ -498,6 +642,21 @@ impl Authenticator {
         Ok(self.issue(&user, not_before))
     }
 
+    /// The user's record and the time before which their tokens are revoked, read together:
+    /// a login waits for one etcd round trip, not two.
+    async fn user_and_revocation(
+        &self,
+        username: &str,
+    ) -> Result<(Option<UserRecord>, Option<i64>), AuthError> {
+        let (user_key, revocation_key) =
+            (model::user_key(username), model::revocation_key(username));
+        let (user, revoked) = tokio::try_join!(
+            store::get_json::<UserRecord>(self.store.as_ref(), &user_key),
+            store::get_json::<RevocationRecord>(self.store.as_ref(), &revocation_key),
+        )?;
+        Ok((user.map(|v| v.value), revoked.map(|r| r.value.not_before)))
+    }
+
     async fn refund(&self, reservation: crate::throttle::Reservation) {
         if let Err(e) = self.throttle.refund(reservation).await {
             tracing::warn!(error = %e, "refunding a login attempt failed");
@@ -562,7 +721,10 @@ impl Auth for AuthService {
             .auth
             .check_public_key_from(&req.username, &req.public_key, &req.client_address)
             .await?;
-        Ok(Response::new(CheckPublicKeyResponse { acceptable }))
+        Ok(Response::new(CheckPublicKeyResponse {
+            acceptable,
+            certificates: self.auth.certificates.enabled(),
+        }))
     }
 
     async fn authenticate(
@@ -575,6 +737,13 @@ impl Auth for AuthService {
         let credential = match req.credential {
             Some(authenticate_request::Credential::Password(p)) => Credential::Password(p),
             Some(authenticate_request::Credential::PublicKey(k)) => Credential::PublicKey(k),
+            Some(authenticate_request::Credential::Certificate(c)) => {
+                let result = self
+                    .auth
+                    .authenticate_certificate_for(&proxy, &req.username, &c, &req.client_address)
+                    .await;
+                return answer(result, started);
+            }
             None => {
                 return Err(AuthError::MissingCredential.into());
             }
@@ -583,17 +752,25 @@ impl Auth for AuthService {
             .auth
             .authenticate_for(&proxy, &req.username, credential, &req.client_address)
             .await;
-        let outcome = if result.is_ok() { "ok" } else { "refused" };
-        metrics::counter!("envgate_controlplane_auth_total", "result" => outcome).increment(1);
-        metrics::histogram!("envgate_controlplane_auth_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let issued = result?;
-        Ok(Response::new(AuthenticateResponse {
-            token: issued.token,
-            user: issued.user,
-            expires_at: issued.expires_at,
-        }))
+        answer(result, started)
     }
+}
+
+/// The Authenticate response, counted and timed.
+fn answer(
+    result: Result<IssuedToken, AuthError>,
+    started: Instant,
+) -> Result<Response<AuthenticateResponse>, Status> {
+    let outcome = if result.is_ok() { "ok" } else { "refused" };
+    metrics::counter!("envgate_controlplane_auth_total", "result" => outcome).increment(1);
+    metrics::histogram!("envgate_controlplane_auth_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let issued = result?;
+    Ok(Response::new(AuthenticateResponse {
+        token: issued.token,
+        user: issued.user,
+        expires_at: issued.expires_at,
+    }))
 }
 
 #[cfg(test)]
@@ -953,6 +1130,127 @@ pub(crate) mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         again.expect("served again");
+    }
+
+    /// A certificate for `key` naming `principal`, signed by `ca`, valid for an hour.
+    fn certificate(ca: &PrivateKey, key: &PrivateKey, principal: &str) -> Vec<u8> {
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        let now = u64::try_from(model::now()).unwrap();
+        let mut builder = Builder::new(
+            vec![1; 32],
+            key.public_key().key_data().clone(),
+            now - 60,
+            now + 3600,
+        )
+        .unwrap();
+        builder
+            .cert_type(CertType::User)
+            .unwrap()
+            .key_id(format!("{principal}-test"))
+            .unwrap()
+            .valid_principal(principal)
+            .unwrap();
+        builder.sign(ca).unwrap().to_bytes().unwrap()
+    }
+
+    /// Precedence: the user's authorized key first (whoever signed the certificate), then the
+    /// certificate; only an external CA's certificate creates a user, with the flag's groups.
+    #[tokio::test]
+    async fn certificates_follow_authorized_keys_and_create_users_only_from_external_cas() {
+        let store = Arc::new(MemoryStore::new());
+        let alice_key = seed(store.as_ref()).await;
+        let (own, _) = keypair();
+        let (external, _) = keypair();
+        let (foreign, _) = keypair();
+        let ca = CertificateAuthority::new(
+            vec![own.clone()],
+            vec![external.public_key().clone()],
+            sshca::DEFAULT_VALIDITY,
+            Some(sshca::UserCreation {
+                groups: vec!["guests".into()],
+            }),
+        );
+        let audit = AuditLog::in_memory();
+        let auth = Authenticator::new(
+            store.clone(),
+            test_keys(),
+            Duration::from_secs(300),
+            test_limits(1, 8),
+            audit.clone(),
+        )
+        .with_certificates(Arc::new(ca));
+        let login = |user: &'static str, cert: Vec<u8>| {
+            let auth = &auth;
+            async move {
+                auth.authenticate_certificate_for("p", user, &cert, "192.0.2.1:1")
+                    .await
+            }
+        };
+        // alice's own key, certified by nobody we trust: her key decides.
+        login("alice", certificate(&foreign, &alice_key, "alice"))
+            .await
+            .expect("an authorized key is accepted first");
+        let (key, _) = keypair();
+        assert!(matches!(
+            login("alice", certificate(&foreign, &key, "alice")).await,
+            Err(AuthError::Certificate(Refusal::UntrustedCa))
+        ));
+        assert!(matches!(
+            login("bob", certificate(&own, &key, "bob")).await,
+            Err(AuthError::Certificate(Refusal::UserDisabled))
+        ));
+        assert!(matches!(
+            login("carol", certificate(&own, &key, "carol")).await,
+            Err(AuthError::Certificate(Refusal::UnknownUser))
+        ));
+        assert!(
+            store::get_json::<UserRecord>(store.as_ref(), &model::user_key("carol"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let token = login("carol", certificate(&external, &key, "carol"))
+            .await
+            .expect("an external CA's certificate creates carol");
+        let carol = store::get_json::<UserRecord>(store.as_ref(), &model::user_key("carol"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert_eq!(
+            (carol.source.as_str(), carol.groups),
+            ("certificate", vec!["guests".to_owned()])
+        );
+        assert_eq!(
+            auth.verify_token(&token.token).await.unwrap().groups,
+            ["guests"]
+        );
+        assert!(matches!(
+            login("carol", b"garbage".to_vec()).await,
+            Err(AuthError::Certificate(Refusal::Unreadable))
+        ));
+        let refusals: Vec<serde_json::Value> = audit
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|r: &serde_json::Value| r["outcome"] == "failure")
+            .collect();
+        let reasons: Vec<&str> = refusals
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "certificate not signed by a trusted CA",
+                "user disabled",
+                "unknown user",
+                "certificate unreadable"
+            ]
+        );
+        assert_eq!(refusals[0]["key_id"], "alice-test");
+        assert_eq!(refusals[0]["method"], "certificate");
+        assert!(refusals[3].get("key_id").is_none());
     }
 
     #[tokio::test]

@@ -31,6 +31,10 @@ pub enum AuthError {
     /// LDAP or the auth webhook could not answer; local users are not affected.
     #[error(transparent)]
     Source(#[from] crate::identity::SourceError),
+    /// A certificate login refused; the reason is the audit record's, the caller gets
+    /// `Failed`'s message (`sshca::Refusal`).
+    #[error(transparent)]
+    Certificate(#[from] crate::sshca::Refusal),
 }
 
 /// Why the environment a user named is not theirs to use: the same refusal, word for word,
@@ -185,6 +189,9 @@ pub enum SelfServiceError {
     Remove(#[from] ReconcileError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `cert` was asked for a key envgate will not certify, or it has no CA key.
+    #[error(transparent)]
+    Issue(#[from] crate::sshca::IssueError),
 }
 
 fn list(items: &[String]) -> String {
@@ -267,6 +274,7 @@ fn auth_status(e: &AuthError) -> Status {
             };
             tagged(Status::unavailable(with_request_id(message, &id)), &id)
         }
+        AuthError::Certificate(_) => Status::unauthenticated(AuthError::Failed.to_string()),
     }
 }
 
@@ -349,6 +357,13 @@ impl From<SelfServiceError> for Status {
             SelfServiceError::Changed(_) => Status::aborted(e.to_string()),
             SelfServiceError::Remove(r) => internal(remove_code(r), r),
             SelfServiceError::Store(s) => store_status(s),
+            SelfServiceError::Issue(crate::sshca::IssueError::NoCaKey) => {
+                Status::failed_precondition(e.to_string())
+            }
+            SelfServiceError::Issue(crate::sshca::IssueError::Signing(_)) => {
+                internal(Code::Internal, &e)
+            }
+            SelfServiceError::Issue(_) => Status::invalid_argument(e.to_string()),
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod reconcile;
 pub mod recordings;
 pub mod runtime;
 pub mod selfservice;
+pub mod sshca;
 pub mod store;
 pub mod throttle;
 pub mod uids;
@@ -112,6 +113,9 @@ pub struct Config {
     /// LDAP, the auth webhook and the config webhook (`--ldap-*`, `--*-webhook-*`); each off
     /// unless configured.
     pub identity: Arc<identity::Sources>,
+    /// SSH user certificates: envgate's CA keys and the external CAs trusted
+    /// (`--user-ca-key`, `--trusted-user-ca-keys`); the default trusts none.
+    pub certificates: Arc<sshca::CertificateAuthority>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +168,8 @@ impl ControlPlane {
                 PasswordLimits::new(config.throttle, hasher.clone()),
                 config.audit.clone(),
             )
-            .with_identity(config.identity.clone()),
+            .with_identity(config.identity.clone())
+            .with_certificates(config.certificates.clone()),
         );
         let placement = PlacementConfig {
             instance: config.instance.clone(),
@@ -241,7 +246,8 @@ impl ControlPlane {
             self.hasher.clone(),
             self.audit.clone(),
         )
-        .with_recordings(self.recordings_dir.clone());
+        .with_recordings(self.recordings_dir.clone())
+        .with_certificates(self.auth.certificates().clone());
         let forwarding = shutdown.child_token();
         tokio::spawn(fleet::forward_revocations(
             self.store.clone(),

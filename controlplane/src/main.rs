@@ -17,6 +17,7 @@ use envgate_controlplane::identity::IdentityFlags;
 use envgate_controlplane::pki::{Authority, Profile};
 use envgate_controlplane::runtime::docker::AgentSetup;
 use envgate_controlplane::runtime::docker::network::{DEFAULT_NETWORK, HostFirewall, UserNetwork};
+use envgate_controlplane::sshca::{self, CertificateAuthority, UserCreation};
 use envgate_controlplane::store::EtcdConfig;
 use envgate_controlplane::throttle::ThrottlePolicy;
 use envgate_proto::audit::AuditLog;
@@ -217,6 +218,31 @@ struct Args {
     /// into etcd before serving; environments made through the admin API are kept.
     #[arg(long, env = "ENVGATE_ENVIRONMENTS")]
     environments: Option<PathBuf>,
+    /// envgate's SSH user CA keys: unencrypted OpenSSH ed25519 private keys (`ssh-keygen -t
+    /// ed25519 -N '' -f FILE`), comma-separated or repeated, the same on every replica. The
+    /// first signs the certificates `ssh USER+envgate@HOST cert` issues; every one is trusted
+    /// for logins, so a key is rotated by adding the new one second, moving it first, and
+    /// dropping the old once its last certificate expired (docs/operations.md). Unset: no
+    /// certificates are issued.
+    #[arg(long, env = "ENVGATE_USER_CA_KEY", value_delimiter = ',')]
+    user_ca_key: Vec<PathBuf>,
+    /// External SSH user CAs whose certificates log users in, like sshd's TrustedUserCAKeys:
+    /// a file of OpenSSH public keys, one a line (step-ca, Vault, `ssh-keygen -s`). Unset:
+    /// only envgate's own CA keys are trusted.
+    #[arg(long, env = "ENVGATE_TRUSTED_USER_CA_KEYS")]
+    trusted_user_ca_keys: Option<PathBuf>,
+    /// How long the certificates envgate issues are valid: a number with s, m, h or d.
+    #[arg(long, env = "ENVGATE_USER_CERT_VALIDITY", default_value = "16h")]
+    user_cert_validity: String,
+    /// A certificate from an external CA (--trusted-user-ca-keys) that names an unknown user
+    /// creates that user (source "certificate", groups from --certificate-user-groups) at
+    /// their first login. Off: such a certificate is refused as "unknown user". envgate's own
+    /// certificates never create users: it certifies only users it has.
+    #[arg(long, env = "ENVGATE_CERTIFICATE_CREATES_USERS")]
+    certificate_creates_users: bool,
+    /// The groups of users created by --certificate-creates-users, comma-separated.
+    #[arg(long, env = "ENVGATE_CERTIFICATE_USER_GROUPS", value_delimiter = ',')]
+    certificate_user_groups: Vec<String>,
     /// Password hashes (argon2id, ~19 MiB each) computed at once; 0: one per CPU.
     #[arg(long, env = "ENVGATE_PASSWORD_HASH_THREADS", default_value_t = 0)]
     password_hash_threads: usize,
@@ -322,6 +348,13 @@ fn config(args: Args) -> anyhow::Result<Config> {
         .identity
         .sources(Duration::from_secs(args.token_ttl_seconds))
         .map_err(|e| anyhow::anyhow!(e))?;
+    let certificates = certificate_authority(
+        &args.user_ca_key,
+        args.trusted_user_ca_keys.as_deref(),
+        &args.user_cert_validity,
+        args.certificate_creates_users,
+        &args.certificate_user_groups,
+    )?;
     let home_slots_dir = Some(args.home_slots_dir).filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = &home_slots_dir {
         if !dir.is_absolute() {
@@ -398,7 +431,48 @@ fn config(args: Args) -> anyhow::Result<Config> {
         },
         environments,
         identity: Arc::new(identity),
+        certificates: Arc::new(certificates),
     })
+}
+
+/// The SSH user CA flags, read and checked (docs/identity.md, "SSH certificates").
+fn certificate_authority(
+    own: &[PathBuf],
+    trusted: Option<&std::path::Path>,
+    validity: &str,
+    creates_users: bool,
+    groups: &[String],
+) -> anyhow::Result<CertificateAuthority> {
+    let own = own
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|path| {
+            sshca::load_private_key(path)
+                .map_err(|e| anyhow::anyhow!("--user-ca-key: {}: {e}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let external = match trusted.filter(|p| !p.as_os_str().is_empty()) {
+        None => Vec::new(),
+        Some(path) => sshca::load_trusted_keys(path)
+            .map_err(|e| anyhow::anyhow!("--trusted-user-ca-keys: {}: {e}", path.display()))?,
+    };
+    let validity = sshca::parse_validity(validity)
+        .map_err(|e| anyhow::anyhow!("--user-cert-validity: {e}"))?;
+    let groups: Vec<String> = groups
+        .iter()
+        .map(|g| g.trim().to_owned())
+        .filter(|g| !g.is_empty())
+        .collect();
+    if creates_users && external.is_empty() {
+        bail!(
+            "--certificate-creates-users needs --trusted-user-ca-keys (only external CAs create users)"
+        );
+    }
+    if !groups.is_empty() && !creates_users {
+        bail!("--certificate-user-groups is only used with --certificate-creates-users");
+    }
+    let creation = creates_users.then_some(UserCreation { groups });
+    Ok(CertificateAuthority::new(own, external, validity, creation))
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

@@ -11,22 +11,25 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use envgate_proto::audit::Event;
 use envgate_proto::names;
 use envgate_proto::token::Claims;
 use envgate_proto::v1::self_service_server::SelfService;
 use envgate_proto::v1::{
-    SelfEnvironmentRequest, SelfRequest, SetDefaultResponse, StopEnvironmentResponse,
-    UserContainer, UserEnvironment, UserEnvironments, UserSession, UserStatus,
+    CertificateAuthorityKeys, IssueCertificateRequest, IssuedCertificate, SelfEnvironmentRequest,
+    SelfRequest, SetDefaultResponse, StopEnvironmentResponse, UserContainer, UserEnvironment,
+    UserEnvironments, UserSession, UserStatus,
 };
 use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
 use crate::catalogue;
-use crate::error::SelfServiceError;
+use crate::error::{AuthError, SelfServiceError};
 use crate::model::{
     self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, SessionRecord, UserRecord,
 };
 use crate::reconcile::{self, Reconciler};
+use crate::sshca;
 use crate::store::{self, Compare, Store, TxnOp, Versioned};
 
 /// The reason logged for a user's stop (counted as the reconciler's `remove_requested`).
@@ -320,6 +323,70 @@ fn container_status(
     }
 }
 
+impl SelfServiceHandler {
+    /// `ssh alice+envgate@host cert < key.pub`: certifies the key for the token's user (who
+    /// must still exist and be enabled), and records the certificate in the audit log.
+    pub async fn issue_certificate(
+        &self,
+        token: &str,
+        public_key: &str,
+    ) -> Result<IssuedCertificate, SelfServiceError> {
+        let claims = self.auth.verify_token(token).await?;
+        let user =
+            store::get_json::<UserRecord>(self.store.as_ref(), &model::user_key(&claims.sub))
+                .await?;
+        match user {
+            Some(u) if !u.value.disabled => {}
+            Some(_) => return Err(AuthError::Failed.into()),
+            None => return Err(SelfServiceError::UnknownUser(claims.sub)),
+        }
+        let now = u64::try_from(model::now()).unwrap_or_default();
+        let issued = self
+            .auth
+            .certificates()
+            .issue(&claims.sub, public_key, now)?;
+        let cert = &issued.certificate;
+        let (valid_after, valid_before) = (
+            i64::try_from(cert.valid_after()).unwrap_or(i64::MAX),
+            i64::try_from(cert.valid_before()).unwrap_or(i64::MAX),
+        );
+        tracing::info!(user = %claims.sub, key_id = cert.key_id(), "certificate issued");
+        self.auth.audit().record(Event::CertificateIssued {
+            user: claims.sub.clone(),
+            key_id: cert.key_id().to_owned(),
+            serial: cert.serial(),
+            key_fingerprint: issued.key_fingerprint.clone(),
+            ca_fingerprint: issued.ca_fingerprint.clone(),
+            valid_after,
+            valid_before,
+        });
+        Ok(IssuedCertificate {
+            key_id: cert.key_id().to_owned(),
+            serial: cert.serial(),
+            valid_after,
+            valid_before,
+            certificate: issued.line,
+        })
+    }
+
+    /// `ssh alice+envgate@host ca`: the CA keys certificate logins are trusted from.
+    pub async fn certificate_authorities(
+        &self,
+        token: &str,
+    ) -> Result<CertificateAuthorityKeys, SelfServiceError> {
+        self.auth.verify_token(token).await?;
+        let mut keys = CertificateAuthorityKeys::default();
+        for (key, origin) in self.auth.certificates().authorities() {
+            let Ok(line) = key.to_openssh() else { continue };
+            match origin {
+                sshca::Origin::Envgate => keys.envgate.push(line),
+                sshca::Origin::External => keys.external.push(line),
+            }
+        }
+        Ok(keys)
+    }
+}
+
 /// The gRPC face of [`SelfServiceHandler`].
 pub struct SelfServiceService {
     handler: Arc<SelfServiceHandler>,
@@ -369,6 +436,28 @@ impl SelfService for SelfServiceService {
             .set_default(&req.token, &req.environment)
             .await?;
         Ok(Response::new(SetDefaultResponse {}))
+    }
+
+    async fn issue_certificate(
+        &self,
+        request: Request<IssueCertificateRequest>,
+    ) -> Result<Response<IssuedCertificate>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.handler
+                .issue_certificate(&req.token, &req.public_key)
+                .await?,
+        ))
+    }
+
+    async fn certificate_authorities(
+        &self,
+        request: Request<SelfRequest>,
+    ) -> Result<Response<CertificateAuthorityKeys>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.handler.certificate_authorities(&req.token).await?,
+        ))
     }
 }
 

@@ -122,6 +122,67 @@ async fn bad_identity_source_flags_exit_2_naming_the_flag() {
     );
 }
 
+/// The SSH user CA flags are checked at start, each refusal naming its flag and file.
+#[tokio::test]
+async fn bad_user_ca_flags_exit_2_naming_the_flag() {
+    let files = Files::new();
+    let public = files.write(
+        "ca.pub",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ca\n",
+    );
+    let rsa = files.path("rsa_ca");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", &rsa])
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let garbage = files.write("garbage", "ssh-ed25519 ???\n");
+    let cases: [(Vec<&str>, String); 6] = [
+        (
+            vec!["--user-ca-key", &public],
+            format!("--user-ca-key: {public}: not an OpenSSH private key"),
+        ),
+        (
+            vec!["--user-ca-key", &rsa],
+            format!(
+                "--user-ca-key: {rsa}: the CA key must be ed25519 (ssh-keygen -t ed25519), not ssh-rsa"
+            ),
+        ),
+        (
+            vec!["--trusted-user-ca-keys", &garbage],
+            format!("--trusted-user-ca-keys: {garbage}: line 1: not an OpenSSH public key"),
+        ),
+        (
+            vec!["--user-cert-validity", "16x"],
+            "--user-cert-validity: \"16x\": the unit must be s, m, h or d".to_owned(),
+        ),
+        (
+            vec!["--certificate-creates-users"],
+            "--certificate-creates-users needs --trusted-user-ca-keys".to_owned(),
+        ),
+        (
+            vec![
+                "--trusted-user-ca-keys",
+                &public,
+                "--certificate-user-groups",
+                "x",
+            ],
+            "--certificate-user-groups is only used with --certificate-creates-users".to_owned(),
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+        cmd.args(&args);
+        let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.starts_with(&format!("envgate-controlplane: {expected}")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// The hops that must be encrypted cannot be configured in the clear: a plaintext etcd URL
 /// and a Docker engine over TCP stop the binary before it binds anything.
 #[tokio::test]

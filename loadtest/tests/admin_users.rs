@@ -141,6 +141,26 @@ impl Admin for RecordingAdmin {
     ) -> Result<Response<envgate_proto::admin::v1::Recording>, Status> {
         refused()
     }
+    async fn list_certificate_authorities(
+        &self,
+        _: Request<envgate_proto::admin::v1::ListCertificateAuthoritiesRequest>,
+    ) -> Result<Response<envgate_proto::admin::v1::ListCertificateAuthoritiesResponse>, Status>
+    {
+        refused()
+    }
+    async fn revoke_certificate(
+        &self,
+        _: Request<envgate_proto::admin::v1::RevokeCertificateRequest>,
+    ) -> Result<Response<envgate_proto::admin::v1::CertificateRevocation>, Status> {
+        refused()
+    }
+    async fn list_certificate_revocations(
+        &self,
+        _: Request<envgate_proto::admin::v1::ListCertificateRevocationsRequest>,
+    ) -> Result<Response<envgate_proto::admin::v1::ListCertificateRevocationsResponse>, Status>
+    {
+        refused()
+    }
 }
 
 #[tokio::test]

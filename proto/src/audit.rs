@@ -33,6 +33,8 @@ pub enum Method {
     /// A password asked for by a keyboard-interactive prompt (RFC 4256).
     #[serde(rename = "keyboard-interactive")]
     KeyboardInteractive,
+    /// An OpenSSH user certificate (docs/identity.md, "SSH certificates").
+    Certificate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -65,6 +67,25 @@ pub enum Event {
         proxy: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// A certificate login: the certificate's key id and serial, as `ssh-keygen -L`
+        /// shows them, so an operator can find and revoke it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        serial: Option<u64>,
+    },
+    /// envgate's CA signed a user's public key (`ssh USER+envgate@host cert`).
+    CertificateIssued {
+        user: String,
+        key_id: String,
+        serial: u64,
+        /// The certified key, `SHA256:…`.
+        key_fingerprint: String,
+        /// The CA key that signed, `SHA256:…`.
+        ca_fingerprint: String,
+        /// Unix seconds.
+        valid_after: i64,
+        valid_before: i64,
     },
     /// A call to the admin API, allowed or not.
     Admin {

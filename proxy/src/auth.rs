@@ -35,6 +35,10 @@ pub enum AuthOutcome {
 pub enum OfferOutcome {
     /// The client may sign with the key.
     Acceptable,
+    /// The key is not the user's, but the control plane takes certificates, and russh offers
+    /// a certificate's key like a plain one: the client may sign, and only a certificate
+    /// goes on to the control plane (`ConnectionHandler::auth_publickey` refuses the key).
+    CertificateOnly,
     Refused,
     /// The control plane could not answer.
     Failed(String),
@@ -124,8 +128,9 @@ impl Authenticator {
             .await;
         record_phase("auth_offer", started.elapsed(), &[]);
         match result {
-            Ok(true) => OfferOutcome::Acceptable,
-            Ok(false) => OfferOutcome::Refused,
+            Ok(answer) if answer.acceptable => OfferOutcome::Acceptable,
+            Ok(answer) if answer.certificates => OfferOutcome::CertificateOnly,
+            Ok(_) => OfferOutcome::Refused,
             Err(status) => OfferOutcome::Failed(format!("{}: {}", status.code(), status.message())),
         }
     }
@@ -149,6 +154,38 @@ impl Authenticator {
             connection_id,
         )
         .await
+    }
+
+    /// Authenticates with an OpenSSH certificate (wire bytes) whose certified key russh saw
+    /// sign. Never answered from the cache: the control plane checks revocation and expiry
+    /// at every login.
+    pub async fn certificate_verified(
+        &self,
+        user: &str,
+        certificate: Vec<u8>,
+        client_address: &str,
+        connection_id: &str,
+    ) -> AuthOutcome {
+        let started = Instant::now();
+        let result = self
+            .control_plane
+            .authenticate(
+                user,
+                &Offered::Certificate(certificate),
+                client_address,
+                connection_id,
+            )
+            .await;
+        record_phase("auth", started.elapsed(), &[("cache", "miss".to_owned())]);
+        match result {
+            Ok(response) => AuthOutcome::Accepted(Authenticated {
+                user: response.user,
+                token: response.token,
+                cache_hit: false,
+            }),
+            Err(status) if status.code() == Code::Unauthenticated => AuthOutcome::Rejected,
+            Err(status) => AuthOutcome::Failed(status.message().to_owned()),
+        }
     }
 
     pub async fn password(

@@ -14,7 +14,8 @@ use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::self_service_client::SelfServiceClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
 use envgate_proto::v1::{
-    AuthenticateRequest, AuthenticateResponse, CheckPublicKeyRequest, CloseSessionRequest,
+    AuthenticateRequest, AuthenticateResponse, CertificateAuthorityKeys, CheckPublicKeyRequest,
+    CheckPublicKeyResponse, CloseSessionRequest, IssueCertificateRequest, IssuedCertificate,
     OpenSessionEvent, OpenSessionRequest, SelfEnvironmentRequest, SelfRequest,
     StopEnvironmentResponse, UserEnvironments, UserStatus, authenticate_request,
 };
@@ -42,6 +43,8 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 pub enum Offered {
     PublicKey(Vec<u8>),
     Password(String),
+    /// An OpenSSH certificate (wire format) whose certified key signed.
+    Certificate(Vec<u8>),
 }
 
 #[derive(Clone)]
@@ -111,6 +114,9 @@ impl ControlPlane {
     ) -> Result<AuthenticateResponse, Status> {
         let credential = match offered {
             Offered::PublicKey(key) => authenticate_request::Credential::PublicKey(key.clone()),
+            Offered::Certificate(cert) => {
+                authenticate_request::Credential::Certificate(cert.clone())
+            }
             Offered::Password(password) => {
                 authenticate_request::Credential::Password(password.clone())
             }
@@ -128,15 +134,16 @@ impl ControlPlane {
         .await
     }
 
-    /// Whether `key` (SSH wire format) may log in as `username`: the answer to an SSH key
-    /// offer. Issues no token; a refusal is not a failed attempt.
+    /// Whether `key` (SSH wire format) may log in as `username`, and whether certificates
+    /// may: the answer to an SSH key offer. Issues no token; a refusal is not a failed
+    /// attempt.
     pub async fn check_public_key(
         &self,
         username: &str,
         key: &[u8],
         client_address: &str,
         connection_id: &str,
-    ) -> Result<bool, Status> {
+    ) -> Result<CheckPublicKeyResponse, Status> {
         let message = CheckPublicKeyRequest {
             username: username.to_owned(),
             public_key: key.to_vec(),
@@ -145,11 +152,7 @@ impl ControlPlane {
         with_retries("CheckPublicKey", || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
-            async move {
-                deadline(AUTHENTICATE_DEADLINE, client.check_public_key(request))
-                    .await
-                    .map(|r| r.acceptable)
-            }
+            async move { deadline(AUTHENTICATE_DEADLINE, client.check_public_key(request)).await }
         })
         .await
     }
@@ -243,6 +246,49 @@ impl ControlPlane {
             let request = request(message.clone(), STOP_ENVIRONMENT_DEADLINE, connection_id);
             async move {
                 deadline(STOP_ENVIRONMENT_DEADLINE, client.stop_environment(request)).await
+            }
+        })
+        .await
+    }
+
+    /// Certifies `public_key` (one OpenSSH line) for the token's user. Not retried once
+    /// it reached the control plane: each call issues a certificate with a new serial.
+    pub async fn issue_certificate(
+        &self,
+        token: &str,
+        public_key: &str,
+        connection_id: &str,
+    ) -> Result<IssuedCertificate, Status> {
+        let message = IssueCertificateRequest {
+            token: token.to_owned(),
+            public_key: public_key.to_owned(),
+        };
+        with_retries_when("IssueCertificate", is_unreachable, || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
+            async move { deadline(SELF_SERVICE_DEADLINE, client.issue_certificate(request)).await }
+        })
+        .await
+    }
+
+    /// The SSH user CA keys certificate logins are trusted from.
+    pub async fn certificate_authorities(
+        &self,
+        token: &str,
+        connection_id: &str,
+    ) -> Result<CertificateAuthorityKeys, Status> {
+        let message = SelfRequest {
+            token: token.to_owned(),
+        };
+        with_retries("CertificateAuthorities", || {
+            let mut client = SelfServiceClient::new(self.channel.clone());
+            let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
+            async move {
+                deadline(
+                    SELF_SERVICE_DEADLINE,
+                    client.certificate_authorities(request),
+                )
+                .await
             }
         })
         .await

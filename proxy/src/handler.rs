@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use envgate_proto::audit::{Method, Outcome};
 use envgate_proto::names::{Login, parse_login};
-use russh::keys::PublicKey;
+use russh::keys::{Certificate, PublicKey};
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
 };
@@ -118,15 +118,47 @@ pub struct ConnectionHandler {
     events: mpsc::Sender<Event>,
     /// Cancelled once the user is authenticated (stops the login-grace timer).
     authenticated: CancellationToken,
-    /// A key the control plane accepted at the offer (login, key), awaiting its signature.
-    offered: Option<(String, Vec<u8>)>,
+    /// A key accepted at the offer, awaiting its signature.
+    offered: Option<Offer>,
     /// A refusal not written to the audit log when it happened (a key offer, a malformed
     /// name): written when the connection ends without logging in, so a client offering six
     /// keys makes one record, not five.
     unrecorded_refusal: Option<(Attempt, String)>,
     channels: HashMap<ChannelId, HandlerChannel>,
+    /// What the certificate the user logged in with permits; `None` (a key or a password):
+    /// everything.
+    permits: Option<Permits>,
     /// The connection's span: russh runs the handler on a task of its own.
     span: tracing::Span,
+}
+
+/// A key the client may sign with: the login it was offered for and the key (wire format).
+struct Offer {
+    login: String,
+    key: Vec<u8>,
+    /// Not the user's key: only a certificate for it may go on (`OfferOutcome::CertificateOnly`).
+    certificate_only: bool,
+}
+
+/// The extensions of an OpenSSH user certificate that envgate enforces, as sshd does: no
+/// terminal without `permit-pty`, no `-L`/`-R`/`-W` without `permit-port-forwarding`, no `-A`
+/// without `permit-agent-forwarding`. (X11 and user rc are never offered.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Permits {
+    pty: bool,
+    port_forwarding: bool,
+    agent_forwarding: bool,
+}
+
+impl Permits {
+    fn of(certificate: &Certificate) -> Self {
+        let has = |name: &str| certificate.extensions().contains_key(name);
+        Self {
+            pty: has("permit-pty"),
+            port_forwarding: has("permit-port-forwarding"),
+            agent_forwarding: has("permit-agent-forwarding"),
+        }
+    }
 }
 
 struct HandlerChannel {
@@ -156,6 +188,7 @@ impl ConnectionHandler {
             offered: None,
             unrecorded_refusal: None,
             channels: HashMap::new(),
+            permits: None,
             span: tracing::Span::current(),
         }
     }
@@ -294,6 +327,16 @@ impl ConnectionHandler {
         }
     }
 
+    /// Whether the login's certificate (if any) permits what `allowed` picks; a refusal is
+    /// logged with the extension's name.
+    fn permitted(&self, allowed: fn(&Permits) -> bool, extension: &str) -> bool {
+        let ok = self.permits.as_ref().is_none_or(allowed);
+        if !ok {
+            tracing::info!(parent: &self.span, extension, "refused: the certificate does not permit it");
+        }
+        ok
+    }
+
     /// Marks the channel's process as requested; a second shell/exec on the
     /// same channel is refused, as sshd does.
     fn start(&mut self, channel: ChannelId) -> bool {
@@ -306,6 +349,9 @@ impl ConnectionHandler {
         }
     }
 }
+
+/// Why a forwarding is refused to a certificate without `permit-port-forwarding`.
+const FORWARDING_NOT_PERMITTED: &str = "port forwarding is not permitted by your certificate";
 
 /// The one subsystem served.
 const SFTP: &str = "sftp";
@@ -357,8 +403,17 @@ impl Handler for ConnectionHandler {
             .await;
         let attempt = self.attempt(&login.user, Method::Publickey, Some(&key));
         match outcome {
-            OfferOutcome::Acceptable => {
-                self.offered = Some((user.to_owned(), key));
+            OfferOutcome::Acceptable | OfferOutcome::CertificateOnly => {
+                let certificate_only = outcome == OfferOutcome::CertificateOnly;
+                if certificate_only {
+                    self.unrecorded_refusal =
+                        Some((attempt, "no offered key is authorized".into()));
+                }
+                self.offered = Some(Offer {
+                    login: user.to_owned(),
+                    key,
+                    certificate_only,
+                });
                 Ok(Auth::Accept)
             }
             OfferOutcome::Refused => {
@@ -388,7 +443,14 @@ impl Handler for ConnectionHandler {
             return Ok(Auth::reject());
         };
         match self.offered.take() {
-            Some((offered_user, offered_key)) if offered_user == user && offered_key == bytes => {}
+            Some(offer) if offer.login == user && offer.key == bytes => {
+                if offer.certificate_only {
+                    // A plain key nobody authorized: refused here, without a failed attempt
+                    // at the control plane (the offer's refusal is recorded at the end).
+                    tracing::debug!(parent: &self.span, user = %login.user, "signed key is not authorized");
+                    return Ok(Auth::reject());
+                }
+            }
             _ => return Ok(Auth::reject()),
         }
         let outcome = self
@@ -404,6 +466,44 @@ impl Handler for ConnectionHandler {
         let attempt = self.attempt(&login.user, Method::Publickey, Some(&bytes));
         match self.outcome(&attempt, outcome) {
             Some(who) => Ok(self.accept(login, who, &attempt).await),
+            None => Ok(Auth::reject()),
+        }
+    }
+
+    /// An OpenSSH certificate whose key signed this session's request. russh checked the
+    /// certificate's own signature and validity first (an expired one never gets here: russh
+    /// logs "Certificate is expired or not yet valid"); the control plane decides the rest.
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let key = PublicKey::new(certificate.public_key().clone(), "");
+        let (Some(login), Some(key), Ok(bytes)) =
+            (self.login(user), key_bytes(&key), certificate.to_bytes())
+        else {
+            return Ok(Auth::reject());
+        };
+        match self.offered.take() {
+            Some(offer) if offer.login == user && offer.key == key => {}
+            _ => return Ok(Auth::reject()),
+        }
+        let outcome = self
+            .authenticator
+            .certificate_verified(
+                &login.user,
+                bytes,
+                &self.client_address,
+                &self.connection_id,
+            )
+            .instrument(tracing::info_span!(parent: &self.span, "auth"))
+            .await;
+        let attempt = self.attempt(&login.user, Method::Certificate, Some(&key));
+        match self.outcome(&attempt, outcome) {
+            Some(who) => {
+                self.permits = Some(Permits::of(certificate));
+                Ok(self.accept(login, who, &attempt).await)
+            }
             None => Ok(Auth::reject()),
         }
     }
@@ -481,7 +581,9 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let refusal = if self.channels.len() >= MAX_SESSIONS {
+        let refusal = if !self.permitted(|p| p.port_forwarding, "permit-port-forwarding") {
+            Some(FORWARDING_NOT_PERMITTED.to_owned())
+        } else if self.channels.len() >= MAX_SESSIONS {
             Some(format!("at most {MAX_SESSIONS} channels per connection"))
         } else if host.is_empty() || host.len() > 255 || host.chars().any(char::is_control) {
             Some("bad host name".to_owned())
@@ -528,7 +630,9 @@ impl Handler for ConnectionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let refusal = if self.channels.len() >= MAX_SESSIONS {
+        let refusal = if !self.permitted(|p| p.port_forwarding, "permit-port-forwarding") {
+            Some(FORWARDING_NOT_PERMITTED.to_owned())
+        } else if self.channels.len() >= MAX_SESSIONS {
             Some(format!("at most {MAX_SESSIONS} channels per connection"))
         } else if socket_path.is_empty()
             || socket_path.len() > 107
@@ -597,7 +701,8 @@ impl Handler for ConnectionHandler {
         modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started)
+            && self.permitted(|p| p.pty, "permit-pty");
         reply(session, channel, ok)?;
         if ok {
             let size = TerminalSize {
@@ -717,7 +822,8 @@ impl Handler for ConnectionHandler {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let ok = self.channels.get(&channel).is_some_and(|c| !c.started);
+        let ok = self.channels.get(&channel).is_some_and(|c| !c.started)
+            && self.permitted(|p| p.agent_forwarding, "permit-agent-forwarding");
         if ok {
             self.send(Event::Request {
                 channel,
@@ -736,7 +842,11 @@ impl Handler for ConnectionHandler {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if address.len() > 255 || address.chars().any(char::is_control) || *port > 65535 {
+        if address.len() > 255
+            || address.chars().any(char::is_control)
+            || *port > 65535
+            || !self.permitted(|p| p.port_forwarding, "permit-port-forwarding")
+        {
             return Ok(false);
         }
         let (answer, answered) = tokio::sync::oneshot::channel();

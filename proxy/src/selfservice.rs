@@ -9,6 +9,8 @@
 //! refused (its message on stderr), 2 the command line was not understood (usage on stderr).
 //! The format is described in docs/environments.md ("Self-service over ssh").
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use envgate_proto::names;
 use envgate_proto::v1::{StopEnvironmentResponse, UserEnvironments, UserStatus};
@@ -16,11 +18,16 @@ use serde_json::json;
 
 use crate::controlplane::ControlPlane;
 use crate::error::{ConnectionResult, UsageError, placement_failure_line};
-use crate::exec::ChannelOutput;
+use crate::exec::{ChannelOutput, Inbound};
 use crate::menu::printable;
 
 /// The one-line usage shown after a command line that was not understood.
-pub const USAGE: &str = "usage: ssh USER+envgate envs [--json] | status [--json] | stop ENV [--json] | default ENV [--json] | default --clear | help";
+pub const USAGE: &str = "usage: ssh USER+envgate envs [--json] | status [--json] | stop ENV [--json] | default ENV [--json] | default --clear | cert < KEY.pub | ca | help";
+
+/// How long `cert` waits for the public key on stdin.
+pub const CERT_INPUT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most `cert` reads from stdin: one public key line (an RSA 16384-bit key is ~2.8 KB).
+pub const CERT_INPUT_MAX: usize = 8 * 1024;
 
 const HELP: &str = "\
 envgate self-service: ask about your environments without starting one.
@@ -34,6 +41,11 @@ envgate self-service: ask about your environments without starting one.
                       your home directory is kept
   default ENV         use ENV when you do not choose one
   default --clear     forget your default (the catalogue's then applies)
+  cert < KEY.pub      an SSH certificate for your public key, e.g.
+                      cert < ~/.ssh/id_ed25519.pub > ~/.ssh/id_ed25519-cert.pub
+                      (ssh then logs you in with it; ssh-keygen -L shows it)
+  ca                  the CA keys certificates are trusted from, one per
+                      line (for TrustedUserCAKeys or @cert-authority)
   help                this text
 
 Run them as `ssh USER+envgate@HOST COMMAND`, or as
@@ -61,6 +73,10 @@ pub enum Command {
         environment: String,
         json: bool,
     },
+    /// Certify the public key read from stdin.
+    Cert,
+    /// Print the trusted CA keys.
+    Ca,
 }
 
 /// Parses what the user typed after `ssh USER+envgate`; `None` (a shell) asks for help.
@@ -87,6 +103,14 @@ pub fn parse(command: Option<&str>) -> Result<Command, UsageError> {
             Command::Help
         }
         "envs" => Command::Envs { json },
+        "cert" | "ca" if json => {
+            return Err(unexpected(
+                if verb == "cert" { "cert" } else { "ca" },
+                "--json",
+            ));
+        }
+        "cert" => Command::Cert,
+        "ca" => Command::Ca,
         "status" => Command::Status { json },
         "stop" => {
             let environment = args.next().ok_or(UsageError::MissingEnvironment("stop"))?;
@@ -135,6 +159,8 @@ pub fn parse(command: Option<&str>) -> Result<Command, UsageError> {
         Command::Status { .. } => "status",
         Command::Stop { .. } => "stop",
         Command::Default { .. } => "default",
+        Command::Cert => "cert",
+        Command::Ca => "ca",
     };
     if let Some(extra) = args.next() {
         return Err(unexpected(name, extra));
@@ -170,6 +196,16 @@ impl Reply {
         }
     }
 
+    /// A command that could not run as asked: `line` on stderr, exit status 1.
+    fn refused(line: String) -> Self {
+        Reply {
+            stdout: String::new(),
+            stderr: format!("envgate: {line}\n"),
+            exit_status: 1,
+            result: ConnectionResult::SelfServiceFailed,
+        }
+    }
+
     fn failed(status: &tonic::Status) -> Self {
         Reply {
             stdout: String::new(),
@@ -180,12 +216,14 @@ impl Reply {
     }
 }
 
-/// Runs `command` (the exec request's command line; `None` for a shell) for the token's user.
+/// Runs `command` (the exec request's command line; `None` for a shell) for the token's user;
+/// `stdin` is the channel's input (`cert` reads the public key from it).
 pub async fn run(
     control_plane: &ControlPlane,
     token: &str,
     connection_id: &str,
     command: Option<&str>,
+    stdin: &Inbound,
 ) -> Reply {
     let parsed = match parse(command) {
         Ok(parsed) => parsed,
@@ -194,6 +232,29 @@ pub async fn run(
     tracing::info!(command = ?parsed, "self-service command");
     let answered = match parsed {
         Command::Help => Ok(HELP.to_owned()),
+        Command::Cert => {
+            let public_key = match read_public_key(stdin).await {
+                Ok(key) => key,
+                Err(line) => return Reply::refused(line),
+            };
+            control_plane
+                .issue_certificate(token, &public_key, connection_id)
+                .await
+                .map(|issued| {
+                    tracing::info!(key_id = %issued.key_id, "certificate issued");
+                    format!("{}\n", issued.certificate)
+                })
+        }
+        Command::Ca => control_plane
+            .certificate_authorities(token, connection_id)
+            .await
+            .map(|keys| {
+                keys.envgate
+                    .iter()
+                    .chain(&keys.external)
+                    .map(|line| format!("{line}\n"))
+                    .collect()
+            }),
         Command::Envs { json } => control_plane
             .list_environments(token, connection_id)
             .await
@@ -246,6 +307,33 @@ pub async fn run(
             tracing::info!(code = ?status.code(), message = %status.message(), "self-service command refused");
             Reply::failed(&status)
         }
+    }
+}
+
+/// The public key `cert` certifies: stdin up to EOF, at most [`CERT_INPUT_MAX`] bytes within
+/// [`CERT_INPUT_TIMEOUT`]. Whether it is a key is the control plane's to say.
+async fn read_public_key(stdin: &Inbound) -> Result<String, String> {
+    let read = async {
+        let mut input = Vec::new();
+        while let Some(chunk) = stdin.next().await {
+            input.extend_from_slice(&chunk);
+            if input.len() > CERT_INPUT_MAX {
+                return Err(format!(
+                    "cert: stdin has more than {CERT_INPUT_MAX} bytes; give it one public key (cert < ~/.ssh/id_ed25519.pub)"
+                ));
+            }
+        }
+        String::from_utf8(input).map_err(|_| {
+            "cert: stdin is not text; give it one public key (cert < ~/.ssh/id_ed25519.pub)"
+                .to_owned()
+        })
+    };
+    match tokio::time::timeout(CERT_INPUT_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "cert: no public key on stdin within {} s; run: ssh USER+envgate@HOST cert < ~/.ssh/id_ed25519.pub",
+            CERT_INPUT_TIMEOUT.as_secs()
+        )),
     }
 }
 
@@ -539,6 +627,48 @@ mod tests {
                 json: false
             }
         );
+    }
+
+    #[test]
+    fn certificate_commands() {
+        assert_eq!(parsed("cert"), Command::Cert);
+        assert_eq!(parsed(" ca "), Command::Ca);
+        assert_eq!(
+            refused("cert --json"),
+            r#"cert: unexpected argument "--json""#
+        );
+        assert_eq!(
+            refused("cert key.pub"),
+            r#"cert: unexpected argument "key.pub""#
+        );
+        assert_eq!(refused("ca x"), r#"ca: unexpected argument "x""#);
+        assert!(HELP.contains("cert < KEY.pub") && USAGE.contains("cert < KEY.pub"));
+    }
+
+    async fn stdin_of(chunks: &[&[u8]]) -> Inbound {
+        let inbound = Inbound::default();
+        for chunk in chunks {
+            inbound.push(chunk).await.unwrap();
+        }
+        inbound.finish();
+        inbound
+    }
+
+    #[tokio::test]
+    async fn cert_reads_one_bounded_text_from_stdin() {
+        let key = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG alice@laptop\n";
+        let stdin = stdin_of(&[&key[..10], &key[10..]]).await;
+        assert_eq!(read_public_key(&stdin).await.unwrap().as_bytes(), &key[..]);
+        let big = vec![b'A'; CERT_INPUT_MAX + 1];
+        let err = read_public_key(&stdin_of(&[&big]).await).await.unwrap_err();
+        assert!(
+            err.starts_with("cert: stdin has more than 8192 bytes"),
+            "{err}"
+        );
+        let err = read_public_key(&stdin_of(&[b"\xff\xfe"]).await)
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("cert: stdin is not text"), "{err}");
     }
 
     #[test]

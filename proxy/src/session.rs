@@ -815,8 +815,14 @@ impl Connection {
         let token = identity.token.clone();
         let connection_id = self.info.connection_id.clone();
         let answer = async move {
-            let reply =
-                selfservice::run(&control_plane, &token, &connection_id, command.as_deref()).await;
+            let reply = selfservice::run(
+                &control_plane,
+                &token,
+                &connection_id,
+                command.as_deref(),
+                output.inbound(),
+            )
+            .await;
             selfservice::answer(&output, &reply, pty).await;
             ChannelEnd {
                 exit_code: Some(i64::from(reply.exit_status)),

@@ -341,7 +341,7 @@ async fn unauthenticated_and_malformed_requests_are_refused() {
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{ADMIN}.")))
         .collect();
-    assert_eq!(methods.len(), 18, "{listed:#?}");
+    assert_eq!(methods.len(), 21, "{listed:#?}");
     for method in methods {
         for header in [
             None,

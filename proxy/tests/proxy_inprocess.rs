@@ -107,7 +107,10 @@ impl Auth for FakeControlPlane {
             .authorized
             .get(&request.username)
             .is_some_and(|keys| keys.contains(&request.public_key));
-        Ok(Response::new(CheckPublicKeyResponse { acceptable }))
+        Ok(Response::new(CheckPublicKeyResponse {
+            acceptable,
+            certificates: false,
+        }))
     }
 
     async fn authenticate(

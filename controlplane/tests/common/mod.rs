@@ -120,6 +120,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         throttle: ThrottlePolicy::default(),
         environments: Vec::new(),
         identity: Default::default(),
+        certificates: Default::default(),
     }
 }
 

@@ -70,6 +70,8 @@ pub struct FleetOptions {
     /// Environments with a pinned port: every proxy gets a `--pinned-listen` for each, and
     /// HAProxy a frontend of its own (`Fleet::pinned_port`).
     pub pinned: Vec<String>,
+    /// Extra arguments of every control-plane replica (e.g. `--user-ca-key FILE`).
+    pub controlplane_args: Vec<String>,
 }
 
 impl Default for FleetOptions {
@@ -85,6 +87,7 @@ impl Default for FleetOptions {
             shutdown_grace_seconds: 2,
             environments_yaml: None,
             pinned: Vec::new(),
+            controlplane_args: Vec::new(),
         }
     }
 }
@@ -369,6 +372,7 @@ impl Fleet {
                 command.arg("--environments").arg(file);
             }
             command.arg("--recordings-dir").arg(fleet.recordings_dir());
+            command.args(&options.controlplane_args);
             if options.agent {
                 command
                     .arg("--agent-binary")
@@ -1267,6 +1271,45 @@ impl Fleet {
     /// The exit status of proxy `index` if it has exited.
     pub fn proxy_exit(&mut self, index: usize) -> Option<std::process::ExitStatus> {
         self.proxies[index].child.try_wait().ok().flatten()
+    }
+
+    /// Everything the control plane and the proxies logged so far, without the terminal
+    /// colours tracing writes (`reason=…` reads as the operator's `grep` sees it in a pager).
+    pub fn full_logs(&self) -> String {
+        let text: String = self
+            .controlplane
+            .iter()
+            .chain(self.replicas.iter())
+            .chain(self.proxies.iter())
+            .map(|proc| std::fs::read_to_string(&proc.log).unwrap_or_default())
+            .collect();
+        let mut plain = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ parameters final-byte.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
+    }
+
+    /// A client of the control plane with a proxy's identity (id `id`), to ask it what only
+    /// proxies may, as a misbehaving or skewed proxy would.
+    pub fn proxy_client(&self, id: &str) -> envgate_proxy::controlplane::ControlPlane {
+        envgate_proxy::controlplane::ControlPlane::new(
+            &[format!("https://{}", self.grpc_addr)],
+            &self.pki.proxy_tls(id),
+            None,
+            id.into(),
+        )
+        .expect("a control-plane client")
     }
 
     /// The last lines of every process's log, for failure messages.
