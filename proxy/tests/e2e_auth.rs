@@ -43,8 +43,7 @@ fn last_login(fleet: &Fleet, user: &str) -> serde_json::Value {
     fleet
         .audit_records()
         .into_iter()
-        .filter(|r| r["event"] == "login" && r["user"] == user)
-        .next_back()
+        .rfind(|r| r["event"] == "login" && r["user"] == user)
         .expect("a login record")
 }
 
