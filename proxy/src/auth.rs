@@ -20,14 +20,14 @@ pub struct Authenticated {
     pub cache_hit: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AuthOutcome {
     Accepted(Authenticated),
     /// Wrong credential, unknown or disabled user.
     Rejected,
-    /// The control plane could not answer; the client sees a rejection
-    /// either way, but the log says why.
-    Failed(String),
+    /// The control plane could not answer; the client sees a rejection either way, but the
+    /// log says why (and keyboard-interactive can tell the user).
+    Failed(tonic::Status),
 }
 
 /// The answer to a public-key offer.
@@ -184,7 +184,7 @@ impl Authenticator {
                 cache_hit: false,
             }),
             Err(status) if status.code() == Code::Unauthenticated => AuthOutcome::Rejected,
-            Err(status) => AuthOutcome::Failed(status.message().to_owned()),
+            Err(status) => AuthOutcome::Failed(status),
         }
     }
 
@@ -243,7 +243,7 @@ impl Authenticator {
                 })
             }
             Err(status) if status.code() == Code::Unauthenticated => AuthOutcome::Rejected,
-            Err(status) => AuthOutcome::Failed(status.message().to_owned()),
+            Err(status) => AuthOutcome::Failed(status),
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::{Attempt, AuthOutcome, Authenticated, Authenticator, OfferOutcome};
-use crate::error::{ProxyError, UNSUPPORTED_CHANNEL};
+use crate::error::{ProxyError, UNSUPPORTED_CHANNEL, placement_failure_line};
 use crate::exec::{Inbound, TerminalSize};
 use crate::session::{ChannelRequest, Event, ForwardTarget};
 
@@ -124,6 +124,12 @@ pub struct ConnectionHandler {
     /// name): written when the connection ends without logging in, so a client offering six
     /// keys makes one record, not five.
     unrecorded_refusal: Option<(Attempt, String)>,
+    /// Why the control plane could not check the last credential (a directory down, too many
+    /// failures): a keyboard-interactive login shows it to the user, a password login cannot.
+    unexplained: Option<tonic::Status>,
+    /// That reason was shown as a keyboard-interactive round of its own; the client's empty
+    /// answer to it ends the attempt.
+    explained: bool,
     channels: HashMap<ChannelId, HandlerChannel>,
     /// What the certificate the user logged in with permits; `None` (a key or a password):
     /// everything.
@@ -187,6 +193,8 @@ impl ConnectionHandler {
             authenticated,
             offered: None,
             unrecorded_refusal: None,
+            unexplained: None,
+            explained: false,
             channels: HashMap::new(),
             permits: None,
             span: tracing::Span::current(),
@@ -293,10 +301,12 @@ impl ConnectionHandler {
                 self.refused(attempt, "credential refused".into());
                 None
             }
-            AuthOutcome::Failed(why) => {
+            AuthOutcome::Failed(status) => {
+                let why = status.message().to_owned();
                 tracing::warn!(parent: &self.span, %user, error = %why, "authentication failed");
                 // The control plane's reason (throttled, busy, unreachable) is the record's.
                 self.refused(attempt, why);
+                self.unexplained = Some(status);
                 None
             }
         }
@@ -519,12 +529,17 @@ impl Handler for ConnectionHandler {
         response: Option<Response<'a>>,
     ) -> Result<Auth, Self::Error> {
         let Some(mut response) = response else {
+            self.explained = false;
             return Ok(Auth::Partial {
                 name: "".into(),
                 instructions: "".into(),
                 prompts: vec![(PASSWORD_PROMPT.into(), false)].into(),
             });
         };
+        if std::mem::take(&mut self.explained) {
+            // The answer to the round that only said why: already recorded.
+            return Ok(Auth::reject());
+        }
         // Exactly one answer, in UTF-8, as the one prompt asked; anything else is refused
         // without reaching the control plane.
         let answer = response.next();
@@ -533,9 +548,25 @@ impl Handler for ConnectionHandler {
             _ => None,
         };
         match password {
-            Some(password) => Ok(self
-                .password(user, &password, Method::KeyboardInteractive)
-                .await),
+            Some(password) => {
+                self.unexplained = None;
+                let auth = self
+                    .password(user, &password, Method::KeyboardInteractive)
+                    .await;
+                // When the password could not be checked, one more round with no prompt
+                // tells the user why, as sshd shows PAM's messages; ssh prints it on stderr.
+                match self.unexplained.take() {
+                    Some(status) if auth != Auth::Accept => {
+                        self.explained = true;
+                        Ok(Auth::Partial {
+                            name: "".into(),
+                            instructions: placement_failure_line(&status).into(),
+                            prompts: Vec::new().into(),
+                        })
+                    }
+                    _ => Ok(auth),
+                }
+            }
             None => {
                 let attempt = self.attempt(user, Method::KeyboardInteractive, None);
                 self.refused(&attempt, "malformed keyboard-interactive response".into());

@@ -132,6 +132,27 @@ async fn directory_users_log_in_with_ssh_and_their_groups_decide() {
         reason.starts_with("the directory is unavailable; try again later (request id "),
         "{reason}"
     );
+    // Typed at a keyboard-interactive prompt (OpenSSH's first choice for passwords), the
+    // user reads that line too, at ssh's default log level.
+    let (out, _) = fleet
+        .ssh_password_prompts(
+            &[
+                "-o",
+                "PreferredAuthentications=keyboard-interactive",
+                "-o",
+                "LogLevel=INFO",
+            ],
+            "carol",
+            "carol-directory-pw",
+            "echo in",
+        )
+        .await;
+    assert_eq!(out.code, Some(255), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("envgate: the directory is unavailable; try again later (request id "),
+        "{out:#?}"
+    );
     let out = fleet.ssh_password("pat", "local-pw", "echo in").await;
     out.assert_success();
 }

@@ -1134,7 +1134,8 @@ impl Fleet {
     }
 
     /// `ssh_password` with extra `ssh` arguments (e.g. `-b 127.0.0.2`, another source
-    /// address as HAProxy reports it). Options in `extra` come first, so they win.
+    /// address as HAProxy reports it). Options in `extra` come first, so they win (ssh takes
+    /// an option's first value).
     pub async fn ssh_password_with_options(
         &self,
         extra: &[&str],
@@ -1170,8 +1171,8 @@ impl Fleet {
         .expect("write askpass");
         set_mode(&askpass, 0o700);
         let mut argv = vec!["ssh".to_string()];
-        argv.extend(self.ssh_base_args());
         argv.extend(extra.iter().map(|s| s.to_string()));
+        argv.extend(self.ssh_base_args());
         argv.extend(
             [
                 "-o",
