@@ -799,6 +799,42 @@ pub(crate) mod tests {
         (key, line)
     }
 
+    /// An authenticator over a fresh store asking `sources`, with alice local (password
+    /// `s3cret`).
+    pub async fn with_sources(
+        sources: crate::identity::Sources,
+    ) -> (Arc<MemoryStore>, Authenticator) {
+        let store = Arc::new(MemoryStore::new());
+        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
+        let alice = UserRecord {
+            name: "alice".into(),
+            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
+            ..Default::default()
+        };
+        store::put_json(store.as_ref(), &model::user_key("alice"), &alice, None)
+            .await
+            .unwrap();
+        let auth =
+            authenticator(store.clone(), test_limits(2, 64)).with_identity(Arc::new(sources));
+        (store, auth)
+    }
+
+    /// A password login of `user` from a fixed address: the groups of the token issued.
+    pub async fn password_login(
+        auth: &Authenticator,
+        user: &str,
+        password: &str,
+    ) -> Result<Vec<String>, AuthError> {
+        let issued = auth
+            .authenticate(
+                user,
+                Credential::Password(password.into()),
+                "192.0.2.7:4000",
+            )
+            .await?;
+        Ok(auth.verify_token(&issued.token).await.unwrap().groups)
+    }
+
     /// Cheap hashes on a pool of `threads` with room for `queue`; the clock stands still,
     /// so waits never run out by themselves.
     pub fn test_limits(threads: usize, queue: usize) -> PasswordLimits {

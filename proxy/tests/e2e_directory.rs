@@ -39,17 +39,6 @@ fn directory() -> String {
 /// a cached token expired would.
 const TOKEN_TTL_SECONDS: u64 = 20;
 
-/// The latest audit reason a failed login of `user` was given.
-fn last_refusal(fleet: &Fleet, user: &str) -> String {
-    fleet
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["event"] == "login" && r["outcome"] == "failure" && r["user"] == user)
-        .filter_map(|r| r["reason"].as_str().map(str::to_owned))
-        .next_back()
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_users_log_in_with_ssh_and_their_groups_decide() {
     let mut slapd = Slapd::start(&directory()).await.expect("slapd starts");
@@ -127,7 +116,7 @@ async fn directory_users_log_in_with_ssh_and_their_groups_decide() {
         .ssh_password("carol", "carol-directory-pw", "echo in")
         .await;
     assert_eq!(out.code, Some(255), "{out:#?}");
-    let reason = last_refusal(&fleet, "carol");
+    let reason = fleet.last_refusal("carol");
     assert!(
         reason.starts_with("the directory is unavailable; try again later (request id "),
         "{reason}"

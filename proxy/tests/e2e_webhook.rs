@@ -8,17 +8,6 @@ mod support;
 use envgate_controlplane::testkit::WebhookServer;
 use support::{Fleet, FleetOptions};
 
-/// The latest audit reason a failed login of `user` was given.
-fn last_refusal(fleet: &Fleet, user: &str) -> String {
-    fleet
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["event"] == "login" && r["outcome"] == "failure" && r["user"] == user)
-        .filter_map(|r| r["reason"].as_str().map(str::to_owned))
-        .next_back()
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_decides_passwords_and_keys_and_chooses_the_environment() {
     let hook = WebhookServer::start()
@@ -90,7 +79,7 @@ async fn the_webhook_decides_passwords_and_keys_and_chooses_the_environment() {
     drop(hook);
     let out = fleet.ssh_password("lee", "lee-pw", "echo in").await;
     assert_eq!(out.code, Some(255), "{out:#?}");
-    let reason = last_refusal(&fleet, "lee");
+    let reason = fleet.last_refusal("lee");
     assert!(
         reason
             .starts_with("the authentication service is unavailable; try again later (request id "),

@@ -216,14 +216,12 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use envgate_proto::audit::AuditLog;
     use tonic::Status;
 
     use super::*;
-    use crate::auth::tests::{TEST_COST, test_keys, test_limits};
-    use crate::auth::{Authenticator, Credential, Hasher};
+    use crate::auth::Authenticator;
+    use crate::auth::tests::{password_login as login, with_sources};
     use crate::error::AuthError;
-    use crate::hashing::HashPool;
     use crate::identity::Sources;
     use crate::model::{self, EnvironmentRecord, UserRecord};
     use crate::store::{self, MemoryStore, Store};
@@ -277,45 +275,13 @@ mod tests {
         }
     }
 
-    /// An authenticator over `store` asking `ldap`, with alice local (password `s3cret`).
+    /// An authenticator asking `ldap`, with alice local (password `s3cret`).
     async fn setup(ldap: LdapConfig) -> (Arc<MemoryStore>, Authenticator) {
-        let store = Arc::new(MemoryStore::new());
-        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
-        let alice = UserRecord {
-            name: "alice".into(),
-            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
-            ..Default::default()
-        };
-        store::put_json(store.as_ref(), &model::user_key("alice"), &alice, None)
-            .await
-            .unwrap();
-        let auth = Authenticator::new(
-            store.clone(),
-            test_keys(),
-            Duration::from_secs(300),
-            test_limits(2, 64),
-            AuditLog::in_memory(),
-        )
-        .with_identity(Arc::new(Sources {
+        with_sources(Sources {
             ldap: Some(Ldap::new(ldap)),
             ..Sources::default()
-        }));
-        (store, auth)
-    }
-
-    async fn login(
-        auth: &Authenticator,
-        user: &str,
-        password: &str,
-    ) -> Result<Vec<String>, AuthError> {
-        let issued = auth
-            .authenticate(
-                user,
-                Credential::Password(password.into()),
-                "192.0.2.7:4000",
-            )
-            .await?;
-        Ok(auth.verify_token(&issued.token).await.unwrap().groups)
+        })
+        .await
     }
 
     async fn record(store: &dyn Store, user: &str) -> Option<UserRecord> {

@@ -407,11 +407,12 @@ mod tests {
     use tonic::Status;
 
     use super::*;
-    use crate::auth::tests::{TEST_COST, keypair, test_keys, test_limits};
-    use crate::auth::{Authenticator, Credential, Hasher};
+    use crate::auth::tests::{
+        keypair, password_login as login, test_keys, test_limits, with_sources,
+    };
+    use crate::auth::{Authenticator, Credential};
     use crate::error::AuthError;
     use crate::fixtures::{World, fast, no_progress};
-    use crate::hashing::HashPool;
     use crate::identity::{Sources, tls_trusting};
     use crate::model::{self, UserRecord};
     use crate::store::{self, MemoryStore};
@@ -447,47 +448,15 @@ mod tests {
         timeout: Duration,
         retries: u32,
     ) -> (Arc<MemoryStore>, Authenticator) {
-        let store = Arc::new(MemoryStore::new());
-        let hasher = Hasher::new(TEST_COST, HashPool::new(1, 4));
-        let alice = UserRecord {
-            name: "alice".into(),
-            password_hash: Some(hasher.hash("s3cret".into()).await.unwrap()),
-            ..Default::default()
-        };
-        store::put_json(store.as_ref(), &model::user_key("alice"), &alice, None)
-            .await
-            .unwrap();
         let webhook = AuthWebhook::new(
             endpoint(url, ca, timeout, retries),
             Duration::from_secs(300),
         );
-        let auth = Authenticator::new(
-            store.clone(),
-            test_keys(),
-            Duration::from_secs(300),
-            test_limits(2, 64),
-            AuditLog::in_memory(),
-        )
-        .with_identity(Arc::new(Sources {
+        with_sources(Sources {
             webhook: Some(webhook),
             ..Sources::default()
-        }));
-        (store, auth)
-    }
-
-    async fn login(
-        auth: &Authenticator,
-        user: &str,
-        password: &str,
-    ) -> Result<Vec<String>, AuthError> {
-        let issued = auth
-            .authenticate(
-                user,
-                Credential::Password(password.into()),
-                "192.0.2.7:4000",
-            )
-            .await?;
-        Ok(auth.verify_token(&issued.token).await.unwrap().groups)
+        })
+        .await
     }
 
     #[tokio::test]

@@ -759,6 +759,15 @@ impl Fleet {
         self.dir.path().join("audit.jsonl")
     }
 
+    /// The reason the latest failed login of `user` was given, from the audit log ("" if none).
+    pub fn last_refusal(&self, user: &str) -> String {
+        self.audit_records()
+            .into_iter()
+            .rfind(|r| r["event"] == "login" && r["outcome"] == "failure" && r["user"] == user)
+            .and_then(|r| r["reason"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// The audit records so far, parsed.
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.audit_log())
