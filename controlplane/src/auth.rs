@@ -276,22 +276,31 @@ impl Authenticator {
         }
     }
 
-    /// A key an external source vouches for (the webhook's `/pubkey`), for a user it may speak
-    /// for; the provisioned record on success.
+    /// Who the webhook's `/pubkey` says holds `key` (SSH wire format), if it vouches for it.
+    async fn vouched_key(
+        &self,
+        username: &str,
+        key: &[u8],
+        client_address: &str,
+    ) -> Result<Option<identity::ExternalUser>, AuthError> {
+        let Ok(line) = PublicKey::from_bytes(key).and_then(|k| k.to_openssh()) else {
+            return Ok(None);
+        };
+        Ok(self
+            .identity
+            .check_public_key(username, &line, client_address)
+            .await?)
+    }
+
+    /// A key an external source vouches for, for a user it may speak for; the provisioned
+    /// record on success.
     async fn external_key(
         &self,
         username: &str,
         key: &[u8],
         client_address: &str,
     ) -> Result<Option<UserRecord>, AuthError> {
-        let Ok(line) = PublicKey::from_bytes(key).and_then(|k| k.to_openssh()) else {
-            return Ok(None);
-        };
-        match self
-            .identity
-            .check_public_key(username, &line, client_address)
-            .await?
-        {
+        match self.vouched_key(username, key, client_address).await? {
             Some(found) => Ok(identity::provision(self.store.as_ref(), &found).await?),
             None => Ok(None),
         }
@@ -322,13 +331,9 @@ impl Authenticator {
 
     /// Answers an SSH public-key offer: whether `key` is one of `username`'s authorized keys
     /// and the user may log in. Issues nothing and never touches the failure throttle: a
-    /// client offers every key it holds, and only a signature proves possession.
-    pub async fn check_public_key(&self, username: &str, key: &[u8]) -> Result<bool, AuthError> {
-        self.check_public_key_from(username, key, "").await
-    }
-
-    /// `check_public_key` for a client at `client_address`, which the auth webhook is told.
-    pub async fn check_public_key_from(
+    /// client offers every key it holds, and only a signature proves possession. The auth
+    /// webhook is told `client_address`.
+    pub async fn check_public_key(
         &self,
         username: &str,
         key: &[u8],
@@ -349,13 +354,9 @@ impl Authenticator {
         if !speaks_for(user.as_ref()) || self.identity.webhook.is_none() {
             return Ok(false);
         }
-        let Ok(line) = PublicKey::from_bytes(key).and_then(|k| k.to_openssh()) else {
-            return Ok(false);
-        };
         // Asked again (from its cache) when the signature is verified; nothing is written yet.
         Ok(self
-            .identity
-            .check_public_key(username, &line, client_address)
+            .vouched_key(username, key, client_address)
             .await?
             .is_some())
     }
@@ -719,7 +720,7 @@ impl Auth for AuthService {
         let req = request.into_inner();
         let acceptable = self
             .auth
-            .check_public_key_from(&req.username, &req.public_key, &req.client_address)
+            .check_public_key(&req.username, &req.public_key, &req.client_address)
             .await?;
         Ok(Response::new(CheckPublicKeyResponse {
             acceptable,
@@ -1085,7 +1086,12 @@ pub(crate) mod tests {
         let (store, auth, key) = setup().await;
         let (other, _) = keypair();
         for _ in 0..100 {
-            assert!(!auth.check_public_key("alice", &wire(&other)).await.unwrap());
+            assert!(
+                !auth
+                    .check_public_key("alice", &wire(&other), "192.0.2.1:1")
+                    .await
+                    .unwrap()
+            );
         }
         assert!(
             store.range("throttle/").await.unwrap().is_empty(),

@@ -643,7 +643,11 @@ mod tests {
         )
         .await;
         let wire = key.public_key().to_bytes().unwrap();
-        assert!(auth.check_public_key("dora", &wire).await.unwrap());
+        assert!(
+            auth.check_public_key("dora", &wire, "192.0.2.7:1")
+                .await
+                .unwrap()
+        );
         let issued = auth
             .authenticate("dora", Credential::PublicKey(wire.clone()), "192.0.2.7:1")
             .await
@@ -663,7 +667,12 @@ mod tests {
         );
         let (other, _) = keypair();
         let other = other.public_key().to_bytes().unwrap();
-        assert!(!auth.check_public_key("dora", &other).await.unwrap());
+        assert!(
+            !auth
+                .check_public_key("dora", &other, "192.0.2.7:1")
+                .await
+                .unwrap()
+        );
         assert!(matches!(
             auth.authenticate("dora", Credential::PublicKey(other), "192.0.2.7:1")
                 .await,
