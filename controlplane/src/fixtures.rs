@@ -14,8 +14,8 @@ use crate::auth::Authenticator;
 use crate::auth::tests::{test_keys, test_limits};
 use crate::error::PlacementError;
 use crate::model::{
-    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
-    UserRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Gpus, Mode,
+    ProxyRecord, UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::reconcile::{ReconcileConfig, Reconciler};
@@ -45,6 +45,7 @@ pub fn alices_busybox(instance: &str) -> ContainerSpec {
         cpus: 0.0,
         memory_bytes: 0,
         pids_limit: 0,
+        gpus: Gpus::None,
     }
 }
 

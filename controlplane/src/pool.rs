@@ -94,6 +94,7 @@ pub fn container_spec(
         cpus: env.cpus,
         memory_bytes: env.memory_bytes,
         pids_limit: env.pids_limit,
+        gpus: env.gpus,
     }
 }
 

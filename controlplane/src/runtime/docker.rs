@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Volume, VolumeCreateRequest,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceRequest, HostConfig, Volume,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
@@ -28,6 +29,7 @@ use super::{
     claimed_container_name, container_name, labels, name_suffix, pool_container_name, stale_dirs,
     volume_name,
 };
+use crate::model::Gpus;
 
 pub mod network;
 mod pull;
@@ -391,6 +393,9 @@ impl DockerRuntime {
             if let Err(cleanup) = self.remove_container(&created.id).await {
                 tracing::warn!(container = %created.id, error = %cleanup, "removing a container that failed to start");
             }
+            if spec.gpus != Gpus::None && is_missing_gpu_driver(&e) {
+                return Err(RuntimeError::NoGpus(e.to_string()));
+            }
             return Err(e);
         }
         Ok(created.id)
@@ -500,9 +505,31 @@ fn host_config(spec: &ContainerSpec, binds: Vec<String>, agent: bool) -> HostCon
         memory: (spec.memory_bytes > 0)
             .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
         nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
+        device_requests: gpu_request(spec.gpus).map(|r| vec![r]),
         binds: Some(binds),
         ..HostConfig::default()
     }
+}
+
+/// What `docker run --gpus all` (or `--gpus N`) sends: no driver named, so the engine picks
+/// the one with the `gpu` capability (the NVIDIA Container Toolkit's).
+fn gpu_request(gpus: Gpus) -> Option<DeviceRequest> {
+    let count = match gpus {
+        Gpus::None => return None,
+        Gpus::All => -1,
+        Gpus::Count(n) => i64::from(n),
+    };
+    Some(DeviceRequest {
+        driver: Some(String::new()),
+        count: Some(count),
+        capabilities: Some(vec![vec!["gpu".to_owned()]]),
+        ..DeviceRequest::default()
+    })
+}
+
+/// The engine's refusal of a device request it has no driver for (at start, not create).
+fn is_missing_gpu_driver(e: &RuntimeError) -> bool {
+    matches!(e, RuntimeError::Failed(m) if m.contains("could not select device driver"))
 }
 
 #[async_trait]
@@ -709,5 +736,61 @@ impl Runtime for DockerRuntime {
             remove_agent_dir(&path);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::alices_busybox;
+
+    fn device_requests(gpus: Gpus) -> Option<Vec<DeviceRequest>> {
+        let spec = ContainerSpec {
+            gpus,
+            ..alices_busybox("t")
+        };
+        host_config(&spec, Vec::new(), true).device_requests
+    }
+
+    #[test]
+    fn gpus_become_the_device_request_docker_run_gpus_sends() {
+        assert_eq!(device_requests(Gpus::None), None);
+        let all = &device_requests(Gpus::All).unwrap()[0];
+        assert_eq!(all.count, Some(-1));
+        assert_eq!(all.driver.as_deref(), Some(""));
+        assert_eq!(all.capabilities, Some(vec![vec!["gpu".to_owned()]]));
+        assert_eq!(all.device_ids, None);
+        let two = &device_requests(Gpus::Count(2)).unwrap()[0];
+        assert_eq!(two.count, Some(2));
+        assert_eq!(two.capabilities, all.capabilities);
+        // The body Docker receives: the engine's own field names.
+        let json = serde_json::to_value(host_config(
+            &ContainerSpec {
+                gpus: Gpus::Count(2),
+                ..alices_busybox("t")
+            },
+            Vec::new(),
+            true,
+        ))
+        .unwrap();
+        assert_eq!(
+            json["DeviceRequests"],
+            serde_json::json!([{"Driver": "", "Count": 2, "Capabilities": [["gpu"]]}])
+        );
+    }
+
+    #[test]
+    fn only_the_missing_driver_answer_means_no_gpus() {
+        let refusal = RuntimeError::Failed(
+            "docker answered 500: could not select device driver \"\" with capabilities: [[gpu]]"
+                .into(),
+        );
+        assert!(is_missing_gpu_driver(&refusal));
+        assert!(!is_missing_gpu_driver(&RuntimeError::Failed(
+            "docker answered 500: OCI runtime create failed".into()
+        )));
+        assert!(!is_missing_gpu_driver(&RuntimeError::Unavailable(
+            "docker is unavailable: could not select device driver".into()
+        )));
     }
 }
