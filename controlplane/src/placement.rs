@@ -661,6 +661,7 @@ impl Placer {
             account: own_account(cx.env, record),
             accept_env: catalogue::accept_env(cx.env),
             record: cx.env.record_sessions,
+            persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),

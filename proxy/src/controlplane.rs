@@ -359,6 +359,13 @@ pub fn is_unreachable(status: &Status) -> bool {
     status.code() == Code::Unavailable && std::error::Error::source(status).is_some()
 }
 
+/// Whether the control plane could not do the call for want of something (a replica, its
+/// store, its runtime), rather than refusing it: the class of failure a proxy may ride out
+/// from its caches (docs/operations.md, "When the control plane is down").
+pub fn is_unavailable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+}
+
 async fn with_retries_when<T, F, Fut>(
     what: &'static str,
     retry: impl Fn(&Status) -> bool,

@@ -13,8 +13,10 @@ use envgate_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 
 use crate::auth_cache::AuthCache;
+use crate::placement_cache::PlacementCache;
 use crate::connections::Registry;
 use crate::controlplane::{ControlPlane, jittered_backoff};
 use crate::drain::Drain;
@@ -35,6 +37,7 @@ pub struct FleetMember {
     pub register: Register,
     pub registry: Registry,
     pub auth_cache: Arc<AuthCache>,
+    pub placements: Arc<PlacementCache>,
     pub drain: Drain,
     pub readiness: Readiness,
 }
@@ -45,11 +48,19 @@ impl FleetMember {
         let mut failures: u32 = 0;
         // Set when a stream that was up ended; cleared by the next registration.
         let mut detached_since: Option<Instant> = None;
+        let mut registered_once = false;
         loop {
             let mut attached_at = None;
-            if let Err(status) = self.attach_once(&shutdown, &mut attached_at).await {
+            let result = self.attach_once(&shutdown, &mut attached_at).await;
+            // No replica answered (rather than one refusing the stream).
+            let unanswered = match &result {
+                Ok(()) => false,
+                Err(status) => matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            };
+            if let Err(status) = result {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "fleet stream failed");
             }
+            registered_once |= attached_at.is_some();
             if shutdown.is_cancelled() {
                 self.readiness.set(false);
                 return;
@@ -77,7 +88,13 @@ impl FleetMember {
                 // The balancer may still pick the dead replica for a moment: retry soon.
                 jittered_backoff(0, BACKOFF_BASE / 4, BACKOFF_CAP)
             } else {
-                self.readiness.set(false);
+                // A proxy that was registered stays ready while no replica answers: it still
+                // serves users whose containers run, from its caches, and every proxy would
+                // lose the control plane together, leaving the balancer none
+                // (docs/decisions.md). One refused, or never registered, is not ready.
+                if !(registered_once && unanswered) {
+                    self.readiness.set(false);
+                }
                 jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP)
             };
             tokio::select! {
@@ -158,7 +175,8 @@ impl FleetMember {
             }
             Some(fleet_command::Command::RevokeUser(revoke)) => {
                 let dropped = self.auth_cache.revoke_user(&revoke.user);
-                tracing::info!(user = %revoke.user, dropped, "revoked cached tokens");
+                let placements = self.placements.forget_user(&revoke.user);
+                tracing::info!(user = %revoke.user, dropped, placements, "revoked cached tokens and placements");
             }
             None => tracing::debug!("empty fleet command"),
         }
