@@ -5,6 +5,7 @@
 //! (Authenticate, CloseSession).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_proto::metadata::CONNECTION_ID;
@@ -20,6 +21,7 @@ use envgate_proto::v1::{
     StopEnvironmentResponse, UserEnvironments, UserStatus, authenticate_request,
 };
 use rand::Rng;
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 
@@ -51,6 +53,9 @@ pub enum Offered {
 pub struct ControlPlane {
     channel: Channel,
     proxy_id: String,
+    /// Woken whenever a call is answered, so that a Fleet stream waiting out its backoff
+    /// re-attaches as soon as a replica is back (`FleetMember::run`).
+    answered: Arc<Notify>,
 }
 
 impl ControlPlane {
@@ -94,11 +99,37 @@ impl ControlPlane {
         Ok(Self {
             channel: Channel::balance_list(endpoints.into_iter()),
             proxy_id,
+            answered: Arc::new(Notify::new()),
         })
     }
 
     pub fn proxy_id(&self) -> &str {
         &self.proxy_id
+    }
+
+    /// Resolves when a call made after this one started is answered by a replica (whatever
+    /// the answer).
+    pub async fn answered(&self) {
+        self.answered.notified().await;
+    }
+
+    /// Retries `call` as [`with_retries_when`] does, and wakes those waiting in
+    /// [`ControlPlane::answered`] when a replica answered it.
+    async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        retry: impl Fn(&Status) -> bool,
+        call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let result = with_retries_when(what, retry, call).await;
+        if result.as_ref().err().is_none_or(|status| !is_unreachable(status)) {
+            self.answered.notify_waiters();
+        }
+        result
     }
 
     pub fn fleet_client(&self) -> FleetClient<Channel> {
@@ -126,7 +157,7 @@ impl ControlPlane {
             credential: Some(credential),
             client_address: client_address.to_owned(),
         };
-        with_retries("Authenticate", || {
+        self.call("Authenticate", is_retriable, || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
             async move { deadline(AUTHENTICATE_DEADLINE, client.authenticate(request)).await }
@@ -149,7 +180,7 @@ impl ControlPlane {
             public_key: key.to_vec(),
             client_address: client_address.to_owned(),
         };
-        with_retries("CheckPublicKey", || {
+        self.call("CheckPublicKey", is_retriable, || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
             async move { deadline(AUTHENTICATE_DEADLINE, client.check_public_key(request)).await }
@@ -165,7 +196,7 @@ impl ControlPlane {
         message: OpenSessionRequest,
         connection_id: &str,
     ) -> Result<Streaming<OpenSessionEvent>, Status> {
-        with_retries_when("OpenSession", is_unreachable, || {
+        self.call("OpenSession", is_unreachable, || {
             let mut client = SessionsClient::new(self.channel.clone());
             let request = request(message.clone(), OPEN_SESSION_DEADLINE, connection_id);
             async move { deadline(OPEN_SESSION_DEADLINE, client.open_session(request)).await }
@@ -185,7 +216,7 @@ impl ControlPlane {
             exit_status,
             container_unreachable,
         };
-        with_retries("CloseSession", || {
+        self.call("CloseSession", is_retriable, || {
             let mut client = SessionsClient::new(self.channel.clone());
             let request = request(message.clone(), CLOSE_SESSION_DEADLINE, connection_id);
             async move {
@@ -208,7 +239,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("ListEnvironments", || {
+        self.call("ListEnvironments", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.list_environments(request)).await }
@@ -221,7 +252,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("Status", || {
+        self.call("Status", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.status(request)).await }
@@ -241,7 +272,7 @@ impl ControlPlane {
             token: token.to_owned(),
             environment: environment.to_owned(),
         };
-        with_retries_when("StopEnvironment", is_unreachable, || {
+        self.call("StopEnvironment", is_unreachable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), STOP_ENVIRONMENT_DEADLINE, connection_id);
             async move {
@@ -263,7 +294,7 @@ impl ControlPlane {
             token: token.to_owned(),
             public_key: public_key.to_owned(),
         };
-        with_retries_when("IssueCertificate", is_unreachable, || {
+        self.call("IssueCertificate", is_unreachable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.issue_certificate(request)).await }
@@ -280,7 +311,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("CertificateAuthorities", || {
+        self.call("CertificateAuthorities", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move {
@@ -305,7 +336,7 @@ impl ControlPlane {
             token: token.to_owned(),
             environment: environment.to_owned(),
         };
-        with_retries("SetDefault", || {
+        self.call("SetDefault", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move {
@@ -342,14 +373,10 @@ async fn deadline<T>(
     }
 }
 
-/// Retries UNAVAILABLE (the replica is down or unreachable) with full-jitter
-/// exponential backoff; every other status is final.
-async fn with_retries<T, F, Fut>(what: &'static str, call: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-{
-    with_retries_when(what, |status| status.code() == Code::Unavailable, call).await
+/// What is retried by default: UNAVAILABLE (the replica is down or unreachable), with
+/// full-jitter exponential backoff; every other status is final.
+fn is_retriable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
 }
 
 /// Whether the call failed before it reached the control plane (connection
@@ -360,10 +387,11 @@ pub fn is_unreachable(status: &Status) -> bool {
 }
 
 /// Whether the control plane could not do the call for want of something (a replica, its
-/// store, its runtime), rather than refusing it: the class of failure a proxy may ride out
-/// from its caches (docs/operations.md, "When the control plane is down").
+/// store, its runtime), or the connection to it broke, rather than refusing it: the class of
+/// failure a proxy rides out from its caches and by keeping closes for later
+/// (docs/operations.md, "When the control plane is down").
 pub fn is_unavailable(status: &Status) -> bool {
-    status.code() == Code::Unavailable
+    status.code() == Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
 async fn with_retries_when<T, F, Fut>(
@@ -415,7 +443,7 @@ mod tests {
     #[tokio::test]
     async fn only_unavailable_is_retried() {
         let mut calls = 0;
-        let result: Result<(), Status> = with_retries("test", || {
+        let result: Result<(), Status> = with_retries_when("test", is_retriable, || {
             calls += 1;
             async { Err(Status::unauthenticated("no")) }
         })
@@ -424,7 +452,7 @@ mod tests {
         assert_eq!(calls, 1);
 
         let mut calls = 0;
-        let result: Result<u32, Status> = with_retries("test", || {
+        let result: Result<u32, Status> = with_retries_when("test", is_retriable, || {
             calls += 1;
             let n = calls;
             async move {
@@ -474,5 +502,9 @@ mod tests {
         assert!(!is_unreachable(&Status::unavailable(
             "docker is unavailable"
         )));
+        assert!(is_unavailable(&status));
+        assert!(is_unavailable(&Status::unavailable("etcd is unavailable")));
+        assert!(!is_unavailable(&Status::permission_denied("not your session")));
+        assert!(!is_unavailable(&Status::deadline_exceeded("placement took too long")));
     }
 }

@@ -99,6 +99,9 @@ impl FleetMember {
             };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                // A replica answered another call: it is back, re-attach now rather than
+                // after the rest of a backoff of up to BACKOFF_CAP.
+                () = self.control_plane.answered() => {}
                 () = shutdown.cancelled() => return,
             }
         }
