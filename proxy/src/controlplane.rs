@@ -126,7 +126,11 @@ impl ControlPlane {
         Fut: Future<Output = Result<T, Status>>,
     {
         let result = with_retries_when(what, retry, call).await;
-        if result.as_ref().err().is_none_or(|status| !is_unreachable(status)) {
+        if result
+            .as_ref()
+            .err()
+            .is_none_or(|status| !is_unreachable(status))
+        {
             self.answered.notify_waiters();
         }
         result
@@ -504,7 +508,11 @@ mod tests {
         )));
         assert!(is_unavailable(&status));
         assert!(is_unavailable(&Status::unavailable("etcd is unavailable")));
-        assert!(!is_unavailable(&Status::permission_denied("not your session")));
-        assert!(!is_unavailable(&Status::deadline_exceeded("placement took too long")));
+        assert!(!is_unavailable(&Status::permission_denied(
+            "not your session"
+        )));
+        assert!(!is_unavailable(&Status::deadline_exceeded(
+            "placement took too long"
+        )));
     }
 }

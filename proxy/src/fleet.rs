@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::auth_cache::AuthCache;
-use crate::placement_cache::PlacementCache;
 use crate::connections::Registry;
 use crate::controlplane::{ControlPlane, jittered_backoff};
 use crate::drain::Drain;
 use crate::error::DEFAULT_KILL_MESSAGE;
+use crate::placement_cache::PlacementCache;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// A stream that lived this long counts as having been up (see `FleetMember::run`).

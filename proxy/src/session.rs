@@ -968,7 +968,7 @@ impl Connection {
             }
             Err(status) if is_unavailable(&status) => {
                 tracing::warn!(code = ?status.code(), message = %status.message(), "placement failed: the control plane is unavailable; trying the placement cache");
-                match self.from_cache(&environment, &status).await {
+                match self.place_from_cache(&environment, &status).await {
                     Some(placement) => PlacementState::PlacedFromCache(Box::new(placement)),
                     None => PlacementState::Failed(status),
                 }
@@ -988,7 +988,11 @@ impl Connection {
     /// could not place (`why`): only while the user's token lives, and only when the
     /// container's agent still answers. The session gets an id of this proxy's own, and the
     /// audit log a record saying where it came from.
-    async fn from_cache(&mut self, requested: &str, why: &tonic::Status) -> Option<Placement> {
+    async fn place_from_cache(
+        &mut self,
+        requested: &str,
+        why: &tonic::Status,
+    ) -> Option<Placement> {
         let (_, identity) = self.identity.as_ref()?;
         let now = unix_now();
         let counted = |result: &'static str| {

@@ -45,7 +45,9 @@ fn assert_control_plane_down_line(out: &SshOutput) {
 
 /// The value of the Prometheus sample `name{labels}` (0 when absent).
 async fn metric(fleet: &Fleet, sample: &str) -> f64 {
-    let body = Fleet::metrics(&fleet.proxy_ops[0]).await.unwrap_or_default();
+    let body = Fleet::metrics(&fleet.proxy_ops[0])
+        .await
+        .unwrap_or_default();
     body.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -67,16 +69,24 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     let before = fleet.ssh("demo", "hostname", None).await;
     before.assert_success();
     let logged_in_at = Instant::now();
-    eventually(Duration::from_secs(20), "the first session closed", || async {
-        match fleet.user_sessions("demo").await?.len() {
-            0 => Ok(()),
-            n => Err(format!("{n} sessions")),
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the first session closed",
+        || async {
+            match fleet.user_sessions("demo").await?.len() {
+                0 => Ok(()),
+                n => Err(format!("{n} sessions")),
+            }
+        },
+    )
     .await;
     // A session that runs across the kill and ends during the outage.
     let across = fleet
-        .session_in_background("demo", "echo started; sleep 6; echo ended", Duration::from_secs(20))
+        .session_in_background(
+            "demo",
+            "echo started; sleep 6; echo ended",
+            Duration::from_secs(20),
+        )
         .await;
     let argv: Vec<Vec<String>> = (0..2).map(|i| fleet.controlplane_argv(i)).collect();
     fleet.kill_controlplane(0);
@@ -86,7 +96,11 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     // demo's container runs: demo gets in, into the same container.
     let out = fleet.ssh("demo", "echo survived; hostname", None).await;
     out.assert_success();
-    assert_eq!(out.stdout, format!("survived\n{}", before.stdout), "{out:#?}");
+    assert_eq!(
+        out.stdout,
+        format!("survived\n{}", before.stdout),
+        "{out:#?}"
+    );
     eprintln!(
         "first login after the kill succeeded {:.1} s after it",
         killed_at.elapsed().as_secs_f64()
@@ -168,16 +182,20 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     .await;
     // The first logins may still be served from the cache while the proxy re-registers.
     let starts = audit_events(&fleet, "session_start").len();
-    eventually(Duration::from_secs(30), "a login placed by the control plane", || async {
-        let out = fleet.ssh("demo", "hostname", None).await;
-        if out.code != Some(0) || out.stdout != before.stdout {
-            return Err(format!("{out:#?}"));
-        }
-        match audit_events(&fleet, "session_start").len() - starts {
-            0 => Err("served from the cache".to_owned()),
-            _ => Ok(()),
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "a login placed by the control plane",
+        || async {
+            let out = fleet.ssh("demo", "hostname", None).await;
+            if out.code != Some(0) || out.stdout != before.stdout {
+                return Err(format!("{out:#?}"));
+            }
+            match audit_events(&fleet, "session_start").len() - starts {
+                0 => Err("served from the cache".to_owned()),
+                _ => Ok(()),
+            }
+        },
+    )
     .await;
 }
 
@@ -196,7 +214,11 @@ async fn running_containers_stay_reachable_while_etcd_is_down() {
     fleet.kill_etcd();
     let out = fleet.ssh("demo", "echo survived; hostname", None).await;
     out.assert_success();
-    assert_eq!(out.stdout, format!("survived\n{}", before.stdout), "{out:#?}");
+    assert_eq!(
+        out.stdout,
+        format!("survived\n{}", before.stdout),
+        "{out:#?}"
+    );
     assert_eq!(audit_events(&fleet, "session_from_cache").len(), 1);
     // Nothing runs in debian: the control plane's own line, with its request id.
     let out = fleet.ssh("demo+debian", "true", None).await;
