@@ -5,8 +5,8 @@
 //! (Authenticate, CloseSession).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use envgate_proto::metadata::CONNECTION_ID;
 use envgate_proto::tls::TlsFiles;
@@ -37,6 +37,10 @@ pub const SELF_SERVICE_DEADLINE: Duration = Duration::from_secs(10);
 /// StopEnvironment waits for the ended sessions to close, then removes the container.
 pub const STOP_ENVIRONMENT_DEADLINE: Duration = Duration::from_secs(60);
 const RETRY_ATTEMPTS: u32 = 4;
+/// After no replica has been reached for this long, a call is tried once: retrying only delays
+/// the proxy's fallback on its caches (docs/operations.md, "When the control plane is down").
+/// Shorter outages (a replica failing over) keep every retry.
+const OUTAGE_AFTER: Duration = Duration::from_secs(5);
 const RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// A credential the user proved: a password, or a public key whose signature over this SSH
@@ -56,6 +60,8 @@ pub struct ControlPlane {
     /// Woken whenever a call is answered, so that a Fleet stream waiting out its backoff
     /// re-attaches as soon as a replica is back (`FleetMember::run`).
     answered: Arc<Notify>,
+    /// Since when no call reached a replica; `None` while they answer.
+    unreached_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl ControlPlane {
@@ -100,6 +106,7 @@ impl ControlPlane {
             channel: Channel::balance_list(endpoints.into_iter()),
             proxy_id,
             answered: Arc::new(Notify::new()),
+            unreached_since: Arc::default(),
         })
     }
 
@@ -113,8 +120,15 @@ impl ControlPlane {
         self.answered.notified().await;
     }
 
-    /// Retries `call` as [`with_retries_when`] does, and wakes those waiting in
-    /// [`ControlPlane::answered`] when a replica answered it.
+    /// A replica answered (a call, or the Fleet stream registered): the outage, if any, is
+    /// over, and those waiting in [`ControlPlane::answered`] are woken.
+    pub fn mark_answered(&self) {
+        *self.unreached_since.lock().expect("outage lock") = None;
+        self.answered.notify_waiters();
+    }
+
+    /// Retries `call` as [`with_retries_when`] does (only once during an outage longer than
+    /// [`OUTAGE_AFTER`]), and keeps track of whether replicas answer.
     async fn call<T, F, Fut>(
         &self,
         what: &'static str,
@@ -125,13 +139,21 @@ impl ControlPlane {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let result = with_retries_when(what, retry, call).await;
-        if result
-            .as_ref()
-            .err()
-            .is_none_or(|status| !is_unreachable(status))
-        {
-            self.answered.notify_waiters();
+        let outage = self
+            .unreached_since
+            .lock()
+            .expect("outage lock")
+            .is_some_and(|since| since.elapsed() >= OUTAGE_AFTER);
+        let attempts = if outage { 1 } else { RETRY_ATTEMPTS };
+        let result = with_retries_when(what, attempts, retry, call).await;
+        match &result {
+            Err(status) if is_unreachable(status) => {
+                self.unreached_since
+                    .lock()
+                    .expect("outage lock")
+                    .get_or_insert_with(Instant::now);
+            }
+            _ => self.mark_answered(),
         }
         result
     }
@@ -400,6 +422,7 @@ pub fn is_unavailable(status: &Status) -> bool {
 
 async fn with_retries_when<T, F, Fut>(
     what: &'static str,
+    attempts: u32,
     retry: impl Fn(&Status) -> bool,
     mut call: F,
 ) -> Result<T, Status>
@@ -410,7 +433,7 @@ where
     let mut attempt = 0;
     loop {
         match call().await {
-            Err(status) if retry(&status) && attempt + 1 < RETRY_ATTEMPTS => {
+            Err(status) if retry(&status) && attempt + 1 < attempts => {
                 let delay = jittered_backoff(attempt, RETRY_BASE, Duration::from_secs(2));
                 tracing::warn!(call = what, attempt, ?delay, error = %status.message(), "control plane unavailable, retrying");
                 tokio::time::sleep(delay).await;
@@ -447,28 +470,74 @@ mod tests {
     #[tokio::test]
     async fn only_unavailable_is_retried() {
         let mut calls = 0;
-        let result: Result<(), Status> = with_retries_when("test", is_retriable, || {
-            calls += 1;
-            async { Err(Status::unauthenticated("no")) }
-        })
-        .await;
+        let result: Result<(), Status> =
+            with_retries_when("test", RETRY_ATTEMPTS, is_retriable, || {
+                calls += 1;
+                async { Err(Status::unauthenticated("no")) }
+            })
+            .await;
         assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(calls, 1);
 
         let mut calls = 0;
-        let result: Result<u32, Status> = with_retries_when("test", is_retriable, || {
-            calls += 1;
-            let n = calls;
-            async move {
-                if n < 3 {
-                    Err(Status::unavailable("down"))
-                } else {
-                    Ok(n)
+        let result: Result<u32, Status> =
+            with_retries_when("test", RETRY_ATTEMPTS, is_retriable, || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(Status::unavailable("down"))
+                    } else {
+                        Ok(n)
+                    }
                 }
-            }
-        })
-        .await;
+            })
+            .await;
         assert_eq!(result.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_is_tried_once_per_call_until_a_replica_answers() {
+        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
+        let control_plane = ControlPlane::new(
+            &["https://127.0.0.1:1".into()],
+            &pki.proxy_tls("p"),
+            None,
+            "p".into(),
+        )
+        .unwrap();
+        let unreachable = || {
+            let mut status = Status::unavailable("tcp connect error");
+            status.set_source(Arc::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )));
+            status
+        };
+        let attempts = |calls: std::sync::Arc<std::sync::atomic::AtomicU32>| {
+            let control_plane = control_plane.clone();
+            async move {
+                let _ = control_plane
+                    .call("test", is_retriable, || {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let status = unreachable();
+                        async move { Err::<(), _>(status) }
+                    })
+                    .await;
+                calls.load(std::sync::atomic::Ordering::SeqCst)
+            }
+        };
+        assert_eq!(
+            attempts(Arc::default()).await,
+            RETRY_ATTEMPTS,
+            "a blip is retried"
+        );
+        *control_plane.unreached_since.lock().unwrap() = Instant::now().checked_sub(OUTAGE_AFTER);
+        assert_eq!(attempts(Arc::default()).await, 1, "an outage is not");
+        let answered = control_plane
+            .call("test", is_retriable, || async { Ok(()) })
+            .await;
+        assert!(answered.is_ok());
+        assert_eq!(attempts(Arc::default()).await, RETRY_ATTEMPTS, "it is over");
     }
 
     #[test]

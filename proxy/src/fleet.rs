@@ -127,6 +127,7 @@ impl FleetMember {
         let mut commands = attached.into_inner();
         tracing::info!(proxy_id = %self.control_plane.proxy_id(), "registered with the control plane");
         *attached_at = Some(Instant::now());
+        self.control_plane.mark_answered();
         self.readiness.set(!self.drain.is_draining());
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.tick().await;
