@@ -169,17 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn closes_wait_while_the_control_plane_is_unreachable_and_stop_on_shutdown() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
-        let control_plane = ControlPlane::new(
-            &[format!("https://{addr}")],
-            &pki.proxy_tls("p"),
-            None,
-            "p".into(),
-        )
-        .unwrap();
+        let control_plane = crate::controlplane::unreachable_control_plane();
         let queue = std::sync::Arc::new(CloseQueue::new(10));
         queue.push(close(1));
         let shutdown = CancellationToken::new();

@@ -452,6 +452,22 @@ pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration
     Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
 }
 
+/// A client of a control plane on a loopback port nothing listens on.
+#[cfg(test)]
+pub(crate) fn unreachable_control_plane() -> ControlPlane {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = listener.local_addr().expect("its address");
+    drop(listener);
+    let pki = envgate_controlplane::testkit::TestPki::new().expect("a test PKI");
+    ControlPlane::new(
+        &[format!("https://{addr}")],
+        &pki.proxy_tls("p"),
+        None,
+        "p".into(),
+    )
+    .expect("a valid address")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,14 +514,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_outage_is_tried_once_per_call_until_a_replica_answers() {
-        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
-        let control_plane = ControlPlane::new(
-            &["https://127.0.0.1:1".into()],
-            &pki.proxy_tls("p"),
-            None,
-            "p".into(),
-        )
-        .unwrap();
+        let control_plane = unreachable_control_plane();
         let unreachable = || {
             let mut status = Status::unavailable("tcp connect error");
             status.set_source(Arc::new(std::io::Error::from(
@@ -555,13 +564,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_control_plane_is_unavailable_quickly() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
-        let tls = pki.proxy_tls("p");
-        let control_plane =
-            ControlPlane::new(&[format!("https://{addr}")], &tls, None, "p".into()).unwrap();
+        let control_plane = unreachable_control_plane();
         let started = std::time::Instant::now();
         let status = control_plane
             .authenticate("u", &Offered::Password("x".into()), "", "c")

@@ -43,6 +43,17 @@ fn assert_control_plane_down_line(out: &SshOutput) {
     assert_no_internals(lines[0]);
 }
 
+/// demo gets in, into the container whose `hostname` printed `before`.
+async fn assert_gets_in_again(fleet: &Fleet, before: &SshOutput) {
+    let out = fleet.ssh("demo", "echo survived; hostname", None).await;
+    out.assert_success();
+    assert_eq!(
+        out.stdout,
+        format!("survived\n{}", before.stdout),
+        "{out:#?}"
+    );
+}
+
 /// The value of the Prometheus sample `name{labels}` (0 when absent).
 async fn metric(fleet: &Fleet, sample: &str) -> f64 {
     let body = Fleet::metrics(&fleet.proxy_ops[0])
@@ -94,13 +105,7 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     let killed_at = Instant::now();
 
     // demo's container runs: demo gets in, into the same container.
-    let out = fleet.ssh("demo", "echo survived; hostname", None).await;
-    out.assert_success();
-    assert_eq!(
-        out.stdout,
-        format!("survived\n{}", before.stdout),
-        "{out:#?}"
-    );
+    assert_gets_in_again(&fleet, &before).await;
     eprintln!(
         "first login after the kill succeeded {:.1} s after it",
         killed_at.elapsed().as_secs_f64()
@@ -212,13 +217,7 @@ async fn running_containers_stay_reachable_while_etcd_is_down() {
     let before = fleet.ssh("demo", "hostname", None).await;
     before.assert_success();
     fleet.kill_etcd();
-    let out = fleet.ssh("demo", "echo survived; hostname", None).await;
-    out.assert_success();
-    assert_eq!(
-        out.stdout,
-        format!("survived\n{}", before.stdout),
-        "{out:#?}"
-    );
+    assert_gets_in_again(&fleet, &before).await;
     assert_eq!(audit_events(&fleet, "session_from_cache").len(), 1);
     // Nothing runs in debian: the control plane's own line, with its request id.
     let out = fleet.ssh("demo+debian", "true", None).await;
