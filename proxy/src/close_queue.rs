@@ -16,7 +16,9 @@ use crate::controlplane::{ControlPlane, is_unavailable, jittered_backoff};
 /// Closes kept at most; past it the oldest is dropped (and counted).
 pub const CAPACITY: usize = 10_000;
 const RETRY_BASE: Duration = Duration::from_millis(500);
-const RETRY_CAP: Duration = Duration::from_secs(10);
+/// Short: during an outage each try is one refused connection, and the first answered one
+/// also tells the Fleet stream that a replica is back.
+const RETRY_CAP: Duration = Duration::from_secs(2);
 
 /// One CloseSession to deliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,8 +91,8 @@ impl CloseQueue {
         metrics::gauge!("envgate_proxy_queued_closes").set(pending.len() as f64);
     }
 
-    /// Delivers the queue in order until `shutdown`, waiting with jittered backoff while the
-    /// control plane is still unavailable. A close the control plane answers otherwise
+    /// Delivers the queue in order until `shutdown`, waiting with jittered backoff (or until a
+    /// replica answers another call) while the control plane is still unavailable. A close the control plane answers otherwise
     /// (delivered, or refused) leaves the queue.
     pub async fn deliver(&self, control_plane: &ControlPlane, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
@@ -117,6 +119,8 @@ impl CloseQueue {
                     tracing::debug!(session_id = %close.session_id, ?delay, "control plane still unavailable; the close waits");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
+                        // A replica answered another call: try now.
+                        () = control_plane.answered() => {}
                         () = shutdown.cancelled() => return,
                     }
                 }

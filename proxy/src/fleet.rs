@@ -31,6 +31,8 @@ const REATTACH_GRACE: Duration = Duration::from_secs(5);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The backoff's cap while no replica answers at all: each try is one refused connection.
+const OUTAGE_PROBE_CAP: Duration = Duration::from_secs(5);
 
 pub struct FleetMember {
     pub control_plane: ControlPlane,
@@ -92,10 +94,18 @@ impl FleetMember {
                 // serves users whose containers run, from its caches, and every proxy would
                 // lose the control plane together, leaving the balancer none
                 // (docs/decisions.md). One refused, or never registered, is not ready.
-                if !(registered_once && unanswered) {
+                let outage = registered_once && unanswered;
+                if !outage {
                     self.readiness.set(false);
                 }
-                jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP)
+                // During an outage the stream is also the probe that notices a replica is
+                // back, so it is tried more often than a stream that is refused.
+                let cap = if outage {
+                    OUTAGE_PROBE_CAP
+                } else {
+                    BACKOFF_CAP
+                };
+                jittered_backoff(failures, BACKOFF_BASE, cap)
             };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
