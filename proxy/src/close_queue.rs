@@ -92,8 +92,8 @@ impl CloseQueue {
     }
 
     /// Delivers the queue in order until `shutdown`, waiting with jittered backoff (or until a
-    /// replica answers another call) while the control plane is still unavailable. A close the control plane answers otherwise
-    /// (delivered, or refused) leaves the queue.
+    /// replica answers another call) while the control plane is still unavailable. A close
+    /// the control plane answers otherwise (delivered, or refused) leaves the queue.
     pub async fn deliver(&self, control_plane: &ControlPlane, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         loop {
