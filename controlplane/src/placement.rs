@@ -661,6 +661,7 @@ impl Placer {
             account: own_account(cx.env, record),
             accept_env: catalogue::accept_env(cx.env),
             record: cx.env.record_sessions,
+            persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),
@@ -1112,6 +1113,8 @@ mod tests {
             .unwrap();
         assert_ne!(a.container_id, b.container_id);
         assert!(a.created && b.created);
+        // Proxies never place a session in it again from their cache.
+        assert!(!a.persistent && !b.persistent);
         placer.close(&a.session_id).await.unwrap();
         assert_eq!(
             world.container_ids().as_slice(),
@@ -1165,6 +1168,7 @@ mod tests {
             .open(world.request("alice", "busybox"), &no_progress)
             .await
             .unwrap();
+        assert!(placement.persistent);
         let key = model::container_key("alice", "busybox");
         world.edit_record(&key, |r| r.last_active_at = 1).await;
         placer.close(&placement.session_id).await.unwrap();
