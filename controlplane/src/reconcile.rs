@@ -24,6 +24,7 @@ use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     SessionRecord,
 };
+use crate::admission::{self, Admission};
 use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
@@ -163,13 +164,30 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: ReconcileConfig) -> Self {
         Self {
-            pools: WarmPools::new(store.clone(), runtime.clone(), &config.instance),
+            pools: WarmPools::new(
+                store.clone(),
+                runtime.clone(),
+                &config.instance,
+                Admission::new(admission::default_limit()),
+            ),
             store,
             runtime,
             config,
             seen: Mutex::new(None),
             throttle: None,
         }
+    }
+
+    /// Warm-pool refills take their slots from `admission` (the replica's, shared with
+    /// placement), behind every user waiting for a creation.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.pools = WarmPools::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            &self.config.instance,
+            admission,
+        );
+        self
     }
 
     /// Also sweeps `throttle`'s expired records while leading.
@@ -665,7 +683,7 @@ impl Reconciler {
         // What a previous leadership saw may be long out of date.
         *self.seen() = None;
         // A claim wakes the next pass early, so its pool refills at once.
-        let claims = ClaimWatch::start(self.store.clone());
+        let claims = ClaimWatch::start(self.store.clone(), self.pools.demand());
         let mut next_sweep = tokio::time::Instant::now();
         loop {
             if let Some(throttle) = &self.throttle
