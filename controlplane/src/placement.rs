@@ -1389,6 +1389,141 @@ mod tests {
         );
     }
 
+    /// A placer whose creations wait in a line of `limit` slots.
+    fn admitting(world: &World, limit: usize) -> (Arc<Placer>, Arc<Admission>) {
+        let admission = Admission::new(limit);
+        let placer = Placer::new(
+            world.store.clone(),
+            world.runtime.clone(),
+            world.auth.clone(),
+            fast(),
+        )
+        .with_admission(admission.clone());
+        (Arc::new(placer), admission)
+    }
+
+    /// Lets spawned opens run until `done` holds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    /// Opens for `user` in a task, recording the progress lines it was shown.
+    fn open_recording(
+        placer: &Arc<Placer>,
+        request: OpenRequest,
+    ) -> (
+        Arc<Mutex<Vec<String>>>,
+        tokio::task::JoinHandle<Result<Placement, PlacementError>>,
+    ) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let placer = placer.clone();
+        let record = lines.clone();
+        let task = tokio::spawn(async move {
+            let progress = move |l: &str| record.lock().unwrap().push(l.to_owned());
+            placer.open(request, &progress).await
+        });
+        (lines, task)
+    }
+
+    #[tokio::test]
+    async fn new_users_beyond_the_limit_wait_in_line_told_their_place_and_all_get_in() {
+        let world = World::new().await;
+        let (placer, admission) = admitting(&world, 2);
+        world.runtime.hold_creates();
+        let opens: Vec<_> = (0..6)
+            .map(|i| open_recording(&placer, world.request(&format!("student{i}"), "busybox")))
+            .collect();
+        until("two creating, four in line", || {
+            world.runtime.creating() == 2 && admission.waiting() == 4
+        })
+        .await;
+        let first_lines: Vec<Option<String>> = opens
+            .iter()
+            .map(|(lines, _)| lines.lock().unwrap().first().cloned())
+            .collect();
+        let mut queued: Vec<String> = first_lines
+            .iter()
+            .flatten()
+            .filter(|l| l.starts_with("queued"))
+            .cloned()
+            .collect();
+        queued.sort();
+        assert_eq!(
+            queued,
+            [
+                r#"queued to start environment "busybox": 1 user ahead of you"#,
+                r#"queued to start environment "busybox": 2 users ahead of you"#,
+                r#"queued to start environment "busybox": 3 users ahead of you"#,
+                r#"queued to start environment "busybox": you are next"#,
+            ],
+            "{first_lines:?}"
+        );
+        assert_eq!(
+            first_lines.iter().flatten().count(),
+            6,
+            "the two let in at once were told they start"
+        );
+        world.runtime.release_creates();
+        for (lines, open) in opens {
+            let placement = open.await.unwrap().expect("placed");
+            assert!(placement.created);
+            let lines = lines.lock().unwrap();
+            assert_eq!(
+                lines.last().map(String::as_str),
+                Some(r#"starting environment "busybox" …"#),
+                "{lines:?}"
+            );
+        }
+        assert_eq!(world.runtime.creates(), 6);
+        assert_eq!(world.runtime.most_creating(), 2, "never more than the limit");
+        assert_eq!((admission.running(), admission.waiting()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_in_line_leaves_it_and_gets_no_container() {
+        let world = World::new().await;
+        let (placer, admission) = admitting(&world, 1);
+        world.runtime.hold_creates();
+        let (_, first) = open_recording(&placer, world.request("alice", "busybox"));
+        until("alice creating", || world.runtime.creating() == 1).await;
+        let leaving = world.request("bob", "busybox");
+        let gone = leaving.caller_gone.clone();
+        let (_, bob) = open_recording(&placer, leaving);
+        until("bob in line", || admission.waiting() == 1).await;
+        let (carol_lines, carol) = open_recording(&placer, world.request("carol", "busybox"));
+        until("carol in line", || admission.waiting() == 2).await;
+        assert_eq!(
+            carol_lines.lock().unwrap().as_slice(),
+            [r#"queued to start environment "busybox": 1 user ahead of you"#]
+        );
+        gone.cancel();
+        let err = bob.await.unwrap().unwrap_err();
+        assert!(matches!(err, PlacementError::CallerGone), "{err}");
+        assert_eq!(admission.waiting(), 1, "bob left the line");
+        world.runtime.release_creates();
+        first.await.unwrap().expect("alice placed");
+        carol.await.unwrap().expect("carol placed");
+        assert_eq!(world.runtime.creates(), 2);
+        assert_eq!(
+            world.keys("containers/").await,
+            ["containers/alice/busybox", "containers/carol/busybox"],
+            "nothing was claimed or made for bob"
+        );
+        assert!(
+            world
+                .runtime
+                .containers()
+                .iter()
+                .all(|(_, c)| c.spec.user != "bob")
+        );
+    }
+
     fn limited(max_containers_per_user: usize) -> PlacementConfig {
         PlacementConfig {
             max_containers_per_user,

@@ -951,6 +951,100 @@ mod tests {
         assert_eq!(world.runtime.containers().len(), 2);
     }
 
+    #[test]
+    fn demand_grows_the_target_within_bounds_and_fades_after_the_window() {
+        let demand = Demand::default();
+        let env = EnvironmentRecord {
+            name: "busybox".into(),
+            warm_pool_size: 10,
+            ..EnvironmentRecord::default()
+        };
+        let start = Instant::now();
+        assert_eq!(demand.target(&env, start), 10, "no claims: the configured size");
+        for _ in 0..25 {
+            demand.claimed("busybox", start);
+        }
+        demand.claimed("other", start);
+        assert_eq!(demand.target(&env, start), 25, "a window's claims");
+        for _ in 0..100 {
+            demand.claimed("busybox", start + Duration::from_secs(60));
+        }
+        assert_eq!(
+            demand.target(&env, start + Duration::from_secs(60)),
+            40,
+            "at most four times the size"
+        );
+        assert_eq!(
+            demand.target(&env, start + DEMAND_WINDOW + Duration::from_secs(1)),
+            40,
+            "the older claims left the window, the newer are still 100"
+        );
+        assert_eq!(
+            demand.target(&env, start + DEMAND_WINDOW + Duration::from_secs(61)),
+            10,
+            "back to the size once the window is past"
+        );
+        let none = EnvironmentRecord {
+            warm_pool_size: 0,
+            ..env
+        };
+        demand.claimed("busybox", start + DEMAND_WINDOW * 2);
+        assert_eq!(
+            demand.target(&none, start + DEMAND_WINDOW * 2),
+            0,
+            "no pool stays no pool"
+        );
+    }
+
+    #[test]
+    fn the_leaders_own_drains_are_not_demand() {
+        let demand = Demand::default();
+        let now = Instant::now();
+        let drained = model::pool_key("busybox", "c1");
+        demand.draining(&drained);
+        assert!(!demand.deleted(&drained, now));
+        assert!(demand.deleted(&model::pool_key("busybox", "c2"), now));
+        assert!(
+            demand.deleted(&drained, now),
+            "a key is a drain only once"
+        );
+        let env = EnvironmentRecord {
+            name: "busybox".into(),
+            warm_pool_size: 1,
+            ..EnvironmentRecord::default()
+        };
+        assert_eq!(demand.target(&env, now), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pool_drained_faster_than_its_size_refills_to_the_demand() {
+        let world = World::new().await;
+        let pools = pools(&world);
+        set_pool(&world, "busybox", 2, None).await;
+        let environments = || async {
+            catalogue::environments_by_name(world.store.as_ref())
+                .await
+                .unwrap()
+        };
+        let pass = || async {
+            let containers = world.runtime.list_managed("default").await.unwrap();
+            pools.reconcile(&containers, &environments().await).await.unwrap()
+        };
+        assert_eq!(pass().await.refilled, 2);
+        // Five claims within the window (as the claim watch reports them) for a pool of 2.
+        for _ in 0..5 {
+            pools.demand().claimed("busybox", Instant::now());
+        }
+        assert_eq!(pass().await.refilled, 3, "grown to the demand: 5");
+        assert_eq!(pool_entries(&world, "busybox").await.len(), 5);
+        for _ in 0..20 {
+            pools.demand().claimed("busybox", Instant::now());
+        }
+        assert_eq!(pass().await.refilled, 3, "at most 4 × 2");
+        assert_eq!(pool_entries(&world, "busybox").await.len(), 8);
+        assert_eq!(pass().await, PoolActions::default(), "idempotent");
+    }
+
     #[tokio::test]
     async fn a_claim_wakes_the_leader() {
         let world = World::new().await;
