@@ -75,7 +75,9 @@ impl State {
             && self.users.is_empty()
             && match class {
                 Class::User => true,
-                Class::Refill => self.refills.is_empty() && self.refills_running < self.refill_cap(),
+                Class::Refill => {
+                    self.refills.is_empty() && self.refills_running < self.refill_cap()
+                }
             }
     }
 
@@ -300,7 +302,12 @@ mod tests {
     }
 
     impl Waiter {
-        fn start(admission: &Arc<Admission>, class: Class, order: Arc<Mutex<Vec<usize>>>, id: usize) -> Self {
+        fn start(
+            admission: &Arc<Admission>,
+            class: Class,
+            order: Arc<Mutex<Vec<usize>>>,
+            id: usize,
+        ) -> Self {
             let told = Arc::new(Mutex::new(Vec::new()));
             let (got_tx, got) = tokio::sync::oneshot::channel();
             let (release, release_rx) = tokio::sync::oneshot::channel::<()>();
@@ -483,7 +490,11 @@ mod tests {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let (admission, inside, most) = (admission.clone(), inside.clone(), most.clone());
-                let class = if i % 3 == 0 { Class::Refill } else { Class::User };
+                let class = if i % 3 == 0 {
+                    Class::Refill
+                } else {
+                    Class::User
+                };
                 tokio::spawn(async move {
                     let _permit = admission.acquire(class, |_| {}).await;
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;

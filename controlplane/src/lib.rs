@@ -182,8 +182,13 @@ impl ControlPlane {
         // One line for this replica's creations: users' first logins and pool refills.
         let admission = Admission::new(config.create_concurrency);
         let placer = Arc::new(
-            Placer::new(store.clone(), runtime.clone(), auth.clone(), placement.clone())
-                .with_admission(admission.clone()),
+            Placer::new(
+                store.clone(),
+                runtime.clone(),
+                auth.clone(),
+                placement.clone(),
+            )
+            .with_admission(admission.clone()),
         );
         let reconciler = Arc::new(
             Reconciler::new(

@@ -316,8 +316,7 @@ impl Placer {
                         }
                         Some(permit) => {
                             let claim = self.creating_record(cx, "").await?;
-                            match store::create_if_absent(self.store.as_ref(), &key, &claim)
-                                .await?
+                            match store::create_if_absent(self.store.as_ref(), &key, &claim).await?
                             {
                                 Some(revision) => {
                                     self.create(cx, &key, claim, revision, permit).await?
@@ -1481,7 +1480,11 @@ mod tests {
             );
         }
         assert_eq!(world.runtime.creates(), 6);
-        assert_eq!(world.runtime.most_creating(), 2, "never more than the limit");
+        assert_eq!(
+            world.runtime.most_creating(),
+            2,
+            "never more than the limit"
+        );
         assert_eq!((admission.running(), admission.waiting()), (0, 0));
     }
 

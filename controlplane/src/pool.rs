@@ -960,7 +960,11 @@ mod tests {
             ..EnvironmentRecord::default()
         };
         let start = Instant::now();
-        assert_eq!(demand.target(&env, start), 10, "no claims: the configured size");
+        assert_eq!(
+            demand.target(&env, start),
+            10,
+            "no claims: the configured size"
+        );
         for _ in 0..25 {
             demand.claimed("busybox", start);
         }
@@ -1004,10 +1008,7 @@ mod tests {
         demand.draining(&drained);
         assert!(!demand.deleted(&drained, now));
         assert!(demand.deleted(&model::pool_key("busybox", "c2"), now));
-        assert!(
-            demand.deleted(&drained, now),
-            "a key is a drain only once"
-        );
+        assert!(demand.deleted(&drained, now), "a key is a drain only once");
         let env = EnvironmentRecord {
             name: "busybox".into(),
             warm_pool_size: 1,
@@ -1028,7 +1029,10 @@ mod tests {
         };
         let pass = || async {
             let containers = world.runtime.list_managed("default").await.unwrap();
-            pools.reconcile(&containers, &environments().await).await.unwrap()
+            pools
+                .reconcile(&containers, &environments().await)
+                .await
+                .unwrap()
         };
         assert_eq!(pass().await.refilled, 2);
         // Five claims within the window (as the claim watch reports them) for a pool of 2.

@@ -18,13 +18,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, Admission};
 use crate::catalogue;
 use crate::fleet;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     SessionRecord,
 };
-use crate::admission::{self, Admission};
 use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};

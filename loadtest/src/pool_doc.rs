@@ -140,7 +140,9 @@ fn phase_line(result: &SweepResult, phase: &str) -> String {
     let (count, total_ms) = bench_doc::phases_by_mean(result, bench_doc::top_level(result))
         .into_iter()
         .filter(|p| p.phase == phase)
-        .fold((0.0, 0.0), |(n, t), p| (n + p.count, t + p.count * p.mean_ms));
+        .fold((0.0, 0.0), |(n, t), p| {
+            (n + p.count, t + p.count * p.mean_ms)
+        });
     if count == 0.0 {
         "-".into()
     } else {

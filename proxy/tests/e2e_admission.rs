@@ -90,7 +90,10 @@ async fn new_users_beyond_the_creation_limit_wait_in_line_told_their_place_and_a
             assert_eq!(out.stdout.trim(), user.as_str(), "{out:#?}");
             let lines = out.stderr_lines();
             let starting = lines.iter().position(|l| l.trim_end() == STARTING);
-            assert!(starting.is_some(), "{user} was not told it starts: {lines:?}");
+            assert!(
+                starting.is_some(),
+                "{user} was not told it starts: {lines:?}"
+            );
             for (at, line) in lines.iter().enumerate() {
                 let Some(place) = line.trim_end().strip_prefix(QUEUED) else {
                     continue;
@@ -112,9 +115,10 @@ async fn new_users_beyond_the_creation_limit_wait_in_line_told_their_place_and_a
             }
         }
         for user in &users {
-            let [container] = fleet.containers(Some(user)).try_into().unwrap_or_else(|c| {
-                panic!("{user} should have one container: {c:?}")
-            });
+            let [container] = fleet
+                .containers(Some(user))
+                .try_into()
+                .unwrap_or_else(|c| panic!("{user} should have one container: {c:?}"));
             windows.push((user.clone(), created_and_started(&container.id)));
         }
         if queued_anyone {
