@@ -1412,14 +1412,14 @@ mod tests {
         .unwrap_or_else(|_| panic!("{what}"));
     }
 
-    /// Opens for `user` in a task, recording the progress lines it was shown.
-    fn open_recording(
-        placer: &Arc<Placer>,
-        request: OpenRequest,
-    ) -> (
+    /// The progress lines an open was shown, and the open.
+    type Recorded = (
         Arc<Mutex<Vec<String>>>,
         tokio::task::JoinHandle<Result<Placement, PlacementError>>,
-    ) {
+    );
+
+    /// Opens for `user` in a task, recording the progress lines it was shown.
+    fn open_recording(placer: &Arc<Placer>, request: OpenRequest) -> Recorded {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let placer = placer.clone();
         let record = lines.clone();
