@@ -90,6 +90,9 @@ pub struct OpenRequest {
     pub caller_gone: CancellationToken,
 }
 
+/// The local lock new users' uid allocations queue on (not a container key: those have a `/`).
+const UID_ALLOCATION: &str = "uid allocation";
+
 /// How often at most a user waiting in line is told their new place.
 const QUEUE_LINE_EVERY: Duration = Duration::from_secs(2);
 
@@ -433,11 +436,20 @@ impl Placer {
         }
     }
 
-    /// The uid the user's sessions run as (see `uids`), once per open.
+    /// The uid the user's sessions run as (see `uids`), once per open. New users get theirs
+    /// one at a time on this replica: 300 first logins at once would otherwise all race the
+    /// one counter's compare-and-swap, each lost race a round trip, before anyone is placed.
     async fn uid(&self, cx: &Context<'_>) -> Result<u32, PlacementError> {
+        let user = &cx.claims.sub;
         Ok(*cx
             .uid
-            .get_or_try_init(|| uids::ensure(self.store.as_ref(), &cx.claims.sub))
+            .get_or_try_init(|| async {
+                if let Some(uid) = uids::get(self.store.as_ref(), user).await? {
+                    return Ok(uid);
+                }
+                let _one_at_a_time = self.locks.lock(UID_ALLOCATION).await;
+                uids::ensure(self.store.as_ref(), user).await
+            })
             .await?)
     }
 
@@ -1486,6 +1498,23 @@ mod tests {
             "never more than the limit"
         );
         assert_eq!((admission.running(), admission.waiting()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn forty_new_users_at_once_get_forty_distinct_uids() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let opens: Vec<_> = (0..40)
+            .map(|i| open_recording(&placer, world.request(&format!("new{i}"), "busybox")).1)
+            .collect();
+        let mut uids = HashSet::new();
+        for open in opens {
+            let placement = open.await.unwrap().expect("placed");
+            let uid = placement.account.expect("runs as its user").uid;
+            assert!(uids.insert(uid), "uid {uid} given twice");
+        }
+        let first = uids::FIRST_UID;
+        assert_eq!(uids, (first..first + 40).collect::<HashSet<u32>>());
     }
 
     #[tokio::test]
