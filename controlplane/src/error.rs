@@ -94,6 +94,9 @@ pub enum PlacementError {
     RuntimeFailed(String),
     #[error("timed out placing the session after {0} s")]
     Timeout(u64),
+    /// The caller went away while waiting for a creation slot; nobody reads this.
+    #[error("the client went away while waiting for its container")]
+    CallerGone,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -327,6 +330,7 @@ impl From<PlacementError> for Status {
             }
             PlacementError::TooManyContainers { .. } => Code::ResourceExhausted,
             PlacementError::Timeout(_) => Code::DeadlineExceeded,
+            PlacementError::CallerGone => Code::Cancelled,
             PlacementError::ProxyNotRegistered(_) | PlacementError::RuntimeUnavailable(_) => {
                 return internal(Code::Unavailable, &e);
             }

@@ -9,6 +9,7 @@ use envgate_proto::v1::Placement;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::auth::tests::{test_keys, test_limits};
@@ -225,6 +226,7 @@ impl World {
             client_address: "192.0.2.1:40000".into(),
             connection_id: "conn".into(),
             kind: "shell".into(),
+            caller_gone: CancellationToken::new(),
         }
     }
 

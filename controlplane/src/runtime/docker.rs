@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -124,8 +124,6 @@ fn remove_agent_dir(dir: &Path) {
 /// A new container's agent (endpoint, host directory, binds), if any, and its command.
 type AgentParts = (Option<(AgentEndpoint, PathBuf, Vec<String>)>, Vec<String>);
 
-/// Containers created at once unless configured otherwise.
-pub const DEFAULT_CREATE_CONCURRENCY: usize = 8;
 /// Bound on one pull of a missing image unless configured otherwise.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -133,10 +131,6 @@ pub struct DockerRuntime {
     host: Option<String>,
     docker: OnceCell<Docker>,
     agent: Option<AgentSetup>,
-    /// Bounds concurrent creations: hundreds of racing `create`+`start` calls slow the engine
-    /// down for everyone (and past the call timeout), while a short queue keeps it at its
-    /// best rate and lets each opener finish in arrival order.
-    creations: Semaphore,
     /// Missing images are pulled once per replica, however many opens wait for them.
     puller: pull::ImagePuller,
     /// Where warm containers' homes are mounted (`slots.rs`), or why warm pools are off.
@@ -155,7 +149,6 @@ impl DockerRuntime {
             host: host.map(str::to_owned),
             docker: OnceCell::new(),
             agent: None,
-            creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
             puller: pull::ImagePuller::new(DEFAULT_PULL_TIMEOUT),
             slots: Err("no home slots directory is configured".into()),
             network: Some(UserNetwork::default()),
@@ -308,12 +301,6 @@ impl DockerRuntime {
         self
     }
 
-    /// At most `limit` (at least 1) containers are being created at any moment.
-    pub fn with_create_concurrency(mut self, limit: usize) -> Self {
-        self.creations = Semaphore::new(limit.max(1));
-        self
-    }
-
     /// Containers created from now on run `envgate-agent` as their init (`None`: they keep
     /// a shell loop and sessions start through Docker exec).
     pub fn with_agent(mut self, agent: Option<AgentSetup>) -> Self {
@@ -352,11 +339,6 @@ impl DockerRuntime {
         entrypoint: Option<Vec<String>>,
         cmd: Vec<String>,
     ) -> Result<String, RuntimeError> {
-        let _slot = self
-            .creations
-            .acquire()
-            .await
-            .expect("the creation semaphore is never closed");
         let docker = self.docker().await?;
         let network = self.ensure_network(docker).await?;
         let agent = entrypoint.is_some();

@@ -107,7 +107,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates the user's home volume if missing; returns its name. Never removed by envgate.
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
     /// Creates and starts a container; on failure nothing is left behind. The user's home
-    /// volume must exist (`ensure_volume`). `progress` gets lines for the user while it waits
+    /// volume must exist (`ensure_volume`). Callers bound how many run at once (`admission`). `progress` gets lines for the user while it waits
     /// (an image pull), throttled by the runtime. (The explicit `for<'l>` keeps `async_trait`
     /// from tying the line's lifetime to the call's.)
     async fn create_and_start(
