@@ -227,6 +227,7 @@ impl World {
             connection_id: "conn".into(),
             kind: "shell".into(),
             caller_gone: CancellationToken::new(),
+            waited_in_line: Default::default(),
         }
     }
 

@@ -88,6 +88,8 @@ pub struct OpenRequest {
     /// Cancelled when the caller went away: an open still waiting in line for a creation slot
     /// leaves the line, and no container is made for it.
     pub caller_gone: CancellationToken,
+    /// Set once the open had to wait in line for a creation slot (see `Progress`).
+    pub waited_in_line: Arc<AtomicBool>,
 }
 
 /// The local lock new users' uid allocations queue on (not a container key: those have a `/`).
@@ -116,6 +118,7 @@ struct Context<'a> {
     deadline: Mutex<Instant>,
     progress: &'a (dyn Fn(&str) + Send + Sync),
     caller_gone: CancellationToken,
+    waited_in_line: Arc<AtomicBool>,
     /// Set when the open was served by a warm container (the "warm" placement outcome).
     warm: AtomicBool,
     /// The user's uid, looked up (or allocated) by the first step that needs it.
@@ -204,6 +207,7 @@ impl Placer {
             deadline: Mutex::new(started + self.config.deadline),
             progress,
             caller_gone: req.caller_gone,
+            waited_in_line: req.waited_in_line,
             warm: AtomicBool::new(false),
             uid: tokio::sync::OnceCell::new(),
         };
@@ -554,6 +558,7 @@ impl Placer {
                 return;
             }
             last_line = Some(Instant::now());
+            cx.waited_in_line.store(true, Ordering::Relaxed);
             (cx.progress)(&queue_line(name, ahead));
         };
         let permit = tokio::select! {
@@ -1006,9 +1011,12 @@ impl Sessions for SessionsService {
                 })
             };
             let progress_tx = tx.clone();
+            let waited_in_line = Arc::new(AtomicBool::new(false));
+            let waited = waited_in_line.clone();
             let progress = move |line: &str| {
                 let event = open_session_event::Event::Progress(Progress {
                     message: line.to_owned(),
+                    waited_in_line: waited.load(Ordering::Relaxed),
                 });
                 // Progress is advisory: a full or closed channel just drops the line.
                 let _ = progress_tx.try_send(Ok(OpenSessionEvent { event: Some(event) }));
@@ -1021,6 +1029,7 @@ impl Sessions for SessionsService {
                 connection_id: req.connection_id,
                 kind: req.kind.clone(),
                 caller_gone,
+                waited_in_line,
             };
             let placed = placer.open(open, &progress).await;
             watcher.abort();

@@ -715,7 +715,7 @@ impl Connection {
                 }
             };
             self.placement = self
-                .place(environment, kind, pty.then_some(output.as_ref()))
+                .place(environment, kind, Some((output.as_ref(), pty)))
                 .await;
         }
         let placement = match &self.placement {
@@ -914,14 +914,13 @@ impl Connection {
         }
     }
 
-    /// Asks the control plane for a container, showing its progress on a
-    /// terminal.
-    /// Places the session; progress lines go to `terminal`, the channel's pty, if any.
+    /// Asks the control plane for a container. Its progress lines go to the channel's stderr
+    /// on a terminal (`pty`), and without one once the user has waited in the creation line.
     async fn place(
         &mut self,
         environment: String,
         kind: &str,
-        terminal: Option<&ChannelOutput>,
+        output: Option<(&ChannelOutput, bool)>,
     ) -> PlacementState {
         let Some((_, identity)) = &self.identity else {
             return PlacementState::Failed(tonic::Status::unauthenticated("not authenticated"));
@@ -939,7 +938,7 @@ impl Connection {
             &self.services.control_plane,
             request,
             &self.info.connection_id,
-            terminal,
+            output,
         )
         .instrument(tracing::info_span!("placement"))
         .await;
@@ -1196,15 +1195,17 @@ async fn open_session(
     control_plane: &ControlPlane,
     request: OpenSessionRequest,
     connection_id: &str,
-    terminal: Option<&ChannelOutput>,
+    output: Option<(&ChannelOutput, bool)>,
 ) -> Result<Placement, tonic::Status> {
     let mut stream = control_plane.open_session(request, connection_id).await?;
     loop {
         let event = stream.message().await?;
         match event.and_then(|e| e.event) {
             Some(open_session_event::Event::Progress(progress)) => {
-                if let Some(terminal) = terminal {
-                    let _ = terminal.stderr_line(&progress.message, true).await;
+                if let Some((output, pty)) = output
+                    && (pty || progress.waited_in_line)
+                {
+                    let _ = output.stderr_line(&progress.message, pty).await;
                 }
             }
             Some(open_session_event::Event::Placement(placement)) => return Ok(placement),

@@ -1,7 +1,9 @@
 //! End to end: admission control for container creation. With `--create-concurrency 1`,
-//! several users who have never logged in connect at once on terminals: every login
-//! succeeds, Docker never creates two of their containers at once, and those who waited in
-//! line were told their place on stderr before their environment started.
+//! several users who have never logged in connect at once, half of them on terminals, half
+//! running a command without one: every login succeeds, Docker never creates two of their
+//! containers at once, and those who waited in line were told their place on stderr before
+//! their environment started, terminal or not. Without a terminal, a user who did not wait
+//! sees no progress at all (stderr stays the command's own).
 //!
 //! Real etcd, control plane, proxies, HAProxy, Docker and OpenSSH; see `support/mod.rs` and
 //! docs/operations.md ("Many first logins at once").
@@ -79,21 +81,32 @@ async fn new_users_beyond_the_creation_limit_wait_in_line_told_their_place_and_a
         for user in &users {
             fleet.add_user(user, "busybox", None).await;
         }
-        let logins = users.iter().map(|user| {
-            let mut argv = fleet.ssh_terminal_argv(user);
+        let terminal = |i: usize| i % 2 == 0;
+        let logins = users.iter().enumerate().map(|(i, user)| {
+            let mut argv = if terminal(i) {
+                fleet.ssh_terminal_argv(user)
+            } else {
+                fleet.ssh_key_argv(user, &fleet.key_of(user))
+            };
             argv.push("id -un".into());
             async move { run(&argv, None, &[]).await }
         });
         let outputs = futures::future::join_all(logins).await;
-        for (user, out) in users.iter().zip(&outputs) {
+        for (i, (user, out)) in users.iter().zip(&outputs).enumerate() {
             out.assert_success();
             assert_eq!(out.stdout.trim(), user.as_str(), "{out:#?}");
             let lines = out.stderr_lines();
             let starting = lines.iter().position(|l| l.trim_end() == STARTING);
-            assert!(
+            let waited = lines.iter().any(|l| l.starts_with(QUEUED));
+            assert_eq!(
                 starting.is_some(),
-                "{user} was not told it starts: {lines:?}"
+                terminal(i) || waited,
+                "{user} (terminal: {}) was told it starts, or not, wrongly: {lines:?}",
+                terminal(i)
             );
+            if !terminal(i) && !waited {
+                assert_eq!(lines, Vec::<&str>::new(), "{user} without a terminal");
+            }
             for (at, line) in lines.iter().enumerate() {
                 let Some(place) = line.trim_end().strip_prefix(QUEUED) else {
                     continue;
