@@ -237,7 +237,9 @@ pub async fn client(config: &EtcdConfig) -> Result<etcd_client::Client, etcd_cli
 /// A fleet CA in a temporary directory, the control plane's server certificate (for
 /// 127.0.0.1 and localhost) and proxy certificates on demand.
 pub struct TestPki {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The temporary directory `new` made (`open` uses one that exists).
+    _temporary: Option<tempfile::TempDir>,
     ca: Authority,
 }
 
@@ -250,19 +252,30 @@ impl TestPki {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let ca = Authority::ensure(dir.path(), "fleet")?;
-        ca.issue(
+        let mut pki = Self::open(dir.path())?;
+        pki.ca.issue(
             dir.path(),
             "controlplane",
             &Profile::Server {
                 sans: vec!["127.0.0.1".into(), "localhost".into()],
             },
         )?;
-        Ok(Self { dir, ca })
+        pki._temporary = Some(dir);
+        Ok(pki)
+    }
+
+    /// The fleet CA in `dir` (made there if missing), e.g. the one `envgate-controlplane pki`
+    /// made for a fleet the launcher started, with the control plane's certificate in it.
+    pub fn open(dir: &Path) -> Result<Self, pki::PkiError> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _temporary: None,
+            ca: Authority::ensure(dir, "fleet")?,
+        })
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -271,7 +284,7 @@ impl TestPki {
 
     /// The control plane's files: (certificate, key, fleet CA).
     pub fn server_files(&self) -> (PathBuf, PathBuf, PathBuf) {
-        let (cert, key) = pki::paths(self.dir.path(), "controlplane");
+        let (cert, key) = pki::paths(&self.dir, "controlplane");
         (cert, key, self.ca_path())
     }
 
@@ -284,9 +297,9 @@ impl TestPki {
     pub fn proxy_files(&self, id: &str) -> (PathBuf, PathBuf) {
         let name = format!("proxy-{id}");
         self.ca
-            .issue(self.dir.path(), &name, &Profile::Proxy { id: id.into() })
+            .issue(&self.dir, &name, &Profile::Proxy { id: id.into() })
             .expect("a test proxy certificate");
-        pki::paths(self.dir.path(), &name)
+        pki::paths(&self.dir, &name)
     }
 
     /// Proxy `id`'s TLS identity with the fleet CA, as a proxy loads it.

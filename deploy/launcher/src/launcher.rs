@@ -274,6 +274,11 @@ impl Launcher {
         }
     }
 
+    /// SIGTERM: a proxy drains, anything else shuts down.
+    pub fn terminate(&mut self, name: &str) {
+        self.signal(name, libc::SIGTERM);
+    }
+
     /// SIGTERM, `grace` to exit, then SIGKILL.
     pub async fn stop(&mut self, name: &str, grace: Duration) {
         if let Some(slot) = self.slot(name)
