@@ -174,6 +174,25 @@ impl Launcher {
             .collect()
     }
 
+    /// The member that leads the etcd cluster now, as the members themselves report it.
+    pub async fn etcd_leader(&self) -> Option<usize> {
+        let tls = self.etcd_tls().ok()?;
+        for (i, endpoint) in self.etcd_endpoints().iter().enumerate() {
+            let status = async {
+                probe::etcd_client(std::slice::from_ref(endpoint), &tls)
+                    .await?
+                    .status()
+                    .await
+            };
+            if let Ok(Ok(status)) = tokio::time::timeout(probe::PROBE_TIMEOUT, status).await
+                && status.header().is_some_and(|h| h.member_id() == status.leader())
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     pub fn etcd_peer_port(&self, member: usize) -> u16 {
         self.etcd[member].peer_port
     }

@@ -946,6 +946,17 @@ impl Fleet {
         }
     }
 
+    /// The etcd member that leads the cluster now.
+    pub async fn etcd_leader(&self) -> usize {
+        eventually(Duration::from_secs(10), "an etcd leader", || async {
+            self.launcher
+                .etcd_leader()
+                .await
+                .ok_or_else(|| "no member says it leads".to_owned())
+        })
+        .await
+    }
+
     /// SIGKILLs control-plane replica `index` (0 is `grpc_addr`'s).
     pub fn kill_controlplane(&mut self, index: usize) {
         self.launcher.kill(&envgate_fleet::controlplane_name(index));
