@@ -9,6 +9,7 @@
 //! pid files by the next run (`process`).
 
 pub mod admin;
+pub mod chaos;
 pub mod docker;
 pub mod haproxy;
 pub mod keys;

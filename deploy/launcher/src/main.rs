@@ -108,6 +108,19 @@ enum Action {
     Status,
     /// Run N proxies: start new ones or drain surplus ones; soft-reload HAProxy.
     Scale { proxies: usize },
+    /// On a running fleet: kill or cut off each component in turn under a loop of logins and
+    /// report what each fault cost (docs/reliability.md).
+    Chaos {
+        /// Only a proxy and the leading replica killed, 2 clients: the CI subset.
+        #[arg(long)]
+        fast: bool,
+        /// Write the table into this file's generated region (docs/reliability.md).
+        #[arg(long)]
+        doc: Option<PathBuf>,
+        /// A line about the run (date, commit, machine) put above the table.
+        #[arg(long, default_value = "")]
+        meta: String,
+    },
 }
 
 #[tokio::main]
@@ -123,6 +136,7 @@ async fn main() -> ExitCode {
         Action::Down { volumes } => down(spec, &cli.layout, volumes).await,
         Action::Status => status(spec, &cli.layout).await,
         Action::Scale { proxies } => scale(spec, proxies).await,
+        Action::Chaos { fast, doc, meta } => chaos(spec, fast, doc, &meta).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -455,5 +469,72 @@ async fn scale(spec: Spec, want: usize) -> anyhow::Result<u8> {
     }
     launcher.wait_haproxy_sees_all().await?;
     eprintln!("fleet: fleet runs {want} proxies");
+    Ok(0)
+}
+
+const CHAOS_BEGIN: &str = "<!-- fleet chaos: generated from here -->";
+const CHAOS_END: &str = "<!-- fleet chaos: generated up to here -->";
+
+async fn chaos(spec: Spec, fast: bool, doc: Option<PathBuf>, meta: &str) -> anyhow::Result<u8> {
+    use envgate_fleet::chaos::{self, Fault, Plan};
+    let mut launcher = Launcher::adopt(spec)?;
+    let proxies: Vec<usize> = launcher.proxies();
+    anyhow::ensure!(
+        !proxies.is_empty() && launcher.alive("haproxy"),
+        "the chaos fleet is not up"
+    );
+    launcher.set_serving(proxies);
+    let plan = if fast {
+        Plan {
+            faults: Fault::FAST.to_vec(),
+            clients: 2,
+            before: Duration::from_secs(2),
+            after: Duration::from_secs(10),
+            down_for: Duration::from_secs(3),
+        }
+    } else {
+        Plan {
+            faults: Fault::ALL.to_vec(),
+            clients: 3,
+            before: Duration::from_secs(3),
+            after: Duration::from_secs(20),
+            down_for: Duration::from_secs(5),
+        }
+    };
+    let keys = launcher.spec().dir.join("chaos-keys");
+    chaos::prepare(&launcher, plan.clients, &keys).await?;
+    let outcomes = chaos::run(&mut launcher, &plan, &keys).await?;
+    let table = chaos::table(&outcomes);
+    println!("{table}");
+    if let Some(doc) = doc {
+        let text = format!(
+            "- {meta}\n- {} clients, each a user of its own looping `ssh USER date` through HAProxy; \
+             the fault {} s into the loop, the part down (or cut off) for {} s, then started \
+             again; the loop goes on to {} s after the fault. HA shape: 3 etcd members, 2 \
+             control-plane replicas, {} proxies.\n\n{table}",
+            plan.clients,
+            plan.before.as_secs(),
+            plan.down_for.as_secs(),
+            plan.after.as_secs(),
+            launcher.proxies().len(),
+        );
+        chaos::write_region(&doc, CHAOS_BEGIN, CHAOS_END, &text)?;
+    }
+    let damaged: Vec<String> = outcomes
+        .iter()
+        .flat_map(|o| o.lost.iter().chain(&o.duplicated).cloned())
+        .collect();
+    anyhow::ensure!(damaged.is_empty(), "lost or duplicated: {damaged:?}");
+    if fast {
+        for o in &outcomes {
+            anyhow::ensure!(
+                o.failed <= plan.clients,
+                "{}: {} logins failed, more than the {} in flight",
+                o.fault.describe(),
+                o.failed,
+                plan.clients
+            );
+        }
+    }
     Ok(0)
 }
