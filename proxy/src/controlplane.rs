@@ -104,10 +104,7 @@ impl ControlPlane {
             let _ = changes.try_send(Change::Insert(i, endpoint.clone()));
         }
         tokio::spawn(watch_replicas(endpoints, changes));
-        Ok(Self {
-            channel,
-            proxy_id,
-        })
+        Ok(Self { channel, proxy_id })
     }
 
     pub fn proxy_id(&self) -> &str {

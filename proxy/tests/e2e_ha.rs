@@ -197,7 +197,11 @@ async fn sigkilling_the_other_replica_fails_at_most_the_logins_in_flight() {
         |fleet| fleet.kill_controlplane(follower),
     )
     .await;
-    let failed = report(&format!("replica {follower} (not leading) SIGKILLed"), at, &logins);
+    let failed = report(
+        &format!("replica {follower} (not leading) SIGKILLed"),
+        at,
+        &logins,
+    );
     assert_only_in_flight_failed("follower killed", at, &failed);
     assert!(
         fleet.proxy_alive(0) && fleet.proxy_alive(1),
@@ -223,7 +227,11 @@ async fn sigkilling_one_etcd_member_of_three_fails_at_most_the_logins_in_flight(
         |fleet| fleet.kill_etcd_member(member),
     )
     .await;
-    let failed = report(&format!("etcd leader (member {member}) SIGKILLed"), at, &logins);
+    let failed = report(
+        &format!("etcd leader (member {member}) SIGKILLed"),
+        at,
+        &logins,
+    );
     assert_only_in_flight_failed("etcd member killed", at, &failed);
     for login in &failed {
         assert!(

@@ -188,7 +188,9 @@ fn unreachable(e: &etcd_client::Error, retry: Retry) -> bool {
     let (status, text) = match e {
         etcd_client::Error::TransportError(e) => (None, e.to_string()),
         etcd_client::Error::IoError(e) => (None, e.to_string()),
-        etcd_client::Error::GRpcStatus(status) => (Some(status.code()), status.message().to_owned()),
+        etcd_client::Error::GRpcStatus(status) => {
+            (Some(status.code()), status.message().to_owned())
+        }
         _ => return false,
     };
     // hyper's "tcp connect error", "client error (Connect)": the request was never sent.

@@ -105,7 +105,11 @@ async fn holdings(launcher: &Launcher) -> Holdings {
             client
                 .get(
                     prefix.clone(),
-                    Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
                 )
                 .await
         };
@@ -140,7 +144,9 @@ pub async fn prepare(launcher: &Launcher, clients: usize, dir: &Path) -> Result<
         admin.put_user(&user, &public, "busybox").await?;
         let (ok, stderr) = ssh(launcher.haproxy_port(), &user, &key).await;
         if !ok {
-            return Err(Error::Failed(format!("{user}'s first login failed: {stderr}")));
+            return Err(Error::Failed(format!(
+                "{user}'s first login failed: {stderr}"
+            )));
         }
     }
     Ok(())
@@ -151,8 +157,20 @@ async fn ssh(port: u16, user: &str, key: &Path) -> (bool, String) {
     let mut command = tokio::process::Command::new("ssh");
     command
         .args(["-F", "/dev/null", "-p", &port.to_string()])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
         .args(["-o", "IdentityAgent=none", "-o", "ConnectTimeout=10", "-i"])
         .arg(key)
         .args(["-l", user, "127.0.0.1", "date"])
@@ -233,7 +251,10 @@ fn iptables(action: &str, rule: &[String]) -> Result<(), Error> {
 }
 
 /// Strikes `fault`; returns what undoes it (a network cut) and which process to start again.
-async fn strike(launcher: &mut Launcher, fault: Fault) -> Result<(Option<Cut>, Option<String>), Error> {
+async fn strike(
+    launcher: &mut Launcher,
+    fault: Fault,
+) -> Result<(Option<Cut>, Option<String>), Error> {
     let leader = leading_replica(launcher).await.unwrap_or(0);
     let etcd_leader = launcher.etcd_leader().await.unwrap_or(0);
     let port = |addr: &String| {
@@ -257,13 +278,19 @@ async fn strike(launcher: &mut Launcher, fault: Fault) -> Result<(Option<Cut>, O
                 port(&launcher.controlplane_grpc()[leader]),
                 port(&launcher.controlplane_ops()[leader]),
             ];
-            eprintln!("fleet chaos: cutting {} off ({ports:?})", controlplane_name(leader));
+            eprintln!(
+                "fleet chaos: cutting {} off ({ports:?})",
+                controlplane_name(leader)
+            );
             Ok((Some(Cut::new(&ports)?), None))
         }
         Fault::CutEtcdMember => {
             let client = port(&launcher.etcd_endpoints()[etcd_leader]);
             let ports = [client, launcher.etcd_peer_port(etcd_leader)];
-            eprintln!("fleet chaos: cutting {} off ({ports:?})", etcd_name(etcd_leader));
+            eprintln!(
+                "fleet chaos: cutting {} off ({ports:?})",
+                etcd_name(etcd_leader)
+            );
             Ok((Some(Cut::new(&ports)?), None))
         }
     }
@@ -349,7 +376,13 @@ pub async fn run(launcher: &mut Launcher, plan: &Plan, keys: &Path) -> Result<Ve
     Ok(outcomes)
 }
 
-fn outcome(fault: Fault, at: Instant, logins: &[Login], before: &Holdings, after: &Holdings) -> Outcome {
+fn outcome(
+    fault: Fault,
+    at: Instant,
+    logins: &[Login],
+    before: &Holdings,
+    after: &Holdings,
+) -> Outcome {
     let failed: Vec<&Login> = logins.iter().filter(|l| !l.ok).collect();
     let mut lines: Vec<String> = failed
         .iter()
@@ -450,10 +483,6 @@ pub fn write_region(doc: &Path, begin: &str, end: &str, text: &str) -> Result<()
             doc.display()
         )));
     };
-    let updated = format!(
-        "{}{begin}\n{text}{}",
-        &current[..from],
-        &current[to..]
-    );
+    let updated = format!("{}{begin}\n{text}{}", &current[..from], &current[to..]);
     std::fs::write(doc, updated).map_err(Error::io(format!("write {}", doc.display())))
 }

@@ -137,7 +137,10 @@ impl Launcher {
             .flatten()
             .filter_map(|e| {
                 let name = e.ok()?.file_name().into_string().ok()?;
-                name.strip_prefix("proxy-")?.strip_suffix(".pid")?.parse().ok()
+                name.strip_prefix("proxy-")?
+                    .strip_suffix(".pid")?
+                    .parse()
+                    .ok()
             })
             .collect();
         found.sort_unstable();
@@ -185,7 +188,9 @@ impl Launcher {
                     .await
             };
             if let Ok(Ok(status)) = tokio::time::timeout(probe::PROBE_TIMEOUT, status).await
-                && status.header().is_some_and(|h| h.member_id() == status.leader())
+                && status
+                    .header()
+                    .is_some_and(|h| h.member_id() == status.leader())
             {
                 return Some(i);
             }
@@ -216,7 +221,11 @@ impl Launcher {
     /// Proxy `n`'s SSH listener, ops endpoint and pinned listeners.
     pub fn proxy_addresses(&self, n: usize) -> Option<(String, String, Vec<String>)> {
         let proxy = self.proxies.get(&n)?;
-        Some((proxy.listen.clone(), proxy.ops.clone(), proxy.pinned.clone()))
+        Some((
+            proxy.listen.clone(),
+            proxy.ops.clone(),
+            proxy.pinned.clone(),
+        ))
     }
 
     pub fn proxy_id(&self, n: usize) -> String {
@@ -354,7 +363,12 @@ impl Launcher {
     // ---- waiting ------------------------------------------------------------------------
 
     /// Polls `probe` until it succeeds, for at most `Spec::wait`; fails early if `name` died.
-    pub async fn wait_for<F, Fut>(&mut self, name: &str, what: &str, mut probe: F) -> Result<(), Error>
+    pub async fn wait_for<F, Fut>(
+        &mut self,
+        name: &str,
+        what: &str,
+        mut probe: F,
+    ) -> Result<(), Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), String>>,

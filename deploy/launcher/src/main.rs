@@ -172,10 +172,7 @@ fn spec(layout: &Layout) -> Spec {
     spec.wait = Duration::from_secs(layout.wait_seconds);
     spec.detach = true;
     // envgate's SSH user CA (docs/identity.md, "SSH certificates"): on by default here.
-    spec.controlplane_args = vec![
-        "--user-ca-key".into(),
-        user_ca(&spec).display().to_string(),
-    ];
+    spec.controlplane_args = vec!["--user-ca-key".into(), user_ca(&spec).display().to_string()];
     spec
 }
 
@@ -266,7 +263,10 @@ async fn up(
         directory.enable(true)?;
         for r in 0..launcher.spec().controlplanes {
             launcher
-                .stop(&envgate_fleet::controlplane_name(r), Duration::from_secs(15))
+                .stop(
+                    &envgate_fleet::controlplane_name(r),
+                    Duration::from_secs(15),
+                )
                 .await;
         }
     }

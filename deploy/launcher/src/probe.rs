@@ -92,5 +92,8 @@ pub async fn haproxy_ask(socket: &Path, command: &str) -> Option<String> {
         stream.read_to_string(&mut answer).await.ok()?;
         Some(answer)
     };
-    tokio::time::timeout(PROBE_TIMEOUT, ask).await.ok().flatten()
+    tokio::time::timeout(PROBE_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
 }

@@ -79,7 +79,11 @@ impl Process {
 
     /// The process named in `pid_file` if it still runs `program`.
     pub fn adopt(name: &str, program: &str, log: &Path, pid_file: &Path) -> Option<Process> {
-        let pid = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let process = Process {
             name: name.to_owned(),
             pid,

@@ -82,10 +82,7 @@ impl Ports {
     pub(crate) fn etcd(&self, member: usize) -> Result<(u16, u16), Error> {
         match self {
             Ports::Free => Ok((free_port()?, free_port()?)),
-            Ports::Fixed(b) => Ok((
-                offset(b.etcd, 2 * member)?,
-                offset(b.etcd, 2 * member + 1)?,
-            )),
+            Ports::Fixed(b) => Ok((offset(b.etcd, 2 * member)?, offset(b.etcd, 2 * member + 1)?)),
         }
     }
 

@@ -298,7 +298,11 @@ impl Fleet {
             fleet.launcher.spawn_proxy(i).map_err(|e| e.to_string())?;
         }
         for i in 0..options.proxies {
-            fleet.launcher.wait_proxy(i).await.map_err(|e| e.to_string())?;
+            fleet
+                .launcher
+                .wait_proxy(i)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         fleet.note_proxies();
         fleet.launcher.set_serving((0..options.proxies).collect());
@@ -337,7 +341,10 @@ impl Fleet {
         let before = self.launcher.serving().len();
         for i in before..n {
             self.launcher.spawn_proxy(i).map_err(|e| e.to_string())?;
-            self.launcher.wait_proxy(i).await.map_err(|e| e.to_string())?;
+            self.launcher
+                .wait_proxy(i)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         self.note_proxies();
         self.launcher.set_serving((0..n).collect());
@@ -970,8 +977,7 @@ impl Fleet {
     }
 
     pub fn controlplane_alive(&mut self) -> bool {
-        self.launcher
-            .alive(&envgate_fleet::controlplane_name(0))
+        self.launcher.alive(&envgate_fleet::controlplane_name(0))
     }
 
     pub fn proxy_alive(&mut self, index: usize) -> bool {
