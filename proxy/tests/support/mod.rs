@@ -39,7 +39,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one etcd read.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The etcd prefix the control plane is started with.
-pub const ETCD_PREFIX: &str = "/envgate/";
+pub use envgate_fleet::ETCD_PREFIX;
 
 /// The operator's name the fleet's admin token carries (the audit log shows it).
 pub const ADMIN_NAME: &str = "e2e-admin";
