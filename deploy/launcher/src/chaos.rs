@@ -12,6 +12,8 @@ use crate::{Error, Launcher, controlplane_name, docker, etcd_name, probe, proxy_
 
 /// How long one `ssh` may take.
 const SSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client waits after a failed login before the next.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -338,6 +340,11 @@ pub async fn run(launcher: &mut Launcher, plan: &Plan, keys: &Path) -> Result<Ve
                             ok,
                             stderr,
                         });
+                        // A user whose login failed tries again a moment later, not at once
+                        // (a refused connection fails in milliseconds).
+                        if !ok {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
                     }
                     logins
                 })
