@@ -95,9 +95,11 @@ struct Holdings {
 
 async fn holdings(launcher: &Launcher) -> Holdings {
     let instance = &launcher.spec().instance;
+    // Users' containers: a warm pool's (no user yet) come and go by design.
     let containers = docker::containers(instance)
         .into_iter()
         .filter_map(|line| line.split(' ').nth(1).map(str::to_owned))
+        .filter(|owner| !owner.starts_with('+'))
         .collect();
     let mut records = Vec::new();
     if let Ok(tls) = launcher.etcd_tls() {
