@@ -76,11 +76,8 @@ impl Etcd {
 
     async fn start_once(binary: &Path) -> Result<Etcd, EtcdStartError> {
         let data_dir = tempfile::Builder::new().prefix("envgate-etcd-").tempdir()?;
-        let mut spec = envgate_fleet::Spec::new(
-            "testkit",
-            data_dir.path().to_path_buf(),
-            PathBuf::new(),
-        );
+        let mut spec =
+            envgate_fleet::Spec::new("testkit", data_dir.path().to_path_buf(), PathBuf::new());
         spec.etcd_binary = binary.to_path_buf();
         spec.wait = START_TIMEOUT;
         // The certificates the launcher's etcd expects, made here rather than by the
