@@ -41,9 +41,11 @@ pub enum EtcdStartError {
     Tls(#[from] envgate_proto::tls::TlsError),
 }
 
-/// A private etcd server for one test. Killed (and its data directory removed) on drop.
+/// A private etcd server for one test, started by the fleet launcher (`envgate_fleet`, the
+/// one `deploy/local/fleet` and the e2e harness use) as a one-member cluster. Killed (and its
+/// data directory removed) on drop.
 pub struct Etcd {
-    child: Option<Child>,
+    launcher: envgate_fleet::Launcher,
     endpoint: String,
     /// The etcd CA and a client certificate it issued (the control plane's).
     client_tls: TlsFiles,
@@ -74,7 +76,13 @@ impl Etcd {
 
     async fn start_once(binary: &Path) -> Result<Etcd, EtcdStartError> {
         let data_dir = tempfile::Builder::new().prefix("envgate-etcd-").tempdir()?;
-        let pki_dir = data_dir.path().join("pki");
+        let mut spec =
+            envgate_fleet::Spec::new("testkit", data_dir.path().to_path_buf(), PathBuf::new());
+        spec.etcd_binary = binary.to_path_buf();
+        spec.wait = START_TIMEOUT;
+        // The certificates the launcher's etcd expects, made here rather than by the
+        // `envgate-controlplane pki` binary, which this crate's own tests may not have yet.
+        let pki_dir = spec.pki_dir();
         let ca = Authority::ensure(&pki_dir, "etcd")?;
         let sans = Profile::Peer {
             sans: vec!["127.0.0.1".into(), "localhost".into()],
@@ -82,93 +90,23 @@ impl Etcd {
         ca.issue(&pki_dir, "etcd-server", &sans)?;
         ca.issue(
             &pki_dir,
-            "etcd-client",
+            envgate_fleet::keys::ETCD_CLIENT,
             &Profile::Client {
                 common_name: "etcd-client".into(),
             },
         )?;
-        let (server_cert, server_key) = pki::paths(&pki_dir, "etcd-server");
-        let (client_cert, client_key) = pki::paths(&pki_dir, "etcd-client");
-        let client_tls = TlsFiles::load(&client_cert, &client_key, ca.cert_path())?;
-        let client_port = free_port()?;
-        let peer_port = free_port()?;
-        let client_url = format!("https://127.0.0.1:{client_port}");
-        let peer_url = format!("https://127.0.0.1:{peer_port}");
-        let log_path = data_dir.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut command = Command::new(binary);
-        command
-            .args(["--client-cert-auth", "--peer-client-cert-auth"])
-            .arg("--trusted-ca-file")
-            .arg(ca.cert_path())
-            .arg("--cert-file")
-            .arg(&server_cert)
-            .arg("--key-file")
-            .arg(&server_key)
-            .arg("--peer-trusted-ca-file")
-            .arg(ca.cert_path())
-            .arg("--peer-cert-file")
-            .arg(&server_cert)
-            .arg("--peer-key-file")
-            .arg(&server_key);
-        let child = command
-            .arg("--name")
-            .arg("default")
-            .arg("--data-dir")
-            .arg(data_dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("default={peer_url}"))
-            .arg("--log-level")
-            .arg("error")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let mut etcd = Etcd {
-            child: Some(child),
-            endpoint: client_url,
+        let (ca_path, client_cert, client_key) = spec.etcd_client_files();
+        let client_tls = TlsFiles::load(&client_cert, &client_key, &ca_path)?;
+        let not_ready = |e: envgate_fleet::Error| EtcdStartError::NotReady(e.to_string());
+        let mut launcher = envgate_fleet::Launcher::new(spec).map_err(not_ready)?;
+        launcher.start_etcd().await.map_err(not_ready)?;
+        let endpoint = launcher.etcd_endpoints()[0].clone();
+        Ok(Etcd {
+            launcher,
+            endpoint,
             client_tls,
             data_dir,
-        };
-        match etcd.wait_ready().await {
-            Ok(()) => Ok(etcd),
-            Err(reason) => {
-                etcd.kill();
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                Err(EtcdStartError::NotReady(format!("{reason}; log: {tail}")))
-            }
-        }
-    }
-
-    async fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut last_error = String::from("no attempt made");
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Err(format!("etcd exited early with {status}"));
-            }
-            match tokio::time::timeout(PROBE_TIMEOUT, probe(&self.config())).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "probe timed out".to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(format!(
-            "no answer within {}s: {last_error}",
-            START_TIMEOUT.as_secs()
-        ))
+        })
     }
 
     /// The client URL, e.g. `https://127.0.0.1:41234`.
@@ -187,9 +125,7 @@ impl Etcd {
     /// The files of `config()`, as `envgate-controlplane --etcd-ca/--etcd-cert/--etcd-key`
     /// take them: (CA, certificate, key).
     pub fn client_files(&self) -> (PathBuf, PathBuf, PathBuf) {
-        let dir = self.data_dir.path().join("pki");
-        let (cert, key) = pki::paths(&dir, "etcd-client");
-        (dir.join("etcd-ca.crt"), cert, key)
+        self.launcher.spec().etcd_client_files()
     }
 
     /// Where its certificates are, to make more (e.g. a client certificate from another CA).
@@ -199,23 +135,8 @@ impl Etcd {
 
     /// Stops the server now (SIGKILL) and reaps it; a later drop does nothing more.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.launcher.kill(&envgate_fleet::etcd_name(0));
     }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn probe(config: &EtcdConfig) -> Result<(), etcd_client::Error> {
-    let mut client = client(config).await?;
-    client.get("envgate-testkit-probe", None).await?;
-    Ok(())
 }
 
 /// A raw etcd client with the test etcd's client certificate, for tests that read or write
@@ -237,7 +158,9 @@ pub async fn client(config: &EtcdConfig) -> Result<etcd_client::Client, etcd_cli
 /// A fleet CA in a temporary directory, the control plane's server certificate (for
 /// 127.0.0.1 and localhost) and proxy certificates on demand.
 pub struct TestPki {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    /// The temporary directory `new` made (`open` uses one that exists).
+    _temporary: Option<tempfile::TempDir>,
     ca: Authority,
 }
 
@@ -250,19 +173,30 @@ impl TestPki {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let ca = Authority::ensure(dir.path(), "fleet")?;
-        ca.issue(
+        let mut pki = Self::open(dir.path())?;
+        pki.ca.issue(
             dir.path(),
             "controlplane",
             &Profile::Server {
                 sans: vec!["127.0.0.1".into(), "localhost".into()],
             },
         )?;
-        Ok(Self { dir, ca })
+        pki._temporary = Some(dir);
+        Ok(pki)
+    }
+
+    /// The fleet CA in `dir` (made there if missing), e.g. the one `envgate-controlplane pki`
+    /// made for a fleet the launcher started, with the control plane's certificate in it.
+    pub fn open(dir: &Path) -> Result<Self, pki::PkiError> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _temporary: None,
+            ca: Authority::ensure(dir, "fleet")?,
+        })
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -271,7 +205,7 @@ impl TestPki {
 
     /// The control plane's files: (certificate, key, fleet CA).
     pub fn server_files(&self) -> (PathBuf, PathBuf, PathBuf) {
-        let (cert, key) = pki::paths(self.dir.path(), "controlplane");
+        let (cert, key) = pki::paths(&self.dir, "controlplane");
         (cert, key, self.ca_path())
     }
 
@@ -284,9 +218,9 @@ impl TestPki {
     pub fn proxy_files(&self, id: &str) -> (PathBuf, PathBuf) {
         let name = format!("proxy-{id}");
         self.ca
-            .issue(self.dir.path(), &name, &Profile::Proxy { id: id.into() })
+            .issue(&self.dir, &name, &Profile::Proxy { id: id.into() })
             .expect("a test proxy certificate");
-        pki::paths(self.dir.path(), &name)
+        pki::paths(&self.dir, &name)
     }
 
     /// Proxy `id`'s TLS identity with the fleet CA, as a proxy loads it.

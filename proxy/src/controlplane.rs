@@ -3,6 +3,12 @@
 //! is also how the control plane knows which proxy is calling), a deadline on
 //! every call, and retries with jittered backoff where a retry is safe
 //! (Authenticate, CloseSession).
+//!
+//! A replica that cannot be reached leaves the balancer until it can again
+//! (`watch_replicas`): tonic's balancer keeps an endpoint whose connection was refused and,
+//! as it has no requests pending, prefers it, so with one of two replicas SIGKILLed most calls
+//! went to the dead one and a login could use up its retries there. This is how Kubernetes
+//! Services treat an endpoint that fails its probe.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -22,6 +28,7 @@ use envgate_proto::v1::{
 };
 use rand::Rng;
 use tokio::sync::Notify;
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 
@@ -102,8 +109,14 @@ impl ControlPlane {
                 .keep_alive_timeout(Duration::from_secs(10));
             endpoints.push(endpoint);
         }
+        let (channel, changes) = Channel::balance_channel(endpoints.len());
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            // The channel has room for every endpoint: this cannot fail.
+            let _ = changes.try_send(Change::Insert(i, endpoint.clone()));
+        }
+        tokio::spawn(watch_replicas(endpoints, changes));
         Ok(Self {
-            channel: Channel::balance_list(endpoints.into_iter()),
+            channel,
             proxy_id,
             answered: Arc::new(Notify::new()),
             unreached_since: Arc::default(),
@@ -403,6 +416,57 @@ async fn deadline<T>(
 /// full-jitter exponential backoff; every other status is final.
 fn is_retriable(status: &Status) -> bool {
     status.code() == Code::Unavailable
+}
+
+/// How often each replica's port is probed.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps in the balancer (which starts with all of them) the replicas that accept a TCP
+/// connection, probed every `PROBE_INTERVAL`, or all of them when none does, so that calls then fail at once with
+/// "unavailable" rather than wait for one. Ends when the channel is gone.
+async fn watch_replicas(
+    endpoints: Vec<Endpoint>,
+    changes: tokio::sync::mpsc::Sender<Change<usize, Endpoint>>,
+) {
+    let mut balanced = vec![true; endpoints.len()];
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let mut reachable = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
+            let authority = endpoint
+                .uri()
+                .authority()
+                .map(|a| match a.port() {
+                    Some(_) => a.to_string(),
+                    None => format!("{a}:443"),
+                })
+                .unwrap_or_default();
+            let connect = tokio::net::TcpStream::connect(authority);
+            reachable.push(matches!(
+                tokio::time::timeout(PROBE_INTERVAL, connect).await,
+                Ok(Ok(_))
+            ));
+        }
+        let wanted = if reachable.contains(&true) {
+            reachable
+        } else {
+            vec![true; endpoints.len()]
+        };
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let change = match (balanced[i], wanted[i]) {
+                (false, true) => Change::Insert(i, endpoint.clone()),
+                (true, false) => Change::Remove(i),
+                _ => continue,
+            };
+            if changes.send(change).await.is_err() {
+                return;
+            }
+            balanced[i] = wanted[i];
+        }
+        if changes.is_closed() {
+            return;
+        }
+    }
 }
 
 /// Whether the call failed before it reached the control plane (connection

@@ -147,6 +147,11 @@ pub fn placement_failure_line(status: &tonic::Status) -> String {
             logged_failure(failure::CONTROL_PLANE_DOWN, &status_detail(status))
         }
         Code::Unavailable => logged_failure(failure::UNAVAILABLE, &status_detail(status)),
+        // The connection broke mid-call (the replica died: tonic reports hyper's "h2 protocol
+        // error" as Unknown, with the transport error as source): unavailable, not a bug.
+        _ if std::error::Error::source(status).is_some() => {
+            logged_failure(failure::UNAVAILABLE, &status_detail(status))
+        }
         _ => logged_failure(failure::INTERNAL, &status_detail(status)),
     }
 }
@@ -325,6 +330,16 @@ mod tests {
         split_request_id(
             &placement_failure_line(&broken),
             "envgate: something went wrong on our side; if it keeps happening, tell your administrator",
+        );
+        // The replica died mid-call: the client's own status, the transport error its source.
+        let cut = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "h2 protocol error: error reading a body from connection",
+        )));
+        assert_eq!(cut.code(), Code::Unknown);
+        split_request_id(
+            &placement_failure_line(&cut),
+            "envgate: the service is temporarily unavailable; try again in a minute",
         );
         use crate::exec::ExecError;
         let line = exec_failure_line(&ExecError::AgentUnreachable(

@@ -99,7 +99,6 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
             Duration::from_secs(20),
         )
         .await;
-    let argv: Vec<Vec<String>> = (0..2).map(|i| fleet.controlplane_argv(i)).collect();
     fleet.kill_controlplane(0);
     fleet.kill_controlplane(1);
     let killed_at = Instant::now();
@@ -174,7 +173,7 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     assert_eq!(audit_events(&fleet, "session_from_cache").len(), 1);
 
     // A replica back: the kept close is delivered, and logins take the normal path again.
-    fleet.restart_controlplane(0, &argv[0]).await;
+    fleet.restart_controlplane(0).await;
     eventually(Duration::from_secs(30), "the close delivered", || async {
         let delivered = metric(&fleet, "envgate_proxy_queued_closes_delivered_total").await;
         let queued = metric(&fleet, "envgate_proxy_queued_closes").await;

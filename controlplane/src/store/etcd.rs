@@ -1,8 +1,18 @@
 //! The etcd `Store`. Every call runs under `request_timeout` so a stuck etcd turns into
 //! `StoreError::Unavailable` instead of a hung RPC; every key is placed under `prefix`.
+//!
+//! Calls go to one member at a time, as etcd's own Go client (clientv3) does: the store keeps
+//! a client per endpoint and pins one; when the pinned member cannot be reached the call moves
+//! on to the next member, and so does the pin. etcd-client's own balancing over all
+//! endpoints keeps sending a share of requests to a member that is gone (every one of them
+//! failing with "tcp connect error"), which failed two logins in three while one member of
+//! three was down. A read moves on after any transport failure or timeout; a write only when
+//! it never left this process (the connection could not be made), since a write that reached
+//! a member may have been applied.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,9 +55,21 @@ impl EtcdConfig {
 }
 
 pub struct EtcdStore {
-    client: Client,
+    /// One client per endpoint, in `EtcdConfig::endpoints` order.
+    clients: Vec<Client>,
+    /// The member calls go to first.
+    pinned: AtomicUsize,
     prefix: String,
     request_timeout: Duration,
+}
+
+/// Whether a failed call may be sent again to another member.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads, watches, keep-alives: sending one twice changes nothing.
+    Idempotent,
+    /// Writes: only if the request never left (no connection could be made).
+    IfNotSent,
 }
 
 impl EtcdStore {
@@ -59,13 +81,22 @@ impl EtcdStore {
         request_timeout: Duration,
     ) -> StoreResult<Self> {
         let endpoints = &config.endpoints;
-        let connect = Client::connect(endpoints, Some(config.options(request_timeout)));
-        let client = tokio::time::timeout(request_timeout, connect)
-            .await
-            .map_err(|_| timed_out("connect", endpoints.join(",")))?
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", endpoints.join(","))))?;
+        if endpoints.is_empty() {
+            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+        }
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            // Connections are made on first use, so a member that is down now is no obstacle.
+            let connect = Client::connect([endpoint], Some(config.options(request_timeout)));
+            let client = tokio::time::timeout(request_timeout, connect)
+                .await
+                .map_err(|_| timed_out("connect", endpoint.clone()))?
+                .map_err(|e| StoreError::Unavailable(format!("{endpoint}: {e}")))?;
+            clients.push(client);
+        }
         let store = Self {
-            client,
+            clients,
+            pinned: AtomicUsize::new(0),
             prefix: prefix.to_owned(),
             request_timeout,
         };
@@ -87,15 +118,55 @@ impl EtcdStore {
         key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned()
     }
 
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> StoreResult<T> {
-        tokio::time::timeout(self.request_timeout, call)
+    /// Runs `call` on the pinned member's client under `request_timeout`; if that member
+    /// cannot be reached (and `retry` allows), on each other member in turn. The pin moves off
+    /// a member that failed so.
+    async fn call<T, F, Fut>(&self, what: &str, retry: Retry, mut call: F) -> StoreResult<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let members = self.clients.len();
+        let first = self.pinned.load(Ordering::Relaxed) % members;
+        let mut last = None;
+        for attempt in 0..members {
+            let member = (first + attempt) % members;
+            let (error, move_on) = match tokio::time::timeout(
+                self.request_timeout,
+                call(self.clients[member].clone()),
+            )
             .await
-            .map_err(|_| timed_out(what, format!("{:?}", self.request_timeout)))?
-            .map_err(map_error)
+            {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if unreachable(&e, retry) => (map_error(e), true),
+                Ok(Err(e)) => return Err(map_error(e)),
+                // A write that timed out may have been applied: it is not sent again.
+                Err(_) => (
+                    timed_out(what, format!("{:?}", self.request_timeout)),
+                    retry == Retry::Idempotent,
+                ),
+            };
+            self.move_pin_off(member);
+            if !move_on {
+                return Err(error);
+            }
+            last = Some(error);
+        }
+        Err(last.expect("at least one member"))
+    }
+
+    /// The pinned member's client, for calls that cannot move (a campaign blocks for as long
+    /// as another replica leads); `move_pin_off` after one fails.
+    fn pinned(&self) -> (usize, Client) {
+        let member = self.pinned.load(Ordering::Relaxed) % self.clients.len();
+        (member, self.clients[member].clone())
+    }
+
+    fn move_pin_off(&self, member: usize) {
+        let next = (member + 1) % self.clients.len();
+        let _ = self
+            .pinned
+            .compare_exchange(member, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn to_kv(&self, kv: &etcd_client::KeyValue) -> KeyValue {
@@ -110,6 +181,32 @@ impl EtcdStore {
 
 fn timed_out(what: &str, detail: String) -> StoreError {
     StoreError::Unavailable(format!("{what} timed out ({detail})"))
+}
+
+/// Whether `e` says the member could not be reached, so that `retry` allows another one.
+fn unreachable(e: &etcd_client::Error, retry: Retry) -> bool {
+    let (status, text) = match e {
+        etcd_client::Error::TransportError(e) => (None, e.to_string()),
+        etcd_client::Error::IoError(e) => (None, e.to_string()),
+        etcd_client::Error::GRpcStatus(status) => {
+            (Some(status.code()), status.message().to_owned())
+        }
+        _ => return false,
+    };
+    // hyper's "tcp connect error", "client error (Connect)": the request was never sent.
+    let not_sent = text.contains("connect error") || text.contains("(Connect)");
+    match retry {
+        Retry::IfNotSent => not_sent,
+        Retry::Idempotent => {
+            not_sent
+                || matches!(
+                    status,
+                    None | Some(tonic::Code::Unavailable)
+                        | Some(tonic::Code::Unknown)
+                        | Some(tonic::Code::Cancelled)
+                )
+        }
+    }
 }
 
 fn map_error(e: etcd_client::Error) -> StoreError {
@@ -127,38 +224,53 @@ fn map_error(e: etcd_client::Error) -> StoreError {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
-        let mut kv = self.client.kv_client();
-        let resp = self.bounded("get", kv.get(self.full(key), None)).await?;
+        let key = self.full(key);
+        let resp = self
+            .call("get", Retry::Idempotent, |c| {
+                let key = key.clone();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().map(|kv| self.to_kv(kv)))
     }
 
     async fn range(&self, prefix: &str) -> StoreResult<Vec<KeyValue>> {
-        let mut kv = self.client.kv_client();
+        let prefix = self.full(prefix);
         let resp = self
-            .bounded(
-                "range",
-                kv.get(self.full(prefix), Some(GetOptions::new().with_prefix())),
-            )
+            .call("range", Retry::Idempotent, |c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.kv_client()
+                        .get(prefix, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
             .await?;
         Ok(resp.kvs().iter().map(|kv| self.to_kv(kv)).collect())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> StoreResult<i64> {
-        let mut kv = self.client.kv_client();
         let options = lease
             .filter(|l| *l != 0)
             .map(|l| PutOptions::new().with_lease(l));
+        let key = self.full(key);
         let resp = self
-            .bounded("put", kv.put(self.full(key), value, options))
+            .call("put", Retry::IfNotSent, |c| {
+                let (key, value, options) = (key.clone(), value.clone(), options.clone());
+                async move { c.kv_client().put(key, value, options).await }
+            })
             .await
             .map_err(|e| with_lease_id(e, lease))?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
-        let mut kv = self.client.kv_client();
+        let key = self.full(key);
         let resp = self
-            .bounded("delete", kv.delete(self.full(key), None::<DeleteOptions>))
+            .call("delete", Retry::IfNotSent, |c| {
+                let key = key.clone();
+                async move { c.kv_client().delete(key, None::<DeleteOptions>).await }
+            })
             .await?;
         Ok(resp.deleted() > 0)
     }
@@ -188,9 +300,12 @@ impl Store for EtcdStore {
                 TxnOp::Delete { key } => etcd_client::TxnOp::delete(self.full(&key), None),
             })
             .collect();
-        let mut kv = self.client.kv_client();
+        let txn = Txn::new().when(compares).and_then(ops);
         let resp = self
-            .bounded("txn", kv.txn(Txn::new().when(compares).and_then(ops)))
+            .call("txn", Retry::IfNotSent, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
             .await
             .map_err(|e| with_lease_id(e, lease_used))?;
         Ok(resp
@@ -199,20 +314,22 @@ impl Store for EtcdStore {
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-        let mut lease = self.client.lease_client();
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let resp = self.bounded("lease grant", lease.grant(ttl, None)).await?;
+        let resp = self
+            .call("lease grant", Retry::IfNotSent, |c| async move {
+                c.lease_client().grant(ttl, None).await
+            })
+            .await?;
         Ok(resp.id())
     }
 
     async fn lease_keep_alive(&self, id: i64) -> StoreResult<bool> {
-        let mut lease = self.client.lease_client();
-        let once = async move {
-            let (mut keeper, mut responses) = lease.keep_alive(id).await?;
+        let once = |c: Client| async move {
+            let (mut keeper, mut responses) = c.lease_client().keep_alive(id).await?;
             keeper.keep_alive().await?;
             responses.message().await
         };
-        match self.bounded("lease keep-alive", once).await {
+        match self.call("lease keep-alive", Retry::Idempotent, once).await {
             Ok(Some(resp)) => Ok(resp.ttl() > 0),
             Ok(None) => Err(StoreError::Unavailable(
                 "lease keep-alive stream closed".into(),
@@ -223,8 +340,8 @@ impl Store for EtcdStore {
     }
 
     async fn lease_revoke(&self, id: i64) -> StoreResult<()> {
-        let mut lease = self.client.lease_client();
-        match self.bounded("lease revoke", lease.revoke(id)).await {
+        let revoke = |c: Client| async move { c.lease_client().revoke(id).await };
+        match self.call("lease revoke", Retry::Idempotent, revoke).await {
             Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -243,9 +360,12 @@ impl Store for EtcdStore {
         if start_revision > 0 {
             options = options.with_start_revision(start_revision);
         }
-        let mut client = self.client.watch_client();
+        let key = self.full(key);
         let stream = self
-            .bounded("watch", client.watch(self.full(key), Some(options)))
+            .call("watch", Retry::Idempotent, |c| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { c.watch_client().watch(key, Some(options)).await }
+            })
             .await?;
         let prefix_len = self.prefix.clone();
         let events = futures::stream::unfold(
@@ -302,12 +422,18 @@ impl Store for EtcdStore {
     /// Blocks until elected, without a timeout: a follower waits here for as long as
     /// another replica leads. Callers race it against their shutdown signal.
     async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-        let mut election = self.client.election_client();
+        let (member, client) = self.pinned();
         let full_name = self.full(&format!("election/{name}"));
-        let resp = election
+        let resp = client
+            .election_client()
             .campaign(full_name.clone(), value, lease)
             .await
-            .map_err(|e| with_lease_id(map_error(e), Some(lease)))?;
+            .map_err(|e| {
+                if unreachable(&e, Retry::Idempotent) {
+                    self.move_pin_off(member);
+                }
+                with_lease_id(map_error(e), Some(lease))
+            })?;
         let leader = resp
             .leader()
             .ok_or_else(|| StoreError::Unavailable("campaign returned no leader key".into()))?;
@@ -320,16 +446,15 @@ impl Store for EtcdStore {
     }
 
     async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-        let mut election = self.client.election_client();
         let leader = LeaderKey::new()
             .with_name(self.full(&format!("election/{}", leadership.name)))
             .with_key(leadership.key)
             .with_rev(leadership.revision)
             .with_lease(leadership.lease);
-        self.bounded(
-            "resign",
-            election.resign(Some(ResignOptions::new().with_leader(leader))),
-        )
+        self.call("resign", Retry::Idempotent, |c| {
+            let options = ResignOptions::new().with_leader(leader.clone());
+            async move { c.election_client().resign(Some(options)).await }
+        })
         .await?;
         Ok(())
     }

@@ -1,9 +1,9 @@
 //! The end-to-end harness: a whole envgate fleet per test, made of the real binaries.
 //!
-//! `Fleet::start` runs a private etcd (`envgate_controlplane::testkit::Etcd`), the real
-//! `envgate-controlplane` and `envgate-proxy` binaries from the target directory, and a real
-//! HAProxy (mode tcp, send-proxy-v2, `/readyz` health checks) on free 127.0.0.1 ports in a
-//! temporary directory. Each fleet has its own `--instance`, so tests run in parallel on the
+//! `Fleet::start` has the fleet launcher (`envgate_fleet`, the one `deploy/local/fleet` uses)
+//! run a private etcd (one member, or a cluster), the real `envgate-controlplane` and
+//! `envgate-proxy` binaries from the target directory, and a real HAProxy (mode tcp,
+//! send-proxy-v2, `/readyz` health checks) on free 127.0.0.1 ports in a temporary directory. Each fleet has its own `--instance`, so tests run in parallel on the
 //! one Docker engine without seeing each other's containers; on drop every process is killed
 //! and the instance's containers and home volumes are removed.
 //!
@@ -17,16 +17,18 @@ pub mod proxy_v2;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use envgate_controlplane::testkit::{Etcd, TestPki};
+use envgate_controlplane::testkit::TestPki;
+use envgate_fleet::{Launcher, Spec, docker, haproxy, probe};
 use envgate_proto::admin::v1 as admin;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
+
+pub use envgate_fleet::probe::http_get;
 
 /// Longest any single `ssh` invocation may take before the test fails.
 pub const SSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,7 +39,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one etcd read.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The etcd prefix the control plane is started with.
-pub const ETCD_PREFIX: &str = "/envgate/";
+pub use envgate_fleet::ETCD_PREFIX;
 
 /// The operator's name the fleet's admin token carries (the audit log shows it).
 pub const ADMIN_NAME: &str = "e2e-admin";
@@ -62,6 +64,9 @@ pub struct FleetOptions {
     pub agent: bool,
     /// Control-plane replicas (same etcd and keys); every proxy is given all of them.
     pub controlplanes: usize,
+    /// etcd cluster members; every replica is given all of them. 1 keeps a test fast; HA
+    /// tests take 3 (the loss of one keeps a quorum).
+    pub etcd_members: usize,
     /// `--shutdown-grace-seconds` of every proxy.
     pub shutdown_grace_seconds: u64,
     /// A catalogue file (YAML, docs/environments.md) written to the fleet's directory and
@@ -84,6 +89,7 @@ impl Default for FleetOptions {
             env: Vec::new(),
             agent: true,
             controlplanes: 1,
+            etcd_members: 1,
             shutdown_grace_seconds: 2,
             environments_yaml: None,
             pinned: Vec::new(),
@@ -143,52 +149,6 @@ impl russh::client::Handler for AcceptAnyHostKey {
     }
 }
 
-/// One process the harness started; killed (SIGKILL) and reaped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Result<Proc, String> {
-        let file = std::fs::File::create(&log).map_err(|e| format!("create {log:?}: {e}"))?;
-        let err = file.try_clone().map_err(|e| e.to_string())?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("spawn {name}: {e}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A running fleet. See the module documentation.
 pub struct Fleet {
     pub instance: String,
@@ -206,26 +166,15 @@ pub struct Fleet {
     pub proxy_listen: Vec<String>,
     /// `127.0.0.1:port` of each proxy's ops endpoint.
     pub proxy_ops: Vec<String>,
-    /// `127.0.0.1:port` of each proxy's pinned listener, in `FleetOptions::pinned` order.
-    proxy_pinned: Vec<Vec<String>>,
     /// HAProxy's port for each pinned environment.
     pinned_ports: HashMap<String, u16>,
     admin_token: String,
     /// The fleet CA, the control plane's server certificate and the proxies' certificates.
     pub pki: TestPki,
     keys: Mutex<HashMap<String, PathBuf>>,
-    // Field order is drop order: HAProxy and proxies first, then the control plane, then
-    // etcd, and the directory holding their logs last.
-    haproxy: Option<Proc>,
-    /// Processes replaced by a soft reload, finishing their connections.
-    old_haproxies: Vec<Proc>,
-    /// The proxies HAProxy sends connections to (`scale` changes it).
-    serving: Vec<usize>,
-    proxies: Vec<Proc>,
-    controlplane: Option<Proc>,
-    /// Replicas 1.. (`FleetOptions::controlplanes`).
-    replicas: Vec<Proc>,
-    etcd: Etcd,
+    /// Every process; all are killed when it drops, before the directory holding their
+    /// logs goes.
+    launcher: Launcher,
     dir: tempfile::TempDir,
 }
 
@@ -258,6 +207,45 @@ impl Fleet {
         }
     }
 
+    /// The launcher's description of this test's fleet: processes attached to the test,
+    /// ports picked free, everything in `dir`.
+    fn spec(options: &FleetOptions, instance: &str, dir: &Path) -> Result<Spec, String> {
+        let bin_dir = controlplane_bin()
+            .parent()
+            .expect("the target directory")
+            .to_path_buf();
+        let mut spec = Spec::new(instance, dir.to_path_buf(), bin_dir);
+        spec.etcd_members = options.etcd_members;
+        spec.controlplanes = options.controlplanes;
+        spec.admin_name = ADMIN_NAME.to_owned();
+        spec.agent = if options.agent {
+            Some(agent_static_bin()?)
+        } else {
+            None
+        };
+        if let Some(yaml) = &options.environments_yaml {
+            let file = dir.join("environments.yaml");
+            std::fs::write(&file, yaml).map_err(|e| format!("write {file:?}: {e}"))?;
+            spec.environments = Some(file);
+        }
+        spec.pinned = options.pinned.clone();
+        spec.shutdown_grace = Duration::from_secs(options.shutdown_grace_seconds);
+        spec.wait = START_TIMEOUT;
+        spec.env = vec![("RUST_LOG".to_owned(), "info".to_owned())];
+        spec.env.extend(options.env.iter().cloned());
+        spec.controlplane_args = vec![
+            "--reconcile-interval-seconds".to_owned(),
+            options.reconcile_interval_seconds.to_string(),
+        ];
+        if let Some(docker_host) = &options.docker_host {
+            spec.controlplane_args
+                .extend(["--docker-host".to_owned(), docker_host.clone()]);
+        }
+        spec.controlplane_args
+            .extend(options.controlplane_args.iter().cloned());
+        Ok(spec)
+    }
+
     async fn try_start(options: FleetOptions) -> Result<Fleet, String> {
         ensure_images()?;
         let controlplane_bin = controlplane_bin();
@@ -273,220 +261,76 @@ impl Fleet {
             .tempdir()
             .map_err(|e| e.to_string())?;
         let instance = format!("e2e{:08x}", rand::random::<u32>());
-
-        let host_key = dir.path().join("host_ed25519");
-        keygen(&host_key)?;
-        let token_key = dir.path().join("token.key");
-        std::fs::write(&token_key, hex::encode(rand::random::<[u8; 32]>()))
-            .map_err(|e| e.to_string())?;
-        let admin_token = hex::encode(rand::random::<[u8; 16]>());
-        let admin_tokens_file = dir.path().join("admin-tokens");
-        std::fs::write(
-            &admin_tokens_file,
-            format!("{ADMIN_NAME} sha256:{}\n", sha256_hex(&admin_token)),
-        )
-        .map_err(|e| e.to_string())?;
-        let pki = TestPki::new().map_err(|e| format!("the test PKI: {e}"))?;
-
-        let etcd = Etcd::start()
+        let spec = Self::spec(&options, &instance, dir.path())?;
+        spec.ensure_keys().map_err(|e| e.to_string())?;
+        let admin_token = spec.admin_token().map_err(|e| e.to_string())?;
+        let pki = TestPki::open(&spec.pki_dir()).map_err(|e| format!("the fleet PKI: {e}"))?;
+        let mut launcher = Launcher::new(spec).map_err(|e| e.to_string())?;
+        launcher.start_etcd().await.map_err(|e| e.to_string())?;
+        launcher
+            .start_controlplanes()
             .await
-            .map_err(|e| format!("etcd did not start: {e}"))?;
+            .map_err(|e| e.to_string())?;
+        let replica_grpc = launcher.controlplane_grpc();
+        let replica_ops = launcher.controlplane_ops();
         let mut fleet = Fleet {
             instance,
             options: options.clone(),
             ssh_port: 0,
-            grpc_addr: format!("127.0.0.1:{}", free_port()?),
-            controlplane_ops: format!("127.0.0.1:{}", free_port()?),
+            grpc_addr: replica_grpc[0].clone(),
+            controlplane_ops: replica_ops[0].clone(),
+            replica_grpc,
+            replica_ops,
             proxy_listen: Vec::new(),
             proxy_ops: Vec::new(),
-            proxy_pinned: Vec::new(),
             pinned_ports: HashMap::new(),
             admin_token,
             pki,
             keys: Mutex::new(HashMap::new()),
-            haproxy: None,
-            old_haproxies: Vec::new(),
-            serving: Vec::new(),
-            proxies: Vec::new(),
-            controlplane: None,
-            replicas: Vec::new(),
-            replica_grpc: Vec::new(),
-            replica_ops: Vec::new(),
-            etcd,
+            launcher,
             dir,
         };
-        fleet.replica_grpc.push(fleet.grpc_addr.clone());
-        fleet.replica_ops.push(fleet.controlplane_ops.clone());
-        for _ in 1..options.controlplanes {
-            fleet
-                .replica_grpc
-                .push(format!("127.0.0.1:{}", free_port()?));
-            fleet
-                .replica_ops
-                .push(format!("127.0.0.1:{}", free_port()?));
-        }
-
-        let (etcd_ca, etcd_cert, etcd_key) = fleet.etcd.client_files();
-        let (tls_cert, tls_key, tls_ca) = fleet.pki.server_files();
-        for replica in 0..fleet.replica_grpc.len() {
-            let mut command = Command::new(&controlplane_bin);
-            command
-                .arg("--tls-cert")
-                .arg(&tls_cert)
-                .arg("--tls-key")
-                .arg(&tls_key)
-                .arg("--tls-client-ca")
-                .arg(&tls_ca)
-                .arg("--etcd-ca")
-                .arg(&etcd_ca)
-                .arg("--etcd-cert")
-                .arg(&etcd_cert)
-                .arg("--etcd-key")
-                .arg(&etcd_key)
-                .arg("--audit-log")
-                .arg(fleet.audit_log())
-                .arg("--listen")
-                .arg(&fleet.replica_grpc[replica])
-                .arg("--ops-listen")
-                .arg(&fleet.replica_ops[replica])
-                .arg("--etcd")
-                .arg(fleet.etcd.endpoint())
-                .arg("--etcd-prefix")
-                .arg(ETCD_PREFIX)
-                .arg("--token-key")
-                .arg(&token_key)
-                .arg("--admin-tokens")
-                .arg(&admin_tokens_file)
-                .arg("--instance")
-                .arg(&fleet.instance)
-                .arg("--reconcile-interval-seconds")
-                .arg(options.reconcile_interval_seconds.to_string())
-                .env("RUST_LOG", "info")
-                .envs(options.env.iter().map(|(k, v)| (k, v)));
-            if let Some(docker_host) = &options.docker_host {
-                command.arg("--docker-host").arg(docker_host);
-            }
-            if let Some(yaml) = &options.environments_yaml {
-                let file = fleet.dir.path().join("environments.yaml");
-                std::fs::write(&file, yaml).map_err(|e| format!("write {file:?}: {e}"))?;
-                command.arg("--environments").arg(file);
-            }
-            command.arg("--recordings-dir").arg(fleet.recordings_dir());
-            command.args(&options.controlplane_args);
-            if options.agent {
-                command
-                    .arg("--agent-binary")
-                    .arg(agent_static_bin()?)
-                    .arg("--agent-dir")
-                    .arg(fleet.agent_dir());
-            }
-            if replica == 0 {
-                let log = fleet.dir.path().join("controlplane.log");
-                fleet.controlplane = Some(Proc::spawn("controlplane", &mut command, log)?);
-            } else {
-                let name = format!("controlplane-{replica}");
-                let log = fleet.dir.path().join(format!("{name}.log"));
-                fleet.replicas.push(Proc::spawn(&name, &mut command, log)?);
-            }
-        }
-        fleet.wait_controlplane().await?;
-        for replica in 1..fleet.replica_ops.len() {
-            let ops = fleet.replica_ops[replica].clone();
-            fleet
-                .wait_ready(&format!("controlplane-{replica}"), || async {
-                    match http_get(&ops, "/readyz").await {
-                        Some((200, _)) => Ok(()),
-                        other => Err(format!("/readyz on {ops}: {other:?}")),
-                    }
-                })
-                .await?;
-        }
+        fleet.wait_admin_api().await?;
         if options.seed {
             fleet.seed().await?;
         }
-
         for i in 0..options.proxies {
-            fleet.spawn_proxy(i)?;
+            fleet.launcher.spawn_proxy(i).map_err(|e| e.to_string())?;
         }
         for i in 0..options.proxies {
-            fleet.wait_proxy_ready(i).await?;
+            fleet
+                .launcher
+                .wait_proxy(i)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        fleet.serving = (0..options.proxies).collect();
-        fleet.start_haproxy().await?;
+        fleet.note_proxies();
+        fleet.launcher.set_serving((0..options.proxies).collect());
+        fleet
+            .launcher
+            .start_haproxy()
+            .await
+            .map_err(|e| e.to_string())?;
+        fleet.ssh_port = fleet.launcher.haproxy_port();
+        for (k, environment) in options.pinned.iter().enumerate() {
+            fleet
+                .pinned_ports
+                .insert(environment.clone(), fleet.launcher.haproxy_pinned_port(k));
+        }
         Ok(fleet)
     }
 
-    /// Starts proxy `i` (its ports are picked now) with every control-plane replica.
-    fn spawn_proxy(&mut self, i: usize) -> Result<(), String> {
-        let listen = format!("127.0.0.1:{}", free_port()?);
-        let ops = format!("127.0.0.1:{}", free_port()?);
-        let (cert, key) = self.pki.proxy_files(&self.proxy_id(i));
-        let mut command = Command::new(proxy_bin());
-        command
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .arg("--tls-ca")
-            .arg(self.pki.ca_path())
-            .arg("--audit-log")
-            .arg(self.audit_log())
-            .arg("--recordings-dir")
-            .arg(self.recordings_dir());
-        // Without the agent, sessions start through Docker exec, which a proxy does only when
-        // told where the engine is.
-        if !self.options.agent {
-            command
-                .arg("--docker-host")
-                .arg("unix:///var/run/docker.sock");
-        }
-        command
-            .arg("--listen")
-            .arg(&listen)
-            .arg("--ops-listen")
-            .arg(&ops)
-            .arg("--controlplane")
-            .arg(
-                self.replica_grpc
-                    .iter()
-                    .map(|addr| format!("https://{addr}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .arg("--host-key")
-            .arg(self.dir.path().join("host_ed25519"))
-            .arg("--trusted-proxies")
-            .arg("127.0.0.1/32")
-            .arg("--shutdown-grace-seconds")
-            .arg(self.options.shutdown_grace_seconds.to_string())
-            .env("RUST_LOG", "info")
-            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
-        let mut pinned = Vec::new();
-        for environment in &self.options.pinned {
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            command
-                .arg("--pinned-listen")
-                .arg(format!("{addr}={environment}"));
-            pinned.push(addr);
-        }
-        let log = self.dir.path().join(format!("proxy-{i}.log"));
-        let name = format!("proxy-{i}");
-        self.proxies.push(Proc::spawn(&name, &mut command, log)?);
-        self.proxy_listen.push(listen);
-        self.proxy_ops.push(ops);
-        self.proxy_pinned.push(pinned);
-        Ok(())
-    }
-
-    async fn wait_proxy_ready(&mut self, i: usize) -> Result<(), String> {
-        let ops = self.proxy_ops[i].clone();
-        self.wait_ready(&format!("proxy-{i}"), || async {
-            match http_get(&ops, "/readyz").await {
-                Some((200, _)) => Ok(()),
-                other => Err(format!("/readyz on {ops}: {other:?}")),
-            }
-        })
-        .await
+    /// `proxy_listen` and `proxy_ops` from the proxies started so far.
+    fn note_proxies(&mut self) {
+        let (listen, ops): (Vec<String>, Vec<String>) = self
+            .launcher
+            .proxies()
+            .into_iter()
+            .filter_map(|i| self.launcher.proxy_addresses(i))
+            .map(|(listen, ops, _)| (listen, ops))
+            .unzip();
+        self.proxy_listen = listen;
+        self.proxy_ops = ops;
     }
 
     /// What `deploy/local/fleet scale` does: proxies `0..n` serve. New ones are started and
@@ -494,13 +338,20 @@ impl Fleet {
     /// configuration first (the old HAProxy process finishes its connections) and are then
     /// SIGTERMed, and this returns once they have drained and exited.
     pub async fn scale(&mut self, n: usize) -> Result<(), String> {
-        let before = self.serving.len();
-        for i in self.proxies.len()..n {
-            self.spawn_proxy(i)?;
-            self.wait_proxy_ready(i).await?;
+        let before = self.launcher.serving().len();
+        for i in before..n {
+            self.launcher.spawn_proxy(i).map_err(|e| e.to_string())?;
+            self.launcher
+                .wait_proxy(i)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        self.serving = (0..n).collect();
-        self.reload_haproxy().await?;
+        self.note_proxies();
+        self.launcher.set_serving((0..n).collect());
+        self.launcher
+            .reload_haproxy()
+            .await
+            .map_err(|e| e.to_string())?;
         let grace = Duration::from_secs(self.options.shutdown_grace_seconds + 10);
         for i in n..before {
             self.terminate_proxy(i);
@@ -520,201 +371,29 @@ impl Fleet {
         Ok(())
     }
 
-    /// Waits until the control plane serves gRPC and its store answers: an admin call succeeds.
-    async fn wait_controlplane(&mut self) -> Result<(), String> {
-        let ops = self.controlplane_ops.clone();
-        self.wait_ready("control plane", || async {
-            match http_get(&ops, "/healthz").await {
-                Some((200, _)) => Ok(()),
-                other => Err(format!("/healthz on {ops}: {other:?}")),
-            }
-        })
-        .await?;
-        let this = &*self;
+    /// Waits until the control plane's store answers through the admin API.
+    async fn wait_admin_api(&self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match this.list_environments().await {
+            match self.list_environments().await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("admin API not answering: {e}\n{}", this.logs()));
+                    return Err(format!("admin API not answering: {e}\n{}", self.logs()));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
 
-    /// Polls `probe` until it succeeds, failing early if one of our processes died.
-    async fn wait_ready<F, Fut>(&mut self, what: &str, mut probe: F) -> Result<(), String>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<(), String>>,
-    {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let last = match probe().await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if let Some(dead) = self.first_dead_process() {
-                return Err(format!(
-                    "{dead} exited while waiting for {what}\n{}",
-                    self.logs()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{what} not ready after {}s: {last}\n{}",
-                    START_TIMEOUT.as_secs(),
-                    self.logs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn first_dead_process(&mut self) -> Option<String> {
-        let procs = self
-            .controlplane
-            .iter_mut()
-            .chain(self.replicas.iter_mut())
-            .chain(self.proxies.iter_mut())
-            .chain(self.haproxy.iter_mut());
-        for proc in procs {
-            if !proc.alive() {
-                return Some(proc.name.clone());
-            }
-        }
-        None
-    }
-
-    /// Writes haproxy.cfg for the proxies in `serving`, with a stats socket that hands the
-    /// listening socket to the next process on a soft reload.
-    fn write_haproxy_cfg(&self) -> Result<PathBuf, String> {
-        let mut cfg = format!(
-            "global\n    maxconn 1024\n    nbthread 1\n    \
-             stats socket {} mode 600 level admin expose-fd listeners\n\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5m\n    \
-             timeout server 5m\n    timeout check 1s\n    retries 3\n    option redispatch 1\n\n",
-            self.haproxy_socket().display(),
-        );
-        cfg.push_str(
-            &self.haproxy_route("ssh", "proxies", self.ssh_port, |i| &self.proxy_listen[i]),
-        );
-        // One frontend per pinned environment, to the proxies' listeners pinned to it.
-        for (n, environment) in self.options.pinned.iter().enumerate() {
-            let port = self
-                .pinned_ports
-                .get(environment)
-                .copied()
-                .unwrap_or_default();
-            let name = format!("pinned-{environment}");
-            cfg.push('\n');
-            cfg.push_str(&self.haproxy_route(&name, &name, port, |i| &self.proxy_pinned[i][n]));
-        }
-        let cfg_path = self.dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
-        Ok(cfg_path)
-    }
-
-    /// A frontend on 127.0.0.1:`port` and its backend: each serving proxy `i` at
-    /// `listen(i)`, health-checked on its ops port, sent PROXY v2 headers.
-    fn haproxy_route<'a>(
-        &'a self,
-        frontend: &str,
-        backend: &str,
-        port: u16,
-        listen: impl Fn(usize) -> &'a String,
-    ) -> String {
-        let mut cfg = format!(
-            "frontend {frontend}\n    bind 127.0.0.1:{port}\n    default_backend {backend}\n\n\
-             backend {backend}\n    balance leastconn\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n    \
-             default-server inter 500ms fall 2 rise 1 send-proxy-v2\n"
-        );
-        for &i in &self.serving {
-            let ops_port = self.proxy_ops[i]
-                .rsplit_once(':')
-                .map(|(_, p)| p)
-                .unwrap_or_default();
-            let listen = listen(i);
-            cfg.push_str(&format!("    server p{i} {listen} check port {ops_port}\n"));
-        }
-        cfg
-    }
-
     /// HAProxy's health-check status of proxy `index` in the main backend (`UP`, `DOWN`,
     /// `UP 1/2` while a check is failing, …), from `show stat`.
     pub async fn haproxy_status(&self, index: usize) -> Option<String> {
-        let stat = haproxy_ask(&self.haproxy_socket(), "show stat").await?;
-        let mut lines = stat.lines();
-        let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
-        let column = |name: &str| header.iter().position(|h| *h == name);
-        let (backend, server, status) = (column("pxname")?, column("svname")?, column("status")?);
-        let name = format!("p{index}");
-        lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .find(|f| f.get(backend) == Some(&"proxies") && f.get(server) == Some(&name.as_str()))
-            .and_then(|f| f.get(status).map(|s| s.to_string()))
-    }
-
-    fn haproxy_socket(&self) -> PathBuf {
-        self.dir.path().join("haproxy.sock")
-    }
-
-    async fn start_haproxy(&mut self) -> Result<(), String> {
-        self.ssh_port = free_port()?;
-        for environment in &self.options.pinned {
-            self.pinned_ports.insert(environment.clone(), free_port()?);
-        }
-        let cfg_path = self.write_haproxy_cfg()?;
-        let mut command = Command::new("haproxy");
-        command.arg("-db").arg("-f").arg(&cfg_path);
-        let log = self.dir.path().join("haproxy.log");
-        self.haproxy = Some(Proc::spawn("haproxy", &mut command, log)?);
-        let addr = format!("127.0.0.1:{}", self.ssh_port);
-        self.wait_ready("HAProxy", || async {
-            match tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(&addr),
-            )
-            .await
-            {
-                Ok(Ok(_)) => Ok(()),
-                other => Err(format!("connect {addr}: {other:?}")),
-            }
-        })
-        .await
-    }
-
-    /// A soft reload, as `deploy/local/fleet` does it: the new process takes the listening
-    /// socket over the stats socket (`-x`) and tells the old one to finish its connections and
-    /// exit (`-sf`); established sessions are untouched.
-    async fn reload_haproxy(&mut self) -> Result<(), String> {
-        let cfg_path = self.write_haproxy_cfg()?;
-        let old = self.haproxy.take().ok_or("HAProxy is not running")?;
-        let mut command = Command::new("haproxy");
-        command
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg_path)
-            .arg("-x")
-            .arg(self.haproxy_socket())
-            .arg("-sf")
-            .arg(old.child.id().to_string());
-        let generation = self.old_haproxies.len() + 1;
-        let log = self.dir.path().join(format!("haproxy-{generation}.log"));
-        let new = Proc::spawn("haproxy", &mut command, log)?;
-        let new_pid = new.child.id();
-        self.old_haproxies.push(old);
-        self.haproxy = Some(new);
-        let socket = self.haproxy_socket();
-        self.wait_ready("the reloaded HAProxy", || async {
-            match haproxy_pid(&socket).await {
-                Some(pid) if pid == new_pid => Ok(()),
-                other => Err(format!("stats socket answers for pid {other:?}")),
-            }
-        })
-        .await
+        let name = envgate_fleet::proxy_name(index);
+        haproxy::statuses(&self.launcher.haproxy_socket(), haproxy::BACKEND)
+            .await?
+            .into_iter()
+            .find(|(server, _)| *server == name)
+            .map(|(_, status)| status)
     }
 
     /// The standard catalogue: `busybox` (catalogue default) and `debian`, and the user `demo`
@@ -752,7 +431,7 @@ impl Fleet {
 
     /// etcd's client URL (`https://127.0.0.1:port`).
     pub fn etcd_endpoint(&self) -> String {
-        self.etcd.endpoint()
+        self.launcher.etcd_endpoints()[0].clone()
     }
 
     pub fn audit_log(&self) -> PathBuf {
@@ -1244,54 +923,83 @@ impl Fleet {
 
     /// SIGKILLs proxy `index` (no drain, no goodbye), as a crash would.
     pub fn kill_proxy(&mut self, index: usize) {
-        self.proxies[index].kill();
+        self.launcher.kill(&envgate_fleet::proxy_name(index));
     }
 
     /// SIGTERMs proxy `index`: it drains (the harness starts proxies with a 2 s grace).
     pub fn terminate_proxy(&mut self, index: usize) {
-        let pid = self.proxies[index].child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
+        let name = envgate_fleet::proxy_name(index);
+        assert!(self.launcher.alive(&name), "{name} is not running");
+        self.launcher.terminate(&name);
     }
 
-    /// SIGKILLs etcd.
+    /// SIGKILLs every etcd member: the store is gone.
     pub fn kill_etcd(&mut self) {
-        self.etcd.kill();
+        for member in 0..self.options.etcd_members {
+            self.kill_etcd_member(member);
+        }
+    }
+
+    /// SIGKILLs etcd member `member` (`FleetOptions::etcd_members`).
+    pub fn kill_etcd_member(&mut self, member: usize) {
+        self.launcher.kill(&envgate_fleet::etcd_name(member));
+    }
+
+    /// Starts etcd member `member` again (it rejoins with its data) and waits until it
+    /// answers.
+    pub async fn restart_etcd_member(&mut self, member: usize) {
+        if let Err(e) = self.launcher.start_etcd_member(member).await {
+            panic!("etcd member {member} did not come back: {e}");
+        }
+    }
+
+    /// The etcd member that leads the cluster now.
+    pub async fn etcd_leader(&self) -> usize {
+        eventually(Duration::from_secs(10), "an etcd leader", || async {
+            self.launcher
+                .etcd_leader()
+                .await
+                .ok_or_else(|| "no member says it leads".to_owned())
+        })
+        .await
     }
 
     /// SIGKILLs control-plane replica `index` (0 is `grpc_addr`'s).
     pub fn kill_controlplane(&mut self, index: usize) {
-        match index {
-            0 => self.controlplane.as_mut().expect("replica 0 runs").kill(),
-            i => self.replicas[i - 1].kill(),
+        self.launcher.kill(&envgate_fleet::controlplane_name(index));
+    }
+
+    /// Starts control-plane replica `index` again and waits until it is ready.
+    pub async fn restart_controlplane(&mut self, index: usize) {
+        if let Err(e) = self.launcher.start_controlplane(index).await {
+            panic!("control-plane replica {index} did not come back: {e}");
         }
     }
 
     pub fn controlplane_alive(&mut self) -> bool {
-        self.controlplane.as_mut().is_some_and(Proc::alive)
+        self.launcher.alive(&envgate_fleet::controlplane_name(0))
     }
 
     pub fn proxy_alive(&mut self, index: usize) -> bool {
-        self.proxies[index].alive()
+        self.launcher.alive(&envgate_fleet::proxy_name(index))
     }
 
     /// The exit status of proxy `index` if it has exited.
     pub fn proxy_exit(&mut self, index: usize) -> Option<std::process::ExitStatus> {
-        self.proxies[index].child.try_wait().ok().flatten()
+        self.launcher
+            .process(&envgate_fleet::proxy_name(index))?
+            .exit_status()
     }
 
     /// Everything the control plane and the proxies logged so far, without the terminal
     /// colours tracing writes (`reason=…` reads as the operator's `grep` sees it in a pager).
     pub fn full_logs(&self) -> String {
         let text: String = self
-            .controlplane
+            .launcher
+            .names()
             .iter()
-            .chain(self.replicas.iter())
-            .chain(self.proxies.iter())
-            .map(|proc| std::fs::read_to_string(&proc.log).unwrap_or_default())
+            .filter(|n| n.starts_with("controlplane") || n.starts_with("proxy-"))
+            .map(|name| self.log_of(name))
             .collect();
         let mut plain = String::with_capacity(text.len());
         let mut chars = text.chars();
@@ -1324,21 +1032,11 @@ impl Fleet {
 
     /// The last lines of every process's log, for failure messages.
     pub fn logs(&self) -> String {
-        let procs = self
-            .controlplane
+        self.launcher
+            .names()
             .iter()
-            .chain(self.proxies.iter())
-            .chain(self.haproxy.iter());
-        let mut out = String::new();
-        for proc in procs {
-            out.push_str(&format!(
-                "----- {} ({}) -----\n{}\n",
-                proc.name,
-                proc.log.display(),
-                proc.log_tail(40)
-            ));
-        }
-        out
+            .map(|name| self.launcher.log_tail(name) + "\n")
+            .collect()
     }
 
     // ---- observation -------------------------------------------------------------------
@@ -1436,10 +1134,11 @@ impl Fleet {
 
     /// Every etcd key under `ETCD_PREFIX` + `prefix`, without `ETCD_PREFIX`, with its value.
     pub async fn etcd_records(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
-        let config = self.etcd.config();
+        let tls = self.launcher.etcd_tls().map_err(|e| e.to_string())?;
+        let endpoints = self.launcher.etcd_endpoints();
         let full = format!("{ETCD_PREFIX}{prefix}");
         let read = async {
-            let mut client = envgate_controlplane::testkit::client(&config).await?;
+            let mut client = probe::etcd_client(&endpoints, &tls).await?;
             client
                 .get(full, Some(etcd_client::GetOptions::new().with_prefix()))
                 .await
@@ -1488,34 +1187,9 @@ impl Drop for Fleet {
             );
         }
         // Stop the writers before removing what they manage, so nothing is recreated.
-        self.haproxy.take();
-        self.proxies.clear();
-        self.controlplane.take();
-        let ids = docker(&[
-            "ps".to_string(),
-            "-aq".to_string(),
-            "--filter".to_string(),
-            format!("label=envgate.instance={}", self.instance),
-        ]);
-        let ids: Vec<String> = ids.split_whitespace().map(str::to_string).collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm".to_string(), "-f".to_string(), "-v".to_string()];
-            args.extend(ids);
-            docker(&args);
-        }
-        let volumes = docker(&[
-            "volume".to_string(),
-            "ls".to_string(),
-            "-q".to_string(),
-            "--filter".to_string(),
-            format!("name=envgate-{}-", self.instance),
-        ]);
-        let volumes: Vec<String> = volumes.split_whitespace().map(str::to_string).collect();
-        if !volumes.is_empty() {
-            let mut args = vec!["volume".to_string(), "rm".to_string(), "-f".to_string()];
-            args.extend(volumes);
-            docker(&args);
-        }
+        self.launcher.kill_all();
+        docker::remove_containers(&self.instance);
+        docker::remove_volumes(&self.instance);
     }
 }
 
@@ -1643,57 +1317,6 @@ pub async fn run(argv: &[String], stdin: Option<&[u8]>, env: &[(&str, &str)]) ->
     }
 }
 
-/// HAProxy's answer to `command` on its stats socket, 2 s bound.
-async fn haproxy_ask(socket: &Path, command: &str) -> Option<String> {
-    let ask = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        stream
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.ok()?;
-        Some(answer)
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// The pid of the HAProxy process answering on its stats socket (`show info`).
-async fn haproxy_pid(socket: &Path) -> Option<u32> {
-    haproxy_ask(socket, "show info")
-        .await?
-        .lines()
-        .find_map(|l| l.strip_prefix("Pid: "))
-        .and_then(|pid| pid.trim().parse().ok())
-}
-
-/// `GET path` over HTTP/1.0 with a 2 s bound; the status and body.
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
-}
-
 pub fn proxy_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_envgate-proxy"))
 }
@@ -1783,8 +1406,7 @@ fn docker(args: &[String]) -> String {
 }
 
 pub fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+    envgate_fleet::free_port().map_err(|e| e.to_string())
 }
 
 /// A tmux server of its own, for tests that need a real terminal around `ssh -tt`.
@@ -2045,49 +1667,4 @@ pub fn with_options(mut argv: Vec<String>, options: &[&str]) -> Vec<String> {
         argv.insert(1 + i, (*option).to_owned());
     }
     argv
-}
-
-// Starting a SIGKILLed control-plane replica again (e2e_survival).
-impl Fleet {
-    /// The command line of control-plane replica `index` (0 is `grpc_addr`'s), read from
-    /// /proc while it runs, to start it again the same way after a kill.
-    pub fn controlplane_argv(&self, index: usize) -> Vec<String> {
-        let proc = match index {
-            0 => self.controlplane.as_ref().expect("replica 0 runs"),
-            i => &self.replicas[i - 1],
-        };
-        let path = format!("/proc/{}/cmdline", proc.child.id());
-        let cmdline = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        cmdline
-            .split(|b| *b == 0)
-            .filter(|arg| !arg.is_empty())
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect()
-    }
-
-    /// Starts replica `index` again with `argv` (from [`Fleet::controlplane_argv`]), logging
-    /// to a file of its own, and waits until it is ready.
-    pub async fn restart_controlplane(&mut self, index: usize, argv: &[String]) {
-        let name = format!("controlplane-{index}-restarted");
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut command = Command::new(&argv[0]);
-        command
-            .args(&argv[1..])
-            .env("RUST_LOG", "info")
-            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
-        let proc = Proc::spawn(&name, &mut command, log).expect("the replica starts again");
-        match index {
-            0 => self.controlplane = Some(proc),
-            i => self.replicas[i - 1] = proc,
-        }
-        // Not `wait_ready`: the other replicas may still be down on purpose.
-        let ops = self.replica_ops[index].clone();
-        eventually(START_TIMEOUT, &format!("{name} ready"), || async {
-            match http_get(&ops, "/readyz").await {
-                Some((200, _)) => Ok(()),
-                other => Err(format!("/readyz on {ops}: {other:?}")),
-            }
-        })
-        .await;
-    }
 }
