@@ -148,7 +148,7 @@ async fn users_and_environments_round_trip() {
             environment: Some(pb::Environment {
                 name: "cuda".into(),
                 image: "lab/cuda:12".into(),
-                gpus: two_gpus.clone(),
+                gpus: two_gpus,
                 ..Default::default()
             }),
         })

@@ -81,7 +81,7 @@ async fn new_users_beyond_the_creation_limit_wait_in_line_told_their_place_and_a
         for user in &users {
             fleet.add_user(user, "busybox", None).await;
         }
-        let terminal = |i: usize| i % 2 == 0;
+        let terminal = |i: usize| i.is_multiple_of(2);
         let logins = users.iter().enumerate().map(|(i, user)| {
             let mut argv = if terminal(i) {
                 fleet.ssh_terminal_argv(user)
