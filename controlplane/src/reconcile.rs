@@ -891,7 +891,11 @@ mod tests {
     #[tokio::test]
     async fn idle_containers_are_reaped_after_their_timeout_but_volumes_stay() {
         let world = World::new().await;
-        let placer = world.placer(PlacementConfig::default());
+        // The aged record stands for a session open for hours: its close starts the clock.
+        let placer = world.placer(PlacementConfig {
+            touch_after: Duration::ZERO,
+            ..PlacementConfig::default()
+        });
         let reaper = world.reconciler();
         let key = model::container_key("alice", "busybox");
         let placement = placer
@@ -1289,7 +1293,8 @@ mod tests {
             .unwrap();
         placer.close(&first.session_id).await.unwrap();
 
-        age_created(&world, &key, 999).await;
+        // A second short of its end (less one for the time the test itself takes).
+        age_created(&world, &key, 998).await;
         let young = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -1300,7 +1305,7 @@ mod tests {
         );
         placer.close(&young.session_id).await.unwrap();
 
-        age_created(&world, &key, 1).await;
+        age_created(&world, &key, 2).await;
         let fresh = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
