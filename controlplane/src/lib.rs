@@ -205,7 +205,8 @@ impl ControlPlane {
                     orphan_grace: config.orphan_grace,
                 },
             )
-            .with_throttle(auth.throttle()),
+            .with_throttle(auth.throttle())
+            .with_closed_sessions(placer.closed_sessions()),
         );
         Self {
             store,

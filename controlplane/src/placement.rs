@@ -119,7 +119,7 @@ struct Recent {
 /// Each close waits for its delete to be committed, so a replica that dies loses none (the
 /// proxy retries the close elsewhere).
 #[derive(Default)]
-struct ClosedSessions {
+pub struct ClosedSessions {
     pending: Mutex<Vec<PendingDelete>>,
     arrived: tokio::sync::Notify,
 }
@@ -177,23 +177,31 @@ impl ClosedSessions {
         }
     }
 
-    /// Deletes what no open carried within `FLUSH_AFTER`, in one transaction per batch.
+    /// Deletes what no open carried within `FLUSH_AFTER`.
     async fn flush_forever(self: Arc<Self>, store: Arc<dyn Store>) {
         loop {
             self.arrived.notified().await;
             tokio::time::sleep(FLUSH_AFTER).await;
-            loop {
-                let batch = self.take(CARRIED_AT_MOST * 4);
-                if batch.is_empty() {
-                    break;
-                }
-                match store.txn(vec![], Self::ops(&batch)).await {
-                    Ok(_) => Self::committed(batch),
-                    Err(e) => {
-                        tracing::warn!(sessions = batch.len(), error = %e, "deleting closed sessions failed");
-                        for d in batch {
-                            let _ = d.done.send(Err(e.to_string()));
-                        }
+            self.settle(store.as_ref()).await;
+        }
+    }
+
+    /// Deletes every queued session now, in one transaction per batch. Whoever is about to
+    /// read sessions for a user or an operator (`status`, `stop`, `ListSessions`, the
+    /// reconciler's pass) calls it first, so a session that closed is not shown as open while
+    /// its delete waits for a ride.
+    pub async fn settle(&self, store: &dyn Store) {
+        loop {
+            let batch = self.take(CARRIED_AT_MOST * 4);
+            if batch.is_empty() {
+                return;
+            }
+            match store.txn(vec![], Self::ops(&batch)).await {
+                Ok(_) => Self::committed(batch),
+                Err(e) => {
+                    tracing::warn!(sessions = batch.len(), error = %e, "deleting closed sessions failed");
+                    for d in batch {
+                        let _ = d.done.send(Err(e.to_string()));
                     }
                 }
             }
@@ -317,6 +325,11 @@ impl Placer {
             self.remember(placement, &cx);
         }
         result
+    }
+
+    /// The queue of closed sessions' deletes, for readers that must not see them open.
+    pub fn closed_sessions(&self) -> Arc<ClosedSessions> {
+        self.closed.clone()
     }
 
     /// Keeps what the close of a persistent session needs, and forgets sessions too old to

@@ -24,6 +24,7 @@ use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     SessionRecord,
 };
+use crate::placement::ClosedSessions;
 use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
@@ -158,6 +159,8 @@ pub struct Reconciler {
     pools: WarmPools,
     /// Failure counts whose stale records the leader deletes now and then.
     throttle: Option<Arc<Throttle>>,
+    /// Sessions closed on this replica whose records wait to be deleted (`placement`).
+    closed: Option<Arc<ClosedSessions>>,
 }
 
 impl Reconciler {
@@ -169,6 +172,7 @@ impl Reconciler {
             config,
             seen: Mutex::new(None),
             throttle: None,
+            closed: None,
         }
     }
 
@@ -178,12 +182,27 @@ impl Reconciler {
         self
     }
 
+    /// Settles this replica's closed sessions before reading sessions (see `settle_closes`).
+    pub fn with_closed_sessions(mut self, closed: Arc<ClosedSessions>) -> Self {
+        self.closed = Some(closed);
+        self
+    }
+
+    /// Deletes the records of sessions that closed on this replica and wait for a ride, so
+    /// what reads sessions next (a pass, `stop`, `status`, `ListSessions`) sees them closed.
+    pub async fn settle_closes(&self) {
+        if let Some(closed) = &self.closed {
+            closed.settle(self.store.as_ref()).await;
+        }
+    }
+
     fn seen(&self) -> std::sync::MutexGuard<'_, Option<Seen>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One pass over all records and containers.
     pub async fn reconcile(&self) -> Result<Actions, ReconcileError> {
+        self.settle_closes().await;
         // The runtime is listed before the records are read, so every container in the list
         // that has a record at all has it in the records we read.
         let containers = self.runtime.list_managed(&self.config.instance).await?;
@@ -486,6 +505,7 @@ impl Reconciler {
         reason: &'static str,
         message: Option<&str>,
     ) -> Result<Option<u32>, ReconcileError> {
+        self.settle_closes().await;
         match store::get_json::<ContainerRecord>(self.store.as_ref(), key).await? {
             Some(record) => {
                 self.remove(key, &record, Action::RemoveRequested, reason, message)
