@@ -486,17 +486,37 @@ async fn storm(args: StormArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
     };
     let result = storm::run(&config).await?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+    report_region(
+        &result,
+        args.out.as_deref(),
+        args.meta.as_deref(),
+        args.doc.as_deref(),
+        storm::markdown,
+        storm::splice,
+    )
+}
+
+/// Writes a bench part's result as JSON to `out`, and its table (with the `meta` lines on
+/// top) into its region of `doc`, or prints the table without a `doc`.
+fn report_region<T: serde::Serialize>(
+    result: &T,
+    out: Option<&Path>,
+    meta: Option<&Path>,
+    doc: Option<&Path>,
+    markdown: fn(&T, &[(String, String)]) -> String,
+    splice: fn(&str, &str) -> String,
+) -> anyhow::Result<ExitCode> {
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(result)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    let meta = match &args.meta {
+    let meta = match meta {
         Some(path) => read_meta(path)?,
         None => Vec::new(),
     };
-    let generated = storm::markdown(&result, &meta);
-    match &args.doc {
-        Some(doc) => write_doc(doc, &generated, storm::splice),
+    let generated = markdown(result, &meta);
+    match doc {
+        Some(doc) => write_doc(doc, &generated, splice),
         None => {
             println!("{generated}");
             Ok(ExitCode::SUCCESS)
@@ -524,22 +544,14 @@ async fn cost(args: CostArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
     };
     let result = cost::run(&config).await?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&result)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    let meta = match &args.meta {
-        Some(path) => read_meta(path)?,
-        None => Vec::new(),
-    };
-    let generated = cost::markdown(&result, &meta);
-    match &args.doc {
-        Some(doc) => write_doc(doc, &generated, cost::splice),
-        None => {
-            println!("{generated}");
-            Ok(ExitCode::SUCCESS)
-        }
-    }
+    report_region(
+        &result,
+        args.out.as_deref(),
+        args.meta.as_deref(),
+        args.doc.as_deref(),
+        cost::markdown,
+        cost::splice,
+    )
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
