@@ -415,6 +415,7 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         warm_pool_size: e.warm_pool_size,
         accept_env: e.accept_env.clone(),
         record_sessions: e.record_sessions,
+        gpus: catalogue::gpus_to_pb(e.gpus),
     }
 }
 

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::error::{AdminError, ChoiceError};
-use crate::model::{self, EnvironmentRecord, Mode};
+use crate::model::{self, EnvironmentRecord, Gpus, Mode};
 use crate::store::{self, Store, StoreError};
 
 pub const DEFAULT_SHELL: &str = "/bin/sh";
@@ -29,6 +29,9 @@ pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
 /// and a typo (3000) would ask one Docker engine for thousands of containers, which wedges it
 /// (a single `docker rm` of ~700 ids already did, see `remove_containers` in deploy/local/fleet).
 pub const MAX_WARM_POOL_SIZE: u32 = 300;
+
+/// Most GPUs one container may ask for by count; the largest machines hold 8 to 16.
+pub const MAX_GPU_COUNT: u32 = 64;
 /// Shortest maximum lifetime: the user is warned before the end (issue #5), and a lifetime
 /// shorter than a few reconciler passes could not be enforced or warned about meaningfully.
 pub const MIN_MAX_LIFETIME_SECONDS: u32 = 10;
@@ -177,6 +180,7 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
             ));
         }
     }
+    let gpus = gpus_from_pb(env.gpus)?;
     if env.max_lifetime_seconds != 0 && env.max_lifetime_seconds < MIN_MAX_LIFETIME_SECONDS {
         return Err(AdminError::invalid(
             "environment.max_lifetime_seconds",
@@ -206,6 +210,36 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         warm_pool_size: env.warm_pool_size,
         accept_env: env.accept_env,
         record_sessions: env.record_sessions,
+        gpus,
+    })
+}
+
+fn gpus_from_pb(request: Option<pb::GpuRequest>) -> Result<Gpus, AdminError> {
+    use pb::gpu_request::Request;
+    match request.and_then(|r| r.request) {
+        None | Some(Request::All(false)) => Ok(Gpus::None),
+        Some(Request::All(true)) => Ok(Gpus::All),
+        Some(Request::Count(0)) => Err(AdminError::invalid(
+            "environment.gpus.count",
+            "must be at least 1 (leave gpus out for none)",
+        )),
+        Some(Request::Count(n)) if n > MAX_GPU_COUNT => Err(AdminError::invalid(
+            "environment.gpus.count",
+            format!("must be at most {MAX_GPU_COUNT}"),
+        )),
+        Some(Request::Count(n)) => Ok(Gpus::Count(n)),
+    }
+}
+
+pub fn gpus_to_pb(gpus: Gpus) -> Option<pb::GpuRequest> {
+    use pb::gpu_request::Request;
+    let request = match gpus {
+        Gpus::None => return None,
+        Gpus::All => Request::All(true),
+        Gpus::Count(n) => Request::Count(n),
+    };
+    Some(pb::GpuRequest {
+        request: Some(request),
     })
 }
 
@@ -479,7 +513,13 @@ struct Resources {
     memory: Size,
     #[serde(default)]
     pids: i64,
+    /// `all`, or a number of GPUs.
+    #[serde(default)]
+    gpus: Option<GpuField>,
 }
+
+/// `gpus: all` or `gpus: 2` in the file.
+struct GpuField(pb::gpu_request::Request);
 
 impl Entry {
     fn into_record(self) -> Result<EnvironmentRecord, String> {
@@ -508,6 +548,10 @@ impl Entry {
             warm_pool_size: self.warm_pool,
             accept_env: self.accept_env,
             record_sessions: self.record,
+            gpus: self
+                .resources
+                .gpus
+                .map(|g| pb::GpuRequest { request: Some(g.0) }),
         };
         validate_environment(env).map_err(|e| match e {
             AdminError::Invalid { field, reason } => {
@@ -540,6 +584,7 @@ fn file_field(api_field: &str, env_keys: &[String]) -> String {
         "cpus" => "resources.cpus",
         "memory_bytes" => "resources.memory",
         "pids_limit" => "resources.pids",
+        "gpus.count" => "resources.gpus",
         "idle_timeout_seconds" => "idle_timeout",
         "max_lifetime_seconds" => "max_lifetime",
         "warm_pool_size" => "warm_pool",
@@ -696,6 +741,39 @@ impl<'de> Deserialize<'de> for Size {
             }
         }
         deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for GpuField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use pb::gpu_request::Request;
+        struct GpuVisitor;
+        impl Visitor<'_> for GpuVisitor {
+            type Value = GpuField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "all, or a number of GPUs")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<GpuField, E> {
+                u32::try_from(v)
+                    .map(|n| GpuField(Request::Count(n)))
+                    .map_err(|_| E::custom(format!("{v} is too many GPUs")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<GpuField, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("{v} is negative"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GpuField, E> {
+                match v.trim() {
+                    "all" => Ok(GpuField(Request::All(true))),
+                    _ => Err(E::custom(format!(
+                        "{v:?} is not a GPU request (all, or a number of GPUs)"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(GpuVisitor)
     }
 }
 
@@ -873,6 +951,7 @@ environments:
       cpus: 1.5
       memory: 1.5Gi
       pids: 256
+      gpus: all
     mode: ephemeral
     idle_timeout: 1h30m
     max_lifetime: 8h
@@ -916,6 +995,7 @@ environments:
                     warm_pool_size: 0,
                     accept_env: vec![],
                     record_sessions: false,
+                    gpus: Gpus::None,
                 },
                 EnvironmentRecord {
                     name: "gpu".into(),
@@ -941,6 +1021,7 @@ environments:
                     warm_pool_size: 2,
                     accept_env: vec!["LANG".into(), "PROJECT_*".into()],
                     record_sessions: true,
+                    gpus: Gpus::All,
                 },
             ]
         );
@@ -972,13 +1053,14 @@ environments:
              `groups`, `default`, `accept_env`, `record` at line 4 column 5"
         );
         let second = format!(
-            "{}  - name: big\n    image: x\n    resources:\n      gpus: 1\n",
+            "{}  - name: big\n    image: x\n    resources:\n      disks: 1\n",
             gpu_with("")
         );
         assert_eq!(
             err(&second),
             "catalogue /etc/envgate/environments.yaml: environments[1] (\"big\"): resources: \
-             unknown field `gpus`, expected one of `cpus`, `memory`, `pids` at line 7 column 7"
+             unknown field `disks`, expected one of `cpus`, `memory`, `pids`, `gpus` at line 7 \
+             column 7"
         );
     }
 
@@ -1052,6 +1134,24 @@ environments:
             (
                 "    env: {A: 1, A: 2}\n",
                 "environments[0]: env: duplicate entry with key \"A\" at line 4 column 10",
+            ),
+            (
+                "    resources: {gpus: 0}\n",
+                "environments[0] (\"gpu\"): resources.gpus: must be at least 1 (leave gpus out \
+                 for none)",
+            ),
+            (
+                "    resources: {gpus: 65}\n",
+                "environments[0] (\"gpu\"): resources.gpus: must be at most 64",
+            ),
+            (
+                "    resources: {gpus: -1}\n",
+                "environments[0] (\"gpu\"): resources.gpus: -1 is negative at line 4 column 23",
+            ),
+            (
+                "    resources: {gpus: two}\n",
+                "environments[0] (\"gpu\"): resources.gpus: \"two\" is not a GPU request (all, or \
+                 a number of GPUs) at line 4 column 23",
             ),
             (
                 "    warm_pool: many\n",

@@ -73,6 +73,8 @@ pub enum PlacementError {
         image: String,
         reason: String,
     },
+    #[error("environment \"{environment}\" needs GPUs, and this host cannot give them: {reason}")]
+    NoGpus { environment: String, reason: String },
     /// The user's containers (any state, any mode) reached `--max-containers-per-user`.
     #[error(
         "you already have {count} {} running (the limit is {limit}): {}; stop one with: ssh {user}+envgate@<host> stop ENV",
@@ -92,6 +94,9 @@ pub enum PlacementError {
     RuntimeFailed(String),
     #[error("timed out placing the session after {0} s")]
     Timeout(u64),
+    /// The caller went away while waiting for a creation slot; nobody reads this.
+    #[error("the client went away while waiting for its container")]
+    CallerGone,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -107,6 +112,10 @@ impl PlacementError {
             RuntimeError::PullFailed { image, reason } => PlacementError::PullFailed {
                 environment: environment.to_owned(),
                 image,
+                reason,
+            },
+            RuntimeError::NoGpus(reason) => PlacementError::NoGpus {
+                environment: environment.to_owned(),
                 reason,
             },
             RuntimeError::Failed(m) => PlacementError::RuntimeFailed(m),
@@ -307,8 +316,21 @@ impl From<PlacementError> for Status {
                     &id,
                 );
             }
+            // The engine's answer is for the log; the user learns it is not their doing.
+            PlacementError::NoGpus { environment, .. } => {
+                let id = request_id();
+                tracing::warn!(request_id = %id, error = %e, "an environment asks for GPUs this host cannot give");
+                let message = format!(
+                    "environment \"{environment}\" needs GPUs, and this host has none to give; tell your administrator"
+                );
+                return tagged(
+                    Status::failed_precondition(with_request_id(&message, &id)),
+                    &id,
+                );
+            }
             PlacementError::TooManyContainers { .. } => Code::ResourceExhausted,
             PlacementError::Timeout(_) => Code::DeadlineExceeded,
+            PlacementError::CallerGone => Code::Cancelled,
             PlacementError::ProxyNotRegistered(_) | PlacementError::RuntimeUnavailable(_) => {
                 return internal(Code::Unavailable, &e);
             }
@@ -451,6 +473,22 @@ mod tests {
             status.message(),
             format!(
                 "environment \"py\" cannot start: its image registry.lab/py:3 could not be pulled (request id {id})"
+            )
+        );
+    }
+
+    #[test]
+    fn missing_gpus_are_explained_without_the_engines_answer() {
+        let status = Status::from(PlacementError::NoGpus {
+            environment: "cuda".into(),
+            reason: "could not select device driver \"\" with capabilities: [[gpu]]".into(),
+        });
+        let id = request_id_of(&status);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            format!(
+                "environment \"cuda\" needs GPUs, and this host has none to give; tell your administrator (request id {id})"
             )
         );
     }

@@ -9,13 +9,14 @@ use envgate_proto::v1::Placement;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::auth::tests::{test_keys, test_limits};
 use crate::error::PlacementError;
 use crate::model::{
-    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
-    UserRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Gpus, Mode,
+    ProxyRecord, UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::reconcile::{ReconcileConfig, Reconciler};
@@ -45,6 +46,7 @@ pub fn alices_busybox(instance: &str) -> ContainerSpec {
         cpus: 0.0,
         memory_bytes: 0,
         pids_limit: 0,
+        gpus: Gpus::None,
     }
 }
 
@@ -224,6 +226,8 @@ impl World {
             client_address: "192.0.2.1:40000".into(),
             connection_id: "conn".into(),
             kind: "shell".into(),
+            caller_gone: CancellationToken::new(),
+            waited_in_line: Default::default(),
         }
     }
 

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod catalogue;
 pub mod error;
@@ -48,6 +49,7 @@ pub mod uids;
 pub mod testkit;
 
 use crate::admin::AdminService;
+use crate::admission::Admission;
 use crate::auth::{AuthService, Authenticator, HashCost, Hasher, PasswordLimits};
 use crate::fleet::{FleetRegistry, FleetService};
 use crate::guard::{AdminGuard, AdminTokens, ProxyGuard};
@@ -83,7 +85,7 @@ pub struct Config {
     pub instance: String,
     pub docker_host: Option<String>,
     /// Containers Docker may be creating at once.
-    pub docker_create_concurrency: usize,
+    pub create_concurrency: usize,
     /// Where the proxies write session recordings (`--recordings-dir`), for the admin API.
     pub recordings_dir: Option<PathBuf>,
     /// The network user containers join (`--docker-network`, `--host-firewall`); `None`:
@@ -187,12 +189,17 @@ impl ControlPlane {
             max_containers_per_user: config.max_containers_per_user,
             ..PlacementConfig::default()
         };
-        let placer = Arc::new(Placer::new(
-            store.clone(),
-            runtime.clone(),
-            auth.clone(),
-            placement.clone(),
-        ));
+        // One line for this replica's creations: users' first logins and pool refills.
+        let admission = Admission::new(config.create_concurrency);
+        let placer = Arc::new(
+            Placer::new(
+                store.clone(),
+                runtime.clone(),
+                auth.clone(),
+                placement.clone(),
+            )
+            .with_admission(admission.clone()),
+        );
         let reconciler = Arc::new(
             Reconciler::new(
                 store.clone(),
@@ -206,6 +213,7 @@ impl ControlPlane {
                 },
             )
             .with_throttle(auth.throttle())
+            .with_admission(admission)
             .with_closed_sessions(placer.closed_sessions()),
         );
         Self {
@@ -337,7 +345,6 @@ pub async fn run(
     let runtime: Arc<dyn Runtime> = Arc::new(
         DockerRuntime::new(config.docker_host.as_deref())
             .with_agent(config.agent.clone())
-            .with_create_concurrency(config.docker_create_concurrency)
             .with_network(config.docker_network.clone())
             .with_pull_timeout(config.image_pull_timeout)
             .with_home_slots(config.home_slots_dir.as_deref()),

@@ -150,11 +150,13 @@ struct Args {
     /// TCP is not offered: its API is root on the host and would need TLS client certificates.
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
-    /// Containers Docker may be creating at once; further first logins queue for a slot.
-    /// Hundreds of racing creations (a class arriving at 9:00) slow the engine for everyone.
-    #[arg(long, env = "ENVGATE_DOCKER_CREATE_CONCURRENCY", default_value_t = 8,
+    /// Containers this replica creates at once (first logins and warm-pool refills); further
+    /// first logins wait in line and are told their place. Hundreds of racing creations (a
+    /// class arriving at 9:00) slow the engine for everyone. Default: twice the cores, between
+    /// 2 and 16. Per replica: replicas sharing one engine add up (docs/operations.md).
+    #[arg(long, env = "ENVGATE_CREATE_CONCURRENCY",
           value_parser = clap::value_parser!(u16).range(1..))]
-    docker_create_concurrency: u16,
+    create_concurrency: Option<u16>,
     /// Where the proxies write session recordings (their --recordings-dir, shared): the admin
     /// API's ListRecordings and GetRecording read them there. Unset: those calls say so.
     #[arg(long, env = "ENVGATE_RECORDINGS_DIR")]
@@ -402,7 +404,9 @@ fn config(args: Args) -> anyhow::Result<Config> {
         audit,
         instance: args.instance,
         docker_host: args.docker_host,
-        docker_create_concurrency: args.docker_create_concurrency.into(),
+        create_concurrency: args
+            .create_concurrency
+            .map_or_else(envgate_controlplane::admission::default_limit, usize::from),
         recordings_dir: args.recordings_dir,
         docker_network: (!args.docker_network.is_empty()).then_some(UserNetwork {
             name: args.docker_network,

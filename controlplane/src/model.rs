@@ -132,6 +132,24 @@ pub struct EnvironmentRecord {
     /// Sessions are recorded (asciicast, command log).
     #[serde(default)]
     pub record_sessions: bool,
+    #[serde(default, skip_serializing_if = "Gpus::is_none")]
+    pub gpus: Gpus,
+}
+
+/// The host's GPUs a container gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Gpus {
+    #[default]
+    None,
+    All,
+    Count(u32),
+}
+
+impl Gpus {
+    pub fn is_none(&self) -> bool {
+        *self == Gpus::None
+    }
 }
 
 impl EnvironmentRecord {

@@ -6,6 +6,11 @@
 //! open racing the idle reaper either refreshes the record first (the reaper's CAS then fails)
 //! or sees it `removing` and waits for it to go.
 //!
+//! A new container is made only with a slot from the replica's admission control
+//! (`admission.rs`), taken BEFORE the `creating` claim is written: a user waiting in line holds
+//! no record that could go stale meanwhile, and once let in looks again (a warm container may
+//! have come, or another open of theirs made the container).
+//!
 //! A warm login costs etcd one write: the transaction that refreshes the record and writes
 //! the session under the proxy's lease. Its close is not a write of its own: a session that
 //! lived less than [`PlacementConfig::touch_after`] (the record's `last_active_at` from its
@@ -29,9 +34,11 @@ use envgate_proto::v1::{
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::admission::{self, Admission, Class, Permit};
 use crate::auth::Authenticator;
 use crate::catalogue;
 use crate::error::{CallerError, PlacementError};
@@ -53,7 +60,8 @@ pub struct PlacementConfig {
     pub instance: String,
     /// Identifies this replica in records it claims, for logs.
     pub replica_id: String,
-    /// Upper bound on one OpenSession, waiting included.
+    /// Upper bound on one OpenSession, waiting included, except the wait in line for a
+    /// creation slot (bounded by the creations ahead, each bounded itself).
     pub deadline: Duration,
     /// A `creating` or `removing` record older than this is left over from a replica that
     /// died mid-way, and may be taken over.
@@ -90,7 +98,18 @@ pub struct OpenRequest {
     pub client_address: String,
     pub connection_id: String,
     pub kind: String,
+    /// Cancelled when the caller went away: an open still waiting in line for a creation slot
+    /// leaves the line, and no container is made for it.
+    pub caller_gone: CancellationToken,
+    /// Set once the open had to wait in line for a creation slot (see `Progress`).
+    pub waited_in_line: Arc<AtomicBool>,
 }
+
+/// The local lock new users' uid allocations queue on (not a container key: those have a `/`).
+const UID_ALLOCATION: &str = "uid allocation";
+
+/// How often at most a user waiting in line is told their new place.
+const QUEUE_LINE_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Placer {
     store: Arc<dyn Store>,
@@ -104,6 +123,7 @@ pub struct Placer {
     recent: Mutex<HashMap<String, Recent>>,
     closed: Arc<ClosedSessions>,
     _flusher: tokio_util::sync::DropGuard,
+    admission: Arc<Admission>,
 }
 
 /// What closing a session this replica placed needs to know.
@@ -215,8 +235,11 @@ struct Context<'a> {
     env: &'a EnvironmentRecord,
     session: SessionRecord,
     lease: i64,
-    deadline: Instant,
+    /// Moved later by the time spent in line for a creation slot. Never locked across an await.
+    deadline: Mutex<Instant>,
     progress: &'a (dyn Fn(&str) + Send + Sync),
+    caller_gone: CancellationToken,
+    waited_in_line: Arc<AtomicBool>,
     /// Set when the open was served by a warm container (the "warm" placement outcome).
     warm: AtomicBool,
     /// The user's uid, looked up (or allocated) by the first step that needs it.
@@ -248,8 +271,14 @@ impl Placer {
             }
             .instrument(tracing::info_span!("closed_sessions")),
         );
+        let admission = Admission::new(admission::default_limit());
         Self {
-            pools: WarmPools::new(store.clone(), runtime.clone(), &config.instance),
+            pools: WarmPools::new(
+                store.clone(),
+                runtime.clone(),
+                &config.instance,
+                admission.clone(),
+            ),
             store,
             runtime,
             auth,
@@ -258,7 +287,20 @@ impl Placer {
             recent: Mutex::new(HashMap::new()),
             closed,
             _flusher: stop.drop_guard(),
+            admission,
         }
+    }
+
+    /// Creations wait for a slot of `admission` (the replica's, shared with the pool refills).
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.pools = WarmPools::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            &self.config.instance,
+            admission.clone(),
+        );
+        self.admission = admission;
+        self
     }
 
     /// Places a session, calling `progress` with lines for the user while it waits.
@@ -299,8 +341,10 @@ impl Placer {
             env: &env,
             session,
             lease: proxy.value.lease_id,
-            deadline: started + self.config.deadline,
+            deadline: Mutex::new(started + self.config.deadline),
             progress,
+            caller_gone: req.caller_gone,
+            waited_in_line: req.waited_in_line,
             warm: AtomicBool::new(false),
             uid: tokio::sync::OnceCell::new(),
         };
@@ -416,7 +460,7 @@ impl Placer {
     }
 
     fn check_deadline(&self, cx: &Context<'_>) -> Result<(), PlacementError> {
-        if Instant::now() >= cx.deadline {
+        if Instant::now() >= deadline(cx) {
             Err(PlacementError::Timeout(self.config.deadline.as_secs()))
         } else {
             Ok(())
@@ -427,6 +471,8 @@ impl Placer {
         let key = model::container_key(&cx.claims.sub, &cx.env.name);
         let _local = self.locks.lock(&key).await;
         let mut told_waiting = false;
+        // A creation slot, once waited for; kept across a retry, dropped when not needed.
+        let mut slot: Option<Permit> = None;
         loop {
             self.check_deadline(cx)?;
             let record: Option<Versioned<ContainerRecord>> =
@@ -434,19 +480,40 @@ impl Placer {
             let step = match record {
                 None => match self.place_warm(cx, &key, "").await? {
                     Some(step) => step,
-                    None => {
-                        let claim = self.creating_record(cx, "").await?;
-                        match store::create_if_absent(self.store.as_ref(), &key, &claim).await? {
-                            Some(revision) => self.create(cx, &key, claim, revision).await?,
-                            None => Step::Retry,
+                    None => match slot.take() {
+                        // In line first, then look again: things may have changed meanwhile.
+                        None => {
+                            slot = Some(self.admit(cx).await?);
+                            Step::Retry
                         }
-                    }
+                        Some(permit) => {
+                            let claim = self.creating_record(cx, "").await?;
+                            match store::create_if_absent(self.store.as_ref(), &key, &claim).await?
+                            {
+                                Some(revision) => {
+                                    self.create(cx, &key, claim, revision, permit).await?
+                                }
+                                None => {
+                                    slot = Some(permit);
+                                    Step::Retry
+                                }
+                            }
+                        }
+                    },
                 },
                 Some(v) if v.value.state == ContainerState::Running => {
                     self.attach_running(cx, &key, v).await?
                 }
-                Some(v) if self.is_stale(&v.value) => self.take_over(cx, &key, v).await?,
+                Some(v) if self.is_stale(&v.value) => match slot.take() {
+                    None => {
+                        slot = Some(self.admit(cx).await?);
+                        Step::Retry
+                    }
+                    Some(permit) => self.take_over(cx, &key, v, permit).await?,
+                },
                 Some(v) => {
+                    // Another replica is making it: our slot is someone else's turn.
+                    slot = None;
                     if !told_waiting {
                         (cx.progress)(&format!("waiting for environment \"{}\" …", cx.env.name));
                         told_waiting = true;
@@ -463,25 +530,27 @@ impl Placer {
 
     async fn place_ephemeral(&self, cx: &Context<'_>) -> Result<Placement, PlacementError> {
         let key = model::ephemeral_container_key(&cx.claims.sub, &cx.env.name, &cx.session.id);
+        let lost = || PlacementError::RuntimeFailed(format!("lost the claim on {key}"));
         match self.place_warm(cx, &key, &cx.session.id).await? {
             Some(Step::Placed(placement)) => return Ok(*placement),
-            Some(Step::Retry) => {
-                return Err(PlacementError::RuntimeFailed(format!(
-                    "lost the claim on {key}"
-                )));
-            }
+            Some(Step::Retry) => return Err(lost()),
+            None => {}
+        }
+        let slot = self.admit(cx).await?;
+        // A warm container may have come while this one waited in line.
+        match self.place_warm(cx, &key, &cx.session.id).await? {
+            Some(Step::Placed(placement)) => return Ok(*placement),
+            Some(Step::Retry) => return Err(lost()),
             None => {}
         }
         let claim = self.creating_record(cx, &cx.session.id).await?;
         let revision = store::create_if_absent(self.store.as_ref(), &key, &claim)
             .await?
             .ok_or_else(|| StoreError::Unavailable(format!("session id collision on {key}")))?;
-        match self.create(cx, &key, claim, revision).await? {
+        match self.create(cx, &key, claim, revision, slot).await? {
             Step::Placed(placement) => Ok(*placement),
             // Only a takeover of a stale claim can beat us, and a fresh session id is never stale.
-            Step::Retry => Err(PlacementError::RuntimeFailed(format!(
-                "lost the claim on {key}"
-            ))),
+            Step::Retry => Err(lost()),
         }
     }
 
@@ -536,11 +605,20 @@ impl Placer {
         }
     }
 
-    /// The uid the user's sessions run as (see `uids`), once per open.
+    /// The uid the user's sessions run as (see `uids`), once per open. New users get theirs
+    /// one at a time on this replica: 300 first logins at once would otherwise all race the
+    /// one counter's compare-and-swap, each lost race a round trip, before anyone is placed.
     async fn uid(&self, cx: &Context<'_>) -> Result<u32, PlacementError> {
+        let user = &cx.claims.sub;
         Ok(*cx
             .uid
-            .get_or_try_init(|| uids::ensure(self.store.as_ref(), &cx.claims.sub))
+            .get_or_try_init(|| async {
+                if let Some(uid) = uids::get(self.store.as_ref(), user).await? {
+                    return Ok(uid);
+                }
+                let _one_at_a_time = self.locks.lock(UID_ALLOCATION).await;
+                uids::ensure(self.store.as_ref(), user).await
+            })
             .await?)
     }
 
@@ -633,15 +711,45 @@ impl Placer {
         age >= i64::try_from(self.config.stale_after.as_secs()).unwrap_or(i64::MAX)
     }
 
-    /// We hold the `creating` claim at `revision`: make the container, then in ONE txn mark
-    /// the record running and attach the session to the proxy's lease. Any failure removes
-    /// what was made and releases the claim.
+    /// Waits in this replica's line for a creation slot, telling the user their place as it
+    /// changes (at most every `QUEUE_LINE_EVERY`). The wait does not count against the
+    /// placement deadline. A caller that goes away leaves the line.
+    async fn admit(&self, cx: &Context<'_>) -> Result<Permit, PlacementError> {
+        let started = Instant::now();
+        let name = &cx.env.name;
+        let mut last_line: Option<Instant> = None;
+        let waiting = |ahead: usize| {
+            if last_line.is_some_and(|at| at.elapsed() < QUEUE_LINE_EVERY) {
+                return;
+            }
+            last_line = Some(Instant::now());
+            cx.waited_in_line.store(true, Ordering::Relaxed);
+            (cx.progress)(&queue_line(name, ahead));
+        };
+        let permit = tokio::select! {
+            permit = self.admission.acquire(Class::User, waiting) => permit,
+            () = cx.caller_gone.cancelled() => {
+                tracing::info!(user = %cx.claims.sub, environment = %name, "the client went away while waiting for a creation slot");
+                return Err(PlacementError::CallerGone);
+            }
+        };
+        let waited = started.elapsed();
+        record_phase("create_queue", waited, &[]);
+        let mut deadline = cx.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        *deadline += waited;
+        Ok(permit)
+    }
+
+    /// We hold the `creating` claim at `revision` and a creation slot: make the container
+    /// (the slot goes once it is made), then in ONE txn mark the record running and attach the
+    /// session to the proxy's lease. Any failure removes what was made and releases the claim.
     async fn create(
         &self,
         cx: &Context<'_>,
         key: &str,
         claim: ContainerRecord,
         revision: i64,
+        slot: Permit,
     ) -> Result<Step, PlacementError> {
         if let Err(e) = self.check_user_limit(cx, key, revision).await {
             self.release_claim(key, revision).await;
@@ -658,6 +766,7 @@ impl Placer {
             Ok(_) => self.runtime.create_and_start(&spec, cx.progress).await,
             Err(e) => Err(e),
         };
+        drop(slot);
         let outcome = if created.is_ok() { "ok" } else { "error" };
         record_phase(
             "container_create",
@@ -748,12 +857,14 @@ impl Placer {
         )
     }
 
-    /// A `creating`/`removing` record whose replica died: claim it by CAS and start over.
+    /// A `creating`/`removing` record whose replica died: claim it by CAS and start over,
+    /// with the creation slot the caller waited for.
     async fn take_over(
         &self,
         cx: &Context<'_>,
         key: &str,
         stale: Versioned<ContainerRecord>,
+        slot: Permit,
     ) -> Result<Step, PlacementError> {
         tracing::warn!(key, state = stale.value.state.as_str(), owner = %stale.value.owner, "taking over a stale placement record");
         if !stale.value.container_id.is_empty()
@@ -770,7 +881,7 @@ impl Placer {
             )
             .await?;
         match taken {
-            Some(revision) => self.create(cx, key, claim, revision).await,
+            Some(revision) => self.create(cx, key, claim, revision, slot).await,
             None => Ok(Step::Retry),
         }
     }
@@ -834,6 +945,7 @@ impl Placer {
             account: own_account(cx.env, record),
             accept_env: catalogue::accept_env(cx.env),
             record: cx.env.record_sessions,
+            persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
             agent_address: record.agent_address.clone(),
@@ -858,7 +970,7 @@ impl Placer {
             )
             .unwrap_or(0),
         );
-        let until_deadline = cx.deadline.saturating_duration_since(Instant::now());
+        let until_deadline = deadline(cx).saturating_duration_since(Instant::now());
         let wait = until_stale
             .min(until_deadline)
             .max(Duration::from_millis(100));
@@ -1020,6 +1132,19 @@ impl Placer {
     }
 }
 
+fn deadline(cx: &Context<'_>) -> Instant {
+    *cx.deadline.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a user waiting in line for a creation slot reads.
+fn queue_line(environment: &str, ahead: usize) -> String {
+    match ahead {
+        0 => format!("queued to start environment \"{environment}\": you are next"),
+        1 => format!("queued to start environment \"{environment}\": 1 user ahead of you"),
+        n => format!("queued to start environment \"{environment}\": {n} users ahead of you"),
+    }
+}
+
 /// The user's own account, for an environment that runs sessions as its users (no `run_as`);
 /// its home is where the home volume is mounted.
 fn own_account(env: &EnvironmentRecord, record: &ContainerRecord) -> Option<Account> {
@@ -1073,10 +1198,23 @@ impl Sessions for SessionsService {
         let placer = self.placer.clone();
         let audit = self.audit.clone();
         let task = async move {
+            // Fires when the proxy drops the stream (its client went away): an open still in
+            // line for a creation slot leaves it. Stopped once the open is over.
+            let caller_gone = CancellationToken::new();
+            let watcher = {
+                let (tx, gone) = (tx.clone(), caller_gone.clone());
+                tokio::spawn(async move {
+                    tx.closed().await;
+                    gone.cancel();
+                })
+            };
             let progress_tx = tx.clone();
+            let waited_in_line = Arc::new(AtomicBool::new(false));
+            let waited = waited_in_line.clone();
             let progress = move |line: &str| {
                 let event = open_session_event::Event::Progress(Progress {
                     message: line.to_owned(),
+                    waited_in_line: waited.load(Ordering::Relaxed),
                 });
                 // Progress is advisory: a full or closed channel just drops the line.
                 let _ = progress_tx.try_send(Ok(OpenSessionEvent { event: Some(event) }));
@@ -1088,8 +1226,12 @@ impl Sessions for SessionsService {
                 client_address: req.client_address.clone(),
                 connection_id: req.connection_id,
                 kind: req.kind.clone(),
+                caller_gone,
+                waited_in_line,
             };
-            match placer.open(open, &progress).await {
+            let placed = placer.open(open, &progress).await;
+            watcher.abort();
+            match placed {
                 Ok(placement) => {
                     let session_id = placement.session_id.clone();
                     tracing::info!(session = %session_id, user = %placement.user, container = %placement.container_id, created = placement.created, "session placed");
@@ -1309,6 +1451,8 @@ mod tests {
             .unwrap();
         assert_ne!(a.container_id, b.container_id);
         assert!(a.created && b.created);
+        // Proxies never place a session in it again from their cache.
+        assert!(!a.persistent && !b.persistent);
         placer.close(&a.session_id).await.unwrap();
         assert_eq!(
             world.container_ids().as_slice(),
@@ -1366,6 +1510,7 @@ mod tests {
             .open(world.request("alice", "busybox"), &no_progress)
             .await
             .unwrap();
+        assert!(placement.persistent);
         let key = model::container_key("alice", "busybox");
         world.edit_record(&key, |r| r.last_active_at = 1).await;
         placer.close(&placement.session_id).await.unwrap();
@@ -1523,6 +1668,162 @@ mod tests {
         // A quiet moment: the last close goes in a transaction of its own, soon.
         placer.close(&open).await.unwrap();
         assert!(world.keys("sessions/").await.is_empty());
+    }
+
+    /// A placer whose creations wait in a line of `limit` slots.
+    fn admitting(world: &World, limit: usize) -> (Arc<Placer>, Arc<Admission>) {
+        let admission = Admission::new(limit);
+        let placer = Placer::new(
+            world.store.clone(),
+            world.runtime.clone(),
+            world.auth.clone(),
+            fast(),
+        )
+        .with_admission(admission.clone());
+        (Arc::new(placer), admission)
+    }
+
+    /// Lets spawned opens run until `done` holds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    /// The progress lines an open was shown, and the open.
+    type Recorded = (
+        Arc<Mutex<Vec<String>>>,
+        tokio::task::JoinHandle<Result<Placement, PlacementError>>,
+    );
+
+    /// Opens for `user` in a task, recording the progress lines it was shown.
+    fn open_recording(placer: &Arc<Placer>, request: OpenRequest) -> Recorded {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let placer = placer.clone();
+        let record = lines.clone();
+        let task = tokio::spawn(async move {
+            let progress = move |l: &str| record.lock().unwrap().push(l.to_owned());
+            placer.open(request, &progress).await
+        });
+        (lines, task)
+    }
+
+    #[tokio::test]
+    async fn new_users_beyond_the_limit_wait_in_line_told_their_place_and_all_get_in() {
+        let world = World::new().await;
+        let (placer, admission) = admitting(&world, 2);
+        world.runtime.hold_creates();
+        let opens: Vec<_> = (0..6)
+            .map(|i| open_recording(&placer, world.request(&format!("student{i}"), "busybox")))
+            .collect();
+        until("two creating, four in line", || {
+            world.runtime.creating() == 2 && admission.waiting() == 4
+        })
+        .await;
+        let first_lines: Vec<Option<String>> = opens
+            .iter()
+            .map(|(lines, _)| lines.lock().unwrap().first().cloned())
+            .collect();
+        let mut queued: Vec<String> = first_lines
+            .iter()
+            .flatten()
+            .filter(|l| l.starts_with("queued"))
+            .cloned()
+            .collect();
+        queued.sort();
+        assert_eq!(
+            queued,
+            [
+                r#"queued to start environment "busybox": 1 user ahead of you"#,
+                r#"queued to start environment "busybox": 2 users ahead of you"#,
+                r#"queued to start environment "busybox": 3 users ahead of you"#,
+                r#"queued to start environment "busybox": you are next"#,
+            ],
+            "{first_lines:?}"
+        );
+        assert_eq!(
+            first_lines.iter().flatten().count(),
+            6,
+            "the two let in at once were told they start"
+        );
+        world.runtime.release_creates();
+        for (lines, open) in opens {
+            let placement = open.await.unwrap().expect("placed");
+            assert!(placement.created);
+            let lines = lines.lock().unwrap();
+            assert_eq!(
+                lines.last().map(String::as_str),
+                Some(r#"starting environment "busybox" …"#),
+                "{lines:?}"
+            );
+        }
+        assert_eq!(world.runtime.creates(), 6);
+        assert_eq!(
+            world.runtime.most_creating(),
+            2,
+            "never more than the limit"
+        );
+        assert_eq!((admission.running(), admission.waiting()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn forty_new_users_at_once_get_forty_distinct_uids() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let opens: Vec<_> = (0..40)
+            .map(|i| open_recording(&placer, world.request(&format!("new{i}"), "busybox")).1)
+            .collect();
+        let mut uids = HashSet::new();
+        for open in opens {
+            let placement = open.await.unwrap().expect("placed");
+            let uid = placement.account.expect("runs as its user").uid;
+            assert!(uids.insert(uid), "uid {uid} given twice");
+        }
+        let first = uids::FIRST_UID;
+        assert_eq!(uids, (first..first + 40).collect::<HashSet<u32>>());
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_in_line_leaves_it_and_gets_no_container() {
+        let world = World::new().await;
+        let (placer, admission) = admitting(&world, 1);
+        world.runtime.hold_creates();
+        let (_, first) = open_recording(&placer, world.request("alice", "busybox"));
+        until("alice creating", || world.runtime.creating() == 1).await;
+        let leaving = world.request("bob", "busybox");
+        let gone = leaving.caller_gone.clone();
+        let (_, bob) = open_recording(&placer, leaving);
+        until("bob in line", || admission.waiting() == 1).await;
+        let (carol_lines, carol) = open_recording(&placer, world.request("carol", "busybox"));
+        until("carol in line", || admission.waiting() == 2).await;
+        assert_eq!(
+            carol_lines.lock().unwrap().as_slice(),
+            [r#"queued to start environment "busybox": 1 user ahead of you"#]
+        );
+        gone.cancel();
+        let err = bob.await.unwrap().unwrap_err();
+        assert!(matches!(err, PlacementError::CallerGone), "{err}");
+        assert_eq!(admission.waiting(), 1, "bob left the line");
+        world.runtime.release_creates();
+        first.await.unwrap().expect("alice placed");
+        carol.await.unwrap().expect("carol placed");
+        assert_eq!(world.runtime.creates(), 2);
+        assert_eq!(
+            world.keys("containers/").await,
+            ["containers/alice/busybox", "containers/carol/busybox"],
+            "nothing was claimed or made for bob"
+        );
+        assert!(
+            world
+                .runtime
+                .containers()
+                .iter()
+                .all(|(_, c)| c.spec.user != "bob")
+        );
     }
 
     fn limited(max_containers_per_user: usize) -> PlacementConfig {

@@ -9,21 +9,28 @@
 //! runtime hands it over (`Runtime::assign`: the user's home is mounted into it, see
 //! `runtime/slots.rs`), and placement commits it as usual.
 //!
-//! The elected reconciler keeps each pool at the environment's `warm_pool_size` of
-//! containers of its current image: it refills what was claimed (woken by the claim itself,
-//! not only on its interval) and drains what no longer fits (size lowered, environment
-//! deleted, image changed, container gone) by deleting the pool key with a CAS first, so a
-//! concurrent claim wins or the drain does, never both.
+//! The elected reconciler keeps each pool at its target of containers of the environment's
+//! current image: it refills what was claimed (woken by the claim itself, not only on its
+//! interval) and drains what no longer fits (target lowered, environment deleted, image
+//! changed, container gone) by deleting the pool key with a CAS first, so a concurrent claim
+//! wins or the drain does, never both.
+//!
+//! The target follows demand (`Demand`): the environment's `warm_pool_size`, grown to the
+//! claims seen over the last `DEMAND_WINDOW` when logins drain the pool faster than that, at
+//! most `DEMAND_GROWTH_LIMIT` times the size. Refills go through the replica's admission
+//! control (`admission.rs`) as its lowest class, as fast as the engine allows once no user
+//! waits for a creation of their own.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::Notify;
 
+use crate::admission::{Admission, Class};
 use crate::model::{self, ContainerRecord, ContainerState, EnvironmentRecord, PoolRecord};
 use crate::reconcile;
 use crate::runtime::{
@@ -35,9 +42,11 @@ use crate::store::{self, Compare, KeyValue, Store, StoreError, TxnOp, Versioned}
 /// means another open took that entry (the pool is read again after each), so this bounds the
 /// wait behind a crowd.
 const CLAIM_ATTEMPTS: usize = 16;
-/// Warm containers one environment's refill creates at once (the runtime's creation bound
-/// applies as well, and leaves the other slots to users' own creations).
-const REFILL_CONCURRENCY: usize = 4;
+/// How long a warm claim counts as demand, and so how long a pool grown by a crowd stays
+/// grown once the claims stop: about one class arriving, not a day.
+const DEMAND_WINDOW: Duration = Duration::from_secs(300);
+/// A pool grows with demand to at most this many times its `warm_pool_size`.
+const DEMAND_GROWTH_LIMIT: usize = 4;
 /// Pause before watching the pool again after the watch failed.
 const REWATCH_AFTER: Duration = Duration::from_secs(1);
 
@@ -65,6 +74,77 @@ pub struct WarmPools {
     store: Arc<dyn Store>,
     runtime: Arc<dyn Runtime>,
     instance: String,
+    admission: Arc<Admission>,
+    demand: Arc<Demand>,
+}
+
+/// Warm claims per environment over the last `DEMAND_WINDOW`, fleet-wide: the leader's
+/// `ClaimWatch` sees every pool key deleted in etcd, on any replica, at no extra cost, and
+/// tells the leader's own drains apart. In memory: a new leader starts from the configured
+/// sizes. Never locked across an await.
+#[derive(Default)]
+pub struct Demand {
+    state: Mutex<DemandState>,
+}
+
+#[derive(Default)]
+struct DemandState {
+    claims: HashMap<String, VecDeque<Instant>>,
+    /// Pool keys this leader is deleting itself (drains), which are not demand.
+    draining: HashSet<String>,
+}
+
+impl Demand {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DemandState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A warm container of `environment` was claimed at `at`.
+    pub fn claimed(&self, environment: &str, at: Instant) {
+        self.lock()
+            .claims
+            .entry(environment.to_owned())
+            .or_default()
+            .push_back(at);
+    }
+
+    /// The pool key `key` was deleted at `at`: a claim, unless it is one of our drains.
+    /// Returns whether it was a claim.
+    fn deleted(&self, key: &str, at: Instant) -> bool {
+        if self.lock().draining.remove(key) {
+            return false;
+        }
+        let Some(environment) = key
+            .strip_prefix(model::POOL)
+            .and_then(|rest| rest.split('/').next())
+        else {
+            return false;
+        };
+        self.claimed(environment, at);
+        true
+    }
+
+    fn draining(&self, key: &str) {
+        self.lock().draining.insert(key.to_owned());
+    }
+
+    /// How many warm containers `env` should have at `now`: its `warm_pool_size`, or the
+    /// claims of the last `DEMAND_WINDOW` when there were more, at most
+    /// `DEMAND_GROWTH_LIMIT` times the size.
+    pub fn target(&self, env: &EnvironmentRecord, now: Instant) -> usize {
+        let size = env.warm_pool_size as usize;
+        let mut state = self.lock();
+        let Some(claims) = state.claims.get_mut(&env.name) else {
+            return size;
+        };
+        while claims
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= DEMAND_WINDOW)
+        {
+            claims.pop_front();
+        }
+        claims.len().clamp(size, size * DEMAND_GROWTH_LIMIT)
+    }
 }
 
 /// What one refill pass did.
@@ -94,16 +174,30 @@ pub fn container_spec(
         cpus: env.cpus,
         memory_bytes: env.memory_bytes,
         pids_limit: env.pids_limit,
+        gpus: env.gpus,
     }
 }
 
 impl WarmPools {
-    pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, instance: &str) -> Self {
+    /// Refills take their slots from `admission`, shared with placement's creations.
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        instance: &str,
+        admission: Arc<Admission>,
+    ) -> Self {
         Self {
             store,
             runtime,
             instance: instance.to_owned(),
+            admission,
+            demand: Arc::default(),
         }
+    }
+
+    /// The claims the pools' targets follow (fed by `ClaimWatch`).
+    pub fn demand(&self) -> Arc<Demand> {
+        self.demand.clone()
     }
 
     /// Takes a random warm container of `env` for the placement record `key`, written as
@@ -262,8 +356,8 @@ impl WarmPools {
     }
 
     /// One refill pass (leader only, idempotent): drains entries that no longer fit, then
-    /// creates what each environment's pool lacks. `containers` is the runtime's listing
-    /// taken before this pass read anything.
+    /// creates what each environment's pool lacks of its target (`Demand`). `containers` is
+    /// the runtime's listing taken before this pass read anything.
     pub async fn reconcile(
         &self,
         containers: &[ManagedContainer],
@@ -292,6 +386,11 @@ impl WarmPools {
                 tracing::warn!(key = %kv.key, "dropped an unreadable pool record");
             }
         }
+        let now = Instant::now();
+        let targets: HashMap<&str, usize> = environments
+            .values()
+            .map(|e| (e.name.as_str(), self.demand.target(e, now)))
+            .collect();
         let mut kept: HashMap<String, usize> = HashMap::new();
         let mut seen: HashSet<String> = HashSet::new();
         for (key, entry) in decode_all(raw) {
@@ -303,7 +402,9 @@ impl WarmPools {
                 _ if !supported => Some("warm pools are disabled"),
                 None => Some("environment deleted"),
                 Some(e) if e.image != p.image => Some("image changed"),
-                Some(e) if have >= e.warm_pool_size as usize => Some("pool size lowered"),
+                Some(e) if have >= targets.get(e.name.as_str()).copied().unwrap_or(0) => {
+                    Some("pool target lowered")
+                }
                 Some(_) if !running.contains(p.container_id.as_str()) => {
                     // Double-check: it may have been created after the listing.
                     match self.runtime.is_running(&p.container_id).await {
@@ -326,8 +427,13 @@ impl WarmPools {
         }
         if supported {
             for env in environments.values() {
-                let missing = (env.warm_pool_size as usize)
-                    .saturating_sub(kept.get(&env.name).copied().unwrap_or(0));
+                let target = targets.get(env.name.as_str()).copied().unwrap_or(0);
+                if target > env.warm_pool_size as usize {
+                    tracing::debug!(environment = %env.name, target, size = env.warm_pool_size, "warm pool grown with demand");
+                }
+                metrics::gauge!("envgate_warm_pool_target", "environment" => env.name.clone())
+                    .set(target as f64);
+                let missing = target.saturating_sub(kept.get(&env.name).copied().unwrap_or(0));
                 if missing > 0 {
                     let made = self.refill(env, missing).await;
                     actions.refilled += made;
@@ -352,14 +458,20 @@ impl WarmPools {
         reason: &'static str,
     ) -> Result<bool, StoreError> {
         let p = &entry.value;
+        // Before the delete, so the claim watch never takes it for a claim.
+        self.demand.draining(key);
         let taken = self
             .store
             .txn(
                 vec![Compare::revision(key, entry.mod_revision)],
                 vec![TxnOp::delete(key)],
             )
-            .await?;
-        if taken.is_none() {
+            .await;
+        if !matches!(taken, Ok(Some(_))) {
+            // Not ours to delete (claimed meanwhile) or not deleted: not a drain.
+            self.demand.lock().draining.remove(key);
+        }
+        if taken?.is_none() {
             return Ok(false);
         }
         if let Err(e) = self.runtime.remove(&p.container_id).await {
@@ -372,15 +484,15 @@ impl WarmPools {
         Ok(true)
     }
 
-    /// Creates up to `missing` warm containers of `env`, `REFILL_CONCURRENCY` at once, and
-    /// lists each in the pool; stops at the first failure (it would likely repeat). Returns
-    /// how many were added.
+    /// Creates up to `missing` warm containers of `env`, as many at once as admission control
+    /// lets refills have, and lists each in the pool; stops at the first failure (it would
+    /// likely repeat). Returns how many were added.
     async fn refill(&self, env: &EnvironmentRecord, missing: usize) -> usize {
         let failed = AtomicBool::new(false);
         let spec = container_spec(&self.instance, env, "", None);
         futures::stream::iter(0..missing)
             .map(|_| self.refill_one(env, &spec, &failed))
-            .buffer_unordered(REFILL_CONCURRENCY)
+            .buffer_unordered(self.admission.limit())
             .filter(|added| futures::future::ready(*added))
             .count()
             .await
@@ -395,7 +507,13 @@ impl WarmPools {
         if failed.load(Ordering::Relaxed) {
             return false;
         }
-        let created = match self.runtime.create_warm(spec).await {
+        let slot = self.admission.acquire(Class::Refill, |_| {}).await;
+        if failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let created = self.runtime.create_warm(spec).await;
+        drop(slot);
+        let created = match created {
             Ok(created) => created,
             Err(e) => {
                 if !failed.swap(true, Ordering::Relaxed) {
@@ -446,15 +564,15 @@ fn decode_all(kvs: Vec<KeyValue>) -> Vec<(String, Versioned<PoolRecord>)> {
 }
 
 /// Wakes the elected reconciler when a warm container leaves a pool (its key is deleted:
-/// a claim, on any replica), so the pool refills now rather than at the next interval.
-/// Stops when dropped.
+/// a claim, on any replica), so the pool refills now rather than at the next interval, and
+/// counts the claim in `Demand`. Stops when dropped.
 pub struct ClaimWatch {
     notify: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ClaimWatch {
-    pub fn start(store: Arc<dyn Store>) -> Self {
+    pub fn start(store: Arc<dyn Store>, demand: Arc<Demand>) -> Self {
         let notify = Arc::new(Notify::new());
         let wake = notify.clone();
         let task = tokio::spawn(async move {
@@ -464,7 +582,9 @@ impl ClaimWatch {
                         while let Some(event) = events.next().await {
                             match event {
                                 Ok(e) if e.kind == store::WatchEventKind::Delete => {
-                                    wake.notify_one()
+                                    if demand.deleted(&e.key, Instant::now()) {
+                                        wake.notify_one()
+                                    }
                                 }
                                 Ok(_) => {}
                                 Err(e) => {
@@ -505,7 +625,12 @@ mod tests {
     use crate::reconcile::{ReconcileConfig, Reconciler};
 
     fn pools(world: &World) -> WarmPools {
-        WarmPools::new(world.store.clone(), world.runtime.clone(), "default")
+        WarmPools::new(
+            world.store.clone(),
+            world.runtime.clone(),
+            "default",
+            Admission::new(4),
+        )
     }
 
     async fn set_pool(world: &World, env: &str, size: u32, image: Option<&str>) {
@@ -827,10 +952,108 @@ mod tests {
         assert_eq!(world.runtime.containers().len(), 2);
     }
 
+    #[test]
+    fn demand_grows_the_target_within_bounds_and_fades_after_the_window() {
+        let demand = Demand::default();
+        let env = EnvironmentRecord {
+            name: "busybox".into(),
+            warm_pool_size: 10,
+            ..EnvironmentRecord::default()
+        };
+        let start = Instant::now();
+        assert_eq!(
+            demand.target(&env, start),
+            10,
+            "no claims: the configured size"
+        );
+        for _ in 0..25 {
+            demand.claimed("busybox", start);
+        }
+        demand.claimed("other", start);
+        assert_eq!(demand.target(&env, start), 25, "a window's claims");
+        for _ in 0..100 {
+            demand.claimed("busybox", start + Duration::from_secs(60));
+        }
+        assert_eq!(
+            demand.target(&env, start + Duration::from_secs(60)),
+            40,
+            "at most four times the size"
+        );
+        assert_eq!(
+            demand.target(&env, start + DEMAND_WINDOW + Duration::from_secs(1)),
+            40,
+            "the older claims left the window, the newer are still 100"
+        );
+        assert_eq!(
+            demand.target(&env, start + DEMAND_WINDOW + Duration::from_secs(61)),
+            10,
+            "back to the size once the window is past"
+        );
+        let none = EnvironmentRecord {
+            warm_pool_size: 0,
+            ..env
+        };
+        demand.claimed("busybox", start + DEMAND_WINDOW * 2);
+        assert_eq!(
+            demand.target(&none, start + DEMAND_WINDOW * 2),
+            0,
+            "no pool stays no pool"
+        );
+    }
+
+    #[test]
+    fn the_leaders_own_drains_are_not_demand() {
+        let demand = Demand::default();
+        let now = Instant::now();
+        let drained = model::pool_key("busybox", "c1");
+        demand.draining(&drained);
+        assert!(!demand.deleted(&drained, now));
+        assert!(demand.deleted(&model::pool_key("busybox", "c2"), now));
+        assert!(demand.deleted(&drained, now), "a key is a drain only once");
+        let env = EnvironmentRecord {
+            name: "busybox".into(),
+            warm_pool_size: 1,
+            ..EnvironmentRecord::default()
+        };
+        assert_eq!(demand.target(&env, now), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pool_drained_faster_than_its_size_refills_to_the_demand() {
+        let world = World::new().await;
+        let pools = pools(&world);
+        set_pool(&world, "busybox", 2, None).await;
+        let environments = || async {
+            catalogue::environments_by_name(world.store.as_ref())
+                .await
+                .unwrap()
+        };
+        let pass = || async {
+            let containers = world.runtime.list_managed("default").await.unwrap();
+            pools
+                .reconcile(&containers, &environments().await)
+                .await
+                .unwrap()
+        };
+        assert_eq!(pass().await.refilled, 2);
+        // Five claims within the window (as the claim watch reports them) for a pool of 2.
+        for _ in 0..5 {
+            pools.demand().claimed("busybox", Instant::now());
+        }
+        assert_eq!(pass().await.refilled, 3, "grown to the demand: 5");
+        assert_eq!(pool_entries(&world, "busybox").await.len(), 5);
+        for _ in 0..20 {
+            pools.demand().claimed("busybox", Instant::now());
+        }
+        assert_eq!(pass().await.refilled, 3, "at most 4 × 2");
+        assert_eq!(pool_entries(&world, "busybox").await.len(), 8);
+        assert_eq!(pass().await, PoolActions::default(), "idempotent");
+    }
+
     #[tokio::test]
     async fn a_claim_wakes_the_leader() {
         let world = World::new().await;
-        let watch = ClaimWatch::start(world.store.clone());
+        let watch = ClaimWatch::start(world.store.clone(), Arc::default());
         set_pool(&world, "busybox", 1, None).await;
         pass(&world).await;
         // The watch may still be starting: claim until it has seen one.

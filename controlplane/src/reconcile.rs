@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, Admission};
 use crate::catalogue;
 use crate::fleet;
 use crate::model::{
@@ -166,7 +167,12 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: ReconcileConfig) -> Self {
         Self {
-            pools: WarmPools::new(store.clone(), runtime.clone(), &config.instance),
+            pools: WarmPools::new(
+                store.clone(),
+                runtime.clone(),
+                &config.instance,
+                Admission::new(admission::default_limit()),
+            ),
             store,
             runtime,
             config,
@@ -174,6 +180,18 @@ impl Reconciler {
             throttle: None,
             closed: None,
         }
+    }
+
+    /// Warm-pool refills take their slots from `admission` (the replica's, shared with
+    /// placement), behind every user waiting for a creation.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.pools = WarmPools::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            &self.config.instance,
+            admission,
+        );
+        self
     }
 
     /// Also sweeps `throttle`'s expired records while leading.
@@ -685,7 +703,7 @@ impl Reconciler {
         // What a previous leadership saw may be long out of date.
         *self.seen() = None;
         // A claim wakes the next pass early, so its pool refills at once.
-        let claims = ClaimWatch::start(self.store.clone());
+        let claims = ClaimWatch::start(self.store.clone(), self.pools.demand());
         let mut next_sweep = tokio::time::Instant::now();
         loop {
             if let Some(throttle) = &self.throttle

@@ -139,13 +139,30 @@ async fn users_and_environments_round_trip() {
         ),
         ("/bin/sh", "persistent", 900)
     );
+    // GPUs are kept as asked: all of them, or a count.
+    let two_gpus = Some(pb::GpuRequest {
+        request: Some(pb::gpu_request::Request::Count(2)),
+    });
+    let cuda = admin
+        .put_environment(pb::PutEnvironmentRequest {
+            environment: Some(pb::Environment {
+                name: "cuda".into(),
+                image: "lab/cuda:12".into(),
+                gpus: two_gpus.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cuda.gpus, two_gpus);
     let envs = admin
         .list_environments(pb::ListEnvironmentsRequest {})
         .await
         .unwrap()
         .into_inner()
         .environments;
-    assert_eq!(envs, [env]);
+    assert_eq!(envs, [env, cuda]);
 
     admin
         .delete_user(pb::DeleteUserRequest { name: "bob".into() })
@@ -160,12 +177,12 @@ async fn users_and_environments_round_trip() {
         .delete_user(pb::DeleteUserRequest { name: "bob".into() })
         .await
         .expect("deleting twice is fine");
-    admin
-        .delete_environment(pb::DeleteEnvironmentRequest {
-            name: "busybox".into(),
-        })
-        .await
-        .unwrap();
+    for name in ["busybox", "cuda"] {
+        admin
+            .delete_environment(pb::DeleteEnvironmentRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
     assert!(
         admin
             .list_environments(pb::ListEnvironmentsRequest {})
@@ -295,6 +312,15 @@ async fn invalid_requests_name_the_field() {
                 ..base.clone()
             },
             "environment.cpus: ",
+        ),
+        (
+            pb::Environment {
+                gpus: Some(pb::GpuRequest {
+                    request: Some(pb::gpu_request::Request::Count(0)),
+                }),
+                ..base.clone()
+            },
+            "environment.gpus.count: must be at least 1",
         ),
     ];
     for (environment, expected) in cases {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use envgate_controlplane::model::Gpus;
 use envgate_controlplane::runtime::slots;
 use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime};
 
@@ -80,6 +81,7 @@ fn spec(instance: &str, user: &str) -> ContainerSpec {
         cpus: 0.0,
         memory_bytes: 0,
         pids_limit: 0,
+        gpus: Gpus::None,
     }
 }
 

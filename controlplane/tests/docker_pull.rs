@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use envgate_controlplane::model::Gpus;
 use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime, RuntimeError};
 use registry::{Options, Registry};
 
@@ -66,6 +67,7 @@ fn spec(instance: &str, user: &str, image: &str) -> ContainerSpec {
         cpus: 0.0,
         memory_bytes: 0,
         pids_limit: 0,
+        gpus: Gpus::None,
     }
 }
 

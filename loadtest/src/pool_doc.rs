@@ -124,7 +124,30 @@ pub fn render(run: &PoolRun<'_>) -> String {
         placements(run.off),
         placements(run.on)
     );
+    for phase in ["create_queue", "container_create"] {
+        let _ = writeln!(
+            out,
+            "| server `{phase}` (count × mean) | {} | {} | |",
+            phase_line(run.off, phase),
+            phase_line(run.on, phase)
+        );
+    }
     out
+}
+
+/// One server-side phase of the target's highest level, all its labels together.
+fn phase_line(result: &SweepResult, phase: &str) -> String {
+    let (count, total_ms) = bench_doc::phases_by_mean(result, bench_doc::top_level(result))
+        .into_iter()
+        .filter(|p| p.phase == phase)
+        .fold((0.0, 0.0), |(n, t), p| {
+            (n + p.count, t + p.count * p.mean_ms)
+        });
+    if count == 0.0 {
+        "-".into()
+    } else {
+        format!("{count:.0} × {:.0} ms", total_ms / count)
+    }
 }
 
 #[cfg(test)]

@@ -107,6 +107,21 @@ pub enum Event {
         client: String,
         kind: String,
     },
+    /// A session a proxy started in a container it had placed the user in before, from its
+    /// own cache, because no control-plane replica answered (docs/operations.md, "When the
+    /// control plane is down"). The control plane never saw it: this is its only record.
+    SessionFromCache {
+        /// The proxy's own id for it (`cached-…`); the control plane has no record of it.
+        session: String,
+        user: String,
+        environment: String,
+        container: String,
+        proxy: String,
+        client: String,
+        connection: String,
+        /// Why the control plane was not used (its status, for the operator).
+        reason: String,
+    },
     SessionEnd {
         session: String,
         user: String,

@@ -45,6 +45,9 @@ pub mod failure {
     /// The auth webhook (or the identity sources together) could not answer in time.
     pub const IDENTITY_UNAVAILABLE: &str =
         "the authentication service is unavailable; try again later";
+    /// No control-plane replica answers: the proxy reaches only containers it placed before
+    /// (docs/operations.md, "When the control plane is down").
+    pub const CONTROL_PLANE_DOWN: &str = "the control plane is unavailable; only environments that are already running can be reached right now";
     /// Anything else the user cannot act on.
     pub const INTERNAL: &str =
         "something went wrong on our side; if it keeps happening, tell your administrator";

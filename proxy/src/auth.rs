@@ -17,6 +17,9 @@ use crate::controlplane::{ControlPlane, Offered};
 pub struct Authenticated {
     pub user: String,
     pub token: String,
+    /// When the token expires, Unix seconds: a placement cached on this proxy is used for the
+    /// user no longer than that.
+    pub expires_at: i64,
     pub cache_hit: bool,
 }
 
@@ -181,6 +184,7 @@ impl Authenticator {
             Ok(response) => AuthOutcome::Accepted(Authenticated {
                 user: response.user,
                 token: response.token,
+                expires_at: response.expires_at,
                 cache_hit: false,
             }),
             Err(status) if status.code() == Code::Unauthenticated => AuthOutcome::Rejected,
@@ -220,6 +224,7 @@ impl Authenticator {
             return AuthOutcome::Accepted(Authenticated {
                 user: hit.user,
                 token: hit.token,
+                expires_at: hit.expires_at,
                 cache_hit: true,
             });
         }
@@ -239,6 +244,7 @@ impl Authenticator {
                 AuthOutcome::Accepted(Authenticated {
                     user: response.user,
                     token: response.token,
+                    expires_at: response.expires_at,
                     cache_hit: false,
                 })
             }

@@ -5,7 +5,8 @@
 //! (Authenticate, CloseSession).
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use envgate_proto::metadata::CONNECTION_ID;
 use envgate_proto::tls::TlsFiles;
@@ -20,6 +21,7 @@ use envgate_proto::v1::{
     StopEnvironmentResponse, UserEnvironments, UserStatus, authenticate_request,
 };
 use rand::Rng;
+use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 
@@ -35,6 +37,10 @@ pub const SELF_SERVICE_DEADLINE: Duration = Duration::from_secs(10);
 /// StopEnvironment waits for the ended sessions to close, then removes the container.
 pub const STOP_ENVIRONMENT_DEADLINE: Duration = Duration::from_secs(60);
 const RETRY_ATTEMPTS: u32 = 4;
+/// After no replica has been reached for this long, a call is tried once: retrying only delays
+/// the proxy's fallback on its caches (docs/operations.md, "When the control plane is down").
+/// Shorter outages (a replica failing over) keep every retry.
+const OUTAGE_AFTER: Duration = Duration::from_secs(5);
 const RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// A credential the user proved: a password, or a public key whose signature over this SSH
@@ -51,6 +57,11 @@ pub enum Offered {
 pub struct ControlPlane {
     channel: Channel,
     proxy_id: String,
+    /// Woken whenever a call is answered, so that a Fleet stream waiting out its backoff
+    /// re-attaches as soon as a replica is back (`FleetMember::run`).
+    answered: Arc<Notify>,
+    /// Since when no call reached a replica; `None` while they answer.
+    unreached_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl ControlPlane {
@@ -94,11 +105,57 @@ impl ControlPlane {
         Ok(Self {
             channel: Channel::balance_list(endpoints.into_iter()),
             proxy_id,
+            answered: Arc::new(Notify::new()),
+            unreached_since: Arc::default(),
         })
     }
 
     pub fn proxy_id(&self) -> &str {
         &self.proxy_id
+    }
+
+    /// Resolves when a call made after this one started is answered by a replica (whatever
+    /// the answer).
+    pub async fn answered(&self) {
+        self.answered.notified().await;
+    }
+
+    /// A replica answered (a call, or the Fleet stream registered): the outage, if any, is
+    /// over, and those waiting in [`ControlPlane::answered`] are woken.
+    pub fn mark_answered(&self) {
+        *self.unreached_since.lock().expect("outage lock") = None;
+        self.answered.notify_waiters();
+    }
+
+    /// Retries `call` as [`with_retries_when`] does (only once during an outage longer than
+    /// [`OUTAGE_AFTER`]), and keeps track of whether replicas answer.
+    async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        retry: impl Fn(&Status) -> bool,
+        call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let outage = self
+            .unreached_since
+            .lock()
+            .expect("outage lock")
+            .is_some_and(|since| since.elapsed() >= OUTAGE_AFTER);
+        let attempts = if outage { 1 } else { RETRY_ATTEMPTS };
+        let result = with_retries_when(what, attempts, retry, call).await;
+        match &result {
+            Err(status) if is_unreachable(status) => {
+                self.unreached_since
+                    .lock()
+                    .expect("outage lock")
+                    .get_or_insert_with(Instant::now);
+            }
+            _ => self.mark_answered(),
+        }
+        result
     }
 
     pub fn fleet_client(&self) -> FleetClient<Channel> {
@@ -126,7 +183,7 @@ impl ControlPlane {
             credential: Some(credential),
             client_address: client_address.to_owned(),
         };
-        with_retries("Authenticate", || {
+        self.call("Authenticate", is_retriable, || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
             async move { deadline(AUTHENTICATE_DEADLINE, client.authenticate(request)).await }
@@ -149,7 +206,7 @@ impl ControlPlane {
             public_key: key.to_vec(),
             client_address: client_address.to_owned(),
         };
-        with_retries("CheckPublicKey", || {
+        self.call("CheckPublicKey", is_retriable, || {
             let mut client = AuthClient::new(self.channel.clone());
             let request = request(message.clone(), AUTHENTICATE_DEADLINE, connection_id);
             async move { deadline(AUTHENTICATE_DEADLINE, client.check_public_key(request)).await }
@@ -165,7 +222,7 @@ impl ControlPlane {
         message: OpenSessionRequest,
         connection_id: &str,
     ) -> Result<Streaming<OpenSessionEvent>, Status> {
-        with_retries_when("OpenSession", is_unreachable, || {
+        self.call("OpenSession", is_unreachable, || {
             let mut client = SessionsClient::new(self.channel.clone());
             let request = request(message.clone(), OPEN_SESSION_DEADLINE, connection_id);
             async move { deadline(OPEN_SESSION_DEADLINE, client.open_session(request)).await }
@@ -185,7 +242,7 @@ impl ControlPlane {
             exit_status,
             container_unreachable,
         };
-        with_retries("CloseSession", || {
+        self.call("CloseSession", is_retriable, || {
             let mut client = SessionsClient::new(self.channel.clone());
             let request = request(message.clone(), CLOSE_SESSION_DEADLINE, connection_id);
             async move {
@@ -208,7 +265,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("ListEnvironments", || {
+        self.call("ListEnvironments", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.list_environments(request)).await }
@@ -221,7 +278,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("Status", || {
+        self.call("Status", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.status(request)).await }
@@ -241,7 +298,7 @@ impl ControlPlane {
             token: token.to_owned(),
             environment: environment.to_owned(),
         };
-        with_retries_when("StopEnvironment", is_unreachable, || {
+        self.call("StopEnvironment", is_unreachable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), STOP_ENVIRONMENT_DEADLINE, connection_id);
             async move {
@@ -263,7 +320,7 @@ impl ControlPlane {
             token: token.to_owned(),
             public_key: public_key.to_owned(),
         };
-        with_retries_when("IssueCertificate", is_unreachable, || {
+        self.call("IssueCertificate", is_unreachable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move { deadline(SELF_SERVICE_DEADLINE, client.issue_certificate(request)).await }
@@ -280,7 +337,7 @@ impl ControlPlane {
         let message = SelfRequest {
             token: token.to_owned(),
         };
-        with_retries("CertificateAuthorities", || {
+        self.call("CertificateAuthorities", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move {
@@ -305,7 +362,7 @@ impl ControlPlane {
             token: token.to_owned(),
             environment: environment.to_owned(),
         };
-        with_retries("SetDefault", || {
+        self.call("SetDefault", is_retriable, || {
             let mut client = SelfServiceClient::new(self.channel.clone());
             let request = request(message.clone(), SELF_SERVICE_DEADLINE, connection_id);
             async move {
@@ -342,14 +399,10 @@ async fn deadline<T>(
     }
 }
 
-/// Retries UNAVAILABLE (the replica is down or unreachable) with full-jitter
-/// exponential backoff; every other status is final.
-async fn with_retries<T, F, Fut>(what: &'static str, call: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-{
-    with_retries_when(what, |status| status.code() == Code::Unavailable, call).await
+/// What is retried by default: UNAVAILABLE (the replica is down or unreachable), with
+/// full-jitter exponential backoff; every other status is final.
+fn is_retriable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
 }
 
 /// Whether the call failed before it reached the control plane (connection
@@ -359,8 +412,17 @@ pub fn is_unreachable(status: &Status) -> bool {
     status.code() == Code::Unavailable && std::error::Error::source(status).is_some()
 }
 
+/// Whether the control plane could not do the call for want of something (a replica, its
+/// store, its runtime), or the connection to it broke, rather than refusing it: the class of
+/// failure a proxy rides out from its caches and by keeping closes for later
+/// (docs/operations.md, "When the control plane is down").
+pub fn is_unavailable(status: &Status) -> bool {
+    status.code() == Code::Unavailable || std::error::Error::source(status).is_some()
+}
+
 async fn with_retries_when<T, F, Fut>(
     what: &'static str,
+    attempts: u32,
     retry: impl Fn(&Status) -> bool,
     mut call: F,
 ) -> Result<T, Status>
@@ -371,7 +433,7 @@ where
     let mut attempt = 0;
     loop {
         match call().await {
-            Err(status) if retry(&status) && attempt + 1 < RETRY_ATTEMPTS => {
+            Err(status) if retry(&status) && attempt + 1 < attempts => {
                 let delay = jittered_backoff(attempt, RETRY_BASE, Duration::from_secs(2));
                 tracing::warn!(call = what, attempt, ?delay, error = %status.message(), "control plane unavailable, retrying");
                 tokio::time::sleep(delay).await;
@@ -388,6 +450,22 @@ pub fn jittered_backoff(attempt: u32, base: Duration, cap: Duration) -> Duration
     let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
     let millis = ceiling.as_millis().max(1) as u64;
     Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
+}
+
+/// A client of a control plane on a loopback port nothing listens on.
+#[cfg(test)]
+pub(crate) fn unreachable_control_plane() -> ControlPlane {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = listener.local_addr().expect("its address");
+    drop(listener);
+    let pki = envgate_controlplane::testkit::TestPki::new().expect("a test PKI");
+    ControlPlane::new(
+        &[format!("https://{addr}")],
+        &pki.proxy_tls("p"),
+        None,
+        "p".into(),
+    )
+    .expect("a valid address")
 }
 
 #[cfg(test)]
@@ -408,28 +486,67 @@ mod tests {
     #[tokio::test]
     async fn only_unavailable_is_retried() {
         let mut calls = 0;
-        let result: Result<(), Status> = with_retries("test", || {
-            calls += 1;
-            async { Err(Status::unauthenticated("no")) }
-        })
-        .await;
+        let result: Result<(), Status> =
+            with_retries_when("test", RETRY_ATTEMPTS, is_retriable, || {
+                calls += 1;
+                async { Err(Status::unauthenticated("no")) }
+            })
+            .await;
         assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(calls, 1);
 
         let mut calls = 0;
-        let result: Result<u32, Status> = with_retries("test", || {
-            calls += 1;
-            let n = calls;
-            async move {
-                if n < 3 {
-                    Err(Status::unavailable("down"))
-                } else {
-                    Ok(n)
+        let result: Result<u32, Status> =
+            with_retries_when("test", RETRY_ATTEMPTS, is_retriable, || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(Status::unavailable("down"))
+                    } else {
+                        Ok(n)
+                    }
                 }
-            }
-        })
-        .await;
+            })
+            .await;
         assert_eq!(result.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_is_tried_once_per_call_until_a_replica_answers() {
+        let control_plane = unreachable_control_plane();
+        let unreachable = || {
+            let mut status = Status::unavailable("tcp connect error");
+            status.set_source(Arc::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )));
+            status
+        };
+        let attempts = |calls: std::sync::Arc<std::sync::atomic::AtomicU32>| {
+            let control_plane = control_plane.clone();
+            async move {
+                let _ = control_plane
+                    .call("test", is_retriable, || {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let status = unreachable();
+                        async move { Err::<(), _>(status) }
+                    })
+                    .await;
+                calls.load(std::sync::atomic::Ordering::SeqCst)
+            }
+        };
+        assert_eq!(
+            attempts(Arc::default()).await,
+            RETRY_ATTEMPTS,
+            "a blip is retried"
+        );
+        *control_plane.unreached_since.lock().unwrap() = Instant::now().checked_sub(OUTAGE_AFTER);
+        assert_eq!(attempts(Arc::default()).await, 1, "an outage is not");
+        let answered = control_plane
+            .call("test", is_retriable, || async { Ok(()) })
+            .await;
+        assert!(answered.is_ok());
+        assert_eq!(attempts(Arc::default()).await, RETRY_ATTEMPTS, "it is over");
     }
 
     #[test]
@@ -447,13 +564,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_control_plane_is_unavailable_quickly() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let pki = envgate_controlplane::testkit::TestPki::new().unwrap();
-        let tls = pki.proxy_tls("p");
-        let control_plane =
-            ControlPlane::new(&[format!("https://{addr}")], &tls, None, "p".into()).unwrap();
+        let control_plane = unreachable_control_plane();
         let started = std::time::Instant::now();
         let status = control_plane
             .authenticate("u", &Offered::Password("x".into()), "", "c")
@@ -466,6 +577,14 @@ mod tests {
         );
         assert!(!is_unreachable(&Status::unavailable(
             "docker is unavailable"
+        )));
+        assert!(is_unavailable(&status));
+        assert!(is_unavailable(&Status::unavailable("etcd is unavailable")));
+        assert!(!is_unavailable(&Status::permission_denied(
+            "not your session"
+        )));
+        assert!(!is_unavailable(&Status::deadline_exceeded(
+            "placement took too long"
         )));
     }
 }

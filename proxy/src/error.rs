@@ -118,7 +118,8 @@ pub fn logged_failure(text: &str, detail: &dyn std::fmt::Display) -> String {
 /// busybox, debian`), and one about a failure on its side already names the request id its
 /// log has the detail under. A failure this proxy noticed itself (the control plane
 /// unreachable, a stream broken, an answer without a message) is logged here under a request
-/// id of its own, and the user gets the same short sentence.
+/// id of its own, and the user gets the same short sentence; when no replica could be reached
+/// at all, the sentence says that only running environments can be reached.
 pub fn placement_failure_line(status: &tonic::Status) -> String {
     let message = status.message().trim();
     let named_request = status
@@ -141,6 +142,10 @@ pub fn placement_failure_line(status: &tonic::Status) -> String {
             "envgate: starting the environment took too long; try again".to_owned()
         }
         _ if meant_for_users && !message.is_empty() => format!("envgate: {message}"),
+        // No replica answered, and the placement cache had nothing that answers either.
+        Code::Unavailable if crate::controlplane::is_unreachable(status) => {
+            logged_failure(failure::CONTROL_PLANE_DOWN, &status_detail(status))
+        }
         Code::Unavailable => logged_failure(failure::UNAVAILABLE, &status_detail(status)),
         _ => logged_failure(failure::INTERNAL, &status_detail(status)),
     }
@@ -305,6 +310,16 @@ mod tests {
         split_request_id(
             &line,
             "envgate: the service is temporarily unavailable; try again in a minute",
+        );
+        // No replica reached at all (the transport error is the status's source).
+        let mut unreached = tonic::Status::unavailable("tcp connect error");
+        unreached.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let line = placement_failure_line(&unreached);
+        split_request_id(
+            &line,
+            "envgate: the control plane is unavailable; only environments that are already running can be reached right now",
         );
         let broken = tonic::Status::internal("h2 protocol error: stream reset");
         split_request_id(

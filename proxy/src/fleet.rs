@@ -13,12 +13,14 @@ use envgate_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 
 use crate::auth_cache::AuthCache;
 use crate::connections::Registry;
 use crate::controlplane::{ControlPlane, jittered_backoff};
 use crate::drain::Drain;
 use crate::error::DEFAULT_KILL_MESSAGE;
+use crate::placement_cache::PlacementCache;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// A stream that lived this long counts as having been up (see `FleetMember::run`).
@@ -29,12 +31,15 @@ const REATTACH_GRACE: Duration = Duration::from_secs(5);
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The backoff's cap while no replica answers at all: each try is one refused connection.
+const OUTAGE_PROBE_CAP: Duration = Duration::from_secs(5);
 
 pub struct FleetMember {
     pub control_plane: ControlPlane,
     pub register: Register,
     pub registry: Registry,
     pub auth_cache: Arc<AuthCache>,
+    pub placements: Arc<PlacementCache>,
     pub drain: Drain,
     pub readiness: Readiness,
 }
@@ -45,11 +50,19 @@ impl FleetMember {
         let mut failures: u32 = 0;
         // Set when a stream that was up ended; cleared by the next registration.
         let mut detached_since: Option<Instant> = None;
+        let mut registered_once = false;
         loop {
             let mut attached_at = None;
-            if let Err(status) = self.attach_once(&shutdown, &mut attached_at).await {
+            let result = self.attach_once(&shutdown, &mut attached_at).await;
+            // No replica answered (rather than one refusing the stream).
+            let unanswered = match &result {
+                Ok(()) => false,
+                Err(status) => matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            };
+            if let Err(status) = result {
                 tracing::warn!(code = ?status.code(), error = %status.message(), "fleet stream failed");
             }
+            registered_once |= attached_at.is_some();
             if shutdown.is_cancelled() {
                 self.readiness.set(false);
                 return;
@@ -77,11 +90,28 @@ impl FleetMember {
                 // The balancer may still pick the dead replica for a moment: retry soon.
                 jittered_backoff(0, BACKOFF_BASE / 4, BACKOFF_CAP)
             } else {
-                self.readiness.set(false);
-                jittered_backoff(failures, BACKOFF_BASE, BACKOFF_CAP)
+                // A proxy that was registered stays ready while no replica answers: it still
+                // serves users whose containers run, from its caches, and every proxy would
+                // lose the control plane together, leaving the balancer none
+                // (docs/decisions.md). One refused, or never registered, is not ready.
+                let outage = registered_once && unanswered;
+                if !outage {
+                    self.readiness.set(false);
+                }
+                // During an outage the stream is also the probe that notices a replica is
+                // back, so it is tried more often than a stream that is refused.
+                let cap = if outage {
+                    OUTAGE_PROBE_CAP
+                } else {
+                    BACKOFF_CAP
+                };
+                jittered_backoff(failures, BACKOFF_BASE, cap)
             };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                // A replica answered another call: it is back, re-attach now rather than
+                // after the rest of a backoff of up to BACKOFF_CAP.
+                () = self.control_plane.answered() => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -107,6 +137,7 @@ impl FleetMember {
         let mut commands = attached.into_inner();
         tracing::info!(proxy_id = %self.control_plane.proxy_id(), "registered with the control plane");
         *attached_at = Some(Instant::now());
+        self.control_plane.mark_answered();
         self.readiness.set(!self.drain.is_draining());
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.tick().await;
@@ -158,7 +189,8 @@ impl FleetMember {
             }
             Some(fleet_command::Command::RevokeUser(revoke)) => {
                 let dropped = self.auth_cache.revoke_user(&revoke.user);
-                tracing::info!(user = %revoke.user, dropped, "revoked cached tokens");
+                let placements = self.placements.forget_user(&revoke.user);
+                tracing::info!(user = %revoke.user, dropped, placements, "revoked cached tokens and placements");
             }
             None => tracing::debug!("empty fleet command"),
         }

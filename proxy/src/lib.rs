@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod auth_cache;
+pub mod close_queue;
 pub mod config;
 pub mod connections;
 pub mod controlplane;
@@ -15,6 +16,7 @@ pub mod forwarded;
 pub mod handler;
 pub mod limits;
 pub mod menu;
+pub mod placement_cache;
 pub mod proxy_protocol;
 pub mod recording;
 pub mod selfservice;
@@ -35,6 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::auth_cache::AuthCache;
+use crate::close_queue::CloseQueue;
 pub use crate::config::Config;
 use crate::connections::Registry;
 use crate::controlplane::ControlPlane;
@@ -45,6 +48,7 @@ use crate::exec::agent::AgentRuntime;
 use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
 use crate::limits::{PreauthBudget, UserConnections};
+use crate::placement_cache::PlacementCache;
 use crate::server::ServerContext;
 use crate::session::SessionServices;
 
@@ -66,6 +70,8 @@ pub struct Proxy {
     readiness: Readiness,
     metrics: Option<PrometheusHandle>,
     shutdown_grace: Duration,
+    control_plane: ControlPlane,
+    closes: Arc<CloseQueue>,
 }
 
 /// Binds an SSH listener on `addr`; a failure names `what` was being bound.
@@ -118,6 +124,9 @@ impl Proxy {
         };
         let ssh_addr = ssh_listener.local_addr()?;
         let auth_cache = Arc::new(AuthCache::new(config.auth_cache_size));
+        // One placement per user and environment: as many as tokens is plenty.
+        let placements = Arc::new(PlacementCache::new(config.auth_cache_size));
+        let closes = Arc::new(CloseQueue::default());
         let registry = Registry::default();
         let readiness = Readiness::default();
         let drain = Drain::new(registry.clone(), readiness.clone());
@@ -149,6 +158,9 @@ impl Proxy {
                 .recordings_dir
                 .clone()
                 .map(|dir| Arc::new(recording::Recordings::new(dir))),
+            placements: placements.clone(),
+            closes: closes.clone(),
+            audit: config.audit.clone(),
         };
         let context = Arc::new(ServerContext {
             ssh: Arc::new(ssh),
@@ -167,7 +179,7 @@ impl Proxy {
             services,
         });
         let fleet = FleetMember {
-            control_plane,
+            control_plane: control_plane.clone(),
             register: Register {
                 address: config.advertise.unwrap_or_else(|| ssh_addr.to_string()),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -176,6 +188,7 @@ impl Proxy {
             },
             registry,
             auth_cache: auth_cache.clone(),
+            placements,
             drain: drain.clone(),
             readiness: readiness.clone(),
         };
@@ -189,6 +202,8 @@ impl Proxy {
             readiness,
             metrics,
             shutdown_grace: config.shutdown_grace,
+            control_plane,
+            closes,
         })
     }
 
@@ -221,6 +236,11 @@ impl Proxy {
             _ => None,
         };
         let fleet = tokio::spawn(self.fleet.run(background.clone()));
+        let closes = {
+            let (closes, control_plane) = (self.closes.clone(), self.control_plane.clone());
+            let shutdown = background.clone();
+            tokio::spawn(async move { closes.deliver(&control_plane, shutdown).await })
+        };
         let tracker = TaskTracker::new();
         let mut accept = vec![tokio::spawn(server::serve(
             self.ssh_listener,
@@ -261,6 +281,13 @@ impl Proxy {
         }
         background.cancel();
         let _ = fleet.await;
+        let _ = closes.await;
+        if !self.closes.is_empty() {
+            tracing::warn!(
+                left = self.closes.len(),
+                "session closes never delivered: the reconciler releases those sessions with this proxy's lease"
+            );
+        }
         if let Some(ops) = ops {
             let _ = ops.await;
         }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use envgate_proto::audit::{AuditLog, Event as AuditEvent};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
@@ -22,10 +23,11 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::Authenticated;
+use crate::auth::{Authenticated, unix_now};
 use crate::auth_cache::AuthCache;
+use crate::close_queue::{CloseQueue, PendingClose};
 use crate::connections::{Control, Registry};
-use crate::controlplane::ControlPlane;
+use crate::controlplane::{ControlPlane, is_unavailable};
 use crate::error::{
     ConnectionResult, exec_failure_line, logged_failure, notice_line, placement_failure_line,
     placement_result_label,
@@ -37,6 +39,7 @@ use crate::exec::{
 use crate::forwarded;
 use crate::limits::{UserConnections, UserSlot};
 use crate::menu::{self, Cancel, Preselect};
+use crate::placement_cache::PlacementCache;
 use crate::recording::{self, Recordings};
 use crate::selfservice;
 
@@ -127,6 +130,14 @@ pub struct SessionServices {
     pub user_connections: UserConnections,
     /// Where recordings go, for environments that record sessions.
     pub recordings: Option<Arc<Recordings>>,
+    /// The last placement of each user in each environment, used while the control plane is
+    /// unavailable.
+    pub placements: Arc<PlacementCache>,
+    /// Session closes waiting for the control plane to answer again.
+    pub closes: Arc<CloseQueue>,
+    /// Where sessions started from the placement cache are recorded (the control plane
+    /// records the others).
+    pub audit: AuditLog,
 }
 
 pub struct ConnectionInfo {
@@ -151,7 +162,19 @@ const REFUSED_GRACE: Duration = Duration::from_secs(10);
 enum PlacementState {
     NotRequested,
     Placed(Box<Placement>),
+    /// From this proxy's placement cache, while the control plane was unavailable: the
+    /// control plane has no record of the session, so none is closed.
+    PlacedFromCache(Box<Placement>),
     Failed(tonic::Status),
+}
+
+impl PlacementState {
+    fn placement(&self) -> Option<&Placement> {
+        match self {
+            Self::Placed(placement) | Self::PlacedFromCache(placement) => Some(placement),
+            Self::NotRequested | Self::Failed(_) => None,
+        }
+    }
 }
 
 struct ChannelState {
@@ -545,9 +568,8 @@ impl Connection {
             self.placement = self.place(environment, "forward", None).await;
         }
         let placement = match &self.placement {
-            PlacementState::Placed(placement) => placement.as_ref().clone(),
             PlacementState::Failed(status) => return Err(placement_failure_line(status)),
-            PlacementState::NotRequested => return Err("not placed".to_owned()),
+            placed => placed.placement().ok_or("not placed")?.clone(),
         };
         if placement.agent_address.is_empty() {
             return Err(
@@ -693,18 +715,20 @@ impl Connection {
                 }
             };
             self.placement = self
-                .place(environment, kind, pty.then_some(output.as_ref()))
+                .place(environment, kind, Some((output.as_ref(), pty)))
                 .await;
         }
         let placement = match &self.placement {
-            PlacementState::Placed(placement) => placement.as_ref().clone(),
             PlacementState::Failed(status) => {
                 let line = placement_failure_line(status);
                 self.result = ConnectionResult::PlacementFailed(placement_result_label(status));
                 self.fail_channel(output, line, pty);
                 return;
             }
-            PlacementState::NotRequested => return,
+            placed => match placed.placement() {
+                Some(placement) => placement.clone(),
+                None => return,
+            },
         };
         let Some(state) = self.channels.get(&channel) else {
             return;
@@ -890,23 +914,22 @@ impl Connection {
         }
     }
 
-    /// Asks the control plane for a container, showing its progress on a
-    /// terminal.
-    /// Places the session; progress lines go to `terminal`, the channel's pty, if any.
+    /// Asks the control plane for a container. Its progress lines go to the channel's stderr
+    /// on a terminal (`pty`), and without one once the user has waited in the creation line.
     async fn place(
         &mut self,
         environment: String,
         kind: &str,
-        terminal: Option<&ChannelOutput>,
+        output: Option<(&ChannelOutput, bool)>,
     ) -> PlacementState {
         let Some((_, identity)) = &self.identity else {
             return PlacementState::Failed(tonic::Status::unauthenticated("not authenticated"));
         };
-        let user = identity.user.clone();
+        let (user, expires_at) = (identity.user.clone(), identity.expires_at);
         let started = Instant::now();
         let request = OpenSessionRequest {
             token: identity.token.clone(),
-            environment,
+            environment: environment.clone(),
             client_address: self.info.client_address.clone(),
             connection_id: self.info.connection_id.clone(),
             kind: kind.to_owned(),
@@ -915,7 +938,7 @@ impl Connection {
             &self.services.control_plane,
             request,
             &self.info.connection_id,
-            terminal,
+            output,
         )
         .instrument(tracing::info_span!("placement"))
         .await;
@@ -937,16 +960,91 @@ impl Connection {
                 self.services
                     .registry
                     .set_session(&self.info.connection_id, &placement.session_id);
+                self.services
+                    .placements
+                    .remember(&environment, &placement, expires_at);
                 PlacementState::Placed(Box::new(placement))
+            }
+            Err(status) if is_unavailable(&status) => {
+                tracing::warn!(code = ?status.code(), message = %status.message(), "placement failed: the control plane is unavailable; trying the placement cache");
+                match self.place_from_cache(&environment, &status).await {
+                    Some(placement) => PlacementState::PlacedFromCache(Box::new(placement)),
+                    None => PlacementState::Failed(status),
+                }
             }
             Err(status) => {
                 tracing::info!(code = ?status.code(), message = %status.message(), "placement failed");
                 if status.code() == tonic::Code::Unauthenticated {
                     self.services.auth_cache.revoke_user(&user);
+                    self.services.placements.forget_user(&user);
                 }
                 PlacementState::Failed(status)
             }
         }
+    }
+
+    /// The user's last placement in `requested` on this proxy, for a session the control plane
+    /// could not place (`why`): only while the user's token lives, and only when the
+    /// container's agent still answers. The session gets an id of this proxy's own, and the
+    /// audit log a record saying where it came from.
+    async fn place_from_cache(
+        &mut self,
+        requested: &str,
+        why: &tonic::Status,
+    ) -> Option<Placement> {
+        let (_, identity) = self.identity.as_ref()?;
+        let now = unix_now();
+        let counted = |result: &'static str| {
+            metrics::counter!("envgate_proxy_placements_from_cache_total", "result" => result)
+                .increment(1);
+        };
+        if identity.expires_at <= now {
+            counted("token_expired");
+            return None;
+        }
+        let user = identity.user.clone();
+        let Some(cached) = self.services.placements.lookup(&user, requested, now) else {
+            counted("no_placement");
+            tracing::info!(%user, environment = %requested, "no cached placement");
+            return None;
+        };
+        let target = AgentTarget::from_placement(&cached.agent_address, &cached.agent_secret)?;
+        if !self
+            .services
+            .runtime
+            .answers(&cached.container_id, &target)
+            .await
+        {
+            counted("not_answering");
+            self.services.placements.forget(&user, &cached.environment);
+            return None;
+        }
+        counted("served");
+        let placement = Placement {
+            session_id: format!("cached-{}", uuid::Uuid::new_v4()),
+            created: false,
+            ..cached
+        };
+        tracing::warn!(
+            session_id = %placement.session_id,
+            environment = %placement.environment,
+            container = %placement.container_name,
+            "placed from the placement cache: the control plane is unavailable"
+        );
+        self.services.audit.record(AuditEvent::SessionFromCache {
+            session: placement.session_id.clone(),
+            user,
+            environment: placement.environment.clone(),
+            container: placement.container_id.clone(),
+            proxy: self.services.control_plane.proxy_id().to_owned(),
+            client: self.info.client_address.clone(),
+            connection: self.info.connection_id.clone(),
+            reason: format!("{:?}: {}", why.code(), why.message()),
+        });
+        self.services
+            .registry
+            .set_session(&self.info.connection_id, &placement.session_id);
+        Some(placement)
     }
 
     /// Shows `message` as one `envgate:` line on every channel; the session goes on.
@@ -1000,13 +1098,32 @@ impl Connection {
     }
 
     async fn release(&mut self, session_started: Instant) {
+        let exit_status = self
+            .first_exit
+            .and_then(|c| i32::try_from(c).ok())
+            .unwrap_or(-1);
+        if let Some(placement) = self.placement.placement()
+            && self.container_unreachable
+        {
+            // Not to be tried again: the control plane replaces the container when it can.
+            self.services
+                .placements
+                .forget(&placement.user, &placement.environment);
+        }
+        if let PlacementState::PlacedFromCache(placement) = &self.placement {
+            record_phase("session", session_started.elapsed(), &[]);
+            self.services.audit.record(AuditEvent::SessionEnd {
+                session: placement.session_id.clone(),
+                user: placement.user.clone(),
+                environment: placement.environment.clone(),
+                proxy: self.services.control_plane.proxy_id().to_owned(),
+                exit_status,
+                container_unreachable: self.container_unreachable,
+            });
+        }
         if let PlacementState::Placed(placement) = &self.placement {
             record_phase("session", session_started.elapsed(), &[]);
             let started = Instant::now();
-            let exit_status = self
-                .first_exit
-                .and_then(|c| i32::try_from(c).ok())
-                .unwrap_or(-1);
             let result = self
                 .services
                 .control_plane
@@ -1019,8 +1136,20 @@ impl Connection {
                 .instrument(tracing::info_span!("teardown"))
                 .await;
             record_phase("teardown", started.elapsed(), &[]);
-            if let Err(status) = result {
-                tracing::warn!(session_id = %placement.session_id, error = %status, "CloseSession failed");
+            match result {
+                Err(status) if is_unavailable(&status) => {
+                    tracing::warn!(session_id = %placement.session_id, error = %status, "CloseSession failed: the control plane is unavailable; kept to deliver later");
+                    self.services.closes.push(PendingClose {
+                        session_id: placement.session_id.clone(),
+                        exit_status,
+                        container_unreachable: self.container_unreachable,
+                        connection_id: self.info.connection_id.clone(),
+                    });
+                }
+                Err(status) => {
+                    tracing::warn!(session_id = %placement.session_id, error = %status, "CloseSession failed");
+                }
+                Ok(()) => {}
             }
         }
     }
@@ -1066,15 +1195,17 @@ async fn open_session(
     control_plane: &ControlPlane,
     request: OpenSessionRequest,
     connection_id: &str,
-    terminal: Option<&ChannelOutput>,
+    output: Option<(&ChannelOutput, bool)>,
 ) -> Result<Placement, tonic::Status> {
     let mut stream = control_plane.open_session(request, connection_id).await?;
     loop {
         let event = stream.message().await?;
         match event.and_then(|e| e.event) {
             Some(open_session_event::Event::Progress(progress)) => {
-                if let Some(terminal) = terminal {
-                    let _ = terminal.stderr_line(&progress.message, true).await;
+                if let Some((output, pty)) = output
+                    && (pty || progress.waited_in_line)
+                {
+                    let _ = output.stderr_line(&progress.message, pty).await;
                 }
             }
             Some(open_session_event::Event::Placement(placement)) => return Ok(placement),

@@ -134,7 +134,8 @@ async fn a_missing_image_is_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_is_one_clear_line_and_nothing_crashes() {
     // One proxy, so the token cached by the first login is there for the second one and the
-    // second login reaches placement, which needs etcd.
+    // second login reaches placement, which needs etcd. Another environment than the one
+    // running: the running one is still reached (e2e_survival).
     let mut fleet = Fleet::start_with(FleetOptions {
         proxies: 1,
         ..FleetOptions::default()
@@ -142,7 +143,7 @@ async fn etcd_down_is_one_clear_line_and_nothing_crashes() {
     .await;
     fleet.ssh("demo", "true", None).await.assert_success();
     fleet.kill_etcd();
-    let out = fleet.ssh("demo", "true", None).await;
+    let out = fleet.ssh("demo+debian", "true", None).await;
     let line = assert_one_envgate_line(&out);
     let id = request_id_in(line, UNAVAILABLE_LINE);
     assert_no_internals(line);
@@ -155,15 +156,16 @@ async fn etcd_down_is_one_clear_line_and_nothing_crashes() {
     );
     assert!(fleet.proxy_alive(0), "the proxy died\n{}", fleet.logs());
     // Still serving: the same answer again, not a hang or a crash.
-    let again = fleet.ssh("demo", "true", None).await;
+    let again = fleet.ssh("demo+debian", "true", None).await;
     assert_one_envgate_line(&again);
 }
 
 /// The control plane gone altogether: the proxy noticed, so the proxy logs the detail under a
-/// request id of its own, and the user reads the same sentence.
+/// request id of its own, and the user reads that only running environments can be reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_control_plane_is_one_clear_line_with_the_proxys_request_id() {
-    // One proxy, so the second login is a token-cache hit and reaches placement.
+    // One proxy, so the second login is a token-cache hit and reaches placement; in another
+    // environment than the one running, which is still reached (e2e_survival).
     let mut fleet = Fleet::start_with(FleetOptions {
         proxies: 1,
         ..FleetOptions::default()
@@ -171,9 +173,12 @@ async fn an_unreachable_control_plane_is_one_clear_line_with_the_proxys_request_
     .await;
     fleet.ssh("demo", "true", None).await.assert_success();
     fleet.kill_controlplane(0);
-    let out = fleet.ssh("demo", "true", None).await;
+    let out = fleet.ssh("demo+debian", "true", None).await;
     let line = assert_one_envgate_line(&out);
-    let id = request_id_in(line, UNAVAILABLE_LINE);
+    let id = request_id_in(
+        line,
+        &format!("envgate: {}", envgate_proto::failure::CONTROL_PLANE_DOWN),
+    );
     assert_no_internals(line);
     let detail = fleet.log_line_with("proxy-0", id);
     assert!(detail.contains("tcp connect error"), "{detail:?}");

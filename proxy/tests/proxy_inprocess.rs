@@ -179,8 +179,10 @@ impl Sessions for FakeControlPlane {
             .lock()
             .unwrap()
             .push(request.client_address.clone());
+        // "storm": busybox, after a wait in the creation line (a cold storm).
+        let waited_in_line = request.environment == "storm";
         let environment = match request.environment.as_str() {
-            "" | "busybox" => "busybox",
+            "" | "busybox" | "storm" => "busybox",
             // Placed in a container that does not exist (removed meanwhile).
             "gone" => "gone",
             other => {
@@ -189,10 +191,19 @@ impl Sessions for FakeControlPlane {
                 )));
             }
         };
-        let events = vec![
+        let queued = waited_in_line.then(|| {
+            Ok(OpenSessionEvent {
+                event: Some(open_session_event::Event::Progress(Progress {
+                    message: "queued to start environment \"busybox\": 2 users ahead of you".into(),
+                    waited_in_line,
+                })),
+            })
+        });
+        let events = queued.into_iter().chain([
             Ok(OpenSessionEvent {
                 event: Some(open_session_event::Event::Progress(Progress {
                     message: "starting environment busybox".into(),
+                    waited_in_line,
                 })),
             }),
             Ok(OpenSessionEvent {
@@ -213,7 +224,7 @@ impl Sessions for FakeControlPlane {
                     ..Default::default()
                 })),
             }),
-        ];
+        ]);
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 
@@ -746,6 +757,22 @@ async fn proxy_serves_sessions_into_a_real_container() {
     let run = ssh(port, &demo_key, "demo", "echo out; echo err >&2", None).await;
     assert_eq!(run.stdout_text(), "out\n");
     assert_eq!(run.stderr, "err\n");
+    // … except for a user who waited in the creation line: they see their place and what
+    // followed, terminal or not.
+    let run = ssh(
+        port,
+        &demo_key,
+        "demo+storm",
+        "echo out; echo err >&2",
+        None,
+    )
+    .await;
+    assert_eq!(run.stdout_text(), "out\n");
+    assert_eq!(
+        run.stderr,
+        "queued to start environment \"busybox\": 2 users ahead of you\nstarting environment \
+         busybox\nerr\n"
+    );
 
     // A 20 MB round trip is byte-exact.
     let data: Vec<u8> = {

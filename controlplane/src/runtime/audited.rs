@@ -117,6 +117,7 @@ mod tests {
             cpus: 0.0,
             memory_bytes: 0,
             pids_limit: 0,
+            gpus: crate::model::Gpus::None,
         };
         let created = runtime
             .create_and_start(&spec, &|_: &str| {})

@@ -9,13 +9,14 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Volume, VolumeCreateRequest,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceRequest, HostConfig, Volume,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
@@ -28,6 +29,7 @@ use super::{
     claimed_container_name, container_name, labels, name_suffix, pool_container_name, stale_dirs,
     volume_name,
 };
+use crate::model::Gpus;
 
 pub mod network;
 mod pull;
@@ -122,8 +124,6 @@ fn remove_agent_dir(dir: &Path) {
 /// A new container's agent (endpoint, host directory, binds), if any, and its command.
 type AgentParts = (Option<(AgentEndpoint, PathBuf, Vec<String>)>, Vec<String>);
 
-/// Containers created at once unless configured otherwise.
-pub const DEFAULT_CREATE_CONCURRENCY: usize = 8;
 /// Bound on one pull of a missing image unless configured otherwise.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -131,10 +131,6 @@ pub struct DockerRuntime {
     host: Option<String>,
     docker: OnceCell<Docker>,
     agent: Option<AgentSetup>,
-    /// Bounds concurrent creations: hundreds of racing `create`+`start` calls slow the engine
-    /// down for everyone (and past the call timeout), while a short queue keeps it at its
-    /// best rate and lets each opener finish in arrival order.
-    creations: Semaphore,
     /// Missing images are pulled once per replica, however many opens wait for them.
     puller: pull::ImagePuller,
     /// Where warm containers' homes are mounted (`slots.rs`), or why warm pools are off.
@@ -153,7 +149,6 @@ impl DockerRuntime {
             host: host.map(str::to_owned),
             docker: OnceCell::new(),
             agent: None,
-            creations: Semaphore::new(DEFAULT_CREATE_CONCURRENCY),
             puller: pull::ImagePuller::new(DEFAULT_PULL_TIMEOUT),
             slots: Err("no home slots directory is configured".into()),
             network: Some(UserNetwork::default()),
@@ -306,12 +301,6 @@ impl DockerRuntime {
         self
     }
 
-    /// At most `limit` (at least 1) containers are being created at any moment.
-    pub fn with_create_concurrency(mut self, limit: usize) -> Self {
-        self.creations = Semaphore::new(limit.max(1));
-        self
-    }
-
     /// Containers created from now on run `envgate-agent` as their init (`None`: they keep
     /// a shell loop and sessions start through Docker exec).
     pub fn with_agent(mut self, agent: Option<AgentSetup>) -> Self {
@@ -350,11 +339,6 @@ impl DockerRuntime {
         entrypoint: Option<Vec<String>>,
         cmd: Vec<String>,
     ) -> Result<String, RuntimeError> {
-        let _slot = self
-            .creations
-            .acquire()
-            .await
-            .expect("the creation semaphore is never closed");
         let docker = self.docker().await?;
         let network = self.ensure_network(docker).await?;
         let agent = entrypoint.is_some();
@@ -390,6 +374,9 @@ impl DockerRuntime {
             // Leave nothing half-made behind.
             if let Err(cleanup) = self.remove_container(&created.id).await {
                 tracing::warn!(container = %created.id, error = %cleanup, "removing a container that failed to start");
+            }
+            if spec.gpus != Gpus::None && is_missing_gpu_driver(&e) {
+                return Err(RuntimeError::NoGpus(e.to_string()));
             }
             return Err(e);
         }
@@ -500,9 +487,31 @@ fn host_config(spec: &ContainerSpec, binds: Vec<String>, agent: bool) -> HostCon
         memory: (spec.memory_bytes > 0)
             .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
         nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
+        device_requests: gpu_request(spec.gpus).map(|r| vec![r]),
         binds: Some(binds),
         ..HostConfig::default()
     }
+}
+
+/// What `docker run --gpus all` (or `--gpus N`) sends: no driver named, so the engine picks
+/// the one with the `gpu` capability (the NVIDIA Container Toolkit's).
+fn gpu_request(gpus: Gpus) -> Option<DeviceRequest> {
+    let count = match gpus {
+        Gpus::None => return None,
+        Gpus::All => -1,
+        Gpus::Count(n) => i64::from(n),
+    };
+    Some(DeviceRequest {
+        driver: Some(String::new()),
+        count: Some(count),
+        capabilities: Some(vec![vec!["gpu".to_owned()]]),
+        ..DeviceRequest::default()
+    })
+}
+
+/// The engine's refusal of a device request it has no driver for (at start, not create).
+fn is_missing_gpu_driver(e: &RuntimeError) -> bool {
+    matches!(e, RuntimeError::Failed(m) if m.contains("could not select device driver"))
 }
 
 #[async_trait]
@@ -709,5 +718,61 @@ impl Runtime for DockerRuntime {
             remove_agent_dir(&path);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::alices_busybox;
+
+    fn device_requests(gpus: Gpus) -> Option<Vec<DeviceRequest>> {
+        let spec = ContainerSpec {
+            gpus,
+            ..alices_busybox("t")
+        };
+        host_config(&spec, Vec::new(), true).device_requests
+    }
+
+    #[test]
+    fn gpus_become_the_device_request_docker_run_gpus_sends() {
+        assert_eq!(device_requests(Gpus::None), None);
+        let all = &device_requests(Gpus::All).unwrap()[0];
+        assert_eq!(all.count, Some(-1));
+        assert_eq!(all.driver.as_deref(), Some(""));
+        assert_eq!(all.capabilities, Some(vec![vec!["gpu".to_owned()]]));
+        assert_eq!(all.device_ids, None);
+        let two = &device_requests(Gpus::Count(2)).unwrap()[0];
+        assert_eq!(two.count, Some(2));
+        assert_eq!(two.capabilities, all.capabilities);
+        // The body Docker receives: the engine's own field names.
+        let json = serde_json::to_value(host_config(
+            &ContainerSpec {
+                gpus: Gpus::Count(2),
+                ..alices_busybox("t")
+            },
+            Vec::new(),
+            true,
+        ))
+        .unwrap();
+        assert_eq!(
+            json["DeviceRequests"],
+            serde_json::json!([{"Driver": "", "Count": 2, "Capabilities": [["gpu"]]}])
+        );
+    }
+
+    #[test]
+    fn only_the_missing_driver_answer_means_no_gpus() {
+        let refusal = RuntimeError::Failed(
+            "docker answered 500: could not select device driver \"\" with capabilities: [[gpu]]"
+                .into(),
+        );
+        assert!(is_missing_gpu_driver(&refusal));
+        assert!(!is_missing_gpu_driver(&RuntimeError::Failed(
+            "docker answered 500: OCI runtime create failed".into()
+        )));
+        assert!(!is_missing_gpu_driver(&RuntimeError::Unavailable(
+            "docker is unavailable: could not select device driver".into()
+        )));
     }
 }

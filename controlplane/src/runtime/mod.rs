@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::model::Gpus;
+
 pub mod audited;
 pub mod docker;
 #[cfg(any(test, feature = "testkit"))]
@@ -40,6 +42,10 @@ pub enum RuntimeError {
     /// The engine could not pull a missing image; `reason` is the engine's own.
     #[error("cannot pull image {image}: {reason}")]
     PullFailed { image: String, reason: String },
+    /// The container asks for GPUs and the engine has no driver that gives them; `reason`
+    /// is the engine's own.
+    #[error("this host cannot give containers GPUs: {0}")]
+    NoGpus(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -61,6 +67,7 @@ pub struct ContainerSpec {
     /// 0 = no limit.
     pub memory_bytes: u64,
     pub pids_limit: i64,
+    pub gpus: Gpus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +107,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Creates the user's home volume if missing; returns its name. Never removed by envgate.
     async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError>;
     /// Creates and starts a container; on failure nothing is left behind. The user's home
-    /// volume must exist (`ensure_volume`). `progress` gets lines for the user while it waits
+    /// volume must exist (`ensure_volume`). Callers bound how many run at once (`admission`). `progress` gets lines for the user while it waits
     /// (an image pull), throttled by the runtime. (The explicit `for<'l>` keeps `async_trait`
     /// from tying the line's lifetime to the call's.)
     async fn create_and_start(

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,10 +39,25 @@ struct State {
     assigns: usize,
 }
 
-#[derive(Default)]
 pub struct ScriptedRuntime {
     state: Mutex<State>,
     create_delay: Mutex<Duration>,
+    /// While `true`, creations wait (after counting themselves in `creating`).
+    held: tokio::sync::watch::Sender<bool>,
+    creating: AtomicUsize,
+    most_creating: AtomicUsize,
+}
+
+impl Default for ScriptedRuntime {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            create_delay: Mutex::default(),
+            held: tokio::sync::watch::Sender::new(false),
+            creating: AtomicUsize::new(0),
+            most_creating: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl ScriptedRuntime {
@@ -51,6 +67,22 @@ impl ScriptedRuntime {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creations from now on wait (inside the runtime) until `release_creates`.
+    pub fn hold_creates(&self) {
+        self.held.send_replace(true);
+    }
+    pub fn release_creates(&self) {
+        self.held.send_replace(false);
+    }
+    /// Creations inside the runtime now (held ones included).
+    pub fn creating(&self) -> usize {
+        self.creating.load(Ordering::SeqCst)
+    }
+    /// The most creations that were ever inside the runtime at once.
+    pub fn most_creating(&self) -> usize {
+        self.most_creating.load(Ordering::SeqCst)
     }
 
     /// Every create waits this long first, to widen race windows.
@@ -140,8 +172,12 @@ impl ScriptedRuntime {
         if self.lock().missing_images.contains(&spec.image) {
             return Err(RuntimeError::ImageMissing(spec.image.clone()));
         }
+        let now = self.creating.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_creating.fetch_max(now, Ordering::SeqCst);
         let delay = *self.create_delay.lock().unwrap_or_else(|p| p.into_inner());
         tokio::time::sleep(delay).await;
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
+        self.creating.fetch_sub(1, Ordering::SeqCst);
         let mut state = self.lock();
         if state.fail_creates > 0 {
             state.fail_creates -= 1;

@@ -101,7 +101,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         audit,
         instance: instance.into(),
         docker_host: None,
-        docker_create_concurrency: 8,
+        create_concurrency: 8,
         recordings_dir: None,
         docker_network: Some(UserNetwork::default()),
         image_pull_timeout: Duration::from_secs(600),

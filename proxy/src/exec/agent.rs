@@ -163,6 +163,20 @@ impl ProcessRuntime for AgentRuntime {
             }),
         })
     }
+
+    async fn answers(&self, container_id: &str, agent: &AgentTarget) -> bool {
+        match self
+            .agents
+            .get(container_id, &agent.address, agent.secret.as_bytes())
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::info!(container = %container_id, error = %e, "the container's agent does not answer");
+                false
+            }
+        }
+    }
 }
 
 struct AgentControl {

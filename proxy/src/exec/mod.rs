@@ -157,6 +157,12 @@ pub struct ProcessEnd {
 pub trait ProcessRuntime: Send + Sync {
     /// Starts the process attached, with the initial terminal size applied.
     async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError>;
+
+    /// Whether the container's agent answers (connects and completes its handshake), without
+    /// starting anything. A runtime that cannot tell answers `false`.
+    async fn answers(&self, _container_id: &str, _agent: &agent::AgentTarget) -> bool {
+        false
+    }
 }
 
 /// One thing the client sent on a channel, in the order it was sent.

@@ -2052,3 +2052,48 @@ pub fn with_options(mut argv: Vec<String>, options: &[&str]) -> Vec<String> {
     }
     argv
 }
+
+// Starting a SIGKILLed control-plane replica again (e2e_survival).
+impl Fleet {
+    /// The command line of control-plane replica `index` (0 is `grpc_addr`'s), read from
+    /// /proc while it runs, to start it again the same way after a kill.
+    pub fn controlplane_argv(&self, index: usize) -> Vec<String> {
+        let proc = match index {
+            0 => self.controlplane.as_ref().expect("replica 0 runs"),
+            i => &self.replicas[i - 1],
+        };
+        let path = format!("/proc/{}/cmdline", proc.child.id());
+        let cmdline = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        cmdline
+            .split(|b| *b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect()
+    }
+
+    /// Starts replica `index` again with `argv` (from [`Fleet::controlplane_argv`]), logging
+    /// to a file of its own, and waits until it is ready.
+    pub async fn restart_controlplane(&mut self, index: usize, argv: &[String]) {
+        let name = format!("controlplane-{index}-restarted");
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .env("RUST_LOG", "info")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
+        let proc = Proc::spawn(&name, &mut command, log).expect("the replica starts again");
+        match index {
+            0 => self.controlplane = Some(proc),
+            i => self.replicas[i - 1] = proc,
+        }
+        // Not `wait_ready`: the other replicas may still be down on purpose.
+        let ops = self.replica_ops[index].clone();
+        eventually(START_TIMEOUT, &format!("{name} ready"), || async {
+            match http_get(&ops, "/readyz").await {
+                Some((200, _)) => Ok(()),
+                other => Err(format!("/readyz on {ops}: {other:?}")),
+            }
+        })
+        .await;
+    }
+}
