@@ -295,6 +295,7 @@ impl AdminService {
         &self,
         req: pb::ListContainersRequest,
     ) -> Result<Vec<pb::Container>, AdminError> {
+        self.reconciler.settle_closes().await;
         let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
             store::range_json(self.store.as_ref(), model::SESSIONS).await?;
         let mut counts: HashMap<String, u32> = HashMap::new();
@@ -574,6 +575,7 @@ impl Admin for AdminService {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         self.audited(request, everything, async |filter| {
+            self.reconciler.settle_closes().await;
             let sessions: Vec<(String, store::Versioned<SessionRecord>)> =
                 store::range_json(self.store.as_ref(), model::SESSIONS).await?;
             let sessions = sessions

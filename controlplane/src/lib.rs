@@ -61,7 +61,7 @@ use crate::runtime::docker::AgentSetup;
 use crate::runtime::docker::network::UserNetwork;
 use crate::runtime::{DockerRuntime, Runtime, RuntimeError};
 use crate::selfservice::{SelfServiceHandler, SelfServiceService};
-use crate::store::{EtcdConfig, EtcdStore, Store, StoreError};
+use crate::store::{CachedStore, EtcdConfig, EtcdStore, Store, StoreError};
 use crate::throttle::ThrottlePolicy;
 
 /// Everything the control plane needs, parsed and checked once at start.
@@ -141,6 +141,15 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// The prefixes every login reads and that change rarely, answered from memory kept current
+/// by a watch (`store::cached`): the catalogue, revocations, users and the proxies' records.
+pub const WATCH_CACHED: &[&str] = &[
+    model::ENVIRONMENTS,
+    model::REVOCATIONS,
+    model::USERS,
+    model::PROXIES,
+];
+
 /// The assembled services over one store and one runtime.
 pub struct ControlPlane {
     store: Arc<dyn Store>,
@@ -157,6 +166,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: &Config) -> Self {
+        let store: Arc<dyn Store> = Arc::new(CachedStore::new(store, WATCH_CACHED));
         let runtime: Arc<dyn Runtime> = Arc::new(Audited::new(runtime, config.audit.clone()));
         let hasher = Hasher::new(
             config.hash_cost,
@@ -203,7 +213,8 @@ impl ControlPlane {
                 },
             )
             .with_throttle(auth.throttle())
-            .with_admission(admission),
+            .with_admission(admission)
+            .with_closed_sessions(placer.closed_sessions()),
         );
         Self {
             store,

@@ -10,7 +10,15 @@
 //! (`admission.rs`), taken BEFORE the `creating` claim is written: a user waiting in line holds
 //! no record that could go stale meanwhile, and once let in looks again (a warm container may
 //! have come, or another open of theirs made the container).
+//!
+//! A warm login costs etcd one write: the transaction that refreshes the record and writes
+//! the session under the proxy's lease. Its close is not a write of its own: a session that
+//! lived less than [`PlacementConfig::touch_after`] (the record's `last_active_at` from its
+//! open is then near enough) has its record deleted inside the next open's transaction
+//! (`ClosedSessions`), or by one transaction for every close of a quiet moment. A longer
+//! session's close refreshes `last_active_at` too, in a transaction of its own.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +69,10 @@ pub struct PlacementConfig {
     /// Placement records (containers, any state and mode) one user may have before an open
     /// that needs a new container is refused; 0 = unlimited. Reuse is never refused.
     pub max_containers_per_user: usize,
+    /// A persistent session that lived longer than this (or than a tenth of its environment's
+    /// idle timeout, if less) refreshes its container's `last_active_at` when it closes; a
+    /// shorter one leaves the time of its open, and its close rides on another write.
+    pub touch_after: Duration,
 }
 
 /// `--max-containers-per-user` unless configured otherwise.
@@ -74,6 +86,7 @@ impl Default for PlacementConfig {
             deadline: Duration::from_secs(120),
             stale_after: Duration::from_secs(90),
             max_containers_per_user: DEFAULT_MAX_CONTAINERS_PER_USER,
+            touch_after: Duration::from_secs(60),
         }
     }
 }
@@ -105,7 +118,115 @@ pub struct Placer {
     config: PlacementConfig,
     locks: KeyedLocks,
     pools: WarmPools,
+    /// Persistent sessions this replica opened less than `touch_after` ago, so their close
+    /// needs no read.
+    recent: Mutex<HashMap<String, Recent>>,
+    closed: Arc<ClosedSessions>,
+    _flusher: tokio_util::sync::DropGuard,
     admission: Arc<Admission>,
+}
+
+/// What closing a session this replica placed needs to know.
+struct Recent {
+    session: SessionRecord,
+    opened: Instant,
+    /// Past this age its close refreshes the container's idle clock.
+    touch_after: Duration,
+}
+
+/// Session records waiting to be deleted: the next open's transaction takes them along, and
+/// whatever is still here [`FLUSH_AFTER`] after the first arrived goes in one transaction.
+/// Each close waits for its delete to be committed, so a replica that dies loses none (the
+/// proxy retries the close elsewhere).
+#[derive(Default)]
+pub struct ClosedSessions {
+    pending: Mutex<Vec<PendingDelete>>,
+    arrived: tokio::sync::Notify,
+}
+
+struct PendingDelete {
+    key: String,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// How long a closed session's delete waits for an open to carry it.
+const FLUSH_AFTER: Duration = Duration::from_millis(200);
+/// Deletes carried by one open's transaction, at most.
+const CARRIED_AT_MOST: usize = 64;
+
+impl ClosedSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PendingDelete>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the delete of `key` and waits until a transaction has committed it.
+    async fn delete(&self, key: String) -> Result<(), StoreError> {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        self.lock().push(PendingDelete { key, done });
+        self.arrived.notify_one();
+        match committed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(e)),
+            Err(_) => Err(StoreError::Unavailable(
+                "the control plane is shutting down".into(),
+            )),
+        }
+    }
+
+    fn take(&self, at_most: usize) -> Vec<PendingDelete> {
+        let mut pending = self.lock();
+        let n = pending.len().min(at_most);
+        pending.drain(..n).collect()
+    }
+
+    /// Deletes no transaction committed go back to wait for the next one.
+    fn put_back(&self, deletes: Vec<PendingDelete>) {
+        if !deletes.is_empty() {
+            self.lock().extend(deletes);
+            self.arrived.notify_one();
+        }
+    }
+
+    fn ops(deletes: &[PendingDelete]) -> Vec<TxnOp> {
+        deletes.iter().map(|d| TxnOp::delete(&d.key)).collect()
+    }
+
+    fn committed(deletes: Vec<PendingDelete>) {
+        for d in deletes {
+            let _ = d.done.send(Ok(()));
+        }
+    }
+
+    /// Deletes what no open carried within `FLUSH_AFTER`.
+    async fn flush_forever(self: Arc<Self>, store: Arc<dyn Store>) {
+        loop {
+            self.arrived.notified().await;
+            tokio::time::sleep(FLUSH_AFTER).await;
+            self.settle(store.as_ref()).await;
+        }
+    }
+
+    /// Deletes every queued session now, in one transaction per batch. Whoever is about to
+    /// read sessions for a user or an operator (`status`, `stop`, `ListSessions`, the
+    /// reconciler's pass) calls it first, so a session that closed is not shown as open while
+    /// its delete waits for a ride.
+    pub async fn settle(&self, store: &dyn Store) {
+        loop {
+            let batch = self.take(CARRIED_AT_MOST * 4);
+            if batch.is_empty() {
+                return;
+            }
+            match store.txn(vec![], Self::ops(&batch)).await {
+                Ok(_) => Self::committed(batch),
+                Err(e) => {
+                    tracing::warn!(sessions = batch.len(), error = %e, "deleting closed sessions failed");
+                    for d in batch {
+                        let _ = d.done.send(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Facts fixed at the start of one open.
@@ -137,6 +258,19 @@ impl Placer {
         auth: Arc<Authenticator>,
         config: PlacementConfig,
     ) -> Self {
+        let closed = Arc::new(ClosedSessions::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let flusher = closed.clone().flush_forever(store.clone());
+        let stopped = stop.clone();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = flusher => {}
+                    () = stopped.cancelled() => {}
+                }
+            }
+            .instrument(tracing::info_span!("closed_sessions")),
+        );
         let admission = Admission::new(admission::default_limit());
         Self {
             pools: WarmPools::new(
@@ -150,6 +284,9 @@ impl Placer {
             auth,
             config,
             locks: KeyedLocks::default(),
+            recent: Mutex::new(HashMap::new()),
+            closed,
+            _flusher: stop.drop_guard(),
             admission,
         }
     }
@@ -226,7 +363,35 @@ impl Placer {
             started.elapsed(),
             &[("outcome", outcome.to_owned())],
         );
+        if let Ok(placement) = &result
+            && env.mode == Mode::Persistent
+        {
+            self.remember(placement, &cx);
+        }
         result
+    }
+
+    /// The queue of closed sessions' deletes, for readers that must not see them open.
+    pub fn closed_sessions(&self) -> Arc<ClosedSessions> {
+        self.closed.clone()
+    }
+
+    /// Keeps what the close of a persistent session needs, and forgets sessions too old to
+    /// close without a read anyway (so the map holds about `touch_after` of opens).
+    fn remember(&self, placement: &Placement, cx: &Context<'_>) {
+        let idle_tenth = Duration::from_secs(u64::from(cx.env.idle_timeout_seconds) / 10);
+        let recent = Recent {
+            session: SessionRecord {
+                container_key: model::container_key(&cx.claims.sub, &cx.env.name),
+                container_id: placement.container_id.clone(),
+                ..cx.session.clone()
+            },
+            opened: Instant::now(),
+            touch_after: self.config.touch_after.min(idle_tenth),
+        };
+        let mut map = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, r| r.opened.elapsed() < r.touch_after);
+        map.insert(recent.session.id.clone(), recent);
     }
 
     /// requested → the user's default → the config webhook's choice (if it is one the user's
@@ -735,15 +900,23 @@ impl Placer {
             container_id: record.container_id.clone(),
             ..cx.session.clone()
         };
-        let ops = vec![
+        // Sessions closed meanwhile ride along (blind deletes: they cannot fail the compare).
+        let carried = self.closed.take(CARRIED_AT_MOST);
+        let mut ops = vec![
             TxnOp::put_json(key, record, None),
             TxnOp::put_json(model::session_key(&session.id), &session, Some(cx.lease)),
         ];
-        match self
+        ops.extend(ClosedSessions::ops(&carried));
+        let result = self
             .store
             .txn(vec![Compare::revision(key, revision)], ops)
-            .await
-        {
+            .await;
+        if matches!(result, Ok(Some(_))) {
+            ClosedSessions::committed(carried);
+        } else {
+            self.closed.put_back(carried);
+        }
+        match result {
             Ok(Some(_)) => Ok(Some(self.placement(cx, record, &session))),
             Ok(None) => Ok(None),
             Err(StoreError::LeaseNotFound(_)) => {
@@ -843,6 +1016,31 @@ impl Placer {
         unreachable: bool,
     ) -> Result<Option<SessionRecord>, PlacementError> {
         let skey = model::session_key(session_id);
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
+        if let Some(recent) = recent {
+            if let Some(proxy) = proxy
+                && recent.session.proxy_id != proxy
+            {
+                let owner = recent.session.proxy_id.clone();
+                self.recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(session_id.to_owned(), recent);
+                return Err(CallerError::NotYourSession {
+                    session: session_id.to_owned(),
+                    owner,
+                }
+                .into());
+            }
+            if !unreachable && recent.opened.elapsed() < recent.touch_after {
+                self.closed.delete(skey).await?;
+                return Ok(Some(recent.session));
+            }
+        }
         let Some(session) = store::get_json::<SessionRecord>(self.store.as_ref(), &skey).await?
         else {
             return Ok(None);
@@ -1096,7 +1294,6 @@ impl Sessions for SessionsService {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::fixtures::{World, abandoned_claim, fast, no_progress};
@@ -1304,7 +1501,11 @@ mod tests {
     #[tokio::test]
     async fn closing_a_persistent_session_starts_the_idle_clock() {
         let world = World::new().await;
-        let placer = world.placer(fast());
+        // Every session counts as long: its close refreshes the idle clock.
+        let placer = world.placer(PlacementConfig {
+            touch_after: Duration::ZERO,
+            ..fast()
+        });
         let placement = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -1411,6 +1612,62 @@ mod tests {
             lines.lock().unwrap().as_slice(),
             [r#"waiting for environment "busybox" …"#]
         );
+    }
+
+    /// The property the fleet's capacity rests on (docs/benchmarks.md, "Cost of a login"): a
+    /// warm login — the user's container running, logins arriving while others close — costs
+    /// etcd one write request and one read, the catalogue, revocation, user and proxy records
+    /// coming from the watch cache. Its close rides on the next open's transaction.
+    #[tokio::test]
+    async fn a_warm_login_costs_one_etcd_write() {
+        use crate::store::CachedStore;
+        use crate::store::counting::CountingStore;
+        let world = World::new().await;
+        let counting = Arc::new(CountingStore::new(world.store.clone()));
+        let store: Arc<dyn Store> =
+            Arc::new(CachedStore::new(counting.clone(), crate::WATCH_CACHED));
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            crate::auth::tests::test_keys(),
+            Duration::from_secs(300),
+            crate::auth::tests::test_limits(2, 64),
+            envgate_proto::audit::AuditLog::in_memory(),
+        ));
+        let placer = Placer::new(store, world.runtime.clone(), auth, fast());
+        let first = placer
+            .open(world.request("alice", ""), &no_progress)
+            .await
+            .unwrap();
+        assert!(first.created);
+        let mut open = first.session_id;
+        let before = counting.counts();
+        const LOGINS: usize = 20;
+        for _ in 0..LOGINS {
+            // The previous session closes while the next login is placed.
+            let (closed, next) = tokio::join!(
+                placer.close(&open),
+                placer.open(world.request("alice", ""), &no_progress)
+            );
+            closed.unwrap();
+            let next = next.unwrap();
+            assert!(!next.created);
+            open = next.session_id;
+        }
+        let spent = counting.counts();
+        let (writes, reads) = (spent.writes - before.writes, spent.reads - before.reads);
+        assert!(
+            writes <= LOGINS,
+            "{writes} etcd writes for {LOGINS} warm logins"
+        );
+        assert!(
+            reads <= LOGINS,
+            "{reads} etcd reads for {LOGINS} warm logins"
+        );
+        // Every closed session is gone; the open one is there.
+        assert_eq!(world.keys("sessions/").await, [model::session_key(&open)]);
+        // A quiet moment: the last close goes in a transaction of its own, soon.
+        placer.close(&open).await.unwrap();
+        assert!(world.keys("sessions/").await.is_empty());
     }
 
     /// A placer whose creations wait in a line of `limit` slots.

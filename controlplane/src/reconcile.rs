@@ -25,6 +25,7 @@ use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, ProxyRecord,
     SessionRecord,
 };
+use crate::placement::ClosedSessions;
 use crate::pool::{ClaimWatch, WarmPools};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{self, Compare, Leadership, Store, StoreError, TxnOp, Versioned};
@@ -159,6 +160,8 @@ pub struct Reconciler {
     pools: WarmPools,
     /// Failure counts whose stale records the leader deletes now and then.
     throttle: Option<Arc<Throttle>>,
+    /// Sessions closed on this replica whose records wait to be deleted (`placement`).
+    closed: Option<Arc<ClosedSessions>>,
 }
 
 impl Reconciler {
@@ -175,6 +178,7 @@ impl Reconciler {
             config,
             seen: Mutex::new(None),
             throttle: None,
+            closed: None,
         }
     }
 
@@ -196,12 +200,27 @@ impl Reconciler {
         self
     }
 
+    /// Settles this replica's closed sessions before reading sessions (see `settle_closes`).
+    pub fn with_closed_sessions(mut self, closed: Arc<ClosedSessions>) -> Self {
+        self.closed = Some(closed);
+        self
+    }
+
+    /// Deletes the records of sessions that closed on this replica and wait for a ride, so
+    /// what reads sessions next (a pass, `stop`, `status`, `ListSessions`) sees them closed.
+    pub async fn settle_closes(&self) {
+        if let Some(closed) = &self.closed {
+            closed.settle(self.store.as_ref()).await;
+        }
+    }
+
     fn seen(&self) -> std::sync::MutexGuard<'_, Option<Seen>> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One pass over all records and containers.
     pub async fn reconcile(&self) -> Result<Actions, ReconcileError> {
+        self.settle_closes().await;
         // The runtime is listed before the records are read, so every container in the list
         // that has a record at all has it in the records we read.
         let containers = self.runtime.list_managed(&self.config.instance).await?;
@@ -504,6 +523,7 @@ impl Reconciler {
         reason: &'static str,
         message: Option<&str>,
     ) -> Result<Option<u32>, ReconcileError> {
+        self.settle_closes().await;
         match store::get_json::<ContainerRecord>(self.store.as_ref(), key).await? {
             Some(record) => {
                 self.remove(key, &record, Action::RemoveRequested, reason, message)
@@ -909,7 +929,11 @@ mod tests {
     #[tokio::test]
     async fn idle_containers_are_reaped_after_their_timeout_but_volumes_stay() {
         let world = World::new().await;
-        let placer = world.placer(PlacementConfig::default());
+        // The aged record stands for a session open for hours: its close starts the clock.
+        let placer = world.placer(PlacementConfig {
+            touch_after: Duration::ZERO,
+            ..PlacementConfig::default()
+        });
         let reaper = world.reconciler();
         let key = model::container_key("alice", "busybox");
         let placement = placer
@@ -1165,15 +1189,16 @@ mod tests {
         let alice = model::container_key("alice", "busybox");
         let carol = model::container_key("carol", "busybox");
 
-        // The warning is due from 1000 - 250 = 750 s of age.
+        // The warning is due from 1000 - 250 = 750 s of age (a second of slack for the time
+        // the test itself takes).
         for key in [&alice, &carol] {
-            age_created(&world, key, 749).await;
+            age_created(&world, key, 748).await;
         }
         assert_eq!(reaper.reconcile().await.unwrap(), Actions::default());
         assert!(world.commands().await.is_empty());
 
         for key in [&alice, &carol] {
-            age_created(&world, key, 1).await;
+            age_created(&world, key, 2).await;
         }
         assert_eq!(
             reaper.reconcile().await.unwrap(),
@@ -1307,7 +1332,8 @@ mod tests {
             .unwrap();
         placer.close(&first.session_id).await.unwrap();
 
-        age_created(&world, &key, 999).await;
+        // A second short of its end (less one for the time the test itself takes).
+        age_created(&world, &key, 998).await;
         let young = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -1318,7 +1344,7 @@ mod tests {
         );
         placer.close(&young.session_id).await.unwrap();
 
-        age_created(&world, &key, 1).await;
+        age_created(&world, &key, 2).await;
         let fresh = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await

@@ -70,6 +70,7 @@ impl SelfServiceHandler {
     }
 
     async fn sessions(&self, user: &str) -> Result<Vec<SessionRecord>, SelfServiceError> {
+        self.reconciler.settle_closes().await;
         let sessions: Vec<(String, Versioned<SessionRecord>)> =
             store::range_json(self.store.as_ref(), model::SESSIONS).await?;
         Ok(sessions

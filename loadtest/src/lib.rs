@@ -20,6 +20,7 @@
 
 pub mod bench_doc;
 pub mod client;
+pub mod cost;
 pub mod hold;
 pub mod plot;
 pub mod pool_doc;

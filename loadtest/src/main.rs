@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use envgate_loadtest::sweep::{COMPARE, Endpoint, SweepConfig, TARGET, run_sweep};
-use envgate_loadtest::{ClientKind, bench_doc, hold, plot, pool_doc, report, storm, users};
+use envgate_loadtest::{
+    ClientKind, bench_doc, cost, hold, plot, pool_doc, report, scrape, storm, users,
+};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +39,9 @@ enum Command {
     /// plane's memory and the good logins' times against a baseline (and with --doc, writes
     /// them into docs/benchmarks.md).
     Storm(StormArgs),
+    /// The servers' CPU and etcd's work per warm login: a bounded loop of logins, less an
+    /// idle window of the same length (and with --doc, written into docs/benchmarks.md).
+    Cost(CostArgs),
     /// Write the results of `deploy/local/fleet bench` into the generated region of a Markdown file.
     BenchDoc(BenchDocArgs),
     /// Write the warm-pool comparison of `deploy/local/fleet bench` (the same cold sweep with
@@ -79,6 +84,63 @@ struct StormArgs {
     doc: Option<PathBuf>,
     #[arg(long)]
     meta: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CostArgs {
+    /// SSH front door (HAProxy), host:port.
+    #[arg(long)]
+    target: String,
+    /// Users (keys and users.txt of `envgate-loadtest users`) and how many of them, in turn.
+    #[arg(long)]
+    key_dir: PathBuf,
+    #[arg(long)]
+    users: usize,
+    /// Logins measured, and how many at a time.
+    #[arg(long, default_value_t = 1000)]
+    logins: usize,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, default_value = "true")]
+    command: String,
+    /// A server process to measure, LABEL=PID (repeat: proxy-1=…, controlplane=…, etcd=…,
+    /// haproxy=…; a label starting with "docker" is reported apart from the fleet's total).
+    #[arg(long = "process", value_parser = parse_process, required = true)]
+    processes: Vec<(String, u32)>,
+    /// etcd's /metrics (http:// or https://).
+    #[arg(long)]
+    etcd_metrics: String,
+    /// For an https:// --etcd-metrics: the CA, and the client certificate and key.
+    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Limit on each login (seconds).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the table into this document's generated region (with --meta lines on top).
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    #[arg(long)]
+    meta: Option<PathBuf>,
+}
+
+fn parse_process(text: &str) -> Result<(String, u32), String> {
+    let (label, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not LABEL=PID"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("{pid:?} in {text:?} is not a process id"))?;
+    if label.is_empty() {
+        return Err(format!("{text:?} has no label"));
+    }
+    Ok((label.to_owned(), pid))
 }
 
 #[derive(Args)]
@@ -302,6 +364,7 @@ fn main() -> ExitCode {
             Command::Report(args) => redraw(args),
             Command::Hold(args) => hold(args).await,
             Command::Storm(args) => storm(args).await,
+            Command::Cost(args) => cost(args).await,
             Command::BenchDoc(args) => bench_doc(args),
             Command::PoolDoc(args) => pool_doc(args),
         }
@@ -423,22 +486,72 @@ async fn storm(args: StormArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
     };
     let result = storm::run(&config).await?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+    report_region(
+        &result,
+        args.out.as_deref(),
+        args.meta.as_deref(),
+        args.doc.as_deref(),
+        storm::markdown,
+        storm::splice,
+    )
+}
+
+/// Writes a bench part's result as JSON to `out`, and its table (with the `meta` lines on
+/// top) into its region of `doc`, or prints the table without a `doc`.
+fn report_region<T: serde::Serialize>(
+    result: &T,
+    out: Option<&Path>,
+    meta: Option<&Path>,
+    doc: Option<&Path>,
+    markdown: fn(&T, &[(String, String)]) -> String,
+    splice: fn(&str, &str) -> String,
+) -> anyhow::Result<ExitCode> {
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(result)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    let meta = match &args.meta {
+    let meta = match meta {
         Some(path) => read_meta(path)?,
         None => Vec::new(),
     };
-    let generated = storm::markdown(&result, &meta);
-    match &args.doc {
-        Some(doc) => write_doc(doc, &generated, storm::splice),
+    let generated = markdown(result, &meta);
+    match doc {
+        Some(doc) => write_doc(doc, &generated, splice),
         None => {
             println!("{generated}");
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn cost(args: CostArgs) -> anyhow::Result<ExitCode> {
+    let etcd_tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(
+            scrape::ClientTls::from_pem_files(ca, cert, key)
+                .map_err(|e| anyhow::anyhow!("etcd client certificate: {e}"))?,
+        ),
+        _ => None,
+    };
+    let config = cost::CostConfig {
+        addr: args.target,
+        credentials: users::credentials_from_dir(&args.key_dir, args.users)?,
+        command: args.command,
+        logins: args.logins,
+        concurrency: args.concurrency,
+        processes: args.processes,
+        etcd_metrics: args.etcd_metrics,
+        etcd_tls,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let result = cost::run(&config).await?;
+    report_region(
+        &result,
+        args.out.as_deref(),
+        args.meta.as_deref(),
+        args.doc.as_deref(),
+        cost::markdown,
+        cost::splice,
+    )
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {

@@ -7,11 +7,19 @@
 //! whether the exporter renders the metric as a histogram or a summary.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::{
+    self,
+    pki_types::pem::PemObject,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
+};
 
 pub use envgate_proto::ops::PHASE_METRIC;
 
@@ -212,8 +220,50 @@ pub async fn scrape_all(urls: &[String], timeout: Duration) -> Result<Totals, Sc
 
 /// `GET url` over plain HTTP/1.1 (the ops endpoints speak nothing else).
 pub async fn fetch(url: &str, timeout: Duration) -> Result<String, ScrapeError> {
+    fetch_with(url, timeout, None).await
+}
+
+/// A client certificate and the CA to check the server against, for an `https://` metrics
+/// URL that asks for a client certificate (etcd started with `--client-cert-auth` serves its
+/// `/metrics` only so).
+#[derive(Clone)]
+pub struct ClientTls(Arc<rustls::ClientConfig>);
+
+impl ClientTls {
+    /// From PEM files: the CA certificate, the client certificate and its key.
+    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, String> {
+        let read_certs = |path: &Path| {
+            CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in read_certs(ca)? {
+            roots.add(ca).map_err(|e| e.to_string())?;
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(read_certs(cert)?, key)
+            .map_err(|e| e.to_string())?;
+        Ok(Self(Arc::new(config)))
+    }
+}
+
+/// `GET url` over HTTP/1.1, or over TLS with `tls` for an `https://` URL.
+pub async fn fetch_with(
+    url: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<String, ScrapeError> {
     let bad = || ScrapeError::BadUrl(url.to_owned());
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (rest, tls, default_port) =
+        match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, None, 80),
+            (None, Some(rest)) => (rest, Some(tls.ok_or_else(bad)?), 443),
+            (None, None) => return Err(bad()),
+        };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/metrics"),
@@ -224,29 +274,35 @@ pub async fn fetch(url: &str, timeout: Duration) -> Result<String, ScrapeError> 
     let addr = if authority.contains(':') {
         authority.to_owned()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .to_owned();
     let fail = |message: String| ScrapeError::Fetch {
         url: url.to_owned(),
         message,
     };
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    );
     let request = async {
-        let mut stream = TcpStream::connect(&addr)
+        let stream = TcpStream::connect(&addr)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-        );
-        stream
-            .write_all(head.as_bytes())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let mut raw = Vec::new();
-        (&mut stream)
-            .take(MAX_BODY as u64)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let raw = match tls {
+            None => exchange(stream, &head).await,
+            Some(tls) => {
+                let name = ServerName::try_from(host).map_err(|e| fail(e.to_string()))?;
+                let stream = TlsConnector::from(tls.0.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                exchange(stream, &head).await
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
         parse_response(&raw).map_err(fail)
     };
     tokio::time::timeout(timeout, request)
@@ -255,6 +311,25 @@ pub async fn fetch(url: &str, timeout: Duration) -> Result<String, ScrapeError> 
             url: url.to_owned(),
             timeout,
         })?
+}
+
+/// Writes the request head, reads the response to the end of the connection.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    head: &str,
+) -> std::io::Result<Vec<u8>> {
+    stream.write_all(head.as_bytes()).await?;
+    let mut raw = Vec::new();
+    let read = (&mut stream)
+        .take(MAX_BODY as u64)
+        .read_to_end(&mut raw)
+        .await;
+    match read {
+        Ok(_) => Ok(raw),
+        // A TLS server that closes without close_notify still sent the whole response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e),
+    }
 }
 
 /// Splits an HTTP/1.1 response read to the end of the connection; decodes a

@@ -268,6 +268,24 @@ macro_rules! conformance {
                 }
             )*
         }
+        /// The watch cache over etcd (as the control plane runs it), caching every prefix
+        /// the suite writes.
+        mod cached {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let etcd = Etcd::start().await.expect("etcd starts");
+                    let inner: Arc<dyn Store> = Arc::new(
+                        EtcdStore::connect(&etcd.config(), "/conformance/", Duration::from_secs(5))
+                            .await
+                            .expect("connects"),
+                    );
+                    let prefixes = ["cas/", "race/", "multi/", "lease/", "rng", "w/"];
+                    super::$name(Arc::new(CachedStore::new(inner, &prefixes))).await;
+                }
+            )*
+        }
         mod etcd {
             use super::*;
             $(

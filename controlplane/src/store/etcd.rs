@@ -404,6 +404,7 @@ impl Store for EtcdStore {
                                         key: key.strip_prefix(&strip).unwrap_or(&key).to_owned(),
                                         value: kv.value().to_vec(),
                                         mod_revision: kv.mod_revision(),
+                                        lease: kv.lease(),
                                     });
                                 }
                             }

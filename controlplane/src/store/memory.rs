@@ -126,6 +126,7 @@ impl MemoryStore {
                 key: key.to_owned(),
                 value,
                 mod_revision: revision,
+                lease,
             },
         );
     }
@@ -145,6 +146,7 @@ impl MemoryStore {
                         key: key.to_owned(),
                         value: Vec::new(),
                         mod_revision: revision,
+                        lease: 0,
                     },
                 );
                 true

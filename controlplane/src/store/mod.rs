@@ -14,12 +14,16 @@ use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod cached;
 pub mod etcd;
 pub mod memory;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+pub mod counting;
 
+pub use cached::CachedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 
@@ -107,6 +111,8 @@ pub struct WatchEvent {
     /// Empty for deletes.
     pub value: Vec<u8>,
     pub mod_revision: i64,
+    /// The lease a put attached the key to, 0 for none (and for deletes).
+    pub lease: i64,
 }
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = StoreResult<WatchEvent>> + Send>>;

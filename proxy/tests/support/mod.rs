@@ -781,13 +781,19 @@ impl Fleet {
         timeout: Duration,
     ) -> tokio::task::JoinHandle<SshOutput> {
         let user = login.split('+').next().unwrap_or(login);
+        // A session that closed a moment ago may still have its record (its delete rides on
+        // the next write, docs/decisions.md): wait until the one record is a new one.
+        let ids = |sessions: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+            sessions.into_iter().map(|s| s["id"].clone()).collect()
+        };
+        let before = ids(self.user_sessions(user).await.unwrap_or_default());
         let ssh = self.ssh_in_background(login, command);
         eventually(timeout, &format!("{user}'s session recorded"), || async {
-            let sessions = self.user_sessions(user).await?;
-            if sessions.len() == 1 {
+            let now = ids(self.user_sessions(user).await?);
+            if now.len() == 1 && !before.contains(&now[0]) {
                 Ok(())
             } else {
-                Err(format!("{sessions:?}"))
+                Err(format!("{now:?}"))
             }
         })
         .await;
