@@ -463,6 +463,9 @@ impl Launcher {
             .arg(pki.join("etcd-server.crt"))
             .arg("--peer-key-file")
             .arg(pki.join("etcd-server.key"))
+            // Every login writes (docs/scaling.md): an hour of history, not all of it.
+            .args(["--auto-compaction-mode", "periodic"])
+            .args(["--auto-compaction-retention", "1h"])
             .args(["--log-level", "warn"]);
         command
     }
