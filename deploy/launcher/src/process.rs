@@ -48,10 +48,20 @@ impl Process {
             .map_err(Error::io(format!("open {}", log.display())))?;
         command.stdin(Stdio::null()).stdout(file).stderr(err);
         if detach {
-            // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+            // A daemon keeps none of its starter's descriptors: a `flock` around
+            // `fleet up`, say, would otherwise stay held by etcd until the fleet stops.
+            // SAFETY: setsid and close_range are async-signal-safe system calls and touch no
+            // memory of the parent. CLOEXEC (not closing) keeps std's own exec-error pipe
+            // working; a kernel without close_range (before 5.11) leaves them as they were.
             unsafe {
                 command.pre_exec(|| {
                     libc::setsid();
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        3u32,
+                        u32::MAX,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    );
                     Ok(())
                 });
             }
@@ -220,4 +230,40 @@ pub fn pids_with_argument(program: &str, argument: &str) -> Vec<u32> {
                 && pid_runs(*pid, program)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// An inheritable descriptor open in the launcher (as `flock`'s is) is not in a detached
+    /// process, and is in an attached one (tests rely on nothing else of that behaviour).
+    #[test]
+    fn a_detached_process_keeps_none_of_its_starters_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = std::fs::File::create(dir.path().join("lock")).unwrap();
+        let fd = held.as_raw_fd();
+        // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let has_fd = |detach: bool| {
+            let mut sleep = Command::new("sleep");
+            sleep.arg("30");
+            let name = if detach { "detached" } else { "attached" };
+            let mut process = Process::spawn(
+                name,
+                sleep,
+                &dir.path().join(format!("{name}.log")),
+                &dir.path().join(format!("{name}.pid")),
+                detach,
+            )
+            .unwrap();
+            let seen = Path::new(&format!("/proc/{}/fd/{fd}", process.pid())).exists();
+            process.kill();
+            seen
+        };
+        assert!(has_fd(false), "the check itself sees an inherited descriptor");
+        assert!(!has_fd(true), "a detached process still holds descriptor {fd}");
+    }
 }
