@@ -337,33 +337,14 @@ impl Slapd {
             },
         )?;
         let (cert, key) = pki::paths(dir.path(), "slapd");
-        let config = format!(
-            "dn: cn=config\nobjectClass: olcGlobal\ncn: config\nolcPidFile: {pid}\n\
-             olcTLSCACertificateFile: {ca}\nolcTLSCertificateFile: {cert}\n\
-             olcTLSCertificateKeyFile: {key}\n\n\
-             dn: cn=module{{0}},cn=config\nobjectClass: olcModuleList\ncn: module{{0}}\n\
-             olcModulePath: /usr/lib/ldap\nolcModuleLoad: back_mdb\n\n\
-             dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n\
-             include: file:///etc/ldap/schema/core.ldif\n\n\
-             include: file:///etc/ldap/schema/cosine.ldif\n\n\
-             include: file:///etc/ldap/schema/nis.ldif\n\n\
-             include: file:///etc/ldap/schema/inetorgperson.ldif\n\n\
-             dn: olcDatabase={{-1}}frontend,cn=config\nobjectClass: olcDatabaseConfig\n\
-             objectClass: olcFrontendConfig\nolcDatabase: {{-1}}frontend\n\n\
-             dn: olcDatabase={{0}}config,cn=config\nobjectClass: olcDatabaseConfig\n\
-             olcDatabase: {{0}}config\nolcAccess: {{0}}to * by * none\n\n\
-             dn: olcDatabase={{1}}mdb,cn=config\nobjectClass: olcDatabaseConfig\n\
-             objectClass: olcMdbConfig\nolcDatabase: {{1}}mdb\nolcSuffix: {LDAP_SUFFIX}\n\
-             olcRootDN: {LDAP_ADMIN_DN}\nolcRootPW: {LDAP_ADMIN_PASSWORD}\n\
-             olcDbDirectory: {data}\nolcDbMaxSize: 16777216\n\
-             olcAccess: {{0}}to attrs=userPassword by self read by anonymous auth by * none\n\
-             olcAccess: {{1}}to * by users read by * none\n",
-            pid = dir.path().join("slapd.pid").display(),
-            ca = ca.cert_path().display(),
-            cert = cert.display(),
-            key = key.display(),
-            data = data_dir.display(),
-        );
+        let config = envgate_fleet::ldap::slapd_config(&envgate_fleet::ldap::SlapdConfig {
+            dir: dir.path(),
+            suffix: LDAP_SUFFIX,
+            root_dn: LDAP_ADMIN_DN,
+            root_password: LDAP_ADMIN_PASSWORD,
+            tls: Some((ca.cert_path(), &cert, &key)),
+            password_access: "read",
+        });
         let base = format!(
             "dn: {LDAP_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: envgate\n\
              o: envgate tests\n\n\

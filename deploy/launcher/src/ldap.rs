@@ -10,6 +10,62 @@ pub const SUFFIX: &str = "dc=envgate,dc=local";
 /// What the service account's password file holds.
 const SERVICE_PASSWORD: &str = "envgate-service-password";
 
+/// What [`slapd_config`] needs to know.
+pub struct SlapdConfig<'a> {
+    /// Holds the pid file; the database is in `data/` below it.
+    pub dir: &'a Path,
+    pub suffix: &'a str,
+    pub root_dn: &'a str,
+    pub root_password: &'a str,
+    /// The CA, certificate and key for StartTLS/LDAPS, if any.
+    pub tls: Option<(&'a Path, &'a Path, &'a Path)>,
+    /// What a user may do with their own `userPassword`: "read" or "write".
+    pub password_access: &'a str,
+}
+
+/// cn=config for a private slapd (the fleet's, and the tests' in `envgate_controlplane::testkit`):
+/// the standard schemas, one mdb database, users may read the directory and bind, nobody
+/// reads cn=config.
+pub fn slapd_config(c: &SlapdConfig) -> String {
+    let tls = c
+        .tls
+        .map(|(ca, cert, key)| {
+            format!(
+                "olcTLSCACertificateFile: {}\nolcTLSCertificateFile: {}\n\
+                 olcTLSCertificateKeyFile: {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "dn: cn=config\nobjectClass: olcGlobal\ncn: config\nolcPidFile: {dir}/slapd.pid\n{tls}\n\
+         dn: cn=module{{0}},cn=config\nobjectClass: olcModuleList\ncn: module{{0}}\n\
+         olcModulePath: /usr/lib/ldap\nolcModuleLoad: back_mdb\n\n\
+         dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n\
+         include: file:///etc/ldap/schema/core.ldif\n\n\
+         include: file:///etc/ldap/schema/cosine.ldif\n\n\
+         include: file:///etc/ldap/schema/nis.ldif\n\n\
+         include: file:///etc/ldap/schema/inetorgperson.ldif\n\n\
+         dn: olcDatabase={{-1}}frontend,cn=config\nobjectClass: olcDatabaseConfig\n\
+         objectClass: olcFrontendConfig\nolcDatabase: {{-1}}frontend\n\n\
+         dn: olcDatabase={{0}}config,cn=config\nobjectClass: olcDatabaseConfig\n\
+         olcDatabase: {{0}}config\nolcAccess: {{0}}to * by * none\n\n\
+         dn: olcDatabase={{1}}mdb,cn=config\nobjectClass: olcDatabaseConfig\n\
+         objectClass: olcMdbConfig\nolcDatabase: {{1}}mdb\nolcSuffix: {suffix}\n\
+         olcRootDN: {root_dn}\nolcRootPW: {root_password}\n\
+         olcDbDirectory: {dir}/data\nolcDbMaxSize: 16777216\n\
+         olcAccess: {{0}}to attrs=userPassword by self {access} by anonymous auth by * none\n\
+         olcAccess: {{1}}to * by users read by * none\n",
+        dir = c.dir.display(),
+        suffix = c.suffix,
+        root_dn = c.root_dn,
+        root_password = c.root_password,
+        access = c.password_access,
+    )
+}
+
 /// The fleet's directory server.
 pub struct Directory {
     /// cn=config, the mdb database, the service password, the `enabled` and `seeded` marks.
@@ -79,27 +135,14 @@ impl Directory {
             std::fs::create_dir_all(&path)
                 .map_err(Error::io(format!("mkdir {}", path.display())))?;
         }
-        let config = format!(
-            "dn: cn=config\nobjectClass: olcGlobal\ncn: config\nolcPidFile: {dir}/slapd.pid\n\n\
-             dn: cn=module{{0}},cn=config\nobjectClass: olcModuleList\ncn: module{{0}}\n\
-             olcModulePath: /usr/lib/ldap\nolcModuleLoad: back_mdb\n\n\
-             dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n\
-             include: file:///etc/ldap/schema/core.ldif\n\n\
-             include: file:///etc/ldap/schema/cosine.ldif\n\n\
-             include: file:///etc/ldap/schema/nis.ldif\n\n\
-             include: file:///etc/ldap/schema/inetorgperson.ldif\n\n\
-             dn: olcDatabase={{-1}}frontend,cn=config\nobjectClass: olcDatabaseConfig\n\
-             objectClass: olcFrontendConfig\nolcDatabase: {{-1}}frontend\n\n\
-             dn: olcDatabase={{0}}config,cn=config\nobjectClass: olcDatabaseConfig\n\
-             olcDatabase: {{0}}config\nolcAccess: {{0}}to * by * none\n\n\
-             dn: olcDatabase={{1}}mdb,cn=config\nobjectClass: olcDatabaseConfig\n\
-             objectClass: olcMdbConfig\nolcDatabase: {{1}}mdb\nolcSuffix: {SUFFIX}\n\
-             olcRootDN: cn=admin,{SUFFIX}\nolcRootPW: admin-password\n\
-             olcDbDirectory: {dir}/data\nolcDbMaxSize: 16777216\n\
-             olcAccess: {{0}}to attrs=userPassword by self write by anonymous auth by * none\n\
-             olcAccess: {{1}}to * by users read by * none\n",
-            dir = dir.display()
-        );
+        let config = slapd_config(&SlapdConfig {
+            dir,
+            suffix: SUFFIX,
+            root_dn: &format!("cn=admin,{SUFFIX}"),
+            root_password: "admin-password",
+            tls: None,
+            password_access: "write",
+        });
         let config_ldif = dir.join("config.ldif");
         std::fs::write(&config_ldif, config)
             .map_err(Error::io(format!("write {}", config_ldif.display())))?;

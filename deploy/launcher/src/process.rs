@@ -263,7 +263,13 @@ mod tests {
             process.kill();
             seen
         };
-        assert!(has_fd(false), "the check itself sees an inherited descriptor");
-        assert!(!has_fd(true), "a detached process still holds descriptor {fd}");
+        assert!(
+            has_fd(false),
+            "the check itself sees an inherited descriptor"
+        );
+        assert!(
+            !has_fd(true),
+            "a detached process still holds descriptor {fd}"
+        );
     }
 }
