@@ -76,14 +76,8 @@ struct StormArgs {
     /// Limit on each login (seconds).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    /// Write the result as JSON here.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Write the table into this document's generated region (with --meta lines on top).
-    #[arg(long)]
-    doc: Option<PathBuf>,
-    #[arg(long)]
-    meta: Option<PathBuf>,
+    #[command(flatten)]
+    publish: PublishArgs,
 }
 
 #[derive(Args)]
@@ -120,6 +114,13 @@ struct CostArgs {
     /// Limit on each login (seconds).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    #[command(flatten)]
+    publish: PublishArgs,
+}
+
+/// Where a bench part's result goes.
+#[derive(Args)]
+struct PublishArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -486,40 +487,33 @@ async fn storm(args: StormArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
     };
     let result = storm::run(&config).await?;
-    report_region(
-        &result,
-        args.out.as_deref(),
-        args.meta.as_deref(),
-        args.doc.as_deref(),
-        storm::markdown,
-        storm::splice,
-    )
+    args.publish.write(&result, storm::markdown, storm::splice)
 }
 
-/// Writes a bench part's result as JSON to `out`, and its table (with the `meta` lines on
-/// top) into its region of `doc`, or prints the table without a `doc`.
-fn report_region<T: serde::Serialize>(
-    result: &T,
-    out: Option<&Path>,
-    meta: Option<&Path>,
-    doc: Option<&Path>,
-    markdown: fn(&T, &[(String, String)]) -> String,
-    splice: fn(&str, &str) -> String,
-) -> anyhow::Result<ExitCode> {
-    if let Some(out) = out {
-        std::fs::write(out, serde_json::to_string_pretty(result)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    let meta = match meta {
-        Some(path) => read_meta(path)?,
-        None => Vec::new(),
-    };
-    let generated = markdown(result, &meta);
-    match doc {
-        Some(doc) => write_doc(doc, &generated, splice),
-        None => {
-            println!("{generated}");
-            Ok(ExitCode::SUCCESS)
+impl PublishArgs {
+    /// Writes a bench part's result as JSON to `--out`, and its table (with the `--meta` lines
+    /// on top) into its region of `--doc`, or prints the table without a `--doc`.
+    fn write<T: serde::Serialize>(
+        &self,
+        result: &T,
+        markdown: fn(&T, &[(String, String)]) -> String,
+        splice: fn(&str, &str) -> String,
+    ) -> anyhow::Result<ExitCode> {
+        if let Some(out) = &self.out {
+            std::fs::write(out, serde_json::to_string_pretty(result)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        let meta = match &self.meta {
+            Some(path) => read_meta(path)?,
+            None => Vec::new(),
+        };
+        let generated = markdown(result, &meta);
+        match &self.doc {
+            Some(doc) => write_doc(doc, &generated, splice),
+            None => {
+                println!("{generated}");
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }
@@ -544,14 +538,7 @@ async fn cost(args: CostArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
     };
     let result = cost::run(&config).await?;
-    report_region(
-        &result,
-        args.out.as_deref(),
-        args.meta.as_deref(),
-        args.doc.as_deref(),
-        cost::markdown,
-        cost::splice,
-    )
+    args.publish.write(&result, cost::markdown, cost::splice)
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
