@@ -1,5 +1,6 @@
 //! `fleet chaos`: each component killed (SIGKILL) or cut off the network in turn, under a
-//! bounded loop of real `ssh` logins through HAProxy; for each fault the failed logins, their
+//! bounded loop of logins through HAProxy by real `ssh` clients and as many loadtest clients
+//! (`envgate-loadtest`'s russh client, one user each as well); for each fault the failed logins, their
 //! distinct error lines, the time until logins succeed again, and whether a container or home
 //! volume was lost or duplicated (Docker and etcd compared before and after).
 
@@ -7,6 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use envgate_loadtest::client::{Job, russh as loadtest};
 
 use crate::{Error, Launcher, controlplane_name, docker, etcd_name, probe, proxy_name};
 
@@ -57,7 +60,8 @@ impl Fault {
 /// How a run goes.
 pub struct Plan {
     pub faults: Vec<Fault>,
-    /// Clients looping logins, each as a user of its own.
+    /// Clients looping logins, each as a user of its own: this many `ssh` clients and as many
+    /// loadtest clients.
     pub clients: usize,
     /// Logins before the fault, and how long the loop goes on after it.
     pub before: Duration,
@@ -71,6 +75,9 @@ pub struct Outcome {
     pub fault: Fault,
     pub logins: usize,
     pub failed: usize,
+    /// Of those, by the loadtest's clients (the rest by `ssh`).
+    pub loadtest_logins: usize,
+    pub loadtest_failed: usize,
     pub lines: Vec<String>,
     /// From the fault to the end of the last failed login (`None`: nothing failed).
     pub recovery: Option<Duration>,
@@ -82,6 +89,7 @@ struct Login {
     ended: Instant,
     ok: bool,
     stderr: String,
+    by_loadtest: bool,
 }
 
 /// What the fleet holds that a fault must not lose or double: containers (user+environment),
@@ -133,13 +141,13 @@ async fn holdings(launcher: &Launcher) -> Holdings {
     }
 }
 
-/// Users `chaos-1`… with keys in `dir`, each with its container started, so every fault
-/// meets running containers.
+/// Users `chaos-1`… (one per `ssh` client and one per loadtest client) with keys in `dir`,
+/// each with its container started, so every fault meets running containers.
 pub async fn prepare(launcher: &Launcher, clients: usize, dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(Error::io(format!("mkdir {}", dir.display())))?;
     let mut admin =
         crate::admin::Admin::connect(launcher.spec(), &launcher.controlplane_grpc()[0]).await?;
-    for c in 1..=clients {
+    for c in 1..=2 * clients {
         let user = format!("chaos-{c}");
         let key = dir.join(&user);
         crate::keys::ssh_keygen(&key, &user)?;
@@ -187,6 +195,32 @@ async fn ssh(port: u16, user: &str, key: &Path) -> (bool, String) {
         ),
         Ok(Err(e)) => (false, format!("ssh did not run: {e}")),
         Err(_) => (false, format!("ssh did not finish within {SSH_TIMEOUT:?}")),
+    }
+}
+
+/// One login by the loadtest's russh client (`date`, as the `ssh` clients run): whether it
+/// succeeded, and the failure as the loadtest reports it (the server's stderr line included).
+async fn loadtest_login(port: u16, user: &str, key: &Path) -> (bool, String) {
+    let config = match loadtest::config(Some(envgate_loadtest::client::DEFAULT_KEX)) {
+        Ok(config) => config,
+        Err(e) => return (false, format!("the loadtest client cannot start: {e}")),
+    };
+    let credential = match envgate_loadtest::users::credential(user, key) {
+        Ok(credential) => credential,
+        Err(e) => return (false, format!("the loadtest client cannot read {user}'s key: {e}")),
+    };
+    let job = Job {
+        addr: format!("127.0.0.1:{port}"),
+        credential,
+        command: "date".into(),
+        timeout: SSH_TIMEOUT,
+        kex: Some(envgate_loadtest::client::DEFAULT_KEX.into()),
+    };
+    let outcome = loadtest::run(&job, config).await;
+    match (outcome.failure, outcome.exit_status) {
+        (Some(f), _) => (false, f.detail),
+        (None, Some(0)) => (outcome.output_bytes > 0, String::new()),
+        (None, status) => (false, format!("exit status {status:?}")),
     }
 }
 
@@ -328,19 +362,26 @@ pub async fn run(launcher: &mut Launcher, plan: &Plan, keys: &Path) -> Result<Ve
         let before = holdings(launcher).await;
         let port = launcher.haproxy_port();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let clients: Vec<_> = (1..=plan.clients)
+        // Users 1..=clients log in with `ssh`, the next as many with the loadtest's client.
+        let clients: Vec<_> = (1..=2 * plan.clients)
             .map(|c| {
                 let user = format!("chaos-{c}");
                 let key: PathBuf = keys.join(&user);
                 let stop = stop.clone();
+                let by_loadtest = c > plan.clients;
                 tokio::spawn(async move {
                     let mut logins = Vec::new();
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) && logins.len() < 500 {
-                        let (ok, stderr) = ssh(port, &user, &key).await;
+                        let (ok, stderr) = if by_loadtest {
+                            loadtest_login(port, &user, &key).await
+                        } else {
+                            ssh(port, &user, &key).await
+                        };
                         logins.push(Login {
                             ended: Instant::now(),
                             ok,
                             stderr,
+                            by_loadtest,
                         });
                         // A user whose login failed tries again a moment later, not at once
                         // (a refused connection fails in milliseconds).
@@ -441,6 +482,8 @@ fn outcome(
         fault,
         logins: logins.len(),
         failed: failed.len(),
+        loadtest_logins: logins.iter().filter(|l| l.by_loadtest).count(),
+        loadtest_failed: failed.iter().filter(|l| l.by_loadtest).count(),
         lines,
         recovery,
         lost,
@@ -473,10 +516,14 @@ pub fn table(outcomes: &[Outcome]) -> String {
             format!("{:?} / {:?}", o.lost, o.duplicated)
         };
         out.push_str(&format!(
-            "| {} | {} of {} | {lines} | {recovery} | {damage} |\n",
+            "| {} | {} of {} (`ssh` {} of {}, loadtest {} of {}) | {lines} | {recovery} | {damage} |\n",
             o.fault.describe(),
             o.failed,
-            o.logins
+            o.logins,
+            o.failed - o.loadtest_failed,
+            o.logins - o.loadtest_logins,
+            o.loadtest_failed,
+            o.loadtest_logins,
         ));
     }
     out
