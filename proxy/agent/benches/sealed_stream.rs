@@ -115,6 +115,49 @@ async fn seal_only(mib: usize) -> f64 {
     mib as f64 / started.elapsed().as_secs_f64()
 }
 
+/// MiB/s of a bare copy of `mib` MiB through a connected socket pair (no agent, no frames):
+/// how much of the difference is TCP on loopback rather than the sealing.
+async fn bare_copy(tcp: bool, mib: usize) -> f64 {
+    use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+    async fn copy<R, W>(mut rd: R, mut wr: W, mib: usize) -> f64
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0x5au8; 256 * 1024];
+            for _ in 0..mib * 4 {
+                wr.write_all(&chunk).await.unwrap();
+            }
+            wr.shutdown().await.unwrap();
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            let n = rd.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        writer.await.unwrap();
+        assert_eq!(total, mib << 20);
+        mib as f64 / started.elapsed().as_secs_f64()
+    }
+    if tcp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        copy(b, a, mib).await
+    } else {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        copy(b, a, mib).await
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -167,6 +210,16 @@ fn main() {
                 mt / mu
             );
         }
+        let (mut u, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            u.push(bare_copy(false, mib).await);
+            t.push(bare_copy(true, mib).await);
+        }
+        let (mu, mt) = (median(u), median(t));
+        println!(
+            "bare socket copy (no agent, no sealing): unix median {mu:.0} MiB/s, tcp median {mt:.0} MiB/s, tcp / unix = {:.2}x",
+            mt / mu
+        );
         let sealing: Vec<f64> = {
             let mut v = Vec::new();
             for _ in 0..rounds {
