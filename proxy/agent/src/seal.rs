@@ -344,27 +344,31 @@ impl<R: AsyncRead + Unpin> AsyncRead for Inbound<R> {
 /// The write half of a connection: as it is (Unix socket) or sealed (TCP).
 pub enum Outbound<W> {
     Plain(W),
-    Sealed {
-        inner: W,
-        sealer: Sealer,
-        out: Vec<u8>,
-    },
+    Sealed(Box<SealedWriter<W>>),
+}
+
+/// The sealed write half: the socket, our key and counter, and the buffer records are built in.
+pub struct SealedWriter<W> {
+    inner: W,
+    sealer: Sealer,
+    out: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> Outbound<W> {
     pub fn sealed(inner: W, sealer: Sealer) -> Self {
-        Outbound::Sealed {
+        Outbound::Sealed(Box::new(SealedWriter {
             inner,
             sealer,
             out: Vec::with_capacity(64 * 1024),
-        }
+        }))
     }
 
     /// Writes `buf` (whole frames) out, sealed if the connection is.
     pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Outbound::Plain(w) => w.write_all(buf).await,
-            Outbound::Sealed { inner, sealer, out } => {
+            Outbound::Sealed(w) => {
+                let SealedWriter { inner, sealer, out } = &mut **w;
                 out.clear();
                 sealer.seal(buf, out)?;
                 inner.write_all(out).await
@@ -378,7 +382,8 @@ impl<W: AsyncWrite + Unpin> Outbound<W> {
             Outbound::Plain(w) => {
                 let _ = w.shutdown().await;
             }
-            Outbound::Sealed { inner, sealer, out } => {
+            Outbound::Sealed(w) => {
+                let SealedWriter { inner, sealer, out } = &mut **w;
                 out.clear();
                 if sealer.seal_close(out).is_ok() {
                     let _ = inner.write_all(out).await;
@@ -455,7 +460,8 @@ mod tests {
     #[test]
     fn every_kind_of_tampering_fails() {
         let parts: [&[u8]; 3] = [b"one", b"two", b"three"];
-        let cases: Vec<(&str, Box<dyn Fn(Vec<Vec<u8>>) -> Vec<u8>>, SealError)> = vec![
+        type Tamper = Box<dyn Fn(Vec<Vec<u8>>) -> Vec<u8>>;
+        let cases: Vec<(&str, Tamper, SealError)> = vec![
             (
                 "flipped byte",
                 Box::new(|mut r| {
