@@ -549,6 +549,60 @@ mod tests {
     }
 
     #[test]
+    fn garbage_never_panics_and_buffering_stays_bounded() {
+        // Deterministic pseudo-random streams: whatever arrives, the reader ends with an
+        // error (or, for the real stream, the data) and holds at most one record plus the
+        // read-ahead.
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for round in 0..200 {
+            let len = (next() % 200_000) as usize;
+            let mut wire: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && wire.len() >= 4 {
+                // A plausible length in front, so the reader buffers before it fails.
+                let n = (next() as usize % MAX_RECORD_LEN) as u32;
+                wire[..4].copy_from_slice(&n.to_be_bytes());
+            }
+            let (_, agent) = pair();
+            let result = rt.block_on(async {
+                let mut r = SealedReader::new(&wire[..], agent.opener, Vec::new());
+                let mut out = Vec::new();
+                let result = r.read_to_end(&mut out).await;
+                assert!(
+                    r.buf.len() <= 4 + MAX_RECORD_LEN + 16 * 1024,
+                    "{}",
+                    r.buf.len()
+                );
+                result
+            });
+            let error = result.expect_err("random bytes are never a sealed stream");
+            assert!(SealError::from_io(&error).is_some(), "{error}");
+        }
+        let (mut proxy, agent) = pair();
+        let big = vec![7u8; 10 * MAX_RECORD_PLAINTEXT];
+        let wire = records(&mut proxy.sealer, &[&big]).concat();
+        rt.block_on(async {
+            let mut r = SealedReader::new(&wire[..], agent.opener, Vec::new());
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).await.unwrap();
+            assert_eq!(out, big);
+            assert!(
+                r.buf.len() <= 4 + MAX_RECORD_LEN + 16 * 1024,
+                "{}",
+                r.buf.len()
+            );
+        });
+    }
+
+    #[test]
     fn a_record_sent_back_or_under_another_connection_fails() {
         // Reflected: the proxy's own records fed back to the proxy.
         let (mut proxy, _) = pair();
