@@ -25,15 +25,16 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
     ACCOUNT_VERSION, AGENT_CHANNEL_BIT, ExitStatus, FrameReader, MAX_DATA_CHUNK,
-    MIN_PROTOCOL_VERSION, Message, OpenProcess, PROTOCOL_VERSION, ProtocolError, SpawnRequest,
-    Stream, WindowSize,
+    MIN_PROTOCOL_VERSION, Message, NONCE_LEN, OpenProcess, PROTOCOL_VERSION, ProtocolError,
+    SpawnRequest, Stream, WindowSize,
 };
+use crate::seal::{Inbound, Keys, Outbound, Side};
 use crate::signals::signal_number;
 
 /// Where an agent listens: its Unix socket (Docker: a host directory bind-mounted into the
@@ -141,6 +142,8 @@ pub struct AgentClient {
 
 struct Shared {
     tx: mpsc::UnboundedSender<(u32, Message)>,
+    /// Ends the writer without waiting for every handle to go (the connection is unsafe).
+    stop: Arc<Notify>,
     state: Mutex<State>,
     next_channel: AtomicU32,
     options: ConnectOptions,
@@ -184,21 +187,36 @@ impl AgentClient {
         let (rd, mut wr) = tokio::time::timeout(deadline, open_stream_when_ready(address))
             .await
             .map_err(|_| AgentError::Timeout("connecting to the agent"))??;
-        let mut reader = FrameReader::new(rd);
-        let version =
+        let mut reader = FrameReader::new(Inbound::Plain(rd));
+        let (version, agent_nonce, client_nonce) =
             tokio::time::timeout(deadline, client_handshake(&mut reader, &mut wr, secret))
                 .await
                 .map_err(|_| AgentError::Timeout("waiting for the agent handshake"))??;
+        // Over TCP every later frame is sealed (`seal`). Decided by the transport we dialled,
+        // never by anything in the stream, so nobody on the path can turn it off.
+        let (reader, wr) = match address {
+            AgentAddress::Tcp(_) => {
+                let keys = Keys::derive(secret, version, &agent_nonce, &client_nonce, Side::Proxy);
+                let (rd, received) = reader.into_parts();
+                (
+                    FrameReader::new(rd.seal(keys.opener, received)),
+                    Outbound::sealed(wr, keys.sealer),
+                )
+            }
+            AgentAddress::Unix(_) => (reader, Outbound::Plain(wr)),
+        };
 
         let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             tx,
+            stop: stop.clone(),
             state: Mutex::new(State::default()),
             next_channel: AtomicU32::new(1),
             options,
             version,
         });
-        tokio::spawn(write_frames(wr, rx));
+        tokio::spawn(write_frames(wr, rx, stop));
         tokio::spawn(demux(reader, Arc::downgrade(&shared)));
         Ok(AgentClient { shared })
     }
@@ -527,11 +545,14 @@ async fn open_stream(address: &AgentAddress) -> Result<(BoxRead, BoxWrite), Conn
     }
 }
 
+/// The settled version and both nonces (the sealed record keys are derived from them).
+type Handshake = (u16, [u8; NONCE_LEN], [u8; NONCE_LEN]);
+
 async fn client_handshake(
-    reader: &mut FrameReader<BoxRead>,
+    reader: &mut FrameReader<Inbound<BoxRead>>,
     wr: &mut BoxWrite,
     secret: &[u8],
-) -> Result<u16, AgentError> {
+) -> Result<Handshake, AgentError> {
     let (min, max, agent_nonce) = match reader.next().await? {
         Some((
             0,
@@ -570,7 +591,7 @@ async fn client_handshake(
                 &auth::agent_proof(secret, version, &agent_nonce, &client_nonce),
                 &mac,
             ) {
-                Ok(version)
+                Ok((version, agent_nonce, client_nonce))
             } else {
                 Err(AgentError::NotAuthentic)
             }
@@ -585,9 +606,23 @@ async fn client_handshake(
     }
 }
 
-async fn write_frames(mut wr: BoxWrite, mut rx: mpsc::UnboundedReceiver<(u32, Message)>) {
+async fn write_frames(
+    mut wr: Outbound<BoxWrite>,
+    mut rx: mpsc::UnboundedReceiver<(u32, Message)>,
+    stop: Arc<Notify>,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some((id, msg)) = rx.recv().await {
+    loop {
+        // Biased: what was queued before the stop (the last `Error`) still goes out.
+        let (id, msg) = tokio::select! {
+            biased;
+            next = rx.recv() => match next {
+                Some(next) => next,
+                None => break,
+            },
+            // Dropping the socket without the sealed close: the agent ends the connection.
+            _ = stop.notified() => return,
+        };
         msg.encode(id, &mut buf);
         while buf.len() < 256 * 1024 {
             match rx.try_recv() {
@@ -600,11 +635,11 @@ async fn write_frames(mut wr: BoxWrite, mut rx: mpsc::UnboundedReceiver<(u32, Me
         }
         buf.clear();
     }
-    let _ = wr.shutdown().await;
+    wr.close().await;
 }
 
 /// Holds only a weak reference, so dropping every handle closes the connection.
-async fn demux(mut reader: FrameReader<BoxRead>, shared: Weak<Shared>) {
+async fn demux(mut reader: FrameReader<Inbound<BoxRead>>, shared: Weak<Shared>) {
     let reason = loop {
         match reader.next().await {
             Ok(Some((id, msg))) => {
@@ -616,6 +651,21 @@ async fn demux(mut reader: FrameReader<BoxRead>, shared: Weak<Shared>) {
                 }
             }
             Ok(None) => break "the agent closed the connection".to_owned(),
+            Err(e @ ProtocolError::Sealed(_)) => {
+                // Tell the agent why (its direction may be intact) and stop writing at once.
+                let reason = e.to_string();
+                if let Some(shared) = shared.upgrade() {
+                    tracing::warn!(error = %reason, "sealed agent connection failed; closing it");
+                    let _ = shared.tx.send((
+                        0,
+                        Message::Error {
+                            message: reason.clone(),
+                        },
+                    ));
+                    shared.stop.notify_one();
+                }
+                break reason;
+            }
             Err(e) => break e.to_string(),
         }
     };

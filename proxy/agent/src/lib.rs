@@ -17,6 +17,7 @@ pub mod pool;
 pub mod protocol;
 mod reaper;
 pub mod scp;
+pub mod seal;
 pub mod server;
 pub mod sftp;
 pub mod signals;

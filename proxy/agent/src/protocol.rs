@@ -89,6 +89,12 @@ pub enum ProtocolError {
     UnknownKind(u8),
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// A sealed (TCP) connection failed its authentication or ended uncleanly.
+    #[error("{0}")]
+    Sealed(#[from] crate::seal::SealError),
+    /// The peer closed the connection with an `Error` frame.
+    #[error("the peer reported: {0}")]
+    Reported(String),
 }
 
 /// One of the three byte streams of a process channel.
@@ -719,6 +725,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.max_frame = max.min(MAX_FRAME_LEN);
     }
 
+    /// The stream and the bytes read from it but not parsed yet (after the handshake of a
+    /// sealed connection, the start of its first record).
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        self.buf.drain(..self.start);
+        (self.inner, self.buf)
+    }
+
     /// The next `(channel, message)`, or `None` when the peer closed cleanly between frames.
     pub async fn next(&mut self) -> Result<Option<(u32, Message)>, ProtocolError> {
         loop {
@@ -732,7 +745,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.start = 0;
             }
             // Read into scratch space: if this future is dropped mid-read, `buf` is untouched.
-            let n = self.inner.read(&mut self.scratch).await?;
+            let n = self.inner.read(&mut self.scratch).await.map_err(|e| {
+                match crate::seal::SealError::from_io(&e) {
+                    Some(sealed) => ProtocolError::Sealed(sealed),
+                    None => ProtocolError::Io(e),
+                }
+            })?;
             self.buf.extend_from_slice(&self.scratch[..n]);
             if n == 0 {
                 return if self.buf.is_empty() {

@@ -20,10 +20,11 @@ use crate::auth;
 use crate::flow::Credit;
 use crate::protocol::{
     AGENT_CHANNEL_BIT, BIG_CHUNK_VERSION, ExitStatus, FrameReader, MAX_DATA_CHUNK,
-    MAX_DATA_CHUNK_V3, MIN_PROTOCOL_VERSION, Message, OpenProcess, PROTOCOL_VERSION, ProtocolError,
-    Stream, open_error,
+    MAX_DATA_CHUNK_V3, MIN_PROTOCOL_VERSION, Message, NONCE_LEN, OpenProcess, PROTOCOL_VERSION,
+    ProtocolError, Stream, open_error,
 };
 use crate::reaper::{Children, Reaper};
+use crate::seal::{Inbound, Keys, Outbound, Side};
 use crate::signals::signal_number;
 pub use crate::spawn::session_base_env;
 use crate::spawn::{self, AccountFiles, Fd, Spawned};
@@ -117,14 +118,16 @@ pub async fn run(config: AgentConfig) -> io::Result<i32> {
             _ = sigint.recv() => break libc::SIGINT,
             _ = sighup.recv() => debug!("SIGHUP ignored"),
             accepted = accept_unix(&unix) => match accepted {
-                Ok(stream) => admit(&permits, &mut connections, &ctx, stream),
+                Ok(stream) => admit(&permits, &mut connections, &ctx, stream, false),
                 Err(e) => backoff(e).await,
             },
             accepted = accept_tcp(&tcp) => match accepted {
                 Ok((stream, peer)) => {
                     debug!(%peer, "tcp connection");
                     let _ = stream.set_nodelay(true);
-                    admit(&permits, &mut connections, &ctx, stream)
+                    // Over TCP the frames after the handshake are sealed (`seal`): decided
+                    // by the listener, never by anything the peer sends.
+                    admit(&permits, &mut connections, &ctx, stream, true)
                 }
                 Err(e) => backoff(e).await,
             },
@@ -218,8 +221,13 @@ async fn backoff(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn admit<S>(permits: &Arc<Semaphore>, set: &mut JoinSet<()>, ctx: &Arc<Ctx>, stream: S)
-where
+fn admit<S>(
+    permits: &Arc<Semaphore>,
+    set: &mut JoinSet<()>,
+    ctx: &Arc<Ctx>,
+    stream: S,
+    sealed: bool,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -228,7 +236,7 @@ where
     };
     let ctx = ctx.clone();
     set.spawn(async move {
-        serve_connection(stream, ctx).await;
+        serve_connection(stream, ctx, sealed).await;
         drop(permit);
     });
 }
@@ -271,12 +279,16 @@ impl Conn {
     }
 }
 
-async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, ctx: Arc<Ctx>) {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    ctx: Arc<Ctx>,
+    sealed: bool,
+) {
     let (rd, mut wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(rd);
+    let mut reader = FrameReader::new(Inbound::Plain(rd));
     // An AUTH frame is 75 bytes; nothing bigger is accepted from an anonymous peer.
     reader.set_max_frame(256);
-    let version = match tokio::time::timeout(
+    let (version, agent_nonce, client_nonce) = match tokio::time::timeout(
         ctx.config.handshake_timeout,
         handshake(&mut reader, &mut wr, &ctx.config.secret),
     )
@@ -295,8 +307,24 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S,
             return;
         }
     };
-    debug!(version, "proxy authenticated");
+    debug!(version, sealed, "proxy authenticated");
     reader.set_max_frame(crate::protocol::MAX_FRAME_LEN);
+    let (mut reader, wr) = if sealed {
+        let keys = Keys::derive(
+            &ctx.config.secret,
+            version,
+            &agent_nonce,
+            &client_nonce,
+            Side::Agent,
+        );
+        let (rd, received) = reader.into_parts();
+        (
+            FrameReader::new(rd.seal(keys.opener, received)),
+            Outbound::sealed(wr, keys.sealer),
+        )
+    } else {
+        (reader, Outbound::Plain(wr))
+    };
 
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let writer = tokio::spawn(write_frames(wr, rx));
@@ -328,6 +356,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S,
                     }
                 }
                 Ok(None) => break,
+                Err(e @ ProtocolError::Sealed(_)) => {
+                    warn!(error = %e, "sealed connection failed; closing it");
+                    let _ = conn.tx.send((0, Message::Error { message: e.to_string() })).await;
+                    break;
+                }
                 Err(e) => {
                     debug!(error = %e, "connection read failed");
                     let _ = conn.tx.send((0, Message::Error { message: e.to_string() })).await;
@@ -374,11 +407,14 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, msg: Message) -> io::Result
     wr.write_all(&buf).await
 }
 
+/// The settled version and both nonces (the sealed record keys are derived from them).
+type Handshake = (u16, [u8; NONCE_LEN], [u8; NONCE_LEN]);
+
 async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     wr: &mut W,
     secret: &[u8],
-) -> Result<u16, HandshakeError>
+) -> Result<Handshake, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -431,10 +467,13 @@ where
     send_now(wr, Message::AuthOk { mac: proof })
         .await
         .map_err(ProtocolError::from)?;
-    Ok(version)
+    Ok((version, agent_nonce, client_nonce))
 }
 
-async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<(u32, Message)>) {
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut wr: Outbound<W>,
+    mut rx: mpsc::Receiver<(u32, Message)>,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Some((id, msg)) = rx.recv().await {
         msg.encode(id, &mut buf);
@@ -450,7 +489,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<(
         }
         buf.clear();
     }
-    let _ = wr.shutdown().await;
+    wr.close().await;
 }
 
 async fn handle_message(
@@ -563,6 +602,8 @@ async fn handle_message(
                 conn.channel_ended.notify_one();
             }
         }
+        // The proxy's last word before it closes (it found the connection unsafe).
+        Message::Error { message } if id == 0 => return Err(ProtocolError::Reported(message)),
         _ => return Err(ProtocolError::Malformed("message not valid from the proxy")),
     }
     Ok(())

@@ -72,6 +72,11 @@ impl Container {
     }
 
     fn start_image(image: &str) -> Container {
+        Self::start_with(image, &[])
+    }
+
+    /// `agent_args` are more flags for the agent.
+    fn start_with(image: &str, agent_args: &[&str]) -> Container {
         ensure_image(image);
         let agent = static_agent();
         let dir = tempfile::tempdir().unwrap();
@@ -134,6 +139,7 @@ impl Container {
             "--stop-timeout-seconds",
             "5",
         ]);
+        args.extend(agent_args);
         let out = docker(&args);
         assert!(
             out.status.success(),
@@ -408,4 +414,102 @@ async fn runs_in_debian_with_a_bash_login_shell() {
         "{out:?}"
     );
     assert_eq!(p.wait().await.unwrap(), ExitStatus::Code(3));
+}
+
+/// Copies bytes both ways between a client and `upstream`, keeping a copy of everything
+/// that crossed: what someone on the container network would see.
+async fn tap(upstream: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let agent = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+        let (client_rd, client_wr) = client.into_split();
+        let (agent_rd, agent_wr) = agent.into_split();
+        let copy = |mut from: tokio::net::tcp::OwnedReadHalf,
+                    mut to: tokio::net::tcp::OwnedWriteHalf,
+                    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>| async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n) = from.read(&mut buf).await {
+                if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(
+            copy(client_rd, agent_wr, record.clone()),
+            copy(agent_rd, client_wr, record)
+        );
+    });
+    (address, seen)
+}
+
+#[tokio::test]
+async fn over_tcp_on_the_container_address_sessions_work_and_travel_sealed() {
+    // As on Kubernetes: the agent listens on the container's own address and the proxy
+    // dials it over the network, with no socket directory shared.
+    let c = Container::start_with(IMAGE, &["--listen-tcp", "0.0.0.0:7022"]);
+    let ip = c.inspect("{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}");
+    assert!(!ip.is_empty(), "the container has no address");
+    let (address, seen) = tap(format!("{ip}:7022")).await;
+    let client = within(
+        20,
+        "connect over tcp",
+        AgentClient::connect(&AgentAddress::Tcp(address), SECRET),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect: {e}; logs: {}", c.logs()));
+
+    let (out, _, status) = run(&client, sh("echo visible-only-to-the-session; exit 7")).await;
+    assert_eq!(
+        (out.as_str(), status),
+        ("visible-only-to-the-session\n", ExitStatus::Code(7))
+    );
+    // Stdin in and back out through `cat`, a few records' worth.
+    let line = "the-secret-plan ".repeat(16 * 1024);
+    let mut p = client
+        .spawn(SpawnRequest::new(Program::Argv(vec!["cat".into()])))
+        .await
+        .unwrap();
+    let echoed = within(30, "cat over tcp", async {
+        let write = async {
+            p.stdin.write_all(line.as_bytes()).await.unwrap();
+            p.stdin.close().unwrap();
+        };
+        let ((), echoed) = tokio::join!(write, p.stdout.read_to_vec());
+        echoed
+    })
+    .await;
+    assert!(
+        echoed == line.as_bytes(),
+        "cat echoed {} bytes",
+        echoed.len()
+    );
+    assert_eq!(
+        within(10, "exit", p.wait()).await.unwrap(),
+        ExitStatus::Code(0)
+    );
+
+    // Nothing of the session crossed the network readable: not the command, its output,
+    // nor the data; only the handshake's magic is plaintext.
+    let wire = seen.lock().unwrap().clone();
+    assert!(wire.len() > line.len(), "the tap saw {} bytes", wire.len());
+    for secret in [
+        &b"visible-only-to-the-session"[..],
+        b"the-secret-plan",
+        b"echo ",
+        SECRET,
+    ] {
+        assert!(
+            !wire.windows(secret.len()).any(|w| w == secret),
+            "{:?} crossed the network in plaintext",
+            String::from_utf8_lossy(secret)
+        );
+    }
+    assert!(wire.windows(8).any(|w| w == b"EGAGENT\n"));
 }

@@ -14,6 +14,8 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub child: Child,
+    /// `host:port` of `--listen-tcp`, for `start_tcp`.
+    pub tcp: Option<String>,
 }
 
 impl Agent {
@@ -23,10 +25,40 @@ impl Agent {
 
     /// `extra` are more flags for the agent.
     pub fn start_with(extra: &[&str]) -> Agent {
+        Self::spawn(extra, false)
+    }
+
+    /// Also listens on TCP (`tcp_address`), and writes its log to `log()` instead of the
+    /// test's stderr, so a test can check what the agent reported.
+    pub fn start_tcp() -> Agent {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let address = format!("127.0.0.1:{port}");
+        let mut agent = Self::spawn(&["--listen-tcp", &address], true);
+        agent.tcp = Some(address);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not listen on TCP within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agent
+    }
+
+    fn spawn(extra: &[&str], logged: bool) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("agent.sock");
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, [SECRET, b"\n"].concat()).unwrap();
+        let stderr = if logged {
+            Stdio::from(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        } else {
+            Stdio::inherit()
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_envgate-agent"))
             .arg("--socket")
             .arg(&socket)
@@ -38,9 +70,15 @@ impl Agent {
             .env("FROM_IMAGE", "image-value")
             .env("TERM", "agent-term")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start envgate-agent");
-        let agent = Agent { dir, socket, child };
+        let agent = Agent {
+            dir,
+            socket,
+            child,
+            tcp: None,
+        };
         agent.wait_for_socket();
         agent
     }
@@ -53,6 +91,28 @@ impl Agent {
                 "the agent did not create its socket within 10 s"
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the agent logged (only for `start_tcp`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the agent's log contains `needle`; returns the log. Async, so
+    /// the test's own tasks (a relay, the client) keep running meanwhile.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not log {needle:?} within 10 s; its log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
