@@ -5,7 +5,7 @@
 use super::{Action, ReconcileError, Reconciler, count};
 use crate::catalogue;
 use crate::fleet;
-use crate::model::{self, CommandRecord, ContainerRecord, EnvironmentRecord};
+use crate::model::{CommandRecord, ContainerRecord, EnvironmentRecord};
 use crate::store::{Compare, TxnOp, Versioned};
 
 /// Fallback idle timeout when the environment was deleted from the catalogue: the default an
@@ -47,7 +47,7 @@ impl Reconciler {
         end_of_life: i64,
     ) -> Result<bool, ReconcileError> {
         let r = &record.value;
-        let now = model::now();
+        let now = self.clock.now();
         let warned = ContainerRecord {
             lifetime_warned_at: now,
             ..r.clone()

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{self, Admission};
 use crate::catalogue;
+use crate::clock::{Clock, SystemClock};
 use crate::model::{self, ContainerRecord, ContainerState, ProxyRecord, SessionRecord};
 use crate::placement::ClosedSessions;
 use crate::pool::{ClaimWatch, WarmPools};
@@ -154,6 +155,8 @@ pub struct Reconciler {
     throttle: Option<Arc<Throttle>>,
     /// Sessions closed on this replica whose records wait to be deleted (`placement`).
     closed: Option<Arc<ClosedSessions>>,
+    /// Judges idle timeouts, lifetimes and stale claims (`clock.rs`).
+    clock: Arc<dyn Clock>,
 }
 
 impl Reconciler {
@@ -171,7 +174,15 @@ impl Reconciler {
             seen: Mutex::new(None),
             throttle: None,
             closed: None,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Judges time by `clock` (tests advance a `ManualClock`), the pools' claims included.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.pools = self.pools.with_clock(clock.clone());
+        self.clock = clock;
+        self
     }
 
     /// Warm-pool refills take their slots from `admission` (the replica's, shared with
@@ -182,7 +193,8 @@ impl Reconciler {
             self.runtime.clone(),
             &self.config.instance,
             admission,
-        );
+        )
+        .with_clock(self.clock.clone());
         self
     }
 
@@ -239,7 +251,7 @@ impl Reconciler {
             .filter(|c| c.running)
             .map(|c| c.id.as_str())
             .collect();
-        let now = model::now();
+        let now = self.clock.now();
         let stale_after = secs(self.config.stale_after);
         let mut actions = Actions::default();
 
@@ -407,7 +419,7 @@ impl Reconciler {
                 idle_from_now.insert(session.container_key);
             }
         }
-        let now = model::now();
+        let now = self.clock.now();
         for (key, record) in records.iter_mut() {
             // Ephemeral containers go in this pass anyway.
             if !idle_from_now.contains(key.as_str())

@@ -50,7 +50,7 @@ impl Reconciler {
         let r = &record.value;
         let removing = ContainerRecord {
             state: ContainerState::Removing,
-            state_since: model::now(),
+            state_since: self.clock.now(),
             owner: self.config.replica_id.clone(),
             ..r.clone()
         };
