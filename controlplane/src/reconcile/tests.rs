@@ -78,20 +78,19 @@ async fn race_the_reaper(
 
 #[tokio::test]
 async fn idle_containers_are_reaped_after_their_timeout_but_volumes_stay() {
-    let world = World::new().await;
-    // The aged record stands for a session open for hours: its close starts the clock.
+    let (world, clock) = World::with_manual_clock().await;
+    // A session open for hours: its close starts the idle clock.
     let placer = world.placer(PlacementConfig {
         touch_after: Duration::ZERO,
         ..PlacementConfig::default()
     });
     let reaper = world.reconciler();
-    let key = model::container_key("alice", "busybox");
     let placement = placer
         .open(world.request("alice", "busybox"), &no_progress)
         .await
         .unwrap();
 
-    age_record(&world, &key, 10_000).await;
+    clock.advance(Duration::from_secs(10_000));
     assert_eq!(
         reaper.reconcile().await.unwrap(),
         Actions::default(),
@@ -105,13 +104,13 @@ async fn idle_containers_are_reaped_after_their_timeout_but_volumes_stay() {
         "idle for 0 of 900 s"
     );
 
-    age_record(&world, &key, 899).await;
+    clock.advance(Duration::from_secs(899));
     assert_eq!(
         reaper.reconcile().await.unwrap(),
         Actions::default(),
         "idle for 899 of 900 s"
     );
-    age_record(&world, &key, 1).await;
+    clock.advance(Duration::from_secs(1));
     let actions = reaper.reconcile().await.unwrap();
     assert_eq!(
         actions,
@@ -298,7 +297,7 @@ async fn age_created(world: &World, key: &str, seconds: i64) {
 
 #[tokio::test]
 async fn the_lifetime_warning_is_sent_once_to_each_session_and_never_without_sessions() {
-    let world = World::new().await;
+    let (world, clock) = World::with_manual_clock().await;
     world
         .update_environment("busybox", |e| e.max_lifetime_seconds = 1000)
         .await;
@@ -320,17 +319,12 @@ async fn the_lifetime_warning_is_sent_once_to_each_session_and_never_without_ses
     let alice = model::container_key("alice", "busybox");
     let carol = model::container_key("carol", "busybox");
 
-    // The warning is due from 1000 - 250 = 750 s of age (a second of slack for the time
-    // the test itself takes).
-    for key in [&alice, &carol] {
-        age_created(&world, key, 748).await;
-    }
+    // The warning is due from 1000 - 250 = 750 s of age.
+    clock.advance(Duration::from_secs(749));
     assert_eq!(reaper.reconcile().await.unwrap(), Actions::default());
     assert!(world.commands().await.is_empty());
 
-    for key in [&alice, &carol] {
-        age_created(&world, key, 2).await;
-    }
+    clock.advance(Duration::from_secs(1));
     assert_eq!(
         reaper.reconcile().await.unwrap(),
         Actions {
@@ -378,14 +372,14 @@ async fn the_lifetime_warning_is_sent_once_to_each_session_and_never_without_ses
         );
     }
     let warned = world.record(&alice).await.unwrap().lifetime_warned_at;
-    assert!(warned >= model::now() - 1, "{warned}");
+    assert_eq!(warned, clock.now());
     assert_eq!(world.record(&carol).await.unwrap().lifetime_warned_at, 0);
     assert_eq!(world.runtime.containers().len(), 2, "nothing removed yet");
 }
 
 #[tokio::test]
 async fn at_the_maximum_lifetime_sessions_are_ended_and_the_container_removed() {
-    let world = World::new().await;
+    let (world, clock) = World::with_manual_clock().await;
     for env in ["busybox", "scratch"] {
         world
             .update_environment(env, |e| e.max_lifetime_seconds = 1000)
@@ -405,17 +399,13 @@ async fn at_the_maximum_lifetime_sessions_are_ended_and_the_container_removed() 
     let keys = world.keys("containers/").await;
     assert_eq!(keys.len(), 2, "{keys:?}");
 
-    for key in &keys {
-        age_created(&world, key, 999).await;
-    }
+    clock.advance(Duration::from_secs(999));
     let before = reaper.reconcile().await.unwrap();
     assert_eq!(before.reaped_lifetime, 0, "{before:?}");
     assert_eq!(world.runtime.containers().len(), 2);
     assert!(obeyed.lock().unwrap().is_empty());
 
-    for key in &keys {
-        age_created(&world, key, 1).await;
-    }
+    clock.advance(Duration::from_secs(1));
     assert_eq!(
         reaper.reconcile().await.unwrap(),
         Actions {
@@ -451,7 +441,7 @@ async fn at_the_maximum_lifetime_sessions_are_ended_and_the_container_removed() 
 
 #[tokio::test]
 async fn an_open_never_attaches_to_a_container_past_its_maximum_lifetime() {
-    let world = World::new().await;
+    let (world, clock) = World::with_manual_clock().await;
     world
         .update_environment("busybox", |e| e.max_lifetime_seconds = 1000)
         .await;
@@ -463,8 +453,8 @@ async fn an_open_never_attaches_to_a_container_past_its_maximum_lifetime() {
         .unwrap();
     placer.close(&first.session_id).await.unwrap();
 
-    // A second short of its end (less one for the time the test itself takes).
-    age_created(&world, &key, 998).await;
+    // A second short of its end.
+    clock.advance(Duration::from_secs(999));
     let young = placer
         .open(world.request("alice", "busybox"), &no_progress)
         .await
@@ -475,7 +465,7 @@ async fn an_open_never_attaches_to_a_container_past_its_maximum_lifetime() {
     );
     placer.close(&young.session_id).await.unwrap();
 
-    age_created(&world, &key, 2).await;
+    clock.advance(Duration::from_secs(1));
     let fresh = placer
         .open(world.request("alice", "busybox"), &no_progress)
         .await
@@ -489,7 +479,7 @@ async fn an_open_never_attaches_to_a_container_past_its_maximum_lifetime() {
     );
     let record = world.record(&key).await.unwrap();
     assert_eq!(record.container_id, fresh.container_id);
-    assert!(record.created_at >= model::now() - 1);
+    assert_eq!(record.created_at, clock.now());
 }
 
 /// Whoever wins, the user must never be handed the over-age container being removed.
@@ -520,7 +510,7 @@ async fn an_open_racing_the_lifetime_removal_always_gets_a_live_container() {
 
 #[tokio::test]
 async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_the_idle_clock() {
-    let world = World::new().await;
+    let (world, clock) = World::with_manual_clock().await;
     let placer = world.placer(PlacementConfig::default());
     let reaper = world.reconciler();
     let key = model::container_key("alice", "busybox");
@@ -533,15 +523,11 @@ async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_th
         .await
         .unwrap();
     // Its sessions have run for hours.
-    world
-        .edit_record(&key, |r| r.last_active_at -= 10_000)
-        .await;
+    clock.advance(Duration::from_secs(10_000));
     assert_eq!(reaper.reconcile().await.unwrap(), Actions::default());
 
     placer.close(&closed.session_id).await.unwrap();
-    world
-        .edit_record(&key, |r| r.last_active_at -= 10_000)
-        .await;
+    clock.advance(Duration::from_secs(10_000));
     assert_eq!(
         reaper.reconcile().await.unwrap(),
         Actions::default(),
@@ -559,7 +545,7 @@ async fn sessions_released_with_their_proxys_lease_are_counted_once_and_start_th
         "released, and idle for 0 s rather than 10 000"
     );
     let record = world.record(&key).await.unwrap();
-    assert!(record.last_active_at >= model::now() - 1);
+    assert_eq!(record.last_active_at, clock.now());
     assert_eq!(world.runtime.containers().len(), 1);
     assert_eq!(
         reaper.reconcile().await.unwrap(),
