@@ -216,7 +216,8 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
         "session survived the reconnect"
     );
 
-    // The proxy goes away for good: its record and sessions expire with the lease.
+    // The proxy goes away for good: its record and sessions expire with the lease (etcd's
+    // clock again: waited for, up to the TTL and etcd's expiry check).
     drop(tx);
     until("lease expiry", Duration::from_secs(25), async || {
         store.get("sessions/s1").await.unwrap().is_none()

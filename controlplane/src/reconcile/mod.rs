@@ -210,6 +210,11 @@ impl Reconciler {
         self
     }
 
+    /// Unix seconds by the clock this reconciler judges time by.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
     /// Deletes the records of sessions that closed on this replica and wait for a ride, so
     /// what reads sessions next (a pass, `stop`, `status`, `ListSessions`) sees them closed.
     pub async fn settle_closes(&self) {
