@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::auth::tests::{test_keys, test_limits};
+use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::error::PlacementError;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Gpus, Mode,
@@ -31,6 +32,9 @@ pub struct World {
     pub runtime: Arc<ScriptedRuntime>,
     pub auth: Arc<Authenticator>,
     pub lease: i64,
+    /// What its placers and reconcilers judge time by (`SystemClock` unless
+    /// [`World::with_manual_clock`]); the store's leases follow the system's.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// What creating alice's busybox container in `instance` asks of the runtime.
@@ -164,21 +168,37 @@ impl World {
             runtime: Arc::new(ScriptedRuntime::new()),
             auth,
             lease,
+            clock: Arc::new(SystemClock),
         }
     }
 
+    /// A world whose placers and reconcilers judge time by the returned clock, which stands
+    /// still at the system's time until the test advances it.
+    pub async fn with_manual_clock() -> (World, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::starting_now());
+        let world = World {
+            clock: clock.clone(),
+            ..World::new().await
+        };
+        (world, clock)
+    }
+
     pub fn placer(&self, config: PlacementConfig) -> Arc<Placer> {
-        Arc::new(Placer::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            self.auth.clone(),
-            config,
-        ))
+        Arc::new(
+            Placer::new(
+                self.store.clone(),
+                self.runtime.clone(),
+                self.auth.clone(),
+                config,
+            )
+            .with_clock(self.clock.clone()),
+        )
     }
 
     /// A reconciler over this world, configured as [`reconcile_config`].
     pub fn reconciler(&self) -> Reconciler {
         Reconciler::new(self.store.clone(), self.runtime.clone(), reconcile_config())
+            .with_clock(self.clock.clone())
     }
 
     /// Starts `requests` at once, alternately on two "replicas" (placers with `config` over

@@ -478,3 +478,63 @@ async fn watch_puts<F, Fut>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::MemoryStore;
+
+    fn as_process(incarnation: &str) -> Register {
+        Register {
+            address: "127.0.0.1:2200".into(),
+            incarnation: incarnation.into(),
+            ..Register::default()
+        }
+    }
+
+    /// The lease logic of `tests/fleet.rs`'s etcd test, with the TTL judged by a clock the
+    /// test advances: a proxy re-attaching within the TTL keeps its lease and its sessions,
+    /// one that stays away loses them a TTL after its last keep-alive.
+    #[tokio::test]
+    async fn a_reattaching_proxy_keeps_its_lease_and_an_absent_one_loses_it_after_the_ttl() {
+        let clock = Arc::new(ManualClock::starting_now());
+        let store = MemoryStore::new().with_clock(clock.clone());
+        let first = register(&store, "p1", &as_process("one")).await.unwrap();
+        store
+            .put("sessions/s1", b"{}".to_vec(), Some(first.lease_id))
+            .await
+            .unwrap();
+        let almost = PROXY_LEASE_TTL - Duration::from_millis(1);
+
+        clock.advance(almost);
+        let second = register(&store, "p1", &as_process("one")).await.unwrap();
+        assert_eq!(second.lease_id, first.lease_id, "the lease is reused");
+        clock.advance(almost);
+        assert!(
+            store.get("sessions/s1").await.unwrap().is_some(),
+            "past the TTL since the grant, within it since the re-attach"
+        );
+
+        clock.advance(Duration::from_millis(1));
+        assert!(store.get("sessions/s1").await.unwrap().is_none());
+        assert!(store.get(&model::proxy_key("p1")).await.unwrap().is_none());
+    }
+
+    /// A restarted proxy (a new incarnation) releases its predecessor's sessions at once,
+    /// without the clock moving at all.
+    #[tokio::test]
+    async fn a_restarted_proxy_releases_its_predecessors_lease_without_waiting_for_the_ttl() {
+        let clock = Arc::new(ManualClock::starting_now());
+        let store = MemoryStore::new().with_clock(clock);
+        let old = register(&store, "p1", &as_process("old")).await.unwrap();
+        store
+            .put("sessions/s1", b"{}".to_vec(), Some(old.lease_id))
+            .await
+            .unwrap();
+        let new = register(&store, "p1", &as_process("new")).await.unwrap();
+        assert_ne!(new.lease_id, old.lease_id);
+        assert!(store.get("sessions/s1").await.unwrap().is_none());
+        assert!(store.get(&model::proxy_key("p1")).await.unwrap().is_some());
+    }
+}

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod catalogue;
+pub mod clock;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
@@ -51,6 +52,7 @@ pub mod testkit;
 use crate::admin::AdminService;
 use crate::admission::Admission;
 use crate::auth::{AuthService, Authenticator, HashCost, Hasher, PasswordLimits};
+use crate::clock::Clock;
 use crate::fleet::{FleetRegistry, FleetService};
 use crate::guard::{AdminGuard, AdminTokens, ProxyGuard};
 use crate::hashing::HashPool;
@@ -118,6 +120,9 @@ pub struct Config {
     /// SSH user certificates: envgate's CA keys and the external CAs trusted
     /// (`--user-ca-key`, `--trusted-user-ca-keys`); the default trusts none.
     pub certificates: Arc<sshca::CertificateAuthority>,
+    /// The wall clock placement, the reconciler and the login throttle judge time by
+    /// (`clock.rs`): `SystemClock`, or a `ManualClock` tests advance.
+    pub clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +182,10 @@ impl ControlPlane {
                 store.clone(),
                 config.token_keys.clone(),
                 config.token_ttl,
-                PasswordLimits::new(config.throttle, hasher.clone()),
+                PasswordLimits {
+                    clock: Box::new(config.clock.clone()),
+                    ..PasswordLimits::new(config.throttle, hasher.clone())
+                },
                 config.audit.clone(),
             )
             .with_identity(config.identity.clone())
@@ -198,6 +206,7 @@ impl ControlPlane {
                 auth.clone(),
                 placement.clone(),
             )
+            .with_clock(config.clock.clone())
             .with_admission(admission.clone()),
         );
         let reconciler = Arc::new(
@@ -212,6 +221,7 @@ impl ControlPlane {
                     orphan_grace: config.orphan_grace,
                 },
             )
+            .with_clock(config.clock.clone())
             .with_throttle(auth.throttle())
             .with_admission(admission)
             .with_closed_sessions(placer.closed_sessions()),

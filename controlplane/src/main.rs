@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use envgate_controlplane::Config;
 use envgate_controlplane::auth::HashCost;
+use envgate_controlplane::clock::SystemClock;
 use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::identity::IdentityFlags;
 use envgate_controlplane::pki::{Authority, Profile};
@@ -436,6 +437,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         environments,
         identity: Arc::new(identity),
         certificates: Arc::new(certificates),
+        clock: Arc::new(SystemClock),
     })
 }
 

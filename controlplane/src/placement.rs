@@ -41,6 +41,7 @@ use tracing::Instrument;
 use crate::admission::{self, Admission, Class, Permit};
 use crate::auth::Authenticator;
 use crate::catalogue;
+use crate::clock::{Clock, SystemClock};
 use crate::error::{CallerError, PlacementError};
 use crate::guard::{self, ProxyIdentity};
 use crate::locks::KeyedLocks;
@@ -124,6 +125,8 @@ pub struct Placer {
     closed: Arc<ClosedSessions>,
     _flusher: tokio_util::sync::DropGuard,
     admission: Arc<Admission>,
+    /// Stamps records and judges their age (`clock.rs`).
+    clock: Arc<dyn Clock>,
 }
 
 /// What closing a session this replica placed needs to know.
@@ -288,7 +291,16 @@ impl Placer {
             closed,
             _flusher: stop.drop_guard(),
             admission,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Stamps records and judges their age by `clock` (tests advance a `ManualClock`), the
+    /// pools' claims included.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.pools = self.pools.with_clock(clock.clone());
+        self.clock = clock;
+        self
     }
 
     /// Creations wait for a slot of `admission` (the replica's, shared with the pool refills).
@@ -298,7 +310,8 @@ impl Placer {
             self.runtime.clone(),
             &self.config.instance,
             admission.clone(),
-        );
+        )
+        .with_clock(self.clock.clone());
         self.admission = admission;
         self
     }
@@ -334,7 +347,7 @@ impl Placer {
             client_address: req.client_address,
             connection_id: req.connection_id,
             kind: req.kind,
-            started_at: model::now(),
+            started_at: self.clock.now(),
         };
         let cx = Context {
             claims: &claims,
@@ -628,7 +641,7 @@ impl Placer {
         session_id: &str,
     ) -> Result<ContainerRecord, PlacementError> {
         let uid = self.uid(cx).await?;
-        let now = model::now();
+        let now = self.clock.now();
         Ok(ContainerRecord {
             user: cx.claims.sub.clone(),
             environment: cx.env.name.clone(),
@@ -707,7 +720,7 @@ impl Placer {
     }
 
     fn is_stale(&self, record: &ContainerRecord) -> bool {
-        let age = model::now() - record.state_since;
+        let age = self.clock.now() - record.state_since;
         age >= i64::try_from(self.config.stale_after.as_secs()).unwrap_or(i64::MAX)
     }
 
@@ -782,7 +795,7 @@ impl Placer {
             }
         };
         tracing::info!(container = %created.id, name = %created.name, user = %spec.user, environment = %spec.environment, "container created");
-        let now = model::now();
+        let now = self.clock.now();
         let (agent_address, agent_secret) = created
             .agent
             .clone()
@@ -825,7 +838,7 @@ impl Placer {
         // Past its maximum lifetime it is as good as gone: attaching would let a user keep a
         // container alive forever by reconnecting.
         let over_age = reconcile::end_of_life(&current.value, Some(cx.env))
-            .is_some_and(|end| model::now() >= end);
+            .is_some_and(|end| self.clock.now() >= end);
         let alive = !over_age
             && self
                 .runtime
@@ -845,7 +858,7 @@ impl Placer {
             None => self.uid(cx).await?,
         };
         let touched = ContainerRecord {
-            last_active_at: model::now(),
+            last_active_at: self.clock.now(),
             uid: Some(uid),
             ..current.value
         };
@@ -966,7 +979,8 @@ impl Placer {
             .await?;
         let until_stale = Duration::from_secs(
             u64::try_from(
-                current.value.state_since + self.config.stale_after.as_secs() as i64 - model::now(),
+                current.value.state_since + self.config.stale_after.as_secs() as i64
+                    - self.clock.now(),
             )
             .unwrap_or(0),
         );
@@ -1081,7 +1095,7 @@ impl Placer {
             let next = if owned {
                 ContainerRecord {
                     state: ContainerState::Removing,
-                    state_since: model::now(),
+                    state_since: self.clock.now(),
                     owner: self.config.replica_id.clone(),
                     ..record.value.clone()
                 }
@@ -1089,7 +1103,7 @@ impl Placer {
                 && record.value.container_id == session.container_id
             {
                 ContainerRecord {
-                    last_active_at: model::now(),
+                    last_active_at: self.clock.now(),
                     ..record.value.clone()
                 }
             } else {

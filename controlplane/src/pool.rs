@@ -31,6 +31,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::admission::{Admission, Class};
+use crate::clock::{Clock, SystemClock};
 use crate::model::{self, ContainerRecord, ContainerState, EnvironmentRecord, PoolRecord};
 use crate::reconcile;
 use crate::runtime::{
@@ -76,6 +77,8 @@ pub struct WarmPools {
     instance: String,
     admission: Arc<Admission>,
     demand: Arc<Demand>,
+    /// Stamps claims and refills (`clock.rs`).
+    clock: Arc<dyn Clock>,
 }
 
 /// Warm claims per environment over the last `DEMAND_WINDOW`, fleet-wide: the leader's
@@ -192,7 +195,14 @@ impl WarmPools {
             instance: instance.to_owned(),
             admission,
             demand: Arc::default(),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Stamps claims and refills by `clock` (tests advance a `ManualClock`).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The claims the pools' targets follow (fed by `ClaimWatch`).
@@ -218,7 +228,7 @@ impl WarmPools {
             attempts += 1;
             let pick = rand::thread_rng().gen_range(0..entries.len());
             let (pool_key, entry) = entries.swap_remove(pick);
-            let now = model::now();
+            let now = self.clock.now();
             let record = ContainerRecord {
                 container_id: entry.value.container_id.clone(),
                 container_name: entry.value.container_name.clone(),
@@ -316,7 +326,7 @@ impl WarmPools {
         let outcome = if handed.is_ok() { "hit" } else { "miss" };
         metrics::counter!("envgate_warm_pool_claims_total", "environment" => env.name.clone(), "result" => outcome).increment(1);
         let name = handed?;
-        let now = model::now();
+        let now = self.clock.now();
         Ok(ContainerRecord {
             container_name: name,
             state: ContainerState::Running,
@@ -532,7 +542,7 @@ impl WarmPools {
             image: env.image.clone(),
             container_id: created.id.clone(),
             container_name: created.name.clone(),
-            created_at: model::now(),
+            created_at: self.clock.now(),
             agent_address,
             agent_secret,
         };

@@ -141,7 +141,8 @@ impl SelfServiceHandler {
             self.containers(&claims.sub),
         )?;
         sessions.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
-        let now = model::now();
+        // The reaper's time, so what is left is what the reaper will judge.
+        let now = self.reconciler.now();
         let mut containers: Vec<UserContainer> = containers
             .into_iter()
             .map(|(key, record)| {

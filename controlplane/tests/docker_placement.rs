@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
+use envgate_controlplane::clock::ManualClock;
 use envgate_controlplane::model::{self, EnvironmentRecord, Mode, UserRecord};
 use envgate_controlplane::runtime::DockerRuntime;
 use envgate_controlplane::store::{self, EtcdStore, Store};
@@ -161,7 +162,7 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
         image: IMAGE.into(),
         shell: "/bin/sh".into(),
         mode: Mode::Persistent,
-        idle_timeout_seconds: 1,
+        idle_timeout_seconds: 900,
         is_default: true,
         ..Default::default()
     };
@@ -189,7 +190,10 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
     .await
     .unwrap();
 
-    let plane = common::start(store.clone(), Arc::new(runtime), &instance).await;
+    // Idle time is judged by this clock: the test advances it instead of sleeping.
+    let clock = Arc::new(ManualClock::starting_now());
+    let plane =
+        common::start_with_clock(store.clone(), Arc::new(runtime), &instance, clock.clone()).await;
     let channel = plane.channel().await;
 
     // A proxy attaches and stays attached for the whole test.
@@ -312,7 +316,7 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
             .is_none()
     );
 
-    // Close every session; after the 1 s idle timeout the reaper removes the container.
+    // Close every session; after the 900 s idle timeout the reaper removes the container.
     let mut sessions = SessionsClient::new(channel.clone());
     for p in &placements {
         sessions
@@ -324,8 +328,16 @@ async fn concurrent_opens_share_one_hardened_container_that_is_reaped_when_idle(
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let actions = plane.plane.reconciler().reconcile().await.unwrap();
+    let reconciler = plane.plane.reconciler();
+    clock.advance(Duration::from_secs(899));
+    let actions = reconciler.reconcile().await.unwrap();
+    assert_eq!(actions.reaped_idle, 0, "idle for 899 of 900 s: {actions:?}");
+    docker
+        .inspect_container(&id, None)
+        .await
+        .expect("a container idle for less than its timeout stays");
+    clock.advance(Duration::from_secs(1));
+    let actions = reconciler.reconcile().await.unwrap();
     assert_eq!(actions.reaped_idle, 1, "{actions:?}");
     let gone = docker.inspect_container(&id, None).await;
     assert!(

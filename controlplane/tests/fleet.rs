@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::admin_request;
+use envgate_controlplane::fleet::PROXY_LEASE_TTL;
 use envgate_controlplane::model::{self, ProxyRecord};
 use envgate_controlplane::runtime::scripted::ScriptedRuntime;
 use envgate_controlplane::store::{self, EtcdStore, Store};
@@ -205,14 +206,18 @@ async fn a_reconnecting_proxy_keeps_its_lease_and_a_vanished_one_loses_it() {
     assert_eq!(second.lease_id, first.lease_id, "the lease is reused");
     assert_eq!(second.registered_at, first.registered_at);
 
-    // Kept alive by replica B well past the 10 s TTL.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Kept alive by replica B past the 10 s TTL. etcd judges its leases by its own clock, which
+    // no injected clock moves: only waiting out the TTL (plus a second for etcd's expiry
+    // check) proves the keep-alive. The same logic runs against the in-memory store with a
+    // manual clock in `fleet::tests`.
+    tokio::time::sleep(PROXY_LEASE_TTL + Duration::from_secs(1)).await;
     assert!(
         store.get("sessions/s1").await.unwrap().is_some(),
         "session survived the reconnect"
     );
 
-    // The proxy goes away for good: its record and sessions expire with the lease.
+    // The proxy goes away for good: its record and sessions expire with the lease (etcd's
+    // clock again: waited for, up to the TTL and etcd's expiry check).
     drop(tx);
     until("lease expiry", Duration::from_secs(25), async || {
         store.get("sessions/s1").await.unwrap().is_none()

@@ -1,15 +1,18 @@
 //! An in-memory `Store` with etcd's semantics (revisions, leases that expire, watches that
-//! replay from a revision), for unit tests and single-process experiments.
+//! replay from a revision), for unit tests and single-process experiments. Lease TTLs are
+//! judged by an injected clock (`clock.rs`), so tests expire leases by advancing it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::clock::{Clock, SystemClock};
 
 use super::{
     Compare, KeyValue, Leadership, Store, StoreError, StoreResult, TxnOp, WatchEvent,
@@ -27,7 +30,8 @@ struct Entry {
 
 struct Lease {
     ttl: Duration,
-    expires_at: Instant,
+    /// The clock's milliseconds at which the lease ends.
+    expires_at: i64,
     keys: HashSet<String>,
 }
 
@@ -44,6 +48,7 @@ struct State {
 pub struct MemoryStore {
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for MemoryStore {
@@ -61,7 +66,20 @@ impl MemoryStore {
                 ..State::default()
             }),
             events,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Judges lease TTLs by `clock` (tests advance a `ManualClock`).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// When a lease of `ttl` granted or kept alive now ends.
+    fn expiry(&self, ttl: Duration) -> i64 {
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.clock.now_ms().saturating_add(ttl)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -72,7 +90,7 @@ impl MemoryStore {
 
     /// Expiry is applied lazily, at the start of every operation.
     fn expire_leases(&self, state: &mut State) {
-        let now = Instant::now();
+        let now = self.clock.now_ms();
         let expired: Vec<i64> = state
             .leases
             .iter()
@@ -269,7 +287,7 @@ impl Store for MemoryStore {
             id,
             Lease {
                 ttl,
-                expires_at: Instant::now() + ttl,
+                expires_at: self.expiry(ttl),
                 keys: HashSet::new(),
             },
         );
@@ -281,7 +299,7 @@ impl Store for MemoryStore {
         self.expire_leases(&mut state);
         match state.leases.get_mut(&lease) {
             Some(l) => {
-                l.expires_at = Instant::now() + l.ttl;
+                l.expires_at = self.expiry(l.ttl);
                 Ok(true)
             }
             None => Ok(false),
@@ -370,5 +388,40 @@ impl Store for MemoryStore {
         )
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[tokio::test]
+    async fn leases_end_when_the_clock_passes_their_ttl_and_keep_alives_extend_them() {
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let store = MemoryStore::new().with_clock(clock.clone());
+        let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+        store
+            .put("leased", b"x".to_vec(), Some(lease))
+            .await
+            .unwrap();
+
+        clock.advance(Duration::from_millis(9_999));
+        assert!(
+            store.get("leased").await.unwrap().is_some(),
+            "9.999 of 10 s"
+        );
+        assert!(store.lease_keep_alive(lease).await.unwrap());
+        clock.advance(Duration::from_millis(9_999));
+        assert!(
+            store.get("leased").await.unwrap().is_some(),
+            "20 s after the grant, but 9.999 s after the keep-alive"
+        );
+        clock.advance(Duration::from_millis(1));
+        assert!(
+            store.get("leased").await.unwrap().is_none(),
+            "10 s without one"
+        );
+        assert!(!store.lease_keep_alive(lease).await.unwrap());
     }
 }

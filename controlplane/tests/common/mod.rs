@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envgate_controlplane::auth::HashCost;
+use envgate_controlplane::clock::{Clock, SystemClock};
 use envgate_controlplane::guard::AdminTokens;
 use envgate_controlplane::runtime::Runtime;
 use envgate_controlplane::runtime::docker::network::UserNetwork;
@@ -121,6 +122,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         environments: Vec::new(),
         identity: Default::default(),
         certificates: Default::default(),
+        clock: Arc::new(SystemClock),
     }
 }
 
@@ -135,12 +137,31 @@ pub async fn start_with(
     instance: &str,
     pki: Arc<TestPki>,
 ) -> Running {
+    start_configured(store, runtime, instance, pki, |_| {}).await
+}
+
+/// `start` on `clock`, which the test advances instead of sleeping past timeouts.
+pub async fn start_with_clock(
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    instance: &str,
+    clock: Arc<dyn Clock>,
+) -> Running {
+    let pki = Arc::new(TestPki::new().unwrap());
+    start_configured(store, runtime, instance, pki, |config| config.clock = clock).await
+}
+
+async fn start_configured(
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    instance: &str,
+    pki: Arc<TestPki>,
+    edit: impl FnOnce(&mut Config),
+) -> Running {
     let audit = AuditLog::in_memory();
-    let plane = Arc::new(ControlPlane::new(
-        store,
-        runtime,
-        &config(instance, &pki, audit.clone()),
-    ));
+    let mut config = config(instance, &pki, audit.clone());
+    edit(&mut config);
+    let plane = Arc::new(ControlPlane::new(store, runtime, &config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
