@@ -99,7 +99,7 @@ pub struct Config {
     pub max_containers_per_user: usize,
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
-    /// Root of the warm containers' home slots (`runtime/slots.rs`); `None`: no warm pools.
+    /// Root of the warm containers' home slots (`envgate_runtime::docker::slots`); `None`: no warm pools.
     pub home_slots_dir: Option<PathBuf>,
     pub reconcile_interval: Duration,
     /// Age before an unknown labelled container counts as an orphan (`--orphan-grace-seconds`).

@@ -51,9 +51,10 @@ use crate::model::{
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
-use crate::runtime::{ContainerSpec, Runtime};
+use crate::runtime::{ContainerSpec, Runtime, RuntimeKind};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
 use crate::uids;
+use envgate_runtime::SessionTarget;
 
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
@@ -645,7 +646,7 @@ impl Placer {
         Ok(ContainerRecord {
             user: cx.claims.sub.clone(),
             environment: cx.env.name.clone(),
-            runtime: self.runtime.name().to_owned(),
+            runtime: self.runtime.kind().as_str().to_owned(),
             container_id: String::new(),
             container_name: String::new(),
             state: ContainerState::Creating,
@@ -775,7 +776,7 @@ impl Placer {
             ..pool::container_spec(&self.config.instance, cx.env, &cx.claims.sub, session)
         };
         let started = Instant::now();
-        let created = match self.runtime.ensure_volume(&spec.instance, &spec.user).await {
+        let created = match self.runtime.ensure_home(&spec.instance, &spec.user).await {
             Ok(_) => self.runtime.create_and_start(&spec, cx.progress).await,
             Err(e) => Err(e),
         };
@@ -949,7 +950,11 @@ impl Placer {
             session_id: session.id.clone(),
             user: session.user.clone(),
             environment: session.environment.clone(),
-            runtime: record.runtime.clone(),
+            runtime_kind: RuntimeKind::from_name(&record.runtime).map_or(
+                envgate_proto::v1::Runtime::Unspecified,
+                RuntimeKind::to_wire,
+            ) as i32,
+            start: Some(session_target(record).to_wire()),
             container_id: record.container_id.clone(),
             container_name: record.container_name.clone(),
             shell: cx.env.shell.clone(),
@@ -961,8 +966,6 @@ impl Placer {
             persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
-            agent_address: record.agent_address.clone(),
-            agent_secret: record.agent_secret.clone(),
         }
     }
 
@@ -1302,6 +1305,21 @@ impl Sessions for SessionsService {
             });
         }
         Ok(Response::new(CloseSessionResponse {}))
+    }
+}
+
+/// Where a session in `record`'s container starts: its agent, else the engine's exec.
+fn session_target(record: &ContainerRecord) -> SessionTarget {
+    if !record.agent_address.is_empty() {
+        match SessionTarget::agent(&record.agent_address, &record.agent_secret) {
+            Ok(target) => return target,
+            Err(e) => {
+                tracing::warn!(container = %record.container_id, error = %e, "unusable agent address in a record; sessions use runtime exec")
+            }
+        }
+    }
+    SessionTarget::DockerExec {
+        container_id: record.container_id.clone(),
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use envgate_proto::audit::{AuditLog, Event as AuditEvent};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
+use envgate_proto::v1::placement::Start;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use futures::StreamExt;
 use russh::server::{ChannelOpenHandle, Handle, Msg};
@@ -32,9 +33,9 @@ use crate::error::{
     ConnectionResult, exec_failure_line, logged_failure, notice_line, placement_failure_line,
     placement_result_label,
 };
-use crate::exec::agent::AgentTarget;
 use crate::exec::{
-    self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec, TerminalSize,
+    self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec,
+    SessionTarget, TerminalSize,
 };
 use crate::forwarded;
 use crate::limits::{UserConnections, UserSlot};
@@ -571,7 +572,7 @@ impl Connection {
             PlacementState::Failed(status) => return Err(placement_failure_line(status)),
             placed => placed.placement().ok_or("not placed")?.clone(),
         };
-        if placement.agent_address.is_empty() {
+        if !has_agent(&placement) {
             return Err(
                 "port forwarding needs envgate-agent in the container, and this fleet runs without it"
                     .to_owned(),
@@ -778,15 +779,13 @@ impl Connection {
         };
         // With the agent in the container, file tools the image may lack still work.
         let command = match command {
-            Some(c) if !placement.agent_address.is_empty() => {
-                Some(file_tool_command(&c).unwrap_or(c))
-            }
+            Some(c) if has_agent(&placement) => Some(file_tool_command(&c).unwrap_or(c)),
             other => other,
         };
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         spec.pty_modes = state.pty_modes.clone();
         if state.agent_forward
-            && spec.agent.is_some()
+            && spec.target.agent_target().is_some()
             && let Some(socket) = self.agent_socket(&placement).await
         {
             spec.env.push(format!("SSH_AUTH_SOCK={socket}"));
@@ -795,7 +794,7 @@ impl Connection {
             return;
         };
         if state.sftp {
-            if spec.agent.is_none() {
+            if spec.target.agent_target().is_none() {
                 let line = "envgate: file transfer (sftp, scp) needs envgate-agent in the container, and this fleet runs without it".to_owned();
                 self.fail_channel(output, line, pty);
                 return;
@@ -1008,7 +1007,7 @@ impl Connection {
             tracing::info!(%user, environment = %requested, "no cached placement");
             return None;
         };
-        let target = AgentTarget::from_placement(&cached.agent_address, &cached.agent_secret)?;
+        let target = session_target(&cached).agent_target()?;
         if !self
             .services
             .runtime
@@ -1309,8 +1308,31 @@ fn process_spec(
         working_dir: non_empty(&placement.working_dir),
         user: non_empty(&placement.run_as),
         account,
-        agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
+        target: session_target(placement),
     }
+}
+
+/// Where the placement says the session starts; a placement without a usable one falls back
+/// to Docker exec in its container (which a proxy without `--docker-host` refuses clearly).
+pub(crate) fn session_target(placement: &Placement) -> SessionTarget {
+    match SessionTarget::from_wire(placement.start.as_ref()) {
+        Ok(target) => target,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unusable session start; using runtime exec");
+            SessionTarget::DockerExec {
+                container_id: placement.container_id.clone(),
+            }
+        }
+    }
+}
+
+/// Whether the session starts through the container's agent (which file transfer, port
+/// forwarding and the placement cache need).
+pub(crate) fn has_agent(placement: &Placement) -> bool {
+    matches!(
+        placement.start,
+        Some(Start::AgentUnix(_) | Start::AgentTcp(_))
+    )
 }
 
 /// `envgate-agent ARGS…` in the placed container, as the session's user, without a terminal:
