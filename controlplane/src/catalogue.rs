@@ -925,7 +925,7 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        Compare, KeyValue, Leadership, MemoryStore, StoreResult, TxnOp, WatchStream,
+        Compare, KeyValue, Leadership, MemoryStore, StoreResult, Transaction, TxnOp, WatchStream,
     };
 
     const FULL: &str = r#"
@@ -1417,6 +1417,10 @@ environments:
         async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
             self.fail()?;
             self.inner.txn(compares, ops).await
+        }
+        async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+            self.fail()?;
+            self.inner.txn_group(group).await
         }
         async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
             self.inner.lease_grant(ttl).await

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Compare, KeyValue, Leadership, Store, StoreResult, TxnOp, WatchStream};
+use super::{
+    Compare, KeyValue, Leadership, Store, StoreResult, Transaction, TxnOp, WatchStream,
+};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -75,6 +77,11 @@ impl Store for CountingStore {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
         self.wrote(ops.len());
         self.inner.txn(compares, ops).await
+    }
+
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+        self.wrote(group.iter().map(|t| t.ops.len()).sum());
+        self.inner.txn_group(group).await
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
