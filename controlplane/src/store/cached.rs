@@ -19,14 +19,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{
-    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, Transaction, TxnOp,
-    WatchEventKind, WatchStream,
+    Compare, KeyValue, Store, StoreError, StoreResult, Transaction, TxnOp, WatchEventKind,
+    WatchStream,
 };
 
 /// How long a write waits for its own event to reach the cache; past it the prefix is read
@@ -248,8 +247,7 @@ impl PrefixCache {
     }
 }
 
-#[async_trait]
-impl Store for CachedStore {
+super::wrap_store!(CachedStore, inner, {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         if let Some(found) = self
             .cache_of(key)
@@ -316,14 +314,6 @@ impl Store for CachedStore {
         Ok(results)
     }
 
-    async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-        self.inner.lease_grant(ttl).await
-    }
-
-    async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool> {
-        self.inner.lease_keep_alive(lease).await
-    }
-
     async fn lease_revoke(&self, lease: i64) -> StoreResult<()> {
         self.inner.lease_revoke(lease).await?;
         // The revocation's deletes carry no revision back: wait until the cached keys on the
@@ -333,21 +323,4 @@ impl Store for CachedStore {
         }
         Ok(())
     }
-
-    async fn watch(
-        &self,
-        key: &str,
-        prefix: bool,
-        start_revision: i64,
-    ) -> StoreResult<WatchStream> {
-        self.inner.watch(key, prefix, start_revision).await
-    }
-
-    async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-        self.inner.campaign(name, value, lease).await
-    }
-
-    async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-        self.inner.resign(leadership).await
-    }
-}
+});

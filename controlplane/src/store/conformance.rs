@@ -115,10 +115,16 @@ async fn txn_group_decides_each_and_writes_once(store: Arc<dyn Store>) {
     assert_eq!(results, [Some(revision), None, Some(revision)]);
     for key in ["grp/held", "grp/a", "grp/b"] {
         let kv = store.get(key).await.unwrap().expect(key);
-        assert_eq!(kv.mod_revision, revision, "{key} was written by the group's one write");
+        assert_eq!(
+            kv.mod_revision, revision,
+            "{key} was written by the group's one write"
+        );
     }
     assert_eq!(store.get("grp/a").await.unwrap().unwrap().lease, lease);
-    assert!(store.get("grp/stale").await.unwrap().is_none(), "a failed compare writes nothing");
+    assert!(
+        store.get("grp/stale").await.unwrap().is_none(),
+        "a failed compare writes nothing"
+    );
 
     let none_hold = vec![Transaction {
         compares: vec![Compare::absent("grp/b")],
@@ -139,7 +145,10 @@ async fn txn_group_decides_each_and_writes_once(store: Arc<dyn Store>) {
     ];
     let err = store.txn_group(with_gone_lease).await.unwrap_err();
     assert!(matches!(err, StoreError::LeaseNotFound(_)), "{err}");
-    assert!(store.get("grp/c").await.unwrap().is_none(), "a failed group writes nothing");
+    assert!(
+        store.get("grp/c").await.unwrap().is_none(),
+        "a failed group writes nothing"
+    );
     assert!(store.get("grp/never").await.unwrap().is_none());
 }
 

@@ -157,7 +157,12 @@ impl EtcdStore {
 
     /// Our transaction in etcd's terms (keys under the prefix); notes a lease it uses, so a
     /// "lease not found" can name it.
-    fn etcd_txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>, lease_used: &mut Option<i64>) -> Txn {
+    fn etcd_txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        lease_used: &mut Option<i64>,
+    ) -> Txn {
         let compares: Vec<etcd_client::Compare> = compares
             .into_iter()
             .map(|c| {

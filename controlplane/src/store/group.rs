@@ -132,7 +132,10 @@ impl GroupCommit {
         dones: Vec<oneshot::Sender<StoreResult<Option<i64>>>>,
     ) {
         let alone = txns.into_iter().map(|t| self.store.txn(t.compares, t.ops));
-        for (done, result) in dones.into_iter().zip(futures::future::join_all(alone).await) {
+        for (done, result) in dones
+            .into_iter()
+            .zip(futures::future::join_all(alone).await)
+        {
             let _ = done.send(result);
         }
     }
@@ -142,11 +145,9 @@ impl GroupCommit {
 mod tests {
     use std::time::Duration;
 
-    use async_trait::async_trait;
-
     use super::*;
     use crate::store::counting::CountingStore;
-    use crate::store::{KeyValue, Leadership, MemoryStore, WatchStream};
+    use crate::store::{KeyValue, MemoryStore};
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -198,7 +199,11 @@ mod tests {
         let group = Arc::new(GroupCommit::new(counting.clone(), GROUP_AT_MOST));
         let txns = (0..8).map(|i| open(&format!("s{i}"), None)).collect();
         let results = queued_then_run(group, txns).await;
-        assert_eq!(counting.counts().writes, 1, "eight opens, one write request");
+        assert_eq!(
+            counting.counts().writes,
+            1,
+            "eight opens, one write request"
+        );
         let revision = results[0].as_ref().unwrap().expect("committed");
         for r in &results {
             assert_eq!(r.as_ref().unwrap(), &Some(revision));
@@ -212,8 +217,15 @@ mod tests {
         let counting = Arc::new(CountingStore::new(memory.clone()));
         let group = Arc::new(GroupCommit::new(counting.clone(), GROUP_AT_MOST));
         // The same session twice: the second goes in a group of its own and its compare fails.
-        let results = queued_then_run(group, vec![open("s", None), open("s", None), open("t", None)]).await;
-        let outcomes: Vec<bool> = results.iter().map(|r| r.as_ref().unwrap().is_some()).collect();
+        let results = queued_then_run(
+            group,
+            vec![open("s", None), open("s", None), open("t", None)],
+        )
+        .await;
+        let outcomes: Vec<bool> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().is_some())
+            .collect();
         assert_eq!(outcomes, [true, false, true]);
         assert_eq!(counting.counts().writes, 2);
     }
@@ -227,11 +239,19 @@ mod tests {
         let group = Arc::new(GroupCommit::new(memory.clone(), GROUP_AT_MOST));
         let results = queued_then_run(
             group,
-            vec![open("a", Some(live)), open("b", Some(dead)), open("c", Some(live))],
+            vec![
+                open("a", Some(live)),
+                open("b", Some(dead)),
+                open("c", Some(live)),
+            ],
         )
         .await;
         assert!(matches!(results[0], Ok(Some(_))));
-        assert!(matches!(results[1], Err(StoreError::LeaseNotFound(_))), "{:?}", results[1]);
+        assert!(
+            matches!(results[1], Err(StoreError::LeaseNotFound(_))),
+            "{:?}",
+            results[1]
+        );
         assert!(matches!(results[2], Ok(Some(_))));
         let keys: Vec<String> = memory
             .range("sessions/")
@@ -244,21 +264,22 @@ mod tests {
     }
 
     /// A store whose grouped writes fail as an unreachable etcd's do.
-    struct Unreachable(MemoryStore);
+    struct Unreachable {
+        inner: MemoryStore,
+    }
 
-    #[async_trait]
-    impl Store for Unreachable {
+    crate::store::wrap_store!(Unreachable, inner, {
         async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
-            self.0.get(key).await
+            self.inner.get(key).await
         }
         async fn range(&self, prefix: &str) -> StoreResult<Vec<KeyValue>> {
-            self.0.range(prefix).await
+            self.inner.range(prefix).await
         }
         async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> StoreResult<i64> {
-            self.0.put(key, value, lease).await
+            self.inner.put(key, value, lease).await
         }
         async fn delete(&self, key: &str) -> StoreResult<bool> {
-            self.0.delete(key).await
+            self.inner.delete(key).await
         }
         async fn txn(&self, _: Vec<Compare>, _: Vec<TxnOp>) -> StoreResult<Option<i64>> {
             Err(StoreError::Unavailable("txn timed out after 5s".into()))
@@ -266,36 +287,30 @@ mod tests {
         async fn txn_group(&self, _: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
             Err(StoreError::Unavailable("txn timed out after 5s".into()))
         }
-        async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-            self.0.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool> {
-            self.0.lease_keep_alive(lease).await
-        }
         async fn lease_revoke(&self, lease: i64) -> StoreResult<()> {
-            self.0.lease_revoke(lease).await
+            self.inner.lease_revoke(lease).await
         }
-        async fn watch(&self, key: &str, prefix: bool, start: i64) -> StoreResult<WatchStream> {
-            self.0.watch(key, prefix, start).await
-        }
-        async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-            self.0.campaign(name, value, lease).await
-        }
-        async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-            self.0.resign(leadership).await
-        }
-    }
+    });
 
     #[tokio::test]
     async fn a_failed_group_fails_each_open_with_the_error() {
         let group = Arc::new(GroupCommit::new(
-            Arc::new(Unreachable(MemoryStore::new())),
+            Arc::new(Unreachable {
+                inner: MemoryStore::new(),
+            }),
             GROUP_AT_MOST,
         ));
-        let results = queued_then_run(group, (0..3).map(|i| open(&format!("s{i}"), None)).collect()).await;
+        let results = queued_then_run(
+            group,
+            (0..3).map(|i| open(&format!("s{i}"), None)).collect(),
+        )
+        .await;
         for r in results {
             let err = r.unwrap_err();
-            assert_eq!(err.to_string(), "etcd is unavailable: txn timed out after 5s");
+            assert_eq!(
+                err.to_string(),
+                "etcd is unavailable: txn timed out after 5s"
+            );
         }
     }
 

@@ -185,6 +185,56 @@ pub trait Store: Send + Sync + 'static {
     async fn resign(&self, leadership: Leadership) -> StoreResult<()>;
 }
 
+/// `#[async_trait] impl Store for $wrapper { … }` with the methods given, plus the lease,
+/// watch and election methods passed straight to `self.$inner`: what every wrapper of another
+/// store (the watch cache, the counting store of tests, stores that inject failures) leaves
+/// alone. `lease_revoke` stays with each wrapper: the watch cache has work to do there.
+macro_rules! wrap_store {
+    ($wrapper:ty, $inner:ident, { $($methods:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $wrapper {
+            $($methods)*
+
+            async fn lease_grant(
+                &self,
+                ttl: std::time::Duration,
+            ) -> $crate::store::StoreResult<i64> {
+                self.$inner.lease_grant(ttl).await
+            }
+
+            async fn lease_keep_alive(&self, lease: i64) -> $crate::store::StoreResult<bool> {
+                self.$inner.lease_keep_alive(lease).await
+            }
+
+            async fn watch(
+                &self,
+                key: &str,
+                prefix: bool,
+                start_revision: i64,
+            ) -> $crate::store::StoreResult<$crate::store::WatchStream> {
+                self.$inner.watch(key, prefix, start_revision).await
+            }
+
+            async fn campaign(
+                &self,
+                name: &str,
+                value: &str,
+                lease: i64,
+            ) -> $crate::store::StoreResult<$crate::store::Leadership> {
+                self.$inner.campaign(name, value, lease).await
+            }
+
+            async fn resign(
+                &self,
+                leadership: $crate::store::Leadership,
+            ) -> $crate::store::StoreResult<()> {
+                self.$inner.resign(leadership).await
+            }
+        }
+    };
+}
+pub(crate) use wrap_store;
+
 /// Proof of leadership returned by `campaign`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leadership {
