@@ -921,12 +921,8 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use async_trait::async_trait;
-
     use super::*;
-    use crate::store::{
-        Compare, KeyValue, Leadership, MemoryStore, StoreResult, TxnOp, WatchStream,
-    };
+    use crate::store::{Compare, KeyValue, MemoryStore, StoreResult, Transaction, TxnOp};
 
     const FULL: &str = r#"
 environments:
@@ -1396,8 +1392,7 @@ environments:
         }
     }
 
-    #[async_trait]
-    impl Store for Flaky {
+    crate::store::wrap_store!(Flaky, inner, {
         async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
             self.fail()?;
             self.inner.get(key).await
@@ -1418,30 +1413,14 @@ environments:
             self.fail()?;
             self.inner.txn(compares, ops).await
         }
-        async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool> {
-            self.inner.lease_keep_alive(lease).await
+        async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+            self.fail()?;
+            self.inner.txn_group(group).await
         }
         async fn lease_revoke(&self, lease: i64) -> StoreResult<()> {
             self.inner.lease_revoke(lease).await
         }
-        async fn watch(
-            &self,
-            key: &str,
-            prefix: bool,
-            start_revision: i64,
-        ) -> StoreResult<WatchStream> {
-            self.inner.watch(key, prefix, start_revision).await
-        }
-        async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-            self.inner.campaign(name, value, lease).await
-        }
-        async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-            self.inner.resign(leadership).await
-        }
-    }
+    });
 
     #[tokio::test]
     async fn seeding_retries_while_etcd_is_briefly_unavailable() {

@@ -16,7 +16,9 @@
 //! lived less than [`PlacementConfig::touch_after`] (the record's `last_active_at` from its
 //! open is then near enough) has its record deleted inside the next open's transaction
 //! (`ClosedSessions`), or by one transaction for every close of a quiet moment. A longer
-//! session's close refreshes `last_active_at` too, in a transaction of its own.
+//! session's close refreshes `last_active_at` too, in a transaction of its own. Opens that
+//! commit while the previous one is on its way to etcd share one write (`store::group`): at
+//! most one write per warm login, fewer when logins come together.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -52,7 +54,7 @@ use crate::model::{
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
 use crate::runtime::{ContainerSpec, Runtime, RuntimeKind};
-use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
+use crate::store::{self, Compare, GroupCommit, Store, StoreError, TxnOp, Versioned};
 use crate::uids;
 use envgate_runtime::SessionTarget;
 
@@ -124,6 +126,8 @@ pub struct Placer {
     /// needs no read.
     recent: Mutex<HashMap<String, Recent>>,
     closed: Arc<ClosedSessions>,
+    /// The opens' transactions, grouped: one etcd write for the opens of a busy moment.
+    group: Arc<GroupCommit>,
     _flusher: tokio_util::sync::DropGuard,
     admission: Arc<Admission>,
     /// Stamps records and judges their age (`clock.rs`).
@@ -263,6 +267,7 @@ impl Placer {
         config: PlacementConfig,
     ) -> Self {
         let closed = Arc::new(ClosedSessions::default());
+        let group = Arc::new(GroupCommit::new(store.clone(), store::group::GROUP_AT_MOST));
         let stop = tokio_util::sync::CancellationToken::new();
         let flusher = closed.clone().flush_forever(store.clone());
         let stopped = stop.clone();
@@ -274,6 +279,16 @@ impl Placer {
                 }
             }
             .instrument(tracing::info_span!("closed_sessions")),
+        );
+        let (committer, stopped) = (group.clone().run(), stop.clone());
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = committer => {}
+                    () = stopped.cancelled() => {}
+                }
+            }
+            .instrument(tracing::info_span!("group_commit")),
         );
         let admission = Admission::new(admission::default_limit());
         Self {
@@ -290,6 +305,7 @@ impl Placer {
             locks: KeyedLocks::default(),
             recent: Mutex::new(HashMap::new()),
             closed,
+            group,
             _flusher: stop.drop_guard(),
             admission,
             clock: Arc::new(SystemClock),
@@ -922,7 +938,7 @@ impl Placer {
         ];
         ops.extend(ClosedSessions::ops(&carried));
         let result = self
-            .store
+            .group
             .txn(vec![Compare::revision(key, revision)], ops)
             .await;
         if matches!(result, Ok(Some(_))) {

@@ -19,13 +19,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{
-    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, TxnOp, WatchEventKind,
+    Compare, KeyValue, Store, StoreError, StoreResult, Transaction, TxnOp, WatchEventKind,
     WatchStream,
 };
 
@@ -107,6 +106,48 @@ impl CachedStore {
                 cache.wait_for(revision).await;
             }
         }
+    }
+
+    /// The cached keys `t` compares and writes.
+    fn cached_keys(&self, t: &Transaction) -> (Vec<String>, Vec<String>) {
+        let compared = t
+            .compares
+            .iter()
+            .filter(|c| self.cache_of(&c.key).is_some())
+            .map(|c| c.key.clone())
+            .collect();
+        let written = t
+            .written_keys()
+            .filter(|key| self.cache_of(key).is_some())
+            .map(str::to_owned)
+            .collect();
+        (compared, written)
+    }
+
+    /// After a transaction: a success returns once the caches hold its writes; a failed
+    /// compare (somebody else wrote a compared key first) once they hold that write, so the
+    /// caller's next read sees what beat it.
+    async fn settled(
+        &self,
+        compared: &[String],
+        written: &[String],
+        result: Option<i64>,
+    ) -> StoreResult<()> {
+        match result {
+            Some(revision) => {
+                self.caught_up(written.iter().map(String::as_str), revision)
+                    .await;
+            }
+            None => {
+                for key in compared {
+                    if let Some(current) = self.inner.get(key).await? {
+                        self.caught_up(std::iter::once(key.as_str()), current.mod_revision)
+                            .await;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -206,8 +247,7 @@ impl PrefixCache {
     }
 }
 
-#[async_trait]
-impl Store for CachedStore {
+super::wrap_store!(CachedStore, inner, {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         if let Some(found) = self
             .cache_of(key)
@@ -254,44 +294,24 @@ impl Store for CachedStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
-        let compared: Vec<String> = compares
-            .iter()
-            .filter(|c| self.cache_of(&c.key).is_some())
-            .map(|c| c.key.clone())
-            .collect();
-        let written: Vec<String> = ops
-            .iter()
-            .map(|op| match op {
-                TxnOp::Put { key, .. } | TxnOp::Delete { key } => key.clone(),
-            })
-            .filter(|key| self.cache_of(key).is_some())
-            .collect();
-        let result = self.inner.txn(compares, ops).await?;
-        match result {
-            Some(revision) => {
-                self.caught_up(written.iter().map(String::as_str), revision)
-                    .await;
-            }
-            None => {
-                // Somebody else wrote a compared key first: wait for that write to be cached,
-                // so the caller's next read sees what beat it.
-                for key in &compared {
-                    if let Some(current) = self.inner.get(key).await? {
-                        self.caught_up(std::iter::once(key.as_str()), current.mod_revision)
-                            .await;
-                    }
-                }
-            }
-        }
+        let t = Transaction { compares, ops };
+        let (compared, written) = self.cached_keys(&t);
+        let result = self.inner.txn(t.compares, t.ops).await?;
+        self.settled(&compared, &written, result).await?;
         Ok(result)
     }
 
-    async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-        self.inner.lease_grant(ttl).await
-    }
-
-    async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool> {
-        self.inner.lease_keep_alive(lease).await
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+        let keys: Vec<_> = group.iter().map(|t| self.cached_keys(t)).collect();
+        let results = self.inner.txn_group(group).await?;
+        // The group is committed: a read that fails here leaves the caller's cache a little
+        // behind (the watch catches up), it must not turn committed writes into errors.
+        for ((compared, written), result) in keys.iter().zip(&results) {
+            if let Err(e) = self.settled(compared, written, *result).await {
+                tracing::warn!(error = %e, "reading what beat a grouped transaction");
+            }
+        }
+        Ok(results)
     }
 
     async fn lease_revoke(&self, lease: i64) -> StoreResult<()> {
@@ -303,21 +323,4 @@ impl Store for CachedStore {
         }
         Ok(())
     }
-
-    async fn watch(
-        &self,
-        key: &str,
-        prefix: bool,
-        start_revision: i64,
-    ) -> StoreResult<WatchStream> {
-        self.inner.watch(key, prefix, start_revision).await
-    }
-
-    async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-        self.inner.campaign(name, value, lease).await
-    }
-
-    async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-        self.inner.resign(leadership).await
-    }
-}
+});

@@ -86,6 +86,72 @@ async fn create_if_absent_has_one_winner(store: Arc<dyn Store>) {
     assert_eq!(stored.value, winners[0]);
 }
 
+/// A group is one write: each transaction is decided by its own compares, the ones that hold
+/// all carry one revision, and a missing lease in any of them fails the group, writing nothing.
+async fn txn_group_decides_each_and_writes_once(store: Arc<dyn Store>) {
+    let held = store.put("grp/held", b"0".to_vec(), None).await.unwrap();
+    let put = |key: &str, lease: Option<i64>| TxnOp::Put {
+        key: key.into(),
+        value: b"1".to_vec(),
+        lease,
+    };
+    let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap();
+    let group = vec![
+        Transaction {
+            compares: vec![Compare::revision("grp/held", held)],
+            ops: vec![put("grp/held", None), put("grp/a", Some(lease))],
+        },
+        Transaction {
+            compares: vec![Compare::revision("grp/held", held - 1)],
+            ops: vec![put("grp/stale", None)],
+        },
+        Transaction {
+            compares: vec![Compare::absent("grp/b")],
+            ops: vec![put("grp/b", None), TxnOp::delete("grp/gone")],
+        },
+    ];
+    let results = store.txn_group(group).await.unwrap();
+    let revision = results[0].expect("its compare held");
+    assert_eq!(results, [Some(revision), None, Some(revision)]);
+    for key in ["grp/held", "grp/a", "grp/b"] {
+        let kv = store.get(key).await.unwrap().expect(key);
+        assert_eq!(
+            kv.mod_revision, revision,
+            "{key} was written by the group's one write"
+        );
+    }
+    assert_eq!(store.get("grp/a").await.unwrap().unwrap().lease, lease);
+    assert!(
+        store.get("grp/stale").await.unwrap().is_none(),
+        "a failed compare writes nothing"
+    );
+
+    let none_hold = vec![Transaction {
+        compares: vec![Compare::absent("grp/b")],
+        ops: vec![put("grp/never", None)],
+    }];
+    assert_eq!(store.txn_group(none_hold).await.unwrap(), [None]);
+
+    store.lease_revoke(lease).await.unwrap();
+    let with_gone_lease = vec![
+        Transaction {
+            compares: vec![],
+            ops: vec![put("grp/c", None)],
+        },
+        Transaction {
+            compares: vec![],
+            ops: vec![put("grp/d", Some(lease))],
+        },
+    ];
+    let err = store.txn_group(with_gone_lease).await.unwrap_err();
+    assert!(matches!(err, StoreError::LeaseNotFound(_)), "{err}");
+    assert!(
+        store.get("grp/c").await.unwrap().is_none(),
+        "a failed group writes nothing"
+    );
+    assert!(store.get("grp/never").await.unwrap().is_none());
+}
+
 async fn multi_op_txn_is_atomic(store: Arc<dyn Store>) {
     let a = store.put("multi/a", b"a".to_vec(), None).await.unwrap();
     store.put("multi/b", b"b".to_vec(), None).await.unwrap();
@@ -281,7 +347,7 @@ macro_rules! conformance {
                             .await
                             .expect("connects"),
                     );
-                    let prefixes = ["cas/", "race/", "multi/", "lease/", "rng", "w/"];
+                    let prefixes = ["cas/", "race/", "multi/", "lease/", "rng", "w/", "grp/"];
                     super::$name(Arc::new(CachedStore::new(inner, &prefixes))).await;
                 }
             )*
@@ -306,6 +372,7 @@ conformance!(
     cas_semantics,
     create_if_absent_has_one_winner,
     multi_op_txn_is_atomic,
+    txn_group_decides_each_and_writes_once,
     leases_take_their_keys_with_them,
     range_returns_prefix_in_order,
     watch_replays_from_revision_and_follows,

@@ -3,11 +3,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use async_trait::async_trait;
-
-use super::{Compare, KeyValue, Leadership, Store, StoreResult, TxnOp, WatchStream};
+use super::{Compare, KeyValue, Store, StoreResult, Transaction, TxnOp};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -50,8 +47,7 @@ impl CountingStore {
     }
 }
 
-#[async_trait]
-impl Store for CountingStore {
+super::wrap_store!(CountingStore, inner, {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get(key).await
@@ -77,32 +73,12 @@ impl Store for CountingStore {
         self.inner.txn(compares, ops).await
     }
 
-    async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {
-        self.inner.lease_grant(ttl).await
-    }
-
-    async fn lease_keep_alive(&self, lease: i64) -> StoreResult<bool> {
-        self.inner.lease_keep_alive(lease).await
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+        self.wrote(group.iter().map(|t| t.ops.len()).sum());
+        self.inner.txn_group(group).await
     }
 
     async fn lease_revoke(&self, lease: i64) -> StoreResult<()> {
         self.inner.lease_revoke(lease).await
     }
-
-    async fn watch(
-        &self,
-        key: &str,
-        prefix: bool,
-        start_revision: i64,
-    ) -> StoreResult<WatchStream> {
-        self.inner.watch(key, prefix, start_revision).await
-    }
-
-    async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-        self.inner.campaign(name, value, lease).await
-    }
-
-    async fn resign(&self, leadership: Leadership) -> StoreResult<()> {
-        self.inner.resign(leadership).await
-    }
-}
+});

@@ -23,7 +23,7 @@ use etcd_client::{
 };
 
 use super::{
-    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, TxnOp, WatchEvent,
+    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, Transaction, TxnOp, WatchEvent,
     WatchEventKind, WatchStream,
 };
 
@@ -155,6 +155,40 @@ impl EtcdStore {
         Err(last.expect("at least one member"))
     }
 
+    /// Our transaction in etcd's terms (keys under the prefix); notes a lease it uses, so a
+    /// "lease not found" can name it.
+    fn etcd_txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        lease_used: &mut Option<i64>,
+    ) -> Txn {
+        let compares: Vec<etcd_client::Compare> = compares
+            .into_iter()
+            .map(|c| {
+                etcd_client::Compare::mod_revision(
+                    self.full(&c.key),
+                    etcd_client::CompareOp::Equal,
+                    c.mod_revision,
+                )
+            })
+            .collect();
+        let ops: Vec<etcd_client::TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                TxnOp::Put { key, value, lease } => {
+                    let options = lease.filter(|l| *l != 0).map(|l| {
+                        *lease_used = Some(l);
+                        PutOptions::new().with_lease(l)
+                    });
+                    etcd_client::TxnOp::put(self.full(&key), value, options)
+                }
+                TxnOp::Delete { key } => etcd_client::TxnOp::delete(self.full(&key), None),
+            })
+            .collect();
+        Txn::new().when(compares).and_then(ops)
+    }
+
     /// The pinned member's client, for calls that cannot move (a campaign blocks for as long
     /// as another replica leads); `move_pin_off` after one fails.
     fn pinned(&self) -> (usize, Client) {
@@ -277,30 +311,7 @@ impl Store for EtcdStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>> {
         let mut lease_used = None;
-        let compares: Vec<etcd_client::Compare> = compares
-            .into_iter()
-            .map(|c| {
-                etcd_client::Compare::mod_revision(
-                    self.full(&c.key),
-                    etcd_client::CompareOp::Equal,
-                    c.mod_revision,
-                )
-            })
-            .collect();
-        let ops: Vec<etcd_client::TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                TxnOp::Put { key, value, lease } => {
-                    let options = lease.filter(|l| *l != 0).map(|l| {
-                        lease_used = Some(l);
-                        PutOptions::new().with_lease(l)
-                    });
-                    etcd_client::TxnOp::put(self.full(&key), value, options)
-                }
-                TxnOp::Delete { key } => etcd_client::TxnOp::delete(self.full(&key), None),
-            })
-            .collect();
-        let txn = Txn::new().when(compares).and_then(ops);
+        let txn = self.etcd_txn(compares, ops, &mut lease_used);
         let resp = self
             .call("txn", Retry::IfNotSent, |c| {
                 let txn = txn.clone();
@@ -311,6 +322,41 @@ impl Store for EtcdStore {
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+
+    /// One outer transaction without compares whose only writes are the group's transactions,
+    /// nested (etcd 3.3 and later): each is decided by its own compares, all in one proposal.
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+        let count = group.len();
+        let mut lease_used = None;
+        let nested: Vec<etcd_client::TxnOp> = group
+            .into_iter()
+            .map(|t| etcd_client::TxnOp::txn(self.etcd_txn(t.compares, t.ops, &mut lease_used)))
+            .collect();
+        let txn = Txn::new().and_then(nested);
+        let resp = self
+            .call("txn", Retry::IfNotSent, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await
+            .map_err(|e| with_lease_id(e, lease_used))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let results: Vec<Option<i64>> = resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                etcd_client::TxnOpResponse::Txn(t) => t.succeeded().then_some(revision),
+                _ => None,
+            })
+            .collect();
+        if results.len() != count {
+            return Err(StoreError::Unavailable(format!(
+                "etcd answered {} of {count} grouped transactions",
+                results.len()
+            )));
+        }
+        Ok(results)
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use crate::clock::{Clock, SystemClock};
 
 use super::{
-    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, TxnOp, WatchEvent,
+    Compare, KeyValue, Leadership, Store, StoreError, StoreResult, Transaction, TxnOp, WatchEvent,
     WatchEventKind, WatchStream,
 };
 
@@ -276,6 +276,50 @@ impl Store for MemoryStore {
             }
         }
         Ok(Some(revision))
+    }
+
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>> {
+        let mut state = self.lock();
+        self.expire_leases(&mut state);
+        // Like etcd: a missing lease fails the whole request, and the writes of every
+        // transaction whose compares hold carry one revision.
+        for op in group.iter().flat_map(|t| &t.ops) {
+            if let TxnOp::Put { lease, .. } = op {
+                Self::check_lease(&state, *lease)?;
+            }
+        }
+        let holds: Vec<bool> = group
+            .iter()
+            .map(|t| {
+                t.compares.iter().all(|c| {
+                    state.data.get(&c.key).map(|e| e.mod_revision).unwrap_or(0) == c.mod_revision
+                })
+            })
+            .collect();
+        if !holds.contains(&true) {
+            return Ok(vec![None; group.len()]);
+        }
+        state.revision += 1;
+        let revision = state.revision;
+        let mut results = Vec::with_capacity(group.len());
+        for (t, holds) in group.into_iter().zip(holds) {
+            if !holds {
+                results.push(None);
+                continue;
+            }
+            for op in t.ops {
+                match op {
+                    TxnOp::Put { key, value, lease } => {
+                        self.put_locked(&mut state, &key, value, lease.unwrap_or(0), revision)
+                    }
+                    TxnOp::Delete { key } => {
+                        self.delete_locked(&mut state, &key, revision);
+                    }
+                }
+            }
+            results.push(Some(revision));
+        }
+        Ok(results)
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64> {

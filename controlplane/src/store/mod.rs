@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 
 pub mod cached;
 pub mod etcd;
+pub mod group;
 pub mod memory;
 
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub mod counting;
 
 pub use cached::CachedStore;
 pub use etcd::{EtcdConfig, EtcdStore};
+pub use group::GroupCommit;
 pub use memory::MemoryStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,37 @@ impl TxnOp {
     }
 }
 
+/// One conditional transaction of a group (see [`Store::txn_group`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub compares: Vec<Compare>,
+    pub ops: Vec<TxnOp>,
+}
+
+impl Transaction {
+    /// The keys its writes touch: two transactions of one group must not share one (etcd
+    /// refuses a request that writes a key twice).
+    pub fn written_keys(&self) -> impl Iterator<Item = &str> {
+        self.ops.iter().map(|op| match op {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key.as_str(),
+        })
+    }
+}
+
+impl StoreError {
+    /// The same error again, for each caller of a group that failed as one.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::LeaseNotFound(l) => StoreError::LeaseNotFound(*l),
+            StoreError::Corrupt { key, reason } => StoreError::Corrupt {
+                key: key.clone(),
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchEventKind {
     Put,
@@ -130,6 +163,12 @@ pub trait Store: Send + Sync + 'static {
     /// Applies all `ops` atomically if every compare holds. Returns the revision the writes
     /// carry (every key written gets it as its `mod_revision`), or `None` when a compare failed.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<Option<i64>>;
+    /// Applies each transaction of `group` as [`Store::txn`] would (each its own compares,
+    /// its writes only if they hold), all in ONE write request: etcd commits them in one raft
+    /// proposal, one WAL fsync, one revision. Results in `group`'s order. An error (etcd
+    /// unreachable, a lease that no longer exists) fails the whole group and writes nothing.
+    /// No key may be written by two transactions of one group.
+    async fn txn_group(&self, group: Vec<Transaction>) -> StoreResult<Vec<Option<i64>>>;
     /// Returns the new lease id.
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<i64>;
     /// Refreshes the lease once; returns `false` when it no longer exists.
@@ -145,6 +184,56 @@ pub trait Store: Send + Sync + 'static {
     async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership>;
     async fn resign(&self, leadership: Leadership) -> StoreResult<()>;
 }
+
+/// `#[async_trait] impl Store for $wrapper { … }` with the methods given, plus the lease,
+/// watch and election methods passed straight to `self.$inner`: what every wrapper of another
+/// store (the watch cache, the counting store of tests, stores that inject failures) leaves
+/// alone. `lease_revoke` stays with each wrapper: the watch cache has work to do there.
+macro_rules! wrap_store {
+    ($wrapper:ty, $inner:ident, { $($methods:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $wrapper {
+            $($methods)*
+
+            async fn lease_grant(
+                &self,
+                ttl: std::time::Duration,
+            ) -> $crate::store::StoreResult<i64> {
+                self.$inner.lease_grant(ttl).await
+            }
+
+            async fn lease_keep_alive(&self, lease: i64) -> $crate::store::StoreResult<bool> {
+                self.$inner.lease_keep_alive(lease).await
+            }
+
+            async fn watch(
+                &self,
+                key: &str,
+                prefix: bool,
+                start_revision: i64,
+            ) -> $crate::store::StoreResult<$crate::store::WatchStream> {
+                self.$inner.watch(key, prefix, start_revision).await
+            }
+
+            async fn campaign(
+                &self,
+                name: &str,
+                value: &str,
+                lease: i64,
+            ) -> $crate::store::StoreResult<$crate::store::Leadership> {
+                self.$inner.campaign(name, value, lease).await
+            }
+
+            async fn resign(
+                &self,
+                leadership: $crate::store::Leadership,
+            ) -> $crate::store::StoreResult<()> {
+                self.$inner.resign(leadership).await
+            }
+        }
+    };
+}
+pub(crate) use wrap_store;
 
 /// Proof of leadership returned by `campaign`.
 #[derive(Debug, Clone, PartialEq, Eq)]
