@@ -1,0 +1,4 @@
+//! Container runtimes behind one seam.
+
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
