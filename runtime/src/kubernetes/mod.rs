@@ -25,6 +25,9 @@ pub mod names;
 pub mod objects;
 pub mod status;
 
+#[cfg(test)]
+mod mock_tests;
+
 use status::Progress;
 
 /// Every (resource, verb) this runtime asks the API server for: the Role must grant exactly
