@@ -136,21 +136,7 @@ pub struct EnvironmentRecord {
     pub gpus: Gpus,
 }
 
-/// The host's GPUs a container gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Gpus {
-    #[default]
-    None,
-    All,
-    Count(u32),
-}
-
-impl Gpus {
-    pub fn is_none(&self) -> bool {
-        *self == Gpus::None
-    }
-}
+pub use envgate_runtime::Gpus;
 
 impl EnvironmentRecord {
     pub fn allows(&self, groups: &[String]) -> bool {
