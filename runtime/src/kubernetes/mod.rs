@@ -21,13 +21,17 @@ use kube::{Api, Client};
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
+mod lifecycle;
 pub mod names;
 pub mod objects;
 pub mod status;
 
 #[cfg(test)]
+mod fake_tests;
+#[cfg(test)]
 mod mock_tests;
 
+pub use lifecycle::{NO_WARM_POOLS, pod_input};
 use status::Progress;
 
 /// Every (resource, verb) this runtime asks the API server for: the Role must grant exactly
@@ -331,7 +335,7 @@ impl KubernetesRuntime {
         {
             Ok(ip) => Ok(StartedPod {
                 name: pod_name,
-                agent_address: format!("{ip}:{AGENT_PORT}"),
+                agent_address: agent_address(&ip),
                 secret,
             }),
             Err(e) => {
@@ -498,6 +502,16 @@ impl KubernetesRuntime {
                 })
             })
             .collect())
+    }
+}
+
+/// `ip:port`, with an IPv6 address in brackets (the agent address parser splits at the last
+/// colon).
+fn agent_address(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{AGENT_PORT}")
+    } else {
+        format!("{ip}:{AGENT_PORT}")
     }
 }
 
