@@ -24,6 +24,7 @@ pub mod fake;
 mod lifecycle;
 pub mod names;
 pub mod objects;
+pub mod settings;
 pub mod status;
 
 #[cfg(test)]
