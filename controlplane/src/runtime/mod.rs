@@ -5,6 +5,7 @@ use async_trait::async_trait;
 
 pub mod audited;
 pub mod docker;
+pub mod kubernetes;
 #[cfg(any(test, feature = "testkit"))]
 pub mod scripted;
 pub mod slots;

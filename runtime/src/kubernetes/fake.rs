@@ -120,6 +120,37 @@ impl FakeApiServer {
         self.lock().requests.clone()
     }
 
+    /// The (resource, RBAC verb) of every request so far, as the API server authorises them.
+    pub fn api_calls(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.requests()
+            .iter()
+            .filter_map(|r| {
+                let parts: Vec<&str> = r.path.trim_matches('/').split('/').collect();
+                let (resource, named) = match parts.as_slice() {
+                    ["api", "v1", "namespaces", _, resource] => (*resource, false),
+                    ["api", "v1", "namespaces", _, resource, _] => (*resource, true),
+                    _ => return None,
+                };
+                let watch = r
+                    .query
+                    .get("watch")
+                    .is_some_and(|w| w == "true" || w == "1");
+                let verb = match (r.method.as_str(), named, watch) {
+                    ("GET", _, true) => "watch",
+                    ("GET", true, _) => "get",
+                    ("GET", false, _) => "list",
+                    ("POST", _, _) => "create",
+                    ("PATCH", _, _) => "patch",
+                    ("PUT", _, _) => "update",
+                    ("DELETE", true, _) => "delete",
+                    ("DELETE", false, _) => "deletecollection",
+                    _ => return None,
+                };
+                Some((resource.to_owned(), verb.to_owned()))
+            })
+            .collect()
+    }
+
     /// The stored object, as the API server would return it.
     pub fn object(&self, namespace: &str, resource: &str, name: &str) -> Option<Value> {
         self.lock()

@@ -181,3 +181,72 @@ async fn kube_has_no_warm_pools_and_says_why() {
     };
     assert!(why.contains("home claim"), "{why}");
 }
+
+#[tokio::test]
+async fn kube_the_runtime_calls_exactly_its_declared_api_calls() {
+    // Everything the control plane does with it: homes, starts that work and fail, checks,
+    // lists, removals. What it sent must be what API_CALLS (and so the Role) says.
+    let fake = FakeApiServer::new();
+    let runtime = runtime(&fake);
+    runtime.ensure_home("lab", "alice").await.unwrap();
+    let created = runtime
+        .create_and_start(&spec("alice", "dev", None), &|_: &str| {})
+        .await
+        .unwrap();
+    runtime.is_running(&created.id).await.unwrap();
+    runtime.list_managed("lab").await.unwrap();
+    runtime.remove(&created.id).await.unwrap();
+    let failing = FakeApiServer::new().with_pod_status(json!({"phase": "Failed"}));
+    runtime_calls_after_a_failed_start(&failing).await;
+    let slow = FakeApiServer::new().with_pod_status(json!({"phase": "Pending"}));
+    start_that_needs_the_watch(&slow).await;
+    let mut calls = fake.api_calls();
+    calls.extend(failing.api_calls());
+    calls.extend(slow.api_calls());
+    let declared: std::collections::BTreeSet<(String, String)> = API_CALLS
+        .iter()
+        .map(|(r, v)| ((*r).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(calls, declared);
+}
+
+async fn runtime_calls_after_a_failed_start(fake: &FakeApiServer) {
+    let runtime = runtime(fake);
+    runtime
+        .create_and_start(&spec("bob", "dev", None), &|_: &str| {})
+        .await
+        .unwrap_err();
+}
+
+/// A Pod still pending when first listed: the runtime waits on the watch, and the kubelet's
+/// update arriving there is what lets the open go on.
+async fn start_that_needs_the_watch(fake: &FakeApiServer) {
+    let runtime = runtime(fake);
+    let start = tokio::spawn(async move {
+        runtime
+            .create_and_start(&spec("carol", "dev", None), &|_: &str| {})
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !fake
+            .requests()
+            .iter()
+            .any(|r| r.query.get("watch").is_some_and(|w| w == "true"))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the runtime opened a watch on its pending Pod");
+    let name = fake.names(NS, "pods").remove(0);
+    assert!(!start.is_finished(), "a pending Pod is not started");
+    fake.set_pod_status(
+        NS,
+        &name,
+        json!({"phase": "Running", "podIP": "10.244.3.3", "containerStatuses": [{
+            "name": "env", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {"startedAt": "2026-12-06T02:00:01Z"}}}]}),
+    );
+    let created = start.await.unwrap().unwrap();
+    assert_eq!(created.agent.unwrap().address, "10.244.3.3:7022");
+}
