@@ -1108,18 +1108,67 @@ environments:
     }
 
     #[test]
+    fn kube_blocks_are_read_and_checked_with_their_entry() {
+        let text = r#"kubernetes:
+  home: {storage_class: fast, size: 50Gi}
+environments:
+  - name: cuda
+    image: cuda:12
+    resources: {gpus: 1}
+    kubernetes:
+      node_selector: {nvidia.com/gpu.present: "true"}
+      tolerations: ["nvidia.com/gpu:NoSchedule"]
+      image_pull_secrets: [lab-registry]
+  - name: plain
+    image: busybox
+"#;
+        assert_eq!(parse("f", text).unwrap().len(), 2);
+        let settings = kubernetes_text(text).unwrap();
+        assert_eq!(settings.home.storage_class.as_deref(), Some("fast"));
+        assert_eq!(settings.home.size, "50Gi");
+        assert_eq!(settings.home.access_mode, "ReadWriteOnce");
+        assert_eq!(settings.environments.len(), 1);
+        let cuda = &settings.environments["cuda"];
+        assert_eq!(cuda.node_selector["nvidia.com/gpu.present"], "true");
+        assert_eq!(cuda.image_pull_secrets, ["lab-registry"]);
+        assert_eq!(cuda.tolerations[0].effect.as_deref(), Some("NoSchedule"));
+
+        let bad = text.replace("NoSchedule", "Sometimes");
+        assert_eq!(
+            parse("f", &bad).unwrap_err().to_string(),
+            "catalogue f: environments[0] (\"cuda\"): kubernetes.tolerations[0]: toleration \
+             \"nvidia.com/gpu:Sometimes\": effect \"Sometimes\" is not NoSchedule, \
+             PreferNoSchedule or NoExecute"
+        );
+        let bad = text.replace("50Gi", "lots");
+        assert_eq!(
+            parse("f", &bad).unwrap_err().to_string(),
+            "catalogue f: kubernetes.home.size: \"lots\" is not a size (a whole number with Ki, \
+             Mi, Gi, Ti, k, M, G or T, e.g. 20Gi)"
+        );
+        let bad = text.replace("image_pull_secrets", "pull_secrets");
+        assert!(
+            parse("f", &bad).unwrap_err().to_string().starts_with(
+                "catalogue f: environments[0]: kubernetes: unknown field `pull_secrets`"
+            ),
+            "{}",
+            parse("f", &bad).unwrap_err()
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_named_with_their_entry() {
         assert_eq!(
             err("environment: []\n"),
             "catalogue /etc/envgate/environments.yaml: unknown field `environment`, expected \
-             `environments`"
+             `environments` or `kubernetes`"
         );
         assert_eq!(
             err(&gpu_with("    colour: red\n")),
             "catalogue /etc/envgate/environments.yaml: environments[0] (\"gpu\"): unknown field \
              `colour`, expected one of `name`, `description`, `image`, `shell`, `working_dir`, \
              `run_as`, `user`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
-             `groups`, `default`, `accept_env`, `record` at line 4 column 5"
+             `groups`, `default`, `accept_env`, `record`, `kubernetes` at line 4 column 5"
         );
         let second = format!(
             "{}  - name: big\n    image: x\n    resources:\n      disks: 1\n",

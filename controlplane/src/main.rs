@@ -662,6 +662,14 @@ fn kubernetes_setup(
             .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
         None => Default::default(),
     };
+    if let Some(path) = &flags.kubeconfig {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            // The YAML parser's message spans lines (a caret under the spot); one is enough.
+            let e = e.to_string();
+            let line = e.lines().next().unwrap_or_default();
+            anyhow::anyhow!("--kubeconfig: {}: {line}", path.display())
+        })?;
+    }
     let client = match (flags.kubeconfig, flags.in_cluster) {
         (Some(path), _) => ClientSource::Kubeconfig {
             path,

@@ -757,7 +757,11 @@ fn check_user_pod_policy(m: &Manifests, policy: &NetworkPolicy) {
         "NetworkPolicy {name}: selects no user Pod ({pod_labels:?})"
     );
     let rules = spec.ingress.as_deref().unwrap_or_default();
-    assert_eq!(rules.len(), 1, "NetworkPolicy {name}: one rule, for the proxies");
+    assert_eq!(
+        rules.len(),
+        1,
+        "NetworkPolicy {name}: one rule, for the proxies"
+    );
     let ports: Vec<_> = rules[0].ports.iter().flatten().collect();
     assert_eq!(
         ports.iter().map(|p| p.port.clone()).collect::<Vec<_>>(),
@@ -787,7 +791,9 @@ fn check_user_pod_policy(m: &Manifests, policy: &NetworkPolicy) {
             "NetworkPolicy {name}: a peer is not the proxies"
         );
         assert_eq!(
-            namespaces.get("kubernetes.io/metadata.name").map(String::as_str),
+            namespaces
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
             Some("envgate"),
             "NetworkPolicy {name}: the proxies are in envgate's namespace"
         );
@@ -887,7 +893,10 @@ fn kube_role_grants_exactly_what_the_runtime_calls() {
             .and_then(|e| e.value.clone())
     };
     assert_eq!(env("ENVGATE_RUNTIME").as_deref(), Some("kubernetes"));
-    assert_eq!(env("ENVGATE_KUBE_NAMESPACE").as_deref(), Some(USERS_NAMESPACE));
+    assert_eq!(
+        env("ENVGATE_KUBE_NAMESPACE").as_deref(),
+        Some(USERS_NAMESPACE)
+    );
     assert_eq!(env("ENVGATE_KUBE_IN_CLUSTER").as_deref(), Some("true"));
     let agent_image = env("ENVGATE_KUBE_AGENT_IMAGE").expect("an agent image");
     assert!(

@@ -122,15 +122,22 @@ pub async fn client(source: &ClientSource) -> Result<Client, Failure> {
         ClientSource::InCluster => kube::Config::incluster()
             .map_err(|e| Failure::Unavailable(format!("kubernetes in-cluster config: {e}")))?,
         ClientSource::Kubeconfig { path, context } => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| Failure::Unavailable(format!("kubeconfig {}: {e}", path.display())))?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                Failure::Unavailable(format!("kubeconfig {}: {}", path.display(), first_line(&e)))
+            })?;
             let options = kube::config::KubeConfigOptions {
                 context: context.clone(),
                 ..Default::default()
             };
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
-                .map_err(|e| Failure::Unavailable(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| {
+                    Failure::Unavailable(format!(
+                        "kubeconfig {}: {}",
+                        path.display(),
+                        first_line(&e)
+                    ))
+                })?
         }
         ClientSource::Infer => kube::Config::infer()
             .await
@@ -548,8 +555,16 @@ fn classify(what: &str, e: kube::Error) -> Failure {
         kube::Error::Api(status) => {
             Failure::Failed(format!("kubernetes refused to {what}: {}", status.message))
         }
-        other => Failure::Unavailable(format!("kubernetes is unavailable ({what}): {other}")),
+        other => Failure::Unavailable(format!(
+            "kubernetes is unavailable ({what}): {}",
+            first_line(&other)
+        )),
     }
+}
+
+/// Errors that quote YAML or a response span lines; a user and a log line get the first.
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 /// Bounds a call; its error is classified.
