@@ -97,7 +97,7 @@ pub struct Config {
     pub max_containers_per_user: usize,
     /// `Some`: containers run `envgate-agent` as their init (the fast data path).
     pub agent: Option<AgentSetup>,
-    /// Root of the warm containers' home slots (`runtime/slots.rs`); `None`: no warm pools.
+    /// Root of the warm containers' home slots (`envgate_runtime::docker::slots`); `None`: no warm pools.
     pub home_slots_dir: Option<PathBuf>,
     /// `Some`: user containers are Pods (`--runtime kubernetes`); the Docker fields above are
     /// then unused. `None`: Docker.
@@ -359,8 +359,9 @@ pub async fn run(
                 .await
                 .map_err(RuntimeError::from)?;
             tracing::info!(namespace = %setup.config.namespace, "user containers are Kubernetes Pods");
-            Arc::new(runtime::kubernetes::Kubernetes(
-                envgate_runtime::kubernetes::KubernetesRuntime::new(client, setup.config.clone()),
+            Arc::new(envgate_runtime::kubernetes::KubernetesRuntime::new(
+                client,
+                setup.config.clone(),
             ))
         }
         None => Arc::new(

@@ -632,7 +632,7 @@ impl Placer {
         Ok(ContainerRecord {
             user: cx.claims.sub.clone(),
             environment: cx.env.name.clone(),
-            runtime: self.runtime.name().to_owned(),
+            runtime: self.runtime.kind().as_str().to_owned(),
             container_id: String::new(),
             container_name: String::new(),
             state: ContainerState::Creating,
@@ -762,7 +762,7 @@ impl Placer {
             ..pool::container_spec(&self.config.instance, cx.env, &cx.claims.sub, session)
         };
         let started = Instant::now();
-        let created = match self.runtime.ensure_volume(&spec.instance, &spec.user).await {
+        let created = match self.runtime.ensure_home(&spec.instance, &spec.user).await {
             Ok(_) => self.runtime.create_and_start(&spec, cx.progress).await,
             Err(e) => Err(e),
         };

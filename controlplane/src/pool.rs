@@ -6,8 +6,8 @@
 //! placement record is absent → delete the pool key and write the placement record
 //! (`creating`, with the container's id). Two opens, on any replicas, can therefore never get
 //! the same container, and a container is never both in the pool and someone's. Then the
-//! runtime hands it over (`Runtime::assign`: the user's home is mounted into it, see
-//! `runtime/slots.rs`), and placement commits it as usual.
+//! runtime hands it over (`WarmPool::assign`: the user's home is mounted into it, see
+//! `envgate_runtime::docker::slots`), and placement commits it as usual.
 //!
 //! The elected reconciler keeps each pool at its target of containers of the environment's
 //! current image: it refills what was claimed (woken by the claim itself, not only on its
@@ -209,7 +209,7 @@ impl WarmPools {
         key: &str,
         template: &ContainerRecord,
     ) -> Result<Claim, StoreError> {
-        if env.warm_pool_size == 0 || self.runtime.warm_pool_support().is_err() {
+        if env.warm_pool_size == 0 || self.runtime.warm_pool().is_err() {
             return Ok(Claim::Miss);
         }
         let mut attempts = 0;
@@ -306,7 +306,10 @@ impl WarmPools {
         };
         // A warm container that died since the last pass must not be handed out.
         let handed = match self.runtime.is_running(&container.id).await {
-            Ok(true) => self.runtime.assign(&container, &spec).await,
+            Ok(true) => match self.runtime.warm_pool() {
+                Ok(pool) => pool.assign(&container, &spec).await,
+                Err(why) => Err(RuntimeError::Failed(why)),
+            },
             Ok(false) => Err(RuntimeError::Failed(format!(
                 "warm container {} is not running",
                 container.name
@@ -363,7 +366,7 @@ impl WarmPools {
         containers: &[ManagedContainer],
         environments: &HashMap<String, EnvironmentRecord>,
     ) -> Result<PoolActions, StoreError> {
-        let supported = self.runtime.warm_pool_support().is_ok();
+        let supported = self.runtime.warm_pool().is_ok();
         let running: HashSet<&str> = containers
             .iter()
             .filter(|c| c.running)
@@ -511,7 +514,10 @@ impl WarmPools {
         if failed.load(Ordering::Relaxed) {
             return false;
         }
-        let created = self.runtime.create_warm(spec).await;
+        let created = match self.runtime.warm_pool() {
+            Ok(pool) => pool.create_warm(spec).await,
+            Err(why) => Err(RuntimeError::Failed(why)),
+        };
         drop(slot);
         let created = match created {
             Ok(created) => created,

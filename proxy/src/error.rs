@@ -15,8 +15,6 @@ pub enum ProxyError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("docker: {0}")]
-    Docker(#[from] bollard::errors::Error),
     #[error("control plane address: {0}")]
     ControlPlaneAddress(String),
     #[error("ssh: {0}")]

@@ -45,7 +45,6 @@ use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::exec::ProcessRuntime;
 use crate::exec::agent::AgentRuntime;
-use crate::exec::docker::DockerRuntime;
 use crate::fleet::FleetMember;
 use crate::limits::{PreauthBudget, UserConnections};
 use crate::placement_cache::PlacementCache;
@@ -90,16 +89,7 @@ impl Proxy {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ProxyError> {
         crate::config::check_listeners(config.listen, &config.pinned_listen)?;
-        // Docker only when configured: with the agent in every container the proxy needs no
-        // access to the engine, which is root on its host.
-        let docker_exec: Option<Arc<dyn ProcessRuntime>> = match &config.docker_host {
-            None => None,
-            Some(docker_host) => Some(Arc::new(
-                DockerRuntime::connect(docker_host)
-                    .await
-                    .map_err(|e| ProxyError::Config(format!("docker at {docker_host}: {e}")))?,
-            )),
-        };
+        let docker_exec = docker_exec(config.docker_host.as_deref()).await?;
         let control_plane = ControlPlane::new(
             &config.controlplane,
             &config.tls,
@@ -292,5 +282,30 @@ impl Proxy {
             let _ = ops.await;
         }
         Ok(())
+    }
+}
+
+/// Docker exec, for containers without the agent, only when `--docker-host` is given: with
+/// the agent in every container the proxy needs no access to the engine, which is root on
+/// its host.
+#[cfg(feature = "docker")]
+async fn docker_exec(host: Option<&str>) -> Result<Option<Arc<dyn ProcessRuntime>>, ProxyError> {
+    let Some(host) = host else {
+        return Ok(None);
+    };
+    let exec = envgate_runtime::docker::DockerExec::connect(host)
+        .await
+        .map_err(|e| ProxyError::Config(format!("docker at {host}: {e}")))?;
+    Ok(Some(Arc::new(exec)))
+}
+
+/// Built without Docker: `--docker-host` cannot be served.
+#[cfg(not(feature = "docker"))]
+async fn docker_exec(host: Option<&str>) -> Result<Option<Arc<dyn ProcessRuntime>>, ProxyError> {
+    match host {
+        None => Ok(None),
+        Some(host) => Err(ProxyError::Config(format!(
+            "--docker-host {host}: this proxy was built without Docker (cargo feature `docker`)"
+        ))),
     }
 }

@@ -32,9 +32,9 @@ use crate::error::{
     ConnectionResult, exec_failure_line, logged_failure, notice_line, placement_failure_line,
     placement_result_label,
 };
-use crate::exec::agent::AgentTarget;
 use crate::exec::{
-    self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec, TerminalSize,
+    self, ChannelOutput, ExecError, Inbound, ProcessEnd, ProcessRuntime, ProcessSpec,
+    SessionTarget, TerminalSize,
 };
 use crate::forwarded;
 use crate::limits::{UserConnections, UserSlot};
@@ -786,7 +786,7 @@ impl Connection {
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
         spec.pty_modes = state.pty_modes.clone();
         if state.agent_forward
-            && spec.agent.is_some()
+            && spec.target.agent_target().is_some()
             && let Some(socket) = self.agent_socket(&placement).await
         {
             spec.env.push(format!("SSH_AUTH_SOCK={socket}"));
@@ -795,7 +795,7 @@ impl Connection {
             return;
         };
         if state.sftp {
-            if spec.agent.is_none() {
+            if spec.target.agent_target().is_none() {
                 let line = "envgate: file transfer (sftp, scp) needs envgate-agent in the container, and this fleet runs without it".to_owned();
                 self.fail_channel(output, line, pty);
                 return;
@@ -1008,7 +1008,7 @@ impl Connection {
             tracing::info!(%user, environment = %requested, "no cached placement");
             return None;
         };
-        let target = AgentTarget::from_placement(&cached.agent_address, &cached.agent_secret)?;
+        let target = session_target(&cached).agent_target()?;
         if !self
             .services
             .runtime
@@ -1309,7 +1309,23 @@ fn process_spec(
         working_dir: non_empty(&placement.working_dir),
         user: non_empty(&placement.run_as),
         account,
-        agent: AgentTarget::from_placement(&placement.agent_address, &placement.agent_secret),
+        target: session_target(placement),
+    }
+}
+
+/// Where the placement says the session starts: the container's agent, else the engine's
+/// exec in the container.
+fn session_target(placement: &Placement) -> SessionTarget {
+    if !placement.agent_address.is_empty() {
+        match SessionTarget::agent(&placement.agent_address, &placement.agent_secret) {
+            Ok(target) => return target,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unusable agent address; using runtime exec")
+            }
+        }
+    }
+    SessionTarget::DockerExec {
+        container_id: placement.container_id.clone(),
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod support;
 
-#[path = "../../controlplane/tests/common/registry.rs"]
+#[path = "../../runtime/tests/support/registry.rs"]
 mod registry;
 
 use std::time::Duration;

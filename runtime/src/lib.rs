@@ -11,9 +11,15 @@
 //! `scripted` (feature `testkit`) is an in-memory runtime for unit tests, and `conformance`
 //! (also `testkit`) the behaviours every lifecycle implementation must show.
 
+#[cfg(any(test, feature = "testkit"))]
+pub mod conformance;
+#[cfg(feature = "docker")]
+pub mod docker;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod lifecycle;
+#[cfg(any(test, feature = "testkit"))]
+pub mod scripted;
 pub mod session;
 pub mod types;
 

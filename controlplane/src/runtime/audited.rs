@@ -7,7 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use envgate_proto::audit::{AuditLog, Event};
 
-use super::{ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError};
+use super::{
+    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError, RuntimeKind, WarmPool,
+};
 
 pub struct Audited {
     inner: Arc<dyn Runtime>,
@@ -17,6 +19,10 @@ pub struct Audited {
 impl Audited {
     pub fn new(inner: Arc<dyn Runtime>, audit: AuditLog) -> Self {
         Self { inner, audit }
+    }
+
+    fn inner_pool(&self) -> Result<&dyn WarmPool, RuntimeError> {
+        self.inner.warm_pool().map_err(RuntimeError::Failed)
     }
 
     fn created(&self, spec: &ContainerSpec, container: &CreatedContainer, warm: bool) {
@@ -32,12 +38,12 @@ impl Audited {
 
 #[async_trait]
 impl Runtime for Audited {
-    fn name(&self) -> &'static str {
-        self.inner.name()
+    fn kind(&self) -> RuntimeKind {
+        self.inner.kind()
     }
 
-    async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
-        self.inner.ensure_volume(instance, user).await
+    async fn ensure_home(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
+        self.inner.ensure_home(instance, user).await
     }
 
     async fn create_and_start(
@@ -66,12 +72,20 @@ impl Runtime for Audited {
         self.inner.list_managed(instance).await
     }
 
-    fn warm_pool_support(&self) -> Result<(), String> {
-        self.inner.warm_pool_support()
+    /// The inner runtime's warm pools, audited here.
+    fn warm_pool(&self) -> Result<&dyn WarmPool, String> {
+        self.inner.warm_pool().map(|_| self as &dyn WarmPool)
     }
 
+    async fn sweep(&self, instance: &str, live: &[ManagedContainer]) -> Result<(), RuntimeError> {
+        self.inner.sweep(instance, live).await
+    }
+}
+
+#[async_trait]
+impl WarmPool for Audited {
     async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
-        let created = self.inner.create_warm(spec).await?;
+        let created = self.inner_pool()?.create_warm(spec).await?;
         self.created(spec, &created, true);
         Ok(created)
     }
@@ -81,7 +95,7 @@ impl Runtime for Audited {
         container: &CreatedContainer,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
-        let name = self.inner.assign(container, spec).await?;
+        let name = self.inner_pool()?.assign(container, spec).await?;
         self.audit.record(Event::ContainerAssign {
             user: spec.user.clone(),
             environment: spec.environment.clone(),
@@ -89,10 +103,6 @@ impl Runtime for Audited {
             name: name.clone(),
         });
         Ok(name)
-    }
-
-    async fn sweep(&self, instance: &str, live: &[ManagedContainer]) -> Result<(), RuntimeError> {
-        self.inner.sweep(instance, live).await
     }
 }
 
@@ -117,7 +127,7 @@ mod tests {
             cpus: 0.0,
             memory_bytes: 0,
             pids_limit: 0,
-            gpus: crate::model::Gpus::None,
+            gpus: envgate_runtime::Gpus::None,
         };
         let created = runtime
             .create_and_start(&spec, &|_: &str| {})

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use envgate_agent::WindowSize;
 use envgate_agent::client::{ConnectOptions, ProcessControl as AgentProcessControl};
 use envgate_agent::client::{ProcessExit as AgentExit, ProcessOutput};
 use envgate_agent::{AgentError, AgentPool, ExitStatus, Program, PtyRequest, SpawnRequest};
-use envgate_agent::{WindowSize, client::AgentAddress};
 use envgate_proto::ops::record_phase;
 use futures::StreamExt;
 
@@ -27,32 +27,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// the output at once.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
 
-/// Where a container's agent listens and the secret it expects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentTarget {
-    pub address: AgentAddress,
-    pub secret: String,
-}
-
-impl AgentTarget {
-    /// From a placement's `agent_address` / `agent_secret`; `None` when the
-    /// container has no agent.
-    pub fn from_placement(address: &str, secret: &str) -> Option<Self> {
-        if address.is_empty() {
-            return None;
-        }
-        match address.parse() {
-            Ok(address) => Some(Self {
-                address,
-                secret: secret.to_owned(),
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring an unusable agent address; using runtime exec");
-                None
-            }
-        }
-    }
-}
+pub use envgate_runtime::session::AgentTarget;
 
 pub struct AgentRuntime {
     agents: AgentPool,
@@ -125,7 +100,7 @@ fn chunks(output: ProcessOutput, wrap: fn(Bytes) -> Output) -> OutputStream {
 #[async_trait]
 impl ProcessRuntime for AgentRuntime {
     async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError> {
-        let Some(target) = &spec.agent else {
+        let Some(target) = &spec.target.agent_target() else {
             return match &self.fallback {
                 Some(fallback) => fallback.start(spec).await,
                 None => Err(ExecError::NoDockerExec),
@@ -221,6 +196,7 @@ impl ProcessControl for AgentControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::SessionTarget;
 
     /// A proxy started without `--docker-host` has no Docker access at all: a container
     /// without the agent is refused with the reason, and nothing dials an engine.
@@ -236,7 +212,9 @@ mod tests {
             working_dir: None,
             user: None,
             account: None,
-            agent: None,
+            target: SessionTarget::DockerExec {
+                container_id: "c1".into(),
+            },
         };
         let error = runtime.start(&spec).await.err().expect("refused");
         assert!(matches!(error, ExecError::NoDockerExec));
@@ -257,7 +235,9 @@ mod tests {
             working_dir: Some("/home/alice".into()),
             user: None,
             account: None,
-            agent: None,
+            target: SessionTarget::DockerExec {
+                container_id: "c1".into(),
+            },
         };
         let request = spawn_request(&spec);
         assert_eq!(
@@ -275,16 +255,5 @@ mod tests {
         let pty = request.pty.unwrap();
         assert_eq!(pty.term, "vt100");
         assert_eq!((pty.size.cols, pty.size.rows), (80, 24));
-    }
-
-    #[test]
-    fn placements_without_an_agent_use_the_runtime() {
-        assert_eq!(AgentTarget::from_placement("", "s"), None);
-        let target =
-            AgentTarget::from_placement("/var/lib/envgate/agents/x/sock/agent.sock", "s").unwrap();
-        assert_eq!(
-            target.address,
-            AgentAddress::Unix("/var/lib/envgate/agents/x/sock/agent.sock".into())
-        );
     }
 }

@@ -1,24 +1,21 @@
 //! The data path: start the user's process in their container and pump
 //! bytes between it and one SSH channel. The runtime that starts processes
-//! sits behind [`ProcessRuntime`]: the container's agent when the placement
-//! names one (`agent.rs`), else Docker exec (`docker.rs`); the pumping is the
-//! same for every runtime.
+//! sits behind [`ProcessRuntime`] (the `envgate-runtime` crate): the
+//! container's agent when the placement's [`SessionTarget`] names one
+//! (`agent.rs`), else the engine's exec (Docker exec, `envgate_runtime::docker`,
+//! with the `docker` feature); the pumping is the same for every runtime.
 
 pub mod agent;
-pub mod docker;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use futures::Stream;
 use futures::StreamExt;
 use russh::ChannelWriteHalf;
 use russh::server::Msg;
-use thiserror::Error;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -46,124 +43,10 @@ const MAX_QUEUED_SIGNALS: usize = 16;
 /// process's output ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Error)]
-pub enum ExecError {
-    #[error("the container runtime failed: {0}")]
-    Runtime(String),
-    #[error("the process's exit code is not known")]
-    NoExitCode,
-    #[error("the container runtime did not start the process within {0:?}")]
-    StartTimeout(Duration),
-    /// The agent answered but could not start the process; meant for the user.
-    #[error("{0}")]
-    Refused(String),
-    /// The container's agent cannot be reached or its connection broke.
-    #[error("{0}")]
-    AgentUnreachable(String),
-    #[error("this runtime cannot deliver signals")]
-    NoSignals,
-    #[error(
-        "the container runs no envgate-agent and this proxy has no Docker access (--docker-host)"
-    )]
-    NoDockerExec,
-}
-
-impl From<std::io::Error> for ExecError {
-    fn from(e: std::io::Error) -> Self {
-        ExecError::Runtime(e.to_string())
-    }
-}
-
-impl From<bollard::errors::Error> for ExecError {
-    fn from(e: bollard::errors::Error) -> Self {
-        ExecError::Runtime(e.to_string())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TerminalSize {
-    pub cols: u32,
-    pub rows: u32,
-}
-
-/// What to run and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSpec {
-    pub container_id: String,
-    pub command: Vec<String>,
-    /// A terminal was requested: run on a tty of this size.
-    pub tty: Option<TerminalSize>,
-    /// The client's terminal modes for that tty (RFC 4254 opcodes); Docker exec ignores them.
-    pub pty_modes: Vec<(u8, u32)>,
-    /// `KEY=value`.
-    pub env: Vec<String>,
-    pub working_dir: Option<String>,
-    /// Who to run as when there is no `account`: a name or `uid[:gid]` of the image.
-    pub user: Option<String>,
-    /// The user's own account, which the agent creates in the container before the first
-    /// process; Docker exec runs as its bare `uid:gid`.
-    pub account: Option<envgate_agent::Account>,
-    /// The container's agent; `None`: start through the runtime's exec.
-    pub agent: Option<agent::AgentTarget>,
-}
-
-pub enum Output {
-    Stdout(Bytes),
-    Stderr(Bytes),
-}
-
-pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, ExecError>> + Send>>;
-
-/// A started process: its input, its output, and a way to steer it.
-pub struct StartedProcess {
-    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
-    pub output: OutputStream,
-    pub control: Box<dyn ProcessControl>,
-}
-
-#[async_trait]
-pub trait ProcessControl: Send + Sync {
-    async fn resize(&self, size: TerminalSize) -> Result<(), ExecError>;
-    /// The exit code once the process has ended; `None` while it runs.
-    async fn exit_code(&self) -> Result<Option<i64>, ExecError>;
-    /// Delivers an SSH signal (`INT`, `TERM`, ...) to the process.
-    async fn signal(&self, _name: &str) -> Result<(), ExecError> {
-        Err(ExecError::NoSignals)
-    }
-    /// After `exit_code` returned `Some`: the signal that ended the process,
-    /// when the runtime can tell (Docker exec reports only 128 + n).
-    async fn exit_signal(&self) -> Option<ExitSignal> {
-        None
-    }
-}
-
-/// A process ended by a signal, as SSH's `exit-signal` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitSignal {
-    /// Without `SIG`, e.g. `TERM`.
-    pub name: String,
-    pub core_dumped: bool,
-}
-
-/// How a process ended: the shell's code (128 + n for a signal) and the
-/// signal, when known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessEnd {
-    pub code: i64,
-    pub signal: Option<ExitSignal>,
-}
-
-#[async_trait]
-pub trait ProcessRuntime: Send + Sync {
-    /// Starts the process attached, with the initial terminal size applied.
-    async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError>;
-
-    /// Whether the container's agent answers (connects and completes its handshake), without
-    /// starting anything. A runtime that cannot tell answers `false`.
-    async fn answers(&self, _container_id: &str, _agent: &agent::AgentTarget) -> bool {
-        false
-    }
-}
+pub use envgate_runtime::session::{
+    AgentTarget, ExecError, ExitSignal, Output, OutputStream, ProcessControl, ProcessEnd,
+    ProcessRuntime, ProcessSpec, SessionTarget, StartedProcess, TerminalSize,
+};
 
 /// One thing the client sent on a channel, in the order it was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,6 +52,8 @@ struct State {
     watchers: Vec<Watcher>,
     /// The status the "kubelet" gives every new Pod; `None`: Running with an address.
     pod_status: Option<Value>,
+    /// Images no registry has: their Pods wait in `ErrImagePull`.
+    missing_images: std::collections::BTreeSet<String>,
 }
 
 struct Watcher {
@@ -109,6 +111,11 @@ impl FakeApiServer {
     pub fn with_pod_status(self, status: Value) -> Self {
         self.lock().pod_status = Some(status);
         self
+    }
+
+    /// Pods of `image` wait in `ErrImagePull`, as the kubelet reports an image no registry has.
+    pub fn image_missing(&self, image: &str) {
+        self.lock().missing_images.insert(image.to_owned());
     }
 
     /// A kube client talking to this fake, defaulting to `namespace`.
@@ -233,7 +240,17 @@ impl FakeApiServer {
                 }
                 state.store(key(&name), object.clone(), "ADDED");
                 if resource == "pods" {
-                    let status = state.pod_status.clone().unwrap_or_else(|| {
+                    let image = object["spec"]["containers"][0]["image"]
+                        .as_str()
+                        .unwrap_or("");
+                    let missing = state.missing_images.contains(image).then(|| {
+                        json!({"phase": "Pending", "containerStatuses": [{
+                            "name": "env", "image": image, "imageID": "", "ready": false,
+                            "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull",
+                                "message": format!("failed to pull image \"{image}\": not found")}}
+                        }]})
+                    });
+                    let status = missing.or_else(|| state.pod_status.clone()).unwrap_or_else(|| {
                         state.next_ip += 1;
                         json!({
                             "phase": "Running",

@@ -162,11 +162,10 @@ async fn kube_fake_a_pod_that_cannot_pull_leaves_nothing_behind() {
         .unwrap_err();
     assert_eq!(
         error,
-        RuntimeError::Failed(
-            "environment \"dev\": image envgate/busybox:latest cannot be pulled: rpc error: code \
-             = NotFound desc = failed to pull and unpack image"
-                .to_owned()
-        )
+        RuntimeError::PullFailed {
+            image: "envgate/busybox:latest".to_owned(),
+            reason: "rpc error: code = NotFound desc = failed to pull and unpack image".to_owned(),
+        }
     );
     assert!(fake.names(NS, "pods").is_empty());
     assert!(fake.names(NS, "secrets").is_empty());

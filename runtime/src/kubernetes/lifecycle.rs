@@ -20,6 +20,9 @@ impl From<Failure> for RuntimeError {
         match failure {
             Failure::Unavailable(line) => RuntimeError::Unavailable(line),
             Failure::Failed(line) => RuntimeError::Failed(line),
+            // The control plane tells the user which environment's image it was, and logs
+            // the kubelet's reason (as for a Docker pull).
+            Failure::PullFailed { image, reason, .. } => RuntimeError::PullFailed { image, reason },
         }
     }
 }

@@ -19,6 +19,7 @@ use tower_test::mock::{Handle, SendResponse};
 use super::fake::{FakeBody, status_body};
 use super::objects::parse_toleration;
 use super::*;
+use crate::types::RuntimeError;
 
 type MockHandle = Handle<Request<kube::client::Body>, Response<FakeBody>>;
 
@@ -390,13 +391,19 @@ async fn kube_image_pull_back_off_is_one_clear_line_and_leaves_nothing() {
         events
     };
     let (result, _events) = tokio::join!(runtime.start(&input, &|_: &str| {}), server);
+    let failure = result.unwrap_err();
     assert_eq!(
-        result.unwrap_err(),
-        Failure::Failed(
-            "environment \"cuda\": image registry.lab/cuda:12 cannot be pulled: Back-off pulling \
-             image \"registry.lab/cuda:12\": not found"
-                .to_owned()
-        )
+        failure.to_string(),
+        "environment \"cuda\": image registry.lab/cuda:12 cannot be pulled: Back-off pulling \
+         image \"registry.lab/cuda:12\": not found"
+    );
+    assert_eq!(
+        RuntimeError::from(failure),
+        RuntimeError::PullFailed {
+            image: "registry.lab/cuda:12".to_owned(),
+            reason: "Back-off pulling image \"registry.lab/cuda:12\": not found".to_owned(),
+        },
+        "the control plane's line names the environment and the image"
     );
 }
 

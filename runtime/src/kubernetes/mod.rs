@@ -28,6 +28,8 @@ pub mod settings;
 pub mod status;
 
 #[cfg(test)]
+mod conformance_tests;
+#[cfg(test)]
 mod fake_tests;
 #[cfg(test)]
 mod mock_tests;
@@ -152,9 +154,16 @@ pub enum Failure {
     /// The API server cannot be reached or refused our credentials.
     #[error("{0}")]
     Unavailable(String),
-    /// One line for the user (an image that cannot be pulled, a timeout, a rejected object).
+    /// One line for the user (a timeout, a rejected object, a container that exits).
     #[error("{0}")]
     Failed(String),
+    /// The user's image cannot be pulled (`reason`: the kubelet's); `line` is for the user.
+    #[error("{line}")]
+    PullFailed {
+        image: String,
+        reason: String,
+        line: String,
+    },
 }
 
 /// A Pod that runs its agent.
@@ -405,6 +414,17 @@ impl KubernetesRuntime {
                 match status::progress(&pod, environment) {
                     Progress::Running { ip } => return Ok(ip),
                     Progress::Failed(line) => return Err(Failure::Failed(line)),
+                    Progress::ImageFailed {
+                        image,
+                        reason,
+                        line,
+                    } => {
+                        return Err(Failure::PullFailed {
+                            image,
+                            reason,
+                            line,
+                        });
+                    }
                     Progress::Waiting(line) => {
                         if let Some(line) = line
                             && last_line.as_deref() != Some(line.as_str())

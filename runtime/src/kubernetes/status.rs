@@ -14,6 +14,12 @@ pub enum Progress {
     Running { ip: String },
     /// It will not run without someone changing something; one line for the user.
     Failed(String),
+    /// The user's image cannot be pulled: the kubelet's reason, and the line for the user.
+    ImageFailed {
+        image: String,
+        reason: String,
+        line: String,
+    },
 }
 
 /// Waiting reasons that do not resolve by waiting.
@@ -36,7 +42,7 @@ pub fn progress(pod: &Pod, environment: &str) -> Progress {
     let main = status.container_statuses.as_deref().unwrap_or_default();
     for container in init.iter().chain(main) {
         if let Some(failed) = container_failure(container, environment) {
-            return Progress::Failed(failed);
+            return failed;
         }
     }
     match status.phase.as_deref() {
@@ -88,7 +94,7 @@ pub fn progress(pod: &Pod, environment: &str) -> Progress {
     Progress::Waiting(pulling.then(|| "starting the container (pulling its image)".to_owned()))
 }
 
-fn container_failure(container: &ContainerStatus, environment: &str) -> Option<String> {
+fn container_failure(container: &ContainerStatus, environment: &str) -> Option<Progress> {
     let image = container.image.as_str();
     let what = if container.name == INSTALL_CONTAINER {
         "the agent image"
@@ -100,19 +106,26 @@ fn container_failure(container: &ContainerStatus, environment: &str) -> Option<S
         let reason = waiting.reason.as_deref().unwrap_or_default();
         let message = waiting.message.as_deref().unwrap_or(reason);
         if IMAGE_REASONS.contains(&reason) {
-            return Some(format!(
-                "environment {environment:?}: {what} {image} cannot be pulled: {message}"
-            ));
+            let line =
+                format!("environment {environment:?}: {what} {image} cannot be pulled: {message}");
+            if container.name == INSTALL_CONTAINER {
+                return Some(Progress::Failed(line));
+            }
+            return Some(Progress::ImageFailed {
+                image: image.to_owned(),
+                reason: message.to_owned(),
+                line,
+            });
         }
         if CONFIG_REASONS.contains(&reason) {
-            return Some(format!(
+            return Some(Progress::Failed(format!(
                 "environment {environment:?}: the container cannot be created: {message}"
-            ));
+            )));
         }
         if reason == "CrashLoopBackOff" {
-            return Some(format!(
+            return Some(Progress::Failed(format!(
                 "environment {environment:?}: the container keeps exiting: {message}"
-            ));
+            )));
         }
     }
     if let Some(terminated) = &state.terminated
@@ -128,10 +141,10 @@ fn container_failure(container: &ContainerStatus, environment: &str) -> Option<S
         } else {
             "the container"
         };
-        return Some(format!(
+        return Some(Progress::Failed(format!(
             "environment {environment:?}: {which} exited with status {}: {why}",
             terminated.exit_code
-        ));
+        )));
     }
     None
 }
@@ -162,11 +175,13 @@ mod tests {
         }));
         assert_eq!(
             progress(&p, "dev"),
-            Progress::Failed(
-                "environment \"dev\": image registry.lab/nope:1 cannot be pulled: Back-off \
-                 pulling image \"registry.lab/nope:1\""
+            Progress::ImageFailed {
+                image: "registry.lab/nope:1".to_owned(),
+                reason: "Back-off pulling image \"registry.lab/nope:1\"".to_owned(),
+                line: "environment \"dev\": image registry.lab/nope:1 cannot be pulled: \
+                       Back-off pulling image \"registry.lab/nope:1\""
                     .to_owned()
-            )
+            }
         );
     }
 

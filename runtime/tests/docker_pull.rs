@@ -3,72 +3,18 @@
 //! concurrent creations, and clear failures (no registry, a pull past its time limit) that
 //! leave no container behind.
 
-#[path = "common/registry.rs"]
-mod registry;
+mod support;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envgate_controlplane::model::Gpus;
-use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime, RuntimeError};
-use registry::{Options, Registry};
-
-/// Removes what one test made: its instance's containers and volumes, and the images it
-/// pulled (unique references, so nobody else's).
-struct Cleanup {
-    instance: String,
-    images: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let label = format!("label=envgate.instance={}", self.instance);
-        for (list, remove) in [
-            (vec!["ps", "-aq", "--filter", &label], vec!["rm", "-f"]),
-            (
-                vec!["volume", "ls", "-q", "--filter", &label],
-                vec!["volume", "rm", "-f"],
-            ),
-        ] {
-            let ids = docker(&list);
-            let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
-                docker(&[remove, ids].concat());
-            }
-        }
-        for image in &self.images {
-            registry::remove_image(image);
-        }
-    }
-}
-
-fn docker(args: &[&str]) -> String {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{:08x}", rand::random::<u32>())
-}
+use envgate_runtime::docker::DockerRuntime;
+use envgate_runtime::{ContainerSpec, Runtime, RuntimeError};
+use support::registry::{self, Options, Registry};
+use support::{Cleanup, docker, instance_containers, unique};
 
 fn spec(instance: &str, user: &str, image: &str) -> ContainerSpec {
-    ContainerSpec {
-        instance: instance.into(),
-        user: user.into(),
-        environment: "pulled".into(),
-        session: None,
-        image: image.into(),
-        env: vec![],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
-        gpus: Gpus::None,
-    }
+    support::spec(instance, user, "pulled", image)
 }
 
 type Lines = Arc<Mutex<Vec<String>>>;
@@ -90,18 +36,6 @@ async fn registry(layer_delay: Duration) -> Registry {
     .await
 }
 
-fn instance_containers(instance: &str) -> Vec<String> {
-    docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=envgate.instance={instance}"),
-    ])
-    .split_whitespace()
-    .map(str::to_owned)
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_is_pulled_with_progress_then_runs() {
     let registry = registry(Duration::from_millis(2500)).await;
@@ -112,7 +46,7 @@ async fn a_missing_image_is_pulled_with_progress_then_runs() {
     };
     assert!(!registry::image_present(&registry.image));
     let runtime = DockerRuntime::new(None);
-    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    runtime.ensure_home(&instance, "alice").await.unwrap();
     let (lines, progress) = recorder();
     let created = tokio::time::timeout(
         Duration::from_secs(120),
@@ -161,7 +95,7 @@ async fn concurrent_creations_share_one_pull() {
     let runtime = Arc::new(DockerRuntime::new(None));
     let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
     for user in &users {
-        runtime.ensure_volume(&instance, user).await.unwrap();
+        runtime.ensure_home(&instance, user).await.unwrap();
     }
     let creations: Vec<_> = users
         .iter()
@@ -217,7 +151,7 @@ async fn a_registry_that_is_not_there_fails_clearly_and_leaves_nothing() {
         images: vec![image.clone()],
     };
     let runtime = DockerRuntime::new(None);
-    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    runtime.ensure_home(&instance, "alice").await.unwrap();
     let (lines, progress) = recorder();
     let err = runtime
         .create_and_start(&spec(&instance, "alice", &image), &progress)
@@ -254,7 +188,7 @@ async fn a_pull_past_its_time_limit_fails_and_the_next_open_tries_again() {
         images: vec![registry.image.clone()],
     };
     let runtime = DockerRuntime::new(None).with_pull_timeout(Duration::from_secs(1));
-    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    runtime.ensure_home(&instance, "alice").await.unwrap();
     let (_, progress) = recorder();
     let spec = spec(&instance, "alice", &registry.image);
     let err = runtime

@@ -26,10 +26,16 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::{
-    ExecError, Output, OutputStream, ProcessControl, ProcessRuntime, ProcessSpec, StartedProcess,
-    TerminalSize,
+use crate::session::{
+    ExecError, Output, OutputStream, ProcessControl, ProcessRuntime, ProcessSpec, SessionTarget,
+    StartedProcess, TerminalSize,
 };
+
+impl From<bollard::errors::Error> for ExecError {
+    fn from(e: bollard::errors::Error) -> Self {
+        ExecError::Runtime(e.to_string())
+    }
+}
 
 /// Bound on each call to the engine (bollard's request timeout) and on
 /// connecting at start.
@@ -65,12 +71,13 @@ impl DockerEndpoint {
     }
 }
 
-pub struct DockerRuntime {
+/// Starts processes with Docker exec (the proxy's `--docker-host`).
+pub struct DockerExec {
     docker: Docker,
     endpoint: DockerEndpoint,
 }
 
-impl DockerRuntime {
+impl DockerExec {
     /// Connects to the engine at `host` and agrees on an API version it
     /// speaks (an engine may be older than bollard's default version).
     pub async fn connect(host: &str) -> Result<Self, ExecError> {
@@ -191,7 +198,7 @@ fn raw_output(read: Pin<Box<dyn AsyncRead + Send>>) -> OutputStream {
 }
 
 #[async_trait]
-impl ProcessRuntime for DockerRuntime {
+impl ProcessRuntime for DockerExec {
     async fn start(&self, spec: &ProcessSpec) -> Result<StartedProcess, ExecError> {
         let started = Instant::now();
         let options = CreateExecOptions {
@@ -210,7 +217,15 @@ impl ProcessRuntime for DockerRuntime {
                 .or_else(|| spec.user.clone()),
             ..Default::default()
         };
-        let exec = self.docker.create_exec(&spec.container_id, options).await?;
+        let container = match &spec.target {
+            SessionTarget::DockerExec { container_id } => container_id,
+            // Docker exec works in a container whether or not its agent runs.
+            SessionTarget::AgentUnix { .. } | SessionTarget::AgentTcp { .. } => &spec.container_id,
+            SessionTarget::KubernetesExec { .. } => {
+                return Err(ExecError::Unsupported("Kubernetes exec"));
+            }
+        };
+        let exec = self.docker.create_exec(container, options).await?;
         let (stdin, output): (_, OutputStream) = if spec.tty.is_some() {
             let (read, write) = self.start_raw(&exec.id).await?;
             (write, raw_output(read))
@@ -239,7 +254,7 @@ impl ProcessRuntime for DockerRuntime {
             });
             (input, Box::pin(output))
         };
-        let control = DockerExec {
+        let control = ExecControl {
             docker: self.docker.clone(),
             exec_id: exec.id,
         };
@@ -260,13 +275,13 @@ impl ProcessRuntime for DockerRuntime {
     }
 }
 
-struct DockerExec {
+struct ExecControl {
     docker: Docker,
     exec_id: String,
 }
 
 #[async_trait]
-impl ProcessControl for DockerExec {
+impl ProcessControl for ExecControl {
     async fn resize(&self, size: TerminalSize) -> Result<(), ExecError> {
         let clamp = |n: u32| u16::try_from(n.max(1)).unwrap_or(u16::MAX);
         let options = ResizeExecOptions {

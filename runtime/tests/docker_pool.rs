@@ -2,58 +2,16 @@
 //! mounting their home volume into it while it runs (mount propagation through a home slot),
 //! and removed again — and the home volume's files survive every way a slot goes away.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use envgate_controlplane::model::Gpus;
-use envgate_controlplane::runtime::slots;
-use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime};
-
-const IMAGE: &str = "envgate/busybox:latest";
-/// The control plane's default; a test made elsewhere would have to undo the shared mount.
-const SLOTS: &str = "/var/lib/envgate/slots";
-
-/// Removes this test's containers, volumes and slots, even when an assertion failed.
-struct Cleanup {
-    instance: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=envgate.instance={}", self.instance),
-        ]);
-        for id in ids.split_whitespace() {
-            docker(&["rm", "-f", id]);
-        }
-        if let Ok(entries) = std::fs::read_dir(Path::new(SLOTS).join(&self.instance)) {
-            for entry in entries.flatten() {
-                slots::release(&entry.path());
-            }
-        }
-        let _ = std::fs::remove_dir(Path::new(SLOTS).join(&self.instance));
-        let volumes = docker(&[
-            "volume",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("name=envgate-{}-", self.instance),
-        ]);
-        for volume in volumes.split_whitespace() {
-            docker(&["volume", "rm", "-f", volume]);
-        }
-    }
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use envgate_runtime::docker::DockerRuntime;
+use envgate_runtime::{ContainerSpec, Runtime, WarmPool};
+use support::{Cleanup, IMAGE, SLOTS, docker, unique};
 
 /// `sh -c script` in the container; panics with its stderr unless it succeeds.
 fn exec(id: &str, script: &str) -> String {
@@ -70,19 +28,7 @@ fn exec(id: &str, script: &str) -> String {
 }
 
 fn spec(instance: &str, user: &str) -> ContainerSpec {
-    ContainerSpec {
-        instance: instance.into(),
-        user: user.into(),
-        environment: "busybox".into(),
-        session: None,
-        image: IMAGE.into(),
-        env: vec![],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
-        gpus: Gpus::None,
-    }
+    support::spec(instance, user, "busybox", IMAGE)
 }
 
 fn volume_dir(instance: &str, user: &str) -> PathBuf {
@@ -105,31 +51,36 @@ fn labels(id: &str) -> HashMap<String, String> {
     serde_json::from_str(json.trim()).expect("labels")
 }
 
+fn pool(runtime: &DockerRuntime) -> &dyn WarmPool {
+    runtime.warm_pool().expect("warm pools")
+}
+
 async fn runtime() -> DockerRuntime {
     let runtime = DockerRuntime::connect(None)
         .await
         .expect("docker is reachable")
         .with_home_slots(Some(Path::new(SLOTS)));
-    runtime
-        .warm_pool_support()
-        .expect("warm pools work here (root, local Docker)");
+    if let Err(why) = runtime.warm_pool() {
+        panic!("warm pools work here (root, local Docker): {why}");
+    }
     runtime
 }
 
 #[tokio::test]
 async fn a_claimed_warm_container_shows_only_its_users_home_and_its_removal_keeps_the_files() {
-    let instance = format!("dpool{:08x}", rand::random::<u32>());
-    let _cleanup = Cleanup {
-        instance: instance.clone(),
-    };
+    let instance = unique("dpool");
+    let _cleanup = Cleanup::new(&instance);
     let runtime = runtime().await;
 
     // Alice's home already holds a file (written through an earlier container).
-    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    runtime.ensure_home(&instance, "alice").await.unwrap();
     let home = volume_dir(&instance, "alice");
     std::fs::write(home.join("kept.txt"), b"from before").unwrap();
 
-    let warm = runtime.create_warm(&spec(&instance, "")).await.unwrap();
+    let warm = pool(&runtime)
+        .create_warm(&spec(&instance, ""))
+        .await
+        .unwrap();
     let suffix = warm.name.rsplit('-').next().unwrap();
     assert!(
         suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -152,7 +103,7 @@ async fn a_claimed_warm_container_shows_only_its_users_home_and_its_removal_keep
         "nobody's home before the claim"
     );
 
-    let name = runtime
+    let name = pool(&runtime)
         .assign(&warm, &spec(&instance, "alice"))
         .await
         .unwrap();
@@ -198,10 +149,8 @@ async fn a_claimed_warm_container_shows_only_its_users_home_and_its_removal_keep
 #[tokio::test]
 async fn a_slot_left_by_a_container_removed_behind_envgates_back_is_swept_without_touching_the_home()
  {
-    let instance = format!("dpool{:08x}", rand::random::<u32>());
-    let _cleanup = Cleanup {
-        instance: instance.clone(),
-    };
+    let instance = unique("dpool");
+    let _cleanup = Cleanup::new(&instance);
     let runtime = runtime().await;
     let slot_of = |name: &str| {
         Path::new(SLOTS)
@@ -217,16 +166,22 @@ async fn a_slot_left_by_a_container_removed_behind_envgates_back_is_swept_withou
             .unwrap();
         assert!(status.success());
     };
-    let warm = runtime.create_warm(&spec(&instance, "")).await.unwrap();
-    runtime
+    let warm = pool(&runtime)
+        .create_warm(&spec(&instance, ""))
+        .await
+        .unwrap();
+    pool(&runtime)
         .assign(&warm, &spec(&instance, "bob"))
         .await
         .unwrap();
     exec(&warm.id, "echo precious > /home/bob/thesis.tex");
     docker(&["rm", "-f", &warm.id]);
     // Carol's container is still running: its slot is as old, but it stays.
-    let live = runtime.create_warm(&spec(&instance, "")).await.unwrap();
-    runtime
+    let live = pool(&runtime)
+        .create_warm(&spec(&instance, ""))
+        .await
+        .unwrap();
+    pool(&runtime)
         .assign(&live, &spec(&instance, "carol"))
         .await
         .unwrap();
@@ -262,14 +217,15 @@ async fn a_remote_engine_disables_warm_pools() {
     let runtime =
         DockerRuntime::new(Some("tcp://127.0.0.1:1")).with_home_slots(Some(Path::new(SLOTS)));
     assert_eq!(
-        runtime.warm_pool_support().unwrap_err(),
+        runtime.warm_pool().err().expect("no warm pools"),
         "Docker is reached at tcp://127.0.0.1:1, and a remote engine cannot see this host's mounts"
     );
     assert_eq!(
         DockerRuntime::new(None)
             .with_home_slots(None)
-            .warm_pool_support()
-            .unwrap_err(),
+            .warm_pool()
+            .err()
+            .expect("no warm pools"),
         "--home-slots-dir is empty"
     );
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::{classify, is_not_found, unavailable, within};
-use crate::runtime::RuntimeError;
+use crate::types::RuntimeError;
 
 /// At most one progress line per waiter this often, between the start and the done line.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);

@@ -14,7 +14,7 @@ use bollard::models::NetworkCreateRequest;
 use bollard::query_parameters::InspectNetworkOptions;
 
 use super::{classify, is_not_found, within};
-use crate::runtime::{RuntimeError, labels};
+use crate::types::{RuntimeError, labels};
 
 /// The network's name unless configured otherwise.
 pub const DEFAULT_NETWORK: &str = "envgate-users";

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{
-    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
-    claimed_container_name, container_name, pool_container_name, volume_name,
+use crate::lifecycle::{Runtime, RuntimeKind, WarmPool};
+use crate::types::{
+    ContainerSpec, CreatedContainer, ManagedContainer, RuntimeError, claimed_container_name,
+    container_name, pool_container_name, volume_name,
 };
 
 #[derive(Debug, Clone)]
@@ -32,7 +33,7 @@ struct State {
     inspect_delay: Duration,
     creates: usize,
     removes: usize,
-    /// Warm pools: off when set (`warm_pool_support` fails), failing assigns, counts.
+    /// Warm pools: off when set (`warm_pool` says why), failing assigns, counts.
     warm_unsupported: bool,
     fail_assigns: usize,
     warm_creates: usize,
@@ -190,7 +191,7 @@ impl ScriptedRuntime {
             state.creates += 1;
             container_name(&spec.instance, &spec.user, &spec.environment)
         };
-        let id = insert(&mut state, spec.clone(), name.clone(), crate::model::now());
+        let id = insert(&mut state, spec.clone(), name.clone(), crate::types::now());
         Ok(CreatedContainer {
             id,
             name,
@@ -217,11 +218,11 @@ fn insert(state: &mut State, spec: ContainerSpec, name: String, created_at: i64)
 
 #[async_trait]
 impl Runtime for ScriptedRuntime {
-    fn name(&self) -> &'static str {
-        "scripted"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Scripted
     }
 
-    async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
+    async fn ensure_home(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
         self.check_available()?;
         let name = volume_name(instance, user);
         self.lock().volumes.insert(name.clone());
@@ -236,14 +237,52 @@ impl Runtime for ScriptedRuntime {
         self.create(spec, false).await
     }
 
-    fn warm_pool_support(&self) -> Result<(), String> {
+    fn warm_pool(&self) -> Result<&dyn WarmPool, String> {
         if self.lock().warm_unsupported {
             Err("scripted: warm pools are off".into())
         } else {
-            Ok(())
+            Ok(self)
         }
     }
 
+    async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
+        self.check_available()?;
+        let delay = self.lock().inspect_delay;
+        tokio::time::sleep(delay).await;
+        Ok(self.lock().containers.get(id).is_some_and(|c| c.running))
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.check_available()?;
+        let mut state = self.lock();
+        if state.containers.remove(id).is_some() {
+            state.removes += 1;
+        }
+        Ok(())
+    }
+
+    async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        self.check_available()?;
+        Ok(self
+            .lock()
+            .containers
+            .iter()
+            .filter(|(_, c)| c.spec.instance == instance)
+            .map(|(id, c)| ManagedContainer {
+                id: id.clone(),
+                name: c.name.clone(),
+                user: c.spec.user.clone(),
+                environment: c.spec.environment.clone(),
+                session: c.spec.session.clone(),
+                created_at: c.created_at,
+                running: c.running,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl WarmPool for ScriptedRuntime {
     async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
         self.create(spec, true).await
     }
@@ -283,40 +322,5 @@ impl Runtime for ScriptedRuntime {
             .insert(volume_name(&spec.instance, &spec.user));
         state.assigns += 1;
         Ok(name)
-    }
-
-    async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
-        self.check_available()?;
-        let delay = self.lock().inspect_delay;
-        tokio::time::sleep(delay).await;
-        Ok(self.lock().containers.get(id).is_some_and(|c| c.running))
-    }
-
-    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        self.check_available()?;
-        let mut state = self.lock();
-        if state.containers.remove(id).is_some() {
-            state.removes += 1;
-        }
-        Ok(())
-    }
-
-    async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        self.check_available()?;
-        Ok(self
-            .lock()
-            .containers
-            .iter()
-            .filter(|(_, c)| c.spec.instance == instance)
-            .map(|(id, c)| ManagedContainer {
-                id: id.clone(),
-                name: c.name.clone(),
-                user: c.spec.user.clone(),
-                environment: c.spec.environment.clone(),
-                session: c.spec.session.clone(),
-                created_at: c.created_at,
-                running: c.running,
-            })
-            .collect())
     }
 }

@@ -3,47 +3,11 @@
 //! runtime says so in its own words and leaves no container behind. On a host with one, the
 //! container starts.
 
-use std::process::Command;
+mod support;
 
-use envgate_controlplane::model::Gpus;
-use envgate_controlplane::runtime::{ContainerSpec, DockerRuntime, Runtime, RuntimeError};
-
-const IMAGE: &str = "envgate/busybox:latest";
-
-fn docker(args: &[&str]) -> String {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn instance_containers(instance: &str) -> Vec<String> {
-    let label = format!("label=envgate.instance={instance}");
-    docker(&["ps", "-aq", "--filter", &label])
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Removes the instance's containers and volumes, even when an assertion failed.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = instance_containers(&self.0);
-        if !ids.is_empty() {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            docker(&[&["rm", "-f"][..], &ids].concat());
-        }
-        docker(&[
-            "volume",
-            "rm",
-            "-f",
-            &format!("envgate-{}-home-alice", self.0),
-        ]);
-    }
-}
+use envgate_runtime::docker::DockerRuntime;
+use envgate_runtime::{ContainerSpec, Gpus, Runtime, RuntimeError};
+use support::{Cleanup, IMAGE, docker, instance_containers, unique};
 
 /// Whether this engine has a runtime that can hand out NVIDIA GPUs.
 fn host_has_gpu_runtime() -> bool {
@@ -52,10 +16,10 @@ fn host_has_gpu_runtime() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_environment_starts_only_where_the_engine_can_give_gpus() {
-    let instance = format!("gpu{:08x}", rand::random::<u32>());
-    let _cleanup = Cleanup(instance.clone());
+    let instance = unique("gpu");
+    let _cleanup = Cleanup::new(&instance);
     let runtime = DockerRuntime::new(None);
-    runtime.ensure_volume(&instance, "alice").await.unwrap();
+    runtime.ensure_home(&instance, "alice").await.unwrap();
     let spec = ContainerSpec {
         instance: instance.clone(),
         user: "alice".into(),

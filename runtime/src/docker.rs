@@ -1,4 +1,6 @@
-//! The Docker runtime (bollard). Every container gets the envgate labels, the user's home
+//! The Docker runtime (bollard), all of envgate's Docker code: container lifecycle and warm
+//! pools for the control plane (here, `pull.rs`, `network.rs`, `slots.rs`) and Docker exec for
+//! the proxy (`exec.rs`). Every container gets the envgate labels, the user's home
 //! volume, and the hardening the security model requires (no-new-privileges, all capabilities
 //! dropped but the few a root shell needs, a pids limit, memory/CPU limits when configured).
 
@@ -23,16 +25,20 @@ use bollard::query_parameters::{
     StartContainerOptions,
 };
 
-use super::slots::{self, HomeSlots};
-use super::{
-    AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
+use crate::lifecycle::{Runtime, RuntimeKind, WarmPool};
+use crate::types::{
+    AgentEndpoint, ContainerSpec, CreatedContainer, Gpus, ManagedContainer, RuntimeError,
     claimed_container_name, container_name, labels, name_suffix, pool_container_name, stale_dirs,
     volume_name,
 };
-use crate::model::Gpus;
+use slots::HomeSlots;
 
+pub mod exec;
 pub mod network;
 mod pull;
+pub mod slots;
+
+pub use exec::DockerExec;
 
 use network::UserNetwork;
 
@@ -516,11 +522,11 @@ fn is_missing_gpu_driver(e: &RuntimeError) -> bool {
 
 #[async_trait]
 impl Runtime for DockerRuntime {
-    fn name(&self) -> &'static str {
-        "docker"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Docker
     }
 
-    async fn ensure_volume(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
+    async fn ensure_home(&self, instance: &str, user: &str) -> Result<String, RuntimeError> {
         Ok(self.home_volume(instance, user).await?.name)
     }
 
@@ -532,79 +538,18 @@ impl Runtime for DockerRuntime {
         let docker = self.docker().await?;
         // Before taking a creation slot: a long pull must not hold up other images' creations.
         self.puller.ensure(docker, &spec.image, progress).await?;
-        // The caller ensured the volume (see `Runtime::ensure_volume`).
+        // The caller ensured the volume (see `Runtime::ensure_home`).
         let volume = volume_name(&spec.instance, &spec.user);
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
         let home = format!("{volume}:/home/{}", spec.user);
         self.create_with_agent(spec, name, home).await
     }
 
-    fn warm_pool_support(&self) -> Result<(), String> {
-        self.slots.as_ref().map(|_| ()).map_err(Clone::clone)
-    }
-
-    async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
-        let slots = self.slots()?;
-        let docker = self.docker().await?;
-        self.puller
-            .ensure(docker, &spec.image, &|_: &str| {})
-            .await?;
-        let name = pool_container_name(&spec.instance, &spec.environment);
-        let dir = slots.container_dir(&spec.instance, &name).ok_or_else(|| {
-            RuntimeError::Failed(format!("no home slot for instance {:?}", spec.instance))
-        })?;
-        let home = slots.create(&dir).map_err(|e| {
-            slots::release(&dir);
-            RuntimeError::Failed(format!("cannot make the home slot {}: {e}", dir.display()))
-        })?;
-        self.create_with_agent(spec, name, home)
-            .await
-            .inspect_err(|_| slots::release(&dir))
-    }
-
-    async fn assign(
-        &self,
-        container: &CreatedContainer,
-        spec: &ContainerSpec,
-    ) -> Result<String, RuntimeError> {
-        let slots = self.slots()?;
-        let dir = slots
-            .container_dir(&spec.instance, &container.name)
-            .ok_or_else(|| RuntimeError::Failed(format!("{} has no home slot", container.name)))?;
-        let volume = self.home_volume(&spec.instance, &spec.user).await?;
-        let mountpoint = volume.mountpoint;
-        if mountpoint.is_empty() {
-            return Err(RuntimeError::Failed(format!(
-                "volume {} has no mount point on this host",
-                volume.name
-            )));
-        }
-        let docker = self.docker().await?;
-        slots
-            .mount_home(&dir, &spec.user, Path::new(&mountpoint))
-            .map_err(|e| {
-                RuntimeError::Failed(format!(
-                    "cannot mount {}'s home into {}: {e}",
-                    spec.user, container.name
-                ))
-            })?;
-        // Only for `docker ps`: the etcd record says whose container it is, so the rename
-        // stays off the user's wait.
-        let name = claimed_container_name(
-            &spec.instance,
-            &spec.user,
-            &spec.environment,
-            &container.name,
-        );
-        let (docker, id, new_name) = (docker.clone(), container.id.clone(), name.clone());
-        tokio::spawn(async move {
-            let options = RenameContainerOptions { name: new_name };
-            if let Err(e) = bounded("rename container", docker.rename_container(&id, options)).await
-            {
-                tracing::warn!(container = %id, error = %e, "renaming a claimed warm container failed");
-            }
-        });
-        Ok(name)
+    fn warm_pool(&self) -> Result<&dyn WarmPool, String> {
+        self.slots
+            .as_ref()
+            .map(|_| self as &dyn WarmPool)
+            .map_err(Clone::clone)
     }
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
@@ -721,10 +666,92 @@ impl Runtime for DockerRuntime {
     }
 }
 
+#[async_trait]
+impl WarmPool for DockerRuntime {
+    async fn create_warm(&self, spec: &ContainerSpec) -> Result<CreatedContainer, RuntimeError> {
+        let slots = self.slots()?;
+        let docker = self.docker().await?;
+        self.puller
+            .ensure(docker, &spec.image, &|_: &str| {})
+            .await?;
+        let name = pool_container_name(&spec.instance, &spec.environment);
+        let dir = slots.container_dir(&spec.instance, &name).ok_or_else(|| {
+            RuntimeError::Failed(format!("no home slot for instance {:?}", spec.instance))
+        })?;
+        let home = slots.create(&dir).map_err(|e| {
+            slots::release(&dir);
+            RuntimeError::Failed(format!("cannot make the home slot {}: {e}", dir.display()))
+        })?;
+        self.create_with_agent(spec, name, home)
+            .await
+            .inspect_err(|_| slots::release(&dir))
+    }
+
+    async fn assign(
+        &self,
+        container: &CreatedContainer,
+        spec: &ContainerSpec,
+    ) -> Result<String, RuntimeError> {
+        let slots = self.slots()?;
+        let dir = slots
+            .container_dir(&spec.instance, &container.name)
+            .ok_or_else(|| RuntimeError::Failed(format!("{} has no home slot", container.name)))?;
+        let volume = self.home_volume(&spec.instance, &spec.user).await?;
+        let mountpoint = volume.mountpoint;
+        if mountpoint.is_empty() {
+            return Err(RuntimeError::Failed(format!(
+                "volume {} has no mount point on this host",
+                volume.name
+            )));
+        }
+        let docker = self.docker().await?;
+        slots
+            .mount_home(&dir, &spec.user, Path::new(&mountpoint))
+            .map_err(|e| {
+                RuntimeError::Failed(format!(
+                    "cannot mount {}'s home into {}: {e}",
+                    spec.user, container.name
+                ))
+            })?;
+        // Only for `docker ps`: the etcd record says whose container it is, so the rename
+        // stays off the user's wait.
+        let name = claimed_container_name(
+            &spec.instance,
+            &spec.user,
+            &spec.environment,
+            &container.name,
+        );
+        let (docker, id, new_name) = (docker.clone(), container.id.clone(), name.clone());
+        tokio::spawn(async move {
+            let options = RenameContainerOptions { name: new_name };
+            if let Err(e) = bounded("rename container", docker.rename_container(&id, options)).await
+            {
+                tracing::warn!(container = %id, error = %e, "renaming a claimed warm container failed");
+            }
+        });
+        Ok(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::alices_busybox;
+
+    fn alices_busybox(instance: &str) -> ContainerSpec {
+        ContainerSpec {
+            instance: instance.into(),
+            user: "alice".into(),
+            environment: "busybox".into(),
+            session: None,
+            image: "envgate/busybox:latest".into(),
+            env: vec![],
+            working_dir: String::new(),
+            cpus: 0.0,
+            memory_bytes: 0,
+            pids_limit: 0,
+            gpus: Gpus::None,
+        }
+    }
 
     fn device_requests(gpus: Gpus) -> Option<Vec<DeviceRequest>> {
         let spec = ContainerSpec {

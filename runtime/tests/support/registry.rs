@@ -7,7 +7,7 @@
 //! `/envgate-pulled` with a marker text, so its id is new and the engine really downloads it.
 //! Layers are gzipped and every digest computed here, as a real registry serves them.
 //!
-//! Shared by `controlplane/tests/docker_pull.rs` and the proxy's e2e tests
+//! Shared by `runtime/tests/docker_pull.rs` and the proxy's e2e tests
 //! (`#[path = ...] mod registry;`); it needs only tokio, serde_json, tempfile and the
 //! `docker`, `tar`, `gzip` and `sha256sum` commands.
 

@@ -95,7 +95,7 @@ impl HomeSlots {
     /// renamed but keeps its suffix, so both names find the same slot. `None` for a name that
     /// envgate did not make (the suffix must be hex, so it can never be `..`).
     pub fn container_dir(&self, instance: &str, container_name: &str) -> Option<PathBuf> {
-        let suffix = super::name_suffix(container_name);
+        let suffix = crate::types::name_suffix(container_name);
         let ok = !suffix.is_empty()
             && suffix.bytes().all(|b| b.is_ascii_hexdigit())
             && envgate_proto::names::validate_environment(instance).is_ok();
@@ -150,7 +150,7 @@ impl HomeSlots {
     /// Removes the slots of `instance` that are not in `live` (the live containers' slots) and
     /// are older than `grace` (their container may be being created right now).
     pub fn sweep(&self, instance: &str, live: &HashSet<PathBuf>, grace: Duration) {
-        let stale = match super::stale_dirs(&self.root.join(instance), live, grace) {
+        let stale = match crate::types::stale_dirs(&self.root.join(instance), live, grace) {
             Ok(stale) => stale,
             Err(e) => {
                 tracing::warn!(root = %self.root.display(), error = %e, "reading home slots failed");
