@@ -314,7 +314,9 @@ impl AdminService {
                     sessions: counts.get(&key).copied().unwrap_or(0),
                     user: r.user,
                     environment: r.environment,
-                    runtime: r.runtime,
+                    runtime_kind: envgate_runtime::RuntimeKind::from_name(&r.runtime)
+                        .map_or(envgate_proto::v1::Runtime::Unspecified, |k| k.to_wire())
+                        as i32,
                     container_id: r.container_id,
                     container_name: r.container_name,
                     state: r.state.as_str().to_owned(),

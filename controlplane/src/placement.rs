@@ -50,9 +50,10 @@ use crate::model::{
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
-use crate::runtime::{ContainerSpec, Runtime};
+use crate::runtime::{ContainerSpec, Runtime, RuntimeKind};
 use crate::store::{self, Compare, Store, StoreError, TxnOp, Versioned};
 use crate::uids;
+use envgate_runtime::SessionTarget;
 
 #[derive(Debug, Clone)]
 pub struct PlacementConfig {
@@ -936,7 +937,11 @@ impl Placer {
             session_id: session.id.clone(),
             user: session.user.clone(),
             environment: session.environment.clone(),
-            runtime: record.runtime.clone(),
+            runtime_kind: RuntimeKind::from_name(&record.runtime).map_or(
+                envgate_proto::v1::Runtime::Unspecified,
+                RuntimeKind::to_wire,
+            ) as i32,
+            start: Some(session_target(record).to_wire()),
             container_id: record.container_id.clone(),
             container_name: record.container_name.clone(),
             shell: cx.env.shell.clone(),
@@ -948,8 +953,6 @@ impl Placer {
             persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
-            agent_address: record.agent_address.clone(),
-            agent_secret: record.agent_secret.clone(),
         }
     }
 
@@ -1288,6 +1291,21 @@ impl Sessions for SessionsService {
             });
         }
         Ok(Response::new(CloseSessionResponse {}))
+    }
+}
+
+/// Where a session in `record`'s container starts: its agent, else the engine's exec.
+fn session_target(record: &ContainerRecord) -> SessionTarget {
+    if !record.agent_address.is_empty() {
+        match SessionTarget::agent(&record.agent_address, &record.agent_secret) {
+            Ok(target) => return target,
+            Err(e) => {
+                tracing::warn!(container = %record.container_id, error = %e, "unusable agent address in a record; sessions use runtime exec")
+            }
+        }
+    }
+    SessionTarget::DockerExec {
+        container_id: record.container_id.clone(),
     }
 }
 

@@ -56,7 +56,7 @@ impl PlacementCache {
                 .defaults
                 .insert(placement.user.clone(), placement.environment.clone());
         }
-        if !placement.persistent || placement.agent_address.is_empty() {
+        if !placement.persistent || !crate::session::has_agent(placement) {
             inner.entries.remove(&key);
             return;
         }
@@ -138,6 +138,8 @@ impl PlacementCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envgate_proto::v1::placement::Start;
+    use envgate_proto::v1::{AgentUnix, DockerExec};
 
     fn placement(user: &str, environment: &str) -> Placement {
         Placement {
@@ -145,8 +147,10 @@ mod tests {
             user: user.into(),
             environment: environment.into(),
             container_id: format!("c-{user}-{environment}"),
-            agent_address: "/run/agent.sock".into(),
-            agent_secret: "00".into(),
+            start: Some(Start::AgentUnix(AgentUnix {
+                path: "/run/agent.sock".into(),
+                secret: "00".into(),
+            })),
             persistent: true,
             ..Placement::default()
         }
@@ -220,7 +224,9 @@ mod tests {
             "an ephemeral answer replaces the old persistent one"
         );
         let agentless = Placement {
-            agent_address: String::new(),
+            start: Some(Start::DockerExec(DockerExec {
+                container_id: "c-alice-debian".into(),
+            })),
             ..placement("alice", "debian")
         };
         cache.remember("debian", &agentless, 1000);

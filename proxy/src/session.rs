@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use envgate_proto::audit::{AuditLog, Event as AuditEvent};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
+use envgate_proto::v1::placement::Start;
 use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
 use futures::StreamExt;
 use russh::server::{ChannelOpenHandle, Handle, Msg};
@@ -571,7 +572,7 @@ impl Connection {
             PlacementState::Failed(status) => return Err(placement_failure_line(status)),
             placed => placed.placement().ok_or("not placed")?.clone(),
         };
-        if placement.agent_address.is_empty() {
+        if !has_agent(&placement) {
             return Err(
                 "port forwarding needs envgate-agent in the container, and this fleet runs without it"
                     .to_owned(),
@@ -778,9 +779,7 @@ impl Connection {
         };
         // With the agent in the container, file tools the image may lack still work.
         let command = match command {
-            Some(c) if !placement.agent_address.is_empty() => {
-                Some(file_tool_command(&c).unwrap_or(c))
-            }
+            Some(c) if has_agent(&placement) => Some(file_tool_command(&c).unwrap_or(c)),
             other => other,
         };
         let mut spec = process_spec(&placement, command, state.pty.as_ref(), &state.env);
@@ -1313,20 +1312,27 @@ fn process_spec(
     }
 }
 
-/// Where the placement says the session starts: the container's agent, else the engine's
-/// exec in the container.
-fn session_target(placement: &Placement) -> SessionTarget {
-    if !placement.agent_address.is_empty() {
-        match SessionTarget::agent(&placement.agent_address, &placement.agent_secret) {
-            Ok(target) => return target,
-            Err(e) => {
-                tracing::warn!(error = %e, "ignoring an unusable agent address; using runtime exec")
+/// Where the placement says the session starts; a placement without a usable one falls back
+/// to Docker exec in its container (which a proxy without `--docker-host` refuses clearly).
+pub(crate) fn session_target(placement: &Placement) -> SessionTarget {
+    match SessionTarget::from_wire(placement.start.as_ref()) {
+        Ok(target) => target,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unusable session start; using runtime exec");
+            SessionTarget::DockerExec {
+                container_id: placement.container_id.clone(),
             }
         }
     }
-    SessionTarget::DockerExec {
-        container_id: placement.container_id.clone(),
-    }
+}
+
+/// Whether the session starts through the container's agent (which file transfer, port
+/// forwarding and the placement cache need).
+pub(crate) fn has_agent(placement: &Placement) -> bool {
+    matches!(
+        placement.start,
+        Some(Start::AgentUnix(_) | Start::AgentTcp(_))
+    )
 }
 
 /// `envgate-agent ARGS…` in the placed container, as the session's user, without a terminal:

@@ -211,7 +211,7 @@ impl Sessions for FakeControlPlane {
                     session_id: format!("s{}", self.seen.open_session.load(Ordering::SeqCst)),
                     user: claims.sub,
                     environment: environment.into(),
-                    runtime: "docker".into(),
+                    runtime_kind: envgate_proto::v1::Runtime::Docker as i32,
                     container_id: if environment == "gone" {
                         "envgate-proxytest-no-such-container".into()
                     } else {

@@ -27,6 +27,29 @@ impl RuntimeKind {
     }
 }
 
+impl RuntimeKind {
+    /// The kind a record names (`as_str`); `None` for a name no runtime has.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            RuntimeKind::Docker,
+            RuntimeKind::Kubernetes,
+            RuntimeKind::Scripted,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+
+    /// As the wire contract names it.
+    pub fn to_wire(self) -> envgate_proto::v1::Runtime {
+        use envgate_proto::v1::Runtime as Wire;
+        match self {
+            RuntimeKind::Docker => Wire::Docker,
+            RuntimeKind::Kubernetes => Wire::Kubernetes,
+            RuntimeKind::Scripted => Wire::Scripted,
+        }
+    }
+}
+
 impl fmt::Display for RuntimeKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -86,4 +109,25 @@ pub trait WarmPool: Send + Sync {
         container: &CreatedContainer,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in [
+            RuntimeKind::Docker,
+            RuntimeKind::Kubernetes,
+            RuntimeKind::Scripted,
+        ] {
+            assert_eq!(RuntimeKind::from_name(kind.as_str()), Some(kind));
+        }
+        assert_eq!(RuntimeKind::from_name("podman"), None);
+        assert_eq!(
+            RuntimeKind::Docker.to_wire().as_str_name(),
+            "RUNTIME_DOCKER"
+        );
+    }
 }

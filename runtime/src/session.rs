@@ -10,6 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use envgate_agent::client::AgentAddress;
+use envgate_proto::v1 as wire;
+use envgate_proto::v1::placement::Start;
 use futures::Stream;
 use thiserror::Error;
 use tokio::io::AsyncWrite;
@@ -55,6 +57,71 @@ impl SessionTarget {
                 secret: secret.clone(),
             }),
             SessionTarget::DockerExec { .. } | SessionTarget::KubernetesExec { .. } => None,
+        }
+    }
+}
+
+/// The wire form: `Placement.start` (envgate.proto).
+impl SessionTarget {
+    pub fn to_wire(&self) -> Start {
+        match self.clone() {
+            SessionTarget::AgentUnix { path, secret } => Start::AgentUnix(wire::AgentUnix {
+                path: path.display().to_string(),
+                secret,
+            }),
+            SessionTarget::AgentTcp { address, secret } => {
+                Start::AgentTcp(wire::AgentTcp { address, secret })
+            }
+            SessionTarget::DockerExec { container_id } => {
+                Start::DockerExec(wire::DockerExec { container_id })
+            }
+            SessionTarget::KubernetesExec {
+                namespace,
+                pod,
+                container,
+            } => Start::KubernetesExec(wire::KubernetesExec {
+                namespace,
+                pod,
+                container,
+            }),
+        }
+    }
+
+    /// From a placement; `Err` is one line saying what is wrong with it.
+    pub fn from_wire(start: Option<&Start>) -> Result<Self, String> {
+        let required = |what: &str, value: &str| {
+            if value.is_empty() {
+                Err(format!("the placement names no {what}"))
+            } else {
+                Ok(value.to_owned())
+            }
+        };
+        match start {
+            None => Err(
+                "the placement says nowhere to start the session (an older control plane?)".into(),
+            ),
+            Some(Start::AgentUnix(a)) => Ok(SessionTarget::AgentUnix {
+                path: required("agent socket", &a.path)?.into(),
+                secret: a.secret.clone(),
+            }),
+            Some(Start::AgentTcp(a)) => {
+                let address = required("agent address", &a.address)?;
+                match address.parse::<AgentAddress>()? {
+                    AgentAddress::Tcp(address) => Ok(SessionTarget::AgentTcp {
+                        address,
+                        secret: a.secret.clone(),
+                    }),
+                    AgentAddress::Unix(_) => Err(format!("not a TCP agent address: {address:?}")),
+                }
+            }
+            Some(Start::DockerExec(d)) => Ok(SessionTarget::DockerExec {
+                container_id: required("container", &d.container_id)?,
+            }),
+            Some(Start::KubernetesExec(k)) => Ok(SessionTarget::KubernetesExec {
+                namespace: required("namespace", &k.namespace)?,
+                pod: required("pod", &k.pod)?,
+                container: required("container", &k.container)?,
+            }),
         }
     }
 }
@@ -213,5 +280,53 @@ mod tests {
             container_id: "c1".into(),
         };
         assert_eq!(exec.agent_target(), None);
+    }
+
+    #[test]
+    fn targets_round_trip_through_the_wire_and_bad_ones_are_refused() {
+        let targets = [
+            SessionTarget::AgentUnix {
+                path: "/run/a.sock".into(),
+                secret: "s".into(),
+            },
+            SessionTarget::AgentTcp {
+                address: "10.0.0.7:7022".into(),
+                secret: "s".into(),
+            },
+            SessionTarget::DockerExec {
+                container_id: "c1".into(),
+            },
+            SessionTarget::KubernetesExec {
+                namespace: "envgate".into(),
+                pod: "p".into(),
+                container: "user".into(),
+            },
+        ];
+        for target in targets {
+            assert_eq!(
+                SessionTarget::from_wire(Some(&target.to_wire())),
+                Ok(target)
+            );
+        }
+        assert!(
+            SessionTarget::from_wire(None)
+                .unwrap_err()
+                .contains("nowhere")
+        );
+        let no_port = Start::AgentTcp(wire::AgentTcp {
+            address: "10.0.0.7".into(),
+            secret: "s".into(),
+        });
+        assert!(SessionTarget::from_wire(Some(&no_port)).is_err());
+        let unix_as_tcp = Start::AgentTcp(wire::AgentTcp {
+            address: "/run/a.sock".into(),
+            secret: "s".into(),
+        });
+        assert!(SessionTarget::from_wire(Some(&unix_as_tcp)).is_err());
+        let empty = Start::DockerExec(wire::DockerExec::default());
+        assert_eq!(
+            SessionTarget::from_wire(Some(&empty)).unwrap_err(),
+            "the placement names no container"
+        );
     }
 }
