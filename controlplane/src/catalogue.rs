@@ -8,13 +8,15 @@
 //! function the admin API uses, so a file and an API call get the same verdict and the same
 //! reason. Every error names the file, the entry (`environments[2] ("gpu")`) and the field.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::names;
+use envgate_runtime::kubernetes::settings::{CatalogueKubernetes, EnvironmentKubernetes};
+use envgate_runtime::kubernetes::{HomeSettings, PodSettings};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -437,7 +439,66 @@ fn parse_text(text: &str) -> Result<Vec<EnvironmentRecord>, String> {
             .map_err(|e| format!("{}: {e}", label(i)))?;
         records.push(record);
     }
+    kubernetes_text(text)?;
     Ok(records)
+}
+
+/// The Kubernetes runtime's settings in a catalogue file: the users' home claims, and each
+/// environment's placement (docs/environments.md, "On Kubernetes").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KubernetesSettings {
+    pub home: HomeSettings,
+    /// By environment name; environments without a block are left out.
+    pub environments: BTreeMap<String, PodSettings>,
+}
+
+/// Reads a catalogue file's `kubernetes:` blocks (the file is checked as `load` does).
+pub fn load_kubernetes(path: &Path) -> Result<KubernetesSettings, CatalogueError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| CatalogueError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&shown, &text)?;
+    kubernetes_text(&text).map_err(|reason| CatalogueError::Invalid {
+        path: shown,
+        reason,
+    })
+}
+
+fn kubernetes_text(text: &str) -> Result<KubernetesSettings, String> {
+    /// Only the `kubernetes:` blocks; `CatalogueFile` checks everything else.
+    #[derive(Deserialize)]
+    struct View {
+        #[serde(default)]
+        kubernetes: Option<CatalogueKubernetes>,
+        #[serde(default)]
+        environments: Vec<EntryView>,
+    }
+    #[derive(Deserialize)]
+    struct EntryView {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        kubernetes: Option<EnvironmentKubernetes>,
+    }
+    let view: View = serde_yaml::from_str(text)
+        .map_err(|e| with_entry_label(e.to_string(), |i| format!("environments[{i}]")))?;
+    let home = view
+        .kubernetes
+        .unwrap_or_default()
+        .home()
+        .map_err(|e| format!("kubernetes.{e}"))?;
+    let mut environments = BTreeMap::new();
+    for (i, entry) in view.environments.into_iter().enumerate() {
+        if let Some(block) = entry.kubernetes {
+            let settings = block
+                .settings()
+                .map_err(|e| format!("environments[{i}] ({:?}): kubernetes.{e}", entry.name))?;
+            environments.insert(entry.name, settings);
+        }
+    }
+    Ok(KubernetesSettings { home, environments })
 }
 
 /// serde_yaml reports `environments[2].resources.memory: <message> at line L column C`;
@@ -463,6 +524,10 @@ fn with_entry_label(message: String, label: impl Fn(usize) -> String) -> String 
 #[serde(deny_unknown_fields)]
 struct CatalogueFile {
     environments: Vec<Entry>,
+    /// The Kubernetes runtime's settings, checked by `kubernetes_text` (docker ignores them).
+    #[serde(default)]
+    #[allow(dead_code)]
+    kubernetes: Option<de::IgnoredAny>,
 }
 
 /// One environment as written in the file. Strings left out stay empty, which the shared
@@ -502,6 +567,10 @@ struct Entry {
     /// Record sessions (asciicast, command log).
     #[serde(default)]
     record: bool,
+    /// Where and how its Pods run on Kubernetes, checked by `kubernetes_text`.
+    #[serde(default)]
+    #[allow(dead_code)]
+    kubernetes: Option<de::IgnoredAny>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1035,18 +1104,67 @@ environments:
     }
 
     #[test]
+    fn kube_blocks_are_read_and_checked_with_their_entry() {
+        let text = r#"kubernetes:
+  home: {storage_class: fast, size: 50Gi}
+environments:
+  - name: cuda
+    image: cuda:12
+    resources: {gpus: 1}
+    kubernetes:
+      node_selector: {nvidia.com/gpu.present: "true"}
+      tolerations: ["nvidia.com/gpu:NoSchedule"]
+      image_pull_secrets: [lab-registry]
+  - name: plain
+    image: busybox
+"#;
+        assert_eq!(parse("f", text).unwrap().len(), 2);
+        let settings = kubernetes_text(text).unwrap();
+        assert_eq!(settings.home.storage_class.as_deref(), Some("fast"));
+        assert_eq!(settings.home.size, "50Gi");
+        assert_eq!(settings.home.access_mode, "ReadWriteOnce");
+        assert_eq!(settings.environments.len(), 1);
+        let cuda = &settings.environments["cuda"];
+        assert_eq!(cuda.node_selector["nvidia.com/gpu.present"], "true");
+        assert_eq!(cuda.image_pull_secrets, ["lab-registry"]);
+        assert_eq!(cuda.tolerations[0].effect.as_deref(), Some("NoSchedule"));
+
+        let bad = text.replace("NoSchedule", "Sometimes");
+        assert_eq!(
+            parse("f", &bad).unwrap_err().to_string(),
+            "catalogue f: environments[0] (\"cuda\"): kubernetes.tolerations[0]: toleration \
+             \"nvidia.com/gpu:Sometimes\": effect \"Sometimes\" is not NoSchedule, \
+             PreferNoSchedule or NoExecute"
+        );
+        let bad = text.replace("50Gi", "lots");
+        assert_eq!(
+            parse("f", &bad).unwrap_err().to_string(),
+            "catalogue f: kubernetes.home.size: \"lots\" is not a size (a whole number with Ki, \
+             Mi, Gi, Ti, k, M, G or T, e.g. 20Gi)"
+        );
+        let bad = text.replace("image_pull_secrets", "pull_secrets");
+        assert!(
+            parse("f", &bad).unwrap_err().to_string().starts_with(
+                "catalogue f: environments[0]: kubernetes: unknown field `pull_secrets`"
+            ),
+            "{}",
+            parse("f", &bad).unwrap_err()
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_named_with_their_entry() {
         assert_eq!(
             err("environment: []\n"),
             "catalogue /etc/envgate/environments.yaml: unknown field `environment`, expected \
-             `environments`"
+             `environments` or `kubernetes`"
         );
         assert_eq!(
             err(&gpu_with("    colour: red\n")),
             "catalogue /etc/envgate/environments.yaml: environments[0] (\"gpu\"): unknown field \
              `colour`, expected one of `name`, `description`, `image`, `shell`, `working_dir`, \
              `run_as`, `user`, `env`, `resources`, `mode`, `idle_timeout`, `max_lifetime`, `warm_pool`, \
-             `groups`, `default`, `accept_env`, `record` at line 4 column 5"
+             `groups`, `default`, `accept_env`, `record`, `kubernetes` at line 4 column 5"
         );
         let second = format!(
             "{}  - name: big\n    image: x\n    resources:\n      disks: 1\n",

@@ -101,6 +101,9 @@ pub struct Config {
     pub agent: Option<AgentSetup>,
     /// Root of the warm containers' home slots (`envgate_runtime::docker::slots`); `None`: no warm pools.
     pub home_slots_dir: Option<PathBuf>,
+    /// `Some`: user containers are Pods (`--runtime kubernetes`); the Docker fields above are
+    /// then unused. `None`: Docker.
+    pub kubernetes: Option<KubernetesSetup>,
     pub reconcile_interval: Duration,
     /// Age before an unknown labelled container counts as an orphan (`--orphan-grace-seconds`).
     pub orphan_grace: Duration,
@@ -123,6 +126,14 @@ pub struct Config {
     /// The wall clock placement, the reconciler and the login throttle judge time by
     /// (`clock.rs`): `SystemClock`, or a `ManualClock` tests advance.
     pub clock: Arc<dyn Clock>,
+}
+
+/// The Kubernetes runtime's configuration (`--runtime kubernetes`, the `--kube-*` flags and
+/// the catalogue's `kubernetes:` blocks).
+#[derive(Debug, Clone)]
+pub struct KubernetesSetup {
+    pub client: envgate_runtime::kubernetes::ClientSource,
+    pub config: envgate_runtime::kubernetes::KubernetesConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -352,13 +363,25 @@ pub async fn run(
         catalogue::SEED_GIVE_UP_AFTER,
     )
     .await?;
-    let runtime: Arc<dyn Runtime> = Arc::new(
-        DockerRuntime::new(config.docker_host.as_deref())
-            .with_agent(config.agent.clone())
-            .with_network(config.docker_network.clone())
-            .with_pull_timeout(config.image_pull_timeout)
-            .with_home_slots(config.home_slots_dir.as_deref()),
-    );
+    let runtime: Arc<dyn Runtime> = match &config.kubernetes {
+        Some(setup) => {
+            let client = envgate_runtime::kubernetes::client(&setup.client)
+                .await
+                .map_err(RuntimeError::from)?;
+            tracing::info!(namespace = %setup.config.namespace, "user containers are Kubernetes Pods");
+            Arc::new(envgate_runtime::kubernetes::KubernetesRuntime::new(
+                client,
+                setup.config.clone(),
+            ))
+        }
+        None => Arc::new(
+            DockerRuntime::new(config.docker_host.as_deref())
+                .with_agent(config.agent.clone())
+                .with_network(config.docker_network.clone())
+                .with_pull_timeout(config.image_pull_timeout)
+                .with_home_slots(config.home_slots_dir.as_deref()),
+        ),
+    };
     let plane = ControlPlane::new(store, runtime, &config);
 
     let grpc = TcpListener::bind(config.listen)

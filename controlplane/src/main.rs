@@ -151,6 +151,32 @@ struct Args {
     /// TCP is not offered: its API is root on the host and would need TLS client certificates.
     #[arg(long, env = "ENVGATE_DOCKER_HOST")]
     docker_host: Option<String>,
+    /// Where user containers run: `docker` (one engine, the --docker-* and --agent-* flags) or
+    /// `kubernetes` (Pods in --kube-namespace, the --kube-* flags; docs/operations.md).
+    #[arg(long, env = "ENVGATE_RUNTIME", value_enum, default_value = "docker")]
+    runtime: RuntimeChoice,
+    /// Kubernetes: the namespace user Pods, their agent Secrets and home claims live in.
+    #[arg(long, env = "ENVGATE_KUBE_NAMESPACE", default_value = "envgate-users")]
+    kube_namespace: String,
+    /// Kubernetes: the image holding the static agent at /envgate-agent (and a `cp`), which
+    /// each Pod's init container copies into the user's container.
+    #[arg(long, env = "ENVGATE_KUBE_AGENT_IMAGE")]
+    kube_agent_image: Option<String>,
+    /// Kubernetes: a kubeconfig file (unset: in-cluster with --kube-in-cluster, else
+    /// $KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long, env = "ENVGATE_KUBECONFIG", conflicts_with = "kube_in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes: the kubeconfig context (unset: its current one).
+    #[arg(long, env = "ENVGATE_KUBE_CONTEXT", requires = "kubeconfig")]
+    kube_context: Option<String>,
+    /// Kubernetes: use the Pod's service account (the control plane runs in the cluster).
+    #[arg(long, env = "ENVGATE_KUBE_IN_CLUSTER")]
+    kube_in_cluster: bool,
+    /// Kubernetes: seconds from creating a Pod to its agent running (scheduling and image
+    /// pulls included) before the open fails with what it waited for.
+    #[arg(long, env = "ENVGATE_KUBE_START_TIMEOUT_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    kube_start_timeout_seconds: u64,
     /// Containers this replica creates at once (first logins and warm-pool refills); further
     /// first logins wait in line and are told their place. Hundreds of racing creations (a
     /// class arriving at 9:00) slow the engine for everyone. Default: twice the cores, between
@@ -342,10 +368,26 @@ fn config(args: Args) -> anyhow::Result<Config> {
     if args.token_ttl_seconds == 0 || args.reconcile_interval_seconds == 0 {
         bail!("--token-ttl-seconds and --reconcile-interval-seconds must be at least 1");
     }
-    let environments = match args.environments.filter(|f| !f.as_os_str().is_empty()) {
+    let catalogue_file = args.environments.filter(|f| !f.as_os_str().is_empty());
+    let environments = match &catalogue_file {
         None => Vec::new(),
-        Some(file) => envgate_controlplane::catalogue::load(&file)
+        Some(file) => envgate_controlplane::catalogue::load(file)
             .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
+    };
+    let kubernetes = match args.runtime {
+        RuntimeChoice::Docker => None,
+        RuntimeChoice::Kubernetes => Some(kubernetes_setup(
+            KubeFlags {
+                namespace: args.kube_namespace,
+                agent_image: args.kube_agent_image,
+                kubeconfig: args.kubeconfig,
+                context: args.kube_context,
+                in_cluster: args.kube_in_cluster,
+                start_timeout: Duration::from_secs(args.kube_start_timeout_seconds),
+            },
+            catalogue_file.as_deref(),
+            &environments,
+        )?),
     };
     let identity = args
         .identity
@@ -417,6 +459,7 @@ fn config(args: Args) -> anyhow::Result<Config> {
         max_containers_per_user: args.max_containers_per_user,
         agent,
         home_slots_dir,
+        kubernetes,
         reconcile_interval: Duration::from_secs(args.reconcile_interval_seconds),
         orphan_grace: Duration::from_secs(args.orphan_grace_seconds),
         replica_id: format!("{}-{}", hostname(), std::process::id()),
@@ -569,4 +612,82 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where user containers run (`--runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeChoice {
+    Docker,
+    Kubernetes,
+}
+
+/// The `--kube-*` flags.
+struct KubeFlags {
+    namespace: String,
+    agent_image: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    in_cluster: bool,
+    start_timeout: Duration,
+}
+
+/// Checks the Kubernetes flags and the catalogue's `kubernetes:` blocks before anything is
+/// bound; every refusal is one line naming the flag or the environment.
+fn kubernetes_setup(
+    flags: KubeFlags,
+    catalogue_file: Option<&std::path::Path>,
+    environments: &[envgate_controlplane::model::EnvironmentRecord],
+) -> anyhow::Result<envgate_controlplane::KubernetesSetup> {
+    use envgate_runtime::kubernetes::{ClientSource, KubernetesConfig, settings};
+    if !settings::is_dns_subdomain(&flags.namespace) || flags.namespace.contains('.') {
+        bail!(
+            "--kube-namespace: {:?} is not a namespace name (lowercase letters, digits and -)",
+            flags.namespace
+        );
+    }
+    let Some(agent_image) = flags.agent_image.filter(|i| !i.trim().is_empty()) else {
+        bail!(
+            "--kube-agent-image: required with --runtime kubernetes (an image with the static agent at /envgate-agent)"
+        );
+    };
+    if let Some(env) = environments
+        .iter()
+        .find(|e| e.gpus == envgate_controlplane::model::Gpus::All)
+    {
+        bail!(
+            "--environments: environment {:?}: gpus: all has no meaning on Kubernetes; give a number of GPUs",
+            env.name
+        );
+    }
+    let catalogue = match catalogue_file {
+        Some(file) => envgate_controlplane::catalogue::load_kubernetes(file)
+            .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
+        None => Default::default(),
+    };
+    if let Some(path) = &flags.kubeconfig {
+        kube::config::Kubeconfig::read_from(path).map_err(|e| {
+            // The YAML parser's message spans lines (a caret under the spot); one is enough.
+            let e = e.to_string();
+            let line = e.lines().next().unwrap_or_default();
+            anyhow::anyhow!("--kubeconfig: {}: {line}", path.display())
+        })?;
+    }
+    let client = match (flags.kubeconfig, flags.in_cluster) {
+        (Some(path), _) => ClientSource::Kubeconfig {
+            path,
+            context: flags.context,
+        },
+        (None, true) => ClientSource::InCluster,
+        (None, false) => ClientSource::Infer,
+    };
+    Ok(envgate_controlplane::KubernetesSetup {
+        client,
+        config: KubernetesConfig {
+            namespace: flags.namespace,
+            agent_image,
+            start_timeout: flags.start_timeout,
+            home: catalogue.home,
+            environments: catalogue.environments,
+        },
+    })
 }

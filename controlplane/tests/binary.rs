@@ -221,6 +221,56 @@ async fn plaintext_etcd_and_docker_over_tcp_are_refused_at_start() {
     );
 }
 
+/// `--runtime kubernetes` is named by `--help`, and its flags are checked before anything is
+/// bound or any API server is called, each refusal one line naming the flag.
+#[tokio::test]
+async fn kube_runtime_flags_are_checked_at_start() {
+    let files = Files::new();
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_envgate-controlplane"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--runtime <RUNTIME>")
+            && help.contains("[possible values: docker, kubernetes]"),
+        "{help}"
+    );
+    std::fs::write(files.path("kubeconfig"), "clusters: [not: a kubeconfig").unwrap();
+    let kubeconfig = files.path("kubeconfig");
+    for (extra, expected) in [
+        (
+            vec!["--runtime", "kubernetes"],
+            "envgate-controlplane: --kube-agent-image: required with --runtime kubernetes (an image with the static agent at /envgate-agent)\n".to_owned(),
+        ),
+        (
+            vec!["--runtime", "kubernetes", "--kube-agent-image", "a", "--kube-namespace", "Users"],
+            "envgate-controlplane: --kube-namespace: \"Users\" is not a namespace name (lowercase letters, digits and -)\n".to_owned(),
+        ),
+        (
+            vec!["--runtime", "kubernetes", "--kube-agent-image", "a", "--kubeconfig", &kubeconfig],
+            format!("envgate-controlplane: --kubeconfig: {kubeconfig}: "),
+        ),
+    ] {
+        let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+        cmd.args(&extra);
+        let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(&expected), "{extra:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    let mut cmd = command(&files, "https://127.0.0.1:1", free_port(), free_port());
+    cmd.args(["--runtime", "podman"]);
+    let out = finish(cmd.spawn().unwrap(), Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value 'podman' for '--runtime <RUNTIME>'"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn a_dead_etcd_is_a_clear_startup_error() {
     let files = Files::new();

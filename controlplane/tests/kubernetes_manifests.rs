@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
@@ -151,6 +152,8 @@ struct Manifests {
     certificates: Vec<Certificate>,
     network_policies: Vec<NetworkPolicy>,
     claims: Vec<PersistentVolumeClaim>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(file: &str, doc: serde_yaml::Value) -> T {
@@ -192,6 +195,8 @@ fn load() -> Manifests {
                 "Certificate" => manifests.certificates.push(parse(file, doc)),
                 "NetworkPolicy" => manifests.network_policies.push(parse(file, doc)),
                 "PersistentVolumeClaim" => manifests.claims.push(parse(file, doc)),
+                "Role" => manifests.roles.push(parse(file, doc)),
+                "RoleBinding" => manifests.role_bindings.push(parse(file, doc)),
                 "Deployment" => {
                     let d: Deployment = parse(file, doc);
                     let spec = d.spec.expect("a Deployment has a spec");
@@ -228,7 +233,8 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 fn every_manifest_parses_and_the_references_agree() {
     let m = load();
     let kustomization = m.kustomization.as_ref().unwrap();
-    assert_eq!(m.namespaces.len(), 1);
+    // envgate's own, and the user Pods' (users.yaml).
+    assert_eq!(m.namespaces.len(), 2);
 
     // Workloads select their own pods.
     for w in &m.workloads {
@@ -441,6 +447,10 @@ fn every_manifest_parses_and_the_references_agree() {
     check_certificates(&m);
     for policy in &m.network_policies {
         let spec = policy.spec.as_ref().unwrap();
+        if policy.metadata.namespace.as_deref() == Some(USERS_NAMESPACE) {
+            check_user_pod_policy(&m, policy);
+            continue;
+        }
         let selected: Vec<&Workload> = m
             .workloads
             .iter()
@@ -724,5 +734,199 @@ fn the_control_planes_catalogue_is_mounted_and_valid() {
         environments.iter().filter(|e| e.is_default).count(),
         1,
         "{origin}: users without a choice need a default"
+    );
+}
+
+/// The namespace user Pods run in (users.yaml); the control plane's ENVGATE_KUBE_NAMESPACE.
+const USERS_NAMESPACE: &str = "envgate-users";
+
+/// The user Pods' policy selects the labels the runtime gives every Pod, opens the agent's
+/// port, and only to the proxies in envgate's namespace.
+fn check_user_pod_policy(m: &Manifests, policy: &NetworkPolicy) {
+    let name = name_of(&policy.metadata);
+    let spec = policy.spec.as_ref().unwrap();
+    let selector = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    let pod_labels =
+        envgate_runtime::kubernetes::objects::placement_labels("lab", "alice", "dev", None);
+    assert!(
+        selects(&selector, &pod_labels),
+        "NetworkPolicy {name}: selects no user Pod ({pod_labels:?})"
+    );
+    let rules = spec.ingress.as_deref().unwrap_or_default();
+    assert_eq!(
+        rules.len(),
+        1,
+        "NetworkPolicy {name}: one rule, for the proxies"
+    );
+    let ports: Vec<_> = rules[0].ports.iter().flatten().collect();
+    assert_eq!(
+        ports.iter().map(|p| p.port.clone()).collect::<Vec<_>>(),
+        [Some(IntOrString::Int(i32::from(
+            envgate_runtime::kubernetes::AGENT_PORT
+        )))],
+        "NetworkPolicy {name}: only the agent's port"
+    );
+    let proxy = m
+        .workloads
+        .iter()
+        .find(|w| w.name == "envgate-proxy")
+        .expect("the proxy Deployment");
+    for peer in rules[0].from.iter().flatten() {
+        let pods = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        let namespaces = peer
+            .namespace_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        assert!(
+            selects(&pods, &proxy.labels()),
+            "NetworkPolicy {name}: a peer is not the proxies"
+        );
+        assert_eq!(
+            namespaces
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
+            Some("envgate"),
+            "NetworkPolicy {name}: the proxies are in envgate's namespace"
+        );
+    }
+}
+
+/// The Role in the user namespace grants exactly the (resource, verb) pairs the Kubernetes
+/// runtime calls (`API_CALLS`, itself checked against the requests the runtime makes in
+/// `runtime/src/kubernetes/fake_tests.rs`): a call the Role lacks fails here, as does a
+/// right the runtime does not use. It is bound to the control plane's account, which the
+/// control plane's pods use with a token, pointed at that namespace.
+#[test]
+fn kube_role_grants_exactly_what_the_runtime_calls() {
+    let m = load();
+    let role = m
+        .roles
+        .iter()
+        .find(|r| r.metadata.namespace.as_deref() == Some(USERS_NAMESPACE))
+        .expect("a Role in the user namespace");
+    let role_name = name_of(&role.metadata);
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&[String::new()][..]),
+            "Role {role_name}: only the core API group"
+        );
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "Role {role_name}: plain resource rules"
+        );
+        for resource in rule.resources.iter().flatten() {
+            for verb in &rule.verbs {
+                assert_ne!(verb, "*", "Role {role_name}: no wildcard verbs");
+                granted.insert((resource.clone(), verb.clone()));
+            }
+        }
+    }
+    let called: BTreeSet<(String, String)> = envgate_runtime::kubernetes::API_CALLS
+        .iter()
+        .map(|(r, v)| ((*r).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(
+        granted, called,
+        "Role {role_name} vs the Kubernetes runtime's API_CALLS"
+    );
+    assert!(
+        !granted.iter().any(|(r, _)| r == "pods/exec"),
+        "sessions reach the agent over TCP, never exec"
+    );
+    assert!(
+        m.roles.len() == 1,
+        "the control plane needs one Role; any other grants more than the runtime calls"
+    );
+
+    let binding = m
+        .role_bindings
+        .iter()
+        .find(|b| b.role_ref.name == role_name && b.role_ref.kind == "Role")
+        .expect("a RoleBinding of the Role");
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(USERS_NAMESPACE));
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (
+            subjects[0].kind.as_str(),
+            subjects[0].name.as_str(),
+            subjects[0].namespace.as_deref()
+        ),
+        ("ServiceAccount", "envgate-controlplane", Some("envgate"))
+    );
+    assert!(
+        m.service_accounts
+            .iter()
+            .any(|a| name_of(&a.metadata) == "envgate-controlplane"),
+        "the bound account exists"
+    );
+    assert!(
+        m.namespaces
+            .iter()
+            .any(|n| name_of(&n.metadata) == USERS_NAMESPACE),
+        "the user namespace is made"
+    );
+
+    let (workload, container) = m
+        .workloads
+        .iter()
+        .flat_map(|w| w.containers().iter().map(move |c| (w, c)))
+        .find(|(_, c)| c.image.as_deref() == Some("envgate/controlplane"))
+        .expect("a control-plane container");
+    let env = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("ENVGATE_RUNTIME").as_deref(), Some("kubernetes"));
+    assert_eq!(
+        env("ENVGATE_KUBE_NAMESPACE").as_deref(),
+        Some(USERS_NAMESPACE)
+    );
+    assert_eq!(env("ENVGATE_KUBE_IN_CLUSTER").as_deref(), Some("true"));
+    let agent_image = env("ENVGATE_KUBE_AGENT_IMAGE").expect("an agent image");
+    assert!(
+        m.kustomization
+            .as_ref()
+            .unwrap()
+            .images
+            .iter()
+            .any(|i| i.name == agent_image),
+        "the agent image {agent_image} is in the kustomization's images"
+    );
+    let pod = workload.template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("envgate-controlplane")
+    );
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(true),
+        "the control plane needs its token to call the API"
+    );
+    let proxy = m
+        .workloads
+        .iter()
+        .find(|w| w.name == "envgate-proxy")
+        .and_then(|w| w.template.spec.as_ref())
+        .expect("the proxy Deployment");
+    assert_eq!(
+        proxy.automount_service_account_token,
+        Some(false),
+        "proxies never call the API"
     );
 }

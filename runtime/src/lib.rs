@@ -7,7 +7,7 @@
 //!   container at a [`SessionTarget`]: its agent (Unix socket or TCP), or the engine's exec.
 //!
 //! The types both sides share (`types.rs`) carry no engine. Engines live in modules of their
-//! own behind cargo features (`docker`), so a build without them links none of their code.
+//! own behind cargo features (`docker`, `kubernetes`), so a build without them links none of their code.
 //! `scripted` (feature `testkit`) is an in-memory runtime for unit tests, and `conformance`
 //! (also `testkit`) the behaviours every lifecycle implementation must show.
 
@@ -15,6 +15,8 @@
 pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod lifecycle;
 #[cfg(any(test, feature = "testkit"))]
 pub mod scripted;

@@ -109,6 +109,7 @@ pub fn config(instance: &str, pki: &TestPki, audit: AuditLog) -> Config {
         max_containers_per_user: 0,
         agent: None,
         home_slots_dir: None,
+        kubernetes: None,
         reconcile_interval: Duration::from_secs(1),
         orphan_grace: Duration::from_secs(60),
         replica_id: "test-replica".into(),
