@@ -207,7 +207,12 @@ async fn loadtest_login(port: u16, user: &str, key: &Path) -> (bool, String) {
     };
     let credential = match envgate_loadtest::users::credential(user, key) {
         Ok(credential) => credential,
-        Err(e) => return (false, format!("the loadtest client cannot read {user}'s key: {e}")),
+        Err(e) => {
+            return (
+                false,
+                format!("the loadtest client cannot read {user}'s key: {e}"),
+            );
+        }
     };
     let job = Job {
         addr: format!("127.0.0.1:{port}"),
