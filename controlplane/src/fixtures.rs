@@ -16,8 +16,8 @@ use crate::auth::tests::{test_keys, test_limits};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::error::PlacementError;
 use crate::model::{
-    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Gpus, Mode,
-    ProxyRecord, UserRecord,
+    self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
+    UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::reconcile::{ReconcileConfig, Reconciler};
@@ -39,19 +39,7 @@ pub struct World {
 
 /// What creating alice's busybox container in `instance` asks of the runtime.
 pub fn alices_busybox(instance: &str) -> ContainerSpec {
-    ContainerSpec {
-        instance: instance.into(),
-        user: "alice".into(),
-        environment: "busybox".into(),
-        session: None,
-        image: "envgate/busybox:latest".into(),
-        env: vec![],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
-        gpus: Gpus::None,
-    }
+    ContainerSpec::new(instance, "alice", "busybox", "envgate/busybox:latest")
 }
 
 /// A `creating` claim an hour old, left by replica `owner` that died mid-way.

@@ -412,10 +412,13 @@ async fn deadline<T>(
     }
 }
 
-/// What is retried by default: UNAVAILABLE (the replica is down or unreachable), with
-/// full-jitter exponential backoff; every other status is final.
+/// What is retried for calls that may safely run twice: UNAVAILABLE (the replica is down or
+/// unreachable), and a failure of the connection itself that tonic reports as UNKNOWN
+/// "transport error" (it carries the local error as its source; a status a replica sent
+/// never does). Full-jitter exponential backoff; every other status is final.
 fn is_retriable(status: &Status) -> bool {
     status.code() == Code::Unavailable
+        || (status.code() == Code::Unknown && std::error::Error::source(status).is_some())
 }
 
 /// How often each replica's port is probed.
@@ -548,7 +551,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_unavailable_is_retried() {
+    async fn only_unavailable_and_broken_connections_are_retried() {
         let mut calls = 0;
         let result: Result<(), Status> =
             with_retries_when("test", RETRY_ATTEMPTS, is_retriable, || {
@@ -558,6 +561,14 @@ mod tests {
             .await;
         assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(calls, 1);
+        // A replica's own UNKNOWN is final too.
+        assert!(!is_retriable(&Status::unknown("a replica's answer")));
+        // The connection failing under the call is not.
+        let broken = Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert!(is_retriable(&broken));
 
         let mut calls = 0;
         let result: Result<u32, Status> =

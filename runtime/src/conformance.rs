@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 
 use crate::lifecycle::Runtime;
-use crate::types::{ContainerSpec, Gpus, ManagedContainer, RuntimeError, volume_name};
+use crate::types::{ContainerSpec, CreatedContainer, ManagedContainer, RuntimeError, volume_name};
 
 /// What the suite needs besides the runtime.
 #[async_trait]
@@ -38,21 +38,25 @@ pub async fn run(runtime: &dyn Runtime, harness: &dyn Harness) {
 /// The spec of `user`'s container of the suite's environment.
 pub fn spec(harness: &dyn Harness, user: &str, session: Option<&str>) -> ContainerSpec {
     ContainerSpec {
-        instance: harness.instance(),
-        user: user.into(),
-        environment: "conformance".into(),
         session: session.map(Into::into),
-        image: harness.image(),
         env: vec!["ENVGATE_CONFORMANCE=1".into()],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
-        gpus: Gpus::None,
+        ..ContainerSpec::new(&harness.instance(), user, "conformance", &harness.image())
     }
 }
 
 fn no_progress(_: &str) {}
+
+/// Starts alice's container of the suite's environment (for `session`, when given).
+async fn start(
+    runtime: &dyn Runtime,
+    harness: &dyn Harness,
+    session: Option<&str>,
+) -> CreatedContainer {
+    runtime
+        .create_and_start(&spec(harness, "alice", session), &no_progress)
+        .await
+        .unwrap()
+}
 
 async fn listed(runtime: &dyn Runtime, instance: &str) -> Vec<ManagedContainer> {
     runtime
@@ -82,14 +86,8 @@ pub async fn homes_are_made_once(runtime: &dyn Runtime, harness: &dyn Harness) {
 pub async fn created_containers_run_and_are_listed(runtime: &dyn Runtime, harness: &dyn Harness) {
     let instance = harness.instance();
     runtime.ensure_home(&instance, "alice").await.unwrap();
-    let persistent = runtime
-        .create_and_start(&spec(harness, "alice", None), &no_progress)
-        .await
-        .unwrap();
-    let ephemeral = runtime
-        .create_and_start(&spec(harness, "alice", Some("s-1")), &no_progress)
-        .await
-        .unwrap();
+    let persistent = start(runtime, harness, None).await;
+    let ephemeral = start(runtime, harness, Some("s-1")).await;
     assert_ne!(persistent.id, ephemeral.id);
     assert!(
         persistent
@@ -127,10 +125,7 @@ pub async fn created_containers_run_and_are_listed(runtime: &dyn Runtime, harnes
 pub async fn removal_is_idempotent(runtime: &dyn Runtime, harness: &dyn Harness) {
     let instance = harness.instance();
     runtime.ensure_home(&instance, "alice").await.unwrap();
-    let created = runtime
-        .create_and_start(&spec(harness, "alice", None), &no_progress)
-        .await
-        .unwrap();
+    let created = start(runtime, harness, None).await;
     runtime.remove(&created.id).await.unwrap();
     assert!(!runtime.is_running(&created.id).await.unwrap());
     runtime
@@ -188,10 +183,7 @@ pub async fn stopped_containers_are_listed_as_stopped(
 ) {
     let instance = harness.instance();
     runtime.ensure_home(&instance, "alice").await.unwrap();
-    let created = runtime
-        .create_and_start(&spec(harness, "alice", None), &no_progress)
-        .await
-        .unwrap();
+    let created = start(runtime, harness, None).await;
     harness.stop_outside(&created.id).await;
     assert!(!runtime.is_running(&created.id).await.unwrap());
     let found = listed(runtime, &instance)

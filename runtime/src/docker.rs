@@ -27,9 +27,9 @@ use bollard::query_parameters::{
 
 use crate::lifecycle::{Runtime, RuntimeKind, WarmPool};
 use crate::types::{
-    AgentEndpoint, ContainerSpec, CreatedContainer, Gpus, ManagedContainer, RuntimeError,
-    claimed_container_name, container_name, labels, name_suffix, pool_container_name, stale_dirs,
-    volume_name,
+    AGENT_IN_CONTAINER, AGENT_SECRET_DIR, AgentEndpoint, ContainerSpec, CreatedContainer, Gpus,
+    ManagedContainer, RuntimeError, claimed_container_name, container_name, labels, name_suffix,
+    pool_container_name, stale_dirs, volume_name,
 };
 use slots::HomeSlots;
 
@@ -38,6 +38,7 @@ pub mod network;
 mod pull;
 pub mod slots;
 
+pub use crate::types::CAP_ADD;
 pub use exec::DockerExec;
 
 use network::UserNetwork;
@@ -46,16 +47,6 @@ use network::UserNetwork;
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default pids limit when the environment sets none.
 pub const DEFAULT_PIDS_LIMIT: i64 = 512;
-/// Capabilities kept so a root shell can still manage files and switch users (all others
-/// are dropped; the e2e tests check a session's effective set against this list).
-pub const CAP_ADD: &[&str] = &[
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "SETUID",
-    "SETGID",
-    "KILL",
-];
 /// Keeps the container alive without a service inside; exits promptly on `docker stop`.
 const KEEP_ALIVE: &[&str] = &[
     "/bin/sh",
@@ -63,10 +54,8 @@ const KEEP_ALIVE: &[&str] = &[
     "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done",
 ];
 
-/// Where the agent lives inside a container (docs/agent.md, "Running it").
-const AGENT_IN_CONTAINER: &str = "/.envgate/agent";
+/// Where the agent's socket lives inside a container (docs/agent.md, "Running it").
 const AGENT_SOCKET_DIR: &str = "/run/envgate";
-const AGENT_SECRET_DIR: &str = "/run/envgate-secret";
 /// Per-container agent directories younger than this are never swept: their container may be
 /// being created right now.
 const SWEEP_GRACE: Duration = Duration::from_secs(600);
@@ -738,19 +727,7 @@ mod tests {
     use super::*;
 
     fn alices_busybox(instance: &str) -> ContainerSpec {
-        ContainerSpec {
-            instance: instance.into(),
-            user: "alice".into(),
-            environment: "busybox".into(),
-            session: None,
-            image: "envgate/busybox:latest".into(),
-            env: vec![],
-            working_dir: String::new(),
-            cpus: 0.0,
-            memory_bytes: 0,
-            pids_limit: 0,
-            gpus: Gpus::None,
-        }
+        ContainerSpec::new(instance, "alice", "busybox", "envgate/busybox:latest")
     }
 
     fn device_requests(gpus: Gpus) -> Option<Vec<DeviceRequest>> {

@@ -23,6 +23,22 @@ pub mod labels {
     pub const POOL: &str = "envgate.pool";
 }
 
+/// Linux capabilities a user's container keeps on every runtime, so a root shell can still
+/// manage files and switch users; all others are dropped (the e2e tests check a session's
+/// effective set against this list).
+pub const CAP_ADD: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
+/// Where the agent lives in a user's container on every runtime (docs/agent.md).
+pub const AGENT_IN_CONTAINER: &str = "/.envgate/agent";
+pub const AGENT_SECRET_DIR: &str = "/run/envgate-secret";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     /// The runtime cannot be reached; the message names it ("docker is unavailable: ...").
@@ -76,6 +92,26 @@ pub struct ContainerSpec {
     pub memory_bytes: u64,
     pub pids_limit: i64,
     pub gpus: Gpus,
+}
+
+impl ContainerSpec {
+    /// `user`'s container of `environment` from `image` in `instance`: no session, no
+    /// environment variables, no limits. Set the other fields with struct update syntax.
+    pub fn new(instance: &str, user: &str, environment: &str, image: &str) -> Self {
+        Self {
+            instance: instance.into(),
+            user: user.into(),
+            environment: environment.into(),
+            session: None,
+            image: image.into(),
+            env: Vec::new(),
+            working_dir: String::new(),
+            cpus: 0.0,
+            memory_bytes: 0,
+            pids_limit: 0,
+            gpus: Gpus::None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,17 +21,8 @@ async fn a_gpu_environment_starts_only_where_the_engine_can_give_gpus() {
     let runtime = DockerRuntime::new(None);
     runtime.ensure_home(&instance, "alice").await.unwrap();
     let spec = ContainerSpec {
-        instance: instance.clone(),
-        user: "alice".into(),
-        environment: "cuda".into(),
-        session: None,
-        image: IMAGE.into(),
-        env: vec![],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
         gpus: Gpus::All,
+        ..ContainerSpec::new(&instance, "alice", "cuda", IMAGE)
     };
     let result = runtime.create_and_start(&spec, &|_: &str| {}).await;
     if host_has_gpu_runtime() {

@@ -28,7 +28,7 @@ fn exec(id: &str, script: &str) -> String {
 }
 
 fn spec(instance: &str, user: &str) -> ContainerSpec {
-    support::spec(instance, user, "busybox", IMAGE)
+    ContainerSpec::new(instance, user, "busybox", IMAGE)
 }
 
 fn volume_dir(instance: &str, user: &str) -> PathBuf {

@@ -14,7 +14,7 @@ use support::registry::{self, Options, Registry};
 use support::{Cleanup, docker, instance_containers, unique};
 
 fn spec(instance: &str, user: &str, image: &str) -> ContainerSpec {
-    support::spec(instance, user, "pulled", image)
+    ContainerSpec::new(instance, user, "pulled", image)
 }
 
 type Lines = Arc<Mutex<Vec<String>>>;

@@ -116,19 +116,7 @@ mod tests {
         let audit = AuditLog::in_memory();
         let scripted = Arc::new(ScriptedRuntime::new());
         let runtime = Audited::new(scripted.clone(), audit.clone());
-        let spec = ContainerSpec {
-            instance: "t".into(),
-            user: "alice".into(),
-            environment: "busybox".into(),
-            session: None,
-            image: "envgate/busybox:latest".into(),
-            env: Vec::new(),
-            working_dir: String::new(),
-            cpus: 0.0,
-            memory_bytes: 0,
-            pids_limit: 0,
-            gpus: envgate_runtime::Gpus::None,
-        };
+        let spec = crate::fixtures::alices_busybox("t");
         let created = runtime
             .create_and_start(&spec, &|_: &str| {})
             .await

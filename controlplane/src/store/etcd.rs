@@ -243,6 +243,13 @@ fn unreachable(e: &etcd_client::Error, retry: Retry) -> bool {
     }
 }
 
+/// The client's own request timeout (tonic's "Timeout expired"), as opposed to a status
+/// etcd sent.
+fn is_request_timeout(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired")
+}
+
 fn map_error(e: etcd_client::Error) -> StoreError {
     let lease_gone = match &e {
         etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
@@ -469,18 +476,27 @@ impl Store for EtcdStore {
     /// Blocks until elected, without a timeout: a follower waits here for as long as
     /// another replica leads. Callers race it against their shutdown signal.
     async fn campaign(&self, name: &str, value: &str, lease: i64) -> StoreResult<Leadership> {
-        let (member, client) = self.pinned();
         let full_name = self.full(&format!("election/{name}"));
-        let resp = client
-            .election_client()
-            .campaign(full_name.clone(), value, lease)
-            .await
-            .map_err(|e| {
-                if unreachable(&e, Retry::Idempotent) {
-                    self.move_pin_off(member);
+        let resp = loop {
+            let (member, client) = self.pinned();
+            match client
+                .election_client()
+                .campaign(full_name.clone(), value, lease)
+                .await
+            {
+                Ok(resp) => break resp,
+                // Every call runs under the request timeout, and a follower's campaign
+                // outlasts it for as long as the leader lives: that is "not yet", not a
+                // failure of the member. Campaign again under the same lease.
+                Err(e) if is_request_timeout(&e) => continue,
+                Err(e) => {
+                    if unreachable(&e, Retry::Idempotent) {
+                        self.move_pin_off(member);
+                    }
+                    return Err(with_lease_id(map_error(e), Some(lease)));
                 }
-                with_lease_id(map_error(e), Some(lease))
-            })?;
+            }
+        };
         let leader = resp
             .leader()
             .ok_or_else(|| StoreError::Unavailable("campaign returned no leader key".into()))?;

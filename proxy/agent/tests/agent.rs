@@ -989,32 +989,11 @@ async fn raw_authenticated(
     envgate_agent::protocol::FrameReader<tokio::net::unix::OwnedReadHalf>,
     tokio::net::unix::OwnedWriteHalf,
 ) {
-    use envgate_agent::auth;
-    use envgate_agent::protocol::{FrameReader, Message};
-    let (rd, mut wr) = tokio::net::UnixStream::connect(&agent.socket)
+    let (rd, wr) = tokio::net::UnixStream::connect(&agent.socket)
         .await
         .unwrap()
         .into_split();
-    let mut reader = FrameReader::new(rd);
-    let Some((0, Message::Hello { nonce, .. })) = within(5, "hello", reader.next()).await.unwrap()
-    else {
-        panic!("no hello")
-    };
-    let client_nonce = auth::fresh_nonce();
-    let mac = auth::client_proof(SECRET, 1, &nonce, &client_nonce);
-    let mut buf = Vec::new();
-    Message::Auth {
-        version: 1,
-        nonce: client_nonce,
-        mac,
-    }
-    .encode(0, &mut buf);
-    wr.write_all(&buf).await.unwrap();
-    assert!(matches!(
-        within(5, "auth ok", reader.next()).await.unwrap(),
-        Some((0, Message::AuthOk { .. }))
-    ));
-    (reader, wr)
+    common::raw_handshake(rd, wr, 1).await
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, SECRET, run, within};
+use common::{Agent, SECRET, raw_handshake, run, within};
 use envgate_agent::auth;
 use envgate_agent::protocol::{
     FrameReader, Message, NONCE_LEN, OpenProcess, PROTOCOL_VERSION, Stream,
@@ -379,27 +379,8 @@ async fn a_truncated_record_closes_the_connection_on_both_sides() {
 /// The handshake over TCP done by hand, with the right secret: what a compromised peer that
 /// holds the secret but ignores the sealing could do.
 async fn raw_handshake_as_proxy(address: &str) -> (FrameReader<OwnedReadHalf>, OwnedWriteHalf) {
-    let (rd, mut wr) = TcpStream::connect(address).await.unwrap().into_split();
-    let mut reader = FrameReader::new(rd);
-    let Some((0, Message::Hello { nonce, .. })) = within(5, "hello", reader.next()).await.unwrap()
-    else {
-        panic!("no hello")
-    };
-    let client_nonce = auth::fresh_nonce();
-    let mac = auth::client_proof(SECRET, PROTOCOL_VERSION, &nonce, &client_nonce);
-    let mut buf = Vec::new();
-    Message::Auth {
-        version: PROTOCOL_VERSION,
-        nonce: client_nonce,
-        mac,
-    }
-    .encode(0, &mut buf);
-    wr.write_all(&buf).await.unwrap();
-    assert!(matches!(
-        within(5, "auth ok", reader.next()).await.unwrap(),
-        Some((0, Message::AuthOk { .. }))
-    ));
-    (reader, wr)
+    let (rd, wr) = TcpStream::connect(address).await.unwrap().into_split();
+    raw_handshake(rd, wr, PROTOCOL_VERSION).await
 }
 
 #[tokio::test]

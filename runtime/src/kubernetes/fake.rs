@@ -466,7 +466,7 @@ fn empty() -> FakeBody {
     BodyExt::boxed(Full::new(Bytes::new()))
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response<FakeBody> {
+pub(super) fn json_response(code: StatusCode, value: &Value) -> Response<FakeBody> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
@@ -486,7 +486,7 @@ pub fn status_body(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Response<FakeBody> {
+pub(super) fn status(code: u16, reason: &str, message: &str) -> Response<FakeBody> {
     json_response(
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &status_body(code, reason, message),

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::fake::FakeApiServer;
 use super::*;
 use crate::lifecycle::Runtime;
-use crate::types::{ContainerSpec, Gpus, RuntimeError};
+use crate::types::{ContainerSpec, RuntimeError};
 
 const NS: &str = "users";
 
@@ -29,17 +29,10 @@ fn runtime(fake: &FakeApiServer) -> KubernetesRuntime {
 
 fn spec(user: &str, environment: &str, session: Option<&str>) -> ContainerSpec {
     ContainerSpec {
-        instance: "lab".to_owned(),
-        user: user.to_owned(),
-        environment: environment.to_owned(),
         session: session.map(str::to_owned),
-        image: "envgate/busybox:latest".to_owned(),
-        env: Vec::new(),
-        working_dir: String::new(),
         cpus: 0.5,
         memory_bytes: 256 << 20,
-        pids_limit: 0,
-        gpus: Gpus::None,
+        ..ContainerSpec::new("lab", user, environment, "envgate/busybox:latest")
     }
 }
 

@@ -120,17 +120,8 @@ mod tests {
 
     fn spec(gpus: Gpus, user: &str) -> ContainerSpec {
         ContainerSpec {
-            instance: "lab".to_owned(),
-            user: user.to_owned(),
-            environment: "cuda".to_owned(),
-            session: None,
-            image: "cuda:12".to_owned(),
-            env: Vec::new(),
-            working_dir: String::new(),
-            cpus: 0.0,
-            memory_bytes: 0,
-            pids_limit: 0,
             gpus,
+            ..ContainerSpec::new("lab", user, "cuda", "cuda:12")
         }
     }
 

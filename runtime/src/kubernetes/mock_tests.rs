@@ -10,13 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use serde_json::{Value, json};
 use tower_test::mock::{Handle, SendResponse};
 
-use super::fake::{FakeBody, status_body};
+use super::fake::{self, FakeBody};
 use super::objects::parse_toleration;
 use super::*;
 use crate::types::RuntimeError;
@@ -111,13 +111,23 @@ async fn next(handle: &mut MockHandle) -> Seen {
     }
 }
 
+/// The next request, which must be `method path`.
+async fn expect(handle: &mut MockHandle, method: &str, path: &str) -> Seen {
+    let seen = next(handle).await;
+    assert_eq!((seen.method.as_str(), seen.path.as_str()), (method, path));
+    seen
+}
+
+/// Answers with the API server's `Status` body for `code`.
+fn reply_status(respond: SendResponse<Response<FakeBody>>, code: u16, reason: &str, message: &str) {
+    respond.send_response(fake::status(code, reason, message));
+}
+
 fn reply(respond: SendResponse<Response<FakeBody>>, code: u16, body: &Value) {
-    let response = Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(BodyExt::boxed(Full::new(Bytes::from(body.to_string()))))
-        .unwrap();
-    respond.send_response(response);
+    respond.send_response(fake::json_response(
+        StatusCode::from_u16(code).unwrap(),
+        body,
+    ));
 }
 
 /// Answers a watch with a stream the test feeds event by event.
@@ -152,33 +162,23 @@ fn running_status(ip: &str) -> Value {
 /// Answers the secret, pod and owner-patch requests of a start; returns the pod's name and
 /// the secret the Secret carried (base64-decoded).
 async fn answer_creation(handle: &mut MockHandle) -> (String, String, Value) {
-    let secret = next(handle).await;
-    assert_eq!(
-        (secret.method.as_str(), secret.path.as_str()),
-        ("POST", "/api/v1/namespaces/envgate-users/secrets")
-    );
+    let secret = expect(handle, "POST", "/api/v1/namespaces/envgate-users/secrets").await;
     let secret_name = secret.body["metadata"]["name"].as_str().unwrap().to_owned();
     let encoded = secret.body["data"]["secret"].as_str().unwrap().to_owned();
     reply(secret.respond, 201, &secret.body);
-    let pod = next(handle).await;
-    assert_eq!(
-        (pod.method.as_str(), pod.path.as_str()),
-        ("POST", "/api/v1/namespaces/envgate-users/pods")
-    );
+    let pod = expect(handle, "POST", "/api/v1/namespaces/envgate-users/pods").await;
     let name = pod.body["metadata"]["name"].as_str().unwrap().to_owned();
     assert_eq!(secret_name, format!("{name}-agent"));
     let mut created = pod.body.clone();
     created["metadata"]["uid"] = json!("pod-uid-1");
     created["status"] = json!({"phase": "Pending"});
     reply(pod.respond, 201, &created);
-    let patch = next(handle).await;
-    assert_eq!(
-        (patch.method.as_str(), patch.path.as_str()),
-        (
-            "PATCH",
-            format!("/api/v1/namespaces/envgate-users/secrets/{secret_name}").as_str()
-        )
-    );
+    let patch = expect(
+        handle,
+        "PATCH",
+        &format!("/api/v1/namespaces/envgate-users/secrets/{secret_name}"),
+    )
+    .await;
     let owner = &patch.body["metadata"]["ownerReferences"][0];
     assert_eq!(
         (
@@ -198,11 +198,7 @@ async fn answer_list_and_watch(
     name: &str,
     listed: Value,
 ) -> mpsc::UnboundedSender<Value> {
-    let list = next(handle).await;
-    assert_eq!(
-        (list.method.as_str(), list.path.as_str()),
-        ("GET", "/api/v1/namespaces/envgate-users/pods")
-    );
+    let list = expect(handle, "GET", "/api/v1/namespaces/envgate-users/pods").await;
     assert_eq!(
         list.query.get("fieldSelector").map(String::as_str),
         Some(format!("metadata.name={name}").as_str())
@@ -230,35 +226,28 @@ async fn answer_list_and_watch(
 
 /// Answers the cleanup after a failed start: the pod, then its secret, deleted.
 async fn answer_cleanup(handle: &mut MockHandle, name: &str) {
-    let delete = next(handle).await;
-    assert_eq!(
-        (delete.method.as_str(), delete.path.as_str()),
-        (
-            "DELETE",
-            format!("/api/v1/namespaces/envgate-users/pods/{name}").as_str()
-        )
-    );
+    let delete = expect(
+        handle,
+        "DELETE",
+        &format!("/api/v1/namespaces/envgate-users/pods/{name}"),
+    )
+    .await;
     reply(
         delete.respond,
         200,
         &pod_with_status(name, json!({"phase": "Pending"})),
     );
-    let delete = next(handle).await;
-    assert_eq!(
-        (delete.method.as_str(), delete.path.as_str()),
-        (
-            "DELETE",
-            format!("/api/v1/namespaces/envgate-users/secrets/{name}-agent").as_str()
-        )
-    );
-    reply(
+    let delete = expect(
+        handle,
+        "DELETE",
+        &format!("/api/v1/namespaces/envgate-users/secrets/{name}-agent"),
+    )
+    .await;
+    reply_status(
         delete.respond,
         404,
-        &status_body(
-            404,
-            "NotFound",
-            &format!("secrets \"{name}-agent\" not found"),
-        ),
+        "NotFound",
+        &format!("secrets \"{name}-agent\" not found"),
     );
 }
 
@@ -486,13 +475,14 @@ async fn kube_a_pod_deleted_while_starting_is_reported() {
             .unwrap();
         let delete = next(&mut handle).await;
         assert_eq!(delete.method, "DELETE");
-        reply(
+        reply_status(
             delete.respond,
             404,
-            &status_body(404, "NotFound", &format!("pods \"{name}\" not found")),
+            "NotFound",
+            &format!("pods \"{name}\" not found"),
         );
         let delete = next(&mut handle).await;
-        reply(delete.respond, 404, &status_body(404, "NotFound", "gone"));
+        reply_status(delete.respond, 404, "NotFound", "gone");
         (name, events)
     };
     let (result, (name, _events)) = tokio::join!(runtime.start(&input, &|_: &str| {}), server);
@@ -512,23 +502,18 @@ async fn kube_a_pod_name_conflict_removes_the_secret_and_says_so() {
         reply(secret.respond, 201, &secret.body);
         let pod = next(&mut handle).await;
         let name = pod.body["metadata"]["name"].as_str().unwrap().to_owned();
-        reply(
+        reply_status(
             pod.respond,
             409,
-            &status_body(
-                409,
-                "AlreadyExists",
-                &format!("pods \"{name}\" already exists"),
-            ),
+            "AlreadyExists",
+            &format!("pods \"{name}\" already exists"),
         );
-        let delete = next(&mut handle).await;
-        assert_eq!(
-            (delete.method.as_str(), delete.path),
-            (
-                "DELETE",
-                format!("/api/v1/namespaces/envgate-users/secrets/{secret_name}")
-            )
-        );
+        let delete = expect(
+            &mut handle,
+            "DELETE",
+            &format!("/api/v1/namespaces/envgate-users/secrets/{secret_name}"),
+        )
+        .await;
         reply(delete.respond, 200, &secret.body);
         name
     };
@@ -543,31 +528,24 @@ async fn kube_a_pod_name_conflict_removes_the_secret_and_says_so() {
 async fn kube_home_claim_is_created_when_missing() {
     let (runtime, mut handle) = runtime(Duration::from_secs(600));
     let server = async {
-        let get = next(&mut handle).await;
-        assert_eq!(
-            (get.method.as_str(), get.path.as_str()),
-            (
-                "GET",
-                "/api/v1/namespaces/envgate-users/persistentvolumeclaims/envgate-lab-home-alice"
-            )
-        );
-        reply(
+        let get = expect(
+            &mut handle,
+            "GET",
+            "/api/v1/namespaces/envgate-users/persistentvolumeclaims/envgate-lab-home-alice",
+        )
+        .await;
+        reply_status(
             get.respond,
             404,
-            &status_body(
-                404,
-                "NotFound",
-                "persistentvolumeclaims \"envgate-lab-home-alice\" not found",
-            ),
+            "NotFound",
+            "persistentvolumeclaims \"envgate-lab-home-alice\" not found",
         );
-        let create = next(&mut handle).await;
-        assert_eq!(
-            (create.method.as_str(), create.path.as_str()),
-            (
-                "POST",
-                "/api/v1/namespaces/envgate-users/persistentvolumeclaims"
-            )
-        );
+        let create = expect(
+            &mut handle,
+            "POST",
+            "/api/v1/namespaces/envgate-users/persistentvolumeclaims",
+        )
+        .await;
         assert_eq!(
             create.body["spec"],
             json!({"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
@@ -589,16 +567,13 @@ async fn kube_home_claim_made_by_another_replica_meanwhile_is_reused() {
     let (runtime, mut handle) = runtime(Duration::from_secs(600));
     let server = async {
         let get = next(&mut handle).await;
-        reply(get.respond, 404, &status_body(404, "NotFound", "not found"));
+        reply_status(get.respond, 404, "NotFound", "not found");
         let create = next(&mut handle).await;
-        reply(
+        reply_status(
             create.respond,
             409,
-            &status_body(
-                409,
-                "AlreadyExists",
-                "persistentvolumeclaims \"envgate-lab-home-alice\" already exists",
-            ),
+            "AlreadyExists",
+            "persistentvolumeclaims \"envgate-lab-home-alice\" already exists",
         );
     };
     let (name, ()) = tokio::join!(runtime.ensure_home("lab", "alice"), server);
@@ -610,16 +585,13 @@ async fn kube_forbidden_names_the_role() {
     let (runtime, mut handle) = runtime(Duration::from_secs(600));
     let server = async {
         let get = next(&mut handle).await;
-        reply(
+        reply_status(
             get.respond,
             403,
-            &status_body(
-                403,
-                "Forbidden",
-                "persistentvolumeclaims \"envgate-lab-home-alice\" is forbidden: User \
+            "Forbidden",
+            "persistentvolumeclaims \"envgate-lab-home-alice\" is forbidden: User \
                  \"system:serviceaccount:envgate:envgate-controlplane\" cannot get resource \
                  \"persistentvolumeclaims\" in API group \"\" in the namespace \"envgate-users\"",
-            ),
         );
     };
     let (result, ()) = tokio::join!(runtime.ensure_home("lab", "alice"), server);
@@ -634,32 +606,20 @@ async fn kube_forbidden_names_the_role() {
 async fn kube_remove_deletes_pod_and_secret_and_tolerates_404() {
     let (runtime, mut handle) = runtime(Duration::from_secs(600));
     let server = async {
-        let pod = next(&mut handle).await;
-        assert_eq!(
-            (pod.method.as_str(), pod.path.as_str()),
-            (
-                "DELETE",
-                "/api/v1/namespaces/envgate-users/pods/envgate-lab-alice-dev-1"
-            )
-        );
-        reply(
-            pod.respond,
-            404,
-            &status_body(404, "NotFound", "pods \"x\" not found"),
-        );
-        let secret = next(&mut handle).await;
-        assert_eq!(
-            (secret.method.as_str(), secret.path.as_str()),
-            (
-                "DELETE",
-                "/api/v1/namespaces/envgate-users/secrets/envgate-lab-alice-dev-1-agent"
-            )
-        );
-        reply(
-            secret.respond,
-            404,
-            &status_body(404, "NotFound", "not found"),
-        );
+        let pod = expect(
+            &mut handle,
+            "DELETE",
+            "/api/v1/namespaces/envgate-users/pods/envgate-lab-alice-dev-1",
+        )
+        .await;
+        reply_status(pod.respond, 404, "NotFound", "pods \"x\" not found");
+        let secret = expect(
+            &mut handle,
+            "DELETE",
+            "/api/v1/namespaces/envgate-users/secrets/envgate-lab-alice-dev-1-agent",
+        )
+        .await;
+        reply_status(secret.respond, 404, "NotFound", "not found");
     };
     let (result, ()) = tokio::join!(runtime.remove("envgate-lab-alice-dev-1"), server);
     result.unwrap();
@@ -669,11 +629,7 @@ async fn kube_remove_deletes_pod_and_secret_and_tolerates_404() {
 async fn kube_list_selects_by_labels_and_reads_exact_names_from_annotations() {
     let (runtime, mut handle) = runtime(Duration::from_secs(600));
     let server = async {
-        let list = next(&mut handle).await;
-        assert_eq!(
-            (list.method.as_str(), list.path.as_str()),
-            ("GET", "/api/v1/namespaces/envgate-users/pods")
-        );
+        let list = expect(&mut handle, "GET", "/api/v1/namespaces/envgate-users/pods").await;
         assert_eq!(
             list.query.get("labelSelector").map(String::as_str),
             Some("envgate.managed-by=envgate,envgate.instance=lab")
@@ -724,11 +680,7 @@ async fn kube_is_running_reads_the_one_pod() {
     let server = async {
         let get = next(&mut handle).await;
         assert_eq!(get.path, "/api/v1/namespaces/envgate-users/pods/gone");
-        reply(
-            get.respond,
-            404,
-            &status_body(404, "NotFound", "pods \"gone\" not found"),
-        );
+        reply_status(get.respond, 404, "NotFound", "pods \"gone\" not found");
         let get = next(&mut handle).await;
         let mut deleting = pod_with_status("p", running_status("10.0.0.2"));
         deleting["metadata"]["deletionTimestamp"] = json!("2026-12-06T02:00:00Z");

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use super::names;
 use super::{HomeSettings, PodSettings};
+use crate::types::{AGENT_IN_CONTAINER, AGENT_SECRET_DIR, CAP_ADD};
 
 /// Label keys: the Docker runtime's, so operators and `list` read both the same way.
 pub mod labels {
@@ -38,23 +39,11 @@ pub mod annotations {
 
 /// Where the agent lives in the user's container, as on Docker (docs/agent.md).
 pub const AGENT_DIR: &str = "/.envgate";
-pub const AGENT_IN_CONTAINER: &str = "/.envgate/agent";
-pub const AGENT_SECRET_DIR: &str = "/run/envgate-secret";
 /// Where the agent image keeps the static binary the init container copies.
 pub const AGENT_IN_IMAGE: &str = "/envgate-agent";
 /// The user's container in the Pod (the init container is `envgate-agent-install`).
 pub const MAIN_CONTAINER: &str = "env";
 pub const INSTALL_CONTAINER: &str = "envgate-agent-install";
-/// Capabilities kept, the Docker runtime's list: a root shell can still manage files and
-/// switch users; all others are dropped.
-pub const CAP_ADD: &[&str] = &[
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "SETUID",
-    "SETGID",
-    "KILL",
-];
 /// The agent forwards SIGTERM and waits 8 s (its `--stop-timeout-seconds`) before SIGKILL.
 const TERMINATION_GRACE_SECONDS: i64 = 10;
 const VOLUME_AGENT: &str = "envgate-agent";

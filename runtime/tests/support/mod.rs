@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::Command;
 
 use envgate_runtime::docker::slots;
-use envgate_runtime::{ContainerSpec, Gpus};
 
 /// The image every test starts (built locally by `deploy/local/images`).
 pub const IMAGE: &str = "envgate/busybox:latest";
@@ -30,23 +29,6 @@ pub fn docker(args: &[&str]) -> String {
 /// `<prefix><8 random hex>`: an instance (or tag) of this test only.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{:08x}", rand::random::<u32>())
-}
-
-/// `user`'s container of `environment` from `image`, with no limits.
-pub fn spec(instance: &str, user: &str, environment: &str, image: &str) -> ContainerSpec {
-    ContainerSpec {
-        instance: instance.into(),
-        user: user.into(),
-        environment: environment.into(),
-        session: None,
-        image: image.into(),
-        env: vec![],
-        working_dir: String::new(),
-        cpus: 0.0,
-        memory_bytes: 0,
-        pids_limit: 0,
-        gpus: Gpus::None,
-    }
 }
 
 /// The ids of `instance`'s containers, running or not.

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use envgate_agent::auth;
+use envgate_agent::protocol::{FrameReader, Message};
 use envgate_agent::{AgentAddress, AgentClient, ExitStatus, SpawnRequest};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 pub const SECRET: &[u8] = b"test-secret-0123456789abcdef0123";
 
@@ -165,6 +168,35 @@ pub async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A raw connection over `rd`/`wr` that passed the agent's handshake at protocol `version`,
+/// for frames a buggy or hostile proxy that holds the secret could send.
+pub async fn raw_handshake<R, W>(rd: R, mut wr: W, version: u16) -> (FrameReader<R>, W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = FrameReader::new(rd);
+    let Some((0, Message::Hello { nonce, .. })) = within(5, "hello", reader.next()).await.unwrap()
+    else {
+        panic!("no hello")
+    };
+    let client_nonce = auth::fresh_nonce();
+    let mac = auth::client_proof(SECRET, version, &nonce, &client_nonce);
+    let mut buf = Vec::new();
+    Message::Auth {
+        version,
+        nonce: client_nonce,
+        mac,
+    }
+    .encode(0, &mut buf);
+    wr.write_all(&buf).await.unwrap();
+    assert!(matches!(
+        within(5, "auth ok", reader.next()).await.unwrap(),
+        Some((0, Message::AuthOk { .. }))
+    ));
+    (reader, wr)
 }
 
 /// Runs `req` to completion with stdin closed; returns (stdout, stderr, status).
