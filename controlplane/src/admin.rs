@@ -397,7 +397,7 @@ fn validate_user(user: &pb::User) -> Result<(), AdminError> {
     Ok(())
 }
 
-fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
+pub(crate) fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
     pb::Environment {
         name: e.name.clone(),
         description: e.description.clone(),
@@ -418,6 +418,7 @@ fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         accept_env: e.accept_env.clone(),
         record_sessions: e.record_sessions,
         gpus: catalogue::gpus_to_pb(e.gpus),
+        kubernetes: catalogue::kubernetes_to_pb(&e.kubernetes),
     }
 }
 

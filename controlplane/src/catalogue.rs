@@ -8,15 +8,16 @@
 //! function the admin API uses, so a file and an API call get the same verdict and the same
 //! reason. Every error names the file, the entry (`environments[2] ("gpu")`) and the field.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::names;
-use envgate_runtime::kubernetes::settings::{CatalogueKubernetes, EnvironmentKubernetes};
-use envgate_runtime::kubernetes::{HomeSettings, PodSettings};
+use envgate_runtime::KubernetesPlacement;
+use envgate_runtime::kubernetes::HomeSettings;
+use envgate_runtime::kubernetes::settings::CatalogueKubernetes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -183,6 +184,7 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         }
     }
     let gpus = gpus_from_pb(env.gpus)?;
+    let kubernetes = kubernetes_from_pb(env.kubernetes)?;
     if env.max_lifetime_seconds != 0 && env.max_lifetime_seconds < MIN_MAX_LIFETIME_SECONDS {
         return Err(AdminError::invalid(
             "environment.max_lifetime_seconds",
@@ -213,6 +215,36 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
         accept_env: env.accept_env,
         record_sessions: env.record_sessions,
         gpus,
+        kubernetes,
+    })
+}
+
+/// Checks the placement as the Kubernetes runtime will apply it; the error names the field
+/// below `environment.kubernetes`.
+fn kubernetes_from_pb(
+    placement: Option<pb::KubernetesPlacement>,
+) -> Result<KubernetesPlacement, AdminError> {
+    let placement = placement.unwrap_or_default();
+    let placement = KubernetesPlacement {
+        node_selector: placement.node_selector.into_iter().collect(),
+        tolerations: placement.tolerations,
+        image_pull_policy: Some(placement.image_pull_policy).filter(|p| !p.is_empty()),
+        image_pull_secrets: placement.image_pull_secrets,
+    };
+    placement.settings().map_err(|e| {
+        // "tolerations[1]: toleration ...": the field, then why.
+        let (field, reason) = e.split_once(": ").unwrap_or(("", &e));
+        AdminError::invalid(format!("environment.kubernetes.{field}"), reason)
+    })?;
+    Ok(placement)
+}
+
+pub fn kubernetes_to_pb(placement: &KubernetesPlacement) -> Option<pb::KubernetesPlacement> {
+    (!placement.is_empty()).then(|| pb::KubernetesPlacement {
+        node_selector: placement.node_selector.clone().into_iter().collect(),
+        tolerations: placement.tolerations.clone(),
+        image_pull_policy: placement.image_pull_policy.clone().unwrap_or_default(),
+        image_pull_secrets: placement.image_pull_secrets.clone(),
     })
 }
 
@@ -439,66 +471,38 @@ fn parse_text(text: &str) -> Result<Vec<EnvironmentRecord>, String> {
             .map_err(|e| format!("{}: {e}", label(i)))?;
         records.push(record);
     }
-    kubernetes_text(text)?;
+    kubernetes_home(text)?;
     Ok(records)
 }
 
-/// The Kubernetes runtime's settings in a catalogue file: the users' home claims, and each
-/// environment's placement (docs/environments.md, "On Kubernetes").
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct KubernetesSettings {
-    pub home: HomeSettings,
-    /// By environment name; environments without a block are left out.
-    pub environments: BTreeMap<String, PodSettings>,
-}
-
-/// Reads a catalogue file's `kubernetes:` blocks (the file is checked as `load` does).
-pub fn load_kubernetes(path: &Path) -> Result<KubernetesSettings, CatalogueError> {
+/// Reads a catalogue file's top-level `kubernetes:` block, the users' home claims
+/// (docs/environments.md, "On Kubernetes"); the file is checked as `load` does. Each
+/// environment's own block is part of its record.
+pub fn load_kubernetes_home(path: &Path) -> Result<HomeSettings, CatalogueError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| CatalogueError::Read {
         path: shown.clone(),
         source,
     })?;
     parse(&shown, &text)?;
-    kubernetes_text(&text).map_err(|reason| CatalogueError::Invalid {
+    kubernetes_home(&text).map_err(|reason| CatalogueError::Invalid {
         path: shown,
         reason,
     })
 }
 
-fn kubernetes_text(text: &str) -> Result<KubernetesSettings, String> {
-    /// Only the `kubernetes:` blocks; `CatalogueFile` checks everything else.
+fn kubernetes_home(text: &str) -> Result<HomeSettings, String> {
+    /// Only the top-level block; `CatalogueFile` checks everything else.
     #[derive(Deserialize)]
     struct View {
         #[serde(default)]
         kubernetes: Option<CatalogueKubernetes>,
-        #[serde(default)]
-        environments: Vec<EntryView>,
     }
-    #[derive(Deserialize)]
-    struct EntryView {
-        #[serde(default)]
-        name: String,
-        #[serde(default)]
-        kubernetes: Option<EnvironmentKubernetes>,
-    }
-    let view: View = serde_yaml::from_str(text)
-        .map_err(|e| with_entry_label(e.to_string(), |i| format!("environments[{i}]")))?;
-    let home = view
-        .kubernetes
+    let view: View = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    view.kubernetes
         .unwrap_or_default()
         .home()
-        .map_err(|e| format!("kubernetes.{e}"))?;
-    let mut environments = BTreeMap::new();
-    for (i, entry) in view.environments.into_iter().enumerate() {
-        if let Some(block) = entry.kubernetes {
-            let settings = block
-                .settings()
-                .map_err(|e| format!("environments[{i}] ({:?}): kubernetes.{e}", entry.name))?;
-            environments.insert(entry.name, settings);
-        }
-    }
-    Ok(KubernetesSettings { home, environments })
+        .map_err(|e| format!("kubernetes.{e}"))
 }
 
 /// serde_yaml reports `environments[2].resources.memory: <message> at line L column C`;
@@ -524,7 +528,7 @@ fn with_entry_label(message: String, label: impl Fn(usize) -> String) -> String 
 #[serde(deny_unknown_fields)]
 struct CatalogueFile {
     environments: Vec<Entry>,
-    /// The Kubernetes runtime's settings, checked by `kubernetes_text` (docker ignores them).
+    /// The Kubernetes runtime's home claims, checked by `kubernetes_home`.
     #[serde(default)]
     #[allow(dead_code)]
     kubernetes: Option<de::IgnoredAny>,
@@ -567,10 +571,9 @@ struct Entry {
     /// Record sessions (asciicast, command log).
     #[serde(default)]
     record: bool,
-    /// Where and how its Pods run on Kubernetes, checked by `kubernetes_text`.
+    /// Where and how its Pods run on Kubernetes.
     #[serde(default)]
-    #[allow(dead_code)]
-    kubernetes: Option<de::IgnoredAny>,
+    kubernetes: Option<KubernetesPlacement>,
 }
 
 #[derive(Default, Deserialize)]
@@ -621,6 +624,7 @@ impl Entry {
                 .resources
                 .gpus
                 .map(|g| pb::GpuRequest { request: Some(g.0) }),
+            kubernetes: self.kubernetes.as_ref().and_then(kubernetes_to_pb),
         };
         validate_environment(env).map_err(|e| match e {
             AdminError::Invalid { field, reason } => {
@@ -1061,6 +1065,7 @@ environments:
                     accept_env: vec![],
                     record_sessions: false,
                     gpus: Gpus::None,
+                    kubernetes: KubernetesPlacement::default(),
                 },
                 EnvironmentRecord {
                     name: "gpu".into(),
@@ -1087,6 +1092,7 @@ environments:
                     accept_env: vec!["LANG".into(), "PROJECT_*".into()],
                     record_sessions: true,
                     gpus: Gpus::All,
+                    kubernetes: KubernetesPlacement::default(),
                 },
             ]
         );
@@ -1118,16 +1124,19 @@ environments:
   - name: plain
     image: busybox
 "#;
-        assert_eq!(parse("f", text).unwrap().len(), 2);
-        let settings = kubernetes_text(text).unwrap();
-        assert_eq!(settings.home.storage_class.as_deref(), Some("fast"));
-        assert_eq!(settings.home.size, "50Gi");
-        assert_eq!(settings.home.access_mode, "ReadWriteOnce");
-        assert_eq!(settings.environments.len(), 1);
-        let cuda = &settings.environments["cuda"];
+        let records = parse("f", text).unwrap();
+        let home = kubernetes_home(text).unwrap();
+        assert_eq!(home.storage_class.as_deref(), Some("fast"));
+        assert_eq!(home.size, "50Gi");
+        assert_eq!(home.access_mode, "ReadWriteOnce");
+        // Each environment's block is part of its record, as the admin API stores it.
+        let cuda = &records[0].kubernetes;
         assert_eq!(cuda.node_selector["nvidia.com/gpu.present"], "true");
         assert_eq!(cuda.image_pull_secrets, ["lab-registry"]);
-        assert_eq!(cuda.tolerations[0].effect.as_deref(), Some("NoSchedule"));
+        assert_eq!(cuda.tolerations, ["nvidia.com/gpu:NoSchedule"]);
+        assert!(records[1].kubernetes.is_empty());
+        let api = validate_environment(crate::admin::environment_to_pb(&records[0])).unwrap();
+        assert_eq!(api.kubernetes, *cuda, "the API takes back what it gives");
 
         let bad = text.replace("NoSchedule", "Sometimes");
         assert_eq!(
@@ -1143,12 +1152,11 @@ environments:
              Mi, Gi, Ti, k, M, G or T, e.g. 20Gi)"
         );
         let bad = text.replace("image_pull_secrets", "pull_secrets");
-        assert!(
-            parse("f", &bad).unwrap_err().to_string().starts_with(
-                "catalogue f: environments[0]: kubernetes: unknown field `pull_secrets`"
-            ),
-            "{}",
-            parse("f", &bad).unwrap_err()
+        assert_eq!(
+            parse("f", &bad).unwrap_err().to_string(),
+            "catalogue f: environments[0] (\"cuda\"): kubernetes: unknown field `pull_secrets`, \
+             expected one of `node_selector`, `tolerations`, `image_pull_policy`, \
+             `image_pull_secrets` at line 10 column 7"
         );
     }
 
@@ -1425,6 +1433,61 @@ environments:
         })
         .unwrap();
         assert_eq!((ok.max_lifetime_seconds, ok.warm_pool_size), (10, 300));
+    }
+
+    #[test]
+    fn the_admin_api_checks_the_kubernetes_placement_field_by_field() {
+        let with = |placement: pb::KubernetesPlacement| {
+            validate_environment(pb::Environment {
+                name: "cuda".into(),
+                image: "lab/cuda".into(),
+                kubernetes: Some(placement),
+                ..Default::default()
+            })
+        };
+        let good = pb::KubernetesPlacement {
+            node_selector: [("nvidia.com/gpu.present".to_owned(), "true".to_owned())].into(),
+            tolerations: vec!["nvidia.com/gpu:NoSchedule".into()],
+            image_pull_policy: "IfNotPresent".into(),
+            image_pull_secrets: vec!["lab-registry".into()],
+        };
+        let record = with(good.clone()).unwrap();
+        assert_eq!(record.kubernetes.tolerations, ["nvidia.com/gpu:NoSchedule"]);
+        assert_eq!(
+            record.kubernetes.image_pull_policy.as_deref(),
+            Some("IfNotPresent")
+        );
+        assert_eq!(kubernetes_to_pb(&record.kubernetes), Some(good.clone()));
+        // An empty message is no placement at all, and reads back as none.
+        let none = with(pb::KubernetesPlacement::default()).unwrap();
+        assert!(none.kubernetes.is_empty());
+        assert_eq!(kubernetes_to_pb(&none.kubernetes), None);
+        let refused = |change: fn(&mut pb::KubernetesPlacement)| {
+            let mut placement = good.clone();
+            change(&mut placement);
+            with(placement).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(|p| p.tolerations.push("gpu:Sometimes".into())),
+            "environment.kubernetes.tolerations[1]: toleration \"gpu:Sometimes\": effect \
+             \"Sometimes\" is not NoSchedule, PreferNoSchedule or NoExecute"
+        );
+        assert_eq!(
+            refused(|p| p.image_pull_policy = "always".into()),
+            "environment.kubernetes.image_pull_policy: \"always\" is not one of Always, \
+             IfNotPresent, Never"
+        );
+        assert_eq!(
+            refused(|p| p.image_pull_secrets = vec!["Lab Registry".into()]),
+            "environment.kubernetes.image_pull_secrets[0]: \"Lab Registry\" is not a Secret name \
+             (lowercase letters, digits, - and .)"
+        );
+        assert!(
+            refused(|p| {
+                p.node_selector.insert("zone".into(), "eu west".into());
+            })
+            .starts_with("environment.kubernetes.node_selector.zone: ")
+        );
     }
 
     fn record(name: &str, is_default: bool) -> EnvironmentRecord {

@@ -659,8 +659,8 @@ fn kubernetes_setup(
             env.name
         );
     }
-    let catalogue = match catalogue_file {
-        Some(file) => envgate_controlplane::catalogue::load_kubernetes(file)
+    let home = match catalogue_file {
+        Some(file) => envgate_controlplane::catalogue::load_kubernetes_home(file)
             .map_err(|e| anyhow::anyhow!("--environments: {e}"))?,
         None => Default::default(),
     };
@@ -686,8 +686,7 @@ fn kubernetes_setup(
             namespace: flags.namespace,
             agent_image,
             start_timeout: flags.start_timeout,
-            home: catalogue.home,
-            environments: catalogue.environments,
+            home,
         },
     })
 }

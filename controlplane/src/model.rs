@@ -134,9 +134,12 @@ pub struct EnvironmentRecord {
     pub record_sessions: bool,
     #[serde(default, skip_serializing_if = "Gpus::is_none")]
     pub gpus: Gpus,
+    /// Where and how its Pods run on Kubernetes (checked when stored).
+    #[serde(default, skip_serializing_if = "KubernetesPlacement::is_empty")]
+    pub kubernetes: KubernetesPlacement,
 }
 
-pub use envgate_runtime::Gpus;
+pub use envgate_runtime::{Gpus, KubernetesPlacement};
 
 impl EnvironmentRecord {
     pub fn allows(&self, groups: &[String]) -> bool {

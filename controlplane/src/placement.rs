@@ -1341,7 +1341,7 @@ fn session_target(record: &ContainerRecord) -> SessionTarget {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
 
     use super::*;
     use crate::fixtures::{World, abandoned_claim, fast, no_progress};
@@ -1369,6 +1369,36 @@ mod tests {
             world.keys("containers/").await,
             ["containers/alice/busybox"]
         );
+    }
+
+    #[tokio::test]
+    async fn the_runtime_gets_the_environments_kubernetes_placement() {
+        let world = World::new().await;
+        let placement = crate::model::KubernetesPlacement {
+            node_selector: [("accelerator".to_owned(), "a100".to_owned())].into(),
+            tolerations: vec!["nvidia.com/gpu:NoSchedule".to_owned()],
+            image_pull_policy: Some("IfNotPresent".to_owned()),
+            image_pull_secrets: vec!["lab-registry".to_owned()],
+        };
+        let wanted = placement.clone();
+        world
+            .update_environment("busybox", move |e| e.kubernetes = placement)
+            .await;
+        let placer = world.placer(fast());
+        for environment in ["busybox", "scratch"] {
+            placer
+                .open(world.request("alice", environment), &no_progress)
+                .await
+                .unwrap();
+        }
+        let specs: HashMap<String, _> = world
+            .runtime
+            .containers()
+            .into_iter()
+            .map(|(_, c)| (c.spec.environment.clone(), c.spec.kubernetes))
+            .collect();
+        assert_eq!(specs["busybox"], wanted);
+        assert!(specs["scratch"].is_empty());
     }
 
     #[tokio::test]

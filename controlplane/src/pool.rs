@@ -178,6 +178,7 @@ pub fn container_spec(
         memory_bytes: env.memory_bytes,
         pids_limit: env.pids_limit,
         gpus: env.gpus,
+        kubernetes: env.kubernetes.clone(),
     }
 }
 

@@ -29,7 +29,7 @@ pub use session::{
     ProcessRuntime, ProcessSpec, SessionTarget, StartedProcess, TerminalSize,
 };
 pub use types::{
-    AgentEndpoint, ContainerSpec, CreatedContainer, Gpus, ManagedContainer, RuntimeError,
-    claimed_container_name, container_name, labels, name_suffix, now, pool_container_name,
-    stale_dirs, volume_name,
+    AgentEndpoint, ContainerSpec, CreatedContainer, Gpus, KubernetesPlacement, ManagedContainer,
+    RuntimeError, claimed_container_name, container_name, labels, name_suffix, now,
+    pool_container_name, stale_dirs, volume_name,
 };

@@ -2,7 +2,7 @@
 //! specifications, the containers found, errors, the labels every envgate container carries,
 //! and the names envgate gives containers and homes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,6 +92,35 @@ pub struct ContainerSpec {
     pub memory_bytes: u64,
     pub pids_limit: i64,
     pub gpus: Gpus,
+    /// Where and how the container runs on Kubernetes; other runtimes ignore it.
+    pub kubernetes: KubernetesPlacement,
+}
+
+/// Where and how an environment's Pods run on Kubernetes, as an operator writes it (the
+/// catalogue file's per-environment `kubernetes:` block, the admin API's
+/// `Environment.kubernetes`) and as the environment's record keeps it. The Kubernetes runtime
+/// checks it (`kubernetes::settings`) and applies it; other runtimes ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesPlacement {
+    /// Node labels a Pod's node must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// `key[=value]:Effect`, one toleration each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<String>,
+    /// `Always`, `IfNotPresent` or `Never`; `None`: the cluster's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Secrets in the users' namespace holding registry credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+}
+
+impl KubernetesPlacement {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl ContainerSpec {
@@ -110,6 +139,7 @@ impl ContainerSpec {
             memory_bytes: 0,
             pids_limit: 0,
             gpus: Gpus::None,
+            kubernetes: KubernetesPlacement::default(),
         }
     }
 }

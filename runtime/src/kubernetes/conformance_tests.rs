@@ -4,7 +4,6 @@
 //! and the runtime's own requests. Not a real cluster (docs/operations.md says what a first
 //! run on one must confirm).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -53,7 +52,6 @@ async fn kube_conformance_over_the_fake_api_server() {
             agent_image: "envgate/agent:test".to_owned(),
             start_timeout: Duration::from_secs(30),
             home: HomeSettings::default(),
-            environments: BTreeMap::new(),
         },
     );
     conformance::run(&runtime, &FakeCluster(fake.clone())).await;

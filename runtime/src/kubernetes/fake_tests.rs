@@ -2,7 +2,6 @@
 //! (`fake.rs`): what the reconciler, idle reaping and caps rely on, end to end over kube's
 //! client. A fake, not Kubernetes (see `fake.rs`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -22,7 +21,6 @@ fn runtime(fake: &FakeApiServer) -> KubernetesRuntime {
             agent_image: "envgate-agent:test".to_owned(),
             start_timeout: Duration::from_secs(5),
             home: HomeSettings::default(),
-            environments: BTreeMap::new(),
         },
     )
 }

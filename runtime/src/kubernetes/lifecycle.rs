@@ -43,6 +43,14 @@ pub fn pod_input(spec: &ContainerSpec) -> Result<PodSpecInput, RuntimeError> {
     if spec.user.is_empty() {
         return Err(RuntimeError::Failed(NO_WARM_POOLS.to_owned()));
     }
+    // Checked when the environment was stored; a record written some other way still gets
+    // one line rather than a Pod the API server refuses.
+    let settings = spec.kubernetes.settings().map_err(|e| {
+        RuntimeError::Failed(format!(
+            "environment {:?}: kubernetes.{e}",
+            spec.environment
+        ))
+    })?;
     Ok(PodSpecInput {
         instance: spec.instance.clone(),
         user: spec.user.clone(),
@@ -54,6 +62,7 @@ pub fn pod_input(spec: &ContainerSpec) -> Result<PodSpecInput, RuntimeError> {
         cpus: spec.cpus,
         memory_bytes: spec.memory_bytes,
         gpus,
+        settings,
     })
 }
 
@@ -137,6 +146,34 @@ mod tests {
         assert_eq!(
             pod_input(&spec(Gpus::None, "")).unwrap_err().to_string(),
             NO_WARM_POOLS
+        );
+    }
+
+    #[test]
+    fn kube_the_specs_placement_is_checked_and_carried_to_the_pod() {
+        let placed = |tolerations: &[&str]| {
+            pod_input(&ContainerSpec {
+                kubernetes: crate::KubernetesPlacement {
+                    node_selector: [("accelerator".to_owned(), "a100".to_owned())].into(),
+                    tolerations: tolerations.iter().map(|t| (*t).to_owned()).collect(),
+                    image_pull_policy: Some("Never".to_owned()),
+                    image_pull_secrets: vec!["lab-registry".to_owned()],
+                },
+                ..spec(Gpus::Count(1), "alice")
+            })
+        };
+        let settings = placed(&["nvidia.com/gpu:NoSchedule"]).unwrap().settings;
+        assert_eq!(settings.node_selector["accelerator"], "a100");
+        assert_eq!(
+            settings.tolerations[0].effect.as_deref(),
+            Some("NoSchedule")
+        );
+        assert_eq!(settings.image_pull_policy.as_deref(), Some("Never"));
+        assert_eq!(settings.image_pull_secrets, ["lab-registry"]);
+        assert_eq!(
+            placed(&["gpu:Sometimes"]).unwrap_err().to_string(),
+            "environment \"cuda\": kubernetes.tolerations[0]: toleration \"gpu:Sometimes\": effect \
+             \"Sometimes\" is not NoSchedule, PreferNoSchedule or NoExecute"
         );
     }
 }

@@ -38,15 +38,6 @@ fn runtime(start_timeout: Duration) -> (KubernetesRuntime, MockHandle) {
             size: "20Gi".to_owned(),
             access_mode: "ReadWriteOnce".to_owned(),
         },
-        environments: BTreeMap::from([(
-            "cuda".to_owned(),
-            PodSettings {
-                node_selector: BTreeMap::from([("accelerator".to_owned(), "a100".to_owned())]),
-                tolerations: vec![parse_toleration("nvidia.com/gpu:NoSchedule").unwrap()],
-                image_pull_policy: Some("IfNotPresent".to_owned()),
-                image_pull_secrets: vec!["lab-registry".to_owned()],
-            },
-        )]),
     };
     (KubernetesRuntime::new(client, config), handle)
 }
@@ -63,6 +54,12 @@ fn cuda_input() -> PodSpecInput {
         cpus: 4.0,
         memory_bytes: 16 << 30,
         gpus: 1,
+        settings: PodSettings {
+            node_selector: BTreeMap::from([("accelerator".to_owned(), "a100".to_owned())]),
+            tolerations: vec![parse_toleration("nvidia.com/gpu:NoSchedule").unwrap()],
+            image_pull_policy: Some("IfNotPresent".to_owned()),
+            image_pull_secrets: vec!["lab-registry".to_owned()],
+        },
     }
 }
 

@@ -59,7 +59,7 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(600);
 /// The port the agent listens on in every Pod.
 pub const AGENT_PORT: u16 = 7022;
 
-/// Per-environment placement settings from the catalogue's `kubernetes:` block.
+/// An environment's placement settings: its checked [`KubernetesPlacement`](crate::KubernetesPlacement).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodSettings {
     pub node_selector: BTreeMap<String, String>,
@@ -100,8 +100,6 @@ pub struct KubernetesConfig {
     pub agent_image: String,
     pub start_timeout: Duration,
     pub home: HomeSettings,
-    /// By environment name; an environment not listed gets the defaults.
-    pub environments: BTreeMap<String, PodSettings>,
 }
 
 /// Where the client's configuration comes from (control-plane flags).
@@ -202,6 +200,8 @@ pub struct PodSpecInput {
     pub memory_bytes: u64,
     /// 0 = none. "All GPUs" has no meaning on a cluster; the caller rejects it.
     pub gpus: u32,
+    /// The environment's placement, checked.
+    pub settings: PodSettings,
 }
 
 pub struct KubernetesRuntime {
@@ -270,12 +270,6 @@ impl KubernetesRuntime {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let settings = self
-            .config
-            .environments
-            .get(&input.environment)
-            .cloned()
-            .unwrap_or_default();
         let pod = objects::pod(&objects::PodRequest {
             instance: &input.instance,
             user: &input.user,
@@ -292,7 +286,7 @@ impl KubernetesRuntime {
             home_claim: &home_claim,
             agent_image: &self.config.agent_image,
             agent_port: AGENT_PORT,
-            settings: &settings,
+            settings: &input.settings,
         });
         let secret_object = objects::agent_secret(
             &secret_name,

@@ -1,4 +1,5 @@
-//! The catalogue's `kubernetes:` blocks as written, and their checks: each field refused with
+//! The catalogue's `kubernetes:` blocks as written (the per-environment one is
+//! [`KubernetesPlacement`], kept in the environment's record), and their checks: each field refused with
 //! one line naming it, before anything reaches the API server (which would refuse the Pod at
 //! a user's first login instead).
 //!
@@ -14,12 +15,11 @@
 //!       image_pull_secrets: [lab-registry]
 //! ```
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use super::objects::parse_toleration;
 use super::{HomeSettings, PodSettings, names};
+use crate::types::KubernetesPlacement;
 
 /// The top-level block.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -38,20 +38,6 @@ pub struct HomeText {
     pub size: Option<String>,
     #[serde(default)]
     pub access_mode: Option<String>,
-}
-
-/// An environment's block.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnvironmentKubernetes {
-    #[serde(default)]
-    pub node_selector: BTreeMap<String, String>,
-    #[serde(default)]
-    pub tolerations: Vec<String>,
-    #[serde(default)]
-    pub image_pull_policy: Option<String>,
-    #[serde(default)]
-    pub image_pull_secrets: Vec<String>,
 }
 
 const ACCESS_MODES: &[&str] = &["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"];
@@ -93,7 +79,7 @@ impl CatalogueKubernetes {
     }
 }
 
-impl EnvironmentKubernetes {
+impl KubernetesPlacement {
     /// Errors name the field below `kubernetes.`: `tolerations[1]: ...`.
     pub fn settings(&self) -> Result<PodSettings, String> {
         for (key, value) in &self.node_selector {
@@ -167,6 +153,8 @@ fn is_storage_quantity(text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -212,7 +200,7 @@ mod tests {
 
     #[test]
     fn kube_catalogue_environment_settings_are_checked_field_by_field() {
-        let good = EnvironmentKubernetes {
+        let good = KubernetesPlacement {
             node_selector: BTreeMap::from([(
                 "nvidia.com/gpu.present".to_owned(),
                 "true".to_owned(),
@@ -226,7 +214,7 @@ mod tests {
             settings.tolerations[0].key.as_deref(),
             Some("nvidia.com/gpu")
         );
-        let bad = |f: fn(&mut EnvironmentKubernetes)| {
+        let bad = |f: fn(&mut KubernetesPlacement)| {
             let mut e = good.clone();
             f(&mut e);
             e.settings().unwrap_err()
