@@ -322,13 +322,7 @@ impl Placer {
 
     /// Creations wait for a slot of `admission` (the replica's, shared with the pool refills).
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
-        self.pools = WarmPools::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            &self.config.instance,
-            admission.clone(),
-        )
-        .with_clock(self.clock.clone());
+        self.pools = self.pools.with_admission(admission.clone());
         self.admission = admission;
         self
     }

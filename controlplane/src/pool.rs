@@ -206,6 +206,12 @@ impl WarmPools {
         self
     }
 
+    /// Refills take their slots from `admission` (the replica's, shared with placement).
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = admission;
+        self
+    }
+
     /// The claims the pools' targets follow (fed by `ClaimWatch`).
     pub fn demand(&self) -> Arc<Demand> {
         self.demand.clone()

@@ -188,13 +188,7 @@ impl Reconciler {
     /// Warm-pool refills take their slots from `admission` (the replica's, shared with
     /// placement), behind every user waiting for a creation.
     pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
-        self.pools = WarmPools::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            &self.config.instance,
-            admission,
-        )
-        .with_clock(self.clock.clone());
+        self.pools = self.pools.with_admission(admission);
         self
     }
 
