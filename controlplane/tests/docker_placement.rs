@@ -109,7 +109,7 @@ async fn open(
         environment: environment.into(),
         client_address: "127.0.0.1:50000".into(),
         connection_id: "c".into(),
-        kind: "exec".into(),
+        session_kind: SessionKind::Exec.into(),
     };
     let mut events = sessions.open_session(request).await?.into_inner();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(120), events.message())
