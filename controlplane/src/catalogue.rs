@@ -1222,7 +1222,8 @@ environments:
             ),
             (
                 "    mode: forever\n",
-                "environments[0] (\"gpu\"): mode: must be \"persistent\" or \"ephemeral\"",
+                "environments[0] (\"gpu\"): mode: unknown variant `forever`, expected \
+                 `persistent` or `ephemeral` at line 4 column 11",
             ),
             (
                 "    groups: [\"two words\"]\n",

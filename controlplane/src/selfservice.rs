@@ -496,7 +496,10 @@ mod tests {
         assert!(envs.environments.iter().all(|e| !e.running));
         assert_eq!(envs.user_default, "");
         assert_eq!(envs.catalogue_default, "busybox");
-        assert_eq!(envs.environments[1].mode, "ephemeral");
+        assert_eq!(
+            envs.environments[1].environment_mode(),
+            wire::EnvironmentMode::Ephemeral
+        );
 
         let placer = world.placer(PlacementConfig::default());
         placer

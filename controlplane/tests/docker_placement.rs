@@ -20,7 +20,7 @@ use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
 use envgate_proto::v1::{
     AuthenticateRequest, CloseSessionRequest, OpenSessionRequest, Placement, ProxyMessage,
-    Register, authenticate_request, open_session_event, proxy_message,
+    Register, SessionKind, authenticate_request, open_session_event, proxy_message,
 };
 use russh::keys::ssh_key::PrivateKey;
 use russh::keys::ssh_key::private::Ed25519Keypair;
