@@ -11,8 +11,8 @@ use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
 use envgate_proto::audit::{AuditLog, Event, Outcome};
 use envgate_proto::names;
-use russh::keys::HashAlg;
 use envgate_proto::v1 as wire;
+use russh::keys::HashAlg;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
 

@@ -349,7 +349,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(environment.mode, Mode::Ephemeral);
-        assert_eq!(serde_json::to_value(&environment).unwrap()["mode"], "ephemeral");
+        assert_eq!(
+            serde_json::to_value(&environment).unwrap()["mode"],
+            "ephemeral"
+        );
         let unsaid: EnvironmentRecord = serde_json::from_str(
             r#"{"name":"b","image":"busybox","shell":"/bin/sh","idle_timeout_seconds":900}"#,
         )

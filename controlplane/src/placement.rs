@@ -48,8 +48,8 @@ use crate::error::{CallerError, PlacementError};
 use crate::guard::{self, ProxyIdentity};
 use crate::locks::KeyedLocks;
 use crate::model::{
-    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionKind, SessionRecord,
-    UserRecord,
+    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionKind,
+    SessionRecord, UserRecord,
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;

@@ -15,10 +15,10 @@ use envgate_proto::audit::Event;
 use envgate_proto::names;
 use envgate_proto::token::Claims;
 use envgate_proto::v1::self_service_server::SelfService;
-use envgate_proto::v1::{self as wire,
-    CertificateAuthorityKeys, IssueCertificateRequest, IssuedCertificate, SelfEnvironmentRequest,
-    SelfRequest, SetDefaultResponse, StopEnvironmentResponse, UserContainer, UserEnvironment,
-    UserEnvironments, UserSession, UserStatus,
+use envgate_proto::v1::{
+    self as wire, CertificateAuthorityKeys, IssueCertificateRequest, IssuedCertificate,
+    SelfEnvironmentRequest, SelfRequest, SetDefaultResponse, StopEnvironmentResponse,
+    UserContainer, UserEnvironment, UserEnvironments, UserSession, UserStatus,
 };
 use tonic::{Request, Response, Status};
 

@@ -882,14 +882,20 @@ mod tests {
     fn enums_show_as_the_words_users_always_read() {
         let word = |name: &str, prefix: &str| name.strip_prefix(prefix).unwrap().to_lowercase();
         for mode in [EnvironmentMode::Persistent, EnvironmentMode::Ephemeral] {
-            assert_eq!(mode_word(mode), word(mode.as_str_name(), "ENVIRONMENT_MODE_"));
+            assert_eq!(
+                mode_word(mode),
+                word(mode.as_str_name(), "ENVIRONMENT_MODE_")
+            );
         }
         for state in [
             ContainerState::Creating,
             ContainerState::Running,
             ContainerState::Removing,
         ] {
-            assert_eq!(state_word(state), word(state.as_str_name(), "CONTAINER_STATE_"));
+            assert_eq!(
+                state_word(state),
+                word(state.as_str_name(), "CONTAINER_STATE_")
+            );
         }
         for kind in [
             SessionKind::Shell,
