@@ -11,6 +11,7 @@ use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_server::Admin;
 use envgate_proto::audit::{AuditLog, Event, Outcome};
 use envgate_proto::names;
+use envgate_proto::v1 as wire;
 use russh::keys::HashAlg;
 use russh::keys::ssh_key::PublicKey;
 use tonic::{Request, Response, Status};
@@ -319,7 +320,7 @@ impl AdminService {
                         as i32,
                     container_id: r.container_id,
                     container_name: r.container_name,
-                    state: r.state.as_str().to_owned(),
+                    container_state: wire::ContainerState::from(r.state).into(),
                     created_at: r.created_at,
                     last_active_at: r.last_active_at,
                     session_id: r.session_id,
@@ -406,7 +407,7 @@ pub(crate) fn environment_to_pb(e: &EnvironmentRecord) -> pb::Environment {
         working_dir: e.working_dir.clone(),
         run_as: e.run_as.clone(),
         env: e.env.clone(),
-        mode: e.mode.as_str().to_owned(),
+        environment_mode: wire::EnvironmentMode::from(e.mode).into(),
         idle_timeout_seconds: e.idle_timeout_seconds,
         allowed_groups: e.allowed_groups.clone(),
         cpus: e.cpus,
@@ -594,7 +595,7 @@ impl Admin for AdminService {
                     container_id: s.container_id,
                     proxy_id: s.proxy_id,
                     client_address: s.client_address,
-                    kind: s.kind,
+                    session_kind: wire::SessionKind::from(s.kind).into(),
                     started_at: s.started_at,
                 })
                 .collect();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::names;
+use envgate_proto::v1::EnvironmentMode;
 use envgate_runtime::KubernetesPlacement;
 use envgate_runtime::kubernetes::HomeSettings;
 use envgate_runtime::kubernetes::settings::CatalogueKubernetes;
@@ -24,6 +25,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use crate::error::{AdminError, ChoiceError};
 use crate::model::{self, EnvironmentRecord, Gpus, Mode};
 use crate::store::{self, Store, StoreError};
+use crate::wire;
 
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u32 = 900;
@@ -103,16 +105,7 @@ pub fn validate_environment(env: pb::Environment) -> Result<EnvironmentRecord, A
             "must be empty (each user's own account), \"root\", an account name of the image, or uid[:gid]",
         ));
     }
-    let mode = match env.mode.as_str() {
-        "" | "persistent" => Mode::Persistent,
-        "ephemeral" => Mode::Ephemeral,
-        _ => {
-            return Err(AdminError::invalid(
-                "environment.mode",
-                "must be \"persistent\" or \"ephemeral\"",
-            ));
-        }
-    };
+    let mode = wire::requested_mode("environment.environment_mode", env.environment_mode)?;
     for (i, var) in env.env.iter().enumerate() {
         let valid = var
             .split_once('=')
@@ -555,8 +548,9 @@ struct Entry {
     env: Variables,
     #[serde(default)]
     resources: Resources,
+    /// `persistent` or `ephemeral`, the record's words (the wire's enum is for gRPC only).
     #[serde(default)]
-    mode: String,
+    mode: Option<Mode>,
     idle_timeout: Option<Seconds>,
     #[serde(default)]
     max_lifetime: Seconds,
@@ -609,7 +603,10 @@ impl Entry {
             working_dir: self.working_dir,
             run_as: self.run_as,
             env: self.env.0.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            mode: self.mode,
+            environment_mode: self
+                .mode
+                .map_or(EnvironmentMode::Unspecified, EnvironmentMode::from)
+                .into(),
             idle_timeout_seconds: self.idle_timeout.map_or(0, |t| t.0),
             allowed_groups: self.groups,
             cpus: self.resources.cpus,
@@ -1233,7 +1230,8 @@ environments:
             ),
             (
                 "    mode: forever\n",
-                "environments[0] (\"gpu\"): mode: must be \"persistent\" or \"ephemeral\"",
+                "environments[0] (\"gpu\"): mode: unknown variant `forever`, expected \
+                 `persistent` or `ephemeral` at line 4 column 11",
             ),
             (
                 "    groups: [\"two words\"]\n",

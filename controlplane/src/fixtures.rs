@@ -17,7 +17,7 @@ use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::error::PlacementError;
 use crate::model::{
     self, CommandRecord, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord,
-    UserRecord,
+    SessionKind, UserRecord,
 };
 use crate::placement::{OpenRequest, PlacementConfig, Placer};
 use crate::reconcile::{ReconcileConfig, Reconciler};
@@ -233,7 +233,7 @@ impl World {
             proxy_id: PROXY.into(),
             client_address: "192.0.2.1:40000".into(),
             connection_id: "conn".into(),
-            kind: "shell".into(),
+            kind: SessionKind::Shell,
             caller_gone: CancellationToken::new(),
             waited_in_line: Default::default(),
         }

@@ -238,8 +238,38 @@ pub struct SessionRecord {
     #[serde(default)]
     pub connection_id: String,
     #[serde(default)]
-    pub kind: String,
+    pub kind: SessionKind,
     pub started_at: i64,
+}
+
+/// What a session runs, for the record. Stored as the word the proxy sent before the wire
+/// had an enum (`shell`, `exec`, `sftp`, `forward`, or `""` when not said), so records of
+/// either version read the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionKind {
+    Shell,
+    Exec,
+    Sftp,
+    /// A port forwarding that came before any shell or command.
+    Forward,
+    /// Not said (an older proxy), or a word this version does not know.
+    #[default]
+    #[serde(rename = "", other)]
+    Unspecified,
+}
+
+impl SessionKind {
+    /// The stored word, which the audit log shows too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Shell => "shell",
+            SessionKind::Exec => "exec",
+            SessionKind::Sftp => "sftp",
+            SessionKind::Forward => "forward",
+            SessionKind::Unspecified => "",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,4 +312,70 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records as the version before the wire enums wrote them: they must read unchanged,
+    /// and write back the same words.
+    #[test]
+    fn records_written_before_the_wire_enums_still_read() {
+        let session = r#"{"id":"s1","user":"alice","environment":"busybox",
+            "container_key":"containers/alice/busybox","container_id":"c1","proxy_id":"p1",
+            "client_address":"192.0.2.1:40000","connection_id":"conn","kind":"sftp",
+            "started_at":1764176589}"#;
+        let record: SessionRecord = serde_json::from_str(session).unwrap();
+        assert_eq!(record.kind, SessionKind::Sftp);
+        assert_eq!(serde_json::to_value(&record).unwrap()["kind"], "sftp");
+        for (written, kind) in [
+            (r#""kind":"shell","#, SessionKind::Shell),
+            (r#""kind":"exec","#, SessionKind::Exec),
+            (r#""kind":"forward","#, SessionKind::Forward),
+            (r#""kind":"","#, SessionKind::Unspecified),
+            (r#""kind":"x11","#, SessionKind::Unspecified),
+            ("", SessionKind::Unspecified),
+        ] {
+            let json = session.replace(r#""kind":"sftp","#, written);
+            let record: SessionRecord = serde_json::from_str(&json).unwrap();
+            assert_eq!(record.kind, kind, "{written}");
+            assert_eq!(
+                serde_json::to_value(&record).unwrap()["kind"],
+                kind.as_str()
+            );
+        }
+
+        let environment: EnvironmentRecord = serde_json::from_str(
+            r#"{"name":"scratch","image":"busybox","shell":"/bin/sh","mode":"ephemeral",
+                "idle_timeout_seconds":900}"#,
+        )
+        .unwrap();
+        assert_eq!(environment.mode, Mode::Ephemeral);
+        assert_eq!(
+            serde_json::to_value(&environment).unwrap()["mode"],
+            "ephemeral"
+        );
+        let unsaid: EnvironmentRecord = serde_json::from_str(
+            r#"{"name":"b","image":"busybox","shell":"/bin/sh","idle_timeout_seconds":900}"#,
+        )
+        .unwrap();
+        assert_eq!(unsaid.mode, Mode::Persistent);
+
+        for (word, state) in [
+            ("creating", ContainerState::Creating),
+            ("running", ContainerState::Running),
+            ("removing", ContainerState::Removing),
+        ] {
+            let container: ContainerRecord = serde_json::from_str(&format!(
+                r#"{{"user":"alice","environment":"busybox","runtime":"docker",
+                    "container_id":"c1","container_name":"envgate-alice-busybox",
+                    "state":"{word}","state_since":1,"created_at":1,"last_active_at":1}}"#
+            ))
+            .unwrap();
+            assert_eq!(container.state, state);
+            assert_eq!(serde_json::to_value(&container).unwrap()["state"], word);
+            assert_eq!(state.as_str(), word);
+        }
+    }
 }

@@ -48,8 +48,8 @@ use crate::error::{CallerError, PlacementError};
 use crate::guard::{self, ProxyIdentity};
 use crate::locks::KeyedLocks;
 use crate::model::{
-    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionRecord,
-    UserRecord,
+    self, ContainerRecord, ContainerState, EnvironmentRecord, Mode, ProxyRecord, SessionKind,
+    SessionRecord, UserRecord,
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
@@ -101,7 +101,7 @@ pub struct OpenRequest {
     pub proxy_id: String,
     pub client_address: String,
     pub connection_id: String,
-    pub kind: String,
+    pub kind: SessionKind,
     /// Cancelled when the caller went away: an open still waiting in line for a creation slot
     /// leaves the line, and no container is made for it.
     pub caller_gone: CancellationToken,
@@ -1246,13 +1246,14 @@ impl Sessions for SessionsService {
                 // Progress is advisory: a full or closed channel just drops the line.
                 let _ = progress_tx.try_send(Ok(OpenSessionEvent { event: Some(event) }));
             };
+            let kind = SessionKind::from(req.session_kind());
             let open = OpenRequest {
                 token: req.token,
                 environment: req.environment,
                 proxy_id: proxy_id.clone(),
                 client_address: req.client_address.clone(),
                 connection_id: req.connection_id,
-                kind: req.kind.clone(),
+                kind,
                 caller_gone,
                 waited_in_line,
             };
@@ -1269,7 +1270,7 @@ impl Sessions for SessionsService {
                         container: placement.container_id.clone(),
                         proxy: proxy_id,
                         client: req.client_address,
-                        kind: req.kind,
+                        kind: kind.as_str().to_owned(),
                     });
                     let event = open_session_event::Event::Placement(placement);
                     if tx

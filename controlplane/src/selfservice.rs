@@ -16,9 +16,9 @@ use envgate_proto::names;
 use envgate_proto::token::Claims;
 use envgate_proto::v1::self_service_server::SelfService;
 use envgate_proto::v1::{
-    CertificateAuthorityKeys, IssueCertificateRequest, IssuedCertificate, SelfEnvironmentRequest,
-    SelfRequest, SetDefaultResponse, StopEnvironmentResponse, UserContainer, UserEnvironment,
-    UserEnvironments, UserSession, UserStatus,
+    self as wire, CertificateAuthorityKeys, IssueCertificateRequest, IssuedCertificate,
+    SelfEnvironmentRequest, SelfRequest, SetDefaultResponse, StopEnvironmentResponse,
+    UserContainer, UserEnvironment, UserEnvironments, UserSession, UserStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -106,7 +106,7 @@ impl SelfServiceHandler {
             .filter(|e| e.allows(&claims.groups))
             .map(|e| UserEnvironment {
                 running: running.contains(&e.name),
-                mode: e.mode.as_str().to_owned(),
+                environment_mode: wire::EnvironmentMode::from(e.mode).into(),
                 idle_timeout_seconds: e.idle_timeout_seconds,
                 max_lifetime_seconds: e.max_lifetime_seconds,
                 name: e.name,
@@ -163,7 +163,7 @@ impl SelfServiceHandler {
                 id: s.id,
                 environment: s.environment,
                 client_address: s.client_address,
-                kind: s.kind,
+                session_kind: wire::SessionKind::from(s.kind).into(),
                 started_at: s.started_at,
                 proxy_id: s.proxy_id,
             })
@@ -315,7 +315,7 @@ fn container_status(
         reconcile::end_of_life(record, env).map_or(-1, |end| (end - now).max(0));
     UserContainer {
         environment: record.environment.clone(),
-        state: record.state.as_str().to_owned(),
+        container_state: wire::ContainerState::from(record.state).into(),
         container_name: record.container_name.clone(),
         created_at: record.created_at,
         last_active_at: record.last_active_at,
@@ -496,7 +496,10 @@ mod tests {
         assert!(envs.environments.iter().all(|e| !e.running));
         assert_eq!(envs.user_default, "");
         assert_eq!(envs.catalogue_default, "busybox");
-        assert_eq!(envs.environments[1].mode, "ephemeral");
+        assert_eq!(
+            envs.environments[1].environment_mode(),
+            wire::EnvironmentMode::Ephemeral
+        );
 
         let placer = world.placer(PlacementConfig::default());
         placer
@@ -543,14 +546,14 @@ mod tests {
         assert_eq!(status.containers.len(), 1);
         let busybox = &status.containers[0];
         assert_eq!(
-            (busybox.environment.as_str(), busybox.state.as_str()),
-            ("busybox", "running")
+            (busybox.environment.as_str(), busybox.container_state()),
+            ("busybox", wire::ContainerState::Running)
         );
         assert_eq!((busybox.sessions, busybox.idle_seconds_left), (1, -1));
         assert_eq!(busybox.lifetime_seconds_left, -1);
         assert_eq!(status.sessions.len(), 1);
         assert_eq!(status.sessions[0].id, placement.session_id);
-        assert_eq!(status.sessions[0].kind, "shell");
+        assert_eq!(status.sessions[0].session_kind(), wire::SessionKind::Shell);
 
         let carol = selfservice.status(&world.token("carol")).await.unwrap();
         assert!(carol.containers.is_empty() && carol.sessions.is_empty());

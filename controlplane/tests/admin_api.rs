@@ -7,6 +7,7 @@ use std::time::Duration;
 use envgate_controlplane::testkit::Etcd;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_client::AdminClient;
+use envgate_proto::v1::EnvironmentMode;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -134,10 +135,11 @@ async fn users_and_environments_round_trip() {
     assert_eq!(
         (
             env.shell.as_str(),
-            env.mode.as_str(),
+            env.environment_mode(),
             env.idle_timeout_seconds
         ),
-        ("/bin/sh", "persistent", 900)
+        ("/bin/sh", EnvironmentMode::Persistent, 900),
+        "an unset mode is persistent"
     );
     // GPUs are kept as asked: all of them, or a count.
     let two_gpus = Some(pb::GpuRequest {
@@ -286,11 +288,13 @@ async fn invalid_requests_name_the_field() {
             "environment.name: ",
         ),
         (
+            // A newer client's mode, which this version does not know.
             pb::Environment {
-                mode: "forever".into(),
+                environment_mode: 7,
                 ..base.clone()
             },
-            "environment.mode: ",
+            "environment.environment_mode: unknown value 7; must be ENVIRONMENT_MODE_PERSISTENT \
+             (1), ENVIRONMENT_MODE_EPHEMERAL (2) or unset (persistent)",
         ),
         (
             pb::Environment {

@@ -12,6 +12,7 @@ use envgate_controlplane::store::EtcdStore;
 use envgate_controlplane::testkit::Etcd;
 use envgate_proto::admin::v1 as pb;
 use envgate_proto::admin::v1::admin_client::AdminClient;
+use envgate_proto::v1::EnvironmentMode;
 use tokio::process::{Child, Command};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -166,7 +167,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
         image: "envgate/busybox:latest".into(),
         shell: "/bin/sh".into(),
         env: vec!["GREETING=hi".into()],
-        mode: "ephemeral".into(),
+        environment_mode: EnvironmentMode::Ephemeral.into(),
         idle_timeout_seconds: 90,
         allowed_groups: vec!["students".into()],
         cpus: 0.5,
@@ -180,7 +181,7 @@ async fn the_binary_seeds_its_file_and_keeps_what_the_admin_api_made() {
         description: "BusyBox shell".into(),
         image: "envgate/busybox:latest".into(),
         shell: "/bin/sh".into(),
-        mode: "persistent".into(),
+        environment_mode: EnvironmentMode::Persistent.into(),
         idle_timeout_seconds: 900,
         is_default: true,
         ..Default::default()

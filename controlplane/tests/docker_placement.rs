@@ -20,7 +20,7 @@ use envgate_proto::v1::fleet_client::FleetClient;
 use envgate_proto::v1::sessions_client::SessionsClient;
 use envgate_proto::v1::{
     AuthenticateRequest, CloseSessionRequest, OpenSessionRequest, Placement, ProxyMessage,
-    Register, authenticate_request, open_session_event, proxy_message,
+    Register, SessionKind, authenticate_request, open_session_event, proxy_message,
 };
 use russh::keys::ssh_key::PrivateKey;
 use russh::keys::ssh_key::private::Ed25519Keypair;
@@ -109,7 +109,7 @@ async fn open(
         environment: environment.into(),
         client_address: "127.0.0.1:50000".into(),
         connection_id: "c".into(),
-        kind: "exec".into(),
+        session_kind: SessionKind::Exec.into(),
     };
     let mut events = sessions.open_session(request).await?.into_inner();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(120), events.message())

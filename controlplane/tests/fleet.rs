@@ -325,7 +325,7 @@ async fn admin_commands_reach_proxies_on_every_replica() {
         proxy_id: "p1".into(),
         client_address: "192.0.2.1:5000".into(),
         connection_id: "conn1".into(),
-        kind: "shell".into(),
+        kind: model::SessionKind::Shell,
         started_at: model::now(),
     };
     store::put_json(store.as_ref(), &model::session_key("s1"), &session, None)

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use envgate_proto::names;
-use envgate_proto::v1::{StopEnvironmentResponse, UserEnvironments, UserStatus};
+use envgate_proto::v1::{
+    ContainerState, EnvironmentMode, SessionKind, StopEnvironmentResponse, UserEnvironments,
+    UserStatus,
+};
 use serde_json::json;
 
 use crate::controlplane::ControlPlane;
@@ -368,6 +371,35 @@ fn field(value: &str) -> String {
     }
 }
 
+/// The words users have always read for modes, states and kinds (the wire's enum names are
+/// for programs); "" for a value not said, which a text row shows as `-`.
+fn mode_word(mode: EnvironmentMode) -> &'static str {
+    match mode {
+        EnvironmentMode::Persistent => "persistent",
+        EnvironmentMode::Ephemeral => "ephemeral",
+        EnvironmentMode::Unspecified => "",
+    }
+}
+
+fn state_word(state: ContainerState) -> &'static str {
+    match state {
+        ContainerState::Creating => "creating",
+        ContainerState::Running => "running",
+        ContainerState::Removing => "removing",
+        ContainerState::Unspecified => "",
+    }
+}
+
+fn kind_word(kind: SessionKind) -> &'static str {
+    match kind {
+        SessionKind::Shell => "shell",
+        SessionKind::Exec => "exec",
+        SessionKind::Sftp => "sftp",
+        SessionKind::Forward => "forward",
+        SessionKind::Unspecified => "",
+    }
+}
+
 fn row(fields: &[String]) -> String {
     let mut line = fields.join("\t");
     line.push('\n');
@@ -415,7 +447,7 @@ pub fn envs_text(envs: &UserEnvironments) -> String {
             field(&env.name),
             default_mark(&env.name, envs).to_owned(),
             if env.running { "yes" } else { "no" }.to_owned(),
-            field(&env.mode),
+            field(mode_word(env.environment_mode())),
             env.idle_timeout_seconds.to_string(),
             seconds_or_none(env.max_lifetime_seconds),
             field(&env.description),
@@ -432,7 +464,7 @@ pub fn envs_json(envs: &UserEnvironments) -> String {
             json!({
                 "name": env.name,
                 "description": env.description,
-                "mode": env.mode,
+                "mode": mode_word(env.environment_mode()),
                 "running": env.running,
                 "user_default": env.name == envs.user_default,
                 "catalogue_default": env.name == envs.catalogue_default,
@@ -481,7 +513,7 @@ pub fn status_text(status: &UserStatus) -> String {
     for c in &status.containers {
         out.push_str(&row(&[
             field(&c.environment),
-            field(&c.state),
+            field(state_word(c.container_state())),
             c.sessions.to_string(),
             idle_left(c.idle_seconds_left),
             lifetime_left(c.lifetime_seconds_left),
@@ -503,7 +535,7 @@ pub fn status_text(status: &UserStatus) -> String {
         out.push_str(&row(&[
             field(&s.id),
             field(&s.environment),
-            field(&s.kind),
+            field(kind_word(s.session_kind())),
             rfc3339(s.started_at),
             field(&s.client_address),
             field(&s.proxy_id),
@@ -519,7 +551,7 @@ pub fn status_json(status: &UserStatus) -> String {
         .map(|c| {
             json!({
                 "environment": c.environment,
-                "state": c.state,
+                "state": state_word(c.container_state()),
                 "container_name": c.container_name,
                 "created_at": c.created_at,
                 "last_active_at": c.last_active_at,
@@ -536,7 +568,7 @@ pub fn status_json(status: &UserStatus) -> String {
             json!({
                 "id": s.id,
                 "environment": s.environment,
-                "kind": s.kind,
+                "kind": kind_word(s.session_kind()),
                 "started_at": s.started_at,
                 "client_address": s.client_address,
                 "proxy_id": s.proxy_id,
@@ -733,7 +765,7 @@ mod tests {
                 UserEnvironment {
                     name: "busybox".into(),
                     description: "small\tand\nfast".into(),
-                    mode: "persistent".into(),
+                    environment_mode: EnvironmentMode::Persistent.into(),
                     running: true,
                     idle_timeout_seconds: 900,
                     max_lifetime_seconds: 0,
@@ -741,7 +773,7 @@ mod tests {
                 UserEnvironment {
                     name: "debian".into(),
                     description: String::new(),
-                    mode: "ephemeral".into(),
+                    environment_mode: EnvironmentMode::Ephemeral.into(),
                     running: false,
                     idle_timeout_seconds: 60,
                     max_lifetime_seconds: 3600,
@@ -773,6 +805,8 @@ mod tests {
         assert_eq!(first["catalogue_default"], true);
         assert_eq!(first["user_default"], false);
         assert_eq!(first["description"], "small\tand\nfast");
+        assert_eq!(first["mode"], "persistent");
+        assert_eq!(value["environments"][1]["mode"], "ephemeral");
         assert_eq!(value["environments"][1]["max_lifetime_seconds"], 3600);
     }
 
@@ -781,7 +815,7 @@ mod tests {
             containers: vec![
                 UserContainer {
                     environment: "busybox".into(),
-                    state: "running".into(),
+                    container_state: ContainerState::Running.into(),
                     container_name: "envgate-x-demo-busybox".into(),
                     created_at: 1_764_176_589,
                     last_active_at: 1_764_176_589,
@@ -791,7 +825,7 @@ mod tests {
                 },
                 UserContainer {
                     environment: "debian".into(),
-                    state: "running".into(),
+                    container_state: ContainerState::Running.into(),
                     container_name: "envgate-x-demo-debian".into(),
                     created_at: 1_764_176_000,
                     last_active_at: 1_764_176_500,
@@ -804,7 +838,7 @@ mod tests {
                 id: "s-1".into(),
                 environment: "busybox".into(),
                 client_address: String::new(),
-                kind: "exec".into(),
+                session_kind: SessionKind::Exec.into(),
                 started_at: 1_764_176_589,
                 proxy_id: "p0".into(),
             }],
@@ -838,6 +872,45 @@ mod tests {
         assert_eq!(value["containers"][1]["idle_seconds_left"], 420);
         assert_eq!(value["sessions"][0]["id"], "s-1");
         assert_eq!(value["sessions"][0]["started_at"], 1_764_176_589);
+        assert_eq!(value["containers"][0]["state"], "running");
+        assert_eq!(value["sessions"][0]["kind"], "exec");
+    }
+
+    /// Users read the same lowercase words as before the wire had enums: each value's enum
+    /// name without its prefix; an unspecified (or unknown) value shows as `-`.
+    #[test]
+    fn enums_show_as_the_words_users_always_read() {
+        let word = |name: &str, prefix: &str| name.strip_prefix(prefix).unwrap().to_lowercase();
+        for mode in [EnvironmentMode::Persistent, EnvironmentMode::Ephemeral] {
+            assert_eq!(
+                mode_word(mode),
+                word(mode.as_str_name(), "ENVIRONMENT_MODE_")
+            );
+        }
+        for state in [
+            ContainerState::Creating,
+            ContainerState::Running,
+            ContainerState::Removing,
+        ] {
+            assert_eq!(
+                state_word(state),
+                word(state.as_str_name(), "CONTAINER_STATE_")
+            );
+        }
+        for kind in [
+            SessionKind::Shell,
+            SessionKind::Exec,
+            SessionKind::Sftp,
+            SessionKind::Forward,
+        ] {
+            assert_eq!(kind_word(kind), word(kind.as_str_name(), "SESSION_KIND_"));
+        }
+        let mut unsaid = status();
+        unsaid.containers[0].container_state = 99;
+        unsaid.sessions[0].session_kind = SessionKind::Unspecified.into();
+        let text = status_text(&unsaid);
+        assert!(text.contains("\nbusybox\t-\t1\t"), "{text}");
+        assert!(text.contains("\ns-1\tbusybox\t-\t"), "{text}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use envgate_proto::audit::{AuditLog, Event as AuditEvent};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::placement::Start;
-use envgate_proto::v1::{OpenSessionRequest, Placement, open_session_event};
+use envgate_proto::v1::{OpenSessionRequest, Placement, SessionKind, open_session_event};
 use futures::StreamExt;
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, Sig};
@@ -566,7 +566,7 @@ impl Connection {
                 return Err("the envgate pseudo-environment has no network".to_owned());
             }
             let environment = self.info.pinned.clone().or(named).unwrap_or_default();
-            self.placement = self.place(environment, "forward", None).await;
+            self.placement = self.place(environment, SessionKind::Forward, None).await;
         }
         let placement = match &self.placement {
             PlacementState::Failed(status) => return Err(placement_failure_line(status)),
@@ -697,9 +697,9 @@ impl Connection {
                 return;
             }
             let kind = match (&command, state.sftp) {
-                (_, true) => "sftp",
-                (Some(_), false) => "exec",
-                (None, false) => "shell",
+                (_, true) => SessionKind::Sftp,
+                (Some(_), false) => SessionKind::Exec,
+                (None, false) => SessionKind::Shell,
             };
             let environment = match self.chosen.take() {
                 Some(chosen) => chosen,
@@ -918,7 +918,7 @@ impl Connection {
     async fn place(
         &mut self,
         environment: String,
-        kind: &str,
+        kind: SessionKind,
         output: Option<(&ChannelOutput, bool)>,
     ) -> PlacementState {
         let Some((_, identity)) = &self.identity else {
@@ -931,7 +931,7 @@ impl Connection {
             environment: environment.clone(),
             client_address: self.info.client_address.clone(),
             connection_id: self.info.connection_id.clone(),
-            kind: kind.to_owned(),
+            session_kind: kind.into(),
         };
         let result = open_session(
             &self.services.control_plane,

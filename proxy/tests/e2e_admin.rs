@@ -103,9 +103,17 @@ async fn every_admin_call_works_through_grpcurl() {
     }
 
     // Environments.
-    let scratch = json!({"environment": {"name": "scratch", "image": support::BUSYBOX_IMAGE, "mode": "ephemeral"}});
+    let scratch = json!({"environment": {"name": "scratch", "image": support::BUSYBOX_IMAGE, "environmentMode": "ENVIRONMENT_MODE_EPHEMERAL"}});
     let saved = call(&fleet, "PutEnvironment", scratch).await;
     assert_eq!(saved["shell"], "/bin/sh");
+    assert_eq!(saved["environmentMode"], "ENVIRONMENT_MODE_EPHEMERAL");
+    // grpcurl takes an enum's number too; an unset mode is persistent.
+    let by_number = json!({"environment": {"name": "scratch", "image": support::BUSYBOX_IMAGE, "environmentMode": 2}});
+    let saved = call(&fleet, "PutEnvironment", by_number).await;
+    assert_eq!(saved["environmentMode"], "ENVIRONMENT_MODE_EPHEMERAL");
+    let unset = json!({"environment": {"name": "scratch", "image": support::BUSYBOX_IMAGE}});
+    let saved = call(&fleet, "PutEnvironment", unset).await;
+    assert_eq!(saved["environmentMode"], "ENVIRONMENT_MODE_PERSISTENT");
     let envs = call(&fleet, "ListEnvironments", json!({})).await;
     let names: Vec<&str> = list(&envs, "environments")
         .iter()
@@ -155,8 +163,12 @@ async fn every_admin_call_works_through_grpcurl() {
     let sessions = call(&fleet, "ListSessions", json!({})).await;
     let session = &list(&sessions, "sessions")[0];
     assert_eq!(
-        (session["user"].as_str(), session["environment"].as_str()),
-        (Some("demo"), Some("busybox"))
+        (
+            session["user"].as_str(),
+            session["environment"].as_str(),
+            session["sessionKind"].as_str()
+        ),
+        (Some("demo"), Some("busybox"), Some("SESSION_KIND_EXEC"))
     );
     let proxy_id = session["proxyId"].as_str().unwrap().to_string();
     for filter in [
@@ -192,8 +204,11 @@ async fn every_admin_call_works_through_grpcurl() {
         panic!("one container for demo: {containers}");
     };
     assert_eq!(
-        (container["state"].as_str(), count(container, "sessions")),
-        (Some("running"), 1)
+        (
+            container["containerState"].as_str(),
+            count(container, "sessions")
+        ),
+        (Some("CONTAINER_STATE_RUNNING"), 1)
     );
     let container_id = container["containerId"].as_str().unwrap().to_string();
     let status = call(&fleet, "Status", json!({})).await;
@@ -368,8 +383,8 @@ async fn unauthenticated_and_malformed_requests_are_refused() {
         ),
         (
             "PutEnvironment",
-            r#"{"environment":{"name":"x","image":"i","mode":"sometimes"}}"#,
-            "environment.mode",
+            r#"{"environment":{"name":"x","image":"i","environmentMode":7}}"#,
+            "environment.environment_mode: unknown value 7; must be ENVIRONMENT_MODE_PERSISTENT (1), ENVIRONMENT_MODE_EPHEMERAL (2) or unset (persistent)",
         ),
         ("DeleteUser", r#"{"name":""}"#, "name"),
         ("DrainProxy", r#"{}"#, "proxy_id: required"),

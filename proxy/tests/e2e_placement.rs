@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use envgate_proto::v1::EnvironmentMode;
 use support::{BUSYBOX_IMAGE, Fleet, environment, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +104,7 @@ async fn after_a_session_closes_the_container_record_stays_and_the_session_recor
 async fn an_ephemeral_container_is_removed_after_its_session() {
     let fleet = Fleet::start().await;
     let mut scratch = environment("scratch", BUSYBOX_IMAGE, "/bin/sh", false);
-    scratch.mode = "ephemeral".to_string();
+    scratch.environment_mode = EnvironmentMode::Ephemeral.into();
     fleet.put_environment(scratch).await;
     let out = fleet.ssh("demo+scratch", "hostname", None).await;
     out.assert_success();
