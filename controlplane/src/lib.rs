@@ -157,13 +157,17 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// The prefixes every login reads and that change rarely, answered from memory kept current
-/// by a watch (`store::cached`): the catalogue, revocations, users and the proxies' records.
+/// The prefixes every login reads, answered from memory kept current by a watch
+/// (`store::cached`): the catalogue, revocations, users and the proxies' records, which change
+/// rarely, and the placement records, which change at every login but are read at every login
+/// too: one watch event per write costs etcd less than one linearizable range per login, and a
+/// record read from memory is still checked by the compare of the transaction that follows.
 pub const WATCH_CACHED: &[&str] = &[
     model::ENVIRONMENTS,
     model::REVOCATIONS,
     model::USERS,
     model::PROXIES,
+    model::CONTAINERS,
 ];
 
 /// The assembled services over one store and one runtime.
