@@ -383,7 +383,8 @@ pub async fn run(
                 .with_agent(config.agent.clone())
                 .with_network(config.docker_network.clone())
                 .with_pull_timeout(config.image_pull_timeout)
-                .with_home_slots(config.home_slots_dir.as_deref()),
+                .with_home_slots(config.home_slots_dir.as_deref())
+                .with_liveness_cache(&config.instance),
         ),
     };
     let plane = ControlPlane::new(store, runtime, &config);

@@ -53,7 +53,7 @@ use crate::model::{
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
-use crate::runtime::{ContainerSpec, Runtime, RuntimeKind};
+use crate::runtime::{self, ContainerSpec, Runtime, RuntimeKind};
 use crate::store::{self, Compare, GroupCommit, Store, StoreError, TxnOp, Versioned};
 use crate::uids;
 use envgate_runtime::SessionTarget;
@@ -856,10 +856,9 @@ impl Placer {
         // container alive forever by reconnecting.
         let over_age = reconcile::end_of_life(&current.value, Some(cx.env))
             .is_some_and(|end| self.clock.now() >= end);
+        // The engine's event stream usually knows (no Docker call per login).
         let alive = !over_age
-            && self
-                .runtime
-                .is_running(&current.value.container_id)
+            && runtime::is_running_cached(self.runtime.as_ref(), &current.value.container_id)
                 .await
                 .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
         if !alive {
@@ -1766,6 +1765,71 @@ mod tests {
         assert_eq!(a.container_id, b.container_id);
         assert_ne!(a.container_id, gone);
         assert_eq!(world.runtime.creates(), 2);
+    }
+
+    /// With a runtime that follows its engine's events, a warm login asks the engine nothing;
+    /// while the event stream is down every login asks, and a container that stopped is
+    /// replaced either way.
+    #[tokio::test]
+    async fn warm_logins_ask_the_engine_only_when_its_events_do_not_say_it_runs() {
+        let world = World::new().await;
+        world.runtime.follow_events();
+        let placer = world.placer(fast());
+        let first = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let liveness = world.runtime.liveness().expect("follows events");
+        until("the start event applied", || {
+            liveness.known_running(&first.container_id)
+        })
+        .await;
+        let asked = world.runtime.inspects();
+        for _ in 0..3 {
+            let again = placer
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap();
+            assert_eq!(again.container_id, first.container_id);
+        }
+        assert_eq!(world.runtime.inspects(), asked, "no inspect per warm login");
+
+        // The stream breaks and cannot be had again: every login asks the engine.
+        world.runtime.break_events(true);
+        until("distrusted", || !liveness.known_running(&first.container_id)).await;
+        placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(world.runtime.inspects(), asked + 1);
+        world.runtime.stop(&first.container_id);
+        let replaced = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(replaced.container_id, first.container_id);
+
+        // Back: resynced from a listing, trusted again.
+        world.runtime.break_events(false);
+        until("resynced", || liveness.known_running(&replaced.container_id)).await;
+        let asked = world.runtime.inspects();
+        placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(world.runtime.inspects(), asked);
+        // A stop the stream reports is believed at once: the engine is asked, and says so.
+        world.runtime.stop(&replaced.container_id);
+        until("the stop event applied", || {
+            !liveness.known_running(&replaced.container_id)
+        })
+        .await;
+        let third = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(third.container_id, replaced.container_id);
+        assert_eq!(world.runtime.creates(), 3);
     }
 
     /// A placer whose creations wait in a line of `limit` slots.
