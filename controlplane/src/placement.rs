@@ -1231,15 +1231,8 @@ impl Sessions for SessionsService {
         let audit = self.audit.clone();
         let task = async move {
             // Fires when the proxy drops the stream (its client went away): an open still in
-            // line for a creation slot leaves it. Stopped once the open is over.
+            // line for a creation slot leaves it.
             let caller_gone = CancellationToken::new();
-            let watcher = {
-                let (tx, gone) = (tx.clone(), caller_gone.clone());
-                tokio::spawn(async move {
-                    tx.closed().await;
-                    gone.cancel();
-                })
-            };
             let progress_tx = tx.clone();
             let waited_in_line = Arc::new(AtomicBool::new(false));
             let waited = waited_in_line.clone();
@@ -1258,11 +1251,19 @@ impl Sessions for SessionsService {
                 client_address: req.client_address.clone(),
                 connection_id: req.connection_id,
                 kind: req.kind.clone(),
-                caller_gone,
+                caller_gone: caller_gone.clone(),
                 waited_in_line,
             };
-            let placed = placer.open(open, &progress).await;
-            watcher.abort();
+            // The open runs to its end either way; the stream's closing only tells it.
+            let open = placer.open(open, &progress);
+            tokio::pin!(open);
+            let placed = tokio::select! {
+                placed = &mut open => placed,
+                () = tx.closed() => {
+                    caller_gone.cancel();
+                    open.await
+                }
+            };
             match placed {
                 Ok(placement) => {
                     let session_id = placement.session_id.clone();
