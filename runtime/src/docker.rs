@@ -350,8 +350,7 @@ impl DockerRuntime {
         Ok(runtime)
     }
 
-    /// The client, connected on first success. The API version is negotiated so an older
-    /// engine (this project's CI runs API 1.41) is spoken to in its own version.
+    /// The client, connected on first success (`connect`).
     pub async fn docker(&self) -> Result<&Docker, RuntimeError> {
         self.docker
             .get_or_try_init(|| connect(self.host.as_deref()))

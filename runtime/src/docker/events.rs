@@ -9,6 +9,7 @@ use bollard::models::EventMessage;
 use bollard::query_parameters::EventsOptions;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use tokio::sync::OnceCell;
 
 use super::{classify, connect, list_managed_with, managed_filter};
 use crate::liveness::{Change, Feed};
@@ -28,6 +29,8 @@ const REPLAY: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct DockerFeed {
     host: Option<String>,
     instance: String,
+    /// Its own client, connected on first success (the stream holds one connection).
+    docker: OnceCell<Docker>,
 }
 
 impl DockerFeed {
@@ -35,7 +38,14 @@ impl DockerFeed {
         Self {
             host: host.map(str::to_owned),
             instance: instance.to_owned(),
+            docker: OnceCell::new(),
         }
+    }
+
+    async fn docker(&self) -> Result<&Docker, RuntimeError> {
+        self.docker
+            .get_or_try_init(|| connect(self.host.as_deref()))
+            .await
     }
 }
 
@@ -61,7 +71,7 @@ impl Feed for DockerFeed {
     async fn subscribe(
         &self,
     ) -> Result<BoxStream<'static, Result<Change, RuntimeError>>, RuntimeError> {
-        let docker: Docker = connect(self.host.as_deref()).await?;
+        let docker = self.docker().await?;
         let since = std::time::SystemTime::now()
             .checked_sub(REPLAY)
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -90,8 +100,7 @@ impl Feed for DockerFeed {
     }
 
     async fn running(&self) -> Result<Vec<String>, RuntimeError> {
-        let docker = connect(self.host.as_deref()).await?;
-        Ok(list_managed_with(&docker, &self.instance)
+        Ok(list_managed_with(self.docker().await?, &self.instance)
             .await?
             .into_iter()
             .filter(|c| c.running)
