@@ -1746,7 +1746,8 @@ mod tests {
         }
         let together: Vec<_> = (0..8)
             .map(|i| {
-                let (placer, request) = (replicas[i % 2].clone(), world.request("alice", "busybox"));
+                let (placer, request) =
+                    (replicas[i % 2].clone(), world.request("alice", "busybox"));
                 tokio::spawn(async move { placer.open(request, &no_progress).await })
             })
             .collect();
@@ -1797,7 +1798,10 @@ mod tests {
 
         // The stream breaks and cannot be had again: every login asks the engine.
         world.runtime.break_events(true);
-        until("distrusted", || !liveness.known_running(&first.container_id)).await;
+        until("distrusted", || {
+            !liveness.known_running(&first.container_id)
+        })
+        .await;
         placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
@@ -1812,7 +1816,10 @@ mod tests {
 
         // Back: resynced from a listing, trusted again.
         world.runtime.break_events(false);
-        until("resynced", || liveness.known_running(&replaced.container_id)).await;
+        until("resynced", || {
+            liveness.known_running(&replaced.container_id)
+        })
+        .await;
         let asked = world.runtime.inspects();
         placer
             .open(world.request("alice", "busybox"), &no_progress)

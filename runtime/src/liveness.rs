@@ -45,7 +45,9 @@ pub enum Change {
 pub trait Feed: Send + Sync {
     /// The engine's container events from (about) now on. Events that happened since shortly
     /// before the call may come first again: the listing that follows must miss none.
-    async fn subscribe(&self) -> Result<BoxStream<'static, Result<Change, RuntimeError>>, RuntimeError>;
+    async fn subscribe(
+        &self,
+    ) -> Result<BoxStream<'static, Result<Change, RuntimeError>>, RuntimeError>;
     /// The ids of the containers running now.
     async fn running(&self) -> Result<Vec<String>, RuntimeError>;
 }
@@ -212,7 +214,10 @@ mod tests {
         let feed = Arc::new(Scripted::default());
         *feed.running.lock().unwrap() = vec!["a".into()];
         let cache = Arc::new(LivenessCache::default());
-        assert!(!cache.known_running("a"), "nothing is trusted before a listing");
+        assert!(
+            !cache.known_running("a"),
+            "nothing is trusted before a listing"
+        );
         let follower = {
             let (cache, feed) = (cache.clone(), feed.clone());
             tokio::spawn(async move { follow(&cache, feed.as_ref()).await })
@@ -241,7 +246,10 @@ mod tests {
         *feed.running.lock().unwrap() = vec!["c".into()];
         *feed.down.lock().unwrap() = false;
         eventually("resynced", || cache.known_running("c")).await;
-        assert!(!cache.known_running("b"), "b stopped while the stream was down");
+        assert!(
+            !cache.known_running("b"),
+            "b stopped while the stream was down"
+        );
         follower.abort();
     }
 }

@@ -388,9 +388,7 @@ impl Feed for ScriptedRuntime {
         &self,
     ) -> Result<BoxStream<'static, Result<Change, RuntimeError>>, RuntimeError> {
         if self.lock().events_down {
-            return Err(RuntimeError::Unavailable(
-                "scripted events are down".into(),
-            ));
+            return Err(RuntimeError::Unavailable("scripted events are down".into()));
         }
         let rx = self
             .events

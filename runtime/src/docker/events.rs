@@ -81,7 +81,11 @@ impl Feed for DockerFeed {
         filters.insert("type".into(), vec!["container".into()]);
         filters.insert(
             "event".into(),
-            STARTS.iter().chain(STOPS).map(|a| (*a).to_owned()).collect(),
+            STARTS
+                .iter()
+                .chain(STOPS)
+                .map(|a| (*a).to_owned())
+                .collect(),
         );
         let options = EventsOptions {
             since: Some(since.to_string()),
@@ -127,7 +131,10 @@ mod tests {
 
     #[test]
     fn docker_actions_become_changes() {
-        assert_eq!(change(event("start", "a")), Some(Change::Started("a".into())));
+        assert_eq!(
+            change(event("start", "a")),
+            Some(Change::Started("a".into()))
+        );
         for stop in ["die", "kill", "oom", "destroy"] {
             assert_eq!(change(event(stop, "a")), Some(Change::Stopped("a".into())));
         }
