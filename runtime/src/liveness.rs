@@ -1,6 +1,6 @@
 //! What a runtime knows of its containers' liveness without asking the engine: the set of
 //! containers an engine's event stream says run, so a warm login's placement need not inspect
-//! its container (one Docker call per login, a tenth of the fleet's CPU per login).
+//! its container (a Docker call per login, about 1 ms of the daemon's CPU on the bench machine).
 //!
 //! The cache only ever answers "known to run". Anything else — a container it has not heard
 //! of, one whose last event was a stop, any moment its event stream is not up — is "ask the
@@ -186,14 +186,14 @@ mod tests {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             self.subscribers.lock().unwrap().push(tx);
-            Ok(tokio_stream_of(rx))
+            Ok(stream_of(rx))
         }
         async fn running(&self) -> Result<Vec<String>, RuntimeError> {
             Ok(self.running.lock().unwrap().clone())
         }
     }
 
-    fn tokio_stream_of(
+    fn stream_of(
         mut rx: mpsc::UnboundedReceiver<Result<Change, RuntimeError>>,
     ) -> BoxStream<'static, Result<Change, RuntimeError>> {
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
@@ -242,7 +242,7 @@ mod tests {
         eventually("retried", || feed.subscriptions() >= before + 2).await;
         assert!(!cache.trusted());
 
-        // Back: what runs now is listed again (a event missed while down counts for nothing).
+        // Back: what runs now is listed again (an event missed while down counts for nothing).
         *feed.running.lock().unwrap() = vec!["c".into()];
         *feed.down.lock().unwrap() = false;
         eventually("resynced", || cache.known_running("c")).await;
