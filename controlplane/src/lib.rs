@@ -45,6 +45,7 @@ pub mod sshca;
 pub mod store;
 pub mod throttle;
 pub mod uids;
+mod verified;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
