@@ -28,6 +28,7 @@ use crate::model::{self, RevocationRecord, UserRecord};
 use crate::sshca::{self, CertificateAuthority, Origin, Refusal};
 use crate::store::{self, Store};
 use crate::throttle::{Clock, SystemClock, Throttle, ThrottleError, ThrottlePolicy};
+use crate::verified::VerifiedTokens;
 
 pub enum Credential {
     Password(String),
@@ -199,6 +200,8 @@ fn speaks_for(user: Option<&UserRecord>) -> bool {
 pub struct Authenticator {
     store: Arc<dyn Store>,
     keys: Arc<TokenKeys>,
+    /// Tokens whose signature this replica already checked (`verified.rs`).
+    verified: VerifiedTokens,
     token_ttl: Duration,
     throttle: Arc<Throttle>,
     hasher: Hasher,
@@ -248,6 +251,7 @@ impl Authenticator {
             throttle: Arc::new(Throttle::new(store.clone(), limits.throttle, limits.clock)),
             store,
             keys,
+            verified: VerifiedTokens::default(),
             token_ttl,
             hasher: limits.hasher,
             dummy_hash,
@@ -688,7 +692,7 @@ impl Authenticator {
 
     /// Checks signature, expiry and the user's revocation time.
     pub async fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let claims = self.keys.verify(token, model::now())?;
+        let claims = self.verified.verify(&self.keys, token, model::now())?;
         let revoked = store::get_json::<RevocationRecord>(
             self.store.as_ref(),
             &model::revocation_key(&claims.sub),

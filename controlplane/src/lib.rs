@@ -45,6 +45,7 @@ pub mod sshca;
 pub mod store;
 pub mod throttle;
 pub mod uids;
+mod verified;
 pub mod wire;
 
 #[cfg(any(test, feature = "testkit"))]
@@ -158,13 +159,17 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// The prefixes every login reads and that change rarely, answered from memory kept current
-/// by a watch (`store::cached`): the catalogue, revocations, users and the proxies' records.
+/// The prefixes every login reads, answered from memory kept current by a watch
+/// (`store::cached`): the catalogue, revocations, users and the proxies' records, which change
+/// rarely, and the placement records, which change at every login but are read at every login
+/// too: one watch event per write costs etcd less than one linearizable range per login, and a
+/// record read from memory is still checked by the compare of the transaction that follows.
 pub const WATCH_CACHED: &[&str] = &[
     model::ENVIRONMENTS,
     model::REVOCATIONS,
     model::USERS,
     model::PROXIES,
+    model::CONTAINERS,
 ];
 
 /// The assembled services over one store and one runtime.
@@ -380,7 +385,8 @@ pub async fn run(
                 .with_agent(config.agent.clone())
                 .with_network(config.docker_network.clone())
                 .with_pull_timeout(config.image_pull_timeout)
-                .with_home_slots(config.home_slots_dir.as_deref()),
+                .with_home_slots(config.home_slots_dir.as_deref())
+                .with_liveness_cache(&config.instance),
         ),
     };
     let plane = ControlPlane::new(store, runtime, &config);

@@ -53,7 +53,7 @@ use crate::model::{
 };
 use crate::pool::{self, Claim, WarmPools};
 use crate::reconcile;
-use crate::runtime::{ContainerSpec, Runtime, RuntimeKind};
+use crate::runtime::{self, ContainerSpec, Runtime, RuntimeKind};
 use crate::store::{self, Compare, GroupCommit, Store, StoreError, TxnOp, Versioned};
 use crate::uids;
 use envgate_runtime::SessionTarget;
@@ -850,10 +850,9 @@ impl Placer {
         // container alive forever by reconnecting.
         let over_age = reconcile::end_of_life(&current.value, Some(cx.env))
             .is_some_and(|end| self.clock.now() >= end);
+        // The engine's event stream usually knows (no Docker call per login).
         let alive = !over_age
-            && self
-                .runtime
-                .is_running(&current.value.container_id)
+            && runtime::is_running_cached(self.runtime.as_ref(), &current.value.container_id)
                 .await
                 .map_err(|e| PlacementError::from_runtime(e, &cx.env.name))?;
         if !alive {
@@ -1226,15 +1225,8 @@ impl Sessions for SessionsService {
         let audit = self.audit.clone();
         let task = async move {
             // Fires when the proxy drops the stream (its client went away): an open still in
-            // line for a creation slot leaves it. Stopped once the open is over.
+            // line for a creation slot leaves it.
             let caller_gone = CancellationToken::new();
-            let watcher = {
-                let (tx, gone) = (tx.clone(), caller_gone.clone());
-                tokio::spawn(async move {
-                    tx.closed().await;
-                    gone.cancel();
-                })
-            };
             let progress_tx = tx.clone();
             let waited_in_line = Arc::new(AtomicBool::new(false));
             let waited = waited_in_line.clone();
@@ -1254,11 +1246,19 @@ impl Sessions for SessionsService {
                 client_address: req.client_address.clone(),
                 connection_id: req.connection_id,
                 kind,
-                caller_gone,
+                caller_gone: caller_gone.clone(),
                 waited_in_line,
             };
-            let placed = placer.open(open, &progress).await;
-            watcher.abort();
+            // The open runs to its end either way; the stream's closing only tells it.
+            let open = placer.open(open, &progress);
+            tokio::pin!(open);
+            let placed = tokio::select! {
+                placed = &mut open => placed,
+                () = tx.closed() => {
+                    caller_gone.cancel();
+                    open.await
+                }
+            };
             match placed {
                 Ok(placement) => {
                     let session_id = placement.session_id.clone();
@@ -1689,8 +1689,9 @@ mod tests {
 
     /// The property the fleet's capacity rests on (docs/benchmarks.md, "Cost of a login"): a
     /// warm login — the user's container running, logins arriving while others close — costs
-    /// etcd one write request and one read, the catalogue, revocation, user and proxy records
-    /// coming from the watch cache. Its close rides on the next open's transaction.
+    /// etcd one write request and no read: the catalogue, revocation, user, proxy and
+    /// placement records come from the watch cache. Its close rides on the next open's
+    /// transaction.
     #[tokio::test]
     async fn a_warm_login_costs_one_etcd_write() {
         use crate::store::CachedStore;
@@ -1732,15 +1733,136 @@ mod tests {
             writes <= LOGINS,
             "{writes} etcd writes for {LOGINS} warm logins"
         );
-        assert!(
-            reads <= LOGINS,
-            "{reads} etcd reads for {LOGINS} warm logins"
-        );
+        assert_eq!(reads, 0, "{reads} etcd reads for {LOGINS} warm logins");
         // Every closed session is gone; the open one is there.
         assert_eq!(world.keys("sessions/").await, [model::session_key(&open)]);
         // A quiet moment: the last close goes in a transaction of its own, soon.
         placer.close(&open).await.unwrap();
         assert!(world.keys("sessions/").await.is_empty());
+    }
+
+    /// Two replicas, each reading placement records from its own watch cache, serve one
+    /// user's logins in turn and at once: a record one of them read before the other's write
+    /// reached it fails the transaction's compare and is read again, so every login lands in
+    /// the one container.
+    #[tokio::test]
+    async fn replicas_reading_placements_from_their_caches_agree_on_one_container() {
+        use crate::store::CachedStore;
+        let world = World::new().await;
+        let replicas: Vec<Arc<Placer>> = (0..2)
+            .map(|_| {
+                let store: Arc<dyn Store> =
+                    Arc::new(CachedStore::new(world.store.clone(), crate::WATCH_CACHED));
+                Arc::new(Placer::new(
+                    store,
+                    world.runtime.clone(),
+                    world.auth.clone(),
+                    fast(),
+                ))
+            })
+            .collect();
+        let mut containers = HashSet::new();
+        for i in 0..6 {
+            let placed = replicas[i % 2]
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap();
+            containers.insert(placed.container_id);
+        }
+        let together: Vec<_> = (0..8)
+            .map(|i| {
+                let (placer, request) =
+                    (replicas[i % 2].clone(), world.request("alice", "busybox"));
+                tokio::spawn(async move { placer.open(request, &no_progress).await })
+            })
+            .collect();
+        for open in together {
+            containers.insert(open.await.unwrap().unwrap().container_id);
+        }
+        assert_eq!(containers.len(), 1, "{containers:?}");
+        assert_eq!(world.runtime.creates(), 1);
+        // Gone behind everyone's back: the next open on either replica replaces it, once.
+        let gone = containers.into_iter().next().unwrap();
+        world.runtime.lose(&gone);
+        let (a, b) = tokio::join!(
+            replicas[0].open(world.request("alice", "busybox"), &no_progress),
+            replicas[1].open(world.request("alice", "busybox"), &no_progress),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.container_id, b.container_id);
+        assert_ne!(a.container_id, gone);
+        assert_eq!(world.runtime.creates(), 2);
+    }
+
+    /// With a runtime that follows its engine's events, a warm login asks the engine nothing;
+    /// while the event stream is down every login asks, and a container that stopped is
+    /// replaced either way.
+    #[tokio::test]
+    async fn warm_logins_ask_the_engine_only_when_its_events_do_not_say_it_runs() {
+        let world = World::new().await;
+        world.runtime.follow_events();
+        let placer = world.placer(fast());
+        let first = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        let liveness = world.runtime.liveness().expect("follows events");
+        until("the start event applied", || {
+            liveness.known_running(&first.container_id)
+        })
+        .await;
+        let asked = world.runtime.inspects();
+        for _ in 0..3 {
+            let again = placer
+                .open(world.request("alice", "busybox"), &no_progress)
+                .await
+                .unwrap();
+            assert_eq!(again.container_id, first.container_id);
+        }
+        assert_eq!(world.runtime.inspects(), asked, "no inspect per warm login");
+
+        // The stream breaks and cannot be had again: every login asks the engine.
+        world.runtime.break_events(true);
+        until("distrusted", || {
+            !liveness.known_running(&first.container_id)
+        })
+        .await;
+        placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(world.runtime.inspects(), asked + 1);
+        world.runtime.stop(&first.container_id);
+        let replaced = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(replaced.container_id, first.container_id);
+
+        // Back: resynced from a listing, trusted again.
+        world.runtime.break_events(false);
+        until("resynced", || {
+            liveness.known_running(&replaced.container_id)
+        })
+        .await;
+        let asked = world.runtime.inspects();
+        placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(world.runtime.inspects(), asked);
+        // A stop the stream reports is believed at once: the engine is asked, and says so.
+        world.runtime.stop(&replaced.container_id);
+        until("the stop event applied", || {
+            !liveness.known_running(&replaced.container_id)
+        })
+        .await;
+        let third = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_ne!(third.container_id, replaced.container_id);
+        assert_eq!(world.runtime.creates(), 3);
     }
 
     /// A placer whose creations wait in a line of `limit` slots.

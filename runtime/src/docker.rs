@@ -26,6 +26,7 @@ use bollard::query_parameters::{
 };
 
 use crate::lifecycle::{Runtime, RuntimeKind, WarmPool};
+use crate::liveness::{self, Liveness, LivenessCache};
 use crate::types::{
     AGENT_IN_CONTAINER, AGENT_SECRET_DIR, AgentEndpoint, ContainerSpec, CreatedContainer, Gpus,
     ManagedContainer, RuntimeError, claimed_container_name, container_name, labels, name_suffix,
@@ -33,6 +34,7 @@ use crate::types::{
 };
 use slots::HomeSlots;
 
+pub mod events;
 pub mod exec;
 pub mod network;
 mod pull;
@@ -134,6 +136,20 @@ pub struct DockerRuntime {
     network: Option<UserNetwork>,
     /// Set once the network was made and checked (retried on the next creation after a failure).
     network_ready: OnceCell<()>,
+    /// Which containers run, from Docker's event stream (`with_liveness_cache`).
+    liveness: Option<FollowedLiveness>,
+}
+
+/// A liveness cache and the task that feeds it, stopped when the runtime is dropped.
+struct FollowedLiveness {
+    cache: std::sync::Arc<LivenessCache>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FollowedLiveness {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
 }
 
 impl DockerRuntime {
@@ -148,7 +164,20 @@ impl DockerRuntime {
             slots: Err("no home slots directory is configured".into()),
             network: Some(UserNetwork::default()),
             network_ready: OnceCell::new(),
+            liveness: None,
         }
+    }
+
+    /// Follows Docker's events about `instance`'s containers (in a task of its own, from now
+    /// on), so [`Runtime::liveness`] answers "it runs" without an inspect; must be called
+    /// within a Tokio runtime. See `liveness.rs` for when the cache is trusted.
+    pub fn with_liveness_cache(mut self, instance: &str) -> Self {
+        let cache = std::sync::Arc::new(LivenessCache::default());
+        let feed = events::DockerFeed::new(self.host.as_deref(), instance);
+        let followed = cache.clone();
+        let follower = tokio::spawn(async move { liveness::follow(&followed, &feed).await });
+        self.liveness = Some(FollowedLiveness { cache, follower });
+        self
     }
 
     /// The network user containers join; `None` leaves them on Docker's default bridge, where
@@ -310,18 +339,10 @@ impl DockerRuntime {
         Ok(runtime)
     }
 
-    /// The client, connected on first success. The API version is negotiated so an older
-    /// engine (this project's CI runs API 1.41) is spoken to in its own version.
+    /// The client, connected on first success (`connect`).
     pub async fn docker(&self) -> Result<&Docker, RuntimeError> {
         self.docker
-            .get_or_try_init(|| async {
-                let docker = match &self.host {
-                    Some(host) => Docker::connect_with_host(host),
-                    None => Docker::connect_with_local_defaults(),
-                }
-                .map_err(unavailable)?;
-                bounded("negotiate version", docker.negotiate_version()).await
-            })
+            .get_or_try_init(|| connect(self.host.as_deref()))
             .await
     }
 
@@ -399,6 +420,63 @@ impl DockerRuntime {
             Err(e) => Err(classify(e)),
         }
     }
+}
+
+/// A client of the engine at `host` (`None`: the local defaults), in the engine's API version
+/// (this project's CI runs API 1.41).
+async fn connect(host: Option<&str>) -> Result<Docker, RuntimeError> {
+    let docker = match host {
+        Some(host) => Docker::connect_with_host(host),
+        None => Docker::connect_with_local_defaults(),
+    }
+    .map_err(unavailable)?;
+    bounded("negotiate version", docker.negotiate_version()).await
+}
+
+/// The label filter of `instance`'s containers.
+fn managed_filter(instance: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_owned(),
+        vec![
+            format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
+            format!("{}={instance}", labels::INSTANCE),
+        ],
+    )])
+}
+
+/// Every container of `instance`, running or not.
+async fn list_managed_with(
+    docker: &Docker,
+    instance: &str,
+) -> Result<Vec<ManagedContainer>, RuntimeError> {
+    let options = ListContainersOptions {
+        all: true,
+        filters: Some(managed_filter(instance)),
+        ..Default::default()
+    };
+    let list = bounded("list containers", docker.list_containers(Some(options))).await?;
+    Ok(list
+        .into_iter()
+        .filter_map(|c| {
+            let labels_of = c.labels.unwrap_or_default();
+            Some(ManagedContainer {
+                id: c.id?,
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                user: labels_of.get(labels::USER).cloned().unwrap_or_default(),
+                environment: labels_of
+                    .get(labels::ENVIRONMENT)
+                    .cloned()
+                    .unwrap_or_default(),
+                session: labels_of.get(labels::SESSION).cloned(),
+                created_at: c.created.unwrap_or(0),
+                running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+            })
+        })
+        .collect())
 }
 
 fn unavailable(e: BollardError) -> RuntimeError {
@@ -589,45 +667,13 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![
-                format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
-                format!("{}={instance}", labels::INSTANCE),
-            ],
-        )]);
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let list = bounded(
-            "list containers",
-            self.docker().await?.list_containers(Some(options)),
-        )
-        .await?;
-        Ok(list
-            .into_iter()
-            .filter_map(|c| {
-                let labels_of = c.labels.unwrap_or_default();
-                Some(ManagedContainer {
-                    id: c.id?,
-                    name: c
-                        .names
-                        .and_then(|n| n.into_iter().next())
-                        .map(|n| n.trim_start_matches('/').to_owned())
-                        .unwrap_or_default(),
-                    user: labels_of.get(labels::USER).cloned().unwrap_or_default(),
-                    environment: labels_of
-                        .get(labels::ENVIRONMENT)
-                        .cloned()
-                        .unwrap_or_default(),
-                    session: labels_of.get(labels::SESSION).cloned(),
-                    created_at: c.created.unwrap_or(0),
-                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
-                })
-            })
-            .collect())
+        list_managed_with(self.docker().await?, instance).await
+    }
+
+    fn liveness(&self) -> Option<&dyn Liveness> {
+        self.liveness
+            .as_ref()
+            .map(|l| l.cache.as_ref() as &dyn Liveness)
     }
 
     async fn sweep(&self, instance: &str, live: &[ManagedContainer]) -> Result<(), RuntimeError> {

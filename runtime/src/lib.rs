@@ -2,7 +2,8 @@
 //!
 //! - [`Runtime`] (`lifecycle.rs`): the control plane's side. Containers are created, listed,
 //!   inspected and removed; a user's home storage is made; warm pools are an optional
-//!   capability ([`Runtime::warm_pool`]) that a runtime may lack.
+//!   capability ([`Runtime::warm_pool`]) that a runtime may lack, and so is a liveness cache
+//!   fed by the engine's events ([`Runtime::liveness`], `liveness.rs`).
 //! - [`ProcessRuntime`] (`session.rs`): the proxy's side. A session begins in a placed
 //!   container at a [`SessionTarget`]: its agent (Unix socket or TCP), or the engine's exec.
 //!
@@ -18,12 +19,14 @@ pub mod docker;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod lifecycle;
+pub mod liveness;
 #[cfg(any(test, feature = "testkit"))]
 pub mod scripted;
 pub mod session;
 pub mod types;
 
-pub use lifecycle::{Runtime, RuntimeKind, WarmPool};
+pub use lifecycle::{Runtime, RuntimeKind, WarmPool, is_running_cached};
+pub use liveness::{Liveness, LivenessCache};
 pub use session::{
     AgentTarget, ExecError, ExitSignal, Output, OutputStream, ProcessControl, ProcessEnd,
     ProcessRuntime, ProcessSpec, SessionTarget, StartedProcess, TerminalSize,

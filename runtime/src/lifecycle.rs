@@ -1,11 +1,13 @@
 //! The control plane's seam: the lifecycle of user containers. Placement, warm pools and the
 //! reconciler only see [`Runtime`]; an engine (Docker today) implements it. Warm pools are an
-//! optional capability ([`WarmPool`]), reached through [`Runtime::warm_pool`].
+//! optional capability ([`WarmPool`]), reached through [`Runtime::warm_pool`]; so is a cache of
+//! which containers run, fed by the engine's events ([`Runtime::liveness`], `liveness.rs`).
 
 use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::liveness::Liveness;
 use crate::types::{ContainerSpec, CreatedContainer, ManagedContainer, RuntimeError};
 
 /// Which engine runs user containers; reported in placements and the admin API.
@@ -92,6 +94,20 @@ pub trait Runtime: Send + Sync + 'static {
     fn warm_pool(&self) -> Result<&dyn WarmPool, String> {
         Err(format!("the {} runtime has no warm pools", self.kind()))
     }
+    /// What the engine's event stream says runs, when this runtime follows one; callers that
+    /// check liveness on a hot path ask it first and call [`Runtime::is_running`] only when
+    /// it does not know. `None`: always ask.
+    fn liveness(&self) -> Option<&dyn Liveness> {
+        None
+    }
+}
+
+/// Whether `id` runs: from the runtime's liveness cache when it knows, else from the engine.
+pub async fn is_running_cached(runtime: &dyn Runtime, id: &str) -> Result<bool, RuntimeError> {
+    if runtime.liveness().is_some_and(|l| l.known_running(id)) {
+        return Ok(true);
+    }
+    runtime.is_running(id).await
 }
 
 /// Containers started before their user is known, handed over at a claim.

@@ -1,14 +1,20 @@
 //! An in-memory runtime for tests: records what was asked, and can be told to fail,
 //! to be slow, or to lose containers, so placement and reaping can be tested without Docker.
+//! With [`ScriptedRuntime::follow_events`] it also keeps a liveness cache from events of its
+//! own, whose stream a test can break.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast;
 
 use crate::lifecycle::{Runtime, RuntimeKind, WarmPool};
+use crate::liveness::{self, Change, Feed, Liveness, LivenessCache};
 use crate::types::{
     ContainerSpec, CreatedContainer, ManagedContainer, RuntimeError, claimed_container_name,
     container_name, pool_container_name, volume_name,
@@ -38,6 +44,9 @@ struct State {
     fail_assigns: usize,
     warm_creates: usize,
     assigns: usize,
+    inspects: usize,
+    /// New subscriptions to the events fail while set.
+    events_down: bool,
 }
 
 pub struct ScriptedRuntime {
@@ -47,6 +56,9 @@ pub struct ScriptedRuntime {
     held: tokio::sync::watch::Sender<bool>,
     creating: AtomicUsize,
     most_creating: AtomicUsize,
+    /// Every start and stop, for the liveness cache (replaced to break its streams).
+    events: Mutex<broadcast::Sender<Change>>,
+    liveness: OnceLock<Arc<LivenessCache>>,
 }
 
 impl Default for ScriptedRuntime {
@@ -57,6 +69,8 @@ impl Default for ScriptedRuntime {
             held: tokio::sync::watch::Sender::new(false),
             creating: AtomicUsize::new(0),
             most_creating: AtomicUsize::new(0),
+            events: Mutex::new(broadcast::channel(1024).0),
+            liveness: OnceLock::new(),
         }
     }
 }
@@ -68,6 +82,33 @@ impl ScriptedRuntime {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, change: Change) {
+        let _ = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(change);
+    }
+
+    /// From now on [`Runtime::liveness`] answers from a cache that follows this runtime's
+    /// starts and stops (`liveness::follow`, as Docker's does its events).
+    pub fn follow_events(self: &Arc<Self>) {
+        let cache = Arc::new(LivenessCache::default());
+        let (feed, followed) = (self.clone(), cache.clone());
+        tokio::spawn(async move { liveness::follow(&followed, feed.as_ref()).await });
+        let _ = self.liveness.set(cache);
+    }
+    /// Ends every event stream now; with `down`, new subscriptions fail until called again
+    /// with `false`.
+    pub fn break_events(&self, down: bool) {
+        self.lock().events_down = down;
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = broadcast::channel(1024).0;
+    }
+    /// `is_running` calls so far.
+    pub fn inspects(&self) -> usize {
+        self.lock().inspects
     }
 
     /// Creations from now on wait (inside the runtime) until `release_creates`.
@@ -107,17 +148,21 @@ impl ScriptedRuntime {
     /// Simulates a container that died or was removed behind envgate's back.
     pub fn lose(&self, id: &str) {
         self.lock().containers.remove(id);
+        self.emit(Change::Stopped(id.to_owned()));
     }
     /// Simulates a container whose process exited: it still exists but is not running.
     pub fn stop(&self, id: &str) {
         if let Some(c) = self.lock().containers.get_mut(id) {
             c.running = false;
         }
+        self.emit(Change::Stopped(id.to_owned()));
     }
     /// Simulates a container left over from a crashed replica.
     pub fn insert_unknown(&self, spec: ContainerSpec, created_at: i64) -> String {
         let name = container_name(&spec.instance, &spec.user, &spec.environment);
-        insert(&mut self.lock(), spec, name, created_at)
+        let id = insert(&mut self.lock(), spec, name, created_at);
+        self.emit(Change::Started(id.clone()));
+        id
     }
     pub fn containers(&self) -> Vec<(String, ScriptedContainer)> {
         self.lock()
@@ -192,6 +237,8 @@ impl ScriptedRuntime {
             container_name(&spec.instance, &spec.user, &spec.environment)
         };
         let id = insert(&mut state, spec.clone(), name.clone(), crate::types::now());
+        drop(state);
+        self.emit(Change::Started(id.clone()));
         Ok(CreatedContainer {
             id,
             name,
@@ -247,7 +294,11 @@ impl Runtime for ScriptedRuntime {
 
     async fn is_running(&self, id: &str) -> Result<bool, RuntimeError> {
         self.check_available()?;
-        let delay = self.lock().inspect_delay;
+        let delay = {
+            let mut state = self.lock();
+            state.inspects += 1;
+            state.inspect_delay
+        };
         tokio::time::sleep(delay).await;
         Ok(self.lock().containers.get(id).is_some_and(|c| c.running))
     }
@@ -258,7 +309,13 @@ impl Runtime for ScriptedRuntime {
         if state.containers.remove(id).is_some() {
             state.removes += 1;
         }
+        drop(state);
+        self.emit(Change::Stopped(id.to_owned()));
         Ok(())
+    }
+
+    fn liveness(&self) -> Option<&dyn Liveness> {
+        self.liveness.get().map(|c| c.as_ref() as &dyn Liveness)
     }
 
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
@@ -322,5 +379,43 @@ impl WarmPool for ScriptedRuntime {
             .insert(volume_name(&spec.instance, &spec.user));
         state.assigns += 1;
         Ok(name)
+    }
+}
+
+#[async_trait]
+impl Feed for ScriptedRuntime {
+    async fn subscribe(
+        &self,
+    ) -> Result<BoxStream<'static, Result<Change, RuntimeError>>, RuntimeError> {
+        if self.lock().events_down {
+            return Err(RuntimeError::Unavailable("scripted events are down".into()));
+        }
+        let rx = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribe();
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(change) => Some((Ok(change), rx)),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                    Err(RuntimeError::Unavailable(format!("missed {n} events"))),
+                    rx,
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        })
+        .boxed())
+    }
+
+    async fn running(&self) -> Result<Vec<String>, RuntimeError> {
+        self.check_available()?;
+        Ok(self
+            .lock()
+            .containers
+            .iter()
+            .filter(|(_, c)| c.running)
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 }

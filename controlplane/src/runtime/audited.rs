@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use envgate_proto::audit::{AuditLog, Event};
 
 use super::{
-    ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError, RuntimeKind, WarmPool,
+    ContainerSpec, CreatedContainer, Liveness, ManagedContainer, Runtime, RuntimeError,
+    RuntimeKind, WarmPool,
 };
 
 pub struct Audited {
@@ -70,6 +71,11 @@ impl Runtime for Audited {
 
     async fn list_managed(&self, instance: &str) -> Result<Vec<ManagedContainer>, RuntimeError> {
         self.inner.list_managed(instance).await
+    }
+
+    /// The inner runtime's cache: liveness checks are not audited.
+    fn liveness(&self) -> Option<&dyn Liveness> {
+        self.inner.liveness()
     }
 
     /// The inner runtime's warm pools, audited here.

@@ -9,8 +9,8 @@ pub use envgate_runtime::docker::{self, DockerRuntime, slots};
 #[cfg(any(test, feature = "testkit"))]
 pub use envgate_runtime::scripted;
 pub use envgate_runtime::{
-    AgentEndpoint, ContainerSpec, CreatedContainer, ManagedContainer, Runtime, RuntimeError,
-    RuntimeKind, WarmPool, labels,
+    AgentEndpoint, ContainerSpec, CreatedContainer, Liveness, ManagedContainer, Runtime,
+    RuntimeError, RuntimeKind, WarmPool, is_running_cached, labels,
 };
 pub use envgate_runtime::{
     claimed_container_name, container_name, name_suffix, pool_container_name, volume_name,

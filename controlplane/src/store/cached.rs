@@ -1,7 +1,10 @@
 //! A `Store` that answers reads of a few prefixes from memory, kept current by one watch per
-//! prefix: the records every login reads and that change rarely (the catalogue, revocations,
-//! users, the proxies' records with their leases). Without it, each login cost a range of
-//! `environments/` and gets of `revocations/{user}`, `users/{user}` and `proxies/{id}`.
+//! prefix: the records every login reads (the catalogue, revocations, users, the proxies'
+//! records with their leases, the placement records; `WATCH_CACHED`). Without it, each login
+//! cost a range of `environments/` and gets of `revocations/{user}`, `users/{user}`,
+//! `proxies/{id}` and `containers/{user}/{env}`. A placement record changes at every login, so
+//! its prefix costs one watch event per write instead of one read per login; whatever is read
+//! from here and then written is written by a compare-and-swap, which a stale read fails.
 //!
 //! Consistency, as Kubernetes' watch cache gives it:
 //! - **Read your writes.** A write through this store to a cached key returns only once the
