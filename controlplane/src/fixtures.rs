@@ -172,14 +172,14 @@ impl World {
     }
 
     pub fn placer(&self, config: PlacementConfig) -> Arc<Placer> {
+        self.placer_over(self.store.clone(), config)
+    }
+
+    /// A placer that reaches this world's store through `store` (one that counts, say).
+    pub fn placer_over(&self, store: Arc<dyn Store>, config: PlacementConfig) -> Arc<Placer> {
         Arc::new(
-            Placer::new(
-                self.store.clone(),
-                self.runtime.clone(),
-                self.auth.clone(),
-                config,
-            )
-            .with_clock(self.clock.clone()),
+            Placer::new(store, self.runtime.clone(), self.auth.clone(), config)
+                .with_clock(self.clock.clone()),
         )
     }
 
@@ -236,6 +236,7 @@ impl World {
             kind: SessionKind::Shell,
             caller_gone: CancellationToken::new(),
             waited_in_line: Default::default(),
+            reports_sessions: false,
         }
     }
 

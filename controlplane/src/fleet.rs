@@ -3,16 +3,21 @@
 //! etcd lease; when the stream ends the lease simply stops being refreshed and expires, taking
 //! the proxy's sessions with it. A proxy that reconnects (to any replica) before that reuses
 //! the lease, so its sessions survive a control-plane restart.
+//!
+//! The stream also carries what became of the sessions a proxy was given unrecorded
+//! (`SessionUpdates`, see `placement.rs`): applied in order, acknowledged once applied, and
+//! sent again by the proxy on its next stream if not acknowledged.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use envgate_proto::audit::{AuditLog, Event};
 use envgate_proto::v1::fleet_server::Fleet;
 use envgate_proto::v1::{
     Drain, FleetCommand, Heartbeat, KillSession, Notice, ProxyMessage, Register, RevokeUser,
-    fleet_command, proxy_message,
+    SessionUpdate, SessionUpdatesApplied, fleet_command, proxy_message,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -24,6 +29,7 @@ use tracing::Instrument;
 use crate::error::FleetError;
 use crate::guard::{self, ProxyIdentity};
 use crate::model::{self, CommandRecord, ProxyRecord, SessionRecord};
+use crate::placement::Placer;
 use crate::store::{self, Compare, Store, StoreError, TxnOp, WatchEvent, WatchEventKind};
 
 /// A proxy silent for this long (no stream, no keep-alive) loses its record and sessions.
@@ -32,6 +38,9 @@ pub const PROXY_LEASE_TTL: Duration = Duration::from_secs(10);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A command not delivered within this long (its proxy stayed away) is dropped by etcd.
 const COMMAND_TTL: Duration = Duration::from_secs(60);
+/// Session updates one stream keeps while etcd cannot take them; past it the stream is
+/// ended, and the proxy sends them again on its next one.
+const UNAPPLIED_AT_MOST: usize = 10_000;
 
 type CommandSender = mpsc::Sender<Result<FleetCommand, Status>>;
 
@@ -90,6 +99,8 @@ impl FleetRegistry {
 pub struct FleetService {
     store: Arc<dyn Store>,
     registry: Arc<FleetRegistry>,
+    placer: Arc<Placer>,
+    audit: AuditLog,
     shutdown: CancellationToken,
 }
 
@@ -97,11 +108,15 @@ impl FleetService {
     pub fn new(
         store: Arc<dyn Store>,
         registry: Arc<FleetRegistry>,
+        placer: Arc<Placer>,
+        audit: AuditLog,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
             registry,
+            placer,
+            audit,
             shutdown,
         }
     }
@@ -167,11 +182,75 @@ async fn register(
     Ok(record)
 }
 
-/// Lives as long as the proxy's stream: applies heartbeats and keeps the lease alive.
+/// One proxy's session updates on one stream: those received and not yet applied, in order.
+struct SessionUpdates {
+    placer: Arc<Placer>,
+    audit: AuditLog,
+    commands: CommandSender,
+    unapplied: Vec<SessionUpdate>,
+    /// The highest sequence number applied on this stream.
+    applied_through: u64,
+}
+
+impl SessionUpdates {
+    /// Keeps the updates not seen yet; false when too many wait (the stream is to end).
+    fn receive(&mut self, updates: Vec<SessionUpdate>) -> bool {
+        let seen = self
+            .unapplied
+            .last()
+            .map_or(self.applied_through, |u| u.sequence);
+        self.unapplied
+            .extend(updates.into_iter().filter(|u| u.sequence > seen));
+        self.unapplied.len() <= UNAPPLIED_AT_MOST
+    }
+
+    /// Applies what waits and acknowledges it; on failure it waits for the next try.
+    async fn apply(&mut self, record: &ProxyRecord) {
+        let Some(through) = self.unapplied.last().map(|u| u.sequence) else {
+            return;
+        };
+        match self
+            .placer
+            .apply_updates(&record.id, record.lease_id, &self.unapplied)
+            .await
+        {
+            Ok(ended) => {
+                for (session, end) in ended {
+                    self.audit.record(Event::SessionEnd {
+                        session: session.id,
+                        user: session.user,
+                        environment: session.environment,
+                        proxy: record.id.clone(),
+                        exit_status: end.exit_status,
+                        container_unreachable: end.container_unreachable,
+                    });
+                }
+                self.unapplied.clear();
+                self.applied_through = through;
+                let applied = FleetCommand {
+                    command: Some(fleet_command::Command::SessionUpdatesApplied(
+                        SessionUpdatesApplied {
+                            through_sequence: through,
+                        },
+                    )),
+                };
+                // A lost acknowledgement only means the proxy sends these again.
+                let _ = self.commands.try_send(Ok(applied));
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %record.id, waiting = self.unapplied.len(), error = %e, "applying session updates failed; trying again");
+            }
+        }
+    }
+}
+
+/// Lives as long as the proxy's stream: applies heartbeats and session updates, and keeps
+/// the lease alive.
 async fn serve_stream(
     store: Arc<dyn Store>,
     mut record: ProxyRecord,
     mut inbound: Streaming<ProxyMessage>,
+    mut updates: SessionUpdates,
     shutdown: CancellationToken,
 ) {
     let key = model::proxy_key(&record.id);
@@ -186,6 +265,13 @@ async fn serve_stream(
                         tracing::warn!(proxy = %record.id, error = %e, "recording a heartbeat failed");
                     }
                 }
+                Ok(Some(ProxyMessage { message: Some(proxy_message::Message::SessionUpdates(batch)) })) => {
+                    if !updates.receive(batch.updates) {
+                        tracing::warn!(proxy = %record.id, "too many session updates wait for etcd; ending the stream (the proxy sends them again)");
+                        break;
+                    }
+                    updates.apply(&record).await;
+                }
                 Ok(Some(_)) => tracing::debug!(proxy = %record.id, "ignoring a repeated register"),
                 Ok(None) => break,
                 Err(status) => {
@@ -194,7 +280,7 @@ async fn serve_stream(
                 }
             },
             _ = keep_alive.tick() => match store.lease_keep_alive(record.lease_id).await {
-                Ok(true) => {}
+                Ok(true) => updates.apply(&record).await,
                 Ok(false) => {
                     // The lease expired (etcd was unreachable too long): the sessions it held
                     // are gone; register afresh so the proxy can place new ones.
@@ -272,9 +358,16 @@ impl Fleet for FleetService {
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let proxy_id = record.id.clone();
+        let updates = SessionUpdates {
+            placer: self.placer.clone(),
+            audit: self.audit.clone(),
+            commands: tx.clone(),
+            unapplied: Vec::new(),
+            applied_through: 0,
+        };
         tokio::spawn(
             async move {
-                serve_stream(store, record, inbound, shutdown).await;
+                serve_stream(store, record, inbound, updates, shutdown).await;
                 registry.remove_if_same(&proxy_id, &tx);
             }
             .instrument(span),

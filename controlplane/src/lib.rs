@@ -336,7 +336,13 @@ impl ControlPlane {
                 ProxyGuard,
             ))
             .add_service(FleetServer::with_interceptor(
-                FleetService::new(self.store.clone(), self.fleet.clone(), shutdown.clone()),
+                FleetService::new(
+                    self.store.clone(),
+                    self.fleet.clone(),
+                    self.placer.clone(),
+                    self.audit.clone(),
+                    shutdown.clone(),
+                ),
                 ProxyGuard,
             ))
             .add_service(AdminServer::with_interceptor(

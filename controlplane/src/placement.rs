@@ -19,6 +19,12 @@
 //! session's close refreshes `last_active_at` too, in a transaction of its own. Opens that
 //! commit while the previous one is on its way to etcd share one write (`store::group`): at
 //! most one write per warm login, fewer when logins come together.
+//!
+//! A proxy that reports its sessions (`OpenSessionRequest.reports_sessions`) gets a warm
+//! login placed with no write at all when its container's idle clock was started recently
+//! and has far to run ([`Placer::may_leave_unrecorded`]): the session is recorded only if it
+//! lasts [`REPORT_AFTER`], by the proxy's report on its Fleet stream ([`Placer::apply_updates`]),
+//! and its end comes the same way. docs/decisions.md, "Unrecorded warm logins".
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,7 +38,7 @@ use envgate_proto::token::Claims;
 use envgate_proto::v1::sessions_server::Sessions;
 use envgate_proto::v1::{
     Account, CloseSessionRequest, CloseSessionResponse, OpenSessionEvent, OpenSessionRequest,
-    Placement, Progress, open_session_event,
+    Placement, Progress, SessionEnd, SessionUpdate, open_session_event,
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -79,6 +85,13 @@ pub struct PlacementConfig {
     pub touch_after: Duration,
 }
 
+/// How long a session placed unrecorded runs before its proxy reports it (and it is recorded).
+pub const REPORT_AFTER: Duration = Duration::from_secs(2);
+/// A session is left unrecorded only while its container's idle timeout has at least this
+/// long to run: ample for the proxy's report to arrive (after [`REPORT_AFTER`], or after a
+/// re-attach when a replica died) before the reaper could see the container idle.
+const UNRECORDED_SLACK_SECONDS: i64 = 60;
+
 /// `--max-containers-per-user` unless configured otherwise.
 pub const DEFAULT_MAX_CONTAINERS_PER_USER: usize = 5;
 
@@ -107,6 +120,8 @@ pub struct OpenRequest {
     pub caller_gone: CancellationToken,
     /// Set once the open had to wait in line for a creation slot (see `Progress`).
     pub waited_in_line: Arc<AtomicBool>,
+    /// The proxy reports sessions placed unrecorded (`OpenSessionRequest.reports_sessions`).
+    pub reports_sessions: bool,
 }
 
 /// The local lock new users' uid allocations queue on (not a container key: those have a `/`).
@@ -248,6 +263,7 @@ struct Context<'a> {
     progress: &'a (dyn Fn(&str) + Send + Sync),
     caller_gone: CancellationToken,
     waited_in_line: Arc<AtomicBool>,
+    reports_sessions: bool,
     /// Set when the open was served by a warm container (the "warm" placement outcome).
     warm: AtomicBool,
     /// The user's uid, looked up (or allocated) by the first step that needs it.
@@ -369,6 +385,7 @@ impl Placer {
             progress,
             caller_gone: req.caller_gone,
             waited_in_line: req.waited_in_line,
+            reports_sessions: req.reports_sessions,
             warm: AtomicBool::new(false),
             uid: tokio::sync::OnceCell::new(),
         };
@@ -389,6 +406,7 @@ impl Placer {
         );
         if let Ok(placement) = &result
             && env.mode == Mode::Persistent
+            && placement.report_after_ms == 0
         {
             self.remember(placement, &cx);
         }
@@ -403,7 +421,6 @@ impl Placer {
     /// Keeps what the close of a persistent session needs, and forgets sessions too old to
     /// close without a read anyway (so the map holds about `touch_after` of opens).
     fn remember(&self, placement: &Placement, cx: &Context<'_>) {
-        let idle_tenth = Duration::from_secs(u64::from(cx.env.idle_timeout_seconds) / 10);
         let recent = Recent {
             session: SessionRecord {
                 container_key: model::container_key(&cx.claims.sub, &cx.env.name),
@@ -411,11 +428,32 @@ impl Placer {
                 ..cx.session.clone()
             },
             opened: Instant::now(),
-            touch_after: self.config.touch_after.min(idle_tenth),
+            touch_after: self.touch_after(cx.env),
         };
         let mut map = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, r| r.opened.elapsed() < r.touch_after);
         map.insert(recent.session.id.clone(), recent);
+    }
+
+    /// How long a session of `env` lives before its close refreshes the container's idle clock
+    /// (and, the other way round, how old that clock may be for an open not to refresh it).
+    fn touch_after(&self, env: &EnvironmentRecord) -> Duration {
+        let idle_tenth = Duration::from_secs(u64::from(env.idle_timeout_seconds) / 10);
+        self.config.touch_after.min(idle_tenth)
+    }
+
+    /// Whether a warm open may leave `record` and the session unwritten: the idle clock was
+    /// started less than `touch_after` ago (as an open that writes would have started it,
+    /// give or take that), and the reaper cannot see the container idle for at least
+    /// [`UNRECORDED_SLACK_SECONDS`], by which time the proxy has reported the session if it
+    /// still runs. The uid must be in the record already (else this open writes it).
+    fn may_leave_unrecorded(&self, env: &EnvironmentRecord, record: &ContainerRecord) -> bool {
+        let now = self.clock.now();
+        let since = now - record.last_active_at;
+        record.uid.is_some()
+            && (0..self.touch_after(env).as_secs() as i64).contains(&since)
+            && record.last_active_at + reconcile::idle_timeout(Some(env)) - now
+                >= UNRECORDED_SLACK_SECONDS
     }
 
     /// requested → the user's default → the config webhook's choice (if it is one the user's
@@ -862,6 +900,18 @@ impl Placer {
             self.release_claim(key, current.mod_revision).await;
             return Ok(Step::Retry);
         }
+        if cx.reports_sessions && self.may_leave_unrecorded(cx.env, &current.value) {
+            let session = SessionRecord {
+                container_key: key.to_owned(),
+                container_id: current.value.container_id.clone(),
+                ..cx.session.clone()
+            };
+            let placement = Placement {
+                report_after_ms: REPORT_AFTER.as_millis() as u32,
+                ..self.placement(cx, &current.value, &session)
+            };
+            return Ok(Step::Placed(Box::new(placement)));
+        }
         // A container from before uids existed gets its user's uid at the next login.
         let uid = match current.value.uid {
             Some(uid) => uid,
@@ -975,6 +1025,7 @@ impl Placer {
             persistent: cx.env.mode == Mode::Persistent,
             env: cx.env.env.clone(),
             created: false,
+            report_after_ms: 0,
         }
     }
 
@@ -1156,6 +1207,133 @@ impl Placer {
         ))
         .into())
     }
+
+    /// Applies, in order, what proxy `proxy_id` says became of sessions it was given
+    /// unrecorded: one that lasted is recorded under the proxy's `lease` if its container is
+    /// still the user's; one that ended is closed as CloseSession closes a recorded one when
+    /// it may have left a trace (it was reported, it lived long enough to refresh the idle
+    /// clock, or its container was unreachable), and otherwise needs nothing. Applying an
+    /// update twice changes nothing. An update that does not describe a session is logged
+    /// and skipped, so it cannot hold up the rest. Returns the sessions that ended, for the
+    /// audit log; an error (etcd unavailable) means none of it counts as applied.
+    pub async fn apply_updates(
+        &self,
+        proxy_id: &str,
+        lease: i64,
+        updates: &[SessionUpdate],
+    ) -> Result<Vec<(SessionRecord, SessionEnd)>, PlacementError> {
+        let mut lasting = Vec::new();
+        let mut ended = Vec::new();
+        for update in updates {
+            let session = match unrecorded_session(proxy_id, update) {
+                Ok(session) => session,
+                Err(why) => {
+                    tracing::warn!(
+                        proxy = proxy_id,
+                        sequence = update.sequence,
+                        why,
+                        "ignoring a session update"
+                    );
+                    continue;
+                }
+            };
+            match update.end {
+                None => {
+                    if let Some(op) = self.record_lasting(&session, lease).await? {
+                        lasting.push(op);
+                    }
+                }
+                Some(end) => {
+                    // Its report, if in this batch, is written before its end is applied.
+                    self.put_lasting(&mut lasting).await?;
+                    self.close_unrecorded(&session, &end).await?;
+                    ended.push((session, end));
+                }
+            }
+        }
+        self.put_lasting(&mut lasting).await?;
+        Ok(ended)
+    }
+
+    /// The put recording `session`, if its container is still the user's running one.
+    async fn record_lasting(
+        &self,
+        session: &SessionRecord,
+        lease: i64,
+    ) -> Result<Option<TxnOp>, PlacementError> {
+        let record: Option<Versioned<ContainerRecord>> =
+            store::get_json(self.store.as_ref(), &session.container_key).await?;
+        let current = record.is_some_and(|r| {
+            r.value.state == ContainerState::Running && r.value.container_id == session.container_id
+        });
+        if !current {
+            tracing::info!(session = %session.id, container = %session.container_id, "a reported session's container is no longer the user's; not recorded");
+            return Ok(None);
+        }
+        let key = model::session_key(&session.id);
+        Ok(Some(TxnOp::put_json(&key, session, Some(lease))))
+    }
+
+    async fn put_lasting(&self, lasting: &mut Vec<TxnOp>) -> Result<(), PlacementError> {
+        while !lasting.is_empty() {
+            let batch: Vec<TxnOp> = lasting
+                .drain(..lasting.len().min(CARRIED_AT_MOST))
+                .collect();
+            self.store.txn(vec![], batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn close_unrecorded(
+        &self,
+        session: &SessionRecord,
+        end: &SessionEnd,
+    ) -> Result<(), PlacementError> {
+        let skey = model::session_key(&session.id);
+        if end.reported
+            && let Some(recorded) =
+                store::get_json::<SessionRecord>(self.store.as_ref(), &skey).await?
+            && recorded.value.proxy_id != session.proxy_id
+        {
+            tracing::warn!(session = %session.id, proxy = %session.proxy_id, owner = %recorded.value.proxy_id, "a proxy ended another proxy's session; ignored");
+            return Ok(());
+        }
+        let catalogue = catalogue::environments(self.store.as_ref()).await?;
+        let touch_after = catalogue
+            .iter()
+            .find(|e| e.name == session.environment)
+            .map_or(self.config.touch_after, |env| self.touch_after(env));
+        let lived = self.clock.now() - session.started_at;
+        if end.reported || end.container_unreachable || lived >= touch_after.as_secs() as i64 {
+            self.close_record(&skey, session, end.container_unreachable)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The session record an update from `proxy_id` describes, or why it describes none.
+fn unrecorded_session(proxy_id: &str, update: &SessionUpdate) -> Result<SessionRecord, String> {
+    let Some(s) = &update.session else {
+        return Err("no session in the update".into());
+    };
+    envgate_proto::names::validate_user(&s.user).map_err(|e| e.to_string())?;
+    envgate_proto::names::validate_environment(&s.environment).map_err(|e| e.to_string())?;
+    if s.session_id.is_empty() || s.session_id.len() > 64 || s.container_id.is_empty() {
+        return Err("no session id or container id".into());
+    }
+    Ok(SessionRecord {
+        id: s.session_id.clone(),
+        user: s.user.clone(),
+        environment: s.environment.clone(),
+        container_key: model::container_key(&s.user, &s.environment),
+        container_id: s.container_id.clone(),
+        proxy_id: proxy_id.to_owned(),
+        client_address: s.client_address.clone(),
+        connection_id: s.connection_id.clone(),
+        kind: SessionKind::from(s.session_kind()),
+        started_at: s.started_at,
+    })
 }
 
 fn deadline(cx: &Context<'_>) -> Instant {
@@ -1248,6 +1426,7 @@ impl Sessions for SessionsService {
                 kind,
                 caller_gone: caller_gone.clone(),
                 waited_in_line,
+                reports_sessions: req.reports_sessions,
             };
             // The open runs to its end either way; the stream's closing only tells it.
             let open = placer.open(open, &progress);
@@ -1339,7 +1518,7 @@ mod tests {
     use std::collections::{HashMap, HashSet};
 
     use super::*;
-    use crate::fixtures::{World, abandoned_claim, fast, no_progress};
+    use crate::fixtures::{PROXY, World, abandoned_claim, fast, no_progress};
 
     #[tokio::test]
     async fn concurrent_first_opens_share_one_container() {
@@ -1739,6 +1918,240 @@ mod tests {
         // A quiet moment: the last close goes in a transaction of its own, soon.
         placer.close(&open).await.unwrap();
         assert!(world.keys("sessions/").await.is_empty());
+    }
+
+    fn reporting(world: &World, user: &str) -> OpenRequest {
+        OpenRequest {
+            reports_sessions: true,
+            ..world.request(user, "busybox")
+        }
+    }
+
+    fn update(sequence: u64, placement: &Placement, end: Option<SessionEnd>) -> SessionUpdate {
+        SessionUpdate {
+            sequence,
+            session: Some(envgate_proto::v1::UnrecordedSession {
+                session_id: placement.session_id.clone(),
+                user: placement.user.clone(),
+                environment: placement.environment.clone(),
+                container_id: placement.container_id.clone(),
+                started_at: model::now(),
+                ..Default::default()
+            }),
+            end,
+        }
+    }
+
+    fn ended(reported: bool) -> Option<SessionEnd> {
+        Some(SessionEnd {
+            exit_status: 0,
+            container_unreachable: false,
+            reported,
+        })
+    }
+
+    /// A proxy that reports its sessions: a warm login writes nothing, one that ends within
+    /// its report time never reaches etcd, and one that lasts is recorded from the report,
+    /// then closed from its end.
+    #[tokio::test]
+    async fn warm_logins_of_a_reporting_proxy_are_recorded_only_if_they_last() {
+        use crate::store::counting::CountingStore;
+        let world = World::new().await;
+        let counting = Arc::new(CountingStore::new(world.store.clone()));
+        let placer = world.placer_over(counting.clone(), fast());
+        // The first login makes the container: recorded as always.
+        let first = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert!(first.created);
+        assert_eq!(first.report_after_ms, 0);
+        placer.close(&first.session_id).await.unwrap();
+        placer.closed_sessions().settle(world.store.as_ref()).await;
+        let before = counting.counts();
+        let short = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        let long = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(short.report_after_ms, REPORT_AFTER.as_millis() as u32);
+        assert_eq!(long.container_id, first.container_id);
+        assert_eq!(
+            counting.counts().writes,
+            before.writes,
+            "a warm login wrote"
+        );
+        assert!(world.keys("sessions/").await.is_empty());
+        // `short` ends before its report; `long` is reported.
+        let updates = [update(1, &short, ended(false)), update(2, &long, None)];
+        let gone = placer
+            .apply_updates(PROXY, world.lease, &updates)
+            .await
+            .unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0.id, short.session_id);
+        assert_eq!(
+            world.keys("sessions/").await,
+            [model::session_key(&long.session_id)]
+        );
+        let recorded: SessionRecord =
+            store::get_json(world.store.as_ref(), &model::session_key(&long.session_id))
+                .await
+                .unwrap()
+                .unwrap()
+                .value;
+        assert_eq!(recorded.proxy_id, PROXY);
+        assert_eq!(
+            recorded.container_key,
+            model::container_key("alice", "busybox")
+        );
+        // The same updates again (a stream that broke before the acknowledgement): no change.
+        placer
+            .apply_updates(PROXY, world.lease, &updates)
+            .await
+            .unwrap();
+        assert_eq!(
+            world.keys("sessions/").await,
+            [model::session_key(&long.session_id)]
+        );
+        // Another proxy cannot end it; its own end removes the record.
+        let theirs = [update(3, &long, ended(true))];
+        placer
+            .apply_updates("proxy-2", world.lease, &theirs)
+            .await
+            .unwrap();
+        assert_eq!(world.keys("sessions/").await.len(), 1);
+        placer
+            .apply_updates(PROXY, world.lease, &theirs)
+            .await
+            .unwrap();
+        assert!(world.keys("sessions/").await.is_empty());
+        let record = world
+            .record(&model::container_key("alice", "busybox"))
+            .await
+            .unwrap();
+        assert_eq!(
+            record.state,
+            ContainerState::Running,
+            "persistent containers stay"
+        );
+    }
+
+    /// When recording is needed anyway, or could not be counted on, the open writes: a proxy
+    /// that does not report, an idle clock old enough to refresh, or one with too little of
+    /// the idle timeout left for a report to arrive before the reaper looks.
+    #[tokio::test]
+    async fn an_open_writes_when_it_cannot_leave_the_session_unrecorded() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let key = model::container_key("alice", "busybox");
+        placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        let silent = placer
+            .open(world.request("alice", "busybox"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(silent.report_after_ms, 0);
+        world.edit_record(&key, |r| r.last_active_at -= 61).await;
+        let stale_clock = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(stale_clock.report_after_ms, 0);
+        assert!(world.record(&key).await.unwrap().last_active_at >= model::now() - 1);
+        // An idle timeout under a minute: too little time for a report to arrive for sure.
+        world
+            .update_environment("busybox", |e| e.idle_timeout_seconds = 59)
+            .await;
+        let short_idle = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(short_idle.report_after_ms, 0);
+        world
+            .update_environment("busybox", |e| e.idle_timeout_seconds = 900)
+            .await;
+        let unrecorded = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert!(unrecorded.report_after_ms > 0);
+        let sessions = world.keys("sessions/").await;
+        for recorded in [&silent, &stale_clock, &short_idle] {
+            assert!(sessions.contains(&model::session_key(&recorded.session_id)));
+        }
+        assert!(!sessions.contains(&model::session_key(&unrecorded.session_id)));
+    }
+
+    /// What a proxy reports is checked against the placement records: a session whose
+    /// container is no longer the user's is not recorded, an update that describes no session
+    /// is skipped without holding up the rest, and an unreachable container is replaced as
+    /// CloseSession would replace it.
+    #[tokio::test]
+    async fn reports_are_checked_and_an_unreachable_unrecorded_session_replaces_its_container() {
+        let world = World::new().await;
+        let placer = world.placer(fast());
+        let key = model::container_key("alice", "busybox");
+        let first = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        let warm = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert!(warm.report_after_ms > 0);
+        let elsewhere = Placement {
+            container_id: "not-alices".into(),
+            ..warm.clone()
+        };
+        let mut nameless = update(2, &warm, None);
+        nameless.session.as_mut().unwrap().user = "../etc".into();
+        let updates = [
+            update(1, &elsewhere, None),
+            nameless,
+            SessionUpdate {
+                sequence: 3,
+                ..SessionUpdate::default()
+            },
+        ];
+        let gone = placer
+            .apply_updates(PROXY, world.lease, &updates)
+            .await
+            .unwrap();
+        assert!(gone.is_empty());
+        // Only the first login's session, recorded by its open.
+        assert_eq!(
+            world.keys("sessions/").await,
+            [model::session_key(&first.session_id)]
+        );
+        let unreachable = Some(SessionEnd {
+            exit_status: -1,
+            container_unreachable: true,
+            reported: false,
+        });
+        placer
+            .apply_updates(PROXY, world.lease, &[update(4, &warm, unreachable)])
+            .await
+            .unwrap();
+        assert!(
+            world.record(&key).await.is_none(),
+            "the record of an unreachable container goes"
+        );
+        assert!(
+            world.runtime.containers().is_empty(),
+            "and so does its container"
+        );
+        let next = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert!(next.created);
     }
 
     /// Two replicas, each reading placement records from its own watch cache, serve one

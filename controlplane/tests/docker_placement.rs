@@ -110,6 +110,7 @@ async fn open(
         client_address: "127.0.0.1:50000".into(),
         connection_id: "c".into(),
         session_kind: SessionKind::Exec.into(),
+        ..Default::default()
     };
     let mut events = sessions.open_session(request).await?.into_inner();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(120), events.message())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use envgate_proto::ops::Readiness;
 use envgate_proto::v1::{
-    FleetCommand, Heartbeat, ProxyMessage, Register, fleet_command, proxy_message,
+    FleetCommand, Heartbeat, ProxyMessage, Register, SessionUpdates, fleet_command, proxy_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,8 +21,11 @@ use crate::controlplane::{ControlPlane, jittered_backoff};
 use crate::drain::Drain;
 use crate::error::DEFAULT_KILL_MESSAGE;
 use crate::placement_cache::PlacementCache;
+use crate::session_updates::SessionLedger;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+/// How often the session updates that came meanwhile leave, together (`session_updates.rs`).
+const UPDATES_INTERVAL: Duration = Duration::from_millis(200);
 /// A stream that lived this long counts as having been up (see `FleetMember::run`).
 const STABLE_STREAM: Duration = HEARTBEAT_INTERVAL;
 /// How long a proxy whose stream ended stays ready while it re-attaches; well inside the
@@ -40,6 +43,7 @@ pub struct FleetMember {
     pub registry: Registry,
     pub auth_cache: Arc<AuthCache>,
     pub placements: Arc<PlacementCache>,
+    pub ledger: Arc<SessionLedger>,
     pub drain: Drain,
     pub readiness: Readiness,
 }
@@ -141,8 +145,25 @@ impl FleetMember {
         self.readiness.set(!self.drain.is_draining());
         let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
         ticker.tick().await;
+        // A new stream gets every update the last one's replica did not acknowledge.
+        let mut sent = 0;
+        let mut updates = tokio::time::interval(UPDATES_INTERVAL);
+        updates.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = updates.tick() => {
+                    self.ledger.report_due(Instant::now());
+                    let batch = self.ledger.after(sent);
+                    if let Some(last) = batch.last() {
+                        sent = last.sequence;
+                        let message = ProxyMessage {
+                            message: Some(proxy_message::Message::SessionUpdates(SessionUpdates { updates: batch })),
+                        };
+                        if tx.send(message).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     let (connections, sessions) = self.registry.counts();
                     let heartbeat = Heartbeat {
@@ -191,6 +212,9 @@ impl FleetMember {
                 let dropped = self.auth_cache.revoke_user(&revoke.user);
                 let placements = self.placements.forget_user(&revoke.user);
                 tracing::info!(user = %revoke.user, dropped, placements, "revoked cached tokens and placements");
+            }
+            Some(fleet_command::Command::SessionUpdatesApplied(applied)) => {
+                self.ledger.applied(applied.through_sequence);
             }
             None => tracing::debug!("empty fleet command"),
         }

@@ -22,6 +22,7 @@ pub mod recording;
 pub mod selfservice;
 pub mod server;
 pub mod session;
+pub mod session_updates;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ use crate::limits::{PreauthBudget, UserConnections};
 use crate::placement_cache::PlacementCache;
 use crate::server::ServerContext;
 use crate::session::SessionServices;
+use crate::session_updates::SessionLedger;
 
 /// Authentication requests (refused key offers included) one connection may make.
 pub const MAX_AUTH_ATTEMPTS: usize = 20;
@@ -71,6 +73,7 @@ pub struct Proxy {
     shutdown_grace: Duration,
     control_plane: ControlPlane,
     closes: Arc<CloseQueue>,
+    ledger: Arc<SessionLedger>,
 }
 
 /// Binds an SSH listener on `addr`; a failure names `what` was being bound.
@@ -117,6 +120,7 @@ impl Proxy {
         // One placement per user and environment: as many as tokens is plenty.
         let placements = Arc::new(PlacementCache::new(config.auth_cache_size));
         let closes = Arc::new(CloseQueue::default());
+        let ledger = Arc::new(SessionLedger::default());
         let registry = Registry::default();
         let readiness = Readiness::default();
         let drain = Drain::new(registry.clone(), readiness.clone());
@@ -150,6 +154,7 @@ impl Proxy {
                 .map(|dir| Arc::new(recording::Recordings::new(dir))),
             placements: placements.clone(),
             closes: closes.clone(),
+            ledger: ledger.clone(),
             audit: config.audit.clone(),
         };
         let context = Arc::new(ServerContext {
@@ -179,6 +184,7 @@ impl Proxy {
             registry,
             auth_cache: auth_cache.clone(),
             placements,
+            ledger: ledger.clone(),
             drain: drain.clone(),
             readiness: readiness.clone(),
         };
@@ -194,6 +200,7 @@ impl Proxy {
             shutdown_grace: config.shutdown_grace,
             control_plane,
             closes,
+            ledger,
         })
     }
 
@@ -267,6 +274,13 @@ impl Proxy {
             tracing::warn!(
                 left = tracker.len(),
                 "connections still open after the shutdown grace"
+            );
+        }
+        // The ends of the last sessions placed unrecorded leave on the Fleet stream.
+        if !self.ledger.settle(CLOSE_TIMEOUT).await {
+            tracing::warn!(
+                left = self.ledger.waiting(),
+                "session updates never acknowledged: their sessions' records (if any) go with this proxy's lease"
             );
         }
         background.cancel();

@@ -15,7 +15,9 @@ use envgate_proto::audit::{AuditLog, Event as AuditEvent};
 use envgate_proto::names::{Login, SELF_SERVICE_ENV};
 use envgate_proto::ops::record_phase;
 use envgate_proto::v1::placement::Start;
-use envgate_proto::v1::{OpenSessionRequest, Placement, SessionKind, open_session_event};
+use envgate_proto::v1::{
+    OpenSessionRequest, Placement, SessionKind, UnrecordedSession, open_session_event,
+};
 use futures::StreamExt;
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{ChannelId, ChannelOpenFailure, ChannelWriteHalf, Disconnect, Sig};
@@ -43,6 +45,7 @@ use crate::menu::{self, Cancel, Preselect};
 use crate::placement_cache::PlacementCache;
 use crate::recording::{self, Recordings};
 use crate::selfservice;
+use crate::session_updates::SessionLedger;
 
 /// What the handler tells the session task.
 pub enum Event {
@@ -136,6 +139,8 @@ pub struct SessionServices {
     pub placements: Arc<PlacementCache>,
     /// Session closes waiting for the control plane to answer again.
     pub closes: Arc<CloseQueue>,
+    /// Sessions placed unrecorded, reported and ended on the Fleet stream.
+    pub ledger: Arc<SessionLedger>,
     /// Where sessions started from the placement cache are recorded (the control plane
     /// records the others).
     pub audit: AuditLog,
@@ -932,6 +937,7 @@ impl Connection {
             client_address: self.info.client_address.clone(),
             connection_id: self.info.connection_id.clone(),
             session_kind: kind.into(),
+            reports_sessions: true,
         };
         let result = open_session(
             &self.services.control_plane,
@@ -962,6 +968,20 @@ impl Connection {
                 self.services
                     .placements
                     .remember(&environment, &placement, expires_at);
+                if placement.report_after_ms > 0 {
+                    let session = UnrecordedSession {
+                        session_id: placement.session_id.clone(),
+                        user: placement.user.clone(),
+                        environment: placement.environment.clone(),
+                        container_id: placement.container_id.clone(),
+                        session_kind: kind.into(),
+                        client_address: self.info.client_address.clone(),
+                        connection_id: self.info.connection_id.clone(),
+                        started_at: unix_now(),
+                    };
+                    let report_after = Duration::from_millis(u64::from(placement.report_after_ms));
+                    self.services.ledger.placed(session, report_after);
+                }
                 PlacementState::Placed(Box::new(placement))
             }
             Err(status) if is_unavailable(&status) => {
@@ -1122,6 +1142,13 @@ impl Connection {
         }
         if let PlacementState::Placed(placement) = &self.placement {
             record_phase("session", session_started.elapsed(), &[]);
+            if self.services.ledger.ended(
+                &placement.session_id,
+                exit_status,
+                self.container_unreachable,
+            ) {
+                return;
+            }
             let started = Instant::now();
             let result = self
                 .services
