@@ -1298,13 +1298,19 @@ impl Placer {
             tracing::warn!(session = %session.id, proxy = %session.proxy_id, owner = %recorded.value.proxy_id, "a proxy ended another proxy's session; ignored");
             return Ok(());
         }
-        let catalogue = catalogue::environments(self.store.as_ref()).await?;
-        let touch_after = catalogue
-            .iter()
-            .find(|e| e.name == session.environment)
-            .map_or(self.config.touch_after, |env| self.touch_after(env));
         let lived = self.clock.now() - session.started_at;
-        if end.reported || end.container_unreachable || lived >= touch_after.as_secs() as i64 {
+        // One that was never reported lived less than its report time, shorter than any
+        // `touch_after` of an environment that places unrecorded (a minute of idle timeout at
+        // least, a tenth of it 6 s): only a late end needs the catalogue.
+        let refreshes = lived >= REPORT_AFTER.as_secs() as i64 && {
+            let catalogue = catalogue::environments(self.store.as_ref()).await?;
+            let touch_after = catalogue
+                .iter()
+                .find(|e| e.name == session.environment)
+                .map_or(self.config.touch_after, |env| self.touch_after(env));
+            lived >= touch_after.as_secs() as i64
+        };
+        if end.reported || end.container_unreachable || refreshes {
             self.close_record(&skey, session, end.container_unreachable)
                 .await?;
         }
