@@ -1310,11 +1310,15 @@ impl Placer {
                 .map_or(self.config.touch_after, |env| self.touch_after(env));
             lived >= touch_after.as_secs() as i64
         };
-        if end.reported || end.container_unreachable || refreshes {
+        if end.container_unreachable || refreshes {
             self.close_record(&skey, session, end.container_unreachable)
-                .await?;
+                .await
+        } else if end.reported {
+            // As a short recorded session's close: its delete rides with others.
+            Ok(self.closed.delete(skey).await?)
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 }
 
@@ -2043,6 +2047,49 @@ mod tests {
             record.state,
             ContainerState::Running,
             "persistent containers stay"
+        );
+    }
+
+    /// A reported session that ends after `touch_after` starts its container's idle clock at
+    /// its end, as the close of a recorded one does.
+    #[tokio::test]
+    async fn the_end_of_a_long_unrecorded_session_starts_the_idle_clock() {
+        let (world, clock) = World::with_manual_clock().await;
+        let placer = world.placer(fast());
+        let key = model::container_key("alice", "busybox");
+        placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        let warm = placer
+            .open(reporting(&world, "alice"), &no_progress)
+            .await
+            .unwrap();
+        assert!(warm.report_after_ms > 0);
+        let opened = world.record(&key).await.unwrap().last_active_at;
+        let mut lasting = update(1, &warm, None);
+        lasting.session.as_mut().unwrap().started_at = clock.now();
+        placer
+            .apply_updates(PROXY, world.lease, &[lasting.clone()])
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(61));
+        let end = SessionUpdate {
+            sequence: 2,
+            end: ended(true),
+            ..lasting
+        };
+        placer
+            .apply_updates(PROXY, world.lease, &[end])
+            .await
+            .unwrap();
+        let record = world.record(&key).await.unwrap();
+        assert_eq!(record.last_active_at, opened + 61);
+        assert!(
+            !world
+                .keys("sessions/")
+                .await
+                .contains(&model::session_key(&warm.session_id))
         );
     }
 

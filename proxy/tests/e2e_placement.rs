@@ -100,6 +100,87 @@ async fn after_a_session_closes_the_container_record_stays_and_the_session_recor
     );
 }
 
+/// A warm login writes nothing to etcd (docs/decisions.md, "Unrecorded warm logins"): the
+/// container's record is left as the first login wrote it, a short session never shows, and a
+/// session that lasts shows once its proxy reports it and goes when it ends. The audit log has
+/// the start and the end of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_login_is_recorded_only_if_it_lasts() {
+    let fleet = Fleet::start().await;
+    fleet.ssh("demo", "true", None).await.assert_success();
+    let record = || async {
+        let records = fleet.etcd_records("containers/demo/busybox").await.unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        records[0].1.clone()
+    };
+    let created = record().await;
+    // A write would stamp a later second into the record.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        fleet.ssh("demo", "true", None).await.assert_success();
+    }
+    assert_eq!(
+        record().await,
+        created,
+        "a warm login changed the placement record"
+    );
+
+    let ssh = fleet.ssh_in_background("demo", "sleep 6");
+    let started = std::time::Instant::now();
+    let session = eventually(
+        Duration::from_secs(15),
+        "the lasting session reported",
+        || async {
+            match fleet.user_sessions("demo").await?.as_slice() {
+                [one] => Ok(one.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "recorded after {:?}, before its report time",
+        started.elapsed()
+    );
+    let proxy = session["proxy_id"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        (0..fleet.proxy_listen.len()).any(|i| fleet.proxy_id(i) == proxy),
+        "{session}"
+    );
+    ssh.await.unwrap().assert_success();
+    eventually(
+        Duration::from_secs(15),
+        "the ended session's record gone",
+        || async {
+            match fleet.user_sessions("demo").await?.as_slice() {
+                [] => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let of_demo = |event: &str| {
+        fleet
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["event"] == event && r["user"] == "demo")
+            .count()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "every end in the audit log",
+        || async {
+            match of_demo("session_end") {
+                5 => Ok(()),
+                ends => Err(format!("{ends} ends")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(of_demo("session_start"), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ephemeral_container_is_removed_after_its_session() {
     let fleet = Fleet::start().await;
