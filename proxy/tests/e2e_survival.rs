@@ -144,17 +144,20 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     })
     .await;
 
-    // The session that ran across the kill ended normally; its close is kept for later.
+    // The session that ran across the kill ended normally; its end is kept for later. It was
+    // a warm login, placed unrecorded and recorded from its proxy's report (docs/decisions.md,
+    // "Unrecorded warm logins"), so its end waits as a session update (a recorded session's
+    // would wait as a CloseSession: `close_queue.rs`).
     let out = tokio::time::timeout(Duration::from_secs(30), across)
         .await
         .expect("the session ends")
         .expect("ssh task");
     out.assert_success();
     assert_eq!(out.stdout, "started\nended\n");
-    eventually(Duration::from_secs(30), "the close kept", || async {
-        match metric(&fleet, "envgate_proxy_queued_closes").await {
+    eventually(Duration::from_secs(30), "the end kept", || async {
+        match metric(&fleet, "envgate_proxy_session_updates_waiting").await {
             1.0 => Ok(()),
-            other => Err(format!("{other} queued")),
+            other => Err(format!("{other} waiting")),
         }
     })
     .await;
@@ -172,15 +175,16 @@ async fn running_containers_stay_reachable_while_no_replica_answers() {
     assert_refused_login(&fleet.ssh("demo", "echo in", None).await);
     assert_eq!(audit_events(&fleet, "session_from_cache").len(), 1);
 
-    // A replica back: the kept close is delivered, and logins take the normal path again.
+    // A replica back: the kept end is delivered (the session's record goes), and logins take
+    // the normal path again.
     fleet.restart_controlplane(0).await;
-    eventually(Duration::from_secs(30), "the close delivered", || async {
-        let delivered = metric(&fleet, "envgate_proxy_queued_closes_delivered_total").await;
-        let queued = metric(&fleet, "envgate_proxy_queued_closes").await;
-        if delivered == 1.0 && queued == 0.0 {
+    eventually(Duration::from_secs(30), "the end delivered", || async {
+        let waiting = metric(&fleet, "envgate_proxy_session_updates_waiting").await;
+        let sessions = fleet.user_sessions("demo").await?.len();
+        if waiting == 0.0 && sessions == 0 {
             Ok(())
         } else {
-            Err(format!("{delivered} delivered, {queued} queued"))
+            Err(format!("{waiting} waiting, {sessions} sessions recorded"))
         }
     })
     .await;
