@@ -1930,11 +1930,13 @@ mod tests {
         assert!(world.keys("sessions/").await.is_empty());
     }
 
-    fn reporting(world: &World, user: &str) -> OpenRequest {
-        OpenRequest {
+    /// Alice's login to busybox through a proxy that reports its sessions.
+    async fn open_reporting(placer: &Placer, world: &World) -> Placement {
+        let request = OpenRequest {
             reports_sessions: true,
-            ..world.request(user, "busybox")
-        }
+            ..world.request("alice", "busybox")
+        };
+        placer.open(request, &no_progress).await.unwrap()
     }
 
     fn update(sequence: u64, placement: &Placement, end: Option<SessionEnd>) -> SessionUpdate {
@@ -1970,23 +1972,14 @@ mod tests {
         let counting = Arc::new(CountingStore::new(world.store.clone()));
         let placer = world.placer_over(counting.clone(), fast());
         // The first login makes the container: recorded as always.
-        let first = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let first = open_reporting(&placer, &world).await;
         assert!(first.created);
         assert_eq!(first.report_after_ms, 0);
         placer.close(&first.session_id).await.unwrap();
         placer.closed_sessions().settle(world.store.as_ref()).await;
         let before = counting.counts();
-        let short = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
-        let long = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let short = open_reporting(&placer, &world).await;
+        let long = open_reporting(&placer, &world).await;
         assert_eq!(short.report_after_ms, REPORT_AFTER.as_millis() as u32);
         assert_eq!(long.container_id, first.container_id);
         assert_eq!(
@@ -2057,14 +2050,8 @@ mod tests {
         let (world, clock) = World::with_manual_clock().await;
         let placer = world.placer(fast());
         let key = model::container_key("alice", "busybox");
-        placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
-        let warm = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        open_reporting(&placer, &world).await;
+        let warm = open_reporting(&placer, &world).await;
         assert!(warm.report_after_ms > 0);
         let opened = world.record(&key).await.unwrap().last_active_at;
         let mut lasting = update(1, &warm, None);
@@ -2101,38 +2088,26 @@ mod tests {
         let world = World::new().await;
         let placer = world.placer(fast());
         let key = model::container_key("alice", "busybox");
-        placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        open_reporting(&placer, &world).await;
         let silent = placer
             .open(world.request("alice", "busybox"), &no_progress)
             .await
             .unwrap();
         assert_eq!(silent.report_after_ms, 0);
         world.edit_record(&key, |r| r.last_active_at -= 61).await;
-        let stale_clock = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let stale_clock = open_reporting(&placer, &world).await;
         assert_eq!(stale_clock.report_after_ms, 0);
         assert!(world.record(&key).await.unwrap().last_active_at >= model::now() - 1);
         // An idle timeout under a minute: too little time for a report to arrive for sure.
         world
             .update_environment("busybox", |e| e.idle_timeout_seconds = 59)
             .await;
-        let short_idle = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let short_idle = open_reporting(&placer, &world).await;
         assert_eq!(short_idle.report_after_ms, 0);
         world
             .update_environment("busybox", |e| e.idle_timeout_seconds = 900)
             .await;
-        let unrecorded = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let unrecorded = open_reporting(&placer, &world).await;
         assert!(unrecorded.report_after_ms > 0);
         let sessions = world.keys("sessions/").await;
         for recorded in [&silent, &stale_clock, &short_idle] {
@@ -2150,14 +2125,8 @@ mod tests {
         let world = World::new().await;
         let placer = world.placer(fast());
         let key = model::container_key("alice", "busybox");
-        let first = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
-        let warm = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let first = open_reporting(&placer, &world).await;
+        let warm = open_reporting(&placer, &world).await;
         assert!(warm.report_after_ms > 0);
         let elsewhere = Placement {
             container_id: "not-alices".into(),
@@ -2200,10 +2169,7 @@ mod tests {
             world.runtime.containers().is_empty(),
             "and so does its container"
         );
-        let next = placer
-            .open(reporting(&world, "alice"), &no_progress)
-            .await
-            .unwrap();
+        let next = open_reporting(&placer, &world).await;
         assert!(next.created);
     }
 
