@@ -58,6 +58,9 @@ pub const MAX_AUTH_ATTEMPTS: usize = 20;
 
 /// After the shutdown grace, connections get this long to say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exiting proxy waits for its last session updates to be acknowledged: they
+/// leave every 200 ms, so a replica that answers at all answers well within it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A proxy whose ports are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
@@ -277,7 +280,7 @@ impl Proxy {
             );
         }
         // The ends of the last sessions placed unrecorded leave on the Fleet stream.
-        if !self.ledger.settle(CLOSE_TIMEOUT).await {
+        if !self.ledger.settle(SETTLE_TIMEOUT).await {
             tracing::warn!(
                 left = self.ledger.waiting(),
                 "session updates never acknowledged: their sessions' records (if any) go with this proxy's lease"
