@@ -6,7 +6,8 @@
 //! that breaks (its replica died) sends them again on the next one. docs/decisions.md,
 //! "Unrecorded warm logins".
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,13 +29,15 @@ struct Inner {
     /// The last sequence number given out.
     last: u64,
     open: HashMap<String, Open>,
+    /// When each open session falls due for its report, soonest first: the 200 ms tick looks
+    /// at the sessions due, not at every open one.
+    due: BinaryHeap<Reverse<(Instant, String)>>,
     /// Updates not acknowledged yet, oldest first.
     outbox: VecDeque<SessionUpdate>,
 }
 
 struct Open {
     session: UnrecordedSession,
-    report_at: Instant,
     reported: bool,
 }
 
@@ -59,14 +62,16 @@ impl SessionLedger {
 
     /// Keeps `session`, placed unrecorded, to be reported if still open after `report_after`.
     pub fn placed(&self, session: UnrecordedSession, report_after: Duration) {
+        let id = session.session_id.clone();
+        let mut inner = self.lock();
+        inner
+            .due
+            .push(Reverse((Instant::now() + report_after, id.clone())));
         let open = Open {
-            report_at: Instant::now() + report_after,
             reported: false,
             session,
         };
-        self.lock()
-            .open
-            .insert(open.session.session_id.clone(), open);
+        inner.open.insert(id, open);
     }
 
     /// Queues the end of `session_id`; false if it was not placed unrecorded (its end is then
@@ -88,16 +93,16 @@ impl SessionLedger {
     /// Queues a report of every open session whose time has come.
     pub fn report_due(&self, now: Instant) {
         let mut inner = self.lock();
-        let due: Vec<UnrecordedSession> = inner
-            .open
-            .values_mut()
-            .filter(|o| !o.reported && o.report_at <= now)
-            .map(|o| {
-                o.reported = true;
-                o.session.clone()
-            })
-            .collect();
-        for session in due {
+        while inner.due.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            let Some(Reverse((_, id))) = inner.due.pop() else {
+                break;
+            };
+            // A session that ended meanwhile is gone from `open`: nothing to report.
+            let Some(open) = inner.open.get_mut(&id) else {
+                continue;
+            };
+            open.reported = true;
+            let session = open.session.clone();
             self.queue(&mut inner, session, None);
         }
     }
@@ -211,8 +216,9 @@ mod tests {
         let long_end = updates[2].end.unwrap();
         assert!(long_end.reported);
         assert_eq!(long_end.exit_status, 3);
-        // A report is queued once, however often it is asked for.
-        ledger.report_due(Instant::now());
+        // A report is queued once, however often it is asked for, and never for a session
+        // that ended before its time came.
+        ledger.report_due(Instant::now() + Duration::from_secs(3));
         assert_eq!(ledger.waiting(), 3);
     }
 
