@@ -183,7 +183,7 @@ async fn register(
 }
 
 /// One proxy's session updates on one stream: those received and not yet applied, in order.
-struct SessionUpdates {
+struct StreamUpdates {
     placer: Arc<Placer>,
     audit: AuditLog,
     commands: CommandSender,
@@ -192,7 +192,7 @@ struct SessionUpdates {
     applied_through: u64,
 }
 
-impl SessionUpdates {
+impl StreamUpdates {
     /// Keeps the updates not seen yet; false when too many wait (the stream is to end).
     fn receive(&mut self, updates: Vec<SessionUpdate>) -> bool {
         let seen = self
@@ -250,7 +250,7 @@ async fn serve_stream(
     store: Arc<dyn Store>,
     mut record: ProxyRecord,
     mut inbound: Streaming<ProxyMessage>,
-    mut updates: SessionUpdates,
+    mut updates: StreamUpdates,
     shutdown: CancellationToken,
 ) {
     let key = model::proxy_key(&record.id);
@@ -358,7 +358,7 @@ impl Fleet for FleetService {
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let proxy_id = record.id.clone();
-        let updates = SessionUpdates {
+        let updates = StreamUpdates {
             placer: self.placer.clone(),
             audit: self.audit.clone(),
             commands: tx.clone(),

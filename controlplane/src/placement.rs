@@ -1284,6 +1284,8 @@ impl Placer {
         Ok(())
     }
 
+    /// Applies the end of a session placed unrecorded: as CloseSession's when the session
+    /// may have left a trace, else nothing.
     async fn close_unrecorded(
         &self,
         session: &SessionRecord,
